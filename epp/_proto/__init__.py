@@ -1,0 +1,1 @@
+"""Generated protobuf stubs (protos/generate.sh). Do not edit by hand."""
