@@ -1,0 +1,1 @@
+"""The Endpoint Picker: an Envoy ext_proc server that routes LLM requests for P/D."""

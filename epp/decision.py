@@ -1,0 +1,110 @@
+"""The seam between the ext_proc server and the scheduler.
+
+The server knows nothing about scheduling: it hands the parsed HTTP request to a
+``DecisionMaker`` and turns the returned ``Decision`` (or ``SchedulingError``) into
+ext_proc messages. The scheduler knows nothing about gRPC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+__all__ = [
+    "BadRequest",
+    "Decision",
+    "DecisionMaker",
+    "InternalError",
+    "NoCapacity",
+    "NoEndpoints",
+    "SchedulingError",
+]
+
+
+class SchedulingError(Exception):
+    """A request the EPP refuses; ends the HTTP request with an immediate response."""
+
+    status: int = 500
+    reason: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(SchedulingError):
+    status = 400
+    reason = "bad_request"
+
+
+class NoCapacity(SchedulingError):
+    status = 429
+    reason = "no_capacity"
+
+
+class NoEndpoints(SchedulingError):
+    status = 503
+    reason = "no_endpoints"
+
+
+class InternalError(SchedulingError):
+    status = 500
+    reason = "internal_error"
+
+
+def _noop() -> None:
+    return None
+
+
+@dataclass
+class Decision:
+    """Where one request goes. Addresses are ``host:port`` (IPv6 bracketed)."""
+
+    decode: str
+    prefill: str | None = None
+    encoders: list[str] = field(default_factory=list)
+    # decode-only | prefill-decode | encode-decode | encode-prefill-decode
+    decision_type: str = "decode-only"
+    # Fallback decode endpoints, in order, for the x-gateway-destination-endpoint list.
+    decode_fallbacks: list[str] = field(default_factory=list)
+    # In-flight bookkeeping hooks, set by the scheduler.
+    release_prefill: Callable[[], None] = _noop
+    release_all: Callable[[], None] = _noop
+    _prefill_released: bool = field(default=False, repr=False)
+    _released: bool = field(default=False, repr=False)
+
+    def on_response_started(self) -> None:
+        """The decode response began: the prefill stage is over."""
+        if not self._prefill_released:
+            self._prefill_released = True
+            self.release_prefill()
+
+    def on_finished(self) -> None:
+        """The request ended (any way). Idempotent."""
+        self.on_response_started()
+        if not self._released:
+            self._released = True
+            self.release_all()
+
+
+class DecisionMaker(Protocol):
+    """What the ext_proc server needs from the scheduler."""
+
+    def is_ready(self) -> bool:
+        """Configuration loaded and at least one endpoint known."""
+        ...
+
+    async def decide(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        subset: Sequence[str] | None,
+    ) -> Decision:
+        """Pick endpoints for one request, or raise ``SchedulingError``.
+
+        ``subset`` is Envoy's subset hint: when not None, only these ``ip:port``
+        endpoints may be chosen (an empty list means none may).
+        """
+        ...

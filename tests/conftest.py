@@ -1,0 +1,78 @@
+"""Fixtures shared by every test package: simulated engines on loopback."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import pytest
+
+from vllm_sim import SimConfig, SimServer
+
+
+@dataclass
+class RunningSim:
+    """A simulated engine started by ``start_sim``; stopped at teardown."""
+
+    server: SimServer
+    session: aiohttp.ClientSession
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def host_port(self) -> str:
+        return self.server.host_port
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    @property
+    def engine(self) -> Any:
+        return self.server.engine
+
+    async def stats(self) -> dict[str, Any]:
+        async with self.session.get(f"{self.url}/sim/stats") as resp:
+            resp.raise_for_status()
+            result: dict[str, Any] = await resp.json()
+            return result
+
+    async def add_fault(self, **fault: Any) -> None:
+        async with self.session.post(f"{self.url}/sim/faults", json=fault) as resp:
+            resp.raise_for_status()
+
+    async def clear_faults(self) -> None:
+        async with self.session.delete(f"{self.url}/sim/faults") as resp:
+            resp.raise_for_status()
+
+    async def reset(self, *, cache: bool = False) -> None:
+        query = "?cache=1" if cache else ""
+        async with self.session.post(f"{self.url}/sim/reset{query}") as resp:
+            resp.raise_for_status()
+
+
+StartSim = Callable[..., Awaitable[RunningSim]]
+
+
+@pytest.fixture
+async def start_sim() -> AsyncIterator[StartSim]:
+    """``sim = await start_sim(role="prefill", zero_latency=True, ...)`` (SimConfig fields)."""
+    started: list[SimServer] = []
+    session = aiohttp.ClientSession()
+
+    async def start(**overrides: Any) -> RunningSim:
+        overrides.setdefault("port", 0)
+        server = await SimServer(SimConfig(**overrides)).start()
+        started.append(server)
+        return RunningSim(server, session)
+
+    try:
+        yield start
+    finally:
+        for server in reversed(started):
+            await server.stop()
+        await session.close()

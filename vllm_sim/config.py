@@ -1,0 +1,55 @@
+"""Settings of one simulated engine: every knob is a CLI flag of the same name."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["SimConfig"]
+
+
+class SimConfig(BaseModel):
+    """One simulated vLLM engine. Field ``foo_bar`` is the flag ``--foo-bar``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    served_model_name: str = "sim-model"
+    role: str = Field(default="both", description="Informational role label.")
+    engine_id: str = Field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:12]}")
+    advertise_host: str | None = Field(
+        default=None, description="Host put in kv_transfer_params.remote_host (default: host)."
+    )
+
+    # Prefix cache geometry.
+    block_size: int = Field(default=16, ge=1)
+    num_blocks: int = Field(default=4096, ge=1)
+    max_model_len: int = Field(default=8192, ge=2)
+
+    # Latency model.
+    max_num_seqs: int = Field(default=256, ge=1)
+    ttft_base_ms: float = Field(default=5.0, ge=0)
+    prefill_ms_per_token: float = Field(default=0.05, ge=0)
+    itl_ms: float = Field(default=5.0, ge=0)
+    zero_latency: bool = False
+
+    # Output length when neither max_tokens nor a stop string ends generation first.
+    natural_output_tokens: int = Field(default=128, ge=1)
+
+    # NIXL stand-in.
+    kv_lease_seconds: float = Field(default=30.0, gt=0)
+    kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
+    kv_pull_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # Faults armed at start, in the control endpoint's JSON form (see faults.py).
+    faults: tuple[str, ...] = ()
+
+    @property
+    def remote_host(self) -> str:
+        return self.advertise_host or self.host
+
+    def delay_s(self, ms: float) -> float:
+        return 0.0 if self.zero_latency else ms / 1000.0

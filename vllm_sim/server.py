@@ -1,0 +1,330 @@
+"""The simulator's HTTP face: vLLM's routes plus the ``/sim/*`` control routes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import ValidationError
+
+from .config import SimConfig
+from .engine import PULL_PATH, EngineError, KvLoadFailed, Run, SimEngine
+from .faults import Fault, FaultKind
+from .kv_transfer import PullRejected, PullRequest
+from .metrics import engine_registry
+from .shapes import SHAPES, ApiShape
+from .shapes.base import error_info
+from .stats import RecordedRequest, SimStats
+
+__all__ = ["ENGINE", "SimServer", "create_app"]
+
+log = logging.getLogger("vllm_sim")
+
+ENGINE = web.AppKey("engine", SimEngine)
+_REGISTRY = web.AppKey("registry", CollectorRegistry)
+_MAX_BODY = 64 * 1024 * 1024
+
+
+def _error(message: str, status: int, request_id: str | None = None) -> web.Response:
+    headers = {"x-request-id": request_id} if request_id else None
+    return web.json_response({"error": error_info(message, status)}, status=status, headers=headers)
+
+
+def _load_json(raw: bytes) -> Mapping[str, Any]:
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise EngineError(f"The request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise EngineError("The request body must be a JSON object.")
+    return body
+
+
+class _Generation:
+    """One generation request, from body to the last byte."""
+
+    def __init__(self, request: web.Request, shape: ApiShape) -> None:
+        self.request = request
+        self.shape = shape
+        self.engine = request.app[ENGINE]
+        self.request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+        self.headers = {"x-request-id": self.request_id}
+        self.aborted = False
+
+    async def handle(self) -> web.StreamResponse:
+        engine, request = self.engine, self.request
+        try:
+            body = _load_json(await request.read())
+            params = self.shape.parse(body)
+        except EngineError as exc:
+            engine.stats.errors += 1
+            return _error(str(exc), 400, self.request_id)
+        role = params.role
+        engine.stats.record(
+            RecordedRequest(request.method, request.path, _headers(request), body, role)
+        )
+        model = body.get("model")
+        if model is not None and model != engine.config.served_model_name:
+            engine.stats.errors += 1
+            return _error(f"The model `{model}` does not exist.", 404, self.request_id)
+        try:
+            run = engine.admit(params, self.request_id)
+        except EngineError as exc:
+            engine.stats.errors += 1
+            return _error(str(exc), 400, self.request_id)
+        try:
+            return await self._serve(run, engine.faults.take(request.path, role))
+        except asyncio.CancelledError:
+            self._count_abort()
+            raise
+
+    async def _serve(self, run: Run, fault: Fault | None) -> web.StreamResponse:
+        if fault is not None:
+            early = await self._apply_fault(fault, run)
+            if early is not None:
+                return early
+        if run.params.stream:
+            return await self._stream(run, fault)
+        try:
+            async with self.engine.running_slot(run):
+                async for _ in run.tokens():
+                    pass
+        except KvLoadFailed as exc:
+            self.engine.stats.errors += 1
+            return _error(str(exc), 500, self.request_id)
+        created = int(time.time())
+        payload = self.shape.response(
+            run, self.engine.config.served_model_name, self._response_id(), created
+        )
+        return web.json_response(payload, headers=self.headers)
+
+    async def _apply_fault(self, fault: Fault, run: Run) -> web.StreamResponse | None:
+        kind = fault.kind
+        if kind is FaultKind.STATUS:
+            return _error(f"injected fault: status {fault.status}", fault.status, self.request_id)
+        if kind is FaultKind.DELAY:
+            await asyncio.sleep(fault.delay_ms / 1000.0)
+        elif kind is FaultKind.HANG:
+            await asyncio.Event().wait()
+        elif kind is FaultKind.MALFORMED_JSON:
+            return web.Response(
+                body=b'{"id": "broken", "choices": [',
+                content_type="application/json",
+                headers=self.headers,
+            )
+        elif kind is FaultKind.DISCONNECT and (fault.after_chunks == 0 or not run.params.stream):
+            return self._drop_connection()
+        elif kind is FaultKind.OMIT_KV_TRANSFER_PARAMS:
+            run.omit_kv_transfer_params = True
+        return None
+
+    def _drop_connection(self) -> web.StreamResponse:
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()
+        raise ConnectionResetError("injected fault: connection dropped")
+
+    async def _stream(self, run: Run, fault: Fault | None) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                **self.headers,
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+            }
+        )
+        await response.prepare(self.request)
+        cut_after = (
+            fault.after_chunks if fault is not None and fault.kind is FaultKind.DISCONNECT else None
+        )
+        renderer = self.shape.renderer(
+            run, self.engine.config.served_model_name, self._response_id(), int(time.time())
+        )
+        sent = 0
+
+        async def send(chunks: list[bytes]) -> None:
+            nonlocal sent
+            for chunk in chunks:
+                if cut_after is not None and sent >= cut_after:
+                    self._drop_connection()
+                await response.write(chunk)
+                sent += 1
+
+        try:
+            async with self.engine.running_slot(run):
+                await send(renderer.start())
+                async for token_id, piece in run.tokens():
+                    await send(renderer.token(token_id, piece))
+            await send(renderer.end())
+        except KvLoadFailed as exc:
+            self.engine.stats.errors += 1
+            await send(renderer.error(str(exc), 500))
+        except ConnectionResetError:
+            if cut_after is None:
+                self._count_abort()
+            raise
+        await response.write_eof()
+        return response
+
+    def _response_id(self) -> str:
+        return f"{self.shape.id_prefix}{self.request_id}"
+
+    def _count_abort(self) -> None:
+        if not self.aborted:
+            self.aborted = True
+            self.engine.stats.aborts += 1
+
+
+def _headers(request: web.Request) -> dict[str, str]:
+    return {k.lower(): v for k, v in request.headers.items()}
+
+
+async def _generation(request: web.Request) -> web.StreamResponse:
+    return await _Generation(request, SHAPES[request.path]).handle()
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def _models(request: web.Request) -> web.Response:
+    cfg = request.app[ENGINE].config
+    model = {
+        "id": cfg.served_model_name,
+        "object": "model",
+        "created": int(time.time()),
+        "owned_by": "vllm",
+        "root": cfg.served_model_name,
+        "parent": None,
+        "max_model_len": cfg.max_model_len,
+    }
+    return web.json_response({"object": "list", "data": [model]})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[_REGISTRY]
+    return web.Response(
+        body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+    )
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ENGINE].stats_dict())
+
+
+async def _reset(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    engine.stats = SimStats()
+    if request.query.get("cache") in ("1", "true"):
+        engine.cache.reset()
+    return web.json_response({"ok": True})
+
+
+async def _add_fault(request: web.Request) -> web.Response:
+    try:
+        fault = Fault.model_validate_json(await request.read())
+    except ValidationError as exc:
+        return _error(f"invalid fault: {exc}", 400)
+    request.app[ENGINE].faults.add(fault)
+    return web.json_response({"ok": True})
+
+
+async def _clear_faults(request: web.Request) -> web.Response:
+    request.app[ENGINE].faults.clear()
+    return web.json_response({"ok": True})
+
+
+async def _pull(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    try:
+        pull = PullRequest.model_validate_json(await request.read())
+        token_ids = engine.serve_pull(pull)
+    except ValidationError as exc:
+        return _error(f"invalid pull request: {exc}", 400)
+    except PullRejected as exc:
+        return _error(f"pull rejected: {exc.reason}", 409)
+    return web.json_response({"token_ids": token_ids})
+
+
+
+
+def create_app(config: SimConfig) -> web.Application:
+    app = web.Application(client_max_size=_MAX_BODY)
+    engine = SimEngine(config)
+    app[ENGINE] = engine
+    app[_REGISTRY] = engine_registry(engine)
+    for path in SHAPES:
+        app.router.add_post(path, _generation)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/v1/models", _models)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/sim/stats", _stats)
+    app.router.add_post("/sim/reset", _reset)
+    app.router.add_post("/sim/faults", _add_fault)
+    app.router.add_delete("/sim/faults", _clear_faults)
+    app.router.add_post(PULL_PATH, _pull)
+
+    async def engine_lifetime(app: web.Application) -> Any:
+        for raw in config.faults:
+            engine.faults.add(Fault.model_validate_json(raw))
+        await engine.start()
+        yield
+        await engine.close()
+
+    app.cleanup_ctx.append(engine_lifetime)
+    return app
+
+
+class SimServer:
+    """A running simulated engine: ``async with SimServer(config) as sim: sim.url``."""
+
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.app = create_app(config)
+        self.engine = self.app[ENGINE]
+        # vLLM notices a client that went away by cancelling the request's handler.
+        self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self.port = config.port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.port}"
+
+    @property
+    def host_port(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    async def start(self) -> SimServer:
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.config.host, self.config.port)
+        await site.start()
+        server = site._server
+        assert server is not None
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.port = int(sockets[0].getsockname()[1])
+        self.engine.port = self.port
+        return self
+
+    async def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            await self._runner.cleanup()
+
+    async def __aenter__(self) -> SimServer:
+        return await self.start()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()

@@ -1,0 +1,102 @@
+"""``POST /v1/completions`` (OpenAI legacy completions shape)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from ..engine import EngineError, GenerationParams, Run
+from ..tokens import tokenize
+from .base import common_params, error_info, optional_int, sse
+
+__all__ = ["Completions"]
+
+
+def _prompt_ids(prompt: Any) -> list[int]:
+    if isinstance(prompt, str):
+        return tokenize(prompt)
+    if isinstance(prompt, list) and len(prompt) == 1:
+        return _prompt_ids(prompt[0])
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
+        return list(prompt)
+    raise EngineError("'prompt' must be a string, a list with one string, or a list of token ids.")
+
+
+class Completions:
+    path = "/v1/completions"
+    id_prefix = "cmpl-"
+
+    def parse(self, body: Mapping[str, Any]) -> GenerationParams:
+        if "prompt" not in body:
+            raise EngineError("'prompt' is required.")
+        max_tokens = optional_int(body, "max_tokens", minimum=1)
+        # The completions API defaults to 16 output tokens.
+        return common_params(
+            body, _prompt_ids(body["prompt"]), 16 if max_tokens is None else max_tokens
+        )
+
+    def response(self, run: Run, model: str, response_id: str, created: int) -> dict[str, Any]:
+        return {
+            "id": response_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": run.text,
+                    "logprobs": None,
+                    "finish_reason": run.finish_reason,
+                    "stop_reason": None,
+                    "prompt_logprobs": None,
+                }
+            ],
+            "usage": run.usage(),
+            "kv_transfer_params": run.kv_transfer_params,
+        }
+
+    def renderer(self, run: Run, model: str, response_id: str, created: int) -> _CompletionStream:
+        return _CompletionStream(run, model, response_id, created)
+
+
+@dataclass
+class _CompletionStream:
+    run: Run
+    model: str
+    response_id: str
+    created: int
+
+    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse(
+            {
+                "id": self.response_id,
+                "object": "text_completion",
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                **extra,
+            }
+        )
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def token(self, token_id: int, piece: str) -> list[bytes]:
+        choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
+        return [self._chunk([choice])]
+
+    def end(self) -> list[bytes]:
+        final = {"index": 0, "text": "", "logprobs": None, "finish_reason": self.run.finish_reason}
+        out = [self._chunk([final])]
+        if self.run.params.include_usage:
+            out.append(self._chunk([], usage=self.run.usage()))
+        out.append(b"data: [DONE]\n\n")
+        return out
+
+    def error(self, message: str, code: int) -> list[bytes]:
+        return [sse({"error": error_info(message, code)}), b"data: [DONE]\n\n"]

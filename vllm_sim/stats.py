@@ -1,0 +1,68 @@
+"""Counters that tests read to prove what an engine did (``GET /sim/stats``)."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RecordedRequest", "SimStats"]
+
+_RECORDED_MAX = 256
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+    role: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "path": self.path,
+            "headers": self.headers,
+            "body": self.body,
+            "role": self.role,
+        }
+
+
+@dataclass
+class SimStats:
+    requests_total: int = 0
+    requests_by_role: dict[str, int] = field(
+        default_factory=lambda: {"prefill": 0, "decode": 0, "aggregated": 0}
+    )
+    kv_pulls_ok: int = 0
+    kv_pulls_failed: int = 0
+    kv_pulls_served: int = 0
+    kv_pulls_rejected: int = 0
+    recomputes: int = 0
+    leases_expired: int = 0
+    aborts: int = 0
+    errors: int = 0
+    recorded: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=_RECORDED_MAX))
+
+    def record(self, request: RecordedRequest) -> None:
+        self.requests_total += 1
+        self.requests_by_role[request.role] = self.requests_by_role.get(request.role, 0) + 1
+        self.recorded.append(request)
+
+    def as_dict(self, *, engine_id: str, leases_active: int) -> dict[str, Any]:
+        return {
+            "engine_id": engine_id,
+            "requests_total": self.requests_total,
+            "requests_by_role": dict(self.requests_by_role),
+            "kv_pulls_ok": self.kv_pulls_ok,
+            "kv_pulls_failed": self.kv_pulls_failed,
+            "kv_pulls_served": self.kv_pulls_served,
+            "kv_pulls_rejected": self.kv_pulls_rejected,
+            "recomputes": self.recomputes,
+            "leases_active": leases_active,
+            "leases_expired": self.leases_expired,
+            "aborts": self.aborts,
+            "errors": self.errors,
+            "recorded": [r.as_dict() for r in self.recorded],
+        }

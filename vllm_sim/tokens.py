@@ -1,0 +1,139 @@
+"""Deterministic pseudo-tokenisation and deterministic output text.
+
+Words and punctuation marks are tokens; a token's id is a stable hash of its text, so the
+same text always yields the same ids on every engine (as a shared tokenizer would).
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+__all__ = [
+    "VOCAB_SIZE",
+    "chat_prompt",
+    "decode_token",
+    "output_token_ids",
+    "tokenize",
+]
+
+VOCAB_SIZE = 32000
+_RESERVED = 256  # ids below this are never produced by ``tokenize``
+_TOKEN_RE = re.compile(r"<\|[a-z_]+\|>|\w+|[^\w\s]")
+
+# Output vocabulary: id -> text. Output ids live in their own range above the reserved ids.
+_OUTPUT_WORDS = (
+    "the",
+    "model",
+    "simulates",
+    "a",
+    "decode",
+    "engine",
+    "that",
+    "streams",
+    "tokens",
+    "with",
+    "steady",
+    "latency",
+    "and",
+    "reports",
+    "cached",
+    "prefix",
+    "blocks",
+    "from",
+    "remote",
+    "prefill",
+    "workers",
+    "over",
+    "side",
+    "channel",
+    "while",
+    "leases",
+    "keep",
+    "memory",
+    "pinned",
+    "until",
+    "pulled",
+    "once",
+    "by",
+    "its",
+    "peer",
+    "so",
+    "every",
+    "request",
+    "gets",
+    "an",
+    "answer",
+    "or",
+    "clean",
+    "error",
+    "in",
+    "time",
+    "for",
+    "users",
+)
+_OUTPUT_BASE = 100
+
+
+def tokenize(text: str) -> list[int]:
+    """Split text into word/punctuation tokens and map each to a stable id."""
+    span = VOCAB_SIZE - _RESERVED
+    return [_RESERVED + zlib.crc32(piece.encode()) % span for piece in _TOKEN_RE.findall(text)]
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    if isinstance(content, list):
+        for part in content:
+            if not isinstance(part, Mapping):
+                continue
+            kind = part.get("type")
+            if kind in ("text", "input_text", "output_text"):
+                parts.append(str(part.get("text", "")))
+            elif kind is not None:
+                # A multimodal item becomes a placeholder plus its identity, so two
+                # different images give two different prompts.
+                parts.append(f"<|{_safe_kind(str(kind))}|> {_item_identity(part)}")
+    return " ".join(parts)
+
+
+def _safe_kind(kind: str) -> str:
+    return re.sub(r"[^a-z_]", "_", kind.lower()) or "item"
+
+
+def _item_identity(part: Mapping[str, Any]) -> str:
+    for key in ("image_url", "audio_url", "video_url", "input_audio"):
+        value = part.get(key)
+        if isinstance(value, Mapping):
+            value = value.get("url") or value.get("data")
+        if value is not None:
+            return f"item{zlib.crc32(str(value).encode()):08x}"
+    return "item"
+
+
+def chat_prompt(messages: Iterable[Mapping[str, Any]], system: Any = None) -> str:
+    """Render chat messages with a fixed template, ending with the assistant turn."""
+    lines: list[str] = []
+    if system is not None:
+        lines.append(f"<|system|> {_content_text(system)} <|end|>")
+    for message in messages:
+        role = _safe_kind(str(message.get("role", "user")))
+        lines.append(f"<|{role}|> {_content_text(message.get('content', ''))} <|end|>")
+    lines.append("<|assistant|>")
+    return "\n".join(lines)
+
+
+def output_token_ids(prompt_ids: Sequence[int], count: int, seed: int | None = None) -> list[int]:
+    """The deterministic continuation of a prompt: same prompt, same answer."""
+    base = seed if seed is not None else zlib.crc32(repr(prompt_ids[-64:]).encode())
+    n = len(_OUTPUT_WORDS)
+    return [_OUTPUT_BASE + (base + i * 7919) % n for i in range(count)]
+
+
+def decode_token(token_id: int, first: bool) -> str:
+    word = _OUTPUT_WORDS[(token_id - _OUTPUT_BASE) % len(_OUTPUT_WORDS)]
+    return word if first else " " + word
