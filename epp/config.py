@@ -1,0 +1,343 @@
+"""The ``EndpointPickerConfig`` document: load, validate, and build the plugins.
+
+Loading is strict: unknown top-level fields, unknown plugin types, unknown plugin
+parameters and dangling references all raise ``ConfigError`` naming the field and
+the plugin. The sections real llm-d configs carry that this EPP does not act on
+(``featureGates``, ``saturationDetector``, ``flowControl``, ``requestHandler``,
+``data``) are accepted so those configs load unchanged; ``dataLayer.discovery``
+selects the discovery plugin.
+
+Defaults as llm-d applies them: a plugin's name defaults to its type; a profile with
+no picker gets ``max-score-picker``; a scorer with no weight gets 1; no document at
+all gives one default profile; a single profile with no handler gets
+``single-profile-handler``; a prefix scorer or decider with no producer gets an
+``approx-prefix-cache-producer``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from epp.plugins.base import (
+    DataProducer,
+    Discovery,
+    Filter,
+    Picker,
+    Plugin,
+    PluginSet,
+    ProfileHandler,
+    RequestTracker,
+    Scorer,
+)
+from epp.plugins.pickers import MaxScorePicker
+from epp.plugins.prefix_producer import ApproxPrefixCacheProducer, PrefixParams
+from epp.plugins.profile_handlers import SingleProfileHandler
+from epp.plugins.registry import create_plugin, load_entry_points, lookup, registered_types
+from epp.scheduling.profile import Profile, WeightedScorer
+from epp.scheduling.scheduler import Scheduler
+
+__all__ = [
+    "API_VERSIONS",
+    "ConfigError",
+    "EndpointPickerConfig",
+    "SchedulerConfig",
+    "build_scheduler_config",
+    "load_config",
+    "parse_config_text",
+]
+
+API_VERSIONS = (
+    "llm-d.ai/v1alpha1",
+    "llm-d.ai/v1",
+    "inference.networking.x-k8s.io/v1alpha1",
+)
+
+DEFAULT_CONFIG_TEXT = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: single-profile-handler
+- type: decode-filter
+- type: queue-scorer
+- type: kv-cache-utilization-scorer
+- type: prefix-cache-scorer
+- type: max-score-picker
+schedulingProfiles:
+- name: default
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: queue-scorer
+  - pluginRef: kv-cache-utilization-scorer
+  - pluginRef: prefix-cache-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+class ConfigError(ValueError):
+    """The EndpointPickerConfig is invalid; the message names the field and plugin."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginSpec(_Strict):
+    type: str = Field(min_length=1)
+    name: str | None = None
+    parameters: dict[str, Any] | None = None
+
+    @property
+    def instance_name(self) -> str:
+        return self.name or self.type
+
+
+class ProfilePluginRef(_Strict):
+    pluginRef: str = Field(min_length=1)  # noqa: N815 - the document's field name
+    weight: float | None = None
+
+
+class SchedulingProfileSpec(_Strict):
+    name: str = Field(min_length=1)
+    plugins: list[ProfilePluginRef] = Field(default_factory=list)
+
+
+class EndpointPickerConfig(_Strict):
+    apiVersion: Literal[  # noqa: N815
+        "llm-d.ai/v1alpha1", "llm-d.ai/v1", "inference.networking.x-k8s.io/v1alpha1"
+    ]
+    kind: Literal["EndpointPickerConfig"]
+    plugins: list[PluginSpec] = Field(default_factory=list)
+    schedulingProfiles: list[SchedulingProfileSpec] = Field(default_factory=list)  # noqa: N815
+    # Accepted for compatibility; not acted on (except dataLayer.discovery).
+    featureGates: list[str] | dict[str, bool] | None = None  # noqa: N815
+    dataLayer: dict[str, Any] | None = None  # noqa: N815
+    data: dict[str, Any] | None = None
+    saturationDetector: dict[str, Any] | None = None  # noqa: N815
+    flowControl: dict[str, Any] | None = None  # noqa: N815
+    requestHandler: dict[str, Any] | None = None  # noqa: N815
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerConfig:
+    """Everything built from one configuration document."""
+
+    document: EndpointPickerConfig
+    plugins: PluginSet
+    scheduler: Scheduler
+    discovery: Discovery | None
+
+
+def _loc(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _format_validation(exc: ValidationError, prefix: str = "") -> str:
+    parts = []
+    for err in exc.errors():
+        where = _loc(tuple(err["loc"]))
+        if prefix:
+            where = f"{prefix}.{where}" if where else prefix
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_config_text(text: str, source: str = "config") -> EndpointPickerConfig:
+    """Parse YAML (a superset of JSON) into the validated document."""
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            raise ConfigError(f"{source}: not valid YAML or JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{source}: expected a mapping with apiVersion and kind")
+    try:
+        return EndpointPickerConfig.model_validate(doc)
+    except ValidationError as exc:
+        raise ConfigError(f"{source}: {_format_validation(exc)}") from None
+
+
+def _build_plugin(index: int, spec: PluginSpec) -> Plugin:
+    where = f"plugins[{index}] (type '{spec.type}', name '{spec.instance_name}')"
+    if lookup(spec.type) is None:
+        raise ConfigError(
+            f"{where}: unknown plugin type '{spec.type}'; known types: "
+            f"{', '.join(registered_types())}"
+        )
+    try:
+        return create_plugin(spec.type, spec.instance_name, spec.parameters)
+    except ValidationError as exc:
+        raise ConfigError(f"{where}: {_format_validation(exc, 'parameters')}") from None
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+
+
+def _discovery_ref(doc: EndpointPickerConfig) -> str | None:
+    layer = doc.dataLayer or {}
+    discovery = layer.get("discovery")
+    if discovery is None:
+        return None
+    if not isinstance(discovery, dict):
+        raise ConfigError("dataLayer.discovery: expected a mapping")
+    # v1alpha1: discovery.pluginRef; v1: discovery.endpoints.pluginRef
+    ref = discovery.get("pluginRef")
+    endpoints = discovery.get("endpoints")
+    if ref is None and isinstance(endpoints, dict):
+        ref = endpoints.get("pluginRef")
+    if not isinstance(ref, str) or not ref:
+        raise ConfigError("dataLayer.discovery: expected pluginRef naming a discovery plugin")
+    return ref
+
+
+def _add_implicit_producer(plugins: PluginSet) -> None:
+    if plugins.of_kind(ApproxPrefixCacheProducer):
+        return
+    needers = [p for p in plugins if getattr(p, "needs_prefix_producer", False)]
+    if not needers:
+        return
+    # A prefix scorer's own parameters (llm-d style) configure the implicit producer.
+    params = next(
+        (p.params for p in needers if isinstance(p.params, PrefixParams)), PrefixParams()
+    )
+    plugins.add(ApproxPrefixCacheProducer(params))
+
+
+def _build_profile(spec: SchedulingProfileSpec, plugins: PluginSet) -> Profile:
+    filters: list[Filter] = []
+    scorers: list[WeightedScorer] = []
+    picker: Picker | None = None
+    for j, ref in enumerate(spec.plugins):
+        where = f"schedulingProfiles '{spec.name}' plugins[{j}]"
+        plugin = plugins.get(ref.pluginRef)
+        if plugin is None:
+            raise ConfigError(f"{where}: pluginRef '{ref.pluginRef}' names no plugin")
+        used = False
+        if isinstance(plugin, Filter):
+            filters.append(plugin)
+            used = True
+        if isinstance(plugin, Scorer):
+            weight = 1.0 if ref.weight is None else ref.weight
+            if weight < 0:
+                raise ConfigError(f"{where}: weight must be >= 0, got {weight}")
+            scorers.append(WeightedScorer(plugin, weight))
+            used = True
+        elif ref.weight is not None:
+            raise ConfigError(f"{where}: plugin '{ref.pluginRef}' is not a scorer; drop 'weight'")
+        if isinstance(plugin, Picker):
+            if picker is not None:
+                raise ConfigError(
+                    f"{where}: a second picker '{plugin.name}' (already '{picker.name}')"
+                )
+            picker = plugin
+            used = True
+        if not used and not isinstance(plugin, DataProducer | RequestTracker):
+            raise ConfigError(
+                f"{where}: plugin '{ref.pluginRef}' (type '{plugin.type_name}') is not a "
+                "filter, scorer or picker"
+            )
+    if picker is None:
+        picker = MaxScorePicker(name=f"{spec.name}/max-score-picker")
+    return Profile(spec.name, tuple(filters), tuple(scorers), picker)
+
+
+def build_scheduler_config(
+    doc: EndpointPickerConfig, *, pool_configured: bool = False
+) -> SchedulerConfig:
+    """Instantiate and wire the plugins of a validated document."""
+    load_entry_points()
+    plugins = PluginSet()
+    for i, spec in enumerate(doc.plugins):
+        plugin = _build_plugin(i, spec)
+        if plugins.get(plugin.name) is not None:
+            raise ConfigError(
+                f"plugins[{i}]: duplicate plugin name '{plugin.name}'; set distinct 'name's"
+            )
+        plugins.add(plugin)
+    _add_implicit_producer(plugins)
+    for plugin in list(plugins):
+        try:
+            plugin.bind(plugins)
+        except ValueError as exc:
+            raise ConfigError(
+                f"plugin '{plugin.name}' (type '{plugin.type_name}'): parameters.{exc}"
+            ) from None
+
+    names = [p.name for p in doc.schedulingProfiles]
+    if not names:
+        raise ConfigError("schedulingProfiles: at least one profile is required")
+    dupes = {n for n in names if names.count(n) > 1}
+    if dupes:
+        raise ConfigError(f"schedulingProfiles: duplicate profile names {sorted(dupes)}")
+    profiles = {spec.name: _build_profile(spec, plugins) for spec in doc.schedulingProfiles}
+
+    handlers: list[ProfileHandler] = plugins.of_kind(ProfileHandler)
+    if len(handlers) > 1:
+        raise ConfigError(
+            f"plugins: more than one profile handler: {', '.join(h.name for h in handlers)}"
+        )
+    handler = handlers[0] if handlers else SingleProfileHandler()
+    try:
+        handler.check_profiles(names)
+    except ValueError as exc:
+        raise ConfigError(f"plugin '{handler.name}' (type '{handler.type_name}'): {exc}") from None
+
+    discovery: Discovery | None = None
+    ref = _discovery_ref(doc)
+    discoveries: list[Discovery] = plugins.of_kind(Discovery)
+    if ref is not None:
+        found = plugins.get(ref)
+        if not isinstance(found, Discovery):
+            raise ConfigError(f"dataLayer.discovery.pluginRef: '{ref}' is not a discovery plugin")
+        discovery = found
+    elif len(discoveries) == 1:
+        discovery = discoveries[0]
+    elif len(discoveries) > 1:
+        raise ConfigError(
+            "plugins: several discovery plugins; choose one with dataLayer.discovery.pluginRef"
+        )
+    if discovery is not None and pool_configured:
+        raise ConfigError(
+            f"both --pool-name and the discovery plugin '{discovery.name}' are set; use one"
+        )
+
+    scheduler = Scheduler(
+        handler=handler,
+        profiles=profiles,
+        producers=tuple(plugins.of_kind(DataProducer)),
+        trackers=tuple(plugins.of_kind(RequestTracker)),
+    )
+    return SchedulerConfig(doc, plugins, scheduler, discovery)
+
+
+def load_config(
+    config_text: str | None = None,
+    config_file: str | None = None,
+    *,
+    pool_configured: bool = False,
+) -> SchedulerConfig:
+    """Load from text or file (not both); neither gives the default configuration."""
+    if config_text is not None and config_file is not None:
+        raise ConfigError("set only one of --config-text and --config-file")
+    source = "config-text"
+    text = config_text
+    if config_file is not None:
+        source = config_file
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as exc:
+            raise ConfigError(f"--config-file {config_file}: {exc.strerror}") from None
+    if text is None or not text.strip():
+        text, source = DEFAULT_CONFIG_TEXT, "default config"
+    return build_scheduler_config(
+        parse_config_text(text, source), pool_configured=pool_configured
+    )

@@ -1,0 +1,197 @@
+"""The Director: the scheduling half of the EPP behind ``epp.decision.DecisionMaker``.
+
+It owns the datastore, the discovery source (a discovery plugin from the config, or
+the Kubernetes InferencePool), the metrics scraper and the scheduler built from the
+``EndpointPickerConfig``. ``decide`` parses one request, runs one scheduling cycle and
+returns a ``Decision`` whose hooks release the in-flight counts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from time import perf_counter
+
+from epp.config import ConfigError, SchedulerConfig, load_config
+from epp.datastore import Datastore, Endpoint
+from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
+from epp.metrics import EppMetrics
+from epp.plugins.base import Discovery, Plugin
+from epp.request import parse_request
+from epp.scheduling.cycle import CycleState
+from epp.scraper import MetricsScraper
+
+__all__ = ["ConfigError", "Director", "DirectorSettings", "build_director"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DirectorSettings:
+    config_text: str | None = None
+    config_file: str | None = None
+    pool_name: str | None = None
+    pool_namespace: str = "default"
+    refresh_metrics_interval_s: float = 0.05
+    metrics_staleness_threshold_s: float = 2.0
+    # Upper bound of one /metrics scrape; defaults to min(1 s, staleness threshold).
+    metrics_scrape_timeout_s: float | None = None
+    # Kubernetes API access: None = in-cluster config, else kubeconfig; an explicit
+    # server URL (tests, proxies) skips both.
+    kube_api_server: str | None = None
+    kubeconfig: str | None = None
+
+
+class Director(DecisionMaker):
+    """Implements ``DecisionMaker``; create with ``build_director``."""
+
+    def __init__(
+        self, settings: DirectorSettings, config: SchedulerConfig, metrics: EppMetrics
+    ) -> None:
+        self.settings = settings
+        self.config = config
+        self.metrics = metrics
+        self.datastore = Datastore()
+        timeout = settings.metrics_scrape_timeout_s or min(
+            1.0, settings.metrics_staleness_threshold_s
+        )
+        self.scraper = MetricsScraper(
+            self.datastore, interval_s=settings.refresh_metrics_interval_s, timeout_s=timeout
+        )
+        self.discovery: Discovery | None = config.discovery
+        self._started = False
+        self._scheduler = config.scheduler
+        self._threshold = settings.metrics_staleness_threshold_s
+        self._decision_counters = {
+            t: metrics.disagg_decisions.labels(decision_type=t)
+            for t in ("decode-only", "prefill-decode", "encode-decode", "encode-prefill-decode")
+        }
+        for plugin in config.plugins:
+            self._instrument(plugin)
+        for profile in config.scheduler.profiles.values():
+            self._instrument(profile.picker)
+        self._instrument(config.scheduler.handler)
+        self.datastore.add_listener(self._on_endpoints_changed)
+
+    def _instrument(self, plugin: Plugin) -> None:
+        child = self.metrics.plugin_duration.labels(
+            plugin_type=plugin.type_name, plugin_name=plugin.name
+        )
+        plugin.observe = child.observe
+
+    def _on_endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        for plugin in self.config.plugins:
+            plugin.endpoints_changed(added, removed)
+        self.metrics.ready_endpoints.set(len(self.datastore))
+        counts: dict[str, int] = {}
+        for ep in self.datastore.snapshot():
+            role = ep.role or "unlabelled"
+            counts[role] = counts.get(role, 0) + 1
+        self.metrics.endpoints.clear()
+        for role, n in counts.items():
+            self.metrics.endpoints.labels(role=role).set(n)
+
+    async def start(self) -> None:
+        """Start discovery (initial endpoints loaded before returning) and scraping."""
+        if self._started:
+            return
+        self._started = True
+        await self.scraper.start()
+        if self.discovery is None:
+            self.discovery = await self._kubernetes_discovery()
+        await self.discovery.start(self.datastore)
+        log.info(
+            "director started: %d endpoints, profiles %s",
+            len(self.datastore),
+            ", ".join(self._scheduler.profiles),
+        )
+
+    async def _kubernetes_discovery(self) -> Discovery:
+        from epp.discovery.kubernetes import InferencePoolDiscovery
+
+        s = self.settings
+        if not s.pool_name:
+            raise ConfigError("no endpoint discovery: set --pool-name or a discovery plugin")
+        return InferencePoolDiscovery(
+            pool_name=s.pool_name,
+            namespace=s.pool_namespace,
+            api_server=s.kube_api_server,
+            kubeconfig=s.kubeconfig,
+        )
+
+    async def stop(self) -> None:
+        """Stop discovery and scraping; safe to call more than once."""
+        if not self._started:
+            return
+        self._started = False
+        if self.discovery is not None:
+            await self.discovery.stop()
+        await self.scraper.stop()
+
+    def is_ready(self) -> bool:
+        return self._started and len(self.datastore) > 0
+
+    async def decide(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        subset: Sequence[str] | None,
+    ) -> Decision:
+        t0 = perf_counter()
+        request = parse_request(path, headers, body)
+        self.metrics.requests.labels(model_name=request.model).inc()
+        endpoints: Sequence[Endpoint] = self.datastore.snapshot()
+        if subset is not None:
+            allowed = set(subset)
+            endpoints = [ep for ep in endpoints if ep.key in allowed]
+            if not endpoints:
+                raise NoEndpoints("no known endpoint is in the gateway's subset hint")
+        if not endpoints:
+            raise NoEndpoints("no endpoints known")
+        cycle = CycleState(request, time.monotonic(), self._threshold)
+        try:
+            result = self._scheduler.schedule(cycle, endpoints)
+            release_prefill, release_all = self._scheduler.track(cycle, result)
+        except SchedulingError:
+            raise
+        except Exception as exc:
+            log.exception("scheduling failed (request %s)", request.request_id or "-")
+            raise InternalError(f"scheduling failed: {type(exc).__name__}") from exc
+        decode = result.targets(result.primary)
+        prefill = result.targets(result.prefill_profile)
+        encoders = [ep.key for ep in result.targets(result.encode_profile)]
+        if encoders:
+            decision_type = "encode-prefill-decode" if prefill else "encode-decode"
+        else:
+            decision_type = "prefill-decode" if prefill else "decode-only"
+        decision = Decision(
+            decode=decode[0].key,
+            prefill=prefill[0].key if prefill else None,
+            encoders=encoders,
+            decision_type=decision_type,
+            decode_fallbacks=[ep.key for ep in decode[1:]],
+            release_prefill=release_prefill,
+            release_all=release_all,
+        )
+        self._decision_counters[decision_type].inc()
+        self.metrics.scheduler_e2e_duration.observe(perf_counter() - t0)
+        return decision
+
+
+async def build_director(settings: DirectorSettings, metrics: EppMetrics) -> Director:
+    """Load and validate the configuration; raises ``ConfigError`` naming the problem."""
+    config = await asyncio.to_thread(
+        load_config,
+        settings.config_text,
+        settings.config_file,
+        pool_configured=settings.pool_name is not None,
+    )
+    if config.discovery is None and not settings.pool_name:
+        raise ConfigError(
+            "no endpoint discovery: set --pool-name or configure a 'file-discovery' plugin"
+        )
+    return Director(settings, config, metrics)

@@ -1,0 +1,153 @@
+"""Profile handlers: single-profile and the disaggregating (E/P/D) handler."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from epp.decision import NoEndpoints
+from epp.plugins.base import Decider, PluginParams, PluginSet, ProfileHandler
+from epp.plugins.deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPdDecider
+from epp.plugins.registry import register
+from epp.scheduling.cycle import CycleState, StateKey
+from epp.scheduling.profile import Profile
+from epp.scheduling.result import ProfileResult, SchedulingResult
+
+__all__ = ["DisaggProfileHandler", "SingleProfileHandler"]
+
+
+@register
+class SingleProfileHandler(ProfileHandler):
+    """Runs the one configured profile."""
+
+    type_name = "single-profile-handler"
+
+    def check_profiles(self, names: Sequence[str]) -> None:
+        if len(names) != 1:
+            raise ValueError(
+                f"single-profile-handler needs exactly one scheduling profile, got {len(names)}"
+            )
+
+    def pick_profiles(
+        self,
+        cycle: CycleState,
+        profiles: Mapping[str, Profile],
+        results: Mapping[str, ProfileResult | None],
+    ) -> list[str]:
+        return [] if results else list(profiles)[:1]
+
+    def process_results(
+        self, cycle: CycleState, results: Mapping[str, ProfileResult | None]
+    ) -> SchedulingResult:
+        name, result = next(iter(results.items()))
+        if result is None:
+            raise NoEndpoints(f"no endpoint passed the filters of profile '{name}'")
+        return SchedulingResult(results=results, primary=name)
+
+
+class _ProfileNames(PluginParams):
+    decode: str = "decode"
+    prefill: str = "prefill"
+    encode: str = "encode"
+
+
+class _DeciderNames(PluginParams):
+    # None: run the stage whenever its profile exists (prefill) / the request is
+    # multimodal (encode).
+    prefill: str | None = None
+    encode: str | None = None
+
+
+@dataclass(slots=True)
+class _Considered:
+    encode: bool = False
+    prefill: bool = False
+
+
+_CONSIDERED: StateKey[_Considered] = StateKey("disagg-considered")
+
+
+@register
+class DisaggProfileHandler(ProfileHandler):
+    """Decode first; then encode if its decider approves; then prefill if its decider
+    approves. A stage whose profile is not configured never runs; a stage whose profile
+    finds no endpoint is skipped (the decode endpoint does that work itself)."""
+
+    type_name = "disagg-profile-handler"
+
+    class Params(PluginParams):
+        profiles: _ProfileNames = _ProfileNames()
+        deciders: _DeciderNames = _DeciderNames()
+
+    params: Params
+
+    def __init__(self, params: Params | None = None, name: str | None = None) -> None:
+        super().__init__(params, name)
+        self.prefill_decider: Decider = AlwaysDisaggPdDecider()
+        self.encode_decider: Decider = AlwaysDisaggMultimodalDecider()
+        self._has_prefill = True
+        self._has_encode = True
+
+    def bind(self, plugins: PluginSet) -> None:
+        for stage in ("prefill", "encode"):
+            ref = getattr(self.params.deciders, stage)
+            if ref is None:
+                continue
+            plugin = plugins.get(ref)
+            if plugin is None:
+                raise ValueError(f"deciders.{stage}: no plugin named '{ref}'")
+            if not isinstance(plugin, Decider):
+                raise ValueError(f"deciders.{stage}: plugin '{ref}' is not a decider")
+            setattr(self, f"{stage}_decider", plugin)
+
+    def check_profiles(self, names: Sequence[str]) -> None:
+        p = self.params.profiles
+        if p.decode not in names:
+            raise ValueError(f"profiles.decode: no scheduling profile named '{p.decode}'")
+        self._has_prefill = p.prefill in names
+        self._has_encode = p.encode in names
+
+    def pick_profiles(
+        self,
+        cycle: CycleState,
+        profiles: Mapping[str, Profile],
+        results: Mapping[str, ProfileResult | None],
+    ) -> list[str]:
+        p = self.params.profiles
+        if p.decode not in results:
+            return [p.decode]
+        decode = results[p.decode]
+        if decode is None:
+            return []
+        considered = cycle.get(_CONSIDERED)
+        if considered is None:
+            considered = _Considered()
+            cycle.put(_CONSIDERED, considered)
+        target = decode.targets[0]
+        if self._has_encode and not considered.encode:
+            considered.encode = True
+            if self.encode_decider.approve(cycle, target):
+                return [p.encode]
+        if self._has_prefill and not considered.prefill:
+            considered.prefill = True
+            if self.prefill_decider.approve(cycle, target):
+                return [p.prefill]
+        return []
+
+    def process_results(
+        self, cycle: CycleState, results: Mapping[str, ProfileResult | None]
+    ) -> SchedulingResult:
+        p = self.params.profiles
+        decode = results.get(p.decode)
+        if decode is None:
+            raise NoEndpoints("no decode endpoint available")
+        prefill = results.get(p.prefill)
+        # A pod that can both prefill and decode gains nothing from a transfer to itself.
+        use_prefill = prefill is not None and prefill.targets[0].key != decode.targets[0].key
+        encode = results.get(p.encode)
+        return SchedulingResult(
+            results=results,
+            primary=p.decode,
+            prefill_profile=p.prefill if use_prefill else None,
+            encode_profile=p.encode if encode is not None else None,
+        )

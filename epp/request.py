@@ -1,0 +1,311 @@
+"""Parsing of the five inference API shapes into what scheduling needs.
+
+Scheduling needs four things from a request body: the model, the text the prefix index
+hashes, the multimodal items (for the encode stage) and a token estimate. Each API shape
+has one small extractor; all of them produce a ``ParsedRequest``. Anything that is not
+a JSON object of the expected shape raises ``BadRequest`` naming the offending field.
+
+The hot path is ``json.loads`` (C) plus list joins and one ``str.encode`` (C); no loop
+over characters happens in Python, so a 200 KB body costs about a millisecond.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from array import array
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from epp.decision import BadRequest
+
+__all__ = [
+    "CHARS_PER_TOKEN",
+    "MultimodalItem",
+    "ParsedRequest",
+    "parse_request",
+    "supported_paths",
+]
+
+# The usual rule of thumb for English text and BPE tokenisers; only used for estimates.
+CHARS_PER_TOKEN = 4
+
+_MM_PART_TYPES = ("image_url", "audio_url", "video_url", "input_audio")
+
+
+@dataclass(frozen=True, slots=True)
+class MultimodalItem:
+    """One multimodal part of a request. ``key`` identifies it (URL, or a data hash)."""
+
+    kind: str
+    key: str
+
+
+@dataclass(slots=True)
+class ParsedRequest:
+    """What the scheduler knows about one request."""
+
+    path: str
+    api: str
+    model: str
+    # Bytes hashed by the prefix index: the prompt as the engine would see its prefix.
+    prompt: bytes
+    token_estimate: int
+    multimodal: list[MultimodalItem] = field(default_factory=list)
+    stream: bool = False
+    headers: Mapping[str, str] = field(default_factory=dict)
+    request_id: str = ""
+
+
+class _Prompt:
+    """Collects prompt text pieces; joined once at the end."""
+
+    __slots__ = ("items", "parts")
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.items: dict[str, MultimodalItem] = {}
+
+    def add_mm(self, kind: str, key: str) -> None:
+        # Identical items are encoded once, so they count once.
+        if key not in self.items:
+            self.items[key] = MultimodalItem(kind, key)
+        # The item's position shapes the engine's prefix, so it is part of the hashed text.
+        self.parts.append(f"<{kind}:{key}>")
+
+
+def _bad(msg: str) -> BadRequest:
+    return BadRequest(msg)
+
+
+def _str_field(body: Mapping[str, Any], name: str, *, required: bool) -> str:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise _bad(f"missing required field '{name}'")
+        return ""
+    if not isinstance(value, str):
+        raise _bad(f"field '{name}' must be a string")
+    return value
+
+
+def _mm_key(kind: str, part: Mapping[str, Any], where: str) -> str:
+    inner = part.get(kind)
+    if kind == "input_audio":
+        if not isinstance(inner, Mapping) or not isinstance(inner.get("data"), str):
+            raise _bad(f"{where}.input_audio.data must be a string")
+        data: str = inner["data"]
+        return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
+    if isinstance(inner, str):
+        return inner
+    if isinstance(inner, Mapping) and isinstance(inner.get("url"), str):
+        url: str = inner["url"]
+        if url.startswith("data:") and len(url) > 256:
+            # Inline data is identified by its hash so the hashed prompt stays small.
+            return "sha256:" + hashlib.sha256(url.encode()).hexdigest()
+        return url
+    raise _bad(f"{where}.{kind}.url must be a string")
+
+
+def _chat_content(content: Any, out: _Prompt, where: str) -> None:
+    if content is None:
+        return
+    if isinstance(content, str):
+        out.parts.append(content)
+        return
+    if not isinstance(content, list):
+        raise _bad(f"{where} must be a string or a list of parts")
+    for j, part in enumerate(content):
+        if not isinstance(part, Mapping):
+            raise _bad(f"{where}[{j}] must be an object")
+        ptype = part.get("type")
+        if ptype in ("text", "input_text", "output_text"):
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise _bad(f"{where}[{j}].text must be a string")
+            out.parts.append(text)
+        elif ptype in _MM_PART_TYPES:
+            out.add_mm(ptype, _mm_key(ptype, part, f"{where}[{j}]"))
+        elif ptype == "input_image":
+            # Responses API image part: image_url is a plain string there.
+            url = part.get("image_url") or part.get("file_id")
+            if not isinstance(url, str):
+                raise _bad(f"{where}[{j}].image_url must be a string")
+            out.add_mm("image_url", url)
+        elif ptype == "image":
+            # Anthropic messages: {"type": "image", "source": {...}}.
+            source = part.get("source")
+            if not isinstance(source, Mapping):
+                raise _bad(f"{where}[{j}].source must be an object")
+            raw = source.get("url") or source.get("data")
+            if not isinstance(raw, str):
+                raise _bad(f"{where}[{j}].source needs a url or data string")
+            key = raw if len(raw) <= 256 else "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+            out.add_mm("image_url", key)
+        elif isinstance(ptype, str):
+            # Tool results, thinking blocks, ...: not multimodal; their text still counts.
+            text = part.get("text")
+            if isinstance(text, str):
+                out.parts.append(text)
+        else:
+            raise _bad(f"{where}[{j}].type must be a string")
+
+
+def _messages(messages: Any, out: _Prompt, name: str = "messages") -> None:
+    if not isinstance(messages, list):
+        raise _bad(f"field '{name}' must be a list")
+    for i, msg in enumerate(messages):
+        if not isinstance(msg, Mapping):
+            raise _bad(f"{name}[{i}] must be an object")
+        role = msg.get("role", "")
+        if not isinstance(role, str):
+            raise _bad(f"{name}[{i}].role must be a string")
+        out.parts.append(f"\n<|{role}|>\n")
+        _chat_content(msg.get("content"), out, f"{name}[{i}].content")
+
+
+def _chat(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    if "messages" not in body:
+        raise _bad("missing required field 'messages'")
+    _messages(body["messages"], out)
+    return None
+
+
+def _completions(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    if "prompt" not in body:
+        raise _bad("missing required field 'prompt'")
+    prompt = body["prompt"]
+    if isinstance(prompt, str):
+        out.parts.append(prompt)
+        return None
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        out.parts.extend(prompt)
+        return None
+    if isinstance(prompt, list):
+        return _token_ids(prompt, out, "prompt")
+    raise _bad("field 'prompt' must be a string, a list of strings or token ids")
+
+
+def _token_ids(ids: list[Any], out: _Prompt, name: str) -> int:
+    flat: list[Any] = ids
+    if ids and isinstance(ids[0], list):
+        flat = [t for seq in ids if isinstance(seq, list) for t in seq]
+    try:
+        packed = array("q", flat)
+    except (TypeError, OverflowError):
+        raise _bad(f"field '{name}' must be a list of token ids") from None
+    # Token ids hash as their little-endian bytes; hex keeps the prompt a str.
+    out.parts.append(packed.tobytes().hex())
+    return len(packed)
+
+
+def _responses(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    instructions = body.get("instructions")
+    if instructions is not None:
+        if not isinstance(instructions, str):
+            raise _bad("field 'instructions' must be a string")
+        out.parts.append(f"\n<|system|>\n{instructions}")
+    if "input" not in body:
+        raise _bad("missing required field 'input'")
+    data = body["input"]
+    if isinstance(data, str):
+        out.parts.append(f"\n<|user|>\n{data}")
+        return None
+    if not isinstance(data, list):
+        raise _bad("field 'input' must be a string or a list of items")
+    for i, item in enumerate(data):
+        if not isinstance(item, Mapping):
+            raise _bad(f"input[{i}] must be an object")
+        role = item.get("role")
+        if isinstance(role, str):
+            out.parts.append(f"\n<|{role}|>\n")
+            _chat_content(item.get("content"), out, f"input[{i}].content")
+        else:
+            # function_call / function_call_output / reasoning items: their text counts.
+            for key in ("output", "arguments", "text"):
+                value = item.get(key)
+                if isinstance(value, str):
+                    out.parts.append(value)
+    return None
+
+
+def _anthropic(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    system = body.get("system")
+    if isinstance(system, str):
+        out.parts.append(f"\n<|system|>\n{system}")
+    elif isinstance(system, list):
+        out.parts.append("\n<|system|>\n")
+        _chat_content(system, out, "system")
+    elif system is not None:
+        raise _bad("field 'system' must be a string or a list of blocks")
+    if "messages" not in body:
+        raise _bad("missing required field 'messages'")
+    _messages(body["messages"], out)
+    return None
+
+
+def _generate(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    ids = body.get("token_ids")
+    if ids is None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            out.parts.append(prompt)
+            return None
+        raise _bad("missing required field 'token_ids'")
+    if not isinstance(ids, list):
+        raise _bad("field 'token_ids' must be a list of integers")
+    return _token_ids(ids, out, "token_ids")
+
+
+_Extractor = Callable[[Mapping[str, Any], _Prompt], "int | None"]
+
+_EXTRACTORS: dict[str, tuple[str, _Extractor, bool]] = {
+    # path -> (api name, extractor, model required)
+    "/v1/chat/completions": ("chat", _chat, True),
+    "/v1/completions": ("completions", _completions, True),
+    "/v1/responses": ("responses", _responses, True),
+    "/v1/messages": ("messages", _anthropic, True),
+    "/inference/v1/generate": ("generate", _generate, False),
+}
+
+
+def supported_paths() -> tuple[str, ...]:
+    """The request paths the parser understands."""
+    return tuple(_EXTRACTORS)
+
+
+def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedRequest:
+    """Parse one request body, or raise ``BadRequest`` with a message naming the problem."""
+    route = path.split("?", 1)[0].rstrip("/") or "/"
+    spec = _EXTRACTORS.get(route)
+    if spec is None:
+        raise _bad(f"unsupported path '{route}'; expected one of {', '.join(_EXTRACTORS)}")
+    api, extract, model_required = spec
+    if not body:
+        raise _bad("empty request body")
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise _bad("request body must be a JSON object")
+    model = _str_field(doc, "model", required=model_required)
+    out = _Prompt()
+    token_count = extract(doc, out)
+    text = "".join(out.parts)
+    prompt = text.encode("utf-8", "surrogatepass")
+    if token_count is None:
+        token_count = -(-len(prompt) // CHARS_PER_TOKEN)
+    stream = doc.get("stream", False)
+    return ParsedRequest(
+        path=route,
+        api=api,
+        model=model,
+        prompt=prompt,
+        token_estimate=token_count,
+        multimodal=list(out.items.values()),
+        stream=stream is True,
+        headers=headers,
+        request_id=headers.get("x-request-id", ""),
+    )

@@ -1,0 +1,34 @@
+"""Results of profile runs and of a whole scheduling cycle."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from epp.datastore import Endpoint
+
+__all__ = ["ProfileResult", "SchedulingResult"]
+
+
+@dataclass(slots=True)
+class ProfileResult:
+    """The endpoints one profile chose, best first (never empty)."""
+
+    targets: list[Endpoint]
+
+
+@dataclass(slots=True)
+class SchedulingResult:
+    """Per-profile results; which profile serves the request and which provided the
+    optional prefill and encode stages (None when the stage does not run)."""
+
+    results: Mapping[str, ProfileResult | None]
+    primary: str
+    prefill_profile: str | None = None
+    encode_profile: str | None = None
+
+    def targets(self, profile: str | None) -> list[Endpoint]:
+        if profile is None:
+            return []
+        result = self.results.get(profile)
+        return result.targets if result is not None else []

@@ -1,0 +1,154 @@
+"""Request parsing for the five API shapes."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import pytest
+
+from epp.decision import BadRequest
+from epp.request import CHARS_PER_TOKEN, parse_request, supported_paths
+
+
+def parse(path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    return parse_request(path, headers or {}, raw)
+
+
+def test_chat_text_and_token_estimate() -> None:
+    req = parse("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "x" * 400},
+    ]})
+    assert req.api == "chat"
+    assert req.model == "m"
+    assert b"be brief" in req.prompt
+    assert b"x" * 400 in req.prompt
+    assert req.token_estimate == -(-len(req.prompt) // CHARS_PER_TOKEN)
+    assert req.token_estimate >= 100
+    assert req.multimodal == []
+
+
+def test_chat_prefix_is_stable_when_a_turn_is_appended() -> None:
+    first = parse("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "question one"}]})
+    second = parse("/v1/chat/completions", {"model": "m", "messages": [
+        {"role": "user", "content": "question one"},
+        {"role": "assistant", "content": "answer"},
+        {"role": "user", "content": "question two"}]})
+    assert second.prompt.startswith(first.prompt)
+
+
+def test_chat_multimodal_items_deduplicated_in_order() -> None:
+    req = parse("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "describe"},
+        {"type": "image_url", "image_url": {"url": "http://img/1.png"}},
+        {"type": "audio_url", "audio_url": {"url": "http://a/1.wav"}},
+        {"type": "video_url", "video_url": {"url": "http://v/1.mp4"}},
+        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+        {"type": "image_url", "image_url": {"url": "http://img/1.png"}},
+    ]}]})
+    kinds = [item.kind for item in req.multimodal]
+    assert kinds == ["image_url", "audio_url", "video_url", "input_audio"]
+    assert req.multimodal[0].key == "http://img/1.png"
+    assert req.multimodal[3].key.startswith("sha256:")
+
+
+def test_completions_string_list_and_token_ids() -> None:
+    assert parse("/v1/completions", {"model": "m", "prompt": "abc"}).prompt == b"abc"
+    assert parse("/v1/completions", {"model": "m", "prompt": ["ab", "cd"]}).prompt == b"abcd"
+    ids = parse("/v1/completions", {"model": "m", "prompt": [1, 2, 3]})
+    assert ids.token_estimate == 3
+    nested = parse("/v1/completions", {"model": "m", "prompt": [[1, 2], [3]]})
+    assert nested.token_estimate == 3
+    assert nested.prompt == ids.prompt
+
+
+def test_responses_string_and_items() -> None:
+    simple = parse("/v1/responses", {"model": "m", "input": "hi", "instructions": "sys"})
+    assert b"sys" in simple.prompt and b"hi" in simple.prompt
+    items = parse("/v1/responses", {"model": "m", "input": [
+        {"role": "user", "content": [
+            {"type": "input_text", "text": "look"},
+            {"type": "input_image", "image_url": "http://img/2.png"}]},
+        {"type": "function_call_output", "call_id": "c", "output": "42"},
+    ]})
+    assert b"look" in items.prompt and b"42" in items.prompt
+    assert [i.key for i in items.multimodal] == ["http://img/2.png"]
+
+
+def test_anthropic_messages() -> None:
+    req = parse("/v1/messages", {"model": "m", "max_tokens": 5, "system": "sys",
+                                  "messages": [{"role": "user", "content": [
+                                      {"type": "text", "text": "hello"},
+                                      {"type": "image", "source": {"type": "url",
+                                                                   "url": "http://i/3"}}]}]})
+    assert req.api == "messages"
+    assert b"sys" in req.prompt and b"hello" in req.prompt
+    assert [i.key for i in req.multimodal] == ["http://i/3"]
+
+
+def test_generate_token_ids_model_optional() -> None:
+    req = parse("/inference/v1/generate", {"token_ids": [5, 6, 7, 8],
+                                            "sampling_params": {"max_tokens": 3}})
+    assert req.api == "generate"
+    assert req.model == ""
+    assert req.token_estimate == 4
+
+
+def test_stream_and_request_id() -> None:
+    req = parse("/v1/chat/completions?x=1", {"model": "m", "stream": True,
+                                             "messages": [{"role": "user", "content": "a"}]},
+                {"x-request-id": "rid-1"})
+    assert req.stream is True
+    assert req.path == "/v1/chat/completions"
+    assert req.request_id == "rid-1"
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "needle"),
+    [
+        ("/v1/chat/completions", b"{not json", "not valid JSON"),
+        ("/v1/chat/completions", b"", "empty"),
+        ("/v1/chat/completions", b"[1, 2]", "JSON object"),
+        ("/v1/chat/completions", b'{"messages": []}', "'model'"),
+        ("/v1/chat/completions", b'{"model": 3, "messages": []}', "'model' must be a string"),
+        ("/v1/chat/completions", b'{"model": "m"}', "'messages'"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": "x"}', "must be a list"),
+        ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "u", "content": 5}]}',
+         "messages[0].content"),
+        ("/v1/chat/completions",
+         b'{"model": "m", "messages": [{"role": "u", "content": [{"type": "image_url"}]}]}',
+         "image_url.url"),
+        ("/v1/completions", b'{"model": "m", "prompt": {"a": 1}}', "'prompt'"),
+        ("/v1/completions", b'{"model": "m", "prompt": [1, "a"]}', "token ids"),
+        ("/v1/responses", b'{"model": "m"}', "'input'"),
+        ("/inference/v1/generate", b'{"token_ids": "abc"}', "token_ids"),
+        ("/v1/embeddings", b'{"model": "m"}', "unsupported path"),
+        ("/v1/chat/completions", b"\xff\xfe", "not valid JSON"),
+    ],
+)
+def test_malformed_requests_are_bad_requests(path: str, body: bytes, needle: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        parse_request(path, {}, body)
+    assert info.value.status == 400
+    assert needle in info.value.message
+
+
+def test_supported_paths() -> None:
+    assert set(supported_paths()) == {
+        "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+        "/inference/v1/generate",
+    }
+
+
+def test_large_body_parses_quickly() -> None:
+    # Not a benchmark: a generous bound that only a per-character Python loop would miss.
+    text = "lorem ipsum dolor sit amet " * 8000  # ~216 KB
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": text}]}).encode()
+    t0 = time.perf_counter()
+    req = parse_request("/v1/chat/completions", {}, body)
+    assert time.perf_counter() - t0 < 0.5
+    assert req.token_estimate > 50_000
