@@ -240,8 +240,14 @@ def _sent() -> list[tuple[str, dict[str, Any]]]:
         ("response_headers", {"response_headers": {"response": {}}}),
         (
             "response_body_replace",
-            {"response_body": {"response": {"status": "CONTINUE_AND_REPLACE",
-                                             "body_mutation": {"body": b"new"}}}},
+            {
+                "response_body": {
+                    "response": {
+                        "status": "CONTINUE_AND_REPLACE",
+                        "body_mutation": {"body": b"new"},
+                    }
+                }
+            },
         ),
         ("clear_body", {"response_body": {"response": {"body_mutation": {"clear_body": True}}}}),
         ("request_trailers", {"request_trailers": {"header_mutation": _mutation()}}),

@@ -1,0 +1,52 @@
+"""Header names the EPP owns and the translation of Envoy header maps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from epp._proto.disagg_extproc_pb2 import HeaderMap
+
+__all__ = [
+    "DESTINATION",
+    "DROPPED_REASON",
+    "ENCODERS",
+    "LB_METADATA_NAMESPACE",
+    "PREFILLER",
+    "ROUTING_HEADERS",
+    "SUBSET_HINT_KEY",
+    "SUBSET_HINT_NAMESPACE",
+    "header_dict",
+]
+
+DESTINATION = "x-gateway-destination-endpoint"
+PREFILLER = "x-prefiller-host-port"
+ENCODERS = "x-encoder-hosts-ports"
+DROPPED_REASON = "x-llm-d-request-dropped-reason"
+
+# Every header that steers a request to a pod. A client must never choose any of them, so
+# all client copies are dropped before the EPP writes its own.
+ROUTING_HEADERS: tuple[str, ...] = (
+    DESTINATION,
+    PREFILLER,
+    ENCODERS,
+    "x-kv-cache-source-host-port",
+    "x-data-parallel-host-port",
+    "x-data-parallel-rank",
+)
+
+LB_METADATA_NAMESPACE = "envoy.lb"
+SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
+SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
+
+
+def header_dict(header_map: HeaderMap) -> dict[str, str]:
+    """Lower-cased names to values; repeated headers are joined with ``,`` as HTTP allows."""
+    out: dict[str, str] = {}
+    for header in header_map.headers:
+        # Current Envoy versions put every value in raw_value and leave value empty.
+        value = header.raw_value.decode("utf-8", "replace") if header.raw_value else header.value
+        name = header.key.lower()
+        previous = out.get(name)
+        out[name] = value if previous is None else f"{previous},{value}"
+    return out

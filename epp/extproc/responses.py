@@ -1,0 +1,184 @@
+"""Pure builders for the ext_proc messages the EPP sends; no I/O, no state."""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from google.protobuf.struct_pb2 import Struct
+
+from epp._proto.disagg_extproc_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    HeaderMutation,
+    HeadersResponse,
+    HeaderValue,
+    HeaderValueOption,
+    HttpStatus,
+    ImmediateResponse,
+    ProcessingResponse,
+    StreamedBodyResponse,
+    TrailersResponse,
+)
+from epp.extproc.headers import (
+    DESTINATION,
+    DROPPED_REASON,
+    ENCODERS,
+    LB_METADATA_NAMESPACE,
+    PREFILLER,
+    ROUTING_HEADERS,
+)
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+    from epp.decision import Decision
+
+__all__ = [
+    "continue_request_headers",
+    "decision_body_response",
+    "decision_headers_response",
+    "immediate_response",
+    "passthrough_response_body",
+    "passthrough_response_headers",
+    "passthrough_trailers",
+    "routing_mutation",
+    "streamed_request_body",
+    "streamed_response_body",
+]
+
+_OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+
+
+def _set(name: str, value: str) -> HeaderValueOption:
+    return HeaderValueOption(
+        header=HeaderValue(key=name, raw_value=value.encode()), append_action=_OVERWRITE
+    )
+
+
+def routing_mutation(decision: Decision) -> HeaderMutation:
+    """Set the EPP's routing headers and drop every client-supplied one.
+
+    A header the EPP sets is overwritten (which discards all client values of it) rather
+    than also listed for removal, so the outcome does not depend on the order in which a
+    gateway applies removals and sets.
+    """
+    values: dict[str, str] = {DESTINATION: decision.decode}
+    if decision.prefill:
+        values[PREFILLER] = decision.prefill
+    if decision.encoders:
+        values[ENCODERS] = ",".join(decision.encoders)
+    return HeaderMutation(
+        set_headers=[_set(name, value) for name, value in values.items()],
+        remove_headers=[name for name in ROUTING_HEADERS if name not in values],
+    )
+
+
+def _lb_metadata(decision: Decision) -> Struct:
+    # The header carries the primary only (Envoy's ORIGINAL_DST parses one address); the
+    # metadata carries the primary followed by the fallbacks, as the gateway protocol says.
+    targets = ",".join([decision.decode, *decision.decode_fallbacks])
+    struct = Struct()
+    struct.update({LB_METADATA_NAMESPACE: {DESTINATION: targets}})
+    return struct
+
+
+def _decision_common(decision: Decision) -> CommonResponse:
+    return CommonResponse(header_mutation=routing_mutation(decision), clear_route_cache=True)
+
+
+def decision_headers_response(decision: Decision) -> ProcessingResponse:
+    """The answer to the request headers that carries the routing decision."""
+    return ProcessingResponse(
+        request_headers=HeadersResponse(response=_decision_common(decision)),
+        dynamic_metadata=_lb_metadata(decision),
+    )
+
+
+def decision_body_response(decision: Decision) -> ProcessingResponse:
+    """BUFFERED mode: Envoy still holds the headers, so the body answer may mutate them."""
+    return ProcessingResponse(
+        request_body=BodyResponse(response=_decision_common(decision)),
+        dynamic_metadata=_lb_metadata(decision),
+    )
+
+
+def continue_request_headers() -> ProcessingResponse:
+    return ProcessingResponse(request_headers=HeadersResponse(response=CommonResponse()))
+
+
+def _chunks(body: bytes | bytearray, chunk_bytes: int) -> Iterator[tuple[bytes, bool]]:
+    """Slices of at most ``chunk_bytes``; the flag marks the last (at least one slice)."""
+    view = memoryview(body)
+    size = len(view)
+    if size == 0:
+        yield b"", True
+        return
+    for start in range(0, size, chunk_bytes):
+        end = min(start + chunk_bytes, size)
+        yield bytes(view[start:end]), end == size
+
+
+def _streamed(body: bytes, end_of_stream: bool) -> CommonResponse:
+    return CommonResponse(
+        body_mutation=BodyMutation(
+            streamed_response=StreamedBodyResponse(body=body, end_of_stream=end_of_stream)
+        )
+    )
+
+
+def streamed_request_body(
+    body: bytes | bytearray, *, end_of_stream: bool, chunk_bytes: int
+) -> list[ProcessingResponse]:
+    """FULL_DUPLEX_STREAMED: the buffered request body, sent back as body mutations."""
+    return [
+        ProcessingResponse(
+            request_body=BodyResponse(response=_streamed(chunk, last and end_of_stream))
+        )
+        for chunk, last in _chunks(body, chunk_bytes)
+    ]
+
+
+def streamed_response_body(
+    body: bytes, *, end_of_stream: bool, chunk_bytes: int
+) -> list[ProcessingResponse]:
+    """FULL_DUPLEX_STREAMED: one response chunk passed straight back."""
+    return [
+        ProcessingResponse(
+            response_body=BodyResponse(response=_streamed(chunk, last and end_of_stream))
+        )
+        for chunk, last in _chunks(body, chunk_bytes)
+    ]
+
+
+def passthrough_response_headers() -> ProcessingResponse:
+    return ProcessingResponse(response_headers=HeadersResponse(response=CommonResponse()))
+
+
+def passthrough_response_body() -> ProcessingResponse:
+    """Any mode but FULL_DUPLEX_STREAMED: Envoy keeps the body, an empty answer lets it go."""
+    return ProcessingResponse(response_body=BodyResponse(response=CommonResponse()))
+
+
+def passthrough_trailers(*, request: bool) -> ProcessingResponse:
+    if request:
+        return ProcessingResponse(request_trailers=TrailersResponse())
+    return ProcessingResponse(response_trailers=TrailersResponse())
+
+
+def immediate_response(status: int, reason: str, message: str) -> ProcessingResponse:
+    """End the HTTP request now with a JSON error body in the OpenAI error shape."""
+    body = json.dumps(
+        {"error": {"message": message, "type": reason, "param": None, "code": status}}
+    ).encode()
+    return ProcessingResponse(
+        immediate_response=ImmediateResponse(
+            status=HttpStatus(code=status),
+            headers=HeaderMutation(
+                set_headers=[_set("content-type", "application/json"), _set(DROPPED_REASON, reason)]
+            ),
+            body=body,
+            details=reason,
+        )
+    )

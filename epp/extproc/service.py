@@ -1,0 +1,68 @@
+"""The ext_proc service: a thin loop from Envoy's stream to the per-kind handlers."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import grpc
+
+from epp._proto.disagg_extproc_pb2 import ProcessingRequest, ProcessingResponse
+from epp.extproc.context import RequestContext, StreamEnv
+from epp.extproc.handlers import HANDLERS, ProtocolViolation
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+
+    from epp.decision import DecisionMaker
+    from epp.extproc.config import ExtProcConfig
+    from epp.metrics import EppMetrics
+
+__all__ = ["EXTPROC_METHOD", "EXTPROC_SERVICE", "ExtProcService"]
+
+log = logging.getLogger("epp.extproc")
+
+# Envoy calls this path; the message types behind it are our own (epp._proto).
+EXTPROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
+EXTPROC_METHOD = f"/{EXTPROC_SERVICE}/Process"
+
+
+class ExtProcService:
+    """Serves ``Process``: one bidirectional stream per HTTP request."""
+
+    def __init__(
+        self, decision_maker: DecisionMaker, metrics: EppMetrics, config: ExtProcConfig
+    ) -> None:
+        self._env = StreamEnv(decision_maker=decision_maker, metrics=metrics, config=config)
+
+    def register(self, server: grpc.aio.Server) -> None:
+        """Add the ``Process`` method to ``server`` under Envoy's service name."""
+        handlers = {
+            "Process": grpc.stream_stream_rpc_method_handler(
+                self.process,
+                request_deserializer=ProcessingRequest.FromString,
+                response_serializer=ProcessingResponse.SerializeToString,
+            )
+        }
+        server.add_registered_method_handlers(EXTPROC_SERVICE, handlers)
+
+    async def process(
+        self, requests: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[ProcessingResponse]:
+        ctx = RequestContext.new(self._env)
+        try:
+            async for request in requests:
+                kind = request.WhichOneof("request")
+                handler = HANDLERS.get(kind or "")
+                if handler is None:
+                    raise ProtocolViolation(f"message without a known kind ({kind})")
+                ctx.observe(request)
+                for response in await handler(ctx, request):
+                    yield response
+                if ctx.ended:
+                    return
+        except ProtocolViolation as err:
+            log.warning("request %s: ext_proc protocol violation: %s", ctx.request_id, err)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        finally:
+            ctx.finish()

@@ -1,0 +1,66 @@
+"""Fixtures: the ext_proc server on loopback in front of a fake DecisionMaker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from epp.extproc import ExtProcConfig, ExtProcService
+from epp.metrics import EppMetrics
+from tests.epp_gateway.fakes import ExtProcClient, FakeDecisionMaker
+
+
+@dataclass
+class ExtProcHarness:
+    port: int
+    fake: FakeDecisionMaker
+    metrics: EppMetrics
+    channel: grpc.aio.Channel
+
+    def client(self) -> ExtProcClient:
+        return ExtProcClient(self.channel)
+
+    def errors(self, status: int, reason: str) -> float:
+        value = self.metrics.registry.get_sample_value(
+            "llm_d_epp_request_errors_total", {"status": str(status), "reason": reason}
+        )
+        return value or 0.0
+
+
+StartExtProc = Callable[..., Awaitable[ExtProcHarness]]
+
+
+@pytest.fixture
+def fake() -> FakeDecisionMaker:
+    return FakeDecisionMaker()
+
+
+@pytest.fixture
+async def start_extproc(fake: FakeDecisionMaker) -> AsyncIterator[StartExtProc]:
+    servers: list[grpc.aio.Server] = []
+    channels: list[grpc.aio.Channel] = []
+
+    async def start(config: ExtProcConfig | None = None) -> ExtProcHarness:
+        metrics = EppMetrics()
+        server = grpc.aio.server()
+        ExtProcService(fake, metrics, config or ExtProcConfig()).register(server)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        servers.append(server)
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        channels.append(channel)
+        return ExtProcHarness(port=port, fake=fake, metrics=metrics, channel=channel)
+
+    yield start
+    for channel in channels:
+        await channel.close()
+    for server in servers:
+        await server.stop(grace=None)
+
+
+@pytest.fixture
+async def extproc(start_extproc: StartExtProc) -> ExtProcHarness:
+    return await start_extproc()
