@@ -43,6 +43,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.deciders",
     "epp.plugins.profile_handlers",
     "epp.plugins.file_discovery",
+    "epp.plugins.llm_d_compat",
 )
 
 _registry: dict[str, type[Plugin]] = {}
