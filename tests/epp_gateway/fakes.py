@@ -38,6 +38,7 @@ class FakeDecisionMaker:
     gate: asyncio.Event | None = None
     ready: bool = True
     calls: list[Call] = field(default_factory=list)
+    decided: int = 0
     prefill_released: int = 0
     finished: int = 0
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
@@ -58,6 +59,7 @@ class FakeDecisionMaker:
             if not subset:
                 raise NoEndpointsInSubset("empty subset")
             decode = subset[0]
+        self.decided += 1
         return Decision(
             decode=decode,
             prefill=self.prefill,
@@ -67,6 +69,14 @@ class FakeDecisionMaker:
             release_prefill=self._release_prefill,
             release_all=self._release_all,
         )
+
+    async def settle(self, timeout_s: float = 10.0) -> None:
+        """Wait until every decision handed out was released (its stream ended)."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while self.finished != self.decided:
+            if asyncio.get_running_loop().time() > deadline:
+                raise TimeoutError(f"{self.decided - self.finished} decisions never released")
+            await asyncio.sleep(0.01)  # polling a condition with a deadline
 
     def _release_prefill(self) -> None:
         self.prefill_released += 1
