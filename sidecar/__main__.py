@@ -1,0 +1,48 @@
+"""``pd-sidecar`` console script: load settings, serve, drain on SIGTERM, exit 0.
+
+Exit status 2 means the configuration was rejected (the message names the flag).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Sequence
+
+from sidecar.app import run
+from sidecar.log import configure_logging
+from sidecar.settings import SettingsError, load_settings
+
+__all__ = ["main"]
+
+_USAGE = """usage: pd-sidecar [--flag=value ...]
+
+Flags are the llm-d pd-sidecar flags (--port, --model-server-port, --kv-connector,
+--prefill-max-retries, --prefill-retry-backoff, --enable-prefiller-sampling, ...) plus
+this implementation's own; see sidecar/settings.py. --configuration (inline YAML) and
+--configuration-file take YAML whose keys are the flag names.
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help", "-help") for arg in args):
+        print(_USAGE)
+        return 0
+    try:
+        settings = load_settings(args)
+    except SettingsError as exc:
+        print(f"pd-sidecar: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level)
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(run(settings))
+    else:
+        uvloop.run(run(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

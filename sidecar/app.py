@@ -1,0 +1,271 @@
+"""Wiring, in one visible place: settings -> sessions -> connector -> orchestrator -> servers.
+
+Main port: ``GET /health`` (liveness), ``GET /ready`` (the local vLLM answers), P/D
+treatment for the API paths of ``sidecar.api_shapes`` when ``x-prefiller-host-port`` is
+present, and passthrough for everything else. Metrics port: ``GET /metrics``.
+
+The one error boundary is :func:`_boundary`, the outermost (only) middleware: it owns
+the request's :class:`~sidecar.exchange.Exchange`, turns :class:`SidecarError` into JSON
+answers, and emits the metrics and the access log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from sidecar.api_shapes import shape_for
+from sidecar.connectors import ConnectorOptions, create_connector
+from sidecar.errors import PrefillRejected, SidecarError
+from sidecar.exchange import Exchange, new_request_id
+from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
+from sidecar.health import Readiness
+from sidecar.log import access_log, log
+from sidecar.metrics import Metrics, path_label
+from sidecar.orchestrator import Orchestrator, Policy
+from sidecar.passthrough import passthrough
+from sidecar.routing import PREFILLER_HOST_PORT
+from sidecar.settings import Settings
+from sidecar.upstream import Upstream, make_session
+
+__all__ = ["Services", "build_app", "build_metrics_app", "run"]
+
+_CLIENT_CLOSED = 499  # nginx's convention: the client went away first
+
+
+@dataclass(slots=True)
+class Services:
+    orchestrator: Orchestrator
+    local: Upstream
+    readiness: Readiness
+
+
+SETTINGS = web.AppKey("settings", Settings)
+METRICS = web.AppKey("metrics", Metrics)
+SERVICES = web.AppKey("services", Services)
+EXCHANGE = web.RequestKey("exchange", Exchange)
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _policy(settings: Settings) -> Policy:
+    return Policy(
+        max_body_bytes=settings.max_body_bytes,
+        prefill_max_retries=settings.prefill_max_retries,
+        prefill_retry_backoff=settings.prefill_retry_backoff,
+        prefiller_sampling=settings.enable_prefiller_sampling,
+        prefill_fallback=settings.prefill_fallback,
+        prefill_timeout=settings.prefill_timeout,
+        decode_first_byte_timeout=settings.decode_first_byte_timeout,
+        stream_idle_timeout=settings.stream_idle_timeout,
+    )
+
+
+async def _services(app: web.Application) -> AsyncIterator[None]:
+    """Own the client sessions: one per stage, closed when the app shuts down."""
+    settings = app[SETTINGS]
+    metrics = app[METRICS]
+
+    def count_stale(stage: str) -> None:
+        metrics.stale_connection_retries.labels(stage=stage).inc()
+
+    def session(decompress: bool) -> aiohttp.ClientSession:
+        return make_session(
+            limit=settings.pool_max_connections,
+            keepalive_timeout=settings.pool_keepalive_timeout,
+            connect_timeout=settings.connect_timeout,
+            decompress=decompress,
+        )
+
+    prefill_session = session(decompress=True)
+    local_session = session(decompress=False)
+    local = Upstream("decode", local_session, count_stale)
+    readiness = Readiness(
+        local_session,
+        settings.model_server_url + "/health",
+        ttl=settings.ready_cache_ttl,
+        timeout=max(settings.connect_timeout, 1.0),
+    )
+    orchestrator = Orchestrator(
+        connector=create_connector(
+            settings.kv_connector,
+            ConnectorOptions(mooncake_bootstrap_port=settings.mooncake_bootstrap_port),
+        ),
+        prefill=Upstream("prefill", prefill_session, count_stale),
+        decode=local,
+        decode_base_url=settings.model_server_url,
+        policy=_policy(settings),
+        metrics=metrics,
+    )
+    app[SERVICES] = Services(orchestrator=orchestrator, local=local, readiness=readiness)
+    try:
+        yield
+    finally:
+        await readiness.close()
+        await prefill_session.close()
+        await local_session.close()
+
+
+def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
+    if isinstance(error, PrefillRejected):
+        headers = {REQUEST_ID: ex.request_id}
+        if error.content_type:
+            headers["Content-Type"] = error.content_type
+        return web.Response(status=error.status, body=error.body, headers=headers)
+    return web.json_response(
+        error.payload(ex.request_id), status=error.status, headers={REQUEST_ID: ex.request_id}
+    )
+
+
+@web.middleware
+async def _boundary(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    metrics = request.app[METRICS]
+    ex = Exchange(
+        request_id=new_request_id(request.headers.get(REQUEST_ID)),
+        method=request.method,
+        path=request.path,
+        trace=TraceContext.from_header(request.headers.get(TRACEPARENT)),
+    )
+    request[EXCHANGE] = ex
+    metrics.in_flight.inc()
+    try:
+        response = await handler(request)
+        if ex.status == 0:
+            ex.status = response.status
+        return response
+    except SidecarError as error:
+        ex.status = error.status
+        ex.error = error.message
+        if ex.response_started:
+            raise
+        log.warning({"event": "request_error", "request_id": ex.request_id, "error": ex.error})
+        ex.first_byte()
+        return _error_response(error, ex)
+    except (asyncio.CancelledError, ConnectionResetError):
+        ex.status = _CLIENT_CLOSED
+        ex.error = ex.error or "client disconnected"
+        raise
+    except Exception as exc:
+        ex.status = ex.status or 500
+        ex.error = ex.error or repr(exc)
+        if ex.response_started:
+            raise
+        log.exception({"event": "internal_error", "request_id": ex.request_id})
+        ex.first_byte()
+        return web.json_response(
+            SidecarError("internal error").payload(ex.request_id),
+            status=500,
+            headers={REQUEST_ID: ex.request_id},
+        )
+    finally:
+        metrics.in_flight.dec()
+        ex.finish()
+        if ex.mode != "health":
+            _observe(metrics, ex)
+            access_log.info(ex.record())
+
+
+def _observe(metrics: Metrics, ex: Exchange) -> None:
+    metrics.requests.labels(path=path_label(ex.path), mode=ex.mode, status=str(ex.status)).inc()
+    if ex.total_s is not None:
+        metrics.total_seconds.observe(ex.total_s)
+    if ex.ttft_s is not None:
+        metrics.ttft_seconds.observe(ex.ttft_s)
+    overhead = ex.overhead_s
+    if overhead is not None and ex.mode in ("pd", "fallback"):
+        metrics.overhead_seconds.observe(overhead)
+
+
+async def _handle(request: web.Request) -> web.StreamResponse:
+    services = request.app[SERVICES]
+    settings = request.app[SETTINGS]
+    ex = request[EXCHANGE]
+    if request.method == "GET" and request.path in ("/health", "/ready"):
+        ex.mode = "health"
+        if request.path == "/health":
+            return web.json_response({"status": "alive"})
+        ready = await services.readiness.ready()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
+        )
+    shape = shape_for(request.path) if request.method == "POST" else None
+    if shape is not None:
+        header = request.headers.get(PREFILLER_HOST_PORT)
+        if header is not None:
+            return await services.orchestrator.serve(request, shape, header, ex)
+        ex.mode = "local"
+    return await passthrough(
+        request,
+        services.local,
+        settings.model_server_url,
+        ex,
+        first_byte_timeout=settings.decode_first_byte_timeout,
+        idle_timeout=settings.stream_idle_timeout,
+    )
+
+
+def build_app(settings: Settings, metrics: Metrics) -> web.Application:
+    app = web.Application(middlewares=[_boundary], client_max_size=settings.max_body_bytes)
+    app[SETTINGS] = settings
+    app[METRICS] = metrics
+    app.cleanup_ctx.append(_services)
+    app.router.add_route("*", "/{tail:.*}", _handle)
+    return app
+
+
+def build_metrics_app(metrics: Metrics) -> web.Application:
+    async def serve_metrics(request: web.Request) -> web.Response:
+        response = web.Response(body=generate_latest(metrics.registry))
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", serve_metrics)
+    return app
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests and return."""
+    metrics = Metrics()
+    app = build_app(settings, metrics)
+    runner = web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that goes away cancels both upstream legs
+        access_log=None,
+        shutdown_timeout=settings.drain_timeout,
+    )
+    metrics_runner = web.AppRunner(build_metrics_app(metrics), access_log=None)
+    await runner.setup()
+    await metrics_runner.setup()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        site = web.TCPSite(runner, settings.listen_host, settings.port)
+        await site.start()
+        await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
+        log.info(
+            {
+                "event": "listening",
+                "port": runner.addresses[0][1],
+                "metrics_port": metrics_runner.addresses[0][1],
+                "model_server": settings.model_server_url,
+                "kv_connector": settings.kv_connector,
+            }
+        )
+        await stop.wait()
+        log.info({"event": "draining", "timeout_s": settings.drain_timeout})
+        app[SERVICES].readiness.draining = True
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+        await runner.cleanup()
+        await metrics_runner.cleanup()
+    log.info({"event": "stopped"})

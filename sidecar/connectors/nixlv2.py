@@ -1,0 +1,68 @@
+"""vLLM NixlConnector, protocol v2 (reference section 2): prefill, then decode.
+
+Prefill leg: the client body, non-streaming, output capped to one token, ``min_tokens``
+removed, and ``kv_transfer_params`` asking for a remote decode. Decode leg: the client
+body as sent, with ``kv_transfer_params`` replaced by the prefill's answer, verbatim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from sidecar.connectors.base import Connector, LegContext, LegOrder, PrefillResult
+from sidecar.errors import PrefillIncomplete
+
+__all__ = ["NixlV2Connector"]
+
+_MIN_FIELDS = ("min_tokens", "min_completion_tokens")
+
+
+def _request_remote_decode() -> dict[str, Any]:
+    return {
+        "do_remote_decode": True,
+        "do_remote_prefill": False,
+        "remote_engine_id": None,
+        "remote_block_ids": None,
+        "remote_host": None,
+        "remote_port": None,
+    }
+
+
+class NixlV2Connector(Connector):
+    name: ClassVar[str] = "nixlv2"
+    order: ClassVar[LegOrder] = LegOrder.SEQUENTIAL
+
+    def prefill_body(self, ctx: LegContext) -> dict[str, Any]:
+        body = dict(ctx.body)
+        body.update(ctx.extra)
+        body["stream"] = False
+        body.pop("stream_options", None)
+        target = ctx.shape.cap_target(body)
+        first, *optional = ctx.shape.cap_fields
+        target[first] = 1
+        for name in optional:
+            if name in target:
+                target[name] = 1
+        # vLLM rejects min_tokens > max_tokens; with a cap of 1 there is nothing to keep.
+        for holder in (body, target):
+            for name in _MIN_FIELDS:
+                holder.pop(name, None)
+        body["kv_transfer_params"] = _request_remote_decode()
+        return body
+
+    def read_prefill(self, ctx: LegContext, payload: object) -> PrefillResult:
+        params = payload.get("kv_transfer_params") if isinstance(payload, Mapping) else None
+        if not isinstance(params, Mapping) or not params:
+            raise PrefillIncomplete(
+                f"prefill at {ctx.prefiller} answered without kv_transfer_params "
+                "(it did not stop at the length cap); the decode would recompute the prompt"
+            )
+        return PrefillResult(transfer_params=params)
+
+    def decode_body(self, ctx: LegContext, prefill: PrefillResult | None) -> dict[str, Any]:
+        body = dict(ctx.body)
+        body.update(ctx.extra)
+        if prefill is not None:
+            body["kv_transfer_params"] = prefill.transfer_params
+        return body

@@ -1,0 +1,151 @@
+"""The sidecar's error tree, translated into HTTP answers at exactly one boundary.
+
+::
+
+    SidecarError                        status  stage     when
+    ├── BadRequest                      400     request   the client's request cannot be served
+    │   ├── InvalidRoutingHeader        400     request   a routing header does not parse
+    │   ├── InvalidBody                 400     request   P/D path, body is not a JSON object
+    │   └── BodyTooLarge                413     request   body over --max-body-bytes
+    ├── PrefillError                    502     prefill   the prefill stage did not give KV
+    │   ├── PrefillRejected             4xx     prefill   the prefiller's own 4xx, relayed as is
+    │   ├── PrefillUnavailable          502     prefill   connection errors / 5xx after retries
+    │   ├── PrefillIncomplete           502     prefill   answered without kv_transfer_params
+    │   └── PrefillTimeout              504     prefill   no complete answer in --prefill-timeout
+    ├── DecodeError                     502     decode    the local vLLM failed
+    │   ├── DecodeNotReady              503     decode    the local vLLM is unreachable
+    │   └── DecodeTimeout               504     decode    no first byte in time
+    └── PrepareError                    502     prepare   a connector's per-prefiller preparation
+
+Before the first response byte, ``sidecar.app``'s error middleware turns any of these into
+a JSON answer ``{"error": {"message", "type", "code", "stage", "request_id"}}``. After the
+first byte, the stream relay ends the stream with the same object as an error event.
+``PrefillError.reason`` is the label used for retry and fallback counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = [
+    "BadRequest",
+    "BodyTooLarge",
+    "DecodeError",
+    "DecodeNotReady",
+    "DecodeTimeout",
+    "InvalidBody",
+    "InvalidRoutingHeader",
+    "PrefillError",
+    "PrefillIncomplete",
+    "PrefillRejected",
+    "PrefillTimeout",
+    "PrefillUnavailable",
+    "PrepareError",
+    "SidecarError",
+]
+
+
+class SidecarError(Exception):
+    """Base of every error the sidecar answers with."""
+
+    status: int = 500
+    stage: str = "sidecar"
+    kind: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def payload(self, request_id: str | None) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "code": self.status,
+                "stage": self.stage,
+                "request_id": request_id,
+            }
+        }
+
+
+class BadRequest(SidecarError):
+    status = 400
+    stage = "request"
+    kind = "invalid_request_error"
+
+
+class InvalidRoutingHeader(BadRequest):
+    def __init__(self, header: str, value: str) -> None:
+        super().__init__(f"header {header}: cannot parse {value!r} as host:port")
+        self.header = header
+
+
+class InvalidBody(BadRequest):
+    pass
+
+
+class BodyTooLarge(BadRequest):
+    status = 413
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"request body exceeds {limit} bytes")
+
+
+class PrefillError(SidecarError):
+    status = 502
+    stage = "prefill"
+    kind = "upstream_error"
+    reason = "error"
+
+
+class PrefillRejected(PrefillError):
+    """The prefiller answered 4xx: the client's request is at fault, relay that answer."""
+
+    reason = "rejected"
+
+    def __init__(self, status: int, body: bytes, content_type: str | None) -> None:
+        super().__init__(f"prefill answered {status}")
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+
+
+class PrefillUnavailable(PrefillError):
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PrefillIncomplete(PrefillError):
+    reason = "missing_kv_transfer_params"
+
+
+class PrefillTimeout(PrefillError):
+    status = 504
+    kind = "timeout"
+    reason = "timeout"
+
+
+class DecodeError(SidecarError):
+    status = 502
+    stage = "decode"
+    kind = "upstream_error"
+
+
+class DecodeNotReady(DecodeError):
+    status = 503
+    kind = "service_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("decode server not ready")
+
+
+class DecodeTimeout(DecodeError):
+    status = 504
+    kind = "timeout"
+
+
+class PrepareError(SidecarError):
+    status = 502
+    stage = "prepare"
+    kind = "upstream_error"

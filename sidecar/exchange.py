@@ -1,0 +1,82 @@
+"""Per-request record: identity, mode, targets and stage timings (the access log line)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from sidecar.headers import TraceContext
+
+__all__ = ["Exchange", "new_request_id"]
+
+_MAX_CLIENT_ID = 256
+
+
+def new_request_id(client_value: str | None) -> str:
+    """The client's own id when it sent a sane one, else a fresh one."""
+    if client_value and len(client_value) <= _MAX_CLIENT_ID and client_value.isprintable():
+        return client_value
+    return uuid.uuid4().hex
+
+
+@dataclass(slots=True)
+class Exchange:
+    request_id: str
+    method: str
+    path: str
+    trace: TraceContext
+    start: float = field(default_factory=time.perf_counter)
+    mode: str = "passthrough"  # pd | local | fallback | passthrough | health
+    status: int = 0
+    prefiller: str | None = None
+    prefill_attempts: int = 0
+    prefill_s: float | None = None
+    decode_wait_s: float | None = None  # decode leg sent -> its first byte
+    ttft_s: float | None = None  # request received -> first byte to the client
+    total_s: float | None = None
+    fallback_reason: str | None = None
+    cached_tokens: int | None = None
+    error: str | None = None
+    response_started: bool = False
+
+    def first_byte(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.perf_counter() - self.start
+        self.response_started = True
+
+    def finish(self) -> None:
+        self.total_s = time.perf_counter() - self.start
+
+    @property
+    def overhead_s(self) -> float | None:
+        """Time to first byte minus time spent waiting on upstreams."""
+        if self.ttft_s is None:
+            return None
+        waited = (self.prefill_s or 0.0) + (self.decode_wait_s or 0.0)
+        return max(self.ttft_s - waited, 0.0)
+
+    def record(self) -> dict[str, Any]:
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value * 1000, 3)
+
+        return {
+            "event": "request",
+            "request_id": self.request_id,
+            "trace_id": self.trace.trace_id,
+            "method": self.method,
+            "path": self.path,
+            "mode": self.mode,
+            "status": self.status,
+            "prefiller": self.prefiller,
+            "prefill_attempts": self.prefill_attempts,
+            "prefill_ms": ms(self.prefill_s),
+            "decode_first_byte_ms": ms(self.decode_wait_s),
+            "ttft_ms": ms(self.ttft_s),
+            "total_ms": ms(self.total_s),
+            "overhead_ms": ms(self.overhead_s),
+            "fallback_reason": self.fallback_reason,
+            "cached_tokens": self.cached_tokens,
+            "error": self.error,
+        }

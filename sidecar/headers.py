@@ -1,0 +1,106 @@
+"""Which headers cross the proxy, and the per-request trace context.
+
+Hop-by-hop headers (RFC 9110 section 7.6.1), the names listed in ``Connection``, and all
+routing headers stop here; everything else is forwarded as the client sent it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.routing import ROUTING_HEADERS
+
+__all__ = [
+    "REQUEST_ID",
+    "TRACEPARENT",
+    "TraceContext",
+    "request_headers",
+    "response_headers",
+]
+
+REQUEST_ID = "x-request-id"
+TRACEPARENT = "traceparent"
+
+_HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+    }
+)
+# Dropped on legs whose body the sidecar rewrites: length changes and we parse replies.
+_REWRITTEN_BODY = frozenset({"content-length", "accept-encoding", "content-encoding"})
+_TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
+
+
+def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+    value = headers.get("connection")
+    if not value:
+        return set()
+    return {token.strip().lower() for token in value.split(",")}
+
+
+def request_headers(
+    incoming: CIMultiDictProxy[str] | CIMultiDict[str], *, body_rewritten: bool
+) -> CIMultiDict[str]:
+    """Headers for an upstream request, without hop-by-hop and routing headers."""
+    drop = _connection_tokens(incoming)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if (
+            lower in _HOP_BY_HOP
+            or lower in ROUTING_HEADERS
+            or lower in drop
+            or (body_rewritten and lower in _REWRITTEN_BODY)
+        ):
+            continue
+        out.add(name, value)
+    return out
+
+
+def response_headers(
+    upstream: CIMultiDictProxy[str], *, drop: Iterable[str] = ()
+) -> CIMultiDict[str]:
+    """Upstream response headers fit to relay (aiohttp sets framing headers itself)."""
+    skip = _connection_tokens(upstream) | set(drop)
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        lower = name.lower()
+        if lower in _HOP_BY_HOP or lower == "content-length" or lower in skip:
+            continue
+        out.add(name, value)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class TraceContext:
+    """W3C trace context of one request: the client's trace, or a new one."""
+
+    trace_id: str
+    flags: str
+
+    @classmethod
+    def from_header(cls, incoming: str | None) -> TraceContext:
+        if incoming:
+            match = _TRACEPARENT.match(incoming.strip().lower())
+            if match and match.group(1) != "ff" and set(match.group(2)) != {"0"}:
+                return cls(match.group(2), match.group(4))
+        return cls(os.urandom(16).hex(), "01")
+
+    def leg_header(self) -> str:
+        """A traceparent for one upstream leg: this trace, a fresh span id."""
+        return f"00-{self.trace_id}-{os.urandom(8).hex()}-{self.flags}"

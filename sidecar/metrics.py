@@ -1,0 +1,98 @@
+"""Prometheus metrics on their own registry, served on ``--metrics-port``.
+
+The main port's ``/metrics`` belongs to vLLM and passes through untouched.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from sidecar.api_shapes import API_SHAPES
+
+__all__ = ["Metrics", "path_label"]
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+)  # fmt: skip
+_OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+)  # fmt: skip
+
+
+def path_label(path: str) -> str:
+    """Bounded label cardinality: the P/D API paths by name, everything else as 'other'."""
+    return path if path in API_SHAPES else "other"
+
+
+class Metrics:
+    """All sidecar series. One instance per process (tests may create their own)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "pd_sidecar_requests",
+            "Requests answered, by path, mode (pd, local, fallback, passthrough) and status.",
+            ["path", "mode", "status"],
+            registry=r,
+        )
+        self.prefill_seconds = Histogram(
+            "pd_sidecar_prefill_seconds",
+            "Prefill stage duration (all attempts), successful or not.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.decode_ttft_seconds = Histogram(
+            "pd_sidecar_decode_ttft_seconds",
+            "From sending the decode leg to its first response byte.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttft_seconds = Histogram(
+            "pd_sidecar_ttft_seconds",
+            "End to end: request received to first response byte sent to the client.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.total_seconds = Histogram(
+            "pd_sidecar_request_seconds",
+            "Request received to response complete.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.overhead_seconds = Histogram(
+            "pd_sidecar_overhead_seconds",
+            "Time to first byte not spent waiting on upstreams (the sidecar's own cost).",
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
+        self.prefill_retries = Counter(
+            "pd_sidecar_prefill_retries",
+            "Prefill attempts retried, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.prefill_fallbacks = Counter(
+            "pd_sidecar_prefill_fallbacks",
+            "Requests decoded locally because the prefill failed (--prefill-fallback=local).",
+            ["reason"],
+            registry=r,
+        )
+        self.prefill_failures = Counter(
+            "pd_sidecar_prefill_failures",
+            "Prefill stages that failed, by reason (whatever the fallback policy).",
+            ["reason"],
+            registry=r,
+        )
+        self.stale_connection_retries = Counter(
+            "pd_sidecar_stale_connection_retries",
+            "Upstream requests resent once because a pooled connection had been closed.",
+            ["stage"],
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            "pd_sidecar_in_flight_requests",
+            "Requests being served right now.",
+            registry=r,
+        )

@@ -1,0 +1,484 @@
+"""The P/D orchestrator: sends the legs a connector describes, and owns everything else.
+
+Sending, retries, timeouts, cancellation, usage accounting, metrics and errors live here
+once; connectors (``sidecar.connectors``) only translate bodies. Per request:
+
+1. read the body (bounded) and parse it once;
+2. [encode stage, when configured];
+3. prefill leg(s): retried on connection errors and 502/503/504, moving along the
+   prefiller list, each attempt bounded by ``prefill_timeout``;
+4. decode leg on the local vLLM: bounded wait for the first byte, then relayed as it
+   arrives with a bound on the gap between chunks;
+5. failure policy: no KV from the prefill -> error (or local decode when the fallback
+   is enabled, announced in a response header and counted). Nothing is retried once a
+   byte went to the client.
+
+Cancellation needs nothing special: the server cancels the handler when the client goes
+away, and every upstream response is closed in a ``finally`` block.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+from sidecar.api_shapes import ApiShape
+from sidecar.connectors import Connector, EncodeStage, LegContext, LegOrder, PrefillResult
+from sidecar.errors import (
+    BodyTooLarge,
+    DecodeError,
+    DecodeNotReady,
+    DecodeTimeout,
+    InvalidBody,
+    PrefillError,
+    PrefillRejected,
+    PrefillTimeout,
+    PrefillUnavailable,
+)
+from sidecar.exchange import Exchange
+from sidecar.headers import REQUEST_ID, TRACEPARENT, request_headers, response_headers
+from sidecar.metrics import Metrics
+from sidecar.relay import is_event_stream, relay_body
+from sidecar.routing import HostPort, parse_host_ports, pick
+from sidecar.upstream import Upstream
+from sidecar.usage import SseUsageRewriter, rewrite_json
+
+__all__ = ["FALLBACK_HEADER", "Orchestrator", "Policy"]
+
+FALLBACK_HEADER = "x-pd-prefill-fallback"
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_MAX_PREFILL_ANSWER = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    max_body_bytes: int = 32 * 1024 * 1024
+    prefill_max_retries: int = 3
+    prefill_retry_backoff: float = 0.1
+    prefiller_sampling: bool = False
+    prefill_fallback: Literal["error", "local"] = "error"
+    prefill_timeout: float = 300.0
+    decode_first_byte_timeout: float = 600.0
+    stream_idle_timeout: float = 120.0
+
+
+class _Retryable(Exception):
+    def __init__(self, error: PrefillUnavailable) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+def _dumps(payload: object) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise BodyTooLarge(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    try:
+        body = json.loads(raw)
+    except ValueError as exc:
+        raise InvalidBody(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise InvalidBody("request body must be a JSON object")
+    return body
+
+
+class Orchestrator:
+    def __init__(
+        self,
+        *,
+        connector: Connector,
+        prefill: Upstream,
+        decode: Upstream,
+        decode_base_url: str,
+        policy: Policy,
+        metrics: Metrics,
+        encode: EncodeStage | None = None,
+    ) -> None:
+        self.connector = connector
+        self.prefill = prefill
+        self.decode = decode
+        self.decode_base_url = decode_base_url
+        self.policy = policy
+        self.metrics = metrics
+        self.encode = encode
+        self._prepared: dict[HostPort, asyncio.Task[object | None]] = {}
+        self._needs_prepare = type(connector).prepare is not Connector.prepare
+
+    async def serve(
+        self, request: web.Request, shape: ApiShape, header_value: str, ex: Exchange
+    ) -> web.StreamResponse:
+        targets = parse_host_ports(header_value)
+        raw = await read_body(request, self.policy.max_body_bytes)
+        body = parse_json_object(raw)
+        ex.mode = "pd"
+        headers = request_headers(request.headers, body_rewritten=True)
+        headers[REQUEST_ID] = ex.request_id
+        headers["Content-Type"] = "application/json"
+        extra: Mapping[str, Any] = {}
+        if self.encode is not None:
+            extra = await self.encode.run(body, ex.request_id)
+        first = pick(targets, self.policy.prefiller_sampling)
+        if self.connector.order is LegOrder.CONCURRENT:
+            return await self._concurrent(request, shape, body, targets, first, headers, extra, ex)
+        try:
+            ctx, result, cached = await self._prefill(
+                shape, body, targets, first, headers, extra, ex
+            )
+        except PrefillRejected:
+            self.metrics.prefill_failures.labels(reason=PrefillRejected.reason).inc()
+            raise
+        except PrefillError as exc:
+            self.metrics.prefill_failures.labels(reason=exc.reason).inc()
+            if self.policy.prefill_fallback != "local":
+                raise
+            ex.mode = "fallback"
+            ex.fallback_reason = exc.reason
+            self.metrics.prefill_fallbacks.labels(reason=exc.reason).inc()
+            fallback_headers = request_headers(request.headers, body_rewritten=False)
+            fallback_headers[REQUEST_ID] = ex.request_id
+            return await self._decode(
+                request, shape, raw, fallback_headers, None, ex, {FALLBACK_HEADER: exc.reason}
+            )
+        ex.cached_tokens = cached
+        decode_body = _dumps(self.connector.decode_body(ctx, result))
+        return await self._decode(request, shape, decode_body, headers, cached, ex, None)
+
+    # -- prefill ---------------------------------------------------------------------
+
+    async def _prefill(
+        self,
+        shape: ApiShape,
+        body: dict[str, Any],
+        targets: list[HostPort],
+        first: int,
+        headers: CIMultiDict[str],
+        extra: Mapping[str, Any],
+        ex: Exchange,
+    ) -> tuple[LegContext, PrefillResult, int | None]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def count_retry(state: RetryCallState) -> None:
+            outcome = state.outcome
+            failure = outcome.exception() if outcome is not None else None
+            reason = failure.error.reason if isinstance(failure, _Retryable) else "unknown"
+            self.metrics.prefill_retries.labels(reason=reason).inc()
+
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self.policy.prefill_max_retries + 1),
+            wait=wait_exponential_jitter(
+                initial=self.policy.prefill_retry_backoff,
+                max=max(self.policy.prefill_retry_backoff * 16, 0.001),
+                jitter=self.policy.prefill_retry_backoff,
+            ),
+            retry=retry_if_exception_type(_Retryable),
+            before_sleep=count_retry,
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    target = targets[(first + ex.prefill_attempts) % len(targets)]
+                    ex.prefill_attempts += 1
+                    ex.prefiller = target.authority
+                    return await self._prefill_once(shape, body, target, headers, extra, ex)
+        except _Retryable as exc:
+            raise exc.error from None
+        finally:
+            ex.prefill_s = loop.time() - started
+            self.metrics.prefill_seconds.observe(ex.prefill_s)
+        raise AssertionError("unreachable: tenacity either returns or raises")
+
+    async def _prepare(self, target: HostPort) -> object | None:
+        if not self._needs_prepare:
+            return None
+        task = self._prepared.get(target)
+        if task is None or (task.done() and task.exception() is not None):
+            task = asyncio.ensure_future(self.connector.prepare(target, self.prefill.session))
+            self._prepared[target] = task
+        # shield: one caller going away must not cancel the shared preparation
+        return await asyncio.shield(task)
+
+    async def _prefill_once(
+        self,
+        shape: ApiShape,
+        body: dict[str, Any],
+        target: HostPort,
+        headers: CIMultiDict[str],
+        extra: Mapping[str, Any],
+        ex: Exchange,
+    ) -> tuple[LegContext, PrefillResult, int | None]:
+        ctx = LegContext(
+            shape=shape,
+            body=body,
+            request_id=ex.request_id,
+            prefiller=target,
+            prepared=await self._prepare(target),
+            extra=extra,
+        )
+        payload = _dumps(self.connector.prefill_body(ctx))
+        leg_headers = headers.copy()
+        leg_headers[TRACEPARENT] = ex.trace.leg_header()
+        url = target.base_url + shape.path
+        try:
+            async with asyncio.timeout(self.policy.prefill_timeout):
+                response = await self.prefill.send("POST", url, leg_headers, payload)
+                try:
+                    status = response.status
+                    content_type = response.headers.get("Content-Type")
+                    answer = await response.content.read(_MAX_PREFILL_ANSWER)
+                finally:
+                    response.release()
+        except TimeoutError:
+            self._forget(target)
+            raise PrefillTimeout(
+                f"prefill at {target} gave no answer within {self.policy.prefill_timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectionError as exc:
+            self._forget(target)
+            raise _Retryable(
+                PrefillUnavailable(f"prefill at {target} unreachable: {exc!r}", "connect")
+            ) from None
+        except aiohttp.ClientError as exc:
+            self._forget(target)
+            raise PrefillUnavailable(f"prefill at {target}: {exc!r}", "protocol") from None
+        if status in _RETRY_STATUSES:
+            self._forget(target)
+            raise _Retryable(
+                PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
+            )
+        if 400 <= status < 500:
+            raise PrefillRejected(status, answer, content_type)
+        if not 200 <= status < 300:
+            self._forget(target)
+            raise PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
+        try:
+            parsed = json.loads(answer)
+        except ValueError:
+            raise PrefillUnavailable(
+                f"prefill at {target} answered with malformed JSON", "malformed_answer"
+            ) from None
+        result = self.connector.read_prefill(ctx, parsed)
+        return ctx, result, shape.read_cached(parsed)
+
+    def _forget(self, target: HostPort) -> None:
+        self._prepared.pop(target, None)
+
+    # -- decode ----------------------------------------------------------------------
+
+    async def _open_decode(
+        self, request: web.Request, body: bytes, headers: CIMultiDict[str], ex: Exchange
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send the decode leg; return once its first body bytes (or its end) arrived."""
+        leg_headers = headers.copy()
+        leg_headers[TRACEPARENT] = ex.trace.leg_header()
+        url = self.decode_base_url + request.raw_path
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(self.policy.decode_first_byte_timeout):
+                response = await self.decode.send("POST", url, leg_headers, body)
+                first = await response.content.readany()
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise DecodeTimeout(
+                f"decode gave no first byte within {self.policy.decode_first_byte_timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError:
+            raise DecodeNotReady() from None
+        except aiohttp.ClientError as exc:
+            if response is not None:
+                response.close()
+            raise DecodeError(f"decode leg failed: {exc!r}") from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        ex.decode_wait_s = loop.time() - started
+        self.metrics.decode_ttft_seconds.observe(ex.decode_wait_s)
+        return response, first
+
+    async def _decode(
+        self,
+        request: web.Request,
+        shape: ApiShape,
+        body: bytes,
+        headers: CIMultiDict[str],
+        cached: int | None,
+        ex: Exchange,
+        extra_headers: Mapping[str, str] | None,
+    ) -> web.StreamResponse:
+        response, first = await self._open_decode(request, body, headers, ex)
+        return await self._relay(request, shape, response, first, cached, ex, extra_headers)
+
+    async def _relay(
+        self,
+        request: web.Request,
+        shape: ApiShape,
+        response: aiohttp.ClientResponse,
+        first: bytes,
+        cached: int | None,
+        ex: Exchange,
+        extra_headers: Mapping[str, str] | None,
+    ) -> web.StreamResponse:
+        complete = False
+        try:
+            out_headers = response_headers(response.headers)
+            if extra_headers:
+                out_headers.update(extra_headers)
+            rewrite = cached is not None and 200 <= response.status < 300
+            if is_event_stream(response):
+                out = web.StreamResponse(
+                    status=response.status, reason=response.reason, headers=out_headers
+                )
+                await out.prepare(request)
+                ex.first_byte()
+                rewriter = (
+                    SseUsageRewriter(shape, cached) if rewrite and cached is not None else None
+                )
+                await relay_body(
+                    out,
+                    response,
+                    first,
+                    ex=ex,
+                    idle_timeout=self.policy.stream_idle_timeout,
+                    rewriter=rewriter,
+                    sse=True,
+                )
+                complete = True
+                return out
+            rest = await self._read_rest(response, first)
+            complete = True
+            if rewrite and cached is not None and response.content_type == "application/json":
+                rest = rewrite_json(shape, rest, cached)
+            ex.first_byte()
+            return web.Response(
+                status=response.status, reason=response.reason, headers=out_headers, body=rest
+            )
+        finally:
+            if complete:
+                response.release()
+            else:
+                response.close()
+
+    async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
+        chunks = [first]
+        try:
+            async with asyncio.timeout(self.policy.stream_idle_timeout):
+                while chunks[-1]:
+                    chunks.append(await response.content.readany())
+        except TimeoutError:
+            raise DecodeTimeout(
+                f"decode answer stalled for more than {self.policy.stream_idle_timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise DecodeError(f"decode answer broken: {exc!r}") from None
+        return b"".join(chunks)
+
+    # -- concurrent legs -------------------------------------------------------------
+
+    async def _concurrent(
+        self,
+        request: web.Request,
+        shape: ApiShape,
+        body: dict[str, Any],
+        targets: list[HostPort],
+        first: int,
+        headers: CIMultiDict[str],
+        extra: Mapping[str, Any],
+        ex: Exchange,
+    ) -> web.StreamResponse:
+        """Both legs at once; a failed prefill ends the decode leg with an error."""
+        target = targets[first]
+        ex.prefiller = target.authority
+        ctx = LegContext(
+            shape=shape,
+            body=body,
+            request_id=ex.request_id,
+            prefiller=target,
+            prepared=await self._prepare(target),
+            extra=extra,
+        )
+        prefill = asyncio.ensure_future(self._concurrent_prefill(ctx, headers, ex))
+        relay = asyncio.ensure_future(
+            self._decode(
+                request,
+                shape,
+                _dumps(self.connector.decode_body(ctx, None)),
+                headers,
+                None,
+                ex,
+                None,
+            )
+        )
+
+        def stop_decode_on_failure(task: asyncio.Future[None]) -> None:
+            if not task.cancelled() and task.exception() is not None:
+                relay.cancel()
+
+        prefill.add_done_callback(stop_decode_on_failure)
+        try:
+            return await relay
+        except asyncio.CancelledError:
+            failure = None if prefill.cancelled() else prefill.exception()
+            current = asyncio.current_task()
+            if failure is None or (current is not None and current.cancelling()):
+                raise
+            if ex.response_started:
+                # The stream already began; ending it abruptly is the only honest signal.
+                raise ConnectionAbortedError(str(failure)) from failure
+            raise failure from None
+        finally:
+            prefill.remove_done_callback(stop_decode_on_failure)
+            if not prefill.done():
+                prefill.cancel()
+            await asyncio.gather(prefill, return_exceptions=True)
+
+    async def _concurrent_prefill(
+        self, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        ex.prefill_attempts = 1
+        try:
+            await self._prefill_once(
+                ctx.shape, dict(ctx.body), ctx.prefiller, headers, ctx.extra, ex
+            )
+        except _Retryable as exc:
+            self.metrics.prefill_failures.labels(reason=exc.error.reason).inc()
+            raise exc.error from None
+        except PrefillError as exc:
+            self.metrics.prefill_failures.labels(reason=exc.reason).inc()
+            raise
+        finally:
+            ex.prefill_s = loop.time() - started
+            self.metrics.prefill_seconds.observe(ex.prefill_s)

@@ -1,0 +1,78 @@
+"""Everything that is not P/D: forwarded to the local vLLM untouched, streamed both ways.
+
+The request body is streamed upstream as it arrives and the answer is streamed back
+chunk by chunk; only hop-by-hop and routing headers are dropped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.errors import DecodeError, DecodeNotReady, DecodeTimeout
+from sidecar.exchange import Exchange
+from sidecar.headers import request_headers, response_headers
+from sidecar.relay import is_event_stream, relay_body
+from sidecar.upstream import Upstream
+
+__all__ = ["passthrough"]
+
+
+async def passthrough(
+    request: web.Request,
+    upstream: Upstream,
+    base_url: str,
+    ex: Exchange,
+    *,
+    first_byte_timeout: float,
+    idle_timeout: float,
+) -> web.StreamResponse:
+    headers = request_headers(request.headers, body_rewritten=False)
+    body: AsyncIterator[bytes] | None = request.content.iter_any() if request.body_exists else None
+    url = base_url + request.raw_path
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    response: aiohttp.ClientResponse | None = None
+    complete = False
+    try:
+        try:
+            async with asyncio.timeout(first_byte_timeout):
+                response = await upstream.send(request.method, url, headers, body)
+                first = await response.content.readany()
+        except TimeoutError:
+            raise DecodeTimeout(
+                f"model server gave no first byte within {first_byte_timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError:
+            raise DecodeNotReady() from None
+        except aiohttp.ClientError as exc:
+            raise DecodeError(f"model server request failed: {exc!r}") from None
+        ex.decode_wait_s = loop.time() - started
+        out = web.StreamResponse(
+            status=response.status,
+            reason=response.reason,
+            headers=response_headers(response.headers),
+        )
+        if response.content_length is not None:
+            out.content_length = response.content_length
+        await out.prepare(request)
+        ex.first_byte()
+        await relay_body(
+            out,
+            response,
+            first,
+            ex=ex,
+            idle_timeout=idle_timeout,
+            sse=is_event_stream(response),
+        )
+        complete = True
+        return out
+    finally:
+        if response is not None:
+            if complete:
+                response.release()
+            else:
+                response.close()

@@ -1,0 +1,315 @@
+"""Start-up settings: llm-d compatible flags, YAML configuration and environment, one model.
+
+Sources, strongest first:
+
+1. command-line flags (``--name=value``, ``--name value``, ``-name``; Go style, so a
+   boolean flag given bare means true and ``--flag=false`` turns it off);
+2. ``--configuration`` (inline YAML) then ``--configuration-file`` (a YAML file) whose
+   keys are the flag names;
+3. environment variables, only where llm-d reads them (``INFERENCE_POOL_NAMESPACE``,
+   ``INFERENCE_POOL_NAME``) plus ``PD_SIDECAR_<FIELD>`` for every field;
+4. the defaults below.
+
+Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
+Anything unknown or invalid raises :class:`SettingsError`, which ``main`` turns into exit
+status 2 with the offending flag named.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "load_settings",
+    "parse_go_bool",
+    "parse_go_duration",
+]
+
+_GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
+_GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "µs": 1e-6,  # Go accepts both micro signs
+    "μs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+class SettingsError(Exception):
+    """Invalid start-up configuration; the message names the flag."""
+
+
+def parse_go_bool(value: object) -> object:
+    """Accept exactly what Go's ``strconv.ParseBool`` accepts; other values pass to pydantic."""
+    if isinstance(value, str):
+        if value in _GO_TRUE:
+            return True
+        if value in _GO_FALSE:
+            return False
+        raise ValueError(f"invalid boolean {value!r} (use true or false)")
+    return value
+
+
+def parse_go_duration(value: object) -> object:
+    """Turn a Go duration string (or a number of seconds) into float seconds."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is required, not a boolean")
+    if isinstance(value, int | float):
+        return float(value)
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    if text in ("0", ""):
+        return 0.0
+    pos = 0
+    total = 0.0
+    while pos < len(text):
+        match = _DURATION_PART.match(text, pos)
+        if match is None:
+            raise ValueError(f"invalid duration {value!r} (examples: 200ms, 30s, 1m30s)")
+        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+        pos = match.end()
+    return total
+
+
+def _comma_list(value: object) -> object:
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+GoBool = Annotated[bool, BeforeValidator(parse_go_bool)]
+Duration = Annotated[float, BeforeValidator(parse_go_duration), Field(ge=0)]
+CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+
+_TLS_STAGES = frozenset({"prefiller", "decoder", "encoder"})
+
+
+class Settings(BaseSettings):
+    """Every knob of the sidecar. Field names are the flag names with ``_`` for ``-``."""
+
+    model_config = SettingsConfigDict(
+        extra="forbid",
+        frozen=True,
+        env_prefix="PD_SIDECAR_",
+        populate_by_name=True,
+    )
+
+    # llm-d flags (section 8 of the reference).
+    port: Port = 8000
+    model_server_port: Port = 8200
+    kv_connector: str = "nixlv2"
+    ec_connector: str = ""
+    data_parallel_size: Annotated[int, Field(ge=1)] = 1
+    secure_proxy: GoBool = False
+    cert_path: str = ""
+    enable_ssrf_protection: GoBool = False
+    inference_pool: str = ""
+    inference_pool_namespace: str = Field(
+        default="",
+        validation_alias=AliasChoices("inference_pool_namespace", "INFERENCE_POOL_NAMESPACE"),
+    )
+    inference_pool_name: str = Field(
+        default="",
+        validation_alias=AliasChoices("inference_pool_name", "INFERENCE_POOL_NAME"),
+    )
+    enable_tls: CommaList = Field(default_factory=list)
+    tls_insecure_skip_verify: CommaList = Field(default_factory=list)
+    prefill_max_retries: Annotated[int, Field(ge=0, le=20)] = 3
+    prefill_retry_backoff: Duration = 0.1
+    enable_prefiller_sampling: GoBool = False
+    mooncake_bootstrap_port: Port = 8998
+
+    # Ours (not in llm-d).
+    listen_host: str = "0.0.0.0"
+    metrics_port: Port = 9400
+    prefill_fallback: Literal["error", "local"] = "error"
+    max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
+    connect_timeout: Duration = 5.0
+    prefill_timeout: Duration = 300.0
+    decode_first_byte_timeout: Duration = 600.0
+    stream_idle_timeout: Duration = 120.0
+    ready_cache_ttl: Duration = 1.0
+    drain_timeout: Duration = 30.0
+    pool_keepalive_timeout: Annotated[
+        float, BeforeValidator(parse_go_duration), Field(gt=0, lt=5)
+    ] = 4.0
+    pool_max_connections: Annotated[int, Field(ge=16)] = 1024
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags and YAML arrive merged as init kwargs; the environment only fills gaps.
+        return (init_settings, env_settings)
+
+    @field_validator("kv_connector")
+    @classmethod
+    def _known_connector(cls, value: str) -> str:
+        from sidecar.connectors import available_connectors
+
+        if value not in available_connectors():
+            names = ", ".join(sorted(available_connectors()))
+            raise ValueError(f"unknown KV connector {value!r} (available: {names})")
+        return value
+
+    @field_validator("ec_connector")
+    @classmethod
+    def _no_encode_stage_yet(cls, value: str) -> str:
+        if value:
+            raise ValueError(f"encode connector {value!r} is not available in this build")
+        return value
+
+    @field_validator("data_parallel_size")
+    @classmethod
+    def _no_dp_yet(cls, value: int) -> int:
+        if value != 1:
+            raise ValueError("data parallelism is not available in this build (use 1)")
+        return value
+
+    @field_validator("secure_proxy", "enable_ssrf_protection")
+    @classmethod
+    def _not_yet(cls, value: bool) -> bool:
+        if value:
+            raise ValueError("not available in this build (set it to false)")
+        return value
+
+    @field_validator("enable_tls", "tls_insecure_skip_verify")
+    @classmethod
+    def _tls_stages(cls, value: list[str]) -> list[str]:
+        unknown = [stage for stage in value if stage not in _TLS_STAGES]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {unknown} (known: prefiller, decoder, encoder)")
+        if value:
+            raise ValueError("outbound TLS is not available in this build")
+        return value
+
+    @property
+    def model_server_url(self) -> str:
+        return f"http://127.0.0.1:{self.model_server_port}"
+
+
+# Deprecated llm-d spellings that still mean the same field.
+_ALIASES = {"vllm_port": "model_server_port", "connector": "kv_connector"}
+_META = frozenset({"configuration", "configuration_file"})
+
+
+def _field_names() -> frozenset[str]:
+    return frozenset(Settings.model_fields)
+
+
+def _is_bool_field(name: str) -> bool:
+    return Settings.model_fields[name].annotation is bool
+
+
+def _canonical(key: str) -> str:
+    name = key.strip().lstrip("-").replace("-", "_")
+    return _ALIASES.get(name, name)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _parse_flags(argv: Sequence[str]) -> dict[str, Any]:
+    """Go ``flag`` package semantics: ``-x``/``--x``, ``=value`` or next token."""
+    known = _field_names() | _META
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        token = argv[i]
+        i += 1
+        if token == "--":
+            if i < len(argv):
+                raise SettingsError(f"unexpected argument {argv[i]!r}")
+            break
+        if not token.startswith("-") or token in ("-", "---"):
+            raise SettingsError(f"unexpected argument {token!r} (flags look like --name=value)")
+        raw_name, has_value, raw_value = token.partition("=")
+        name = _canonical(raw_name)
+        if name not in known:
+            raise SettingsError(f"unknown flag {raw_name}")
+        if not has_value:
+            if name not in _META and _is_bool_field(name):
+                raw_value = "true"
+            elif i < len(argv):
+                raw_value = argv[i]
+                i += 1
+            else:
+                raise SettingsError(f"flag {raw_name} needs a value")
+        values[name] = raw_value
+    return values
+
+
+def _load_yaml(text: str, origin: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{origin}: invalid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{origin}: expected a mapping of flag names to values")
+    known = _field_names()
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _canonical(str(key))
+        if name not in known:
+            raise SettingsError(f"{origin}: unknown key {key!r}")
+        out[name] = value
+    return out
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = [str(part) for part in error.get("loc", ()) if not isinstance(part, int)]
+    field = _ALIASES.get(loc[0], loc[0]) if loc else ""
+    field = field.lower() if field.isupper() else field
+    message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+    value = error.get("input")
+    shown = f" (got {value!r})" if value is not None and not isinstance(value, dict) else ""
+    return f"{_flag(field)}: {message}{shown}" if field else f"{message}{shown}"
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Merge flags, YAML and environment into one validated :class:`Settings`."""
+    flags = _parse_flags(list(sys.argv[1:] if argv is None else argv))
+    merged: dict[str, Any] = {}
+    file_path = flags.pop("configuration_file", None)
+    inline = flags.pop("configuration", None)
+    if file_path:
+        try:
+            text = Path(file_path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise SettingsError(f"--configuration-file: cannot read {file_path}: {exc}") from exc
+        merged.update(_load_yaml(text, f"--configuration-file {file_path}"))
+    if inline:
+        merged.update(_load_yaml(inline, "--configuration"))
+    merged.update(flags)
+    try:
+        return Settings(**merged)
+    except ValidationError as exc:
+        lines = "; ".join(_describe(err) for err in exc.errors())
+        raise SettingsError(lines) from exc
