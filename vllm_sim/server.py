@@ -254,8 +254,6 @@ async def _pull(request: web.Request) -> web.Response:
     return web.json_response({"token_ids": token_ids})
 
 
-
-
 def create_app(config: SimConfig) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY)
     engine = SimEngine(config)

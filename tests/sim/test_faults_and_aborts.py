@@ -1,0 +1,149 @@
+"""Fault injection (control endpoint and flag) and abort accounting."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import pytest
+
+CHAT = {"messages": [{"role": "user", "content": "hello there " * 20}], "max_tokens": 3}
+
+
+async def wait_for(check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def test_status_fault_fires_count_times_then_recovers(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="status", status=503, count=2)
+    statuses = []
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
+                statuses.append(resp.status)
+    assert statuses == [503, 503, 200]
+
+
+async def test_fault_matches_role_and_path(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="status", status=500, count=-1, roles=["prefill"])
+    await sim.add_fault(kind="status", status=502, count=-1, paths=["/v1/completions"])
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+        prefill = {**CHAT, "kv_transfer_params": {"do_remote_decode": True}}
+        async with session.post(f"{sim.url}/v1/chat/completions", json=prefill) as resp:
+            assert resp.status == 500
+        async with session.post(f"{sim.url}/v1/completions", json={"prompt": "x"}) as resp:
+            assert resp.status == 502
+        await sim.clear_faults()
+        async with session.post(f"{sim.url}/v1/chat/completions", json=prefill) as resp:
+            assert resp.status == 200
+
+
+async def test_malformed_json_and_omitted_params(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="malformed_json")
+    await sim.add_fault(kind="omit_kv_transfer_params")
+    prefill = {**CHAT, "max_tokens": 1, "kv_transfer_params": {"do_remote_decode": True}}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.url}/v1/chat/completions", json=prefill) as resp:
+            assert resp.status == 200
+            with pytest.raises(ValueError):
+                await resp.json()
+        async with session.post(f"{sim.url}/v1/chat/completions", json=prefill) as resp:
+            body = await resp.json()
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["kv_transfer_params"] is None
+    assert (await sim.stats())["leases_active"] == 0
+
+
+async def test_delay_fault(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="delay", delay_ms=300)
+    async with aiohttp.ClientSession() as session:
+        start = time.monotonic()
+        async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+        assert time.monotonic() - start >= 0.3
+
+
+async def test_disconnect_before_first_byte_and_mid_stream(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="disconnect")
+    await sim.add_fault(kind="disconnect", after_chunks=2)
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
+                await resp.read()
+        received = b""
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(
+                f"{sim.url}/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as resp:
+                assert resp.status == 200
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+    assert received.count(b"data: ") == 2
+    assert (await sim.stats())["aborts"] == 0  # the engine cut them, not the client
+
+
+async def test_fault_from_flag_and_invalid_fault(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True, faults=('{"kind": "status", "status": 429}',))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 429
+        async with session.post(f"{sim.url}/sim/faults", json={"kind": "explode"}) as resp:
+            assert resp.status == 400
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_client_disconnect_counts_as_abort(start_sim: Any, stream: bool) -> None:
+    sim = await start_sim(itl_ms=50.0, ttft_base_ms=0)
+    body = {**CHAT, "max_tokens": 200, "stream": stream}
+    async with aiohttp.ClientSession() as session:
+        if stream:
+            resp = await session.post(f"{sim.url}/v1/chat/completions", json=body)
+            await resp.content.readline()  # the stream is running
+            resp.close()  # walk away mid-stream
+        else:
+            pending = asyncio.create_task(session.post(f"{sim.url}/v1/chat/completions", json=body))
+            await wait_for(lambda: _running(sim), "the request to run")
+            pending.cancel()  # walk away before the answer
+            with pytest.raises(asyncio.CancelledError):
+                await pending
+
+    async def aborted() -> bool:
+        return bool((await sim.stats())["aborts"] == 1)
+
+    await wait_for(aborted, "the abort to be counted")
+    assert sim.engine.running == 0
+
+
+async def test_hang_ends_when_client_leaves(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="hang")
+    async with aiohttp.ClientSession() as session:
+        with pytest.raises(asyncio.TimeoutError):
+            async with session.post(
+                f"{sim.url}/v1/chat/completions",
+                json=CHAT,
+                timeout=aiohttp.ClientTimeout(total=0.3),
+            ) as resp:
+                await resp.read()
+
+    async def aborted() -> bool:
+        return bool((await sim.stats())["aborts"] == 1)
+
+    await wait_for(aborted, "the hung request to be aborted")
+
+
+async def _running(sim: Any) -> bool:
+    return bool(sim.engine.running == 1)

@@ -1,0 +1,204 @@
+"""The NIXL handshake: leases, exactly-once pulls, and the load-failure policies."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+import pytest
+
+from vllm_sim.tokens import chat_prompt, tokenize
+
+MESSAGES = [{"role": "user", "content": "Summarise the history of paged attention. " * 12}]
+PREFILL_PARAMS = {
+    "do_remote_decode": True,
+    "do_remote_prefill": False,
+    "remote_engine_id": None,
+    "remote_block_ids": None,
+    "remote_host": None,
+    "remote_port": None,
+}
+
+
+async def prefill(session: aiohttp.ClientSession, sim: Any, **extra: Any) -> dict[str, Any]:
+    body = {"messages": MESSAGES, "max_tokens": 1, "kv_transfer_params": PREFILL_PARAMS, **extra}
+    async with session.post(f"{sim.url}/v1/chat/completions", json=body) as resp:
+        assert resp.status == 200
+        result: dict[str, Any] = await resp.json()
+        return result
+
+
+async def decode(
+    session: aiohttp.ClientSession, sim: Any, params: dict[str, Any], **extra: Any
+) -> tuple[int, dict[str, Any]]:
+    body = {"messages": MESSAGES, "max_tokens": 4, "kv_transfer_params": params, **extra}
+    async with session.post(f"{sim.url}/v1/chat/completions", json=body) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_prefill_returns_params_and_one_pull_succeeds(start_sim: Any) -> None:
+    p = await start_sim(zero_latency=True)
+    d = await start_sim(zero_latency=True)
+    n_prompt = len(tokenize(chat_prompt(MESSAGES)))
+    async with aiohttp.ClientSession() as session:
+        pre = await prefill(session, p)
+        params = pre["kv_transfer_params"]
+        assert params["do_remote_prefill"] is True
+        assert params["do_remote_decode"] is False
+        assert params["remote_engine_id"] == p.engine.config.engine_id
+        assert params["remote_host"] == "127.0.0.1"
+        assert params["remote_port"] == p.port
+        assert params["tp_size"] == 1
+        assert len(params["remote_block_ids"]) == -(-n_prompt // 16)
+        assert (await p.stats())["leases_active"] == 1
+
+        status, out = await decode(session, d, params)
+        assert status == 200
+        # The decode engine counts the pulled KV as cached, all but the last token.
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == n_prompt - 1
+        assert out["usage"]["completion_tokens"] == 4
+
+        # The same params a second time: the blocks were freed after the first pull.
+        status, out = await decode(session, d, params)
+        assert status == 500
+        assert "failed to load KV" in out["error"]["message"]
+
+    p_stats, d_stats = await p.stats(), await d.stats()
+    assert p_stats["kv_pulls_served"] == 1
+    assert p_stats["kv_pulls_rejected"] == 1
+    assert p_stats["leases_active"] == 0
+    assert d_stats["kv_pulls_ok"] == 1
+    assert d_stats["kv_pulls_failed"] == 1
+    assert d_stats["requests_by_role"]["decode"] == 2
+    assert p_stats["requests_by_role"]["prefill"] == 1
+
+
+async def test_pulled_prefix_is_cached_on_decode_afterwards(start_sim: Any) -> None:
+    p = await start_sim(zero_latency=True)
+    d = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        params = (await prefill(session, p))["kv_transfer_params"]
+        assert (await decode(session, d, params))[0] == 200
+        async with session.post(
+            f"{d.url}/v1/chat/completions", json={"messages": MESSAGES, "max_tokens": 1}
+        ) as resp:
+            local = await resp.json()
+    n_prompt = local["usage"]["prompt_tokens"]
+    assert local["usage"]["prompt_tokens_details"]["cached_tokens"] == n_prompt // 16 * 16
+
+
+async def test_expired_lease_fails_the_pull(start_sim: Any) -> None:
+    p = await start_sim(zero_latency=True, kv_lease_seconds=0.2)
+    d = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        params = (await prefill(session, p))["kv_transfer_params"]
+        deadline = time.monotonic() + 10
+        while (await p.stats())["leases_expired"] == 0:
+            assert time.monotonic() < deadline, "lease never expired"
+            await asyncio.sleep(0.05)
+        status, _ = await decode(session, d, params)
+    assert status == 500
+    stats = await p.stats()
+    assert stats["leases_active"] == 0
+    assert stats["kv_pulls_served"] == 0
+
+
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        {"remote_block_ids": [9999, 9998]},
+        {"remote_engine_id": "someone-else"},
+    ],
+    ids=["wrong-block-ids", "wrong-engine-id"],
+)
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+async def test_bad_params_follow_the_load_failure_policy(
+    start_sim: Any, corrupt: dict[str, Any], policy: str
+) -> None:
+    p = await start_sim(zero_latency=True)
+    d = await start_sim(zero_latency=True, kv_load_failure_policy=policy)
+    async with aiohttp.ClientSession() as session:
+        params = (await prefill(session, p))["kv_transfer_params"]
+        status, out = await decode(session, d, {**params, **corrupt})
+        if policy == "fail":
+            assert status == 500
+            assert out["error"]["code"] == 500
+        else:
+            assert status == 200
+            assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        # The rightful decode can still pull: a rejected pull does not free the lease.
+        good_status, _ = await decode(session, d, params)
+    d_stats, p_stats = await d.stats(), await p.stats()
+    assert good_status == 200
+    assert d_stats["kv_pulls_failed"] == 1
+    assert d_stats["recomputes"] == (1 if policy == "recompute" else 0)
+    assert p_stats["kv_pulls_rejected"] == 1
+    assert p_stats["kv_pulls_served"] == 1
+
+
+async def test_stream_decode_failure_is_an_error_event(start_sim: Any) -> None:
+    d = await start_sim(zero_latency=True)
+    p = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        params = (await prefill(session, p))["kv_transfer_params"]
+        body = {
+            "messages": MESSAGES,
+            "max_tokens": 4,
+            "stream": True,
+            "kv_transfer_params": {**params, "remote_engine_id": "nope"},
+        }
+        async with session.post(f"{d.url}/v1/chat/completions", json=body) as resp:
+            text = await resp.text()
+    assert '"error"' in text
+    assert text.rstrip().endswith("data: [DONE]")
+
+
+async def test_no_params_when_prefill_stopped_early(start_sim: Any) -> None:
+    p = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        first_word = (await prefill(session, p))["choices"][0]["message"]["content"]
+        await p.reset()
+        early = await prefill(session, p, stop=[first_word])
+    assert early["choices"][0]["finish_reason"] == "stop"
+    assert early.get("kv_transfer_params") is None
+    assert (await p.stats())["leases_active"] == 1  # only the first prefill's lease
+
+
+async def test_decode_params_missing_fields_is_400(start_sim: Any) -> None:
+    d = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        status, out = await decode(session, d, {"do_remote_prefill": True})
+    assert status == 400
+    assert "remote_engine_id" in out["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/completions", {"prompt": "alpha beta gamma " * 10, "max_tokens": 1}),
+        ("/v1/responses", {"input": "alpha beta gamma " * 10, "max_output_tokens": 1}),
+        (
+            "/v1/messages",
+            {"messages": [{"role": "user", "content": "alpha " * 30}], "max_tokens": 1},
+        ),
+        (
+            "/inference/v1/generate",
+            {"token_ids": list(range(300, 340)), "sampling_params": {"max_tokens": 1}},
+        ),
+    ],
+)
+async def test_handshake_on_every_shape(start_sim: Any, path: str, body: dict[str, Any]) -> None:
+    p = await start_sim(zero_latency=True)
+    d = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            f"{p.url}{path}", json={**body, "kv_transfer_params": PREFILL_PARAMS}
+        ) as resp:
+            params = (await resp.json())["kv_transfer_params"]
+        async with session.post(
+            f"{d.url}{path}", json={**body, "kv_transfer_params": params}
+        ) as resp:
+            assert resp.status == 200
+    assert (await d.stats())["kv_pulls_ok"] == 1
