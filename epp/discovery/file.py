@@ -112,6 +112,7 @@ class FileWatcher:
         self._task: asyncio.Task[None] | None = None
         self._last: tuple[int, int, int] | None = None
         self.reloads = 0
+        self.reload_errors = 0
 
     async def start(self, datastore: Datastore) -> None:
         self._last = await asyncio.to_thread(_stat_key, self.path)
@@ -138,6 +139,7 @@ class FileWatcher:
                 text = await asyncio.to_thread(_read, self.path)
                 endpoints = parse_endpoints_file(text, self.path)
             except (OSError, ValueError) as exc:
+                self.reload_errors += 1
                 log.warning("keeping previous endpoints; reload failed: %s", exc)
                 continue
             datastore.replace_source(self.source, endpoints)

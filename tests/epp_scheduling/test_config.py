@@ -345,5 +345,5 @@ def test_bad_configs_name_the_problem(text: str, needles: list[str]) -> None:
 def test_config_text_and_file_are_exclusive(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="only one"):
         load_config("x", str(tmp_path / "f"))
-    with pytest.raises(ConfigError, match="missing.yaml"):
+    with pytest.raises(ConfigError, match=r"missing\.yaml"):
         load_config(config_file=str(tmp_path / "missing.yaml"))

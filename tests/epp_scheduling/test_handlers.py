@@ -92,7 +92,7 @@ def _disagg(params: dict[str, object] | None = None, plugins: PluginSet | None =
     handler.bind(plugins or PluginSet())
     filters = {"decode": DecodeFilter(), "prefill": PrefillFilter(), "encode": EncodeFilter()}
     names = {"decode": "decode", "prefill": "prefill", "encode": "encode"}
-    names.update(((params or {}).get("profiles") or {}))  # type: ignore[arg-type]
+    names.update((params or {}).get("profiles") or {})  # type: ignore[arg-type]
     built = {}
     for role in profiles:
         built[names[role]] = Profile(names[role], (filters[role],), (), MaxScorePicker())
@@ -146,7 +146,7 @@ def test_disagg_handler_custom_profile_and_decider_names() -> None:
 def test_disagg_handler_bind_errors_name_the_reference() -> None:
     handler = DisaggProfileHandler(DisaggProfileHandler.Params.model_validate(
         {"deciders": {"prefill": "missing"}}))
-    with pytest.raises(ValueError, match="deciders.prefill: no plugin named 'missing'"):
+    with pytest.raises(ValueError, match=r"deciders\.prefill: no plugin named 'missing'"):
         handler.bind(PluginSet())
     plugins = PluginSet()
     plugins.add(DecodeFilter())
@@ -154,7 +154,7 @@ def test_disagg_handler_bind_errors_name_the_reference() -> None:
         {"deciders": {"encode": "decode-filter"}}))
     with pytest.raises(ValueError, match="not a decider"):
         handler.bind(plugins)
-    with pytest.raises(ValueError, match="profiles.decode"):
+    with pytest.raises(ValueError, match=r"profiles\.decode"):
         DisaggProfileHandler().check_profiles(["prefill"])
 
 
