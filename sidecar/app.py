@@ -34,7 +34,7 @@ from sidecar.routing import PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.upstream import Upstream, make_session
 
-__all__ = ["Services", "build_app", "build_metrics_app", "run"]
+__all__ = ["Servers", "Services", "build_app", "build_metrics_app", "run", "start"]
 
 _CLIENT_CLOSED = 499  # nginx's convention: the client went away first
 
@@ -230,9 +230,34 @@ def build_metrics_app(metrics: Metrics) -> web.Application:
     return app
 
 
-async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
-    """Serve until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests and return."""
-    metrics = Metrics()
+@dataclass(slots=True)
+class Servers:
+    """The running main and metrics servers of one sidecar."""
+
+    app: web.Application
+    metrics: Metrics
+    runner: web.AppRunner
+    metrics_runner: web.AppRunner
+
+    @property
+    def port(self) -> int:
+        return int(self.runner.addresses[0][1])
+
+    @property
+    def metrics_port(self) -> int:
+        return int(self.metrics_runner.addresses[0][1])
+
+    async def drain_and_stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
+        services = self.app.get(SERVICES)
+        if services is not None:
+            services.readiness.draining = True
+        await self.runner.cleanup()
+        await self.metrics_runner.cleanup()
+
+
+async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
+    metrics = metrics if metrics is not None else Metrics()
     app = build_app(settings, metrics)
     runner = web.AppRunner(
         app,
@@ -243,29 +268,37 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     metrics_runner = web.AppRunner(build_metrics_app(metrics), access_log=None)
     await runner.setup()
     await metrics_runner.setup()
+    servers = Servers(app, metrics, runner, metrics_runner)
+    try:
+        await web.TCPSite(runner, settings.listen_host, settings.port).start()
+        await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
+    except BaseException:
+        await servers.drain_and_stop()
+        raise
+    return servers
+
+
+async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
+    """Serve until SIGTERM/SIGINT (or ``stop``), then drain in-flight requests and return."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, settings.listen_host, settings.port)
-        await site.start()
-        await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
+        servers = await start(settings)
         log.info(
             {
                 "event": "listening",
-                "port": runner.addresses[0][1],
-                "metrics_port": metrics_runner.addresses[0][1],
+                "port": servers.port,
+                "metrics_port": servers.metrics_port,
                 "model_server": settings.model_server_url,
                 "kv_connector": settings.kv_connector,
             }
         )
         await stop.wait()
         log.info({"event": "draining", "timeout_s": settings.drain_timeout})
-        app[SERVICES].readiness.draining = True
+        await servers.drain_and_stop()
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
-        await runner.cleanup()
-        await metrics_runner.cleanup()
     log.info({"event": "stopped"})

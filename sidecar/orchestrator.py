@@ -130,6 +130,10 @@ class Orchestrator:
         self.encode = encode
         self._prepared: dict[HostPort, asyncio.Task[object | None]] = {}
         self._needs_prepare = type(connector).prepare is not Connector.prepare
+        backoff = policy.prefill_retry_backoff
+        self._retry_wait = wait_exponential_jitter(
+            multiplier=backoff, max=max(backoff * 16, 0.001), jitter=backoff
+        )
 
     async def serve(
         self, request: web.Request, shape: ApiShape, header_value: str, ex: Exchange
@@ -193,11 +197,7 @@ class Orchestrator:
 
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self.policy.prefill_max_retries + 1),
-            wait=wait_exponential_jitter(
-                initial=self.policy.prefill_retry_backoff,
-                max=max(self.policy.prefill_retry_backoff * 16, 0.001),
-                jitter=self.policy.prefill_retry_backoff,
-            ),
+            wait=self._retry_wait,
             retry=retry_if_exception_type(_Retryable),
             before_sleep=count_retry,
             reraise=True,
