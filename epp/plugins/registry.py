@@ -24,6 +24,7 @@ __all__ = [
     "lookup",
     "register",
     "registered_types",
+    "unregister",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ class PluginRegistrationError(Exception):
 
 def register(cls: P) -> P:
     """Class decorator: add a plugin class under its ``type_name``."""
+    # Built-ins first, so a later class can never silently shadow one of them.
+    _ensure_builtins()
     if not isinstance(cls, type) or not issubclass(cls, Plugin):
         raise PluginRegistrationError(f"{cls!r} is not a subclass of epp.plugins.base.Plugin")
     type_name = getattr(cls, "type_name", "")
@@ -91,12 +94,12 @@ def _ensure_builtins() -> None:
             importlib.import_module(module)
 
 
-def load_entry_points() -> list[str]:
+def load_entry_points(*, force: bool = False) -> list[str]:
     """Register third-party plugins from the entry point group; returns their types."""
     global _entry_points_loaded
     _ensure_builtins()
     loaded: list[str] = []
-    if _entry_points_loaded:
+    if _entry_points_loaded and not force:
         return loaded
     _entry_points_loaded = True
     for ep in entry_points(group=ENTRY_POINT_GROUP):
@@ -113,6 +116,11 @@ def load_entry_points() -> list[str]:
         loaded.append(obj.type_name)
         log.info("registered plugin type %s from entry point %s", obj.type_name, ep.name)
     return loaded
+
+
+def unregister(type_name: str) -> None:
+    """Remove a plugin type (tests; a process normally registers once at start)."""
+    _registry.pop(type_name, None)
 
 
 def lookup(type_name: str) -> type[Plugin] | None:
