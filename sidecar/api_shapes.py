@@ -110,7 +110,13 @@ API_SHAPES: dict[str, ApiShape] = {
             ("cache_read_input_tokens",),
             b'"cache_read_input_tokens"',
         ),
-        ApiShape("/inference/v1/generate", ("max_tokens",), "sampling_params", None, b""),
+        ApiShape(
+            "/inference/v1/generate",
+            ("max_tokens",),
+            "sampling_params",
+            _OPENAI_CACHED,
+            b'"cached_tokens"',
+        ),
     )
 }
 

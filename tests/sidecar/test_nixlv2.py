@@ -81,7 +81,10 @@ def test_prefill_body_caps_and_requests_remote_decode(
 
 
 def test_generate_caps_inside_sampling_params(nixl: NixlV2Connector) -> None:
-    body: dict[str, Any] = {"token_ids": [1, 2], "sampling_params": {"max_tokens": 9, "min_tokens": 4}}
+    body: dict[str, Any] = {
+        "token_ids": [1, 2],
+        "sampling_params": {"max_tokens": 9, "min_tokens": 4},
+    }
     out = nixl.prefill_body(_ctx("/inference/v1/generate", body))
     assert out["sampling_params"] == {"max_tokens": 1}
     assert body["sampling_params"] == {"max_tokens": 9, "min_tokens": 4}

@@ -57,7 +57,9 @@ def test_flag_forms() -> None:
 
 @pytest.mark.parametrize("value", ["0", "f", "F", "FALSE", "false", "False"])
 def test_go_false_spellings(value: str) -> None:
-    assert load_settings([f"--enable-prefiller-sampling={value}"]).enable_prefiller_sampling is False
+    assert (
+        load_settings([f"--enable-prefiller-sampling={value}"]).enable_prefiller_sampling is False
+    )
 
 
 def test_deprecated_vllm_port_alias() -> None:
