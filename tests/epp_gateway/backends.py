@@ -36,6 +36,7 @@ class RecordingBackend:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/stream", self._stream)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self.runner = web.AppRunner(app)
@@ -47,6 +48,13 @@ class RecordingBackend:
     async def stop(self) -> None:
         if self.runner is not None:
             await self.runner.cleanup()
+
+    async def _metrics(self, _: web.Request) -> web.Response:
+        # An idle engine, so a scheduler scraping it sees fresh signals.
+        return web.Response(
+            text="vllm:num_requests_waiting 0\nvllm:num_requests_running 0\n"
+            "vllm:kv_cache_usage_perc 0.0\n"
+        )
 
     async def _record(self, request: web.Request) -> Recorded:
         headers: dict[str, list[str]] = {}
