@@ -9,6 +9,7 @@ that KV.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
 __all__ = ["PREFIX_MATCH", "ApproxPrefixCacheProducer", "PrefixMatch", "PrefixParams"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +57,16 @@ class PrefixParams(PluginParams):
 
     # Prompt characters (bytes) per hashed block; 64 ~ 16 tokens, vLLM's block size.
     hash_block_size: int = Field(default=64, gt=0)
+    # The newer name of hash_block_size; wins when both are set.
+    block_size: int | None = Field(default=None, gt=0)
     max_prefix_blocks_to_match: int = Field(default=256, gt=0)
     lru_capacity_per_server: int = Field(default=31250, gt=0)
+    # Accepted for config compatibility; the configured sizes are always used.
+    auto_tune: bool = False
+
+    @property
+    def block_bytes(self) -> int:
+        return self.block_size if self.block_size is not None else self.hash_block_size
 
 
 @register
@@ -67,17 +78,22 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
     def __init__(self, params: PrefixParams | None = None, name: str | None = None) -> None:
         super().__init__(params, name)
         self.index = PrefixIndex(self.params.lru_capacity_per_server)
+        if self.params.auto_tune:
+            log.info(
+                "%s: autoTune is not supported; using blockSize %d and lruCapacityPerServer %d",
+                self.name, self.params.block_bytes, self.params.lru_capacity_per_server,
+            )
 
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         req = cycle.request
         p = self.params
-        hashes = block_hashes(req.prompt, p.hash_block_size, p.max_prefix_blocks_to_match)
+        hashes = block_hashes(req.prompt, p.block_bytes, p.max_prefix_blocks_to_match)
         cycle.put(
             PREFIX_MATCH,
             PrefixMatch(
                 hashes=hashes,
                 matched=self.index.match(hashes),
-                block_bytes=p.hash_block_size,
+                block_bytes=p.block_bytes,
                 prompt_bytes=len(req.prompt),
                 prompt_tokens=req.token_estimate,
             ),

@@ -114,3 +114,14 @@ def test_prefix_params_llm_d_names() -> None:
     params = PrefixParams.model_validate(
         {"hashBlockSize": 5, "maxPrefixBlocksToMatch": 256, "lruCapacityPerServer": 31250})
     assert params.hash_block_size == 5
+
+
+def test_block_size_alias_and_auto_tune_accepted() -> None:
+    params = PrefixParams.model_validate({"blockSize": 32, "autoTune": True})
+    assert params.block_bytes == 32
+    producer = ApproxPrefixCacheProducer(params)
+    c = cycle("z" * 400)
+    producer.prepare(c, [])
+    match = c.get(PREFIX_MATCH)
+    assert match is not None and match.block_bytes == 32
+    assert len(match.hashes) == len(c.request.prompt) // 32

@@ -106,3 +106,37 @@ def test_session_affinity_custom_header() -> None:
     a = endpoint("a", 1)
     scorer.track(cycle(headers={"x-conversation": "c"}), _result([a]))
     assert list(scorer.score(cycle(headers={"x-conversation": "c"}), [a])) == [1.0]
+
+
+def test_active_request_timeout_expires_forgotten_requests() -> None:
+    now = [100.0]
+    scorer = ActiveRequestScorer(
+        ActiveRequestScorer.Params.model_validate({"requestTimeout": "2m"}),
+        clock=lambda: now[0])
+    assert scorer.params.request_timeout == 120.0
+    a = endpoint("a", 1)
+    _, release_all = scorer.track(cycle(), _result([a]))
+    scorer.track(cycle(), _result([a]))
+    release_all()
+    now[0] += 119.0
+    scorer.score(cycle(), [a])
+    assert scorer.in_flight == {a.key: 1}
+    now[0] += 2.0
+    scorer.score(cycle(), [a])
+    assert scorer.in_flight == {}
+
+
+@pytest.mark.parametrize("bad", ["soon", "-1s", 0, "", True])
+def test_active_request_timeout_validation(bad: object) -> None:
+    with pytest.raises(ValueError, match="requestTimeout|duration"):
+        ActiveRequestScorer.Params.model_validate({"requestTimeout": bad})
+
+
+def test_parse_duration() -> None:
+    from epp.plugins.durations import parse_duration
+
+    assert parse_duration("1h30m") == 5400.0
+    assert parse_duration("500ms") == 0.5
+    assert parse_duration(3) == 3.0
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("5 minutes")
