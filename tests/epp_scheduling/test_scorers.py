@@ -128,7 +128,7 @@ def test_active_request_timeout_expires_forgotten_requests() -> None:
 
 @pytest.mark.parametrize("bad", ["soon", "-1s", 0, "", True])
 def test_active_request_timeout_validation(bad: object) -> None:
-    with pytest.raises(ValueError, match="requestTimeout|duration"):
+    with pytest.raises(ValueError, match=r"requestTimeout|duration"):
         ActiveRequestScorer.Params.model_validate({"requestTimeout": bad})
 
 
