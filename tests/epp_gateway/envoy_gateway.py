@@ -39,7 +39,9 @@ def _address(port: int) -> dict[str, Any]:
     return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
-def gateway_config(epp_port: int, *, epp_tls: bool = False) -> dict[str, Any]:
+def gateway_config(
+    epp_port: int, *, epp_tls: bool = False, request_body_mode: str = "FULL_DUPLEX_STREAMED"
+) -> dict[str, Any]:
     epp_cluster: dict[str, Any] = {
         "name": "epp",
         "type": "STATIC",
@@ -67,7 +69,7 @@ def gateway_config(epp_port: int, *, epp_tls: bool = False) -> dict[str, Any]:
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SEND",
-            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_body_mode": request_body_mode,
             "response_body_mode": "FULL_DUPLEX_STREAMED",
             "request_trailer_mode": "SEND",
             "response_trailer_mode": "SEND",

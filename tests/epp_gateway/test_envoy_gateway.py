@@ -188,3 +188,40 @@ async def test_bad_request_is_a_400(gw: Gateway) -> None:
     async with gw.session.post(f"{gw.envoy.url}/v1/completions", data=b"{nope") as r:
         assert r.status == 400
         assert (await r.json())["error"]["type"] == "bad_request"
+
+
+async def test_buffered_request_body_mode(tmp_path: Path) -> None:
+    """Envoy buffers the request; the routing headers ride on the body answer."""
+    fake = FakeDecisionMaker()
+    server = grpc.aio.server()
+    ExtProcService(fake, EppMetrics(), ExtProcConfig()).register(server)
+    epp_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pod = RecordingBackend("a")
+    await pod.start()
+    fake.decode = pod.host_port
+    fake.prefill = "10.9.9.9:8000"
+    envoy = EnvoyGateway(
+        gateway_config(epp_port, request_body_mode="BUFFERED"), tmp_path / "envoy-buffered"
+    )
+    try:
+        await envoy.start()
+        body = b'{"model": "m", "prompt": "' + b"p" * 100_001 + b'"}'
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{envoy.url}/v1/completions",
+                data=body,
+                headers={"x-prefiller-host-port": "6.6.6.6:666"},
+            ) as r,
+        ):
+            assert r.status == 200, await r.text()
+        [rec] = pod.requests
+        assert rec.body == body
+        assert rec.headers["x-prefiller-host-port"] == ["10.9.9.9:8000"]
+        assert fake.calls[0].body == body
+        await fake.settle()
+    finally:
+        await envoy.stop()
+        await pod.stop()
+        await server.stop(grace=None)
