@@ -9,6 +9,7 @@ returns a ``Decision`` whose hooks release the in-flight counts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -63,6 +64,7 @@ class Director(DecisionMaker):
         )
         self.discovery: Discovery | None = config.discovery
         self._started = False
+        self._gauge_task: asyncio.Task[None] | None = None
         self._scheduler = config.scheduler
         self._threshold = settings.metrics_staleness_threshold_s
         self._decision_counters = {
@@ -85,7 +87,7 @@ class Director(DecisionMaker):
     def _on_endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         for plugin in self.config.plugins:
             plugin.endpoints_changed(added, removed)
-        self.metrics.ready_endpoints.set(len(self.datastore))
+        self.metrics.ready_endpoints.set(self.datastore.count_fresh(self._threshold))
         counts: dict[str, int] = {}
         for ep in self.datastore.snapshot():
             role = ep.role or "unlabelled"
@@ -103,6 +105,7 @@ class Director(DecisionMaker):
         if self.discovery is None:
             self.discovery = await self._kubernetes_discovery()
         await self.discovery.start(self.datastore)
+        self._gauge_task = asyncio.create_task(self._update_ready_gauge(), name="ready gauge")
         log.info(
             "director started: %d endpoints, profiles %s",
             len(self.datastore),
@@ -122,11 +125,23 @@ class Director(DecisionMaker):
             kubeconfig=s.kubeconfig,
         )
 
+    async def _update_ready_gauge(self) -> None:
+        # Freshness changes without membership changes, so the gauge is refreshed on a timer.
+        period = max(self.settings.refresh_metrics_interval_s, 0.5)
+        while True:
+            self.metrics.ready_endpoints.set(self.datastore.count_fresh(self._threshold))
+            await asyncio.sleep(period)
+
     async def stop(self) -> None:
         """Stop discovery and scraping; safe to call more than once."""
         if not self._started:
             return
         self._started = False
+        task, self._gauge_task = self._gauge_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         if self.discovery is not None:
             await self.discovery.stop()
         await self.scraper.stop()

@@ -22,6 +22,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
+from epp.config import ConfigError
 from epp.datastore import Datastore, Endpoint
 from epp.plugins.base import Discovery
 
@@ -132,12 +133,19 @@ class InferencePoolDiscovery(Discovery):
             cfg.host = self.api_server
             return k8s_client.ApiClient(cfg)
         cfg = k8s_client.Configuration()
+        if self.kubeconfig is None:
+            try:
+                k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
+                return k8s_client.ApiClient(cfg)
+            except k8s_config.ConfigException:
+                pass
         try:
-            k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-        except k8s_config.ConfigException:
-            await k8s_config.load_kube_config(
-                config_file=self.kubeconfig, client_configuration=cfg
-            )
+            await k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
+        except Exception as exc:  # kubeconfig loading raises many kinds (YAML, IO, auth)
+            where = self.kubeconfig or "the default kubeconfig"
+            raise ConfigError(
+                f"Kubernetes API: not in a cluster and {where} is unusable: {exc}"
+            ) from None
         return k8s_client.ApiClient(cfg)
 
     async def start(self, datastore: Datastore) -> None:

@@ -250,8 +250,9 @@ async def test_readiness_and_stop(make_pool: MakePool, tmp_path: Path) -> None:
     await director.stop()
     pool = await make_pool({"d1": "decode"})
     assert pool.director.is_ready()
-    gauge = pool.metrics.registry.get_sample_value("llm_d_epp_ready_endpoints")
-    assert gauge == 1
+    reg = pool.metrics.registry
+    await wait_until(lambda: reg.get_sample_value("llm_d_epp_ready_endpoints") == 1)
+    assert reg.get_sample_value("llm_d_epp_endpoints", {"role": "decode"}) == 1
 
 
 async def test_build_director_errors() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from epp.config import ConfigError
 from epp.datastore import Datastore
 from epp.director import DirectorSettings, build_director
 from epp.discovery.kubernetes import InferencePoolDiscovery, PoolSpec, pod_endpoints
@@ -103,3 +105,13 @@ async def test_missing_pool_then_created(kube: FakeKube) -> None:
         await wait_until(lambda: keys(ds) == {"10.0.0.1:8000"})
     finally:
         await disc.stop()
+
+
+async def test_unusable_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
+    bad = tmp_path / "kubeconfig"
+    bad.write_text("not: [a kubeconfig")
+    settings = DirectorSettings(pool_name="pool", kubeconfig=str(bad))
+    director = await build_director(settings, EppMetrics())
+    with pytest.raises(ConfigError, match="kubeconfig"):
+        await director.start()
+    await director.stop()
