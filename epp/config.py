@@ -205,9 +205,7 @@ def _add_implicit_producer(plugins: PluginSet) -> None:
     if not needers:
         return
     # A prefix scorer's own parameters (llm-d style) configure the implicit producer.
-    params = next(
-        (p.params for p in needers if isinstance(p.params, PrefixParams)), PrefixParams()
-    )
+    params = next((p.params for p in needers if isinstance(p.params, PrefixParams)), PrefixParams())
     plugins.add(ApproxPrefixCacheProducer(params))
 
 
@@ -338,6 +336,4 @@ def load_config(
             raise ConfigError(f"--config-file {config_file}: {exc.strerror}") from None
     if text is None or not text.strip():
         text, source = DEFAULT_CONFIG_TEXT, "default config"
-    return build_scheduler_config(
-        parse_config_text(text, source), pool_configured=pool_configured
-    )
+    return build_scheduler_config(parse_config_text(text, source), pool_configured=pool_configured)

@@ -16,6 +16,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 
+from prometheus_client import Counter
+
 from epp.config import ConfigError, SchedulerConfig, load_config
 from epp.datastore import Datastore, Endpoint
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
@@ -28,6 +30,9 @@ from epp.scraper import MetricsScraper
 __all__ = ["ConfigError", "Director", "DirectorSettings", "build_director"]
 
 log = logging.getLogger(__name__)
+
+# Distinct model_name label values before further names are counted as "other".
+_MAX_MODEL_LABELS = 64
 
 
 @dataclass
@@ -65,6 +70,7 @@ class Director(DecisionMaker):
         self.discovery: Discovery | None = config.discovery
         self._started = False
         self._gauge_task: asyncio.Task[None] | None = None
+        self._request_counters: dict[str, Counter] = {}
         self._scheduler = config.scheduler
         self._threshold = settings.metrics_staleness_threshold_s
         self._decision_counters = {
@@ -149,6 +155,16 @@ class Director(DecisionMaker):
     def is_ready(self) -> bool:
         return self._started and len(self.datastore) > 0
 
+    def _count_request(self, model: str) -> None:
+        # The model name comes from the client: bound the label's cardinality.
+        child = self._request_counters.get(model)
+        if child is None:
+            label = model if len(self._request_counters) < _MAX_MODEL_LABELS else "other"
+            child = self.metrics.requests.labels(model_name=label)
+            if label == model:
+                self._request_counters[model] = child
+        child.inc()
+
     async def decide(
         self,
         path: str,
@@ -158,7 +174,7 @@ class Director(DecisionMaker):
     ) -> Decision:
         t0 = perf_counter()
         request = parse_request(path, headers, body)
-        self.metrics.requests.labels(model_name=request.model).inc()
+        self._count_request(request.model)
         endpoints: Sequence[Endpoint] = self.datastore.snapshot()
         if subset is not None:
             allowed = set(subset)

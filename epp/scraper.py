@@ -120,9 +120,7 @@ class MetricsScraper:
                 task.cancel()
         for ep in added:
             if ep.key not in self._tasks:
-                self._tasks[ep.key] = asyncio.create_task(
-                    self._loop(ep), name=f"scrape {ep.key}"
-                )
+                self._tasks[ep.key] = asyncio.create_task(self._loop(ep), name=f"scrape {ep.key}")
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
         """One bounded scrape; updates the endpoint's metrics on success."""

@@ -49,9 +49,7 @@ class PoolSpec:
         spec = obj.get("spec") or {}
         selector = spec.get("selector") or {}
         labels = selector.get("matchLabels") or {}
-        ports = tuple(
-            int(p["number"]) for p in spec.get("targetPorts") or [] if "number" in p
-        )
+        ports = tuple(int(p["number"]) for p in spec.get("targetPorts") or [] if "number" in p)
         return cls(tuple(sorted((str(k), str(v)) for k, v in labels.items())), ports)
 
     @property
@@ -188,8 +186,12 @@ class InferencePoolDiscovery(Discovery):
             try:
                 listing = await _read_json(
                     await api.list_namespaced_custom_object(
-                        POOL_GROUP, POOL_VERSION, self.namespace, POOL_PLURAL,
-                        field_selector=selector, _preload_content=False,
+                        POOL_GROUP,
+                        POOL_VERSION,
+                        self.namespace,
+                        POOL_PLURAL,
+                        field_selector=selector,
+                        _preload_content=False,
                     )
                 )
                 items = listing.get("items") or []
@@ -197,9 +199,15 @@ class InferencePoolDiscovery(Discovery):
                 rv = (listing.get("metadata") or {}).get("resourceVersion")
                 while True:
                     resp = await api.list_namespaced_custom_object(
-                        POOL_GROUP, POOL_VERSION, self.namespace, POOL_PLURAL,
-                        field_selector=selector, watch=True, resource_version=rv or "",
-                        timeout_seconds=_WATCH_SECONDS, allow_watch_bookmarks=True,
+                        POOL_GROUP,
+                        POOL_VERSION,
+                        self.namespace,
+                        POOL_PLURAL,
+                        field_selector=selector,
+                        watch=True,
+                        resource_version=rv or "",
+                        timeout_seconds=_WATCH_SECONDS,
+                        allow_watch_bookmarks=True,
                         _preload_content=False,
                     )
                     rv = await self._consume(resp, rv, self._on_pool_event)
@@ -248,16 +256,18 @@ class InferencePoolDiscovery(Discovery):
                         self.namespace, label_selector=selector, _preload_content=False
                     )
                 )
-                self._pods = {
-                    str(p["metadata"]["name"]): p for p in listing.get("items") or []
-                }
+                self._pods = {str(p["metadata"]["name"]): p for p in listing.get("items") or []}
                 self._publish()
                 rv = (listing.get("metadata") or {}).get("resourceVersion")
                 while True:
                     resp = await core.list_namespaced_pod(
-                        self.namespace, label_selector=selector, watch=True,
-                        resource_version=rv or "", timeout_seconds=_WATCH_SECONDS,
-                        allow_watch_bookmarks=True, _preload_content=False,
+                        self.namespace,
+                        label_selector=selector,
+                        watch=True,
+                        resource_version=rv or "",
+                        timeout_seconds=_WATCH_SECONDS,
+                        allow_watch_bookmarks=True,
+                        _preload_content=False,
                     )
                     rv = await self._consume(resp, rv, self._on_pod_event)
             except asyncio.CancelledError:

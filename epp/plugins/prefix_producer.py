@@ -81,7 +81,9 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         if self.params.auto_tune:
             log.info(
                 "%s: autoTune is not supported; using blockSize %d and lruCapacityPerServer %d",
-                self.name, self.params.block_bytes, self.params.lru_capacity_per_server,
+                self.name,
+                self.params.block_bytes,
+                self.params.lru_capacity_per_server,
             )
 
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:

@@ -60,24 +60,43 @@ class FakeKube:
             if wkind == kind and wns == ns and _selected(obj, query):
                 queue.put_nowait((event, obj))
 
-    def set_pool(self, name: str, labels: dict[str, str], ports: list[int],
-                 ns: str = "default") -> None:
+    def set_pool(
+        self, name: str, labels: dict[str, str], ports: list[int], ns: str = "default"
+    ) -> None:
         event = "MODIFIED" if ("pool", (ns, name)) in self._keys() else "ADDED"
-        self._emit("pool", event, {
-            "apiVersion": "inference.networking.k8s.io/v1", "kind": "InferencePool",
-            "metadata": {"name": name, "namespace": ns},
-            "spec": {"selector": {"matchLabels": labels},
-                     "targetPorts": [{"number": p} for p in ports],
-                     "endpointPickerRef": {"name": "epp", "port": {"number": 9002}}}})
+        self._emit(
+            "pool",
+            event,
+            {
+                "apiVersion": "inference.networking.k8s.io/v1",
+                "kind": "InferencePool",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "selector": {"matchLabels": labels},
+                    "targetPorts": [{"number": p} for p in ports],
+                    "endpointPickerRef": {"name": "epp", "port": {"number": 9002}},
+                },
+            },
+        )
 
-    def set_pod(self, name: str, ip: str, labels: dict[str, str], *, ready: bool = True,
-                ns: str = "default") -> None:
+    def set_pod(
+        self, name: str, ip: str, labels: dict[str, str], *, ready: bool = True, ns: str = "default"
+    ) -> None:
         event = "MODIFIED" if ("pod", (ns, name)) in self._keys() else "ADDED"
-        self._emit("pod", event, {
-            "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": name, "namespace": ns, "labels": labels},
-            "status": {"phase": "Running", "podIP": ip, "conditions": [
-                {"type": "Ready", "status": "True" if ready else "False"}]}})
+        self._emit(
+            "pod",
+            event,
+            {
+                "apiVersion": "v1",
+                "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "labels": labels},
+                "status": {
+                    "phase": "Running",
+                    "podIP": ip,
+                    "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+                },
+            },
+        )
 
     def delete_pod(self, name: str, ns: str = "default") -> None:
         obj = self.objects["pod"][(ns, name)]
@@ -92,18 +111,28 @@ class FakeKube:
         ns = request.match_info["ns"]
         query = request.query
         if query.get("watch") not in ("true", "1", "True"):
-            items = [o for (ons, _), o in self.objects[kind].items()
-                     if ons == ns and _selected(o, query)]
-            return web.json_response({"kind": "List", "apiVersion": "v1",
-                                      "metadata": {"resourceVersion": str(self.rv)},
-                                      "items": items})
+            items = [
+                o for (ons, _), o in self.objects[kind].items() if ons == ns and _selected(o, query)
+            ]
+            return web.json_response(
+                {
+                    "kind": "List",
+                    "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self.rv)},
+                    "items": items,
+                }
+            )
         self.watch_requests += 1
         since = int(query.get("resourceVersion") or self.rv)
         timeout = float(query.get("timeoutSeconds") or 60)
         queue: asyncio.Queue[Any] = asyncio.Queue()
         for hkind, rv, event, obj in self.history:
-            if hkind == kind and rv > since and obj["metadata"]["namespace"] == ns \
-                    and _selected(obj, query):
+            if (
+                hkind == kind
+                and rv > since
+                and obj["metadata"]["namespace"] == ns
+                and _selected(obj, query)
+            ):
                 queue.put_nowait((event, obj))
         entry = (kind, ns, query, queue)
         self.watchers.append(entry)

@@ -54,8 +54,9 @@ PD_PROFILES = """
 """
 
 
-def pd_config(endpoints_file: Path, plugins: str = PD_PLUGINS, profiles: str = PD_PROFILES,
-              watch: bool = True) -> str:
+def pd_config(
+    endpoints_file: Path, plugins: str = PD_PLUGINS, profiles: str = PD_PROFILES, watch: bool = True
+) -> str:
     disc = (
         "- type: file-discovery\n"
         f"  parameters: {{path: '{endpoints_file}', watchFile: {str(watch).lower()}, "
@@ -72,8 +73,15 @@ def write_endpoints(path: Path, pods: list[tuple[str, str, int, str | None]]) ->
     entries = []
     for name, address, port, role in pods:
         labels = {ROLE_LABEL: role} if role else {"app": "vllm"}
-        entries.append({"name": name, "namespace": "default", "address": address,
-                        "port": str(port), "labels": labels})
+        entries.append(
+            {
+                "name": name,
+                "namespace": "default",
+                "address": address,
+                "port": str(port),
+                "labels": labels,
+            }
+        )
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump({"endpoints": entries}))
     tmp.replace(path)

@@ -38,7 +38,9 @@ def endpoint(
     return ep
 
 
-def chat_body(text: str, *, model: str = "m", extra_parts: list[dict[str, Any]] | None = None) -> bytes:
+def chat_body(
+    text: str, *, model: str = "m", extra_parts: list[dict[str, Any]] | None = None
+) -> bytes:
     content: Any = text
     if extra_parts is not None:
         content = [{"type": "text", "text": text}, *extra_parts]

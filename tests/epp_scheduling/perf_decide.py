@@ -1,6 +1,6 @@
 """Quick in-process measurement of Director.decide (not a test; not collected).
 
-    .venv/bin/python -m tests.epp_scheduling.perf_decide
+.venv/bin/python -m tests.epp_scheduling.perf_decide
 """
 
 from __future__ import annotations
@@ -52,8 +52,9 @@ def populate(director: Director, n: int) -> None:
     for i in range(n):
         role = "prefill" if i % 4 == 0 else "decode"
         ep = Endpoint(f"pod-{i}", f"10.0.{i // 250}.{i % 250}", 8000, labels={ROLE_LABEL: role})
-        ep.metrics = EndpointMetrics(waiting=rng.randint(0, 20), kv_usage=rng.random(),
-                                     updated_at=time.monotonic() + 3600)
+        ep.metrics = EndpointMetrics(
+            waiting=rng.randint(0, 20), kv_usage=rng.random(), updated_at=time.monotonic() + 3600
+        )
         eps.append(ep)
     director.datastore.replace_source("perf", eps)
 
@@ -85,7 +86,9 @@ async def main() -> None:
     for n in (8, 64, 256):
         for size, iters in ((4096, 2000), (200_000, 100)):
             p50, p99 = await measure(n, size, iters)
-            print(f"endpoints={n:4d} prompt={size // 1024:4d}KB  p50={p50:.3f} ms  p99={p99:.3f} ms")
+            print(
+                f"endpoints={n:4d} prompt={size // 1024:4d}KB  p50={p50:.3f} ms  p99={p99:.3f} ms"
+            )
 
 
 if __name__ == "__main__":

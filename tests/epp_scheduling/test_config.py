@@ -209,15 +209,18 @@ def test_section_6_pd_example_loads_with_every_plugin() -> None:
     assert set(cfg.scheduler.profiles) == {"decode", "prefill", "encode"}
     decode = cfg.scheduler.profiles["decode"]
     weights = {ws.scorer.type_name: ws.weight for ws in decode.scorers}
-    assert weights == {"queue-scorer": 2, "kv-cache-utilization-scorer": 1,
-                       "prefix-cache-scorer": 3, "active-request-scorer": 1,
-                       "session-affinity-scorer": 1}
+    assert weights == {
+        "queue-scorer": 2,
+        "kv-cache-utilization-scorer": 1,
+        "prefix-cache-scorer": 3,
+        "active-request-scorer": 1,
+        "session-affinity-scorer": 1,
+    }
     assert isinstance(decode.picker, MaxScorePicker)
     assert decode.picker.params.max_num_of_endpoints == 2
     assert cfg.scheduler.profiles["prefill"].picker.name == "wr"
     assert isinstance(cfg.scheduler.profiles["encode"].picker, RandomPicker)
-    assert [f.name for f in cfg.scheduler.profiles["encode"].filters] == ["encode-filter",
-                                                                          "zone-a"]
+    assert [f.name for f in cfg.scheduler.profiles["encode"].filters] == ["encode-filter", "zone-a"]
     producers = [p for p in cfg.scheduler.producers if isinstance(p, ApproxPrefixCacheProducer)]
     assert len(producers) == 1
     assert cfg.discovery is None
@@ -256,9 +259,12 @@ def test_file_discovery_selected_by_data_layer_v1_shape() -> None:
 
 
 def test_json_config_and_config_file(tmp_path: Path) -> None:
-    doc = {"apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
-           "plugins": [{"type": "queue-scorer"}],
-           "schedulingProfiles": [{"name": "only", "plugins": [{"pluginRef": "queue-scorer"}]}]}
+    doc = {
+        "apiVersion": "llm-d.ai/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [{"type": "queue-scorer"}],
+        "schedulingProfiles": [{"name": "only", "plugins": [{"pluginRef": "queue-scorer"}]}],
+    }
     path = tmp_path / "epp.json"
     path.write_text(json.dumps(doc))
     cfg = load_config(config_file=str(path))
@@ -299,38 +305,69 @@ BASE = "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n"
         (BASE + "plugin: []\n", ["plugin", "Extra inputs"]),
         ("apiVersion: v9\nkind: EndpointPickerConfig\n", ["apiVersion"]),
         ("apiVersion: llm-d.ai/v1alpha1\nkind: Other\n", ["kind"]),
-        (BASE + "plugins:\n- type: no-such-plugin\n", ["plugins[0]", "no-such-plugin",
-                                                      "unknown plugin type"]),
-        (BASE + "plugins:\n- type: queue-scorer\n  parameters: {bogus: 1}\n",
-         ["plugins[0]", "queue-scorer", "parameters.bogus"]),
-        (BASE + "plugins:\n- type: load-aware-scorer\n  name: la\n  parameters: {threshold: x}\n",
-         ["name 'la'", "parameters.threshold"]),
-        (BASE + "plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 0}\n",
-         ["maxNumOfEndpoints"]),
+        (
+            BASE + "plugins:\n- type: no-such-plugin\n",
+            ["plugins[0]", "no-such-plugin", "unknown plugin type"],
+        ),
+        (
+            BASE + "plugins:\n- type: queue-scorer\n  parameters: {bogus: 1}\n",
+            ["plugins[0]", "queue-scorer", "parameters.bogus"],
+        ),
+        (
+            BASE
+            + "plugins:\n- type: load-aware-scorer\n  name: la\n  parameters: {threshold: x}\n",
+            ["name 'la'", "parameters.threshold"],
+        ),
+        (
+            BASE + "plugins:\n- type: max-score-picker\n  parameters: {maxNumOfEndpoints: 0}\n",
+            ["maxNumOfEndpoints"],
+        ),
         (BASE + "plugins:\n- {type: queue-scorer, nam: x}\n", ["plugins[0].nam"]),
-        (BASE + "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- name: a\n"
-                "  plugins: [{pluginRef: nope}]\n", ["'a'", "pluginRef 'nope'"]),
-        (BASE + "plugins: [{type: decode-filter}]\nschedulingProfiles:\n- name: a\n"
-                "  plugins: [{pluginRef: decode-filter, weight: 2}]\n", ["not a scorer"]),
+        (
+            BASE + "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- name: a\n"
+            "  plugins: [{pluginRef: nope}]\n",
+            ["'a'", "pluginRef 'nope'"],
+        ),
+        (
+            BASE + "plugins: [{type: decode-filter}]\nschedulingProfiles:\n- name: a\n"
+            "  plugins: [{pluginRef: decode-filter, weight: 2}]\n",
+            ["not a scorer"],
+        ),
         (BASE + "plugins: [{type: queue-scorer}, {type: queue-scorer}]\n", ["duplicate"]),
-        (BASE + "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- name: a\n"
-                "  plugins: [{pluginRef: queue-scorer, wieght: 2}]\n", ["wieght"]),
-        (BASE + "plugins: [{type: decode-filter}]\nschedulingProfiles:\n- name: a\n- name: b\n",
-         ["single-profile-handler", "exactly one"]),
-        (BASE + "plugins:\n- type: disagg-profile-handler\n  parameters:\n"
-                "    deciders: {prefill: ghost}\nschedulingProfiles:\n- name: decode\n",
-         ["disagg-profile-handler", "deciders.prefill", "ghost"]),
-        (BASE + "plugins:\n- type: disagg-profile-handler\n  parameters:\n"
-                "    profiles: {decod: x}\nschedulingProfiles:\n- name: decode\n",
-         ["parameters.profiles.decod"]),
-        (BASE + "plugins:\n- type: disagg-profile-handler\nschedulingProfiles:\n- name: main\n",
-         ["profiles.decode", "'decode'"]),
-        (BASE + "plugins: [{type: file-discovery}]\nschedulingProfiles: [{name: a}]\n",
-         ["file-discovery", "parameters.path"]),
+        (
+            BASE + "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- name: a\n"
+            "  plugins: [{pluginRef: queue-scorer, wieght: 2}]\n",
+            ["wieght"],
+        ),
+        (
+            BASE + "plugins: [{type: decode-filter}]\nschedulingProfiles:\n- name: a\n- name: b\n",
+            ["single-profile-handler", "exactly one"],
+        ),
+        (
+            BASE + "plugins:\n- type: disagg-profile-handler\n  parameters:\n"
+            "    deciders: {prefill: ghost}\nschedulingProfiles:\n- name: decode\n",
+            ["disagg-profile-handler", "deciders.prefill", "ghost"],
+        ),
+        (
+            BASE + "plugins:\n- type: disagg-profile-handler\n  parameters:\n"
+            "    profiles: {decod: x}\nschedulingProfiles:\n- name: decode\n",
+            ["parameters.profiles.decod"],
+        ),
+        (
+            BASE + "plugins:\n- type: disagg-profile-handler\nschedulingProfiles:\n- name: main\n",
+            ["profiles.decode", "'decode'"],
+        ),
+        (
+            BASE + "plugins: [{type: file-discovery}]\nschedulingProfiles: [{name: a}]\n",
+            ["file-discovery", "parameters.path"],
+        ),
         (BASE + "schedulingProfiles: []\n", ["at least one profile"]),
-        (BASE + "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- name: a\n"
-                "  plugins: [{pluginRef: queue-scorer}]\ndataLayer: {discovery: {pluginRef: "
-                "queue-scorer}}\n", ["not a discovery plugin"]),
+        (
+            BASE + "plugins: [{type: queue-scorer}]\nschedulingProfiles:\n- name: a\n"
+            "  plugins: [{pluginRef: queue-scorer}]\ndataLayer: {discovery: {pluginRef: "
+            "queue-scorer}}\n",
+            ["not a discovery plugin"],
+        ),
         ("- a\n- b\n", ["mapping"]),
         (BASE + "plugins: [\n", ["not valid YAML"]),
     ],

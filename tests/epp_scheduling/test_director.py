@@ -26,7 +26,8 @@ IMAGE = [{"type": "image_url", "image_url": {"url": "http://images.local/cat.png
 
 def counter(metrics: EppMetrics, decision_type: str) -> float:
     value = metrics.registry.get_sample_value(
-        "llm_d_epp_disagg_decision_total", {"decision_type": decision_type})
+        "llm_d_epp_disagg_decision_total", {"decision_type": decision_type}
+    )
     return value or 0.0
 
 
@@ -51,9 +52,13 @@ async def test_long_prompt_prefills_then_cached_prompt_is_decode_only(make_pool:
     reg = pool.metrics.registry
     assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "m"}) == 2
     assert reg.get_sample_value("llm_d_epp_scheduler_e2e_duration_seconds_count") == 2
-    assert reg.get_sample_value(
-        "llm_d_epp_scheduler_plugin_duration_seconds_count",
-        {"plugin_type": "prefix-cache-scorer", "plugin_name": "prefix-cache-scorer"}) == 2
+    assert (
+        reg.get_sample_value(
+            "llm_d_epp_scheduler_plugin_duration_seconds_count",
+            {"plugin_type": "prefix-cache-scorer", "plugin_name": "prefix-cache-scorer"},
+        )
+        == 2
+    )
 
 
 async def test_short_prompt_is_decode_only(make_pool: MakePool) -> None:
@@ -90,8 +95,9 @@ async def test_multimodal_goes_to_encode_pod(make_pool: MakePool) -> None:
     assert short_mm.decision_type == "encode-decode"
     assert short_mm.encoders == [pool.keys["e1"]]
     assert short_mm.prefill is None
-    long_mm = await pool.director.decide(CHAT, {}, chat_body(LONG + " new", extra_parts=IMAGE),
-                                         None)
+    long_mm = await pool.director.decide(
+        CHAT, {}, chat_body(LONG + " new", extra_parts=IMAGE), None
+    )
     assert long_mm.decision_type == "encode-prefill-decode"
     assert long_mm.encoders == [pool.keys["e1"]]
     assert long_mm.prefill == pool.keys["p1"]
@@ -158,7 +164,8 @@ async def test_active_requests_spread_load(make_pool: MakePool) -> None:
     file = pool.endpoints_file
     metrics = EppMetrics()
     director = await build_director(
-        DirectorSettings(config_text=pd_config(file, config_plugins, profiles)), metrics)
+        DirectorSettings(config_text=pd_config(file, config_plugins, profiles)), metrics
+    )
     await director.start()
     try:
         a = await director.decide(CHAT, {}, chat_body("x"), None)
@@ -213,13 +220,17 @@ async def test_scraped_queue_steers_and_stale_endpoint_never_looks_idle(
     assert (await director.decide(CHAT, {}, chat_body("q"), None)).decode == pool.keys["idle"]
 
 
-async def test_file_watch_adds_and_removes_endpoints(make_pool: MakePool, start_sim: object) -> None:
+async def test_file_watch_adds_and_removes_endpoints(
+    make_pool: MakePool, start_sim: object
+) -> None:
     pool = await make_pool({"d1": "decode"})
     director = pool.director
     sim2 = await start_sim(zero_latency=True, role="decode")  # type: ignore[operator]
     d1_port = int(pool.keys["d1"].rsplit(":", 1)[1])
-    write_endpoints(pool.endpoints_file, [("d1", "127.0.0.1", d1_port, "decode"),
-                                          ("d2", "127.0.0.1", sim2.port, "decode")])
+    write_endpoints(
+        pool.endpoints_file,
+        [("d1", "127.0.0.1", d1_port, "decode"), ("d2", "127.0.0.1", sim2.port, "decode")],
+    )
     await wait_until(lambda: director.datastore.get(sim2.host_port) is not None)
     new = director.datastore.get(sim2.host_port)
     assert new is not None
@@ -259,6 +270,25 @@ async def test_build_director_errors() -> None:
     with pytest.raises(ConfigError, match="no endpoint discovery"):
         await build_director(DirectorSettings(), EppMetrics())
     with pytest.raises(ConfigError, match="bogus"):
-        await build_director(DirectorSettings(config_text=json.dumps({
-            "apiVersion": "llm-d.ai/v1alpha1", "kind": "EndpointPickerConfig",
-            "plugins": [{"type": "queue-scorer", "parameters": {"bogus": 1}}]})), EppMetrics())
+        await build_director(
+            DirectorSettings(
+                config_text=json.dumps(
+                    {
+                        "apiVersion": "llm-d.ai/v1alpha1",
+                        "kind": "EndpointPickerConfig",
+                        "plugins": [{"type": "queue-scorer", "parameters": {"bogus": 1}}],
+                    }
+                )
+            ),
+            EppMetrics(),
+        )
+
+
+async def test_model_label_cardinality_is_bounded(make_pool: MakePool) -> None:
+    pool = await make_pool({"d1": "decode"})
+    for i in range(80):
+        await pool.director.decide(CHAT, {}, chat_body("x", model=f"model-{i}"), None)
+    reg = pool.metrics.registry
+    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "model-0"}) == 1
+    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "other"}) == 16
+    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "model-79"}) is None

@@ -9,8 +9,17 @@ from epp.plugins.filters import DecodeFilter, EncodeFilter, LabelSelectorFilter,
 
 from .helpers import cycle, endpoint
 
-ROLES = [None, "decode", "prefill", "prefill-decode", "both", "encode", "encode-prefill",
-         "encode-prefill-decode", "something-else"]
+ROLES = [
+    None,
+    "decode",
+    "prefill",
+    "prefill-decode",
+    "both",
+    "encode",
+    "encode-prefill",
+    "encode-prefill-decode",
+    "something-else",
+]
 
 
 def _accepted(flt: object) -> set[str | None]:
@@ -21,12 +30,22 @@ def _accepted(flt: object) -> set[str | None]:
 
 def test_decode_filter_accepts_unlabelled() -> None:
     assert _accepted(DecodeFilter()) == {
-        None, "decode", "prefill-decode", "both", "encode-prefill-decode"}
+        None,
+        "decode",
+        "prefill-decode",
+        "both",
+        "encode-prefill-decode",
+    }
 
 
 def test_prefill_filter_rejects_unlabelled() -> None:
     assert _accepted(PrefillFilter()) == {
-        "prefill", "encode-prefill", "prefill-decode", "both", "encode-prefill-decode"}
+        "prefill",
+        "encode-prefill",
+        "prefill-decode",
+        "both",
+        "encode-prefill-decode",
+    }
 
 
 def test_encode_filter() -> None:
@@ -52,18 +71,22 @@ def test_label_selector_match_labels_and_expressions() -> None:
     assert names({"matchLabels": {"zone": "a"}}) == ["a", "c"]
     assert names({"matchExpressions": [{"key": "gpu", "operator": "Exists"}]}) == ["a", "b", "d"]
     assert names({"matchExpressions": [{"key": "gpu", "operator": "DoesNotExist"}]}) == ["c"]
-    assert names({"matchExpressions": [
-        {"key": "zone", "operator": "In", "values": ["a", "c"]}]}) == ["a", "c", "d"]
-    assert names({"matchExpressions": [
-        {"key": "gpu", "operator": "NotIn", "values": ["h100"]}]}) == ["c", "d"]
-    assert names({"matchLabels": {"zone": "a"}, "matchExpressions": [
-        {"key": "gpu", "operator": "Exists"}]}) == ["a"]
+    assert names(
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a", "c"]}]}
+    ) == ["a", "c", "d"]
+    assert names(
+        {"matchExpressions": [{"key": "gpu", "operator": "NotIn", "values": ["h100"]}]}
+    ) == ["c", "d"]
+    assert names(
+        {"matchLabels": {"zone": "a"}, "matchExpressions": [{"key": "gpu", "operator": "Exists"}]}
+    ) == ["a"]
     assert names({}) == ["a", "b", "c", "d"]
 
 
 def test_label_selector_rejects_unknown_operator_and_fields() -> None:
     with pytest.raises(ValidationError):
         LabelSelectorFilter.Params.model_validate(
-            {"matchExpressions": [{"key": "k", "operator": "Gt"}]})
+            {"matchExpressions": [{"key": "k", "operator": "Gt"}]}
+        )
     with pytest.raises(ValidationError, match="selector"):
         LabelSelectorFilter.Params.model_validate({"selector": {}})

@@ -43,8 +43,9 @@ def test_profile_clamps_scores_and_weights() -> None:
     # 'a' reports 7 (clamped to 1) on a weight-1 scorer; 'b' gets 0.8 x 2.
     wild = FixedScorer({"a": 7.0, "b": -3.0})
     good = FixedScorer({"a": 0.0, "b": 0.8})
-    profile = Profile("p", (), (WeightedScorer(wild, 1.0), WeightedScorer(good, 2.0)),
-                      MaxScorePicker())
+    profile = Profile(
+        "p", (), (WeightedScorer(wild, 1.0), WeightedScorer(good, 2.0)), MaxScorePicker()
+    )
     result = profile.run(cycle(), eps)
     assert result is not None and result.targets[0].name == "b"
 
@@ -55,11 +56,12 @@ def test_profile_returns_none_when_filtered_out() -> None:
 
 
 def test_prefix_based_decider_thresholds() -> None:
-    decider = PrefixBasedPdDecider(PrefixBasedPdDecider.Params.model_validate(
-        {"nonCachedTokens": 50, "promptTokens": 100}))
+    decider = PrefixBasedPdDecider(
+        PrefixBasedPdDecider.Params.model_validate({"nonCachedTokens": 50, "promptTokens": 100})
+    )
     d = endpoint("d", 1)
-    assert not decider.approve(cycle("x" * 200), d)          # ~55 tokens < promptTokens
-    assert decider.approve(cycle("x" * 800), d)              # ~205 tokens, nothing cached
+    assert not decider.approve(cycle("x" * 200), d)  # ~55 tokens < promptTokens
+    assert decider.approve(cycle("x" * 800), d)  # ~205 tokens, nothing cached
     # Cached on d: only the uncached remainder counts.
     producer = ApproxPrefixCacheProducer(PrefixParams(hash_block_size=16))
     c = cycle("y" * 800)
@@ -86,8 +88,11 @@ def test_always_deciders() -> None:
     assert mm.approve(cycle(body=body), None)
 
 
-def _disagg(params: dict[str, object] | None = None, plugins: PluginSet | None = None,
-            profiles: tuple[str, ...] = ("decode", "prefill", "encode")) -> Scheduler:
+def _disagg(
+    params: dict[str, object] | None = None,
+    plugins: PluginSet | None = None,
+    profiles: tuple[str, ...] = ("decode", "prefill", "encode"),
+) -> Scheduler:
     handler = DisaggProfileHandler(DisaggProfileHandler.Params.model_validate(params or {}))
     handler.bind(plugins or PluginSet())
     filters = {"decode": DecodeFilter(), "prefill": PrefillFilter(), "encode": EncodeFilter()}
@@ -134,24 +139,30 @@ def test_disagg_handler_same_pod_for_both_stages_skips_prefill() -> None:
 
 def test_disagg_handler_custom_profile_and_decider_names() -> None:
     plugins = PluginSet()
-    plugins.add(PrefixBasedPdDecider(
-        PrefixBasedPdDecider.Params(non_cached_tokens=1000), name="big-only"))
-    sched = _disagg({"profiles": {"decode": "dec", "prefill": "pre"},
-                     "deciders": {"prefill": "big-only"}}, plugins, profiles=("decode", "prefill"))
+    plugins.add(
+        PrefixBasedPdDecider(PrefixBasedPdDecider.Params(non_cached_tokens=1000), name="big-only")
+    )
+    sched = _disagg(
+        {"profiles": {"decode": "dec", "prefill": "pre"}, "deciders": {"prefill": "big-only"}},
+        plugins,
+        profiles=("decode", "prefill"),
+    )
     assert sched.schedule(cycle("short"), EPS).prefill_profile is None
     long_result = sched.schedule(cycle("w" * 8000), EPS)
     assert long_result.prefill_profile == "pre"
 
 
 def test_disagg_handler_bind_errors_name_the_reference() -> None:
-    handler = DisaggProfileHandler(DisaggProfileHandler.Params.model_validate(
-        {"deciders": {"prefill": "missing"}}))
+    handler = DisaggProfileHandler(
+        DisaggProfileHandler.Params.model_validate({"deciders": {"prefill": "missing"}})
+    )
     with pytest.raises(ValueError, match=r"deciders\.prefill: no plugin named 'missing'"):
         handler.bind(PluginSet())
     plugins = PluginSet()
     plugins.add(DecodeFilter())
-    handler = DisaggProfileHandler(DisaggProfileHandler.Params.model_validate(
-        {"deciders": {"encode": "decode-filter"}}))
+    handler = DisaggProfileHandler(
+        DisaggProfileHandler.Params.model_validate({"deciders": {"encode": "decode-filter"}})
+    )
     with pytest.raises(ValueError, match="not a decider"):
         handler.bind(plugins)
     with pytest.raises(ValueError, match=r"profiles\.decode"):
@@ -162,8 +173,10 @@ def test_single_profile_handler() -> None:
     handler = SingleProfileHandler()
     with pytest.raises(ValueError, match="exactly one"):
         handler.check_profiles(["a", "b"])
-    sched = Scheduler(handler=handler, profiles={
-        "default": Profile("default", (DecodeFilter(),), (), MaxScorePicker())})
+    sched = Scheduler(
+        handler=handler,
+        profiles={"default": Profile("default", (DecodeFilter(),), (), MaxScorePicker())},
+    )
     assert sched.schedule(cycle("x"), EPS).targets("default")[0].name == "d"
     with pytest.raises(NoEndpoints, match="default"):
         sched.schedule(cycle("x"), [endpoint("p", 2, "prefill")])

@@ -34,15 +34,28 @@ def keys(ds: Datastore) -> set[str]:
 
 
 def test_pool_spec_and_pod_endpoints() -> None:
-    spec = PoolSpec.from_object({"spec": {"selector": {"matchLabels": {"b": "2", "a": "1"}},
-                                          "targetPorts": [{"number": 8000}, {"number": 8001}]}})
+    spec = PoolSpec.from_object(
+        {
+            "spec": {
+                "selector": {"matchLabels": {"b": "2", "a": "1"}},
+                "targetPorts": [{"number": 8000}, {"number": 8001}],
+            }
+        }
+    )
     assert spec.label_selector == "a=1,b=2"
-    pod = {"metadata": {"name": "p", "namespace": "ns", "labels": {"llm-d.ai/role": "decode"}},
-           "status": {"phase": "Running", "podIP": "10.1.1.1",
-                      "conditions": [{"type": "Ready", "status": "True"}]}}
+    pod = {
+        "metadata": {"name": "p", "namespace": "ns", "labels": {"llm-d.ai/role": "decode"}},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.1.1.1",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
     eps = pod_endpoints(pod, spec.ports)
     assert [(e.name, e.key, e.role) for e in eps] == [
-        ("p-rank-0", "10.1.1.1:8000", "decode"), ("p-rank-1", "10.1.1.1:8001", "decode")]
+        ("p-rank-0", "10.1.1.1:8000", "decode"),
+        ("p-rank-1", "10.1.1.1:8001", "decode"),
+    ]
     not_ready = {**pod, "status": {**pod["status"], "conditions": []}}
     assert pod_endpoints(not_ready, spec.ports) == []
     deleting = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "x"}}
@@ -80,8 +93,7 @@ async def test_watch_adds_updates_and_removes(kube: FakeKube) -> None:
 async def test_director_with_pool(kube: FakeKube) -> None:
     kube.set_pool("pool", APP, [8000], ns="llm")
     kube.set_pod("d1", "10.0.0.1", {**APP, "llm-d.ai/role": "decode"}, ns="llm")
-    settings = DirectorSettings(pool_name="pool", pool_namespace="llm",
-                                kube_api_server=kube.url)
+    settings = DirectorSettings(pool_name="pool", pool_namespace="llm", kube_api_server=kube.url)
     director = await build_director(settings, EppMetrics())
     await director.start()
     try:

@@ -112,7 +112,8 @@ def test_scorer_without_match_data_scores_zero() -> None:
 
 def test_prefix_params_llm_d_names() -> None:
     params = PrefixParams.model_validate(
-        {"hashBlockSize": 5, "maxPrefixBlocksToMatch": 256, "lruCapacityPerServer": 31250})
+        {"hashBlockSize": 5, "maxPrefixBlocksToMatch": 256, "lruCapacityPerServer": 31250}
+    )
     assert params.hash_block_size == 5
 
 

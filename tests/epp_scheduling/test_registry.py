@@ -71,10 +71,12 @@ def third_party(tmp_path: Path) -> Iterator[Path]:
     dist = tmp_path / "acme_epp_plugins-1.0.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: acme-epp-plugins\nVersion: 1.0\n")
-    (dist / "entry_points.txt").write_text(textwrap.dedent(f"""
+    (dist / "entry_points.txt").write_text(
+        textwrap.dedent(f"""
         [{ENTRY_POINT_GROUP}]
         constant = acme_epp_plugins:ConstantScorer
-    """))
+    """)
+    )
     sys.path.insert(0, str(tmp_path))
     try:
         yield dist
@@ -105,11 +107,13 @@ schedulingProfiles:
 
 def test_bad_entry_point_names_itself(third_party: Path) -> None:
     (third_party / "entry_points.txt").write_text(
-        f"[{ENTRY_POINT_GROUP}]\nbroken = acme_epp_plugins:NotAPlugin\n")
+        f"[{ENTRY_POINT_GROUP}]\nbroken = acme_epp_plugins:NotAPlugin\n"
+    )
     with pytest.raises(PluginRegistrationError, match="entry point 'broken'"):
         load_entry_points(force=True)
     (third_party / "entry_points.txt").write_text(
-        f"[{ENTRY_POINT_GROUP}]\nmissing = acme_epp_plugins:Nope\n")
+        f"[{ENTRY_POINT_GROUP}]\nmissing = acme_epp_plugins:Nope\n"
+    )
     with pytest.raises(PluginRegistrationError, match=r"entry point 'missing'.*failed to load"):
         load_entry_points(force=True)
 

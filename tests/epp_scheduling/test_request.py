@@ -18,10 +18,16 @@ def parse(path: str, body: Any, headers: dict[str, str] | None = None) -> Any:
 
 
 def test_chat_text_and_token_estimate() -> None:
-    req = parse("/v1/chat/completions", {"model": "m", "messages": [
-        {"role": "system", "content": "be brief"},
-        {"role": "user", "content": "x" * 400},
-    ]})
+    req = parse(
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "x" * 400},
+            ],
+        },
+    )
     assert req.api == "chat"
     assert req.model == "m"
     assert b"be brief" in req.prompt
@@ -32,24 +38,44 @@ def test_chat_text_and_token_estimate() -> None:
 
 
 def test_chat_prefix_is_stable_when_a_turn_is_appended() -> None:
-    first = parse("/v1/chat/completions", {"model": "m", "messages": [
-        {"role": "user", "content": "question one"}]})
-    second = parse("/v1/chat/completions", {"model": "m", "messages": [
-        {"role": "user", "content": "question one"},
-        {"role": "assistant", "content": "answer"},
-        {"role": "user", "content": "question two"}]})
+    first = parse(
+        "/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "question one"}]},
+    )
+    second = parse(
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [
+                {"role": "user", "content": "question one"},
+                {"role": "assistant", "content": "answer"},
+                {"role": "user", "content": "question two"},
+            ],
+        },
+    )
     assert second.prompt.startswith(first.prompt)
 
 
 def test_chat_multimodal_items_deduplicated_in_order() -> None:
-    req = parse("/v1/chat/completions", {"model": "m", "messages": [{"role": "user", "content": [
-        {"type": "text", "text": "describe"},
-        {"type": "image_url", "image_url": {"url": "http://img/1.png"}},
-        {"type": "audio_url", "audio_url": {"url": "http://a/1.wav"}},
-        {"type": "video_url", "video_url": {"url": "http://v/1.mp4"}},
-        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
-        {"type": "image_url", "image_url": {"url": "http://img/1.png"}},
-    ]}]})
+    req = parse(
+        "/v1/chat/completions",
+        {
+            "model": "m",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "describe"},
+                        {"type": "image_url", "image_url": {"url": "http://img/1.png"}},
+                        {"type": "audio_url", "audio_url": {"url": "http://a/1.wav"}},
+                        {"type": "video_url", "video_url": {"url": "http://v/1.mp4"}},
+                        {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
+                        {"type": "image_url", "image_url": {"url": "http://img/1.png"}},
+                    ],
+                }
+            ],
+        },
+    )
     kinds = [item.kind for item in req.multimodal]
     assert kinds == ["image_url", "audio_url", "video_url", "input_audio"]
     assert req.multimodal[0].key == "http://img/1.png"
@@ -69,39 +95,64 @@ def test_completions_string_list_and_token_ids() -> None:
 def test_responses_string_and_items() -> None:
     simple = parse("/v1/responses", {"model": "m", "input": "hi", "instructions": "sys"})
     assert b"sys" in simple.prompt and b"hi" in simple.prompt
-    items = parse("/v1/responses", {"model": "m", "input": [
-        {"role": "user", "content": [
-            {"type": "input_text", "text": "look"},
-            {"type": "input_image", "image_url": "http://img/2.png"}]},
-        {"type": "function_call_output", "call_id": "c", "output": "42"},
-    ]})
+    items = parse(
+        "/v1/responses",
+        {
+            "model": "m",
+            "input": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "input_text", "text": "look"},
+                        {"type": "input_image", "image_url": "http://img/2.png"},
+                    ],
+                },
+                {"type": "function_call_output", "call_id": "c", "output": "42"},
+            ],
+        },
+    )
     assert b"look" in items.prompt and b"42" in items.prompt
     assert [i.key for i in items.multimodal] == ["http://img/2.png"]
 
 
 def test_anthropic_messages() -> None:
-    req = parse("/v1/messages", {"model": "m", "max_tokens": 5, "system": "sys",
-                                  "messages": [{"role": "user", "content": [
-                                      {"type": "text", "text": "hello"},
-                                      {"type": "image", "source": {"type": "url",
-                                                                   "url": "http://i/3"}}]}]})
+    req = parse(
+        "/v1/messages",
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "system": "sys",
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "hello"},
+                        {"type": "image", "source": {"type": "url", "url": "http://i/3"}},
+                    ],
+                }
+            ],
+        },
+    )
     assert req.api == "messages"
     assert b"sys" in req.prompt and b"hello" in req.prompt
     assert [i.key for i in req.multimodal] == ["http://i/3"]
 
 
 def test_generate_token_ids_model_optional() -> None:
-    req = parse("/inference/v1/generate", {"token_ids": [5, 6, 7, 8],
-                                            "sampling_params": {"max_tokens": 3}})
+    req = parse(
+        "/inference/v1/generate", {"token_ids": [5, 6, 7, 8], "sampling_params": {"max_tokens": 3}}
+    )
     assert req.api == "generate"
     assert req.model == ""
     assert req.token_estimate == 4
 
 
 def test_stream_and_request_id() -> None:
-    req = parse("/v1/chat/completions?x=1", {"model": "m", "stream": True,
-                                             "messages": [{"role": "user", "content": "a"}]},
-                {"x-request-id": "rid-1"})
+    req = parse(
+        "/v1/chat/completions?x=1",
+        {"model": "m", "stream": True, "messages": [{"role": "user", "content": "a"}]},
+        {"x-request-id": "rid-1"},
+    )
     assert req.stream is True
     assert req.path == "/v1/chat/completions"
     assert req.request_id == "rid-1"
@@ -117,11 +168,16 @@ def test_stream_and_request_id() -> None:
         ("/v1/chat/completions", b'{"model": 3, "messages": []}', "'model' must be a string"),
         ("/v1/chat/completions", b'{"model": "m"}', "'messages'"),
         ("/v1/chat/completions", b'{"model": "m", "messages": "x"}', "must be a list"),
-        ("/v1/chat/completions", b'{"model": "m", "messages": [{"role": "u", "content": 5}]}',
-         "messages[0].content"),
-        ("/v1/chat/completions",
-         b'{"model": "m", "messages": [{"role": "u", "content": [{"type": "image_url"}]}]}',
-         "image_url.url"),
+        (
+            "/v1/chat/completions",
+            b'{"model": "m", "messages": [{"role": "u", "content": 5}]}',
+            "messages[0].content",
+        ),
+        (
+            "/v1/chat/completions",
+            b'{"model": "m", "messages": [{"role": "u", "content": [{"type": "image_url"}]}]}',
+            "image_url.url",
+        ),
         ("/v1/completions", b'{"model": "m", "prompt": {"a": 1}}', "'prompt'"),
         ("/v1/completions", b'{"model": "m", "prompt": [1, "a"]}', "token ids"),
         ("/v1/responses", b'{"model": "m"}', "'input'"),
@@ -139,7 +195,10 @@ def test_malformed_requests_are_bad_requests(path: str, body: bytes, needle: str
 
 def test_supported_paths() -> None:
     assert set(supported_paths()) == {
-        "/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages",
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
         "/inference/v1/generate",
     }
 

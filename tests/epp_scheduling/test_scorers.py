@@ -33,16 +33,22 @@ def test_queue_scorer_stale_endpoint_never_looks_idle() -> None:
 
 
 def test_kv_cache_utilization() -> None:
-    eps = [endpoint("a", 1, kv=0.0), endpoint("b", 2, kv=0.25), endpoint("c", 3, kv=1.0),
-           endpoint("s", 4, kv=0.0, fresh=False)]
+    eps = [
+        endpoint("a", 1, kv=0.0),
+        endpoint("b", 2, kv=0.25),
+        endpoint("c", 3, kv=1.0),
+        endpoint("s", 4, kv=0.0, fresh=False),
+    ]
     assert list(KvCacheUtilizationScorer().score(cycle(), eps)) == [1.0, 0.75, 0.0, 0.0]
 
 
-@pytest.mark.parametrize(("q", "expected"), [(0, 0.5), (64, 0.25), (128, 0.0), (500, 0.0),
-                                              (1, 0.5 * (1 - 1 / 128))])
+@pytest.mark.parametrize(
+    ("q", "expected"), [(0, 0.5), (64, 0.25), (128, 0.0), (500, 0.0), (1, 0.5 * (1 - 1 / 128))]
+)
 def test_load_aware_default_threshold(q: int, expected: float) -> None:
     assert LoadAwareScorer().score(cycle(), [endpoint("a", 1, waiting=q)])[0] == pytest.approx(
-        expected)
+        expected
+    )
 
 
 def test_load_aware_custom_threshold_and_validation() -> None:
@@ -101,8 +107,9 @@ def test_session_affinity_sticks_and_is_bounded() -> None:
 
 
 def test_session_affinity_custom_header() -> None:
-    scorer = SessionAffinityScorer(SessionAffinityScorer.Params.model_validate(
-        {"headerName": "X-Conversation"}))
+    scorer = SessionAffinityScorer(
+        SessionAffinityScorer.Params.model_validate({"headerName": "X-Conversation"})
+    )
     a = endpoint("a", 1)
     scorer.track(cycle(headers={"x-conversation": "c"}), _result([a]))
     assert list(scorer.score(cycle(headers={"x-conversation": "c"}), [a])) == [1.0]
@@ -111,8 +118,8 @@ def test_session_affinity_custom_header() -> None:
 def test_active_request_timeout_expires_forgotten_requests() -> None:
     now = [100.0]
     scorer = ActiveRequestScorer(
-        ActiveRequestScorer.Params.model_validate({"requestTimeout": "2m"}),
-        clock=lambda: now[0])
+        ActiveRequestScorer.Params.model_validate({"requestTimeout": "2m"}), clock=lambda: now[0]
+    )
     assert scorer.params.request_timeout == 120.0
     a = endpoint("a", 1)
     _, release_all = scorer.track(cycle(), _result([a]))
