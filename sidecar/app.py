@@ -238,14 +238,8 @@ class Servers:
     metrics: Metrics
     runner: web.AppRunner
     metrics_runner: web.AppRunner
-
-    @property
-    def port(self) -> int:
-        return int(self.runner.addresses[0][1])
-
-    @property
-    def metrics_port(self) -> int:
-        return int(self.metrics_runner.addresses[0][1])
+    port: int = 0  # as bound (settings may say 0: any free port)
+    metrics_port: int = 0
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
@@ -272,6 +266,8 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
     try:
         await web.TCPSite(runner, settings.listen_host, settings.port).start()
         await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
+        servers.port = int(runner.addresses[0][1])
+        servers.metrics_port = int(metrics_runner.addresses[0][1])
     except BaseException:
         await servers.drain_and_stop()
         raise

@@ -87,3 +87,17 @@ async def pd(start_sim: Any, start_sidecar: StartSidecar) -> PD:
     decode = await start_sim(role="decode", zero_latency=True)
     sidecar = await start_sidecar(model_server_port=decode.port)
     return PD(prefill, decode, sidecar)
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll ``check`` until it holds, failing after ``timeout`` seconds (no fixed sleeps)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not await check():
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

@@ -43,12 +43,16 @@ async def test_missing_kv_transfer_params_is_an_error_by_default(
     assert "kv_transfer_params" in payload["error"]["message"]
     assert payload["error"]["request_id"] == headers["X-Request-ID"]
     assert (await pd.decode.stats())["requests_total"] == 0  # no silent recompute
-    assert pd.sidecar.sample(
-        "pd_sidecar_prefill_failures_total", reason="missing_kv_transfer_params"
-    ) == 1
-    assert pd.sidecar.sample(
-        "pd_sidecar_requests_total", path="/v1/completions", mode="pd", status="502"
-    ) == 1
+    assert (
+        pd.sidecar.sample("pd_sidecar_prefill_failures_total", reason="missing_kv_transfer_params")
+        == 1
+    )
+    assert (
+        pd.sidecar.sample(
+            "pd_sidecar_requests_total", path="/v1/completions", mode="pd", status="502"
+        )
+        == 1
+    )
 
 
 async def test_fallback_local_is_explicit_and_counted(
@@ -65,12 +69,16 @@ async def test_fallback_local_is_explicit_and_counted(
     d_stats = await decode.stats()
     assert d_stats["requests_by_role"]["aggregated"] == 1
     assert d_stats["recorded"][0]["body"] == BODY  # the client's body, untouched
-    assert sidecar.sample(
-        "pd_sidecar_prefill_fallbacks_total", reason="missing_kv_transfer_params"
-    ) == 1
-    assert sidecar.sample(
-        "pd_sidecar_requests_total", path="/v1/completions", mode="fallback", status="200"
-    ) == 1
+    assert (
+        sidecar.sample("pd_sidecar_prefill_fallbacks_total", reason="missing_kv_transfer_params")
+        == 1
+    )
+    assert (
+        sidecar.sample(
+            "pd_sidecar_requests_total", path="/v1/completions", mode="fallback", status="200"
+        )
+        == 1
+    )
     # Unreachable prefiller after retries: same policy, its own reason.
     status, resp_headers, _ = await post(
         client, sidecar.url, {"x-prefiller-host-port": f"127.0.0.1:{closed_port()}"}
@@ -80,7 +88,9 @@ async def test_fallback_local_is_explicit_and_counted(
     assert sidecar.sample("pd_sidecar_prefill_fallbacks_total", reason="connect") == 1
 
 
-async def test_prefill_4xx_is_relayed_and_not_retried(pd: PD, client: aiohttp.ClientSession) -> None:
+async def test_prefill_4xx_is_relayed_and_not_retried(
+    pd: PD, client: aiohttp.ClientSession
+) -> None:
     await pd.prefill.add_fault(kind="status", status=400)
     status, _, payload = await post(client, pd.url, pd.headers)
     assert status == 400
@@ -114,7 +124,9 @@ async def test_retries_exhausted_give_502(
     decode = await start_sim(role="decode", zero_latency=True)
     sidecar = await start_sidecar(model_server_port=decode.port, prefill_max_retries=2)
     await prefill.add_fault(kind="status", status=503, count=-1)
-    status, _, payload = await post(client, sidecar.url, {"x-prefiller-host-port": prefill.host_port})
+    status, _, payload = await post(
+        client, sidecar.url, {"x-prefiller-host-port": prefill.host_port}
+    )
     assert status == 502
     assert payload["error"]["stage"] == "prefill"
     assert (await prefill.stats())["requests_total"] == 3
@@ -154,7 +166,9 @@ async def test_decode_unreachable_is_503(
 ) -> None:
     prefill = await start_sim(role="prefill", zero_latency=True)
     sidecar = await start_sidecar(model_server_port=closed_port())
-    status, _, payload = await post(client, sidecar.url, {"x-prefiller-host-port": prefill.host_port})
+    status, _, payload = await post(
+        client, sidecar.url, {"x-prefiller-host-port": prefill.host_port}
+    )
     assert status == 503
     assert payload["error"]["message"] == "decode server not ready"
     async with client.get(sidecar.url + "/v1/models") as resp:

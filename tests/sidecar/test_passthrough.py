@@ -51,9 +51,12 @@ async def test_pd_path_without_header_is_local_and_untouched(
     assert d_stats["requests_by_role"] == {"prefill": 0, "decode": 0, "aggregated": 1}
     assert d_stats["recorded"][0]["body"] == body
     assert (await pd.prefill.stats())["requests_total"] == 0
-    assert pd.sidecar.sample(
-        "pd_sidecar_requests_total", path="/v1/chat/completions", mode="local", status="200"
-    ) == 1
+    assert (
+        pd.sidecar.sample(
+            "pd_sidecar_requests_total", path="/v1/chat/completions", mode="local", status="200"
+        )
+        == 1
+    )
 
 
 class Upstream:
