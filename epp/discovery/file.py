@@ -115,9 +115,19 @@ class FileWatcher:
         self.reload_errors = 0
 
     async def start(self, datastore: Datastore) -> None:
-        self._last = await asyncio.to_thread(_stat_key, self.path)
-        text = await asyncio.to_thread(_read, self.path)
-        datastore.replace_source(self.source, parse_endpoints_file(text, self.path))
+        """Load the file once (``ConfigError`` if unreadable or invalid), then watch."""
+        # Imported here: epp.config builds plugins, and this module is one of their parts.
+        from epp.config import ConfigError
+
+        try:
+            self._last = await asyncio.to_thread(_stat_key, self.path)
+            text = await asyncio.to_thread(_read, self.path)
+            endpoints = parse_endpoints_file(text, self.path)
+        except OSError as exc:
+            raise ConfigError(f"endpoints file {self.path}: {exc.strerror or exc}") from None
+        except ValueError as exc:
+            raise ConfigError(f"endpoints file {exc}") from None
+        datastore.replace_source(self.source, endpoints)
         if self.watch:
             self._task = asyncio.create_task(self._watch(datastore), name=self.source)
 

@@ -292,3 +292,27 @@ async def test_model_label_cardinality_is_bounded(make_pool: MakePool) -> None:
     assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "model-0"}) == 1
     assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "other"}) == 16
     assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "model-79"}) is None
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        (None, "No such file"),
+        ("endpoints:\n- {name: a, address: 10.0.0.1, port: '80', zone: x}\n", "zone"),
+        ("endpoints:\n- {name: a, address: 10.0.0.1, port: 'http'}\n", "port"),
+        ("endpoints: [\n", "not valid YAML"),
+    ],
+)
+async def test_bad_endpoints_file_is_a_config_error(
+    tmp_path: Path, content: str | None, needle: str
+) -> None:
+    file = tmp_path / "endpoints.yaml"
+    if content is not None:
+        file.write_text(content)
+    director = await build_director(DirectorSettings(config_text=pd_config(file)), EppMetrics())
+    try:
+        with pytest.raises(ConfigError, match=needle) as info:
+            await director.start()
+        assert str(file) in str(info.value)
+    finally:
+        await director.stop()
