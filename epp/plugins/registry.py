@@ -59,9 +59,11 @@ class PluginRegistrationError(Exception):
 
 
 def register(cls: P) -> P:
-    """Class decorator: add a plugin class under its ``type_name``."""
-    # Built-ins first, so a later class can never silently shadow one of them.
-    _ensure_builtins()
+    """Class decorator: add a plugin class under its ``type_name``.
+
+    A type name registered twice is an error whichever class came first, so a
+    third-party class can never silently shadow a built-in (or the reverse).
+    """
     if not isinstance(cls, type) or not issubclass(cls, Plugin):
         raise PluginRegistrationError(f"{cls!r} is not a subclass of epp.plugins.base.Plugin")
     type_name = getattr(cls, "type_name", "")

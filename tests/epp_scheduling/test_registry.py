@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from epp.plugins.registry import (
     load_entry_points,
     lookup,
     register,
+    registered_types,
     unregister,
 )
 
@@ -41,11 +43,15 @@ def test_register_rejects_classes_off_recipe() -> None:
     class Clash(Plugin):
         type_name = "queue-scorer"
 
+    assert "queue-scorer" in registered_types()
+
     with pytest.raises(PluginRegistrationError, match="registered twice"):
         register(Clash)
     with pytest.raises(PluginRegistrationError, match="not a subclass"):
         register(int)  # type: ignore[type-var]
 
+
+ROOT = str(Path(__file__).resolve().parents[2])
 
 PLUGIN_SOURCE = """
 from __future__ import annotations
@@ -125,3 +131,26 @@ def test_plugins_are_constructible_directly() -> None:
     assert P.model_validate({"n": 3}).n == 3
     with pytest.raises(ValueError, match="extra"):
         P.model_validate({"m": 1})
+
+
+async def test_every_plugin_module_imports_first_in_a_fresh_interpreter() -> None:
+    # Import cycles only show when a module is the first one imported.
+    from epp.plugins.registry import _BUILTIN_MODULES
+
+    modules = [*_BUILTIN_MODULES, "epp.config", "epp.director", "epp.discovery.kubernetes"]
+
+    async def run(module: str) -> tuple[str, int, bytes]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-c",
+            f"import {module}",
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=ROOT,
+        )
+        _, err = await proc.communicate()
+        return module, proc.returncode or 0, err
+
+    results = await asyncio.gather(*(run(m) for m in modules))
+    failed = {m: err.decode()[-300:] for m, rc, err in results if rc != 0}
+    assert failed == {}
