@@ -63,7 +63,7 @@ async def test_fallback_local_is_explicit_and_counted(
     sidecar = await start_sidecar(model_server_port=decode.port, prefill_fallback="local")
     await prefill.add_fault(kind="omit_kv_transfer_params")
     headers = {"x-prefiller-host-port": prefill.host_port}
-    status, resp_headers, payload = await post(client, sidecar.url, headers)
+    status, resp_headers, _ = await post(client, sidecar.url, headers)
     assert status == 200
     assert resp_headers["x-pd-prefill-fallback"] == "missing_kv_transfer_params"
     d_stats = await decode.stats()
@@ -135,15 +135,19 @@ async def test_retries_exhausted_give_502(
 
 @pytest.mark.parametrize(
     ("fault", "reason"),
-    [({"kind": "status", "status": 500}, "status_500"), ({"kind": "malformed_json"}, None)],
+    [
+        ({"kind": "status", "status": 500}, "status_500"),
+        ({"kind": "malformed_json"}, "malformed_answer"),
+    ],
 )
 async def test_prefill_500_or_garbage_is_502_without_retry(
-    pd: PD, client: aiohttp.ClientSession, fault: dict[str, Any], reason: str | None
+    pd: PD, client: aiohttp.ClientSession, fault: dict[str, Any], reason: str
 ) -> None:
     await pd.prefill.add_fault(**fault)
     status, _, payload = await post(client, pd.url, pd.headers)
     assert status == 502
     assert payload["error"]["stage"] == "prefill"
+    assert pd.sidecar.sample("pd_sidecar_prefill_failures_total", reason=reason) == 1
     assert (await pd.prefill.stats())["requests_total"] == 1
 
 
