@@ -33,11 +33,45 @@ def _split(value: str | None) -> tuple[str, ...]:
     return tuple(v for v in value.split(",") if v)
 
 
+_WANTED = (
+    "vllm:num_requests_waiting",
+    "vllm:num_requests_running",
+    "vllm:kv_cache_usage_perc",
+    "vllm:gpu_cache_usage_perc",
+    "vllm:cache_config_info",
+    "vllm:lora_requests_info",
+)
+
+
+def _lines_of(text: str, prefix: str, out: list[str]) -> None:
+    """Append every line of ``text`` (which starts with a newline) that starts with
+    ``prefix`` (newline + name) followed by '{' or ' '; str.find keeps the scan in C."""
+    k = len(prefix) - 1  # index, within the line, of the character after the name
+    pos = text.find(prefix)
+    while pos != -1:
+        end = text.find("\n", pos + 1)
+        line = text[pos + 1 : end] if end != -1 else text[pos + 1 :]
+        if len(line) > k and line[k] in "{ ":
+            out.append(line)
+        pos = text.find(prefix, end) if end != -1 else -1
+
+
+def _relevant(text: str) -> str:
+    # A real engine's page has hundreds of histogram lines and the Prometheus parser
+    # costs tens of microseconds per sample, so only the lines used are handed to it.
+    text = "\n" + text
+    out: list[str] = []
+    for name in _WANTED:
+        _lines_of(text, f"\n# TYPE {name}", out)
+        _lines_of(text, f"\n{name}", out)
+    return "\n".join(out) + "\n"
+
+
 def parse_vllm_metrics(text: str, now: float) -> EndpointMetrics:
     """The scheduling signals from a vLLM Prometheus text page (summed over models)."""
     out = EndpointMetrics(updated_at=now)
     lora_ts = -1.0
-    for family in text_string_to_metric_families(text):
+    for family in text_string_to_metric_families(_relevant(text)):
         name = family.name
         if name == "vllm:num_requests_waiting":
             out.waiting = sum(s.value for s in family.samples)

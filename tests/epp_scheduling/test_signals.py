@@ -150,3 +150,20 @@ async def test_scraper_follows_membership(start_sim: Any) -> None:
     finally:
         await scraper.stop()
     assert scraper.scrapes_ok >= 1
+
+
+def test_parse_ignores_lookalike_names_and_histograms() -> None:
+    lines = [
+        "# HELP vllm:num_requests_waiting Waiting.",
+        "# TYPE vllm:num_requests_waiting gauge",
+        'vllm:num_requests_waiting{model_name="m"} 2.0',
+        "# TYPE vllm:num_requests_waiting_by_reason gauge",
+        'vllm:num_requests_waiting_by_reason{reason="preempted"} 99.0',
+        "vllm:kv_cache_usage_perc 0.25",
+    ]
+    for i in range(50):
+        lines.append(f"# TYPE vllm:latency_{i}_seconds histogram")
+        lines += [f'vllm:latency_{i}_seconds_bucket{{le="{b}"}} {b}.0' for b in range(10)]
+    m = parse_vllm_metrics("\n".join(lines), 1.0)  # no trailing newline either
+    assert m.waiting == 2.0
+    assert m.kv_usage == 0.25
