@@ -50,6 +50,9 @@ class PoolSpec:
         selector = spec.get("selector") or {}
         labels = selector.get("matchLabels") or {}
         ports = tuple(int(p["number"]) for p in spec.get("targetPorts") or [] if "number" in p)
+        if not ports and spec.get("targetPortNumber"):
+            # v1alpha2 pools carry a single port under this name.
+            ports = (int(spec["targetPortNumber"]),)
         return cls(tuple(sorted((str(k), str(v)) for k, v in labels.items())), ports)
 
     @property

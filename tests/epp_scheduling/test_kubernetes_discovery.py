@@ -56,6 +56,10 @@ def test_pool_spec_and_pod_endpoints() -> None:
         ("p-rank-0", "10.1.1.1:8000", "decode"),
         ("p-rank-1", "10.1.1.1:8001", "decode"),
     ]
+    alpha = PoolSpec.from_object(
+        {"spec": {"selector": {"matchLabels": {}}, "targetPortNumber": 8200}}
+    )
+    assert alpha.ports == (8200,)
     not_ready = {**pod, "status": {**pod["status"], "conditions": []}}
     assert pod_endpoints(not_ready, spec.ports) == []
     deleting = {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "x"}}
