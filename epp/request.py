@@ -288,6 +288,8 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
         doc = json.loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _bad("request body nests too deeply") from None
     if not isinstance(doc, dict):
         raise _bad("request body must be a JSON object")
     model = _str_field(doc, "model", required=model_required)

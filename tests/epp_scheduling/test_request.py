@@ -7,6 +7,8 @@ import time
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from epp.decision import BadRequest
 from epp.request import CHARS_PER_TOKEN, parse_request, supported_paths
@@ -211,3 +213,68 @@ def test_large_body_parses_quickly() -> None:
     req = parse_request("/v1/chat/completions", {}, body)
     assert time.perf_counter() - t0 < 0.5
     assert req.token_estimate > 50_000
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda children: (
+        st.lists(children, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(
+                [
+                    "type",
+                    "text",
+                    "content",
+                    "role",
+                    "image_url",
+                    "url",
+                    "input_audio",
+                    "data",
+                    "source",
+                    "messages",
+                    "prompt",
+                    "input",
+                    "token_ids",
+                    "model",
+                    "system",
+                    "instructions",
+                ]
+            ),
+            children,
+            max_size=4,
+        )
+    ),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(path=st.sampled_from(list(supported_paths())), doc=_json)
+def test_any_json_parses_or_is_a_bad_request(path: str, doc: Any) -> None:
+    try:
+        parse_request(path, {}, json.dumps(doc).encode())
+    except BadRequest as exc:
+        assert exc.message
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    path=st.sampled_from(list(supported_paths())),
+    doc=st.fixed_dictionaries(
+        {"model": st.just("m")},
+        optional={k: _json for k in ("messages", "prompt", "input", "token_ids", "system")},
+    ),
+)
+def test_shaped_json_parses_or_is_a_bad_request(path: str, doc: dict[str, Any]) -> None:
+    try:
+        req = parse_request(path, {}, json.dumps(doc).encode())
+    except BadRequest as exc:
+        assert exc.message
+    else:
+        assert req.token_estimate >= 0
+
+
+def test_deeply_nested_body_is_a_bad_request() -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(BadRequest, match="nests too deeply"):
+        parse_request("/v1/chat/completions", {}, body)
