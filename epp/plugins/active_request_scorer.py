@@ -9,8 +9,9 @@ whose hooks never run (a bug elsewhere) stops counting after ``requestTimeout``.
 from __future__ import annotations
 
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from pydantic import field_validator
 
@@ -22,6 +23,14 @@ from epp.scheduling.cycle import CycleState
 from epp.scheduling.result import SchedulingResult
 
 __all__ = ["ActiveRequestScorer"]
+
+
+@dataclass(slots=True)
+class _InFlight:
+    expires: float
+    # Keys still counted; None once released.
+    early: list[str] | None
+    decode: list[str] | None
 
 
 @register
@@ -55,8 +64,10 @@ class ActiveRequestScorer(Scorer, RequestTracker):
         super().__init__(params, name)
         self.in_flight: dict[str, int] = {}
         self._clock = clock
-        # (expiry, release) in expiry order: the timeout is the same for every request.
-        self._expiries: deque[tuple[float, Release]] = deque()
+        # Outstanding requests in expiry order (the timeout is the same for all), so
+        # expiry pops from the front and a normal release deletes by id, both O(1).
+        self._outstanding: OrderedDict[int, _InFlight] = OrderedDict()
+        self._next_id = 0
 
     def score(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
         self._expire()
@@ -74,38 +85,50 @@ class ActiveRequestScorer(Scorer, RequestTracker):
         early += [ep.key for ep in result.targets(result.encode_profile)]
         for key in decode + early:
             self.in_flight[key] = self.in_flight.get(key, 0) + 1
-        release_early = self._releaser(early)
-        release_decode = self._releaser(decode)
+        rid = self._next_id
+        self._next_id += 1
+        record = _InFlight(self._clock() + self.params.request_timeout, early, decode)
+        self._outstanding[rid] = record
 
-        def release_everything() -> None:
-            release_early()
-            release_decode()
+        def release_early() -> None:
+            self._release(rid, record, early=True)
 
-        self._expiries.append((self._clock() + self.params.request_timeout, release_everything))
+        def release_decode() -> None:
+            self._release(rid, record, early=False)
+
         return release_early, release_decode
+
+    def _release(self, rid: int, record: _InFlight, *, early: bool) -> None:
+        keys = record.early if early else record.decode
+        if keys is None:
+            return  # idempotent
+        if early:
+            record.early = None
+        else:
+            record.decode = None
+        for key in keys:
+            n = self.in_flight.get(key, 0) - 1
+            if n > 0:
+                self.in_flight[key] = n
+            else:
+                self.in_flight.pop(key, None)
+        if record.early is None and record.decode is None:
+            self._outstanding.pop(rid, None)
 
     def _expire(self) -> None:
         now = self._clock()
-        expiries = self._expiries
-        while expiries and expiries[0][0] <= now:
-            expiries.popleft()[1]()
+        outstanding = self._outstanding
+        while outstanding:
+            rid, record = next(iter(outstanding.items()))
+            if record.expires > now:
+                break
+            self._release(rid, record, early=True)
+            self._release(rid, record, early=False)
+            outstanding.pop(rid, None)
 
-    def _releaser(self, keys: list[str]) -> Release:
-        done = False
-
-        def release() -> None:
-            nonlocal done
-            if done:
-                return
-            done = True
-            for key in keys:
-                n = self.in_flight.get(key, 0) - 1
-                if n > 0:
-                    self.in_flight[key] = n
-                else:
-                    self.in_flight.pop(key, None)
-
-        return release
+    def outstanding(self) -> int:
+        """Requests counted and not yet released (for tests and debugging)."""
+        return len(self._outstanding)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         for ep in removed:

@@ -80,6 +80,8 @@ def test_active_request_counts_and_release_hooks() -> None:
     rel_all()
     rel_all()
     assert scorer.in_flight == {a.key: 1, b.key: 1}
+    # Fully released requests are forgotten at once (bounded memory).
+    assert scorer.outstanding() == 2
 
 
 def test_active_request_forgets_removed_endpoints() -> None:
@@ -131,6 +133,7 @@ def test_active_request_timeout_expires_forgotten_requests() -> None:
     now[0] += 2.0
     scorer.score(cycle(), [a])
     assert scorer.in_flight == {}
+    assert scorer.outstanding() == 0
 
 
 @pytest.mark.parametrize("bad", ["soon", "-1s", 0, "", True])
