@@ -113,12 +113,14 @@ class InferencePoolDiscovery(Discovery):
         namespace: str = "default",
         api_server: str | None = None,
         kubeconfig: str | None = None,
+        watch_timeout_s: int = _WATCH_SECONDS,
     ) -> None:
         super().__init__(name=f"inferencepool:{namespace}/{pool_name}")
         self.pool_name = pool_name
         self.namespace = namespace
         self.api_server = api_server
         self.kubeconfig = kubeconfig
+        self.watch_timeout_s = watch_timeout_s
         self._api: k8s_client.ApiClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: PoolSpec | None = None
@@ -209,7 +211,7 @@ class InferencePoolDiscovery(Discovery):
                         field_selector=selector,
                         watch=True,
                         resource_version=rv or "",
-                        timeout_seconds=_WATCH_SECONDS,
+                        timeout_seconds=self.watch_timeout_s,
                         allow_watch_bookmarks=True,
                         _preload_content=False,
                     )
@@ -268,7 +270,7 @@ class InferencePoolDiscovery(Discovery):
                         label_selector=selector,
                         watch=True,
                         resource_version=rv or "",
-                        timeout_seconds=_WATCH_SECONDS,
+                        timeout_seconds=self.watch_timeout_s,
                         allow_watch_bookmarks=True,
                         _preload_content=False,
                     )

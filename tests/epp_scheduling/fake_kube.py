@@ -41,6 +41,10 @@ class FakeKube:
         self.history: list[tuple[str, int, str, dict[str, Any]]] = []
         self.watchers: list[tuple[str, str, Any, asyncio.Queue[Any]]] = []
         self.watch_requests = 0
+        self.list_requests = {"pool": 0, "pod": 0}
+        # When set, the next watch request is answered with 410 Gone (history compacted).
+        self.gone_next_watch = False
+        self.gone_sent = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
 
@@ -111,6 +115,7 @@ class FakeKube:
         ns = request.match_info["ns"]
         query = request.query
         if query.get("watch") not in ("true", "1", "True"):
+            self.list_requests[kind] += 1
             items = [
                 o for (ons, _), o in self.objects[kind].items() if ons == ns and _selected(o, query)
             ]
@@ -123,6 +128,19 @@ class FakeKube:
                 }
             )
         self.watch_requests += 1
+        if self.gone_next_watch and kind == "pod":
+            self.gone_next_watch = False
+            self.gone_sent += 1
+            status = {
+                "kind": "Status",
+                "code": 410,
+                "reason": "Expired",
+                "message": "too old resource version",
+            }
+            return web.Response(
+                text=json.dumps({"type": "ERROR", "object": status}) + "\n",
+                content_type="application/json",
+            )
         since = int(query.get("resourceVersion") or self.rv)
         timeout = float(query.get("timeoutSeconds") or 60)
         queue: asyncio.Queue[Any] = asyncio.Queue()
@@ -174,6 +192,11 @@ class FakeKube:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
         return self
+
+    def break_watches(self) -> None:
+        """End every open watch stream (as an API server restart would)."""
+        for *_, queue in list(self.watchers):
+            queue.put_nowait(_STOP)
 
     async def stop(self) -> None:
         for *_, queue in list(self.watchers):

@@ -131,3 +131,27 @@ async def test_unusable_kubeconfig_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="kubeconfig"):
         await director.start()
     await director.stop()
+
+
+async def test_watch_resumes_after_timeout_and_relists_after_gone(kube: FakeKube) -> None:
+    kube.set_pool("pool", APP, [8000])
+    kube.set_pod("d1", "10.0.0.1", APP)
+    ds = Datastore()
+    disc = InferencePoolDiscovery(pool_name="pool", api_server=kube.url, watch_timeout_s=1)
+    await disc.start(ds)
+    try:
+        first_watches = kube.watch_requests
+        # Server-side watch timeouts end the streams; the client resumes watching.
+        await wait_until(lambda: kube.watch_requests >= first_watches + 2)
+        kube.set_pod("d2", "10.0.0.2", APP)
+        await wait_until(lambda: keys(ds) == {"10.0.0.1:8000", "10.0.0.2:8000"})
+        lists = kube.list_requests["pod"]
+        # 410 Gone on the next watch: the client relists and carries on.
+        kube.gone_next_watch = True
+        kube.break_watches()
+        await wait_until(lambda: kube.gone_sent == 1)
+        await wait_until(lambda: kube.list_requests["pod"] > lists)
+        kube.delete_pod("d1")
+        await wait_until(lambda: keys(ds) == {"10.0.0.2:8000"})
+    finally:
+        await disc.stop()
