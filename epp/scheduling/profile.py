@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from time import perf_counter
 
 from epp.datastore import Endpoint
+from epp.decision import InternalError
 from epp.plugins.base import Filter, Picker, ScoredEndpoint, Scorer
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.result import ProfileResult
@@ -40,10 +41,15 @@ class Profile:
             t0 = perf_counter()
             scores = ws.scorer.score(cycle, endpoints)
             ws.scorer.observe(perf_counter() - t0)
+            if len(scores) != len(totals):
+                raise InternalError(
+                    f"scorer '{ws.scorer.name}' returned {len(scores)} scores "
+                    f"for {len(totals)} endpoints"
+                )
             w = ws.weight
-            # The framework, not the plugin, keeps every score inside [0, 1].
+            # The framework, not the plugin, keeps every score inside [0, 1] (NaN -> 0).
             for i, s in enumerate(scores):
-                totals[i] += w * (0.0 if s < 0.0 else 1.0 if s > 1.0 else s)
+                totals[i] += w * (s if 0.0 <= s <= 1.0 else 1.0 if s > 1.0 else 0.0)
         scored = [ScoredEndpoint(ep, total) for ep, total in zip(endpoints, totals, strict=True)]
         t0 = perf_counter()
         picked = self.picker.pick(cycle, scored)

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pytest
 
 from epp.datastore import Endpoint
-from epp.decision import NoEndpoints
+from epp.decision import InternalError, NoEndpoints
 from epp.plugins.base import PluginSet, Scorer
 from epp.plugins.deciders import (
     AlwaysDisaggMultimodalDecider,
@@ -48,6 +48,22 @@ def test_profile_clamps_scores_and_weights() -> None:
     )
     result = profile.run(cycle(), eps)
     assert result is not None and result.targets[0].name == "b"
+
+
+def test_profile_treats_nan_as_zero_and_rejects_wrong_lengths() -> None:
+    eps = [endpoint("a", 1), endpoint("b", 2)]
+    nan = FixedScorer({"a": float("nan"), "b": 0.1})
+    profile = Profile("p", (), (WeightedScorer(nan, 1.0),), MaxScorePicker())
+    result = profile.run(cycle(), eps)
+    assert result is not None and result.targets[0].name == "b"
+
+    class Short(FixedScorer):
+        def score(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
+            return [1.0]
+
+    short = Profile("p", (), (WeightedScorer(Short({}), 1.0),), MaxScorePicker())
+    with pytest.raises(InternalError, match="returned 1 scores for 2 endpoints"):
+        short.run(cycle(), eps)
 
 
 def test_profile_returns_none_when_filtered_out() -> None:
