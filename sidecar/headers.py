@@ -53,23 +53,18 @@ def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
     return {token.strip().lower() for token in value.split(",")}
 
 
+_DROP_ALWAYS = _HOP_BY_HOP | ROUTING_HEADERS
+_DROP_REWRITTEN = _DROP_ALWAYS | _REWRITTEN_BODY
+
+
 def request_headers(
     incoming: CIMultiDictProxy[str] | CIMultiDict[str], *, body_rewritten: bool
 ) -> CIMultiDict[str]:
     """Headers for an upstream request, without hop-by-hop and routing headers."""
-    drop = _connection_tokens(incoming)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in incoming.items():
-        lower = name.lower()
-        if (
-            lower in _HOP_BY_HOP
-            or lower in ROUTING_HEADERS
-            or lower in drop
-            or (body_rewritten and lower in _REWRITTEN_BODY)
-        ):
-            continue
-        out.add(name, value)
-    return out
+    drop = _DROP_REWRITTEN if body_rewritten else _DROP_ALWAYS
+    if "connection" in incoming:
+        drop = drop | _connection_tokens(incoming)
+    return CIMultiDict([(k, v) for k, v in incoming.items() if k.lower() not in drop])
 
 
 def response_headers(

@@ -20,7 +20,7 @@ away, and every upstream response is closed in a ``finally`` block.
 from __future__ import annotations
 
 import asyncio
-import json
+import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -36,6 +36,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.connectors import Connector, EncodeStage, LegContext, LegOrder, PrefillResult
 from sidecar.errors import (
@@ -82,10 +83,6 @@ class _Retryable(Exception):
         self.error = error
 
 
-def _dumps(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
@@ -101,7 +98,7 @@ async def read_body(request: web.Request, limit: int) -> bytes:
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
-        body = json.loads(raw)
+        body = loads(raw)
     except ValueError as exc:
         raise InvalidBody(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
@@ -131,8 +128,9 @@ class Orchestrator:
         self._prepared: dict[HostPort, asyncio.Task[object | None]] = {}
         self._needs_prepare = type(connector).prepare is not Connector.prepare
         backoff = policy.prefill_retry_backoff
+        # Attempts after the first retry: exponential from twice the backoff, with jitter.
         self._retry_wait = wait_exponential_jitter(
-            multiplier=backoff, max=max(backoff * 16, 0.001), jitter=backoff
+            multiplier=backoff * 2, max=max(backoff * 16, 0.001), jitter=backoff
         )
 
     async def serve(
@@ -171,7 +169,7 @@ class Orchestrator:
                 request, shape, raw, fallback_headers, None, ex, {FALLBACK_HEADER: exc.reason}
             )
         ex.cached_tokens = cached
-        decode_body = _dumps(self.connector.decode_body(ctx, result))
+        decode_body = dumps(self.connector.decode_body(ctx, result))
         return await self._decode(request, shape, decode_body, headers, cached, ex, None)
 
     # -- prefill ---------------------------------------------------------------------
@@ -195,20 +193,32 @@ class Orchestrator:
             reason = failure.error.reason if isinstance(failure, _Retryable) else "unknown"
             self.metrics.prefill_retries.labels(reason=reason).inc()
 
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self.policy.prefill_max_retries + 1),
-            wait=self._retry_wait,
-            retry=retry_if_exception_type(_Retryable),
-            before_sleep=count_retry,
-            reraise=True,
-        )
+        def next_target() -> HostPort:
+            target = targets[(first + ex.prefill_attempts) % len(targets)]
+            ex.prefill_attempts += 1
+            ex.prefiller = target.authority
+            return target
+
         try:
+            # The first attempt runs without the retry machinery: it is the hot path.
+            try:
+                return await self._prefill_once(shape, body, next_target(), headers, extra, ex)
+            except _Retryable as exc:
+                if self.policy.prefill_max_retries == 0:
+                    raise exc.error from None
+                self.metrics.prefill_retries.labels(reason=exc.error.reason).inc()
+                backoff = self.policy.prefill_retry_backoff
+                await asyncio.sleep(backoff + random.uniform(0, backoff))
+            retrying = AsyncRetrying(
+                stop=stop_after_attempt(self.policy.prefill_max_retries),
+                wait=self._retry_wait,
+                retry=retry_if_exception_type(_Retryable),
+                before_sleep=count_retry,
+                reraise=True,
+            )
             async for attempt in retrying:
                 with attempt:
-                    target = targets[(first + ex.prefill_attempts) % len(targets)]
-                    ex.prefill_attempts += 1
-                    ex.prefiller = target.authority
-                    return await self._prefill_once(shape, body, target, headers, extra, ex)
+                    return await self._prefill_once(shape, body, next_target(), headers, extra, ex)
         except _Retryable as exc:
             raise exc.error from None
         finally:
@@ -243,7 +253,7 @@ class Orchestrator:
             prepared=await self._prepare(target),
             extra=extra,
         )
-        payload = _dumps(self.connector.prefill_body(ctx))
+        payload = dumps(self.connector.prefill_body(ctx))
         leg_headers = headers.copy()
         leg_headers[TRACEPARENT] = ex.trace.leg_header()
         url = target.base_url + shape.path
@@ -280,7 +290,7 @@ class Orchestrator:
             self._forget(target)
             raise PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
         try:
-            parsed = json.loads(answer)
+            parsed = loads(answer)
         except ValueError:
             raise PrefillUnavailable(
                 f"prefill at {target} answered with malformed JSON", "malformed_answer"
@@ -433,7 +443,7 @@ class Orchestrator:
             self._decode(
                 request,
                 shape,
-                _dumps(self.connector.decode_body(ctx, None)),
+                dumps(self.connector.decode_body(ctx, None)),
                 headers,
                 None,
                 ex,

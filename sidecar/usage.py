@@ -9,8 +9,7 @@ are forwarded as the very bytes that arrived.
 
 from __future__ import annotations
 
-import json
-
+from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 
 __all__ = ["SseUsageRewriter", "rewrite_event", "rewrite_json"]
@@ -18,19 +17,15 @@ __all__ = ["SseUsageRewriter", "rewrite_event", "rewrite_json"]
 _MAX_HELD = 1 << 20  # an event this long is not a usage event: stop holding it back
 
 
-def _dumps(payload: object) -> bytes:
-    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def rewrite_json(shape: ApiShape, body: bytes, cached: int) -> bytes:
     """The JSON body with its cached-token count replaced, or ``body`` itself if none."""
     if not shape.cached_marker or shape.cached_marker not in body:
         return body
     try:
-        payload = json.loads(body)
+        payload = loads(body)
     except ValueError:
         return body
-    return _dumps(payload) if shape.write_cached(payload, cached) else body
+    return dumps(payload) if shape.write_cached(payload, cached) else body
 
 
 def rewrite_event(shape: ApiShape, event: bytes, cached: int) -> bytes:
@@ -49,12 +44,12 @@ def rewrite_event(shape: ApiShape, event: bytes, cached: int) -> bytes:
     raw = line[5:-1] if cr else line[5:]
     raw = raw[1:] if raw.startswith(b" ") else raw
     try:
-        payload = json.loads(raw)
+        payload = loads(raw)
     except ValueError:
         return event
     if not shape.write_cached(payload, cached):
         return event
-    lines[data_index] = b"data: " + _dumps(payload) + (b"\r" if cr else b"")
+    lines[data_index] = b"data: " + dumps(payload) + (b"\r" if cr else b"")
     return b"\n".join(lines)
 
 
