@@ -1,23 +1,21 @@
-"""JSON on the hot path: orjson (measured ~70x faster than the standard library at
-serialising a 64 KB prompt), with the standard library as the fallback for what orjson
-refuses (integers beyond 64 bits), so no valid client JSON is ever rejected."""
+"""JSON on the hot path.
+
+Serialising uses orjson (measured ~70x faster than the standard library for a 64 KB
+prompt: 3 us against 206 us), falling back to the standard library for what orjson
+refuses (integers beyond 64 bits). Parsing stays with the standard library: orjson
+would turn such integers into floats, silently changing a client's body, and its gain
+when parsing is small (36 us against 58 us for 64 KB).
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
 import orjson
 
 __all__ = ["dumps", "loads"]
 
-
-def loads(raw: bytes) -> Any:
-    """Parse JSON; raises ``ValueError`` on invalid input."""
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return json.loads(raw)
+loads = json.loads
 
 
 def dumps(payload: object) -> bytes:

@@ -12,6 +12,7 @@ answers, and emits the metrics and the access log line.
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -168,7 +169,8 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         ex.finish()
         if ex.mode != "health":
             _observe(metrics, ex)
-            access_log.info(ex.record())
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(ex.record())
 
 
 def _observe(metrics: Metrics, ex: Exchange) -> None:

@@ -132,3 +132,14 @@ def test_oversized_event_is_relayed_raw() -> None:
     out = _run(rewriter, pieces)
     assert out.startswith(big)
     assert json.loads(out[len(big) + 6 :])["usage"]["prompt_tokens_details"]["cached_tokens"] == 1
+
+
+def test_json_codec_accepts_what_the_standard_library_accepts() -> None:
+    from sidecar._json import dumps, loads
+
+    huge = {"seed": 2**70, "text": "héllo"}
+    assert loads(dumps(huge)) == huge
+    assert (
+        loads(b'{"seed": 123456789012345678901234567890}')["seed"] == 123456789012345678901234567890
+    )
+    assert dumps({"a": "é"}) == '{"a":"é"}'.encode()
