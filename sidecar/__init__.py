@@ -1,1 +1,20 @@
-"""pd-sidecar: the reverse proxy in every decode pod that orchestrates P/D stages."""
+"""pd-sidecar: the reverse proxy in every decode pod that orchestrates P/D stages.
+
+Modules, one concept each:
+
+- ``settings``      flags (llm-d compatible), YAML and environment -> one ``Settings``
+- ``app``           wiring: settings -> sessions -> connector -> orchestrator -> servers
+- ``routing``       routing header names, ``host:port`` list parsing
+- ``api_shapes``    per-path token-cap fields and usage locations
+- ``connectors``    registry; ``base`` (the Connector contract), ``nixlv2``
+- ``orchestrator``  sends the legs: retries, timeouts, cancellation, failure policy
+- ``passthrough``   everything that is not P/D, streamed both ways
+- ``relay``         chunk-by-chunk response relay, error events after the first byte
+- ``usage``         cached-token rewrite for JSON bodies and SSE streams
+- ``upstream``      per-stage client sessions, stale pooled connection resend
+- ``headers``       hop-by-hop filtering, W3C trace context
+- ``errors``        the error tree (drawn in its docstring)
+- ``exchange``      per-request record behind the access log line
+- ``health``        readiness probe of the local vLLM
+- ``metrics``, ``log``  Prometheus series, JSON logging
+"""
