@@ -96,6 +96,20 @@ async def read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body (read to the end so the connection can be reused), at most ``limit``."""
+    if response.content_length is not None and response.content_length > limit:
+        raise aiohttp.ClientPayloadError(f"answer of {response.content_length} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await response.content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise aiohttp.ClientPayloadError(f"answer over {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     try:
         body = loads(raw)
@@ -263,7 +277,7 @@ class Orchestrator:
                 try:
                     status = response.status
                     content_type = response.headers.get("Content-Type")
-                    answer = await response.content.read(_MAX_PREFILL_ANSWER)
+                    answer = await _read_bounded(response, _MAX_PREFILL_ANSWER)
                 finally:
                     response.release()
         except TimeoutError:
