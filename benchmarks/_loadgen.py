@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-__all__ = ["Result", "Sample", "Scenario", "percentile", "run_closed_loop", "read_stream"]
+__all__ = ["Result", "Sample", "Scenario", "percentile", "read_stream", "run_closed_loop"]
 
 
 @dataclass(slots=True)
@@ -32,8 +32,9 @@ Scenario = Callable[[aiohttp.ClientSession], Awaitable[Sample]]
 class Result:
     concurrency: int
     duration: float
-    samples: list[Sample] = field(default_factory=list)
+    samples: list[Sample] = field(default_factory=list)  # completed inside the window
     errors: int = 0
+    completed: int = 0  # every success, warm-up and tail included (for CPU per request)
 
     @property
     def rps(self) -> float:
@@ -79,14 +80,14 @@ async def run_closed_loop(
 
         async def worker() -> None:
             while loop.time() < stop_at:
-                began = loop.time()
                 try:
                     sample = await scenario(session)
                 except (aiohttp.ClientError, TimeoutError, ValueError):
-                    if began >= measure_from:
+                    if measure_from <= loop.time() <= stop_at:
                         result.errors += 1
                     continue
-                if began >= measure_from and loop.time() <= stop_at:
+                result.completed += 1
+                if measure_from <= loop.time() <= stop_at:
                     result.samples.append(sample)
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))

@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _loadgen import Result, Sample, read_stream, run_closed_loop  # noqa: E402
+from _loadgen import Result, Sample, read_stream, run_closed_loop
 
 BIN = Path(sys.executable).parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -217,7 +217,6 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     )
                     print(row("direct", direct, None))
                     before = cpu_seconds(ports["sidecar_pid"])
-                    counted_from = time.perf_counter()
                     proxied = await run_closed_loop(
                         via_sidecar(ports, prompt, stream),
                         concurrency=concurrency,
@@ -225,10 +224,9 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                         warmup=warmup,
                     )
                     spent = cpu_seconds(ports["sidecar_pid"]) - before
-                    wall = time.perf_counter() - counted_from
-                    # CPU covers warm-up too: scale requests to the whole window.
-                    requests = proxied.rps * wall
-                    cpu_per_1k = spent / requests * 1000 if requests else float("nan")
+                    # CPU covers warm-up and tail too, so divide by every completed request.
+                    done = proxied.completed
+                    cpu_per_1k = spent / done * 1000 if done else float("nan")
                     print(row("sidecar", proxied, cpu_per_1k))
                     records.append(
                         {
