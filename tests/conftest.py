@@ -32,6 +32,10 @@ class RunningSim:
         return self.server.port
 
     @property
+    def bootstrap_port(self) -> int | None:
+        return self.server.bootstrap_port
+
+    @property
     def engine(self) -> Any:
         return self.server.engine
 

@@ -9,7 +9,7 @@ import logging
 import signal
 import sys
 from collections.abc import Sequence
-from typing import Any, get_args
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
                 help='arm a fault at start, e.g. \'{"kind": "status", "status": 503, "count": 2}\'',
             )
         else:
-            choices = get_args(field.annotation) or None
+            literal = get_origin(field.annotation) is Literal
+            choices = get_args(field.annotation) if literal else None
             parser.add_argument(*flags, dest=name, choices=choices, help=help_text)
     return parser
 

@@ -18,7 +18,10 @@ class SimConfig(BaseModel):
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     served_model_name: str = "sim-model"
-    role: str = Field(default="both", description="Informational role label.")
+    role: str = Field(
+        default="both",
+        description="Role label; 'encode' makes the engine an encoder of multimodal items.",
+    )
     engine_id: str = Field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:12]}")
     advertise_host: str | None = Field(
         default=None, description="Host put in kv_transfer_params.remote_host (default: host)."
@@ -43,6 +46,20 @@ class SimConfig(BaseModel):
     kv_lease_seconds: float = Field(default=30.0, gt=0)
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     kv_pull_timeout_seconds: float = Field(default=10.0, gt=0)
+
+    # SGLang-style disaggregation: requests carrying bootstrap_room rendezvous through the
+    # prefill engine's bootstrap server (also Mooncake's /query endpoint).
+    disaggregation_mode: Literal["null", "prefill", "decode"] = "null"
+    bootstrap_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve the bootstrap server here (0: any port)."
+    )
+    bootstrap_timeout_seconds: float = Field(default=30.0, gt=0)
+
+    # Shared storage (LMCache-style KV, ec-example encoder outputs), shared by engines.
+    shared_storage_path: str | None = None
+
+    # Encoder outputs: role "encode" produces them, other roles consume them.
+    ec_connector: Literal["", "ec-example", "ec-nixl"] = ""
 
     # Faults armed at start, in the control endpoint's JSON form (see faults.py).
     faults: tuple[str, ...] = ()

@@ -1,12 +1,21 @@
-"""One simulated engine: scheduling, prefix cache, latency, the KV handshake.
+"""One simulated engine: scheduling, prefix cache, latency, the KV and encoder handshakes.
 
-The HTTP layer (``server.py``) turns an API body into ``GenerationParams`` and drives
-``SimEngine.run``; everything the engine does is visible in ``SimStats`` and ``/metrics``.
+The HTTP layer (``server.py``) turns an API body into ``GenerationParams``, admits it
+(``SimEngine.admit``), holds a batch slot (``SimEngine.running_slot``) and drains
+``Run.tokens()``. Everything the engine does shows in ``SimStats`` and ``/metrics``.
+
+Where a request's KV comes from, by what its body carries:
+
+- ``kv_transfer_params.do_remote_prefill`` with ``remote_block_ids``: NIXL pull;
+- ``kv_transfer_params.do_remote_prefill`` with ``transfer_id``: Mooncake pull;
+- ``bootstrap_room`` on an engine in ``--disaggregation-mode decode``: SGLang rendezvous;
+- otherwise computed here, helped by the local prefix cache and the shared storage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,12 +25,19 @@ import aiohttp
 
 from .config import SimConfig
 from .faults import FaultTable
-from .kv_transfer import LeaseTable, PullRejected, PullRequest
+from .mooncake import TransferTable
+from .nixl import LeaseTable, PullRejected, PullRequest
 from .prefix_cache import PrefixCache, block_hashes
+from .sglang import BootstrapTimeout, RoomTable
+from .shared_storage import SharedStorage
 from .stats import SimStats
-from .tokens import decode_token, output_token_ids
+from .tokens import decode_token, mm_hash, output_token_ids
 
 __all__ = [
+    "EC_PULL_PATH",
+    "MOONCAKE_PULL_PATH",
+    "PULL_PATH",
+    "SGLANG_JOIN_PATH",
     "EngineError",
     "GenerationParams",
     "KvLoadFailed",
@@ -30,6 +46,10 @@ __all__ = [
 ]
 
 PULL_PATH = "/sim/nixl/pull"
+EC_PULL_PATH = "/sim/ec/pull"
+# Served by the bootstrap server (see server.py), not the engine's HTTP port.
+SGLANG_JOIN_PATH = "/sim/sglang/join"
+MOONCAKE_PULL_PATH = "/sim/mooncake/pull"
 
 
 class EngineError(Exception):
@@ -37,7 +57,7 @@ class EngineError(Exception):
 
 
 class KvLoadFailed(Exception):
-    """The remote KV could not be loaded and the policy is ``fail``."""
+    """The request cannot run: remote KV or encoder output missing, or a peer timed out."""
 
 
 @dataclass
@@ -51,15 +71,15 @@ class GenerationParams:
     include_usage: bool = False
     kv_transfer_params: dict[str, Any] | None = None
     seed: int | None = None
-
-    @property
-    def role(self) -> str:
-        ktp = self.kv_transfer_params or {}
-        if ktp.get("do_remote_decode"):
-            return "prefill"
-        if ktp.get("do_remote_prefill"):
-            return "decode"
-        return "aggregated"
+    # SGLang disaggregation fields (top-level in the body).
+    bootstrap_host: str | None = None
+    bootstrap_port: int | None = None
+    bootstrap_room: int | None = None
+    # Decode-first shared-storage path: minimum fraction of the prompt already cached.
+    cache_hit_threshold: float | None = None
+    # Encoder outputs handed in (ec-nixl) and the request's multimodal items.
+    ec_transfer_params: dict[str, Any] | None = None
+    mm_items: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -70,13 +90,16 @@ class Run:
     params: GenerationParams
     request_id: str
     max_tokens: int
+    role: str
     cached_tokens: int = 0
     block_ids: list[int] = field(default_factory=list)
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
     kv_transfer_params: dict[str, Any] | None = None
+    ec_transfer_params: dict[str, Any] | None = None
     omit_kv_transfer_params: bool = False
+    below_cache_threshold: bool = False
     _leased: bool = False
 
     @property
@@ -89,6 +112,9 @@ class Run:
 
     async def tokens(self) -> AsyncIterator[tuple[int, str]]:
         """Yield ``(token_id, text)`` pieces; sets ``finish_reason`` at the end."""
+        if self.below_cache_threshold:
+            self.finish_reason = "cache_threshold"
+            return
         cfg = self.engine.config
         p = self.params
         natural = None if p.ignore_eos else max(cfg.natural_output_tokens, p.min_tokens)
@@ -107,25 +133,8 @@ class Run:
             self.engine.generation_tokens += 1
             yield token_id, piece
         self.finish_reason = "length" if limit == self.max_tokens else "stop"
-        if p.role == "prefill" and self.finish_reason == "length":
-            self._grant_lease()
-
-    def _grant_lease(self) -> None:
-        if self.omit_kv_transfer_params:
-            return
-        engine = self.engine
-        engine.leases.grant(self.request_id, list(self.block_ids), list(self.params.prompt_ids))
-        self._leased = True
-        self.kv_transfer_params = {
-            "do_remote_prefill": True,
-            "do_remote_decode": False,
-            "remote_engine_id": engine.config.engine_id,
-            "remote_block_ids": list(self.block_ids),
-            "remote_host": engine.config.remote_host,
-            "remote_port": engine.port,
-            "tp_size": 1,
-            "remote_request_id": self.request_id,
-        }
+        if self.role == "prefill" and self.finish_reason == "length":
+            self.engine.grant_nixl_lease(self)
 
     def usage(self) -> dict[str, Any]:
         return {
@@ -140,8 +149,15 @@ class SimEngine:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.port = config.port  # the bound port, set by the server once listening
+        self.bootstrap_port = config.bootstrap_port
         self.cache = PrefixCache(config.num_blocks, config.block_size)
         self.leases = LeaseTable(self.cache, config.kv_lease_seconds)
+        self.rooms = RoomTable(config.bootstrap_timeout_seconds)
+        self.transfers = TransferTable(config.kv_lease_seconds, config.bootstrap_timeout_seconds)
+        self.storage = (
+            SharedStorage(config.shared_storage_path) if config.shared_storage_path else None
+        )
+        self.encoded: dict[str, int] = {}  # mm_hash -> size in bytes, held for consumers
         self.stats = SimStats()
         self.faults = FaultTable()
         self.running = 0
@@ -155,7 +171,9 @@ class SimEngine:
 
     # -- lifetime ----------------------------------------------------------------
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=self.config.kv_pull_timeout_seconds)
+        timeout = aiohttp.ClientTimeout(
+            total=self.config.kv_pull_timeout_seconds + self.config.bootstrap_timeout_seconds
+        )
         self._session = aiohttp.ClientSession(timeout=timeout)
         self._sweeper = asyncio.create_task(self._sweep_leases())
 
@@ -174,13 +192,27 @@ class SimEngine:
             self.expire_leases()
 
     def expire_leases(self) -> None:
-        self.stats.leases_expired += self.leases.expire()
+        self.stats.leases_expired += self.leases.expire() + self.transfers.expire()
 
     def stats_dict(self) -> dict[str, Any]:
         self.expire_leases()
-        return self.stats.as_dict(engine_id=self.config.engine_id, leases_active=len(self.leases))
+        return self.stats.as_dict(
+            engine_id=self.config.engine_id, leases_active=len(self.leases) + len(self.transfers)
+        )
 
     # -- the request path ----------------------------------------------------------
+    def role_of(self, params: GenerationParams) -> str:
+        if self.config.role == "encode":
+            return "encode"
+        ktp = params.kv_transfer_params or {}
+        if ktp.get("do_remote_decode"):
+            return "prefill"
+        if ktp.get("do_remote_prefill"):
+            return "decode"
+        if params.bootstrap_room is not None and self.config.disaggregation_mode != "null":
+            return self.config.disaggregation_mode
+        return "aggregated"
+
     def admit(self, params: GenerationParams, request_id: str) -> Run:
         """Validate like vLLM does; raises ``EngineError`` for a 400."""
         cfg = self.config
@@ -207,9 +239,15 @@ class SimEngine:
                 f"min_tokens must be less than or equal to max_tokens={max_tokens}, "
                 f"got {params.min_tokens}."
             )
-        if params.role == "decode":
+        role = self.role_of(params)
+        if role == "decode" and params.bootstrap_room is None:
             _require_remote_fields(params.kv_transfer_params or {})
-        return Run(self, params, request_id, max_tokens)
+        sglang = params.bootstrap_room is not None and role in ("prefill", "decode")
+        if sglang and (params.bootstrap_host is None or params.bootstrap_port is None):
+            raise EngineError("bootstrap_room needs bootstrap_host and bootstrap_port.")
+        if role == "encode" and len(params.mm_items) != 1:
+            raise EngineError("An encode request carries exactly one multimodal item.")
+        return Run(self, params, request_id, max_tokens, role)
 
     @contextlib.asynccontextmanager
     async def running_slot(self, run: Run) -> AsyncIterator[Run]:
@@ -226,6 +264,8 @@ class SimEngine:
         finally:
             self.running -= 1
             self._slots.release()
+            if run.params.bootstrap_room is not None and run.role == "prefill":
+                self.rooms.abandon(run.params.bootstrap_room)  # no-op once handed over
             if not run._leased:
                 self.cache.release(run.block_ids)
             if run.finish_reason is not None:
@@ -235,9 +275,11 @@ class SimEngine:
         cfg = self.config
         prompt = run.params.prompt_ids
         self.prompt_tokens_total += len(prompt)
-        local_hits = self.cache.cached_prefix_blocks(block_hashes(prompt, cfg.block_size))
-        if run.params.role == "decode":
-            if await self._pull(run):
+        await self._check_encoder_outputs(run)
+        hashes = block_hashes(prompt, cfg.block_size)
+        local_hits = self.cache.cached_prefix_blocks(hashes)
+        if run.role == "decode":
+            if await self._load_remote(run):
                 # The remote KV is now ours; vLLM recomputes only the last prompt token.
                 self.cache.insert_computed(prompt)
                 self.cache.queries_tokens += len(prompt)
@@ -246,37 +288,64 @@ class SimEngine:
                 run.cached_tokens = len(prompt) - 1
                 await asyncio.sleep(cfg.delay_s(cfg.ttft_base_ms))
                 return
-            if cfg.kv_load_failure_policy == "fail":
+            if cfg.kv_load_failure_policy == "fail" or run.params.bootstrap_room is not None:
                 raise KvLoadFailed("failed to load KV from the remote engine")
             self.stats.recomputes += 1
         alloc = self.cache.allocate(prompt)
         run.block_ids = alloc.block_ids
-        run.cached_tokens = min(alloc.hit_blocks * cfg.block_size, len(prompt))
+        cached_blocks = alloc.hit_blocks
+        if self.storage is not None:
+            stored = await self.storage.cached_blocks(hashes)
+            self.stats.storage_hit_tokens += max(0, stored - cached_blocks) * cfg.block_size
+            cached_blocks = max(cached_blocks, stored)
+        run.cached_tokens = min(cached_blocks * cfg.block_size, len(prompt))
+        threshold = run.params.cache_hit_threshold
+        if threshold is not None and run.cached_tokens < threshold * len(prompt):
+            run.below_cache_threshold = True
+            self.stats.cache_threshold_rejections += 1
+            return
         uncached = len(prompt) - run.cached_tokens
         await asyncio.sleep(cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token))
+        if self.storage is not None:
+            await self.storage.store_blocks(hashes)
+        await self._publish(run)
 
-    async def _pull(self, run: Run) -> bool:
-        ktp = run.params.kv_transfer_params or {}
-        body = {
-            "remote_engine_id": ktp["remote_engine_id"],
-            "remote_block_ids": ktp["remote_block_ids"],
-            "remote_request_id": ktp.get("remote_request_id"),
+    async def _publish(self, run: Run) -> None:
+        """Prefill side of the concurrent protocols, and an encoder's outputs."""
+        p = run.params
+        prompt = list(p.prompt_ids)
+        if run.role == "encode":
+            await self._encode(run)
+        elif run.role == "prefill" and p.bootstrap_room is not None:
+            try:
+                await self.rooms.wait_for_decode(p.bootstrap_room)
+            except BootstrapTimeout as exc:
+                self.stats.bootstrap_timeouts += 1
+                raise KvLoadFailed(str(exc)) from None
+            self.rooms.hand_over(p.bootstrap_room, prompt)
+            self.stats.kv_pulls_served += 1
+        elif run.role == "prefill" and not run.omit_kv_transfer_params:
+            transfer_id = (p.kv_transfer_params or {}).get("transfer_id")
+            if transfer_id:
+                self.transfers.publish(str(transfer_id), prompt)
+
+    # -- NIXL ----------------------------------------------------------------------
+    def grant_nixl_lease(self, run: Run) -> None:
+        if run.omit_kv_transfer_params or (run.params.kv_transfer_params or {}).get("transfer_id"):
+            return
+        self.leases.grant(run.request_id, list(run.block_ids), list(run.params.prompt_ids))
+        run._leased = True
+        run.kv_transfer_params = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_engine_id": self.config.engine_id,
+            "remote_block_ids": list(run.block_ids),
+            "remote_host": self.config.remote_host,
+            "remote_port": self.port,
+            "tp_size": 1,
+            "remote_request_id": run.request_id,
         }
-        url = f"http://{_host_for_url(str(ktp['remote_host']))}:{ktp['remote_port']}{PULL_PATH}"
-        assert self._session is not None, "engine not started"
-        try:
-            async with self._session.post(url, json=body) as resp:
-                payload = await resp.json(content_type=None)
-                ok = resp.status == 200 and payload.get("token_ids") == run.params.prompt_ids
-        except (TimeoutError, aiohttp.ClientError, ValueError):
-            ok = False
-        if ok:
-            self.stats.kv_pulls_ok += 1
-        else:
-            self.stats.kv_pulls_failed += 1
-        return ok
 
-    # -- the owner's side of the pull ------------------------------------------------
     def serve_pull(self, pull: PullRequest) -> list[int]:
         try:
             lease = self.leases.claim(self.config.engine_id, pull)
@@ -288,13 +357,109 @@ class SimEngine:
         self.stats.kv_pulls_served += 1
         return lease.token_ids
 
+    # -- the decode side of every protocol -------------------------------------------
+    async def _load_remote(self, run: Run) -> bool:
+        p = run.params
+        ktp = p.kv_transfer_params or {}
+        if p.bootstrap_room is not None:
+            url = _url(str(p.bootstrap_host), p.bootstrap_port, SGLANG_JOIN_PATH)
+            body: dict[str, Any] = {"room": p.bootstrap_room}
+        elif ktp.get("transfer_id"):
+            url = f"{str(ktp.get('remote_bootstrap_addr', '')).rstrip('/')}{MOONCAKE_PULL_PATH}"
+            body = {"transfer_id": ktp["transfer_id"], "engine_id": ktp.get("remote_engine_id")}
+        else:
+            url = _url(str(ktp["remote_host"]), ktp["remote_port"], PULL_PATH)
+            body = {
+                "remote_engine_id": ktp["remote_engine_id"],
+                "remote_block_ids": ktp["remote_block_ids"],
+                "remote_request_id": ktp.get("remote_request_id"),
+            }
+        payload = await self._post(url, body)
+        ok = payload is not None and payload.get("token_ids") == p.prompt_ids
+        if ok:
+            self.stats.kv_pulls_ok += 1
+        else:
+            self.stats.kv_pulls_failed += 1
+        return ok
+
+    async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        assert self._session is not None, "engine not started"
+        try:
+            async with self._session.post(url, json=body) as resp:
+                payload = await resp.json(content_type=None)
+        except (TimeoutError, aiohttp.ClientError, ValueError):
+            return None
+        return payload if resp.status == 200 and isinstance(payload, dict) else None
+
+    # -- bootstrap server handlers (prefill engine) --------------------------------------
+    async def sglang_join(self, room: int) -> list[int]:
+        return await self.rooms.join(room)
+
+    async def mooncake_take(self, transfer_id: str, engine_id: str | None) -> list[int] | None:
+        if engine_id is not None and engine_id != self.config.engine_id:
+            self.stats.kv_pulls_rejected += 1
+            return None
+        tokens = await self.transfers.take(transfer_id)
+        if tokens is None:
+            self.stats.kv_pulls_rejected += 1
+        else:
+            self.stats.kv_pulls_served += 1
+        return tokens
+
+    # -- encoder outputs ---------------------------------------------------------------
+    async def _encode(self, run: Run) -> None:
+        [source] = run.params.mm_items
+        key = mm_hash(source)
+        size = 4096 + len(source) * 8
+        self.encoded[key] = size
+        self.stats.encodes += 1
+        if self.config.ec_connector == "ec-example" and self.storage is not None:
+            await self.storage.store_item(key)
+        elif self.config.ec_connector == "ec-nixl":
+            metadata = base64.b64encode(f"{self.config.engine_id}:{key}".encode()).decode()
+            run.ec_transfer_params = {
+                key: {
+                    "peer_host": self.config.remote_host,
+                    "peer_port": self.port,
+                    "size_bytes": size,
+                    "nixl_agent_metadata_b64": metadata,
+                }
+            }
+
+    def serve_encoded(self, key: str) -> int | None:
+        return self.encoded.get(key)
+
+    async def _check_encoder_outputs(self, run: Run) -> None:
+        """A consumer of encoder outputs needs every item's output, or fails."""
+        connector = self.config.ec_connector
+        if run.role == "encode" or not connector or not run.params.mm_items:
+            return
+        given = run.params.ec_transfer_params or {}
+        for source in run.params.mm_items:
+            key = mm_hash(source)
+            if connector == "ec-example":
+                ok = self.storage is not None and await self.storage.has_item(key)
+            else:
+                desc = given.get(key)
+                ok = isinstance(desc, dict) and await self._pull_encoded(key, desc)
+            if not ok:
+                self.stats.ec_loads_failed += 1
+                raise KvLoadFailed(f"encoder output missing for multimodal item {key}")
+            self.stats.ec_loads_ok += 1
+
+    async def _pull_encoded(self, key: str, desc: dict[str, Any]) -> bool:
+        url = _url(str(desc.get("peer_host")), desc.get("peer_port"), EC_PULL_PATH)
+        payload = await self._post(url, {"mm_hash": key})
+        return payload is not None and payload.get("size_bytes") == desc.get("size_bytes")
+
 
 def _require_remote_fields(ktp: dict[str, Any]) -> None:
-    missing = [
-        key
-        for key in ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
-        if ktp.get(key) is None
-    ]
+    needed = (
+        ("transfer_id", "remote_bootstrap_addr", "remote_engine_id")
+        if ktp.get("transfer_id")
+        else ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
+    )
+    missing = [key for key in needed if ktp.get(key) is None]
     if missing:
         raise EngineError(
             "kv_transfer_params.do_remote_prefill is set but these fields are missing: "
@@ -302,5 +467,6 @@ def _require_remote_fields(ktp: dict[str, Any]) -> None:
         )
 
 
-def _host_for_url(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+def _url(host: str, port: object, path: str) -> str:
+    bracketed = f"[{host}]" if ":" in host and not host.startswith("[") else host
+    return f"http://{bracketed}:{port}{path}"

@@ -17,10 +17,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import ValidationError
 
 from .config import SimConfig
-from .engine import PULL_PATH, EngineError, KvLoadFailed, Run, SimEngine
+from .engine import (
+    EC_PULL_PATH,
+    MOONCAKE_PULL_PATH,
+    PULL_PATH,
+    SGLANG_JOIN_PATH,
+    EngineError,
+    KvLoadFailed,
+    Run,
+    SimEngine,
+)
 from .faults import Fault, FaultKind
-from .kv_transfer import PullRejected, PullRequest
 from .metrics import engine_registry
+from .nixl import PullRejected, PullRequest
+from .sglang import BootstrapTimeout
 from .shapes import SHAPES, ApiShape
 from .shapes.base import error_info
 from .stats import RecordedRequest, SimStats
@@ -68,7 +78,7 @@ class _Generation:
         except EngineError as exc:
             engine.stats.errors += 1
             return _error(str(exc), 400, self.request_id)
-        role = params.role
+        role = engine.role_of(params)
         engine.stats.record(
             RecordedRequest(request.method, request.path, _headers(request), body, role)
         )
@@ -254,6 +264,65 @@ async def _pull(request: web.Request) -> web.Response:
     return web.json_response({"token_ids": token_ids})
 
 
+async def _ec_pull(request: web.Request) -> web.Response:
+    body = await request.json()
+    key = body.get("mm_hash") if isinstance(body, dict) else None
+    size = request.app[ENGINE].serve_encoded(str(key))
+    if size is None:
+        return _error(f"no encoder output for {key}", 404)
+    return web.json_response({"mm_hash": key, "size_bytes": size})
+
+
+# -- the bootstrap server (SGLang rendezvous, Mooncake query and pulls) ---------------------
+
+
+async def _bootstrap_query(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    return web.json_response({"0": {"engine_id": engine.config.engine_id}})
+
+
+async def _bootstrap_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    if not isinstance(body, dict):
+        raise web.HTTPBadRequest(text="a JSON object is required")
+    return body
+
+
+async def _sglang_join(request: web.Request) -> web.Response:
+    body = await _bootstrap_json(request)
+    room = body.get("room")
+    if not isinstance(room, int):
+        return _error("'room' must be an integer", 400)
+    try:
+        tokens = await request.app[ENGINE].sglang_join(room)
+    except BootstrapTimeout as exc:
+        request.app[ENGINE].stats.bootstrap_timeouts += 1
+        return _error(str(exc), 504)
+    return web.json_response({"token_ids": tokens})
+
+
+async def _mooncake_pull(request: web.Request) -> web.Response:
+    body = await _bootstrap_json(request)
+    tokens = await request.app[ENGINE].mooncake_take(
+        str(body.get("transfer_id")), body.get("engine_id")
+    )
+    if tokens is None:
+        return _error("no such transfer (unknown, expired, taken, or wrong engine)", 404)
+    return web.json_response({"token_ids": tokens})
+
+
+def create_bootstrap_app(engine: SimEngine) -> web.Application:
+    app = web.Application()
+    app[ENGINE] = engine
+    app.router.add_get("/query", _bootstrap_query)
+    app.router.add_post(SGLANG_JOIN_PATH, _sglang_join)
+    app.router.add_post(MOONCAKE_PULL_PATH, _mooncake_pull)
+    return app
+
+
 def create_app(config: SimConfig) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY)
     engine = SimEngine(config)
@@ -269,6 +338,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_post("/sim/faults", _add_fault)
     app.router.add_delete("/sim/faults", _clear_faults)
     app.router.add_post(PULL_PATH, _pull)
+    app.router.add_post(EC_PULL_PATH, _ec_pull)
 
     async def engine_lifetime(app: web.Application) -> Any:
         for raw in config.faults:
@@ -290,7 +360,13 @@ class SimServer:
         self.engine = self.app[ENGINE]
         # vLLM notices a client that went away by cancelling the request's handler.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._bootstrap_runner = (
+            web.AppRunner(create_bootstrap_app(self.engine), access_log=None)
+            if config.bootstrap_port is not None
+            else None
+        )
         self.port = config.port
+        self.bootstrap_port: int | None = None
 
     @property
     def url(self) -> str:
@@ -301,20 +377,21 @@ class SimServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> SimServer:
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self.config.host, self.config.port)
-        await site.start()
-        server = site._server
-        assert server is not None
-        sockets = getattr(server, "sockets", None) or []
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+        self.port = await _listen(self._runner, self.config.host, self.config.port)
         self.engine.port = self.port
+        if self._bootstrap_runner is not None:
+            assert self.config.bootstrap_port is not None
+            self.bootstrap_port = await _listen(
+                self._bootstrap_runner, self.config.host, self.config.bootstrap_port
+            )
+            self.engine.bootstrap_port = self.bootstrap_port
         return self
 
     async def stop(self) -> None:
-        with contextlib.suppress(Exception):
-            await self._runner.cleanup()
+        for runner in (self._bootstrap_runner, self._runner):
+            if runner is not None:
+                with contextlib.suppress(Exception):
+                    await runner.cleanup()
 
     async def __aenter__(self) -> SimServer:
         return await self.start()
@@ -326,3 +403,13 @@ class SimServer:
         tb: TracebackType | None,
     ) -> None:
         await self.stop()
+
+
+async def _listen(runner: web.AppRunner, host: str, port: int) -> int:
+    """Start ``runner`` on host:port and return the bound port (port 0 picks one)."""
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server
+    sockets = getattr(server, "sockets", None) or []
+    return int(sockets[0].getsockname()[1]) if sockets else port

@@ -33,7 +33,7 @@ class RecordedRequest:
 class SimStats:
     requests_total: int = 0
     requests_by_role: dict[str, int] = field(
-        default_factory=lambda: {"prefill": 0, "decode": 0, "aggregated": 0}
+        default_factory=lambda: {"prefill": 0, "decode": 0, "aggregated": 0, "encode": 0}
     )
     kv_pulls_ok: int = 0
     kv_pulls_failed: int = 0
@@ -43,6 +43,12 @@ class SimStats:
     leases_expired: int = 0
     aborts: int = 0
     errors: int = 0
+    bootstrap_timeouts: int = 0
+    storage_hit_tokens: int = 0
+    cache_threshold_rejections: int = 0
+    encodes: int = 0
+    ec_loads_ok: int = 0
+    ec_loads_failed: int = 0
     recorded: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=_RECORDED_MAX))
 
     def record(self, request: RecordedRequest) -> None:
@@ -64,5 +70,11 @@ class SimStats:
             "leases_expired": self.leases_expired,
             "aborts": self.aborts,
             "errors": self.errors,
+            "bootstrap_timeouts": self.bootstrap_timeouts,
+            "storage_hit_tokens": self.storage_hit_tokens,
+            "cache_threshold_rejections": self.cache_threshold_rejections,
+            "encodes": self.encodes,
+            "ec_loads_ok": self.ec_loads_ok,
+            "ec_loads_failed": self.ec_loads_failed,
             "recorded": [r.as_dict() for r in self.recorded],
         }

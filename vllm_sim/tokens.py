@@ -6,6 +6,7 @@ same text always yields the same ids on every engine (as a shared tokenizer woul
 
 from __future__ import annotations
 
+import hashlib
 import re
 import zlib
 from collections.abc import Iterable, Mapping, Sequence
@@ -15,6 +16,8 @@ __all__ = [
     "VOCAB_SIZE",
     "chat_prompt",
     "decode_token",
+    "mm_hash",
+    "multimodal_items",
     "output_token_ids",
     "tokenize",
 ]
@@ -105,14 +108,41 @@ def _safe_kind(kind: str) -> str:
     return re.sub(r"[^a-z_]", "_", kind.lower()) or "item"
 
 
+MULTIMODAL_KINDS = ("image_url", "audio_url", "video_url", "input_audio")
+
+
+def _item_source(part: Mapping[str, Any]) -> str | None:
+    """What identifies a multimodal item: its URL, or its inline data."""
+    kind = part.get("type")
+    if kind not in MULTIMODAL_KINDS:
+        return None
+    value = part.get(str(kind))
+    if isinstance(value, Mapping):
+        value = value.get("url") or value.get("data")
+    return None if value is None else f"{kind}:{value}"
+
+
 def _item_identity(part: Mapping[str, Any]) -> str:
-    for key in ("image_url", "audio_url", "video_url", "input_audio"):
-        value = part.get(key)
-        if isinstance(value, Mapping):
-            value = value.get("url") or value.get("data")
-        if value is not None:
-            return f"item{zlib.crc32(str(value).encode()):08x}"
-    return "item"
+    source = _item_source(part)
+    return f"item{zlib.crc32(source.encode()):08x}" if source else "item"
+
+
+def mm_hash(source: str) -> str:
+    """The key an encoder's output is stored and transferred under."""
+    return hashlib.sha256(source.encode()).hexdigest()[:32]
+
+
+def multimodal_items(messages: Iterable[Mapping[str, Any]]) -> list[str]:
+    """The distinct items of a chat request, in order of first appearance."""
+    seen: dict[str, None] = {}
+    for message in messages:
+        content = message.get("content")
+        if not isinstance(content, list):
+            continue
+        for part in content:
+            if isinstance(part, Mapping) and (source := _item_source(part)) is not None:
+                seen.setdefault(source, None)
+    return list(seen)
 
 
 def chat_prompt(messages: Iterable[Mapping[str, Any]], system: Any = None) -> str:

@@ -11,7 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_sim import SimConfig
 from vllm_sim.engine import GenerationParams, SimEngine
-from vllm_sim.kv_transfer import LeaseTable, PullRejected, PullRequest
+from vllm_sim.nixl import LeaseTable, PullRejected, PullRequest
 from vllm_sim.prefix_cache import PrefixCache, block_hashes
 
 

@@ -94,6 +94,19 @@ def common_params(
     ignore_eos = s.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise EngineError("'ignore_eos' must be a boolean.")
+    ec_params = body.get("ec_transfer_params")
+    if ec_params is not None and not isinstance(ec_params, Mapping):
+        raise EngineError("'ec_transfer_params' must be an object.")
+    threshold = body.get("cache_hit_threshold")
+    if threshold is not None and (
+        isinstance(threshold, bool)
+        or not isinstance(threshold, int | float)
+        or not 0 <= threshold <= 1
+    ):
+        raise EngineError("'cache_hit_threshold' must be a number between 0 and 1.")
+    host = body.get("bootstrap_host")
+    if host is not None and not isinstance(host, str):
+        raise EngineError("'bootstrap_host' must be a string.")
     return GenerationParams(
         prompt_ids=prompt_ids,
         max_tokens=max_tokens,
@@ -104,6 +117,11 @@ def common_params(
         include_usage=bool(options and options.get("include_usage")),
         kv_transfer_params=dict(ktp) if ktp is not None else None,
         seed=optional_int(s, "seed"),
+        bootstrap_host=host,
+        bootstrap_port=optional_int(body, "bootstrap_port"),
+        bootstrap_room=optional_int(body, "bootstrap_room"),
+        cache_hit_threshold=None if threshold is None else float(threshold),
+        ec_transfer_params=dict(ec_params) if ec_params is not None else None,
     )
 
 

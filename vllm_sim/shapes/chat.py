@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..engine import GenerationParams, Run
-from ..tokens import chat_prompt, tokenize
+from ..tokens import chat_prompt, multimodal_items, tokenize
 from .base import common_params, error_info, optional_int, require_list, sse
 
 __all__ = ["ChatCompletions"]
@@ -22,10 +22,12 @@ class ChatCompletions:
         max_tokens = optional_int(body, "max_completion_tokens", minimum=1)
         if max_tokens is None:
             max_tokens = optional_int(body, "max_tokens", minimum=1)
-        return common_params(body, tokenize(chat_prompt(messages)), max_tokens)
+        params = common_params(body, tokenize(chat_prompt(messages)), max_tokens)
+        params.mm_items = multimodal_items(messages)
+        return params
 
     def response(self, run: Run, model: str, response_id: str, created: int) -> dict[str, Any]:
-        return {
+        payload = {
             "id": response_id,
             "object": "chat.completion",
             "created": created,
@@ -43,6 +45,9 @@ class ChatCompletions:
             "prompt_logprobs": None,
             "kv_transfer_params": run.kv_transfer_params,
         }
+        if run.ec_transfer_params is not None:
+            payload["ec_transfer_params"] = run.ec_transfer_params
+        return payload
 
     def renderer(self, run: Run, model: str, response_id: str, created: int) -> _ChatStream:
         return _ChatStream(run, model, response_id, created)
