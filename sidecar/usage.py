@@ -112,13 +112,18 @@ class SseUsageRewriter:
         return held
 
     def _rewrite_events(self, complete: bytes) -> bytes:
+        """Rewrite only the events holding the marker; copy the bytes around them as is."""
         out: list[bytes] = []
         start = 0
-        while start < len(complete):
-            end = _first_boundary_end(complete, start)
-            event = complete[start:end]
-            if self._marker in event:
-                event = rewrite_event(self._shape, event, self._cached)
-            out.append(event)
-            start = end
+        marker = complete.find(self._marker)
+        while marker >= 0:
+            lf = complete.rfind(b"\n\n", start, marker)
+            crlf = complete.rfind(b"\r\n\r\n", start, marker)
+            event_start = max(start, lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+            event_end = _first_boundary_end(complete, marker)
+            out.append(complete[start:event_start])
+            out.append(rewrite_event(self._shape, complete[event_start:event_end], self._cached))
+            start = event_end
+            marker = complete.find(self._marker, start)
+        out.append(complete[start:])
         return b"".join(out)
