@@ -101,3 +101,9 @@ async def eventually(
         if loop.time() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def roles(stats: dict[str, Any]) -> dict[str, int]:
+    """The simulator's request counts for the roles a P/D flow involves."""
+    by_role: dict[str, int] = stats["requests_by_role"]
+    return {name: by_role.get(name, 0) for name in ("prefill", "decode", "aggregated")}
