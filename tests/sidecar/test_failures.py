@@ -245,3 +245,38 @@ async def test_unparsable_prefill_header_is_400(
     assert status == 400
     assert "x-prefiller-host-port" in payload["error"]["message"]
     assert (await pd.decode.stats())["requests_total"] == 0
+
+
+async def test_openai_client_sees_a_mid_stream_failure(pd: PD) -> None:
+    import openai
+
+    await pd.decode.add_fault(kind="disconnect", after_chunks=3)
+    async with openai.AsyncOpenAI(
+        base_url=pd.url + "/v1", api_key="unused", default_headers=pd.headers, max_retries=0
+    ) as oai:
+        stream = await oai.completions.create(
+            model="sim-model", prompt="hello " * 20, max_tokens=20, stream=True
+        )
+        received = []
+        with pytest.raises(openai.APIError, match="upstream stream broken"):
+            async for chunk in stream:
+                received.append(chunk)
+    assert len(received) == 3
+
+
+async def test_prefiller_sampling_spreads_load(
+    start_sim: Any, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    first = await start_sim(role="prefill", zero_latency=True)
+    second = await start_sim(role="prefill", zero_latency=True)
+    decode = await start_sim(role="decode", zero_latency=True)
+    header = {"x-prefiller-host-port": f"{first.host_port},{second.host_port}"}
+    pinned = await start_sidecar(model_server_port=decode.port)
+    for _ in range(5):
+        assert (await post(client, pinned.url, header))[0] == 200
+    assert (await second.stats())["requests_total"] == 0  # no sampling: the first entry
+    sampled = await start_sidecar(model_server_port=decode.port, enable_prefiller_sampling=True)
+    for _ in range(40):
+        assert (await post(client, sampled.url, header))[0] == 200
+    assert (await second.stats())["requests_total"] > 0
+    assert (await first.stats())["requests_total"] > 5
