@@ -150,10 +150,10 @@ class Orchestrator:
     async def serve(
         self, request: web.Request, shape: ApiShape, header_value: str, ex: Exchange
     ) -> web.StreamResponse:
+        ex.mode = "pd"
         targets = parse_host_ports(header_value)
         raw = await read_body(request, self.policy.max_body_bytes)
         body = parse_json_object(raw)
-        ex.mode = "pd"
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id
         headers["Content-Type"] = "application/json"
