@@ -40,6 +40,8 @@ class Exchange:
     cached_tokens: int | None = None
     error: str | None = None
     response_started: bool = False
+    # Set when a concurrent leg failed and the stream being relayed must end with it.
+    abort: BaseException | None = None
 
     def first_byte(self) -> None:
         if self.ttft_s is None:

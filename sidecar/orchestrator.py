@@ -49,11 +49,12 @@ from sidecar.errors import (
     PrefillRejected,
     PrefillTimeout,
     PrefillUnavailable,
+    SidecarError,
 )
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, TRACEPARENT, request_headers, response_headers
 from sidecar.metrics import Metrics
-from sidecar.relay import is_event_stream, relay_body
+from sidecar.relay import error_event, is_event_stream, relay_body
 from sidecar.routing import HostPort, parse_host_ports, pick
 from sidecar.upstream import Upstream
 from sidecar.usage import SseUsageRewriter, rewrite_json
@@ -389,15 +390,19 @@ class Orchestrator:
                 rewriter = (
                     SseUsageRewriter(shape, cached) if rewrite and cached is not None else None
                 )
-                await relay_body(
-                    out,
-                    response,
-                    first,
-                    ex=ex,
-                    idle_timeout=self.policy.stream_idle_timeout,
-                    rewriter=rewriter,
-                    sse=True,
-                )
+                try:
+                    await relay_body(
+                        out,
+                        response,
+                        first,
+                        ex=ex,
+                        idle_timeout=self.policy.stream_idle_timeout,
+                        rewriter=rewriter,
+                        sse=True,
+                    )
+                except asyncio.CancelledError:
+                    await self._end_aborted_stream(out, ex)
+                    return out
                 complete = True
                 return out
             rest = await self._read_rest(response, first)
@@ -413,6 +418,21 @@ class Orchestrator:
                 response.release()
             else:
                 response.close()
+
+    async def _end_aborted_stream(self, out: web.StreamResponse, ex: Exchange) -> None:
+        """A concurrent leg failed mid-stream: end the stream with its error event.
+
+        Re-raises when the cancellation (also) came from elsewhere, e.g. the client left.
+        """
+        task = asyncio.current_task()
+        failure = ex.abort
+        if task is None or not isinstance(failure, SidecarError) or task.cancelling() > 1:
+            raise asyncio.CancelledError
+        task.uncancel()
+        ex.status = failure.status
+        ex.error = failure.message
+        await out.write(b"\n\n" + error_event(failure, ex.request_id))
+        await out.write_eof()
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
         chunks = [first]
@@ -467,6 +487,7 @@ class Orchestrator:
 
         def stop_decode_on_failure(task: asyncio.Future[None]) -> None:
             if not task.cancelled() and task.exception() is not None:
+                ex.abort = task.exception()
                 relay.cancel()
 
         prefill.add_done_callback(stop_decode_on_failure)
@@ -477,9 +498,6 @@ class Orchestrator:
             current = asyncio.current_task()
             if failure is None or (current is not None and current.cancelling()):
                 raise
-            if ex.response_started:
-                # The stream already began; ending it abruptly is the only honest signal.
-                raise ConnectionAbortedError(str(failure)) from failure
             raise failure from None
         finally:
             prefill.remove_done_callback(stop_decode_on_failure)

@@ -63,3 +63,47 @@ async def test_concurrent_legs(
         return (await decode.stats())["aborts"] == 1
 
     await eventually(decode_aborted, what="decode leg aborted")
+
+
+async def test_prefill_failing_mid_stream_ends_the_stream_with_an_error_event(
+    probe_registered: None, start_sim: Any, start_sidecar: StartSidecar
+) -> None:
+    import asyncio
+
+    from aiohttp import web
+
+    release = asyncio.Event()
+
+    async def failing_prefill(request: web.Request) -> web.Response:
+        await request.read()
+        await release.wait()
+        return web.json_response({"error": "bootstrap failed"}, status=500)
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", failing_prefill)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    try:
+        decode = await start_sim(role="decode", itl_ms=20.0, ttft_base_ms=0.0)
+        sidecar = await start_sidecar(
+            model_server_port=decode.port, kv_connector="concurrent-probe"
+        )
+        headers = {"x-prefiller-host-port": f"127.0.0.1:{runner.addresses[0][1]}"}
+        body = {**BODY, "max_tokens": 500, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            resp = await session.post(sidecar.url + "/v1/completions", json=body, headers=headers)
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+            release.set()
+            rest = (await resp.content.read()).decode()
+        last = [e for e in rest.split("\n\n") if e.strip()][-1]
+        assert last.startswith("event: error\n")
+        assert '"stage": "prefill"' in last
+
+        async def decode_aborted() -> bool:
+            return (await decode.stats())["aborts"] == 1
+
+        await eventually(decode_aborted, what="decode leg aborted")
+    finally:
+        await runner.cleanup()
