@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         print(f"pd-sidecar: invalid configuration: {exc}", file=sys.stderr)
         return 2
-    configure_logging(settings.log_level)
+    configure_logging(settings.effective_log_level)
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux

@@ -136,6 +136,9 @@ class Settings(BaseSettings):
     prefill_retry_backoff: Duration = 0.1
     enable_prefiller_sampling: GoBool = False
     mooncake_bootstrap_port: Port = 8998
+    # klog verbosity of the Go sidecar (-v=N), accepted so manifests keep working:
+    # 4 or more turns on debug logging.
+    v: Annotated[int, Field(ge=0, le=10)] = 0
 
     # Ours (not in llm-d).
     listen_host: str = "0.0.0.0"
@@ -206,6 +209,10 @@ class Settings(BaseSettings):
         if value:
             raise ValueError("outbound TLS is not available in this build")
         return value
+
+    @property
+    def effective_log_level(self) -> str:
+        return "debug" if self.v >= 4 else self.log_level
 
     @property
     def model_server_url(self) -> str:

@@ -62,6 +62,11 @@ def test_go_false_spellings(value: str) -> None:
     )
 
 
+def test_klog_verbosity_is_accepted() -> None:
+    assert load_settings(["-v=5"]).effective_log_level == "debug"
+    assert load_settings(["--v", "2"]).effective_log_level == "info"
+
+
 def test_deprecated_vllm_port_alias() -> None:
     assert load_settings(["--vllm-port=8300"]).model_server_port == 8300
     assert load_settings(["--connector=nixlv2"]).kv_connector == "nixlv2"
