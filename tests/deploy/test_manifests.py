@@ -18,6 +18,7 @@ import json
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 
 from epp.config import ConfigError, load_config
 from epp.settings import EppSettings, parse_args
@@ -222,6 +223,27 @@ def test_epp_args_parse_and_its_config_loads(
         "grpc-health": settings.grpc_health_port,
         "metrics": settings.metrics_port,
     }
+
+
+@pytest.mark.parametrize("directory", _dirs_with("ConfigMap"))
+def test_every_endpoint_picker_config_in_a_configmap_loads(directory: str) -> None:
+    found = 0
+    for cm in build(directory).of_kind("ConfigMap"):
+        for key, text in (cm.get("data") or {}).items():
+            doc = yaml.safe_load(text) if key.endswith((".yaml", ".yml", ".json")) else None
+            if isinstance(doc, dict) and doc.get("kind") == "EndpointPickerConfig":
+                load_config(config_text=text, pool_configured=True)
+                found += 1
+    if any(c.program == "epp" for c in containers(build(directory))):
+        assert found == 1, f"{directory}: expected one EndpointPickerConfig, found {found}"
+
+
+@pytest.mark.parametrize("directory", _dirs_with("Deployment"))
+def test_images_are_pinned(directory: str) -> None:
+    for container in containers(build(directory)):
+        image = container.spec["image"]
+        name, _, tag = image.rpartition(":")
+        assert name and "/" not in tag and tag not in ("", "latest"), (container.where, image)
 
 
 def test_epp_config_check_rejects_a_bad_config() -> None:
