@@ -10,6 +10,7 @@ import grpc
 from epp._proto.disagg_extproc_pb2 import ProcessingRequest, ProcessingResponse
 from epp.extproc.context import RequestContext, StreamEnv
 from epp.extproc.handlers import HANDLERS, ProtocolViolation
+from epp.extproc.responses import immediate_response
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -64,5 +65,10 @@ class ExtProcService:
         except ProtocolViolation as err:
             log.warning("request %s: ext_proc protocol violation: %s", ctx.request_id, err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Exception:
+            # A bug here must cost one request a clean 500, not the gateway a broken stream.
+            log.exception("request %s: ext_proc handler failed", ctx.request_id)
+            ctx.env.metrics.request_errors.labels(status="500", reason="internal_error").inc()
+            yield immediate_response(500, "internal_error", "internal error in the endpoint picker")
         finally:
             ctx.finish()

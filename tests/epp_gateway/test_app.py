@@ -112,7 +112,8 @@ async def test_app_serves_decisions_health_and_metrics(
             assert r.status == 200
             text = await r.text()
         assert 'llm_d_epp_disagg_decision_total{decision_type="prefill-decode"} 1.0' in text
-        assert "llm_d_epp_ready_endpoints 2.0" in text
+        assert 'llm_d_epp_endpoints{role="decode"} 1.0' in text
+        assert 'llm_d_epp_endpoints{role="prefill"} 1.0' in text
 
         write_endpoints(endpoints, [])
         await _wait_health(app.health_port, "readiness", NOT_SERVING)

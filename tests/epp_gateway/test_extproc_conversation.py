@@ -370,3 +370,14 @@ async def test_many_concurrent_streams(extproc: ExtProcHarness) -> None:
     results = await asyncio.gather(*(one(i) for i in range(40)))
     assert all(results)
     assert len(extproc.fake.calls) == 40
+
+
+async def test_a_server_bug_costs_one_request_a_500(extproc: ExtProcHarness) -> None:
+    extproc.fake.decode = None  # type: ignore[assignment]  # an invalid decision
+    client = extproc.client()
+    await client.send(request_headers(end_of_stream=True))
+    msg = await client.recv()
+    assert msg.immediate_response.status.code == 500
+    assert extproc.errors(500, "internal_error") == 1
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
