@@ -38,6 +38,7 @@ class RecordingBackend:
         app = web.Application(client_max_size=64 * 1024 * 1024)
         app.router.add_get("/metrics", self._metrics)
         app.router.add_route("*", "/stream", self._stream)
+        app.router.add_route("*", "/big/{size}", self._big)
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
@@ -73,6 +74,11 @@ class RecordingBackend:
                 "sha256": hashlib.sha256(rec.body).hexdigest(),
             }
         )
+
+    async def _big(self, request: web.Request) -> web.Response:
+        await self._record(request)
+        size = int(request.match_info["size"])
+        return web.Response(body=bytes(i % 253 for i in range(size)))
 
     async def _stream(self, request: web.Request) -> web.StreamResponse:
         await self._record(request)

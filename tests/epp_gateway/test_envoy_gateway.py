@@ -167,6 +167,24 @@ async def test_sse_streams_through_unbuffered(gw: Gateway) -> None:
     assert gw.fake.finished == finished_before + 1
 
 
+@pytest.mark.parametrize("size", [0, 62 * 1024 + 3, 500_001])
+async def test_response_body_arrives_intact(gw: Gateway, size: int) -> None:
+    async with gw.session.post(f"{gw.envoy.url}/big/{size}", json={}) as r:
+        assert r.status == 200
+        got = await r.read()
+    assert got == bytes(i % 253 for i in range(size))
+
+
+async def test_client_going_away_releases_the_decision(gw: Gateway) -> None:
+    finished_before = gw.fake.finished
+    async with gw.session.post(f"{gw.envoy.url}/stream", json={"stream": True}) as r:
+        await asyncio.wait_for(r.content.readuntil(b"\n\n"), 10)
+        r.close()  # the client hangs up mid-stream
+    gw.pod_a.release.set()
+    await gw.fake.settle()
+    assert gw.fake.finished == finished_before + 1
+
+
 async def test_no_endpoints_is_a_503_with_a_json_body(gw: Gateway) -> None:
     from epp.decision import NoEndpoints
 
