@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
 import base64
+import re
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -321,3 +324,35 @@ def test_received_messages_roundtrip(label: str, spec: dict[str, Any]) -> None:
 def test_sent_messages_roundtrip(label: str, spec: dict[str, Any]) -> None:
     _roundtrip(ours.ProcessingResponse, envoy_ep.ProcessingResponse, spec)
     _roundtrip(envoy_ep.ProcessingResponse, ours.ProcessingResponse, spec)
+
+
+def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
+    """protos/generate.sh was run after the last change to the .proto file."""
+    grpc_tools = pytest.importorskip("grpc_tools")
+    from grpc_tools import protoc
+
+    root = Path(__file__).resolve().parents[2]
+    wkt = Path(grpc_tools.__file__).parent / "_proto"
+    rc = protoc.main(
+        [
+            "protoc",
+            f"-I{root / 'protos'}",
+            f"-I{wkt}",
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(root / "protos" / "disagg_extproc.proto"),
+        ]
+    )
+    assert rc == 0
+    # The serialized descriptor is what the proto defines, whatever the generator version.
+    generated = _serialized_descriptor(tmp_path / "disagg_extproc_pb2.py")
+    committed = _serialized_descriptor(root / "epp" / "_proto" / "disagg_extproc_pb2.py")
+    assert generated == committed, "run protos/generate.sh"
+
+
+def _serialized_descriptor(path: Path) -> bytes:
+    match = re.search(r"AddSerializedFile\((b'.*?')\)\n", path.read_text())
+    assert match is not None, path
+    value = ast.literal_eval(match.group(1))
+    assert isinstance(value, bytes)
+    return value
