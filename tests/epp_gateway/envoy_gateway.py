@@ -32,6 +32,7 @@ _HCM = (
 _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_SET_METADATA = "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 
 
@@ -40,8 +41,14 @@ def _address(port: int) -> dict[str, Any]:
 
 
 def gateway_config(
-    epp_port: int, *, epp_tls: bool = False, request_body_mode: str = "FULL_DUPLEX_STREAMED"
+    epp_port: int,
+    *,
+    epp_tls: bool = False,
+    request_body_mode: str = "FULL_DUPLEX_STREAMED",
+    subset_hint: list[str] | None = None,
 ) -> dict[str, Any]:
+    """``subset_hint``: a filter ahead of ext_proc sets the subset metadata, which the
+    ext_proc filter forwards to the EPP (as a gateway's own filters would)."""
     epp_cluster: dict[str, Any] = {
         "name": "epp",
         "type": "STATIC",
@@ -63,7 +70,7 @@ def gateway_config(
             "name": "envoy.transport_sockets.tls",
             "typed_config": {"@type": _TLS, "common_tls_context": {"alpn_protocols": ["h2"]}},
         }
-    ext_proc = {
+    ext_proc: dict[str, Any] = {
         "@type": _EXT_PROC,
         "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}},
         "processing_mode": {
@@ -78,6 +85,27 @@ def gateway_config(
         "message_timeout": "10s",
         "failure_mode_allow": False,
     }
+    filters: list[dict[str, Any]] = []
+    if subset_hint is not None:
+        filters.append(
+            {
+                "name": "envoy.filters.http.set_metadata",
+                "typed_config": {
+                    "@type": _SET_METADATA,
+                    "metadata": [
+                        {
+                            "metadata_namespace": "envoy.lb.subset_hint",
+                            "value": {"x-gateway-destination-endpoint-subset": subset_hint},
+                        }
+                    ],
+                },
+            }
+        )
+        ext_proc["metadata_options"] = {
+            "forwarding_namespaces": {"untyped": ["envoy.lb.subset_hint"]}
+        }
+    filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc})
+    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
     hcm = {
         "@type": _HCM,
         "stat_prefix": "gateway",
@@ -96,10 +124,7 @@ def gateway_config(
                 }
             ]
         },
-        "http_filters": [
-            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc},
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
-        ],
+        "http_filters": filters,
     }
     return {
         "admin": {"address": _address(0)},

@@ -243,3 +243,41 @@ async def test_buffered_request_body_mode(tmp_path: Path) -> None:
         await envoy.stop()
         await pod.stop()
         await server.stop(grace=None)
+
+
+@pytest.mark.parametrize("hint", ["pod_b", "empty"])
+async def test_subset_hint_from_the_gateway(tmp_path: Path, hint: str) -> None:
+    """Envoy forwards envoy.lb.subset_hint metadata; the EPP picks within it (or 503)."""
+    fake = FakeDecisionMaker()
+    server = grpc.aio.server()
+    ExtProcService(fake, EppMetrics(), ExtProcConfig()).register(server)
+    epp_port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    pod_a, pod_b = RecordingBackend("a"), RecordingBackend("b")
+    await pod_a.start()
+    await pod_b.start()
+    fake.decode = pod_a.host_port  # what it would pick without the hint
+    subset = [pod_b.host_port] if hint == "pod_b" else []
+    envoy = EnvoyGateway(gateway_config(epp_port, subset_hint=subset), tmp_path / "envoy-subset")
+    try:
+        await envoy.start()
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{envoy.url}/v1/completions", json={"model": "m"}) as r,
+        ):
+            body = await r.read()
+            status = r.status
+        assert fake.calls[0].subset == subset
+        if hint == "pod_b":
+            assert status == 200, body
+            assert pod_a.requests == []
+            assert len(pod_b.requests) == 1
+        else:
+            assert status == 503
+            assert pod_a.requests == []
+            assert pod_b.requests == []
+    finally:
+        await envoy.stop()
+        await pod_a.stop()
+        await pod_b.stop()
+        await server.stop(grace=None)
