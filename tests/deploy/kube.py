@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 __all__ = [
+    "POD_FIELDS",
     "REPO",
     "Built",
     "Container",
@@ -135,11 +136,21 @@ def _configmap_value(built: Built, ref: Mapping[str, Any]) -> str:
     return str(cm["data"][ref["key"]])
 
 
-def resolve_args(built: Built, container: Container) -> list[str]:
+# Downward-API fields as a pod would see them (the IP is never contacted).
+POD_FIELDS = {
+    "status.podIP": "192.0.2.10",
+    "metadata.namespace": "disagg",
+    "metadata.name": "pod-0",
+}
+
+
+def resolve_args(
+    built: Built, container: Container, fields: Mapping[str, str] | None = None
+) -> list[str]:
     """The container's args with ``$(VAR)`` expanded as the kubelet would.
 
-    Literal values and ConfigMap keys are substituted; a fieldRef (pod IP, namespace)
-    becomes a placeholder of the right shape. An undefined variable is an error here,
+    Literal values and ConfigMap keys are substituted; a fieldRef takes its value from
+    ``fields`` (default ``POD_FIELDS``). An undefined variable is an error here,
     although the kubelet would leave it verbatim: that is always a mistake in ours.
     """
     values: dict[str, str] = {}
@@ -152,7 +163,7 @@ def resolve_args(built: Built, container: Container) -> list[str]:
             values[item["name"]] = _configmap_value(built, source["configMapKeyRef"])
         elif "fieldRef" in source:
             path = source["fieldRef"]["fieldPath"]
-            values[item["name"]] = {"status.podIP": "10.0.0.7"}.get(path, "placeholder")
+            values[item["name"]] = {**POD_FIELDS, **(fields or {})}[path]
         else:
             raise AssertionError(f"{container.where}: unsupported env source {source}")
 
