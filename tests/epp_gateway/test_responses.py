@@ -1,0 +1,48 @@
+"""The pure message builders: chunking and the routing mutation."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from epp.decision import Decision
+from epp.extproc import MAX_CHUNK_BYTES, ROUTING_HEADERS
+from epp.extproc.responses import routing_mutation, streamed_request_body
+
+
+@given(
+    body=st.binary(max_size=3 * 1024),
+    chunk=st.integers(min_value=1, max_value=512),
+    end=st.booleans(),
+)
+def test_chunks_reassemble_and_respect_the_limit(body: bytes, chunk: int, end: bool) -> None:
+    messages = streamed_request_body(body, end_of_stream=end, chunk_bytes=chunk)
+    parts = [m.request_body.response.body_mutation.streamed_response for m in messages]
+    assert b"".join(p.body for p in parts) == body
+    assert all(len(p.body) <= chunk for p in parts)
+    assert [p.end_of_stream for p in parts] == [False] * (len(parts) - 1) + [end]
+    assert len(parts) == max(1, -(-len(body) // chunk))
+
+
+def test_a_200kb_body_uses_62kb_chunks() -> None:
+    body = bytes(200 * 1024)
+    messages = streamed_request_body(body, end_of_stream=True, chunk_bytes=MAX_CHUNK_BYTES)
+    sizes = [len(m.request_body.response.body_mutation.streamed_response.body) for m in messages]
+    assert sizes == [MAX_CHUNK_BYTES] * 3 + [200 * 1024 - 3 * MAX_CHUNK_BYTES]
+
+
+@given(
+    prefill=st.one_of(st.none(), st.just("10.0.0.2:8000")),
+    encoders=st.lists(st.sampled_from(["10.0.0.3:8000", "[fd00::3]:8000"]), max_size=2),
+)
+def test_every_routing_header_is_either_set_or_removed(
+    prefill: str | None, encoders: list[str]
+) -> None:
+    mutation = routing_mutation(
+        Decision(decode="10.0.0.1:8000", prefill=prefill, encoders=encoders)
+    )
+    set_names = [o.header.key for o in mutation.set_headers]
+    removed = list(mutation.remove_headers)
+    assert sorted(set_names + removed) == sorted(ROUTING_HEADERS)
+    assert ("x-prefiller-host-port" in set_names) == (prefill is not None)
+    assert ("x-encoder-hosts-ports" in set_names) == bool(encoders)
