@@ -107,8 +107,12 @@ def test_builder_stage_replays_and_both_entry_points_run(tmp_path: Path) -> None
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert Path(installed.stdout.strip()) == venv
-    # No pip in the runtime environment; the console scripts are there.
-    assert not list(venv.glob("lib/python*/site-packages/pip"))
+    # Runtime dependencies only: no pip, no test or lint tooling.
+    (site,) = venv.glob("lib/python*/site-packages")
+    for tool in ("pip", "pytest", "mypy", "ruff", "setuptools"):
+        assert not (site / tool).exists(), tool
+    for package in ("sidecar", "epp", "vllm_sim"):
+        assert (site / package / "__init__.py").exists(), package
     for script, expected in (("pd-sidecar", "--model-server-port"), ("epp", "--pool-name")):
         result = subprocess.run(
             [str(venv / "bin" / script), "--help"],
