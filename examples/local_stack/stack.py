@@ -44,6 +44,7 @@ class StackOptions:
     epp_config: Path | None = None
     sidecar_args: list[str] = field(default_factory=list)
     sim_args: list[str] = field(default_factory=list)
+    epp_args: list[str] = field(default_factory=list)
     workdir: Path | None = None
 
 
@@ -236,6 +237,7 @@ class LocalStack:
             "--bind-address=127.0.0.1",
             "--secure-serving=false",
             *config_args,
+            *self.options.epp_args,
         ]
         proc = await self._spawn(ManagedProcess("epp", self._python("epp", *args), self.workdir))
         async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
