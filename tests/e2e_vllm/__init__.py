@@ -1,0 +1,1 @@
+"""Real vLLM engines end to end (``./dev e2e``)."""
