@@ -49,6 +49,7 @@ from sidecar.errors import (
     PrefillRejected,
     PrefillTimeout,
     PrefillUnavailable,
+    PrepareError,
     SidecarError,
 )
 from sidecar.exchange import Exchange
@@ -245,11 +246,18 @@ class Orchestrator:
         if not self._needs_prepare:
             return None
         task = self._prepared.get(target)
-        if task is None or (task.done() and task.exception() is not None):
+        if task is None or (task.done() and (task.cancelled() or task.exception() is not None)):
             task = asyncio.ensure_future(self.connector.prepare(target, self.prefill.session))
             self._prepared[target] = task
-        # shield: one caller going away must not cancel the shared preparation
-        return await asyncio.shield(task)
+        try:
+            # shield: one caller going away must not cancel the shared preparation
+            return await asyncio.shield(task)
+        except SidecarError:
+            self._forget(target)
+            raise
+        except Exception as exc:
+            self._forget(target)
+            raise PrepareError(f"preparing prefiller {target} failed: {exc!r}") from exc
 
     async def _prefill_once(
         self,
