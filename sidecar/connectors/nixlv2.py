@@ -61,8 +61,9 @@ class NixlV2Connector(Connector):
         return PrefillResult(transfer_params=params)
 
     def decode_body(self, ctx: LegContext, prefill: PrefillResult | None) -> dict[str, Any]:
+        # ctx.extra (encode-stage output) belongs to the prefill leg only: the decode
+        # gets the KV, and with it what the prefill made of the encoder outputs.
         body = dict(ctx.body)
-        body.update(ctx.extra)
         if prefill is not None:
             body["kv_transfer_params"] = prefill.transfer_params
         return body

@@ -109,3 +109,16 @@ def test_decode_body_restores_client_fields_and_relays_params_verbatim(
 def test_missing_params_is_a_prefill_failure(nixl: NixlV2Connector, answer: object) -> None:
     with pytest.raises(PrefillIncomplete):
         nixl.read_prefill(_ctx("/v1/completions", {}), answer)
+
+
+def test_encode_stage_output_goes_to_the_prefill_leg_only(nixl: NixlV2Connector) -> None:
+    extra = {"ec_transfer_params": {"hash-1": {"peer_host": "10.0.0.9", "peer_port": 1}}}
+    ctx = LegContext(
+        shape=API_SHAPES["/v1/chat/completions"],
+        body={"messages": []},
+        request_id="rid",
+        prefiller=HostPort("p", 1),
+        extra=extra,
+    )
+    assert nixl.prefill_body(ctx)["ec_transfer_params"] == extra["ec_transfer_params"]
+    assert "ec_transfer_params" not in nixl.decode_body(ctx, PrefillResult({"x": 1}))
