@@ -102,10 +102,9 @@ def processes(prompt_bytes: int) -> Iterator[dict[str, Any]]:
 
 
 def make_prompt(size: int) -> str:
-    words = []
-    while sum(len(w) + 1 for w in words) < size:
-        words.append(secrets.token_hex(7) + "z")  # 16 bytes, one simulator token
-    return " ".join(words)[:size]
+    # Words of 15 characters plus a space: 16 bytes, one simulator token each.
+    count = size // 16 + 1
+    return " ".join(secrets.token_hex(7) + "z" for _ in range(count))[:size]
 
 
 def bodies(prompt: str, stream: bool) -> dict[str, Any]:
