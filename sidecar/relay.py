@@ -53,15 +53,17 @@ async def relay_body(
             while chunk:
                 data = rewriter.feed(chunk) if rewriter is not None else chunk
                 if data:
+                    # Errors writing to our own client propagate: the client left.
                     await out.write(data)
                 deadline.reschedule(loop.time() + idle_timeout)
-                chunk = await upstream.content.readany()
+                try:
+                    chunk = await upstream.content.readany()
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
+                    failure = DecodeError(f"upstream stream broken: {exc!r}")
+                    break
                 deadline.reschedule(None)
     except TimeoutError:
         failure = DecodeTimeout(f"upstream stream idle for more than {idle_timeout:g}s")
-    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
-        # Errors writing to our own client surface as ConnectionResetError, not these.
-        failure = DecodeError(f"upstream stream broken: {exc!r}")
     if failure is None:
         if rewriter is not None:
             tail = rewriter.flush()
