@@ -160,3 +160,7 @@ async def test_client_disconnect_mid_stream_aborts_the_decode(
 
     await eventually(settled, what="request finished")
     assert (await prefill.stats())["aborts"] == 0
+    assert (
+        sidecar.sample("pd_sidecar_requests_total", path="/v1/completions", mode="pd", status="499")
+        == 1
+    )
