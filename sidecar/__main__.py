@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 from sidecar.app import run
 from sidecar.log import configure_logging
-from sidecar.settings import SettingsError, load_settings
+from sidecar.settings import Settings, SettingsError, load_settings
 
 __all__ = ["main"]
 
@@ -24,10 +24,19 @@ this implementation's own; see sidecar/settings.py. --configuration (inline YAML
 """
 
 
+def _flag_table() -> str:
+    rows = []
+    for name, info in Settings.model_fields.items():
+        default = info.get_default(call_default_factory=True)
+        rows.append(f"  --{name.replace('_', '-'):<28} default: {default!r}")
+    return "\n".join(rows)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if any(arg in ("-h", "--help", "-help") for arg in args):
         print(_USAGE)
+        print(_flag_table())
         return 0
     try:
         settings = load_settings(args)

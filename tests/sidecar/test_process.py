@@ -100,3 +100,12 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(start_sim: Any) -> 
     assert access["prefill_ms"] is not None and access["ttft_ms"] is not None
     assert access["total_ms"] >= access["ttft_ms"]
     assert len(access["trace_id"]) == 32
+
+
+def test_help_lists_every_flag() -> None:
+    done = subprocess.run(
+        [SCRIPT, "--help"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0
+    for flag in ("--model-server-port", "--prefill-fallback", "--prefill-retry-backoff"):
+        assert flag in done.stdout
