@@ -181,10 +181,11 @@ async def test_decode_engine_logs_successful_nixl_transfers(real_pd: RealPd) -> 
     assert "KV load failure" not in log
 
 
-async def test_streamed_chat_reports_the_prefills_cached_tokens(
-    real_pd: RealPd, client: openai.AsyncOpenAI
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+async def test_chat_usage_reports_the_prefills_cached_tokens(
+    real_pd: RealPd, client: openai.AsyncOpenAI, stream: bool
 ) -> None:
-    messages: Any = [{"role": "user", "content": story("stream")}]
+    messages: Any = [{"role": "user", "content": story(f"cached-{stream}")}]
     tokens = await token_count(real_pd, messages=messages)
     # Warm only the prefill engine: its view of cached tokens now differs from the
     # decode engine's (which has never seen the prompt), so the relayed value tells
@@ -196,25 +197,32 @@ async def test_streamed_chat_reports_the_prefills_cached_tokens(
         {"model": SERVED_MODEL, "messages": messages, "max_tokens": 1},
     )
     async with Probe(real_pd) as probe:
-        stream = await client.chat.completions.create(
-            model=SERVED_MODEL,
-            messages=messages,
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            stream=True,
-            stream_options={"include_usage": True},
-        )
-        chunks = [chunk async for chunk in stream]
+        if stream:
+            events = await client.chat.completions.create(
+                model=SERVED_MODEL,
+                messages=messages,
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            chunks = [chunk async for chunk in events]
+            text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+            finish = [c.choices[0].finish_reason for c in chunks if c.choices][-1]
+            usage = chunks[-1].usage
+        else:
+            reply = await client.chat.completions.create(
+                model=SERVED_MODEL, messages=messages, max_tokens=MAX_TOKENS, temperature=0
+            )
+            text = reply.choices[0].message.content or ""
+            finish, usage = reply.choices[0].finish_reason, reply.usage
         await probe.settle(disaggregated)
 
     prefill_cached = int(probe.prefill(LOCAL_HITS))
     assert prefill_cached > 0, "the warm-up should have left a full block cached on P"
-    assert_kv_pulled(probe, tokens)
-    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert_kv_pulled(probe, tokens)  # includes: D found nothing in its own cache
     assert text
-    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
-    assert finishes[-1] == "length"
-    usage = chunks[-1].usage
+    assert finish == "length"
     assert usage is not None
     assert usage.prompt_tokens == tokens
     assert usage.completion_tokens == MAX_TOKENS
