@@ -76,6 +76,7 @@ async def real_pd(
     vllm_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[RealPd]:
     workdir = tmp_path_factory.mktemp("real-pd")
+    print(f"engine, sidecar, EPP and Envoy logs: {workdir}")  # shown when a test fails
     cpus = sorted(os.sched_getaffinity(0))
     binds = [str(cpus[0]), str(cpus[1])] if len(cpus) >= 2 else ["auto", "auto"]
     prefill = VllmEngine("vllm-prefill", vllm_python, tiny_model, workdir, binds[0])
