@@ -22,6 +22,7 @@ from .engines import SERVED_MODEL, Metrics, VllmEngine, scrape
 
 pytestmark = [
     pytest.mark.vllm_e2e,
+    pytest.mark.envoy,
     pytest.mark.asyncio(loop_scope="module"),
     # The first test also waits for two engines to start (about 90 s, more on a busy box).
     pytest.mark.timeout(900),
