@@ -90,6 +90,7 @@ class EppApp:
             pool_namespace=s.pool_namespace,
             refresh_metrics_interval_s=s.refresh_metrics_interval,
             metrics_staleness_threshold_s=s.metrics_staleness_threshold,
+            max_scrapes_per_second=s.max_scrapes_per_second,
             kubeconfig=s.kubeconfig,
         )
         try:

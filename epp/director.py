@@ -43,6 +43,7 @@ class DirectorSettings:
     pool_namespace: str = "default"
     refresh_metrics_interval_s: float = 0.05
     metrics_staleness_threshold_s: float = 2.0
+    max_scrapes_per_second: float = 500.0
     # Upper bound of one /metrics scrape; defaults to min(1 s, staleness threshold).
     metrics_scrape_timeout_s: float | None = None
     # Kubernetes API access: None = in-cluster config, else kubeconfig; an explicit
@@ -65,7 +66,10 @@ class Director(DecisionMaker):
             1.0, settings.metrics_staleness_threshold_s
         )
         self.scraper = MetricsScraper(
-            self.datastore, interval_s=settings.refresh_metrics_interval_s, timeout_s=timeout
+            self.datastore,
+            interval_s=settings.refresh_metrics_interval_s,
+            timeout_s=timeout,
+            max_scrapes_per_second=settings.max_scrapes_per_second,
         )
         self.discovery: Discovery | None = config.discovery
         self._started = False

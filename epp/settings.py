@@ -78,6 +78,8 @@ class EppSettings(BaseModel):
     kubeconfig: str | None = None
     refresh_metrics_interval: float = Field(default=0.05, gt=0)
     metrics_staleness_threshold: float = Field(default=2.0, gt=0)
+    # Scrape budget: with many endpoints the interval stretches to stay within it.
+    max_scrapes_per_second: float = Field(default=500.0, gt=0)
     # The llm-d EPP serves TLS by default; gateways connect with TLS and skip verification.
     secure_serving: bool = True
     cert_path: str | None = None
@@ -123,6 +125,7 @@ _FLAGS: dict[str, str] = {
     "kubeconfig": "kubeconfig file (default: in-cluster configuration)",
     "refresh-metrics-interval": "endpoint /metrics scrape interval, Go duration (default 50ms)",
     "metrics-staleness-threshold": "age after which endpoint metrics are stale (default 2s)",
+    "max-scrapes-per-second": "scrape budget; the interval stretches past it (default 500)",
     "secure-serving": "serve the ext_proc service over TLS (default true)",
     "cert-path": "directory with tls.crt and tls.key (default: a self-signed certificate)",
     "max-request-body-bytes": "largest request body accepted (default 32 MiB)",
