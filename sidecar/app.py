@@ -169,8 +169,15 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         ex.finish()
         if ex.mode != "health":
             _observe(metrics, ex)
-            if access_log.isEnabledFor(logging.INFO):
-                access_log.info(ex.record())
+            # Monitoring scrapes of vLLM's /metrics (the EPP polls every 50 ms) would
+            # drown the request log: successful ones are logged at debug level.
+            level = logging.DEBUG if _is_scrape(ex) else logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(level, ex.record())
+
+
+def _is_scrape(ex: Exchange) -> bool:
+    return ex.mode == "passthrough" and ex.path == "/metrics" and ex.status == 200
 
 
 def _observe(metrics: Metrics, ex: Exchange) -> None:
