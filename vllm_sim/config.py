@@ -22,7 +22,7 @@ class SimConfig(BaseModel):
         default="both",
         description="Role label; 'encode' makes the engine an encoder of multimodal items.",
     )
-    engine_id: str = Field(default_factory=lambda: f"sim-{uuid.uuid4().hex[:12]}")
+    engine_id: str = Field(default_factory=lambda: str(uuid.uuid4()))
     advertise_host: str | None = Field(
         default=None, description="Host put in kv_transfer_params.remote_host (default: host)."
     )

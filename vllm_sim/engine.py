@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -165,6 +166,14 @@ class SimEngine:
         self.prompt_tokens_total = 0
         self.generation_tokens = 0
         self.finished: dict[str, int] = {}
+        self.external_queries_tokens = 0
+        self.external_hits_tokens = 0
+        self.nixl_failed_transfers = 0
+        self.tokens_by_source = {
+            "local_compute": 0,
+            "local_cache_hit": 0,
+            "external_kv_transfer": 0,
+        }
         self._slots = asyncio.Semaphore(config.max_num_seqs)
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
@@ -280,12 +289,19 @@ class SimEngine:
         local_hits = self.cache.cached_prefix_blocks(hashes)
         if run.role == "decode":
             if await self._load_remote(run):
-                # The remote KV is now ours; vLLM recomputes only the last prompt token.
+                # The remote KV is now ours. Like vLLM, usage reports only the local
+                # prefix-cache hits as cached; the pulled tokens show in the external
+                # prefix-cache and by-source metrics.
+                local = min(local_hits * cfg.block_size, len(prompt))
                 self.cache.insert_computed(prompt)
                 self.cache.queries_tokens += len(prompt)
-                self.cache.hits_tokens += local_hits * cfg.block_size
+                self.cache.hits_tokens += local
+                self.external_queries_tokens += len(prompt) - local
+                self.external_hits_tokens += len(prompt) - local
+                self.tokens_by_source["local_cache_hit"] += local
+                self.tokens_by_source["external_kv_transfer"] += len(prompt) - local
                 run.block_ids = self.cache.allocate(prompt, record_query=False).block_ids
-                run.cached_tokens = len(prompt) - 1
+                run.cached_tokens = local
                 await asyncio.sleep(cfg.delay_s(cfg.ttft_base_ms))
                 return
             if cfg.kv_load_failure_policy == "fail" or run.params.bootstrap_room is not None:
@@ -305,6 +321,8 @@ class SimEngine:
             self.stats.cache_threshold_rejections += 1
             return
         uncached = len(prompt) - run.cached_tokens
+        self.tokens_by_source["local_cache_hit"] += run.cached_tokens
+        self.tokens_by_source["local_compute"] += uncached
         await asyncio.sleep(cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token))
         if self.storage is not None:
             await self.storage.store_blocks(hashes)
@@ -333,17 +351,26 @@ class SimEngine:
     def grant_nixl_lease(self, run: Run) -> None:
         if run.omit_kv_transfer_params or (run.params.kv_transfer_params or {}).get("transfer_id"):
             return
-        self.leases.grant(run.request_id, list(run.block_ids), list(run.params.prompt_ids))
+        # vLLM suffixes the id so that a retried request id never meets a stale lease.
+        lease_id = f"{run.request_id}-{secrets.token_hex(4)}"
+        self.leases.grant(lease_id, list(run.block_ids), list(run.params.prompt_ids))
         run._leased = True
         run.kv_transfer_params = {
             "do_remote_prefill": True,
             "do_remote_decode": False,
+            # One list per KV-cache group, as newer vLLM sends them.
+            "remote_block_ids": [list(run.block_ids)],
             "remote_engine_id": self.config.engine_id,
-            "remote_block_ids": list(run.block_ids),
+            "remote_request_id": lease_id,
             "remote_host": self.config.remote_host,
             "remote_port": self.port,
             "tp_size": 1,
-            "remote_request_id": run.request_id,
+            "dcp_size": 1,
+            "pp_size": 1,
+            "remote_num_tokens": len(run.params.prompt_ids),
+            "remote_blocks_expiry_time": None,
+            "transfer_mode": "pull",
+            "remote_prefill_cached_tokens": run.cached_tokens,
         }
 
     def serve_pull(self, pull: PullRequest) -> list[int]:
@@ -380,6 +407,7 @@ class SimEngine:
             self.stats.kv_pulls_ok += 1
         else:
             self.stats.kv_pulls_failed += 1
+            self.nixl_failed_transfers += 1
         return ok
 
     async def _post(self, url: str, body: dict[str, Any]) -> dict[str, Any] | None:

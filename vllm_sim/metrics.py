@@ -55,6 +55,29 @@ class _EngineCollector(Collector):
             "Prompt tokens found in the prefix cache.",
             e.cache.hits_tokens,
         )
+        yield counter(
+            "vllm:external_prefix_cache_queries",
+            "Prompt tokens looked up in external KV (a KV connector).",
+            e.external_queries_tokens,
+        )
+        yield counter(
+            "vllm:external_prefix_cache_hits",
+            "Prompt tokens loaded from external KV (a KV connector).",
+            e.external_hits_tokens,
+        )
+        by_source = CounterMetricFamily(
+            "vllm:prompt_tokens_by_source",
+            "Prompt tokens by where their KV came from.",
+            labels=[*labels, "source"],
+        )
+        for source, count in e.tokens_by_source.items():
+            by_source.add_metric([*values, source], count)
+        yield by_source
+        yield counter(
+            "vllm:nixl_num_failed_transfers",
+            "KV pulls that failed.",
+            e.nixl_failed_transfers,
+        )
         yield counter("vllm:prompt_tokens", "Prompt tokens processed.", e.prompt_tokens_total)
         yield counter("vllm:generation_tokens", "Tokens generated.", e.generation_tokens)
         success = CounterMetricFamily(

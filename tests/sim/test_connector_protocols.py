@@ -52,9 +52,7 @@ async def test_sglang_concurrent_legs_rendezvous(start_sim: Any) -> None:
             post(session, p.url, body), post(session, d.url, body)
         )
     assert (p_status, d_status) == (200, 200)
-    assert d_out["usage"]["prompt_tokens_details"]["cached_tokens"] == (
-        d_out["usage"]["prompt_tokens"] - 1
-    )
+    assert d_out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # local hits only
     assert (await p.stats())["kv_pulls_served"] == 1
     d_stats = await d.stats()
     assert d_stats["kv_pulls_ok"] == 1
@@ -122,7 +120,7 @@ async def test_mooncake_query_and_concurrent_transfer(start_sim: Any) -> None:
         again, _ = await post(session, d.url, {**CHAT, "kv_transfer_params": d_params})
     assert engine_id == p.engine.config.engine_id
     assert (p_status, d_status, again) == (200, 200, 500)
-    assert d_out["usage"]["prompt_tokens_details"]["cached_tokens"] > 0
+    assert d_out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # local hits only
     d_stats = await d.stats()
     assert (d_stats["kv_pulls_ok"], d_stats["kv_pulls_failed"]) == (1, 1)
 

@@ -51,13 +51,24 @@ async def test_prefill_returns_params_and_one_pull_succeeds(start_sim: Any) -> N
         assert params["remote_host"] == "127.0.0.1"
         assert params["remote_port"] == p.port
         assert params["tp_size"] == 1
-        assert len(params["remote_block_ids"]) == -(-n_prompt // 16)
+        [block_ids] = params["remote_block_ids"]  # one KV-cache group
+        assert len(block_ids) == -(-n_prompt // 16)
+        assert params["remote_num_tokens"] == n_prompt
+        assert params["transfer_mode"] == "pull"
         assert (await p.stats())["leases_active"] == 1
 
         status, out = await decode(session, d, params)
         assert status == 200
-        # The decode engine counts the pulled KV as cached, all but the last token.
-        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == n_prompt - 1
+        # Like vLLM, the decode engine's usage counts only local prefix hits as cached;
+        # the pulled tokens show in its external prefix-cache metrics.
+        assert out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        async with session.get(f"{d.url}/metrics") as resp:
+            metrics = await resp.text()
+        assert (
+            f'vllm:external_prefix_cache_hits_total{{engine="0",model_name="sim-model"}} {float(n_prompt)}'
+            in metrics
+        )
+        assert 'source="external_kv_transfer"} ' + str(float(n_prompt)) in metrics
         assert out["usage"]["completion_tokens"] == 4
 
         # The same params a second time: the blocks were freed after the first pull.

@@ -83,7 +83,13 @@ class _ChatStream:
         return [self._chunk([choice])]
 
     def end(self) -> list[bytes]:
-        final = {"index": 0, "delta": {}, "logprobs": None, "finish_reason": self.run.finish_reason}
+        final = {
+            "index": 0,
+            "delta": {"content": ""},
+            "logprobs": None,
+            "finish_reason": self.run.finish_reason,
+            "stop_reason": None,
+        }
         out = [self._chunk([final])]
         if self.run.params.include_usage:
             out.append(self._chunk([], usage=self.run.usage()))
