@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
 
 from ..engine import EngineError, GenerationParams, Run
 
 __all__ = [
     "ApiShape",
+    "OpenAIChunkStream",
     "StreamRenderer",
     "common_params",
     "error_info",
@@ -133,3 +135,49 @@ def require_list(body: Mapping[str, Any], key: str) -> list[Any]:
         if not isinstance(item, Mapping):
             raise EngineError(f"every item of '{key}' must be an object.")
     return value
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class OpenAIChunkStream:
+    """The OpenAI chunk stream (chat and completions): one ``choices`` delta per token,
+    a final chunk with the finish reason, an optional usage chunk, then ``[DONE]``."""
+
+    object_name: ClassVar[str]
+    run: Run
+    model: str
+    response_id: str
+    created: int
+
+    def chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse(
+            {
+                "id": self.response_id,
+                "object": self.object_name,
+                "created": self.created,
+                "model": self.model,
+                "choices": choices,
+                **extra,
+            }
+        )
+
+    def choice(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def start(self) -> list[bytes]:
+        return []
+
+    def token(self, token_id: int, piece: str) -> list[bytes]:
+        return [self.chunk([self.choice(piece)])]
+
+    def end(self) -> list[bytes]:
+        out = [self.chunk([self.choice("", self.run.finish_reason)])]
+        if self.run.params.include_usage:
+            out.append(self.chunk([], usage=self.run.usage()))
+        out.append(DONE)
+        return out
+
+    def error(self, message: str, code: int) -> list[bytes]:
+        return [sse({"error": error_info(message, code)}), DONE]

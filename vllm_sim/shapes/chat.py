@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..engine import GenerationParams, Run
 from ..tokens import chat_prompt, multimodal_items, tokenize
-from .base import common_params, error_info, optional_int, require_list, sse
+from .base import OpenAIChunkStream, common_params, optional_int, require_list
 
 __all__ = ["ChatCompletions"]
 
@@ -53,48 +52,18 @@ class ChatCompletions:
         return _ChatStream(run, model, response_id, created)
 
 
-@dataclass
-class _ChatStream:
-    run: Run
-    model: str
-    response_id: str
-    created: int
+class _ChatStream(OpenAIChunkStream):
+    object_name = "chat.completion.chunk"
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return sse(
-            {
-                "id": self.response_id,
-                "object": "chat.completion.chunk",
-                "created": self.created,
-                "model": self.model,
-                "choices": choices,
-                **extra,
-            }
-        )
-
-    def start(self) -> list[bytes]:
-        delta = {"role": "assistant", "content": ""}
-        return [
-            self._chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
-        ]
-
-    def token(self, token_id: int, piece: str) -> list[bytes]:
-        choice = {"index": 0, "delta": {"content": piece}, "logprobs": None, "finish_reason": None}
-        return [self._chunk([choice])]
-
-    def end(self) -> list[bytes]:
-        final = {
+    def choice(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        return {
             "index": 0,
-            "delta": {"content": ""},
+            "delta": {"content": text},
             "logprobs": None,
-            "finish_reason": self.run.finish_reason,
+            "finish_reason": finish_reason,
             "stop_reason": None,
         }
-        out = [self._chunk([final])]
-        if self.run.params.include_usage:
-            out.append(self._chunk([], usage=self.run.usage()))
-        out.append(b"data: [DONE]\n\n")
-        return out
 
-    def error(self, message: str, code: int) -> list[bytes]:
-        return [sse({"error": error_info(message, code)}), b"data: [DONE]\n\n"]
+    def start(self) -> list[bytes]:
+        first = {**self.choice(""), "delta": {"role": "assistant", "content": ""}}
+        return [self.chunk([first])]

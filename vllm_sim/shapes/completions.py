@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from ..engine import EngineError, GenerationParams, Run
 from ..tokens import tokenize
-from .base import common_params, error_info, optional_int, sse
+from .base import OpenAIChunkStream, common_params, optional_int
 
 __all__ = ["Completions"]
 
@@ -64,39 +63,8 @@ class Completions:
         return _CompletionStream(run, model, response_id, created)
 
 
-@dataclass
-class _CompletionStream:
-    run: Run
-    model: str
-    response_id: str
-    created: int
+class _CompletionStream(OpenAIChunkStream):
+    object_name = "text_completion"
 
-    def _chunk(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
-        return sse(
-            {
-                "id": self.response_id,
-                "object": "text_completion",
-                "created": self.created,
-                "model": self.model,
-                "choices": choices,
-                **extra,
-            }
-        )
-
-    def start(self) -> list[bytes]:
-        return []
-
-    def token(self, token_id: int, piece: str) -> list[bytes]:
-        choice = {"index": 0, "text": piece, "logprobs": None, "finish_reason": None}
-        return [self._chunk([choice])]
-
-    def end(self) -> list[bytes]:
-        final = {"index": 0, "text": "", "logprobs": None, "finish_reason": self.run.finish_reason}
-        out = [self._chunk([final])]
-        if self.run.params.include_usage:
-            out.append(self._chunk([], usage=self.run.usage()))
-        out.append(b"data: [DONE]\n\n")
-        return out
-
-    def error(self, message: str, code: int) -> list[bytes]:
-        return [sse({"error": error_info(message, code)}), b"data: [DONE]\n\n"]
+    def choice(self, text: str, finish_reason: str | None = None) -> dict[str, Any]:
+        return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
