@@ -33,6 +33,7 @@ from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
 from sidecar.routing import PREFILLER_HOST_PORT
 from sidecar.settings import Settings
+from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.upstream import Upstream, make_session
 
 __all__ = ["Servers", "Services", "build_app", "build_metrics_app", "run", "start"]
@@ -45,6 +46,7 @@ class Services:
     orchestrator: Orchestrator
     local: Upstream
     readiness: Readiness
+    guard: TargetGuard | None = None
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -68,10 +70,36 @@ def _policy(settings: Settings) -> Policy:
     )
 
 
+def _target_guard(settings: Settings, metrics: Metrics) -> TargetGuard | None:
+    if not settings.enable_ssrf_protection:
+        return None
+    source: MemberSource
+    if settings.ssrf_allowlist_file:
+        source = AllowlistSource(
+            settings.ssrf_allowlist_file, interval_s=settings.ssrf_reload_interval
+        )
+    else:
+        pool = settings.pool_ref
+        if pool is None:  # Settings refuses this combination; kept for the type checker
+            raise ValueError("--enable-ssrf-protection needs --inference-pool")
+        source = PoolSource(
+            namespace=pool[0],
+            name=pool[1],
+            api_server=settings.kube_api_server or None,
+            kubeconfig=settings.kubeconfig or None,
+            sync_timeout_s=settings.kube_sync_timeout,
+        )
+    return TargetGuard(source, metrics)
+
+
 async def _services(app: web.Application) -> AsyncIterator[None]:
     """Own the client sessions: one per stage, closed when the app shuts down."""
     settings = app[SETTINGS]
     metrics = app[METRICS]
+    # First: an unusable allowlist stops start-up before any session exists.
+    guard = _target_guard(settings, metrics)
+    if guard is not None:
+        await guard.start()
 
     def count_stale(stage: str) -> None:
         metrics.stale_connection_retries.labels(stage=stage).inc()
@@ -104,10 +132,14 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         policy=_policy(settings),
         metrics=metrics,
     )
-    app[SERVICES] = Services(orchestrator=orchestrator, local=local, readiness=readiness)
+    app[SERVICES] = Services(
+        orchestrator=orchestrator, local=local, readiness=readiness, guard=guard
+    )
     try:
         yield
     finally:
+        if guard is not None:
+            await guard.stop()
         await readiness.close()
         await prefill_session.close()
         await local_session.close()
@@ -205,6 +237,8 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         )
     shape = shape_for(request.path) if request.method == "POST" else None
     if shape is not None:
+        if services.guard is not None:
+            services.guard.check_headers(request.headers, ex.request_id)
         header = request.headers.get(PREFILLER_HOST_PORT)
         if header is not None:
             return await services.orchestrator.serve(request, shape, header, ex)

@@ -7,6 +7,8 @@
     │   ├── InvalidRoutingHeader        400     request   a routing header does not parse
     │   ├── InvalidBody                 400     request   P/D path, body is not a JSON object
     │   └── BodyTooLarge                413     request   body over --max-body-bytes
+    ├── TargetForbidden                 403     ssrf      a routing target is not in the pool
+    ├── TargetCheckUnavailable          503     ssrf      the pool is not known yet
     ├── PrefillError                    502     prefill   the prefill stage did not give KV
     │   ├── PrefillRejected             4xx     prefill   the prefiller's own 4xx, relayed as is
     │   ├── PrefillUnavailable          502     prefill   connection errors / 5xx after retries
@@ -42,6 +44,8 @@ __all__ = [
     "PrefillUnavailable",
     "PrepareError",
     "SidecarError",
+    "TargetCheckUnavailable",
+    "TargetForbidden",
 ]
 
 
@@ -89,6 +93,30 @@ class BodyTooLarge(BadRequest):
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"request body exceeds {limit} bytes")
+
+
+class TargetForbidden(SidecarError):
+    """SSRF protection refused a target; ``rule`` names the rule it broke."""
+
+    status = 403
+    stage = "ssrf"
+    kind = "forbidden"
+
+    def __init__(self, message: str, rule: str) -> None:
+        super().__init__(message)
+        self.rule = rule
+
+    def payload(self, request_id: str | None) -> dict[str, Any]:
+        body = super().payload(request_id)
+        body["error"]["rule"] = self.rule
+        return body
+
+
+class TargetCheckUnavailable(TargetForbidden):
+    """The allowlist is not loaded yet (the first pool listing has not arrived)."""
+
+    status = 503
+    kind = "service_unavailable"
 
 
 class PrefillError(SidecarError):

@@ -91,6 +91,18 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.ssrf_decisions = Counter(
+            "pd_sidecar_ssrf_decisions",
+            "SSRF target checks, by stage (prefill, encode, kv-source), decision and rule.",
+            ["stage", "decision", "rule"],
+            registry=r,
+        )
+        self.tls_reloads = Counter(
+            "pd_sidecar_tls_reloads",
+            "Serving certificate reloads from --cert-path, by outcome (ok, error).",
+            ["outcome"],
+            registry=r,
+        )
         self.in_flight = Gauge(
             "pd_sidecar_in_flight_requests",
             "Requests being served right now.",

@@ -24,7 +24,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AliasChoices, BeforeValidator, Field, ValidationError, field_validator
+from pydantic import (
+    AliasChoices,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 __all__ = [
@@ -156,6 +163,20 @@ class Settings(BaseSettings):
     ] = 4.0
     pool_max_connections: Annotated[int, Field(ge=16)] = 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # SSRF protection: a static allowlist for clusters without an InferencePool, and
+    # where to find the Kubernetes API (default: in-cluster, then the kubeconfig).
+    ssrf_allowlist_file: str = ""
+    ssrf_reload_interval: Annotated[float, BeforeValidator(parse_go_duration), Field(gt=0)] = 2.0
+    kube_api_server: str = ""
+    kubeconfig: str = ""
+    kube_sync_timeout: Duration = 5.0  # start-up waits this long for the first listing
+    # TLS: upstream verification and client certificate (mutual TLS), the pod IP put
+    # into a self-signed serving certificate, and how often --cert-path is re-read.
+    ca_file: str = ""
+    client_cert_file: str = ""
+    client_key_file: str = ""
+    pod_ip: str = Field(default="", validation_alias=AliasChoices("pod_ip", "POD_IP"))
+    cert_reload_interval: Annotated[float, BeforeValidator(parse_go_duration), Field(gt=0)] = 5.0
 
     @classmethod
     def settings_customise_sources(
@@ -179,25 +200,18 @@ class Settings(BaseSettings):
             raise ValueError(f"unknown KV connector {value!r} (available: {names})")
         return value
 
+    @field_validator("inference_pool")
+    @classmethod
+    def _pool_ref(cls, value: str) -> str:
+        if value and (value.count("/") > 1 or value.startswith("/") or value.endswith("/")):
+            raise ValueError("expected namespace/name or name")
+        return value
+
     @field_validator("ec_connector")
     @classmethod
     def _no_encode_stage_yet(cls, value: str) -> str:
         if value:
             raise ValueError(f"encode connector {value!r} is not available in this build")
-        return value
-
-    @field_validator("data_parallel_size")
-    @classmethod
-    def _no_dp_yet(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("data parallelism is not available in this build (use 1)")
-        return value
-
-    @field_validator("secure_proxy", "enable_ssrf_protection")
-    @classmethod
-    def _not_yet(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("not available in this build (set it to false)")
         return value
 
     @field_validator("enable_tls", "tls_insecure_skip_verify")
@@ -206,9 +220,33 @@ class Settings(BaseSettings):
         unknown = [stage for stage in value if stage not in _TLS_STAGES]
         if unknown:
             raise ValueError(f"unknown stage(s) {unknown} (known: prefiller, decoder, encoder)")
-        if value:
-            raise ValueError("outbound TLS is not available in this build")
         return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.enable_ssrf_protection:
+            if self.ssrf_allowlist_file and self.pool_ref is not None:
+                raise ValueError(
+                    "--enable-ssrf-protection: give --inference-pool or --ssrf-allowlist-file,"
+                    " not both"
+                )
+            if not self.ssrf_allowlist_file and self.pool_ref is None:
+                raise ValueError(
+                    "--enable-ssrf-protection needs --inference-pool (or INFERENCE_POOL_NAME)"
+                    " or --ssrf-allowlist-file"
+                )
+        if bool(self.client_cert_file) != bool(self.client_key_file):
+            raise ValueError("--client-cert-file and --client-key-file go together")
+        return self
+
+    @property
+    def pool_ref(self) -> tuple[str, str] | None:
+        """(namespace, name) of the InferencePool, from the flag or the environment."""
+        ref = self.inference_pool or self.inference_pool_name
+        if not ref:
+            return None
+        namespace, _, name = ref.rpartition("/")
+        return (namespace or self.inference_pool_namespace or "default", name)
 
     @property
     def effective_log_level(self) -> str:
@@ -216,7 +254,12 @@ class Settings(BaseSettings):
 
     @property
     def model_server_url(self) -> str:
-        return f"http://127.0.0.1:{self.model_server_port}"
+        return self.rank_model_server_url(0)
+
+    def rank_model_server_url(self, rank: int) -> str:
+        """The local vLLM of data-parallel rank ``rank`` (https when decoder TLS is on)."""
+        scheme = "https" if "decoder" in self.enable_tls else "http"
+        return f"{scheme}://127.0.0.1:{self.model_server_port + rank}"
 
 
 # Deprecated llm-d spellings that still mean the same field.

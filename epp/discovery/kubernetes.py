@@ -114,6 +114,7 @@ class InferencePoolDiscovery(Discovery):
         api_server: str | None = None,
         kubeconfig: str | None = None,
         watch_timeout_s: int = _WATCH_SECONDS,
+        sync_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(name=f"inferencepool:{namespace}/{pool_name}")
         self.pool_name = pool_name
@@ -121,6 +122,7 @@ class InferencePoolDiscovery(Discovery):
         self.api_server = api_server
         self.kubeconfig = kubeconfig
         self.watch_timeout_s = watch_timeout_s
+        self.sync_timeout_s = sync_timeout_s
         self._api: k8s_client.ApiClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._pool: PoolSpec | None = None
@@ -159,7 +161,7 @@ class InferencePoolDiscovery(Discovery):
         # Wait briefly for the first full sync so start() returns with endpoints known;
         # if the API is slow the loops keep trying and readiness follows later.
         with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(5.0):
+            async with asyncio.timeout(self.sync_timeout_s):
                 await self.synced.wait()
 
     async def stop(self) -> None:
