@@ -327,28 +327,46 @@ def test_route_sends_everything_to_the_pool(directory: str) -> None:
 
 
 @pytest.mark.parametrize("directory", _dirs_with("Role"))
-def test_epp_may_read_pools_and_pods_and_nothing_more(directory: str) -> None:
+def test_epp_and_sidecar_may_read_pools_and_pods_and_nothing_more(directory: str) -> None:
+    # Two readers of the pool: the EPP (discovery) and the decode pods' pd-sidecar
+    # (SSRF protection). Each has its own account, role and binding, all read-only.
     built = build(directory)
-    (role,) = built.of_kind("Role")
-    granted = {
-        (group, resource, verb)
-        for rule in role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-        for verb in rule["verbs"]
-    }
     read = {"get", "list", "watch"}
-    assert granted == {("inference.networking.k8s.io", "inferencepools", v) for v in read} | {
+    expected = {("inference.networking.k8s.io", "inferencepools", v) for v in read} | {
         ("", "pods", v) for v in read
     }
-    (binding,) = built.of_kind("RoleBinding")
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    roles = {role["metadata"]["name"]: role for role in built.of_kind("Role")}
+    for role in roles.values():
+        granted = {
+            (group, resource, verb)
+            for rule in role["rules"]
+            for group in rule["apiGroups"]
+            for resource in rule["resources"]
+            for verb in rule["verbs"]
+        }
+        assert granted == expected, role["metadata"]["name"]
+    bound: dict[str, str] = {}
+    for binding in built.of_kind("RoleBinding"):
+        assert binding["roleRef"]["name"] in roles
+        (subject,) = binding["subjects"]
+        assert subject == {
+            "kind": "ServiceAccount",
+            "name": subject["name"],
+            "namespace": binding["metadata"]["namespace"],
+        }
+        bound[subject["name"]] = binding["roleRef"]["name"]
     (epp,) = _programs(built, "epp")
-    account = epp.pod["serviceAccountName"]
-    assert binding["subjects"] == [
-        {"kind": "ServiceAccount", "name": account, "namespace": binding["metadata"]["namespace"]}
+    readers = [epp] + [
+        c
+        for c in _programs(built, "pd-sidecar")
+        if "--enable-ssrf-protection=true" in c.spec["args"]
     ]
-    built.get("ServiceAccount", account)
+    assert len(readers) == 2, directory
+    for container in readers:
+        account = container.pod["serviceAccountName"]
+        assert account in bound, container.where
+        built.get("ServiceAccount", account)
+    assert len(bound) == len(roles) == 2
 
 
 @pytest.mark.parametrize("directory", _dirs_with("Deployment"))
