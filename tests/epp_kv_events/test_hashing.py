@@ -1,0 +1,69 @@
+"""Block hashes equal vLLM's sha256_cbor (vectors computed with vLLM 0.32 and cbor2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from epp.kv_events import block_hashes, external_hash, none_hash
+from epp.kv_events.hashing import cbor_encode
+from vllm_sim.block_hash import chain_hashes
+
+NONE_HASH_DEFAULT = "9bd96a485ad84efdafb72ee48a1d7a69bcead0f8f0433173941b276b9581eef0"
+FIRST_TWO = [
+    "dc918a88b139e5afe60b88eda27508d4aee16c10fdc354791efea06206ac0749",
+    "c300ec275d7bf08af8fc63e76cdc0086911bbc7091e03c5cf892553bef84ef0c",
+]
+WITH_EXTRA_SEED0 = "4abbb03cca806081faae3204dbe21d66ec49f2136610a880ce3901b2db13af07"
+
+
+def test_none_hash_default_seed() -> None:
+    assert none_hash().hex() == NONE_HASH_DEFAULT
+    assert none_hash("0") != none_hash()
+
+
+def test_block_chain_matches_vllm() -> None:
+    hashes = block_hashes(list(range(40)), 16)
+    assert [h.hex() for h in hashes] == FIRST_TWO  # the partial third block is not hashed
+
+
+def test_extra_keys_and_seed() -> None:
+    (h,) = block_hashes([1, 2, 3, 4], 4, "0", extra_keys=[("lora", "x")])
+    assert h.hex() == WITH_EXTRA_SEED0
+
+
+def test_simulator_hashes_the_same_way() -> None:
+    tokens = [5, 300, 70000, 2**33, *range(60)]
+    for seed in (None, "0", "1234"):
+        assert chain_hashes(tokens, 16, seed) == block_hashes(tokens, 16, seed)
+
+
+def test_max_blocks() -> None:
+    assert len(block_hashes(list(range(100)), 16, max_blocks=2)) == 2
+
+
+def test_external_hash_bytes_and_int_agree() -> None:
+    h = bytes(range(32))
+    as_int = int.from_bytes(h, "big") & ((1 << 64) - 1)
+    assert external_hash(h) == external_hash(as_int) == int.from_bytes(h[-8:], "big")
+
+
+@pytest.mark.parametrize(
+    ("value", "encoded"),
+    [
+        (None, "f6"),
+        (23, "17"),
+        (24, "1818"),
+        (65536, "1a00010000"),
+        (-1, "20"),
+        ("a", "6161"),
+        (b"\x01", "4101"),
+        ((1, [2]), "82018102"),
+    ],
+)
+def test_cbor_subset(value: object, encoded: str) -> None:
+    assert cbor_encode(value).hex() == encoded
+
+
+def test_cbor_rejects_other_types() -> None:
+    with pytest.raises(TypeError):
+        cbor_encode(1.5)
