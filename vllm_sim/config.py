@@ -61,6 +61,25 @@ class SimConfig(BaseModel):
     # Encoder outputs: role "encode" produces them, other roles consume them.
     ec_connector: Literal["", "ec-example", "ec-nixl"] = ""
 
+    # KV events (vLLM's --kv-events-config with the zmq publisher); off unless a port is set.
+    kv_events_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Publish KV events (ZMQ PUB) here (0: any)."
+    )
+    kv_events_replay_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Serve KV-event replay (ZMQ ROUTER) here."
+    )
+    kv_events_topic: str | None = Field(
+        default=None, description="Topic of KV events (default kv@<engine-id>@<model>)."
+    )
+    kv_events_encoding: Literal["map", "array"] = "map"
+    kv_events_int_hashes: bool = Field(
+        default=False, description="Publish 64-bit int block hashes (vLLM's int-hash option)."
+    )
+    # What vLLM takes from PYTHONHASHSEED for its first block's parent hash.
+    hash_seed: str | None = Field(
+        default=None, description="Block-hash seed (vLLM's PYTHONHASHSEED; default its own)."
+    )
+
     # Faults armed at start, in the control endpoint's JSON form (see faults.py).
     faults: tuple[str, ...] = ()
 

@@ -26,6 +26,7 @@ import aiohttp
 
 from .config import SimConfig
 from .faults import FaultTable
+from .kv_events import KvEventPublisher
 from .mooncake import TransferTable
 from .nixl import LeaseTable, PullRejected, PullRequest
 from .prefix_cache import PrefixCache, block_hashes
@@ -151,7 +152,8 @@ class SimEngine:
         self.config = config
         self.port = config.port  # the bound port, set by the server once listening
         self.bootstrap_port = config.bootstrap_port
-        self.cache = PrefixCache(config.num_blocks, config.block_size)
+        self.cache = PrefixCache(config.num_blocks, config.block_size, config.hash_seed)
+        self.kv_events: KvEventPublisher | None = None
         self.leases = LeaseTable(self.cache, config.kv_lease_seconds)
         self.rooms = RoomTable(config.bootstrap_timeout_seconds)
         self.transfers = TransferTable(config.kv_lease_seconds, config.bootstrap_timeout_seconds)
@@ -185,8 +187,24 @@ class SimEngine:
         )
         self._session = aiohttp.ClientSession(timeout=timeout)
         self._sweeper = asyncio.create_task(self._sweep_leases())
+        cfg = self.config
+        if cfg.kv_events_port is not None:
+            topic = cfg.kv_events_topic or f"kv@{cfg.engine_id}@{cfg.served_model_name}"
+            self.kv_events = KvEventPublisher(
+                cfg.host,
+                cfg.kv_events_port,
+                cfg.kv_events_replay_port,
+                topic,
+                encoding=cfg.kv_events_encoding,
+                int_hashes=cfg.kv_events_int_hashes,
+            )
+            await self.kv_events.start()
+            self.cache.event_sink = self.kv_events.add
 
     async def close(self) -> None:
+        if self.kv_events is not None:
+            self.cache.event_sink = None
+            await self.kv_events.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -285,7 +303,7 @@ class SimEngine:
         prompt = run.params.prompt_ids
         self.prompt_tokens_total += len(prompt)
         await self._check_encoder_outputs(run)
-        hashes = block_hashes(prompt, cfg.block_size)
+        hashes = block_hashes(prompt, cfg.block_size, cfg.hash_seed)
         local_hits = self.cache.cached_prefix_blocks(hashes)
         if run.role == "decode":
             if await self._load_remote(run):

@@ -8,25 +8,23 @@ evicted least-recently-used when a new block is needed.
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-__all__ = ["Allocation", "PrefixCache", "block_hashes"]
+from .block_hash import chain_hashes
+from .kv_events import all_cleared, block_removed, block_stored
+
+__all__ = ["Allocation", "EventSink", "PrefixCache", "block_hashes"]
+
+# Receives KV events (vLLM's map encoding) as blocks are cached and evicted.
+EventSink = Callable[[dict[str, Any]], None]
 
 
-def block_hashes(token_ids: Sequence[int], block_size: int) -> list[bytes]:
-    """Chained hashes of the full blocks of ``token_ids``."""
-    hashes: list[bytes] = []
-    parent = b""
-    for start in range(0, len(token_ids) - block_size + 1, block_size):
-        chunk = token_ids[start : start + block_size]
-        h = hashlib.blake2b(parent, digest_size=16)
-        h.update(b"".join(t.to_bytes(4, "little") for t in chunk))
-        parent = h.digest()
-        hashes.append(parent)
-    return hashes
+def block_hashes(token_ids: Sequence[int], block_size: int, seed: str | None = None) -> list[bytes]:
+    """Chained hashes of the full blocks of ``token_ids``, exactly as vLLM's sha256_cbor."""
+    return chain_hashes(token_ids, block_size, seed)
 
 
 @dataclass
@@ -45,9 +43,11 @@ class Allocation:
 
 
 class PrefixCache:
-    def __init__(self, num_blocks: int, block_size: int) -> None:
+    def __init__(self, num_blocks: int, block_size: int, hash_seed: str | None = None) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
+        self.hash_seed = hash_seed
+        self.event_sink: EventSink | None = None
         self._blocks = [_Block(i) for i in range(num_blocks)]
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         # Cached full blocks by hash; order = LRU order of the unreferenced ones.
@@ -84,21 +84,25 @@ class PrefixCache:
         When the cache is full of referenced blocks, the remaining blocks are simply not
         held (the simulation does not preempt); usage then saturates at 1.0.
         """
-        hashes = block_hashes(token_ids, self.block_size)
+        hashes = block_hashes(token_ids, self.block_size, self.hash_seed)
         hit = self.cached_prefix_blocks(hashes)
         if record_query:
             self.queries_tokens += len(token_ids)
             self.hits_tokens += hit * self.block_size
         alloc = Allocation(hit_blocks=hit)
+        stored: list[int] = []  # indexes of newly cached blocks, announced once
         for i, h in enumerate(hashes):
             block_id = self._by_hash.get(h) if i < hit else None
             if block_id is None:
                 block_id = self._take_block()
                 if block_id is None:
+                    self._announce(token_ids, hashes, stored)
                     return alloc
                 self._assign_hash(block_id, h)
+                stored.append(i)
             self._ref(block_id)
             alloc.block_ids.append(block_id)
+        self._announce(token_ids, hashes, stored)
         if len(token_ids) % self.block_size:
             block_id = self._take_block()
             if block_id is not None:
@@ -125,9 +129,26 @@ class PrefixCache:
     def reset(self) -> None:
         for block in self._blocks:
             if block.ref_count == 0 and block.block_hash is not None:
-                self._forget(block.block_id)
+                self._forget(block.block_id, announce=False)
                 self._free.append(block.block_id)
         self._evictable.clear()
+        if self.event_sink is not None:
+            self.event_sink(all_cleared())
+
+    def _announce(self, token_ids: Sequence[int], hashes: list[bytes], stored: list[int]) -> None:
+        if self.event_sink is None or not stored:
+            return
+        # Newly cached blocks follow the hit prefix, so they form one contiguous run.
+        first, last = stored[0], stored[-1]
+        bs = self.block_size
+        self.event_sink(
+            block_stored(
+                list(hashes[first : last + 1]),
+                hashes[first - 1] if first else None,
+                list(token_ids[first * bs : (last + 1) * bs]),
+                bs,
+            )
+        )
 
     # -- internals ---------------------------------------------------------------
     def _ref(self, block_id: int) -> None:
@@ -145,10 +166,12 @@ class PrefixCache:
             return block_id
         return None
 
-    def _forget(self, block_id: int) -> None:
+    def _forget(self, block_id: int, *, announce: bool = True) -> None:
         block = self._blocks[block_id]
         if block.block_hash is not None and self._by_hash.get(block.block_hash) == block_id:
             del self._by_hash[block.block_hash]
+            if announce and self.event_sink is not None:
+                self.event_sink(block_removed([block.block_hash]))
         block.block_hash = None
 
     def _assign_hash(self, block_id: int, block_hash: bytes) -> None:

@@ -34,6 +34,7 @@ from .sglang import BootstrapTimeout
 from .shapes import SHAPES, ApiShape
 from .shapes.base import error_info
 from .stats import RecordedRequest, SimStats
+from .tokens import chat_prompt, tokenize
 
 __all__ = ["ENGINE", "SimServer", "create_app"]
 
@@ -226,6 +227,38 @@ async def _metrics(request: web.Request) -> web.Response:
     )
 
 
+async def _tokenize(request: web.Request) -> web.Response:
+    """vLLM's ``POST /tokenize``: a completion prompt or chat messages -> token ids."""
+    cfg = request.app[ENGINE].config
+    try:
+        body = _load_json(await request.read())
+        model = body.get("model")
+        if model is not None and model != cfg.served_model_name:
+            return _error(f"The model `{model}` does not exist.", 404)
+        if "messages" in body:
+            messages = body["messages"]
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise EngineError("'messages' must be a list of message objects.")
+            text = chat_prompt(messages)
+            if body.get("add_generation_prompt", True) is False:
+                text = text.removesuffix("\n<|assistant|>")
+            tokens = tokenize(text)
+        elif isinstance(body.get("prompt"), str):
+            tokens = tokenize(body["prompt"])
+        else:
+            raise EngineError("Either 'prompt' (a string) or 'messages' is required.")
+    except EngineError as exc:
+        return _error(str(exc), 400)
+    return web.json_response(
+        {
+            "count": len(tokens),
+            "max_model_len": cfg.max_model_len,
+            "tokens": tokens,
+            "token_strs": None,
+        }
+    )
+
+
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[ENGINE].stats_dict())
 
@@ -333,6 +366,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_post("/tokenize", _tokenize)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
     app.router.add_post("/sim/faults", _add_fault)
