@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from sidecar.api_shapes import shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
+from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import PrefillRejected, SidecarError
 from sidecar.exchange import Exchange, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
@@ -31,7 +32,7 @@ from sidecar.log import access_log, log
 from sidecar.metrics import Metrics, path_label
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
-from sidecar.routing import PREFILLER_HOST_PORT
+from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.upstream import Upstream, make_session
@@ -114,6 +115,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
 
     prefill_session = session(decompress=True)
     local_session = session(decompress=False)
+    encode_session = session(decompress=True) if settings.ec_connector else None
     local = Upstream("decode", local_session, count_stale)
     readiness = Readiness(
         local_session,
@@ -124,13 +126,17 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     orchestrator = Orchestrator(
         connector=create_connector(
             settings.kv_connector,
-            ConnectorOptions(mooncake_bootstrap_port=settings.mooncake_bootstrap_port),
+            ConnectorOptions(
+                mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
+                sglang_bootstrap_port=settings.sglang_bootstrap_port,
+            ),
         ),
         prefill=Upstream("prefill", prefill_session, count_stale),
         decode=local,
         decode_base_url=settings.model_server_url,
         policy=_policy(settings),
         metrics=metrics,
+        encode=_encode_stage(settings, metrics, encode_session, count_stale),
     )
     app[SERVICES] = Services(
         orchestrator=orchestrator, local=local, readiness=readiness, guard=guard
@@ -143,6 +149,25 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         await readiness.close()
         await prefill_session.close()
         await local_session.close()
+        if encode_session is not None:
+            await encode_session.close()
+
+
+def _encode_stage(
+    settings: Settings,
+    metrics: Metrics,
+    session: aiohttp.ClientSession | None,
+    count_stale: Callable[[str], None],
+) -> EncoderStage | None:
+    if session is None or settings.ec_connector not in ("ec-example", "ec-nixl"):
+        return None
+    policy = EncodePolicy(
+        connector="ec-nixl" if settings.ec_connector == "ec-nixl" else "ec-example",
+        timeout=settings.prefill_timeout,
+        max_retries=settings.prefill_max_retries,
+        retry_backoff=settings.prefill_retry_backoff,
+    )
+    return EncoderStage(Upstream("encode", session, count_stale), policy, metrics)
 
 
 def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
@@ -219,7 +244,7 @@ def _observe(metrics: Metrics, ex: Exchange) -> None:
     if ex.ttft_s is not None:
         metrics.ttft_seconds.observe(ex.ttft_s)
     overhead = ex.overhead_s
-    if overhead is not None and ex.mode in ("pd", "fallback"):
+    if overhead is not None and ex.mode in ("pd", "epd", "fallback"):
         metrics.overhead_seconds.observe(overhead)
 
 
@@ -240,8 +265,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         if services.guard is not None:
             services.guard.check_headers(request.headers, ex.request_id)
         header = request.headers.get(PREFILLER_HOST_PORT)
-        if header is not None:
-            return await services.orchestrator.serve(request, shape, header, ex)
+        encoders = request.headers.get(ENCODER_HOSTS_PORTS)
+        if header is not None or (encoders and services.orchestrator.encode is not None):
+            return await services.orchestrator.serve(request, shape, header, ex, encoders)
         ex.mode = "local"
     return await passthrough(
         request,

@@ -17,7 +17,9 @@
     ├── DecodeError                     502     decode    the local vLLM failed
     │   ├── DecodeNotReady              503     decode    the local vLLM is unreachable
     │   └── DecodeTimeout               504     decode    no first byte in time
-    └── PrepareError                    502     prepare   a connector's per-prefiller preparation
+    ├── PrepareError                    502     prepare   a connector's per-prefiller preparation
+    └── EncodeError                     502     encode    an encoder failed, or its outputs clash
+        └── EncodeTimeout               504     encode    no answer in --prefill-timeout
 
 Before the first response byte, ``sidecar.app``'s error middleware turns any of these into
 a JSON answer ``{"error": {"message", "type", "code", "stage", "request_id"}}``. After the
@@ -35,6 +37,8 @@ __all__ = [
     "DecodeError",
     "DecodeNotReady",
     "DecodeTimeout",
+    "EncodeError",
+    "EncodeTimeout",
     "InvalidBody",
     "InvalidRoutingHeader",
     "PrefillError",
@@ -177,3 +181,18 @@ class PrepareError(SidecarError):
     status = 502
     stage = "prepare"
     kind = "upstream_error"
+
+
+class EncodeError(SidecarError):
+    status = 502
+    stage = "encode"
+    kind = "upstream_error"
+
+    def __init__(self, message: str, reason: str = "error") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class EncodeTimeout(EncodeError):
+    status = 504
+    kind = "timeout"

@@ -28,7 +28,7 @@ class Exchange:
     path: str
     trace: TraceContext
     start: float = field(default_factory=time.perf_counter)
-    mode: str = "passthrough"  # pd | local | fallback | passthrough | health
+    mode: str = "passthrough"  # pd | epd | local | fallback | passthrough | health
     status: int = 0
     prefiller: str | None = None
     prefill_attempts: int = 0
@@ -37,6 +37,9 @@ class Exchange:
     ttft_s: float | None = None  # request received -> first byte to the client
     total_s: float | None = None
     fallback_reason: str | None = None
+    decode_first: str | None = None  # a decode-first attempt was "accepted" or "declined"
+    encode_items: int = 0
+    encode_s: float | None = None
     cached_tokens: int | None = None
     error: str | None = None
     response_started: bool = False
@@ -56,7 +59,7 @@ class Exchange:
         """Time to first byte minus time spent waiting on upstreams."""
         if self.ttft_s is None:
             return None
-        waited = (self.prefill_s or 0.0) + (self.decode_wait_s or 0.0)
+        waited = (self.prefill_s or 0.0) + (self.decode_wait_s or 0.0) + (self.encode_s or 0.0)
         return max(self.ttft_s - waited, 0.0)
 
     def record(self) -> dict[str, Any]:
@@ -79,6 +82,9 @@ class Exchange:
             "total_ms": ms(self.total_s),
             "overhead_ms": ms(self.overhead_s),
             "fallback_reason": self.fallback_reason,
+            "decode_first": self.decode_first,
+            "encode_items": self.encode_items,
+            "encode_ms": ms(self.encode_s),
             "cached_tokens": self.cached_tokens,
             "error": self.error,
         }

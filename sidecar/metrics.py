@@ -91,6 +91,29 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.encode_seconds = Histogram(
+            "pd_sidecar_encode_seconds",
+            "Encode stage duration (all items, all attempts), successful or not.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.encode_items = Counter(
+            "pd_sidecar_encode_items",
+            "Distinct multimodal items sent to an encoder.",
+            registry=r,
+        )
+        self.encode_failures = Counter(
+            "pd_sidecar_encode_failures",
+            "Encode stages that failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.encode_retries = Counter(
+            "pd_sidecar_encode_retries",
+            "Encode requests retried on the next encoder, by reason.",
+            ["reason"],
+            registry=r,
+        )
         self.ssrf_decisions = Counter(
             "pd_sidecar_ssrf_decisions",
             "SSRF target checks, by stage (prefill, encode, kv-source), decision and rule.",

@@ -4,12 +4,14 @@ Sending, retries, timeouts, cancellation, usage accounting, metrics and errors l
 once; connectors (``sidecar.connectors``) only translate bodies. Per request:
 
 1. read the body (bounded) and parse it once;
-2. [encode stage, when configured];
-3. prefill leg(s): retried on connection errors and 502/503/504, moving along the
+2. [encode stage, when configured and the request names encoders]; without a prefill
+   target (E/PD) its output goes to the decode leg, which follows at once;
+3. [a decode-first attempt, when the connector asks for one: see ``connectors.base``];
+4. prefill leg(s): retried on connection errors and 502/503/504, moving along the
    prefiller list, each attempt bounded by ``prefill_timeout``;
-4. decode leg on the local vLLM: bounded wait for the first byte, then relayed as it
+5. decode leg on the local vLLM: bounded wait for the first byte, then relayed as it
    arrives with a bound on the gap between chunks;
-5. failure policy: no KV from the prefill -> error (or local decode when the fallback
+6. failure policy: no KV from the prefill -> error (or local decode when the fallback
    is enabled, announced in a response header and counted). Nothing is retried once a
    byte went to the client.
 
@@ -39,6 +41,7 @@ from tenacity import (
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.connectors import Connector, EncodeStage, LegContext, LegOrder, PrefillResult
+from sidecar.decode_first import FinishScan, Verdict
 from sidecar.errors import (
     BodyTooLarge,
     DecodeError,
@@ -56,7 +59,7 @@ from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, TRACEPARENT, request_headers, response_headers
 from sidecar.metrics import Metrics
 from sidecar.relay import error_event, is_event_stream, relay_body
-from sidecar.routing import HostPort, parse_host_ports, pick
+from sidecar.routing import ENCODER_HOSTS_PORTS, HostPort, parse_host_ports, pick
 from sidecar.upstream import Upstream
 from sidecar.usage import SseUsageRewriter, rewrite_json
 
@@ -150,21 +153,43 @@ class Orchestrator:
         )
 
     async def serve(
-        self, request: web.Request, shape: ApiShape, header_value: str, ex: Exchange
+        self,
+        request: web.Request,
+        shape: ApiShape,
+        header_value: str | None,
+        ex: Exchange,
+        encoders_value: str | None = None,
     ) -> web.StreamResponse:
-        ex.mode = "pd"
-        targets = parse_host_ports(header_value)
+        """Serve one request with a prefill target, encoder targets, or both."""
+        ex.mode = "pd" if header_value is not None else "epd"
+        targets = parse_host_ports(header_value) if header_value is not None else None
+        encoders = None
+        if encoders_value is not None and self.encode is not None:
+            encoders = parse_host_ports(encoders_value, ENCODER_HOSTS_PORTS)
         raw = await read_body(request, self.policy.max_body_bytes)
         body = parse_json_object(raw)
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id
         headers["Content-Type"] = "application/json"
         extra: Mapping[str, Any] = {}
-        if self.encode is not None:
-            extra = await self.encode.run(body, ex.request_id)
+        if self.encode is not None and encoders is not None:
+            extra = await self.encode.run(body, encoders, headers, ex)
+        if targets is None:
+            # E/PD: no prefill, so the decode leg takes the encoder outputs.
+            payload = dumps({**body, **extra}) if extra else raw
+            return await self._decode(request, shape, payload, headers, None, ex, None)
         first = pick(targets, self.policy.prefiller_sampling)
         if self.connector.order is LegOrder.CONCURRENT:
             return await self._concurrent(request, shape, body, targets, first, headers, extra, ex)
+        if self.connector.decline_reason is not None:
+            ctx = LegContext(shape, body, ex.request_id, targets[first], extra=extra)
+            first_body = self.connector.decode_first_body(ctx)
+            if first_body is not None:
+                answered = await self._decode_first(
+                    request, shape, dumps(first_body), headers, ex, self.connector.decline_reason
+                )
+                if answered is not None:
+                    return answered
         try:
             ctx, result, cached = await self._prefill(
                 shape, body, targets, first, headers, extra, ex
@@ -267,15 +292,20 @@ class Orchestrator:
         headers: CIMultiDict[str],
         extra: Mapping[str, Any],
         ex: Exchange,
+        paired: LegContext | None = None,
     ) -> tuple[LegContext, PrefillResult, int | None]:
-        ctx = LegContext(
-            shape=shape,
-            body=body,
-            request_id=ex.request_id,
-            prefiller=target,
-            prepared=await self._prepare(target),
-            extra=extra,
-        )
+        """One prefill attempt; ``paired`` is the decode leg's context (concurrent legs)."""
+        if paired is not None:
+            ctx = paired  # the legs must agree on pairing and preparation
+        else:
+            ctx = LegContext(
+                shape=shape,
+                body=body,
+                request_id=ex.request_id,
+                prefiller=target,
+                prepared=await self._prepare(target),
+                extra=extra,
+            )
         payload = dumps(self.connector.prefill_body(ctx))
         leg_headers = headers.copy()
         leg_headers[TRACEPARENT] = ex.trace.leg_header()
@@ -372,6 +402,48 @@ class Orchestrator:
     ) -> web.StreamResponse:
         response, first = await self._open_decode(request, body, headers, ex)
         return await self._relay(request, shape, response, first, cached, ex, extra_headers)
+
+    async def _decode_first(
+        self,
+        request: web.Request,
+        shape: ApiShape,
+        body: bytes,
+        headers: CIMultiDict[str],
+        ex: Exchange,
+        decline_reason: str,
+    ) -> web.StreamResponse | None:
+        """Try the decode before any prefill; None when it declined (nothing was sent)."""
+        response, first = await self._open_decode(request, body, headers, ex)
+        held = [first]
+        verdict = Verdict.ACCEPTED  # an error answer is the client's answer
+        try:
+            if 200 <= response.status < 300:
+                scan = FinishScan(decline_reason, sse=is_event_stream(response))
+                verdict = scan.feed(first) if first else scan.end()
+                async with asyncio.timeout(self.policy.stream_idle_timeout):
+                    while verdict is Verdict.PENDING:
+                        chunk = await response.content.readany()
+                        held.append(chunk)
+                        verdict = scan.feed(chunk) if chunk else scan.end()
+                    if verdict is Verdict.DECLINED:
+                        # Read the (short) rest so the pooled connection stays usable.
+                        await _read_bounded(response, _MAX_PREFILL_ANSWER)
+        except TimeoutError:
+            response.close()
+            raise DecodeTimeout(
+                f"decode answer stalled for more than {self.policy.stream_idle_timeout:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            response.close()
+            raise DecodeError(f"decode answer broken: {exc!r}") from None
+        except BaseException:
+            response.close()
+            raise
+        ex.decode_first = verdict.value
+        if verdict is Verdict.DECLINED:
+            response.release()
+            return None
+        return await self._relay(request, shape, response, b"".join(held), None, ex, None)
 
     async def _relay(
         self,
@@ -500,7 +572,12 @@ class Orchestrator:
 
         prefill.add_done_callback(stop_decode_on_failure)
         try:
-            return await relay
+            answered = await relay
+            if answered.status >= 500:
+                # The decode could not use what prepare() learned (e.g. the prefiller
+                # restarted with a new engine id): ask again next time.
+                self._forget(target)
+            return answered
         except asyncio.CancelledError:
             failure = None if prefill.cancelled() else prefill.exception()
             current = asyncio.current_task()
@@ -521,7 +598,7 @@ class Orchestrator:
         ex.prefill_attempts = 1
         try:
             await self._prefill_once(
-                ctx.shape, dict(ctx.body), ctx.prefiller, headers, ctx.extra, ex
+                ctx.shape, dict(ctx.body), ctx.prefiller, headers, ctx.extra, ex, paired=ctx
             )
         except _Retryable as exc:
             self.metrics.prefill_failures.labels(reason=exc.error.reason).inc()

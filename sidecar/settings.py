@@ -107,6 +107,7 @@ CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 _TLS_STAGES = frozenset({"prefiller", "decoder", "encoder"})
+_EC_CONNECTORS = ("ec-example", "ec-nixl")
 
 
 class Settings(BaseSettings):
@@ -143,6 +144,8 @@ class Settings(BaseSettings):
     prefill_retry_backoff: Duration = 0.1
     enable_prefiller_sampling: GoBool = False
     mooncake_bootstrap_port: Port = 8998
+    # Ours: the prefillers' SGLang bootstrap server port (llm-d assumes SGLang's default).
+    sglang_bootstrap_port: Port = 8998
     # klog verbosity of the Go sidecar (-v=N), accepted so manifests keep working:
     # 4 or more turns on debug logging.
     v: Annotated[int, Field(ge=0, le=10)] = 0
@@ -209,9 +212,10 @@ class Settings(BaseSettings):
 
     @field_validator("ec_connector")
     @classmethod
-    def _no_encode_stage_yet(cls, value: str) -> str:
-        if value:
-            raise ValueError(f"encode connector {value!r} is not available in this build")
+    def _known_ec_connector(cls, value: str) -> str:
+        if value not in ("", *_EC_CONNECTORS):
+            names = ", ".join(_EC_CONNECTORS)
+            raise ValueError(f"unknown encode connector {value!r} (available: {names})")
         return value
 
     @field_validator("enable_tls", "tls_insecure_skip_verify")

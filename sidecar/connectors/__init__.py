@@ -13,7 +13,10 @@ from sidecar.connectors.base import (
     LegOrder,
     PrefillResult,
 )
+from sidecar.connectors.mooncake import MooncakeConnector
 from sidecar.connectors.nixlv2 import NixlV2Connector
+from sidecar.connectors.sglang import SGLangConnector
+from sidecar.connectors.shared_storage import SharedStorageConnector
 
 __all__ = [
     "Connector",
@@ -53,4 +56,5 @@ def create_connector(name: str, options: ConnectorOptions) -> Connector:
     return cls(options)
 
 
-register(NixlV2Connector)
+for _builtin in (NixlV2Connector, SharedStorageConnector, SGLangConnector, MooncakeConnector):
+    register(_builtin)

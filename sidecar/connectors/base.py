@@ -14,16 +14,24 @@ Leg order (:attr:`Connector.order`):
 ``CONCURRENT``
     both legs start together; :meth:`Connector.decode_body` gets ``None`` and the
     prefill answer is only checked by :meth:`Connector.read_prefill`. A failed prefill
-    ends the decode leg with an error (sglang, mooncake).
+    ends the decode leg with an error (sglang, mooncake). Values both legs must agree on
+    (a rendezvous room, a transfer id) derive from :attr:`LegContext.pairing`.
+
+Decode first (optional, sequential connectors): when :meth:`Connector.decode_first_body`
+returns a body, the orchestrator sends it to the decode engine before any prefill. If
+that attempt finishes with :attr:`Connector.decline_reason` as its finish reason before
+producing output, it is dropped unseen and the usual prefill-then-decode order follows;
+otherwise it is the client's answer (shared-storage's ``cache_hit_threshold``).
 
 The optional encode stage (E/P/D) is an :class:`EncodeStage`: it runs before prefill and
-returns extra top-level fields the orchestrator hands to both legs through
-:attr:`LegContext.extra`.
+returns extra top-level fields the orchestrator hands to the connector through
+:attr:`LegContext.extra` (connectors put them on the prefill leg).
 """
 
 from __future__ import annotations
 
 import enum
+import random
 from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -31,8 +39,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 if TYPE_CHECKING:
     import aiohttp
+    from multidict import CIMultiDict
 
     from sidecar.api_shapes import ApiShape
+    from sidecar.exchange import Exchange
     from sidecar.routing import HostPort
 
 __all__ = [
@@ -55,6 +65,7 @@ class ConnectorOptions:
     """The settings a connector may read (kept apart from the full Settings on purpose)."""
 
     mooncake_bootstrap_port: int = 8998
+    sglang_bootstrap_port: int = 8998
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +78,8 @@ class LegContext:
     prefiller: HostPort
     prepared: object | None = None  # what prepare() returned for this prefiller
     extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. encode-stage params
+    # Random bits drawn once per request, the same for every leg built from this context.
+    pairing: int = field(default_factory=lambda: random.getrandbits(128))
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,8 @@ class Connector(ABC):
 
     name: ClassVar[str]
     order: ClassVar[LegOrder]
+    # Finish reason by which a decode-first attempt declines (see the module docstring).
+    decline_reason: ClassVar[str | None] = None
 
     def __init__(self, options: ConnectorOptions) -> None:
         self.options = options
@@ -101,8 +116,22 @@ class Connector(ABC):
     def decode_body(self, ctx: LegContext, prefill: PrefillResult | None) -> dict[str, Any]:
         """Body of the decode leg; ``prefill`` is None for concurrent connectors."""
 
+    def decode_first_body(self, ctx: LegContext) -> dict[str, Any] | None:
+        """Body of a decode attempt sent before any prefill, or None (the usual order)."""
+        return None
+
 
 class EncodeStage(Protocol):
-    """The encode stage of E/P/D (issue 6): returns extra fields for the next legs."""
+    """The encode stage of E/P/D: returns extra top-level fields for the next leg.
 
-    async def run(self, body: Mapping[str, Any], request_id: str) -> Mapping[str, Any]: ...
+    ``headers`` are the request headers every leg carries (request id, trace context);
+    ``encoders`` come from the routing header. Failures raise a ``SidecarError``.
+    """
+
+    async def run(
+        self,
+        body: Mapping[str, Any],
+        encoders: list[HostPort],
+        headers: CIMultiDict[str],
+        ex: Exchange,
+    ) -> Mapping[str, Any]: ...

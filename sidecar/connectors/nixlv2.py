@@ -10,12 +10,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from sidecar.connectors._bodies import one_token_prefill
 from sidecar.connectors.base import Connector, LegContext, LegOrder, PrefillResult
 from sidecar.errors import PrefillIncomplete
 
 __all__ = ["NixlV2Connector"]
-
-_MIN_FIELDS = ("min_tokens", "min_completion_tokens")
 
 
 def _request_remote_decode() -> dict[str, Any]:
@@ -34,20 +33,7 @@ class NixlV2Connector(Connector):
     order: ClassVar[LegOrder] = LegOrder.SEQUENTIAL
 
     def prefill_body(self, ctx: LegContext) -> dict[str, Any]:
-        body = dict(ctx.body)
-        body.update(ctx.extra)
-        body["stream"] = False
-        body.pop("stream_options", None)
-        target = ctx.shape.cap_target(body)
-        first, *optional = ctx.shape.cap_fields
-        target[first] = 1
-        for name in optional:
-            if name in target:
-                target[name] = 1
-        # vLLM rejects min_tokens > max_tokens; with a cap of 1 there is nothing to keep.
-        for holder in (body, target):
-            for name in _MIN_FIELDS:
-                holder.pop(name, None)
+        body = one_token_prefill(ctx)
         body["kv_transfer_params"] = _request_remote_decode()
         return body
 
