@@ -33,13 +33,6 @@ KUSTOMIZATIONS = kustomizations()
 K8S_VERSIONS = ("1.29", kubernetes_validate.latest_version())
 ROLES = {"decode", "prefill", "encode", "prefill-decode", "encode-prefill", "encode-prefill-decode"}
 ROLE_LABEL = "llm-d.ai/role"
-# The encode stage is not in the sidecar yet; this turns into a failure (strict xfail)
-# the day it lands, as a reminder to drop the mark.
-EPD_SIDECAR_PENDING = pytest.mark.xfail(
-    strict=True,
-    raises=SettingsError,
-    reason="the sidecar does not implement the ec-nixl encode stage yet",
-)
 
 
 def _dirs_with(kind: str) -> list[str]:
@@ -148,11 +141,7 @@ def test_strict_validation_rejects_a_misspelt_field() -> None:
 
 # -- the sidecar ------------------------------------------------------------------------
 
-SIDECAR_DIRS = [
-    pytest.param(d, marks=EPD_SIDECAR_PENDING) if d == "examples/epd" else d
-    for d in _dirs_with("Deployment")
-    if _programs(build(d), "pd-sidecar")
-]
+SIDECAR_DIRS = [d for d in _dirs_with("Deployment") if _programs(build(d), "pd-sidecar")]
 
 
 @pytest.mark.parametrize("directory", SIDECAR_DIRS)
