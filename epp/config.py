@@ -199,7 +199,9 @@ def _discovery_ref(doc: EndpointPickerConfig) -> str | None:
 
 
 def _add_implicit_producer(plugins: PluginSet) -> None:
-    if plugins.of_kind(ApproxPrefixCacheProducer):
+    if plugins.of_kind(ApproxPrefixCacheProducer) or any(
+        getattr(p, "provides_prefix_match", False) for p in plugins
+    ):
         return
     needers = [p for p in plugins if getattr(p, "needs_prefix_producer", False)]
     if not needers:

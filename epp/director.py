@@ -83,6 +83,7 @@ class Director(DecisionMaker):
         }
         for plugin in config.plugins:
             self._instrument(plugin)
+            plugin.register_metrics(metrics.registry)
         for profile in config.scheduler.profiles.values():
             self._instrument(profile.picker)
         self._instrument(config.scheduler.handler)
@@ -155,6 +156,8 @@ class Director(DecisionMaker):
         if self.discovery is not None:
             await self.discovery.stop()
         await self.scraper.stop()
+        for plugin in self.config.plugins:
+            await plugin.aclose()
 
     def is_ready(self) -> bool:
         return self._started and len(self.datastore) > 0
@@ -189,6 +192,7 @@ class Director(DecisionMaker):
             raise NoEndpoints("no endpoints known")
         cycle = CycleState(request, time.monotonic(), self._threshold)
         try:
+            await self._scheduler.prefetch(cycle, endpoints)
             result = self._scheduler.schedule(cycle, endpoints)
             release_prefill, release_all = self._scheduler.track(cycle, result)
         except SchedulingError:

@@ -56,6 +56,8 @@ class ParsedRequest:
     stream: bool = False
     headers: Mapping[str, str] = field(default_factory=dict)
     request_id: str = ""
+    # The parsed JSON body, for producers that need more than the prompt text.
+    body: Mapping[str, Any] = field(default_factory=dict)
 
 
 class _Prompt:
@@ -310,4 +312,5 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
         stream=stream is True,
         headers=headers,
         request_id=headers.get("x-request-id", ""),
+        body=doc,
     )

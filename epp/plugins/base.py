@@ -9,7 +9,8 @@ directly. A plugin implements one or more extension points by subclassing them:
 - ``Picker.pick`` ranks the scored candidates and keeps the best few;
 - ``ProfileHandler`` decides which profiles run and what the result is;
 - ``Decider.approve`` answers one yes/no question for a profile handler;
-- ``DataProducer.prepare`` computes per-request data before any profile runs;
+- ``DataProducer.prepare`` computes per-request data before any profile runs (its
+  ``prefetch`` may first await I/O);
 - ``RequestTracker.track`` sees the final result and returns release hooks;
 - ``Discovery.start/stop`` feeds endpoints into the datastore.
 """
@@ -25,6 +26,8 @@ from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from epp.datastore import Datastore, Endpoint
     from epp.scheduling.cycle import CycleState
     from epp.scheduling.profile import Profile
@@ -77,6 +80,14 @@ class Plugin:
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Membership changed; plugins keeping per-endpoint state drop the removed ones."""
+        return None
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        """Add the plugin's own metric families to the EPP's registry (once, at start)."""
+        return None
+
+    async def aclose(self) -> None:
+        """Release sockets and sessions the plugin opened; called when the EPP stops."""
         return None
 
     def __repr__(self) -> str:
@@ -135,6 +146,10 @@ class Decider(Plugin, abc.ABC):
 
 
 class DataProducer(Plugin, abc.ABC):
+    async def prefetch(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        """Optional I/O before scheduling (e.g. asking an engine to tokenize); bounded."""
+        return None
+
     @abc.abstractmethod
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         """Compute per-request data (into the cycle state) before profiles run."""

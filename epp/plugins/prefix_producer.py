@@ -35,6 +35,8 @@ class PrefixMatch:
     block_bytes: int
     prompt_bytes: int
     prompt_tokens: int
+    # Which producer computed the match: "approximate" or "precise".
+    source: str = "approximate"
 
     def blocks(self, endpoint: Endpoint) -> int:
         return self.matched.get(endpoint.key, 0)

@@ -36,6 +36,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.queue_scorer",
     "epp.plugins.kv_cache_scorer",
     "epp.plugins.prefix_producer",
+    "epp.plugins.precise_prefix_producer",
     "epp.plugins.prefix_scorer",
     "epp.plugins.load_aware_scorer",
     "epp.plugins.active_request_scorer",

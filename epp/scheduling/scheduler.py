@@ -26,6 +26,11 @@ class Scheduler:
     producers: tuple[DataProducer, ...] = ()
     trackers: tuple[RequestTracker, ...] = ()
 
+    async def prefetch(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        """Let producers do their I/O before the (synchronous) scheduling cycle."""
+        for producer in self.producers:
+            await producer.prefetch(cycle, endpoints)
+
     def schedule(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> SchedulingResult:
         for producer in self.producers:
             t0 = perf_counter()
