@@ -40,14 +40,23 @@ def load_cert_dir(path: str | Path) -> CertificatePair:
 
 
 def self_signed(
-    hostnames: tuple[str, ...] = ("localhost",), valid_days: int = 365
+    hostnames: tuple[str, ...] = ("localhost",),
+    valid_days: int = 365,
+    *,
+    ip_addresses: tuple[str, ...] = (),
+    common_name: str = "epp",
 ) -> CertificatePair:
-    """A fresh P-256 key and a certificate for it; gateways talk to the EPP unverified."""
+    """A fresh P-256 key and a certificate for it; gateways talk to the EPP unverified.
+
+    The SANs are ``hostnames``, 127.0.0.1 and ``ip_addresses`` (e.g. the pod IP; the
+    pd-sidecar's ``--secure-proxy`` uses this too).
+    """
     key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "epp")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     alt_names: list[x509.GeneralName] = [x509.DNSName(h) for h in hostnames]
-    alt_names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+    ips = dict.fromkeys(ipaddress.ip_address(a) for a in ("127.0.0.1", *ip_addresses))
+    alt_names.extend(x509.IPAddress(ip) for ip in ips)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)

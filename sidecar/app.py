@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
@@ -35,6 +36,7 @@ from sidecar.passthrough import passthrough
 from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
+from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.upstream import Upstream, make_session
 
 __all__ = ["Servers", "Services", "build_app", "build_metrics_app", "run", "start"]
@@ -102,21 +104,31 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if guard is not None:
         await guard.start()
 
+    # Client TLS contexts by stage (prefill, decode, encode) for the --enable-tls stages.
+    tls_contexts = await asyncio.to_thread(stage_contexts, settings)
+
     def count_stale(stage: str) -> None:
         metrics.stale_connection_retries.labels(stage=stage).inc()
 
-    def session(decompress: bool) -> aiohttp.ClientSession:
+    def session(
+        decompress: bool, ssl_context: ssl.SSLContext | None = None
+    ) -> aiohttp.ClientSession:
         return make_session(
             limit=settings.pool_max_connections,
             keepalive_timeout=settings.pool_keepalive_timeout,
             connect_timeout=settings.connect_timeout,
             decompress=decompress,
+            ssl_context=ssl_context,
         )
 
-    prefill_session = session(decompress=True)
-    local_session = session(decompress=False)
-    encode_session = session(decompress=True) if settings.ec_connector else None
-    local = Upstream("decode", local_session, count_stale)
+    prefill_session = session(decompress=True, ssl_context=tls_contexts.get("prefill"))
+    local_session = session(decompress=False, ssl_context=tls_contexts.get("decode"))
+    encode_session = (
+        session(decompress=True, ssl_context=tls_contexts.get("encode"))
+        if settings.ec_connector
+        else None
+    )
+    local = Upstream("decode", local_session, count_stale, tls="decode" in tls_contexts)
     readiness = Readiness(
         local_session,
         settings.model_server_url + "/health",
@@ -131,7 +143,7 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
                 sglang_bootstrap_port=settings.sglang_bootstrap_port,
             ),
         ),
-        prefill=Upstream("prefill", prefill_session, count_stale),
+        prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
         decode=local,
         decode_base_url=settings.model_server_url,
         policy=_policy(settings),
@@ -167,7 +179,8 @@ def _encode_stage(
         max_retries=settings.prefill_max_retries,
         retry_backoff=settings.prefill_retry_backoff,
     )
-    return EncoderStage(Upstream("encode", session, count_stale), policy, metrics)
+    encode = Upstream("encode", session, count_stale, tls="encoder" in settings.enable_tls)
+    return EncoderStage(encode, policy, metrics)
 
 
 def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
@@ -309,6 +322,7 @@ class Servers:
     metrics_runner: web.AppRunner
     port: int = 0  # as bound (settings may say 0: any free port)
     metrics_port: int = 0
+    tls: ServingTLS | None = None  # --secure-proxy
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
@@ -317,6 +331,8 @@ class Servers:
             services.readiness.draining = True
         await self.runner.cleanup()
         await self.metrics_runner.cleanup()
+        if self.tls is not None:
+            await self.tls.stop()
 
 
 async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
@@ -333,7 +349,17 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
     await metrics_runner.setup()
     servers = Servers(app, metrics, runner, metrics_runner)
     try:
-        await web.TCPSite(runner, settings.listen_host, settings.port).start()
+        if settings.secure_proxy:
+            servers.tls = await ServingTLS.create(
+                cert_path=settings.cert_path,
+                pod_ip=settings.pod_ip,
+                interval_s=settings.cert_reload_interval,
+                on_reload=lambda outcome: metrics.tls_reloads.labels(outcome=outcome).inc(),
+            )
+        ssl_context = servers.tls.context if servers.tls is not None else None
+        await web.TCPSite(
+            runner, settings.listen_host, settings.port, ssl_context=ssl_context
+        ).start()
         await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
         servers.port = int(runner.addresses[0][1])
         servers.metrics_port = int(metrics_runner.addresses[0][1])
@@ -355,6 +381,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             {
                 "event": "listening",
                 "port": servers.port,
+                "tls": servers.tls is not None,
                 "metrics_port": servers.metrics_port,
                 "model_server": settings.model_server_url,
                 "kv_connector": settings.kv_connector,

@@ -9,6 +9,8 @@
     │   └── BodyTooLarge                413     request   body over --max-body-bytes
     ├── TargetForbidden                 403     ssrf      a routing target is not in the pool
     ├── TargetCheckUnavailable          503     ssrf      the pool is not known yet
+    ├── UpstreamTLSError                502     (stage)   TLS with an upstream failed (prefill
+    │                                                     and decode use their own classes)
     ├── PrefillError                    502     prefill   the prefill stage did not give KV
     │   ├── PrefillRejected             4xx     prefill   the prefiller's own 4xx, relayed as is
     │   ├── PrefillUnavailable          502     prefill   connection errors / 5xx after retries
@@ -50,6 +52,7 @@ __all__ = [
     "SidecarError",
     "TargetCheckUnavailable",
     "TargetForbidden",
+    "UpstreamTLSError",
 ]
 
 
@@ -121,6 +124,15 @@ class TargetCheckUnavailable(TargetForbidden):
 
     status = 503
     kind = "service_unavailable"
+
+
+class UpstreamTLSError(SidecarError):
+    status = 502
+    kind = "upstream_error"
+
+    def __init__(self, stage: str, message: str) -> None:
+        super().__init__(message)
+        self.stage = stage
 
 
 class PrefillError(SidecarError):

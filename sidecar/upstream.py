@@ -4,27 +4,41 @@ vLLM (uvicorn) closes idle keep-alive connections after 5 s, so pools keep their
 less; a pooled connection the server closed anyway is detected on use
 (``ServerDisconnectedError`` before any response byte) and the request is sent once more
 on a fresh connection. Only whole in-memory bodies are resent.
+
+A stage reached over TLS (``--enable-tls``) has its session's context and turns the
+``http://`` URLs the rest of the sidecar builds into ``https://``; a failed handshake
+(untrusted certificate, a client certificate the upstream refuses) becomes one clear
+error naming the stage and TLS, translated here.
 """
 
 from __future__ import annotations
 
 import errno
+import ssl
 from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from multidict import CIMultiDict
 
+from sidecar.errors import DecodeError, PrefillUnavailable, SidecarError, UpstreamTLSError
+
 __all__ = ["Upstream", "make_session"]
 
 
 def make_session(
-    *, limit: int, keepalive_timeout: float, connect_timeout: float, decompress: bool
+    *,
+    limit: int,
+    keepalive_timeout: float,
+    connect_timeout: float,
+    decompress: bool,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=limit,
         limit_per_host=0,
         keepalive_timeout=keepalive_timeout,
         ttl_dns_cache=10,
+        ssl=ssl_context if ssl_context is not None else True,
     )
     return aiohttp.ClientSession(
         connector=connector,
@@ -45,15 +59,49 @@ def _is_stale(exc: BaseException) -> bool:
     )
 
 
+def _tls_failure(exc: BaseException) -> BaseException | None:
+    """The TLS error behind a client error, if that is what it is."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError | aiohttp.ClientSSLError):
+            return seen
+        os_error = getattr(seen, "os_error", None)
+        if isinstance(os_error, ssl.SSLError):
+            return os_error
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def tls_error(stage: str, target: str, failure: BaseException) -> SidecarError:
+    """The error a failed TLS handshake with ``stage`` becomes (502, naming stage and TLS)."""
+    detail = getattr(failure, "os_error", None) or failure
+    if isinstance(detail, ssl.SSLCertVerificationError):
+        reason = f"certificate verify failed: {detail.verify_message}"
+    else:
+        reason = str(getattr(detail, "reason", None) or detail)
+    message = f"TLS with the {stage} upstream {target} failed: {reason}"
+    if stage == "prefill":
+        return PrefillUnavailable(message, "tls")
+    if stage == "decode":
+        return DecodeError(message)
+    return UpstreamTLSError(stage, message)
+
+
 class Upstream:
     """One stage's session plus the one transparent resend on a stale pooled connection."""
 
     def __init__(
-        self, stage: str, session: aiohttp.ClientSession, on_stale: Callable[[str], None]
+        self,
+        stage: str,
+        session: aiohttp.ClientSession,
+        on_stale: Callable[[str], None],
+        *,
+        tls: bool = False,
     ) -> None:
         self.stage = stage
         self.session = session
         self._on_stale = on_stale
+        self.tls = tls
 
     async def send(
         self,
@@ -63,6 +111,35 @@ class Upstream:
         body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
         """Send and return once response headers arrived; the caller releases the response."""
+        if self.tls and url.startswith("http://"):
+            url = "https://" + url[len("http://") :]
+        if not self.tls:
+            return await self._send(method, url, headers, body)
+        try:
+            return await self._send(method, url, headers, body)
+        except aiohttp.ClientError as exc:
+            target = url.split("/", 3)[2] if url.count("/") >= 2 else url
+            failure = _tls_failure(exc)
+            if failure is not None:
+                raise tls_error(self.stage, target, failure) from exc
+            if _is_stale(exc):
+                # TLS 1.3 checks the client certificate after the client's handshake is
+                # done: a refusal usually arrives as a reset, not as a TLS alert. Still a
+                # connection error (retried like one), but one that says where to look.
+                raise aiohttp.ClientConnectionError(
+                    f"TLS connection to the {self.stage} upstream {target} was reset before"
+                    f" any answer (an upstream requiring a client certificate it does not"
+                    f" accept refuses this way; see --client-cert-file): {exc!r}"
+                ) from exc
+            raise
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
         try:
             return await self.session.request(
                 method, url, data=body, headers=headers, allow_redirects=False
