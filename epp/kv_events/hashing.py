@@ -83,12 +83,27 @@ def cbor_encode(value: Any) -> bytes:
     return bytes(out)
 
 
+# Encoded token ids, memoised: a vocabulary is small and prompts repeat tokens a lot.
+_TOKEN_CBOR: dict[int, bytes] = {}
+_TOKEN_CBOR_MAX = 1 << 20
+
+
+def _token_cbor(t: int) -> bytes:
+    enc = _TOKEN_CBOR.get(t)
+    if enc is None:
+        out = bytearray()
+        _head(0, t, out)
+        enc = bytes(out)
+        if len(_TOKEN_CBOR) < _TOKEN_CBOR_MAX:
+            _TOKEN_CBOR[t] = enc
+    return enc
+
+
 def _token_array(tokens: Sequence[int]) -> bytes:
     out = bytearray()
     _head(4, len(tokens), out)
-    for t in tokens:
-        _head(0, t, out)
-    return bytes(out)
+    get = _TOKEN_CBOR.get
+    return bytes(out) + b"".join([get(t) or _token_cbor(t) for t in tokens])
 
 
 def none_hash(seed: str | None = None) -> bytes:
