@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from .stack import LocalStack, StackOptions
+from .stack import KV_CONNECTORS, LocalStack, StackOptions
 
 
 def parse_options(argv: list[str] | None = None) -> StackOptions:
@@ -21,7 +21,15 @@ def parse_options(argv: list[str] | None = None) -> StackOptions:
     p.add_argument("--prefill", type=int, default=1, help="simulated prefill engines (1)")
     p.add_argument("--decode", type=int, default=1, help="simulated decode engines (1)")
     p.add_argument("--model", default="sim-model", help="served model name (sim-model)")
-    p.add_argument("--kv-connector", default="nixlv2", help="sidecar KV connector (nixlv2)")
+    p.add_argument(
+        "--kv-connector", default="nixlv2", choices=KV_CONNECTORS,
+        help="sidecar KV connector; the simulators are started to match (nixlv2)",
+    )  # fmt: skip
+    p.add_argument("--encode", type=int, default=0, help="simulated encode engines, E/P/D (0)")
+    p.add_argument(
+        "--ec-connector", default="ec-nixl", choices=("ec-nixl", "ec-example"),
+        help="encoder output transfer when --encode > 0 (ec-nixl)",
+    )  # fmt: skip
     p.add_argument("--gateway-port", type=int, default=8080, help="Envoy port; 0 = any (8080)")
     p.add_argument(
         "--prefill-engine", action="append", default=[], metavar="HOST:PORT",
@@ -47,8 +55,10 @@ def parse_options(argv: list[str] | None = None) -> StackOptions:
         help="extra vllm-sim flag, e.g. --sim-arg=--itl-ms=20",
     )  # fmt: skip
     a = p.parse_args(argv)
-    if a.prefill < 0 or a.decode < 0:
-        p.error("--prefill and --decode must be >= 0")
+    if a.prefill < 0 or a.decode < 0 or a.encode < 0:
+        p.error("--prefill, --decode and --encode must be >= 0")
+    if a.kv_connector in ("sglang", "mooncake") and max(a.prefill, len(a.prefill_engine)) > 1:
+        p.error(f"--kv-connector={a.kv_connector} runs with one prefill engine here")
     if a.decode == 0 and not a.decode_engine_port:
         p.error("at least one decode engine is needed")
     return StackOptions(
@@ -56,6 +66,8 @@ def parse_options(argv: list[str] | None = None) -> StackOptions:
         decode=a.decode,
         model=a.model,
         kv_connector=a.kv_connector,
+        encode=a.encode,
+        ec_connector=a.ec_connector,
         gateway_port=a.gateway_port,
         prefill_engines=a.prefill_engine,
         decode_engine_ports=a.decode_engine_port,

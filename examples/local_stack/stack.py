@@ -1,4 +1,14 @@
-"""Bring up P/D on loopback: engines -> sidecars -> EPP (file discovery) -> Envoy."""
+"""Bring up P/D on loopback: engines -> sidecars -> EPP (file discovery) -> Envoy.
+
+Each KV connector needs its engines started to match (see :func:`engine_flags`):
+``sglang`` puts the engines in SGLang disaggregation mode with a bootstrap server on the
+prefill engine, ``mooncake`` gives the prefill engine a bootstrap server, and
+``shared-storage`` points every engine at one storage directory. The sidecars learn
+the bootstrap port from a flag, and one flag cannot name several ports on one host, so
+``sglang`` and ``mooncake`` run with a single prefill engine here (in a cluster every
+prefill pod has its own address and they all use the same port). Encode engines
+(``encode``, E/P/D) come with ``--ec-connector`` on encoders, prefillers and sidecars.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +18,7 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import grpc
@@ -18,7 +29,14 @@ from epp.envoy_config import gateway_config
 
 from .processes import EnvoyProcess, ManagedProcess, free_port, wait_until
 
-__all__ = ["SAMPLE_PROMPT", "LocalStack", "StackOptions", "default_epp_config"]
+__all__ = [
+    "KV_CONNECTORS",
+    "SAMPLE_PROMPT",
+    "LocalStack",
+    "StackOptions",
+    "default_epp_config",
+    "engine_flags",
+]
 
 ROLE_LABEL = "llm-d.ai/role"
 SAMPLE_PROMPT = (
@@ -26,6 +44,8 @@ SAMPLE_PROMPT = (
     "and the generation on another help latency under load?"
 )
 _READY_DEADLINE_S = 60.0
+KV_CONNECTORS = ("nixlv2", "shared-storage", "sglang", "mooncake")
+_BOOTSTRAP_CONNECTORS = frozenset({"sglang", "mooncake"})
 
 
 @dataclass
@@ -34,6 +54,8 @@ class StackOptions:
     decode: int = 1
     model: str = "sim-model"
     kv_connector: str = "nixlv2"
+    encode: int = 0  # simulated encode engines (E/P/D)
+    ec_connector: str = "ec-nixl"  # used when encode > 0
     gateway_port: int = 8080
     # Real engines instead of simulators: prefill as host:port, decode as a local port
     # (a sidecar always forwards to 127.0.0.1:<model-server-port>).
@@ -48,9 +70,30 @@ class StackOptions:
     workdir: Path | None = None
 
 
-def default_epp_config(endpoints_file: Path, non_cached_tokens: int) -> str:
-    """The P/D EndpointPickerConfig of the local stack (llm-d vocabulary)."""
-    config = {
+def engine_flags(
+    options: StackOptions, role: str, *, bootstrap_port: int, storage: Path
+) -> list[str]:
+    """The simulator flags an engine of ``role`` needs for the stack's connectors."""
+    flags: list[str] = []
+    connector = options.kv_connector
+    if connector == "sglang" and role in ("prefill", "decode"):
+        flags += ["--disaggregation-mode", role]
+    if connector in _BOOTSTRAP_CONNECTORS and role == "prefill":
+        flags += ["--bootstrap-port", str(bootstrap_port)]
+    encoding = options.encode > 0
+    if connector == "shared-storage" or (encoding and options.ec_connector == "ec-example"):
+        flags += ["--shared-storage-path", str(storage)]
+    # Encoder outputs are checked where the prompt is computed: the prefill engines, or
+    # the decode engines when there are none (a decode that pulls KV needs no outputs).
+    no_prefill = options.prefill == 0 and not options.prefill_engines
+    if encoding and (role in ("encode", "prefill") or (role == "decode" and no_prefill)):
+        flags += ["--ec-connector", options.ec_connector]
+    return flags
+
+
+def default_epp_config(endpoints_file: Path, non_cached_tokens: int, encode: bool = False) -> str:
+    """The P/D (or E/P/D) EndpointPickerConfig of the local stack (llm-d vocabulary)."""
+    config: dict[str, Any] = {
         "apiVersion": "llm-d.ai/v1alpha1",
         "kind": "EndpointPickerConfig",
         "plugins": [
@@ -89,6 +132,17 @@ def default_epp_config(endpoints_file: Path, non_cached_tokens: int) -> str:
             },
         ],
     }
+    if encode:
+        plugins = config["plugins"]
+        plugins.insert(3, {"type": "encode-filter"})
+        plugins.insert(-1, {"type": "always-disagg-multimodal-decider"})
+        plugins[-1]["parameters"]["deciders"]["encode"] = "always-disagg-multimodal-decider"
+        config["schedulingProfiles"].append(
+            {
+                "name": "encode",
+                "plugins": [{"pluginRef": "encode-filter"}, {"pluginRef": "queue-scorer"}],
+            }
+        )
     return yaml.safe_dump(config, sort_keys=False)
 
 
@@ -112,6 +166,9 @@ class LocalStack:
         self.envoy: EnvoyProcess | None = None
         self.epp_metrics_port = 0
         self._decode_ports: list[int] = []
+        self._encode_ports: list[int] = []
+        self.bootstrap_port = 0  # the prefill engine's (sglang, mooncake)
+        self.storage = self.workdir / "shared-storage"
 
     @property
     def decode_engine_urls(self) -> list[str]:
@@ -122,11 +179,31 @@ class LocalStack:
         return [f"http://{target}" for target in self.prefill_targets]
 
     @property
+    def encode_engine_urls(self) -> list[str]:
+        return [f"http://127.0.0.1:{port}" for port in self._encode_ports]
+
+    @property
     def gateway_url(self) -> str:
         assert self.envoy is not None, "stack not started"
         return f"http://127.0.0.1:{self.envoy.port}"
 
+    def _check_options(self) -> None:
+        opts = self.options
+        if opts.kv_connector not in KV_CONNECTORS:
+            raise ValueError(
+                f"unknown KV connector {opts.kv_connector!r} (known: {', '.join(KV_CONNECTORS)})"
+            )
+        prefills = len(opts.prefill_engines) or opts.prefill
+        if opts.kv_connector in _BOOTSTRAP_CONNECTORS and prefills > 1:
+            raise ValueError(
+                f"the {opts.kv_connector} connector reaches every prefill engine on one "
+                "bootstrap port: on one host the local stack runs it with one prefill engine"
+            )
+        if opts.encode < 0:
+            raise ValueError("encode engines must be >= 0")
+
     async def start(self) -> None:
+        self._check_options()
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as session:
                 await self._start_engines(session)
@@ -157,12 +234,19 @@ class LocalStack:
         starting: list[tuple[ManagedProcess, int]] = []
         wanted = [("prefill", opts.prefill if not opts.prefill_engines else 0)]
         wanted.append(("decode", opts.decode if not opts.decode_engine_ports else 0))
+        wanted.append(("encode", opts.encode))
+        if opts.kv_connector in _BOOTSTRAP_CONNECTORS:
+            self.bootstrap_port = free_port()
+        self.storage.mkdir(exist_ok=True)
         for role, count in wanted:
             for i in range(count):
                 port = free_port()
                 args = ["--port", str(port), "--model", opts.model, "--role", role]
                 if opts.zero_latency:
                     args.append("--zero-latency")
+                args += engine_flags(
+                    opts, role, bootstrap_port=self.bootstrap_port, storage=self.storage
+                )
                 proc = ManagedProcess(
                     f"{role}-engine-{i}",
                     self._python("vllm_sim", *args, *opts.sim_args),
@@ -171,6 +255,8 @@ class LocalStack:
                 starting.append((await self._spawn(proc), port))
                 if role == "prefill":
                     self.prefill_targets.append(f"127.0.0.1:{port}")
+                elif role == "encode":
+                    self._encode_ports.append(port)
                 else:
                     self._decode_ports.append(port)
         for proc, port in starting:
@@ -185,6 +271,19 @@ class LocalStack:
             self.endpoints.append(_Endpoint(f"prefill-{i}", int(port_text), "prefill"))
             if host not in ("127.0.0.1", "localhost"):
                 raise ValueError(f"prefill engine {target}: the local stack runs on loopback only")
+        for i, port in enumerate(self._encode_ports):
+            self.endpoints.append(_Endpoint(f"encode-{i}", port, "encode"))
+
+    def _sidecar_flags(self) -> list[str]:
+        opts = self.options
+        flags = [f"--kv-connector={opts.kv_connector}"]
+        if opts.kv_connector == "sglang" and self.bootstrap_port:
+            flags.append(f"--sglang-bootstrap-port={self.bootstrap_port}")
+        if opts.kv_connector == "mooncake" and self.bootstrap_port:
+            flags.append(f"--mooncake-bootstrap-port={self.bootstrap_port}")
+        if opts.encode > 0:
+            flags.append(f"--ec-connector={opts.ec_connector}")
+        return flags
 
     async def _start_sidecars(self, session: aiohttp.ClientSession) -> None:
         starting = []
@@ -195,7 +294,7 @@ class LocalStack:
                 f"--model-server-port={engine_port}",
                 f"--metrics-port={metrics_port}",
                 "--listen-host=127.0.0.1",
-                f"--kv-connector={self.options.kv_connector}",
+                *self._sidecar_flags(),
                 *self.options.sidecar_args,
             ]
             proc = ManagedProcess(f"sidecar-{i}", self._python("sidecar", *args), self.workdir)
@@ -225,7 +324,9 @@ class LocalStack:
         if self.options.epp_config is not None:
             config_args = [f"--config-file={self.options.epp_config}"]
         else:
-            config_text = default_epp_config(endpoints_file, self.options.non_cached_tokens)
+            config_text = default_epp_config(
+                endpoints_file, self.options.non_cached_tokens, encode=self.options.encode > 0
+            )
             (self.workdir / "epp-config.yaml").write_text(config_text)
             config_args = [f"--config-file={self.workdir / 'epp-config.yaml'}"]
         grpc_port, health_port = free_port(), free_port()
