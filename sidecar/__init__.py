@@ -6,8 +6,11 @@ Modules, one concept each:
 - ``app``           wiring: settings -> sessions -> connector -> orchestrator -> servers
 - ``routing``       routing header names, ``host:port`` list parsing
 - ``api_shapes``    per-path token-cap fields and usage locations
-- ``connectors``    registry; ``base`` (the Connector contract), ``nixlv2``
+- ``connectors``    registry; ``base`` (the Connector contract), ``nixlv2``,
+                    ``shared_storage``, ``sglang``, ``mooncake``
 - ``orchestrator``  sends the legs: retries, timeouts, cancellation, failure policy
+- ``decode_first``  did a decode-first attempt decline? (pure scanner)
+- ``encode``        the encode stage of E/P/D: items, fan-out, merged encoder params
 - ``passthrough``   everything that is not P/D, streamed both ways
 - ``relay``         chunk-by-chunk response relay, error events after the first byte
 - ``usage``         cached-token rewrite for JSON bodies and SSE streams
