@@ -33,6 +33,7 @@ from sidecar.log import access_log, log
 from sidecar.metrics import Metrics, path_label
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
+from sidecar.ranks import Rank, Ranks, rank_orchestrator
 from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
@@ -50,6 +51,7 @@ class Services:
     local: Upstream
     readiness: Readiness
     guard: TargetGuard | None = None
+    ranks: Ranks | None = None  # data-parallel ranks; rank 0 is the fields above
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -150,15 +152,28 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
         metrics=metrics,
         encode=_encode_stage(settings, metrics, encode_session, count_stale),
     )
+    ranks = [Rank(0, settings.model_server_url, orchestrator, readiness)]
+    for index in range(1, settings.data_parallel_size):
+        base_url = settings.rank_model_server_url(index)
+        rank_readiness = Readiness(
+            local_session,
+            base_url + "/health",
+            ttl=settings.ready_cache_ttl,
+            timeout=max(settings.connect_timeout, 1.0),
+        )
+        ranks.append(
+            Rank(index, base_url, rank_orchestrator(orchestrator, base_url), rank_readiness)
+        )
     app[SERVICES] = Services(
-        orchestrator=orchestrator, local=local, readiness=readiness, guard=guard
+        orchestrator=orchestrator, local=local, readiness=readiness, guard=guard, ranks=Ranks(ranks)
     )
     try:
         yield
     finally:
         if guard is not None:
             await guard.stop()
-        await readiness.close()
+        for rank in ranks:
+            await rank.readiness.close()
         await prefill_session.close()
         await local_session.close()
         if encode_session is not None:
@@ -265,11 +280,16 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     services = request.app[SERVICES]
     settings = request.app[SETTINGS]
     ex = request[EXCHANGE]
+    rank = (
+        services.ranks.for_request(request)
+        if services.ranks is not None
+        else Rank(0, settings.model_server_url, services.orchestrator, services.readiness)
+    )
     if request.method == "GET" and request.path in ("/health", "/ready"):
         ex.mode = "health"
         if request.path == "/health":
             return web.json_response({"status": "alive"})
-        ready = await services.readiness.ready()
+        ready = await rank.readiness.ready()
         return web.json_response(
             {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
         )
@@ -279,13 +299,13 @@ async def _handle(request: web.Request) -> web.StreamResponse:
             services.guard.check_headers(request.headers, ex.request_id)
         header = request.headers.get(PREFILLER_HOST_PORT)
         encoders = request.headers.get(ENCODER_HOSTS_PORTS)
-        if header is not None or (encoders and services.orchestrator.encode is not None):
-            return await services.orchestrator.serve(request, shape, header, ex, encoders)
+        if header is not None or (encoders and rank.orchestrator.encode is not None):
+            return await rank.orchestrator.serve(request, shape, header, ex, encoders)
         ex.mode = "local"
     return await passthrough(
         request,
         services.local,
-        settings.model_server_url,
+        rank.base_url,
         ex,
         first_byte_timeout=settings.decode_first_byte_timeout,
         idle_timeout=settings.stream_idle_timeout,
@@ -320,8 +340,9 @@ class Servers:
     metrics: Metrics
     runner: web.AppRunner
     metrics_runner: web.AppRunner
-    port: int = 0  # as bound (settings may say 0: any free port)
+    port: int = 0  # as bound (settings may say 0: any free port); rank 0's
     metrics_port: int = 0
+    ports: tuple[int, ...] = ()  # every rank's port, as bound
     tls: ServingTLS | None = None  # --secure-proxy
 
     async def drain_and_stop(self) -> None:
@@ -329,6 +350,8 @@ class Servers:
         services = self.app.get(SERVICES)
         if services is not None:
             services.readiness.draining = True
+            for rank in services.ranks.all if services.ranks is not None else ():
+                rank.readiness.draining = True
         await self.runner.cleanup()
         await self.metrics_runner.cleanup()
         if self.tls is not None:
@@ -357,11 +380,20 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
                 on_reload=lambda outcome: metrics.tls_reloads.labels(outcome=outcome).inc(),
             )
         ssl_context = servers.tls.context if servers.tls is not None else None
-        await web.TCPSite(
-            runner, settings.listen_host, settings.port, ssl_context=ssl_context
-        ).start()
+        ranks = app[SERVICES].ranks
+        ports: list[int] = []
+        for index in range(settings.data_parallel_size):
+            # Rank r on --port + r (any free port each when --port is 0).
+            port = settings.port + index if settings.port else 0
+            site = web.TCPSite(runner, settings.listen_host, port, ssl_context=ssl_context)
+            await site.start()
+            bound = int(runner.addresses[-1][1])  # the site just started is the last
+            ports.append(bound)
+            if ranks is not None:
+                ranks.bind(index, bound)
         await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
-        servers.port = int(runner.addresses[0][1])
+        servers.port = ports[0]
+        servers.ports = tuple(ports)
         servers.metrics_port = int(metrics_runner.addresses[0][1])
     except BaseException:
         await servers.drain_and_stop()
@@ -381,6 +413,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
             {
                 "event": "listening",
                 "port": servers.port,
+                "data_parallel_ports": list(servers.ports),
                 "tls": servers.tls is not None,
                 "metrics_port": servers.metrics_port,
                 "model_server": settings.model_server_url,

@@ -239,6 +239,14 @@ class Settings(BaseSettings):
                     "--enable-ssrf-protection needs --inference-pool (or INFERENCE_POOL_NAME)"
                     " or --ssrf-allowlist-file"
                 )
+        last = self.data_parallel_size - 1
+        if self.port + last > 65535 or self.model_server_port + last > 65535:
+            raise ValueError(f"--data-parallel-size {self.data_parallel_size}: ports beyond 65535")
+        if self.port and abs(self.port - self.model_server_port) <= last:
+            raise ValueError(
+                f"--data-parallel-size {self.data_parallel_size}: the ranks' ports"
+                f" {self.port}+ and model server ports {self.model_server_port}+ overlap"
+            )
         if bool(self.client_cert_file) != bool(self.client_key_file):
             raise ValueError("--client-cert-file and --client-key-file go together")
         return self
