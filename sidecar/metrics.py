@@ -33,7 +33,7 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "pd_sidecar_requests",
-            "Requests answered, by path, mode (pd, local, fallback, passthrough) and status.",
+            "Requests answered, by path, mode (pd, epd, local, fallback, passthrough), status.",
             ["path", "mode", "status"],
             registry=r,
         )

@@ -181,6 +181,7 @@ class Orchestrator:
         first = pick(targets, self.policy.prefiller_sampling)
         if self.connector.order is LegOrder.CONCURRENT:
             return await self._concurrent(request, shape, body, targets, first, headers, extra, ex)
+        declined = False
         if self.connector.decline_reason is not None:
             ctx = LegContext(shape, body, ex.request_id, targets[first], extra=extra)
             first_body = self.connector.decode_first_body(ctx)
@@ -190,6 +191,7 @@ class Orchestrator:
                 )
                 if answered is not None:
                     return answered
+                declined = True
         try:
             ctx, result, cached = await self._prefill(
                 shape, body, targets, first, headers, extra, ex
@@ -204,11 +206,15 @@ class Orchestrator:
             ex.mode = "fallback"
             ex.fallback_reason = exc.reason
             self.metrics.prefill_fallbacks.labels(reason=exc.reason).inc()
+            note = {FALLBACK_HEADER: exc.reason}
+            if extra or declined:
+                # The body as sent would lack the encoder outputs, or decline again.
+                local = LegContext(shape, body, ex.request_id, targets[first], extra=extra)
+                payload = dumps({**self.connector.decode_body(local, None), **extra})
+                return await self._decode(request, shape, payload, headers, None, ex, note)
             fallback_headers = request_headers(request.headers, body_rewritten=False)
             fallback_headers[REQUEST_ID] = ex.request_id
-            return await self._decode(
-                request, shape, raw, fallback_headers, None, ex, {FALLBACK_HEADER: exc.reason}
-            )
+            return await self._decode(request, shape, raw, fallback_headers, None, ex, note)
         ex.cached_tokens = cached
         decode_body = dumps(self.connector.decode_body(ctx, result))
         return await self._decode(request, shape, decode_body, headers, cached, ex, None)

@@ -303,3 +303,23 @@ async def test_bad_encoder_header_is_400(
     async with client.post(sidecar.url + PATH, json=chat(image(CAT)), headers=headers) as r:
         assert r.status == 400
         assert "x-encoder-hosts-ports" in (await r.json())["error"]["message"]
+
+
+async def test_local_fallback_keeps_the_encoder_outputs(
+    start_sim: Any, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    [e] = await encoders(start_sim, 1, "ec-nixl")
+    p = await start_sim(zero_latency=True, ec_connector="ec-nixl")
+    d = await start_sim(zero_latency=True, ec_connector="ec-nixl")
+    sidecar = await start_sidecar(
+        model_server_port=d.port, ec_connector="ec-nixl", prefill_fallback="local",
+        prefill_max_retries=0,
+    )  # fmt: skip
+    await p.add_fault(kind="status", status=503)
+    headers = {"x-prefiller-host-port": p.host_port, "x-encoder-hosts-ports": e.host_port}
+    async with client.post(sidecar.url + PATH, json=chat(image(CAT)), headers=headers) as r:
+        assert r.status == 200, await r.text()
+        assert r.headers["x-pd-prefill-fallback"] == "status_503"
+    d_stats = await d.stats()
+    assert d_stats["ec_loads_ok"] == 1
+    assert set(d_stats["recorded"][0]["body"]["ec_transfer_params"]) == hashes(image(CAT))

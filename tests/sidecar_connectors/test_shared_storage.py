@@ -125,3 +125,24 @@ async def test_without_threshold_the_prefill_goes_first(
         assert r.status == 200
     assert (await p.stats())["requests_total"] == 1
     assert (await d.stats())["cache_threshold_rejections"] == 0
+
+
+async def test_fallback_after_a_declined_decode_does_not_decline_again(
+    start_sim: Any, start_sidecar: StartSidecar, client: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    p = await start_sim(zero_latency=True, shared_storage_path=str(tmp_path))
+    d = await start_sim(zero_latency=True, shared_storage_path=str(tmp_path))
+    sidecar = await start_sidecar(
+        model_server_port=d.port, kv_connector="shared-storage", prefill_fallback="local",
+        prefill_max_retries=0,
+    )  # fmt: skip
+    await p.add_fault(kind="status", status=503)
+    body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 2, "cache_hit_threshold": 0.9}
+    headers = {"x-prefiller-host-port": p.host_port}
+    async with client.post(sidecar.url + "/v1/completions", json=body, headers=headers) as r:
+        assert r.status == 200
+        assert r.headers["x-pd-prefill-fallback"] == "status_503"
+        answer = await r.json()
+    assert answer["choices"][0]["finish_reason"] == "length"
+    bodies = [rec["body"] for rec in (await d.stats())["recorded"]]
+    assert [b.get("cache_hit_threshold") for b in bodies] == [0.9, None]
