@@ -183,3 +183,45 @@ async def test_unusable_ca_file_stops_start_up(tmp_path: Path, start_sidecar: St
     bad.write_text("not a certificate")
     with pytest.raises(ValueError, match="--ca-file"):
         await start_sidecar(enable_tls=["prefiller"], ca_file=str(bad))
+
+
+async def test_encoder_over_tls(
+    tmp_path: Path,
+    ca: CA,
+    start_sim: Any,
+    start_sidecar: StartSidecar,
+    tls_front: StartFront,
+    client: aiohttp.ClientSession,
+) -> None:
+    encoder = await start_sim(zero_latency=True, role="encode", ec_connector="ec-nixl")
+    decode = await start_sim(zero_latency=True, ec_connector="ec-nixl")
+    front = await tls_front(encoder.url, server_context(ca.issue("encode"), tmp_path / "e"))
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/tls.png"}}
+    body = {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "what?"}, image]}],
+        "max_tokens": 2,
+    }
+    headers = {"x-encoder-hosts-ports": front.host_port}
+    untrusted = await start_sidecar(
+        model_server_port=decode.port, ec_connector="ec-nixl", enable_tls=["encoder"]
+    )
+    async with client.post(
+        untrusted.url + "/v1/chat/completions", json=body, headers=headers
+    ) as resp:
+        answer = await resp.json()
+    assert resp.status == 502, answer
+    assert answer["error"]["stage"] == "encode" and "TLS" in answer["error"]["message"]
+    assert (await encoder.stats())["encodes"] == 0
+    trusted = await start_sidecar(
+        model_server_port=decode.port,
+        ec_connector="ec-nixl",
+        enable_tls=["encoder"],
+        ca_file=ca.write(tmp_path / "ca.pem"),
+    )
+    async with client.post(
+        trusted.url + "/v1/chat/completions", json=body, headers=headers
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    assert (await encoder.stats())["encodes"] == 1
+    assert (await decode.stats())["ec_loads_ok"] == 1
