@@ -14,10 +14,13 @@ Modules, one concept each:
 - ``passthrough``   everything that is not P/D, streamed both ways
 - ``relay``         chunk-by-chunk response relay, error events after the first byte
 - ``usage``         cached-token rewrite for JSON bodies and SSE streams
-- ``upstream``      per-stage client sessions, stale pooled connection resend
+- ``upstream``      per-stage client sessions, stale pooled connection resend, TLS errors
 - ``headers``       hop-by-hop filtering, W3C trace context
 - ``errors``        the error tree (drawn in its docstring)
 - ``exchange``      per-request record behind the access log line
 - ``health``        readiness probe of the local vLLM
+- ``ranks``         data-parallel ranks: port + r serves model-server-port + r
+- ``ssrf``          SSRF protection: targets must be pool members (rules, pool, file)
+- ``tls``           serving certificate (rotated live), per-stage client TLS
 - ``metrics``, ``log``  Prometheus series, JSON logging
 """
