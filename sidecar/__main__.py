@@ -1,6 +1,7 @@
 """``pd-sidecar`` console script: load settings, serve, drain on SIGTERM, exit 0.
 
-Exit status 2 means the configuration was rejected (the message names the flag).
+Exit status 2 means the configuration was rejected, or a file or service it names is
+unusable (the message names the flag).
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from sidecar.app import run
+from sidecar.app import StartupError, run
 from sidecar.log import configure_logging
 from sidecar.settings import Settings, SettingsError, load_settings
 
@@ -47,9 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         import uvloop
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        asyncio.run(run(settings))
+        runner = asyncio.run
     else:
-        uvloop.run(run(settings))
+        runner = uvloop.run
+    try:
+        runner(run(settings))
+    except StartupError as exc:
+        print(f"pd-sidecar: cannot start: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

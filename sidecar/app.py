@@ -40,9 +40,21 @@ from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.upstream import Upstream, make_session
 
-__all__ = ["Servers", "Services", "build_app", "build_metrics_app", "run", "start"]
+__all__ = [
+    "Servers",
+    "Services",
+    "StartupError",
+    "build_app",
+    "build_metrics_app",
+    "run",
+    "start",
+]
 
 _CLIENT_CLOSED = 499  # nginx's convention: the client went away first
+
+
+class StartupError(Exception):
+    """A file or service named by the settings is unusable; the message names the flag."""
 
 
 @dataclass(slots=True)
@@ -408,7 +420,11 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        servers = await start(settings)
+        try:
+            servers = await start(settings)
+        except ValueError as exc:
+            # Unusable start-up material (certificates, allowlist, Kubernetes config).
+            raise StartupError(str(exc)) from exc
         log.info(
             {
                 "event": "listening",
