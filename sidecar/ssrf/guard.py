@@ -14,6 +14,8 @@ import logging
 from collections.abc import Mapping
 from typing import Protocol
 
+from prometheus_client import Counter
+
 from sidecar.errors import TargetCheckUnavailable, TargetForbidden
 from sidecar.metrics import Metrics
 from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT, HostPort, parse_host_ports
@@ -44,6 +46,8 @@ class TargetGuard:
     def __init__(self, source: MemberSource, metrics: Metrics) -> None:
         self.source = source
         self._metrics = metrics
+        # Label children by (stage, decision, rule): a bounded set, looked up per target.
+        self._counters: dict[tuple[str, str, str], Counter] = {}
 
     async def start(self) -> None:
         await self.source.start()
@@ -76,6 +80,8 @@ class TargetGuard:
         for target in targets:
             decision = decide(members, target, stage, self.source.description)
             self._count(stage, decision.label, decision.rule)
+            if decision.allowed and not log.isEnabledFor(logging.DEBUG):
+                continue
             record = {
                 "event": "ssrf_allowed" if decision.allowed else "ssrf_denied",
                 "request_id": request_id,
@@ -91,4 +97,9 @@ class TargetGuard:
             raise TargetForbidden(f"{stage} target refused: {decision.reason}", decision.rule)
 
     def _count(self, stage: str, decision: str, rule: str) -> None:
-        self._metrics.ssrf_decisions.labels(stage=stage, decision=decision, rule=rule).inc()
+        key = (stage, decision, rule)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self._metrics.ssrf_decisions.labels(stage=stage, decision=decision, rule=rule)
+            self._counters[key] = counter
+        counter.inc()

@@ -12,6 +12,7 @@ KV-source targets need only the first two: any pool member may hold cached KV.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ _ROLE_RULES: Mapping[str, tuple[frozenset[str], str]] = {
 }
 
 
+@functools.lru_cache(maxsize=4096)  # per request on the hot path; hosts repeat
 def normalize_host(host: str) -> str:
     """One spelling per address: compressed IPs, lower-case names, no brackets."""
     text = host.strip().strip("[]")
@@ -95,6 +97,9 @@ class Decision:
         return "allow" if self.allowed else "deny"
 
 
+_ALLOWED = Decision(True, "allowed", "member of the pool")
+
+
 def decide(members: Members, target: HostPort, stage: Stage, source: str) -> Decision:
     member = members.get(target.host)
     if member is None:
@@ -112,4 +117,4 @@ def decide(members: Members, target: HostPort, stage: Stage, source: str) -> Dec
         if not member.roles & allowed_roles:
             roles = ",".join(sorted(member.roles)) or "no role label"
             return Decision(False, rule, f"{target} ({roles}) cannot serve as {stage} target")
-    return Decision(True, "allowed", f"{target} is a {stage} target of {source}")
+    return _ALLOWED
