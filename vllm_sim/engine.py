@@ -325,19 +325,20 @@ class SimEngine:
             if cfg.kv_load_failure_policy == "fail" or run.params.bootstrap_room is not None:
                 raise KvLoadFailed("failed to load KV from the remote engine")
             self.stats.recomputes += 1
+        stored = 0 if self.storage is None else await self.storage.cached_blocks(hashes)
+        threshold = run.params.cache_hit_threshold
+        if threshold is not None:
+            reachable = min(max(local_hits, stored) * cfg.block_size, len(prompt))
+            if reachable < threshold * len(prompt):
+                # Declined before anything is computed or cached.
+                run.below_cache_threshold = True
+                run.cached_tokens = reachable
+                self.stats.cache_threshold_rejections += 1
+                return
         alloc = self.cache.allocate(prompt)
         run.block_ids = alloc.block_ids
-        cached_blocks = alloc.hit_blocks
-        if self.storage is not None:
-            stored = await self.storage.cached_blocks(hashes)
-            self.stats.storage_hit_tokens += max(0, stored - cached_blocks) * cfg.block_size
-            cached_blocks = max(cached_blocks, stored)
-        run.cached_tokens = min(cached_blocks * cfg.block_size, len(prompt))
-        threshold = run.params.cache_hit_threshold
-        if threshold is not None and run.cached_tokens < threshold * len(prompt):
-            run.below_cache_threshold = True
-            self.stats.cache_threshold_rejections += 1
-            return
+        self.stats.storage_hit_tokens += max(0, stored - alloc.hit_blocks) * cfg.block_size
+        run.cached_tokens = min(max(alloc.hit_blocks, stored) * cfg.block_size, len(prompt))
         uncached = len(prompt) - run.cached_tokens
         self.tokens_by_source["local_cache_hit"] += run.cached_tokens
         self.tokens_by_source["local_compute"] += uncached

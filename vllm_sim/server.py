@@ -311,6 +311,7 @@ async def _ec_pull(request: web.Request) -> web.Response:
 
 async def _bootstrap_query(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    engine.stats.bootstrap_queries += 1
     return web.json_response({"0": {"engine_id": engine.config.engine_id}})
 
 
@@ -394,8 +395,11 @@ class SimServer:
         self.engine = self.app[ENGINE]
         # vLLM notices a client that went away by cancelling the request's handler.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        # Joins and pulls wait on a peer: a caller that leaves cancels its wait.
         self._bootstrap_runner = (
-            web.AppRunner(create_bootstrap_app(self.engine), access_log=None)
+            web.AppRunner(
+                create_bootstrap_app(self.engine), handler_cancellation=True, access_log=None
+            )
             if config.bootstrap_port is not None
             else None
         )

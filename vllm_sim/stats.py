@@ -44,6 +44,7 @@ class SimStats:
     aborts: int = 0
     errors: int = 0
     bootstrap_timeouts: int = 0
+    bootstrap_queries: int = 0
     storage_hit_tokens: int = 0
     cache_threshold_rejections: int = 0
     encodes: int = 0
@@ -71,6 +72,7 @@ class SimStats:
             "aborts": self.aborts,
             "errors": self.errors,
             "bootstrap_timeouts": self.bootstrap_timeouts,
+            "bootstrap_queries": self.bootstrap_queries,
             "storage_hit_tokens": self.storage_hit_tokens,
             "cache_threshold_rejections": self.cache_threshold_rejections,
             "encodes": self.encodes,

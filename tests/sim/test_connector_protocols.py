@@ -119,6 +119,7 @@ async def test_mooncake_query_and_concurrent_transfer(start_sim: Any) -> None:
         # A transfer is taken once.
         again, _ = await post(session, d.url, {**CHAT, "kv_transfer_params": d_params})
     assert engine_id == p.engine.config.engine_id
+    assert (await p.stats())["bootstrap_queries"] == 1
     assert (p_status, d_status, again) == (200, 200, 500)
     assert d_out["usage"]["prompt_tokens_details"]["cached_tokens"] == 0  # local hits only
     d_stats = await d.stats()
@@ -166,6 +167,9 @@ async def test_cache_hit_threshold_decode_first(start_sim: Any, tmp_path: Path) 
     assert status == 200
     assert miss["choices"][0]["finish_reason"] == "cache_threshold"
     assert miss["usage"]["completion_tokens"] == 0
+    # Declined before computing: the decline left nothing in the local cache, so the
+    # second attempt's hit came from the shared storage.
+    assert (await d.stats())["storage_hit_tokens"] == hit["usage"]["prompt_tokens"] // 16 * 16
     assert hit["choices"][0]["finish_reason"] == "length"
     assert (await d.stats())["cache_threshold_rejections"] == 1
 
