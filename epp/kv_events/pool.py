@@ -28,6 +28,7 @@ class KvEventsPool:
         replay_port: int | None = None,
         topic_filter: str = "",
         replay_timeout_s: float = 2.0,
+        endpoint_template: str = "tcp://{host}:{port}",
     ) -> None:
         self.index = index
         self.counters = StreamCounters()
@@ -35,6 +36,7 @@ class KvEventsPool:
         self._replay_port = replay_port
         self._topic = topic_filter.encode("utf-8")
         self._replay_timeout = replay_timeout_s
+        self._template = endpoint_template
         self._ctx: zmq.asyncio.Context | None = None
         self._tasks: dict[str, asyncio.Task[None]] = {}
         # Cancelled but maybe not finished: their sockets must close before the context.
@@ -45,17 +47,23 @@ class KvEventsPool:
             self._ctx = zmq.asyncio.Context()
         replay = None
         if self._replay_port is not None:
-            replay = f"tcp://{format_host_port(ep.address, self._replay_port)}"
+            replay = self.endpoint(ep, self._replay_port)
         return EngineSubscriber(
             self._ctx,
             ep.key,
-            f"tcp://{format_host_port(ep.address, self._port)}",
+            self.endpoint(ep, self._port),
             replay,
             self._topic,
             self.index,
             self.counters,
             self._replay_timeout,
         )
+
+    def endpoint(self, ep: Endpoint, port: int) -> str:
+        """The ZMQ address of an engine's socket: ``{host}`` (bracketed for IPv6),
+        ``{port}`` and ``{name}`` (the pod) are filled in."""
+        host = format_host_port(ep.address, port).rsplit(":", 1)[0]
+        return self._template.format(host=host, port=port, name=ep.name)
 
     def sync(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         """Follow a membership change (called on the event loop)."""

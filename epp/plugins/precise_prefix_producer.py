@@ -73,6 +73,9 @@ class PreciseParams(PluginParams):
     kv_events_port: int = Field(default=5557, ge=1, le=65535)
     replay_port: int | None = Field(default=None, ge=1, le=65535)
     topic_filter: str = "kv@"
+    # How to reach an engine's sockets: {host}, {port}, {name}; e.g. an ipc:// path for
+    # engines that bind a local socket instead of TCP.
+    endpoint_template: str = "tcp://{host}:{port}"
     replay_timeout_seconds: float = Field(default=2.0, gt=0)
     # Index bound: blocks remembered per engine (oldest stored forgotten first).
     max_blocks_per_engine: int = Field(default=1_000_000, gt=0)
@@ -104,6 +107,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             replay_port=p.replay_port,
             topic_filter=p.topic_filter,
             replay_timeout_s=p.replay_timeout_seconds,
+            endpoint_template=p.endpoint_template,
         )
         self._media = 0
         for m in p.media:

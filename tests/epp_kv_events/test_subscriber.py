@@ -164,3 +164,11 @@ async def test_malformed_messages_are_counted_not_fatal() -> None:
     assert index.match([1], ["e"]) == {}  # unknown state after a bad batch: dropped
     await sub.on_message(_frames(2, [stored(3)]))
     assert index.match([3], ["e"]) == {"e": 1}
+
+
+def test_endpoint_template() -> None:
+    pool = KvEventsPool(KvBlockIndex(1), port=5557, replay_port=5558)
+    assert pool.endpoint(Endpoint("p", "10.0.0.1", 8000), 5557) == "tcp://10.0.0.1:5557"
+    assert pool.endpoint(Endpoint("p", "fd00::1", 8000), 5558) == "tcp://[fd00::1]:5558"
+    ipc = KvEventsPool(KvBlockIndex(1), port=1, endpoint_template="ipc:///run/{name}-{port}")
+    assert ipc.endpoint(Endpoint("pod-a", "10.0.0.1", 8000), 1) == "ipc:///run/pod-a-1"
