@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.epp_scheduling.fake_kube import FakeKube
 from tests.sidecar.conftest import RunningSidecar, StartSidecar, eventually
@@ -51,7 +52,11 @@ async def test_pool_member_in_prefill_role_is_served(
 
 
 async def test_each_rule_names_itself(
-    start_sim: Any, start_sidecar: StartSidecar, kube: FakeKube, client: aiohttp.ClientSession
+    start_sim: Any,
+    start_sidecar: StartSidecar,
+    kube: FakeKube,
+    client: aiohttp.ClientSession,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     prefill = await start_sim(role="prefill", zero_latency=True)
     decode = await start_sim(role="decode", zero_latency=True)
@@ -87,6 +92,13 @@ async def test_each_rule_names_itself(
         assert body["error"]["stage"] == "ssrf"
         assert body["error"]["request_id"] == f"req-{rule}"
         assert stage in body["error"]["message"]
+        # The decision is logged with the request id, the target and the rule.
+        logged = [
+            r.msg
+            for r in caplog.records
+            if isinstance(r.msg, dict) and r.msg.get("event") == "ssrf_denied"
+        ]
+        assert logged[-1]["request_id"] == f"req-{rule}" and logged[-1]["rule"] == rule
     assert (
         sidecar.sample(
             "pd_sidecar_ssrf_decisions_total", stage="prefill", decision="deny", rule="not-in-pool"
