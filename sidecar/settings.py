@@ -7,7 +7,8 @@ Sources, strongest first:
 2. ``--configuration`` (inline YAML) then ``--configuration-file`` (a YAML file) whose
    keys are the flag names;
 3. environment variables, only where llm-d reads them (``INFERENCE_POOL_NAMESPACE``,
-   ``INFERENCE_POOL_NAME``) plus ``PD_SIDECAR_<FIELD>`` for every field;
+   ``INFERENCE_POOL_NAME``), ``POD_IP`` (put into a self-signed serving certificate),
+   plus ``PD_SIDECAR_<FIELD>`` for every field;
 4. the defaults below.
 
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
