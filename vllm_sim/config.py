@@ -73,7 +73,9 @@ class SimConfig(BaseModel):
     )
     kv_events_encoding: Literal["map", "array"] = "map"
     kv_events_int_hashes: bool = Field(
-        default=False, description="Publish 64-bit int block hashes (vLLM's int-hash option)."
+        default=True,
+        description="Publish block hashes as 64-bit ints, as vLLM 0.32 does by default "
+        "(VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES); false publishes the 32-byte digests.",
     )
     # What vLLM takes from PYTHONHASHSEED for its first block's parent hash.
     hash_seed: str | None = Field(

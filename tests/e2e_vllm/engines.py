@@ -7,7 +7,7 @@ import contextlib
 import json
 import os
 import signal
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +45,13 @@ class VllmEngine(ManagedProcess):
     """
 
     def __init__(
-        self, name: str, python: str, model_dir: Path, logdir: Path, cpus: str = "auto"
+        self,
+        name: str,
+        python: str,
+        model_dir: Path,
+        logdir: Path,
+        cpus: str = "auto",
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.port = free_port()
         self.side_channel_port = free_port()
@@ -62,6 +68,7 @@ class VllmEngine(ManagedProcess):
             # Without it usage has no prompt_tokens_details, and there is no cached-token
             # count for the sidecar to correct.
             "--enable-prompt-tokens-details",
+            *extra_args,
         ]  # fmt: skip
         env = {
             "HF_HUB_OFFLINE": "1",

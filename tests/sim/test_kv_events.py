@@ -40,19 +40,29 @@ async def _complete(sim: Any, prompt: str) -> dict[str, Any]:
         return body
 
 
+def _has_stored(events: list[Any]) -> bool:
+    return any((e.get("type") if isinstance(e, dict) else e[0]) == "BlockStored" for e in events)
+
+
 async def _first_events(sim: Any, sub: zmq.asyncio.Socket, prompt: str) -> tuple[int, list[Any]]:
-    """Send ``prompt`` until its events arrive (the SUB socket connects asynchronously)."""
+    """Send ``prompt`` until a batch with its BlockStored arrives (the SUB socket connects
+    asynchronously; a cache reset between attempts makes the engine store it again)."""
     for _ in range(100):
         await _complete(sim, prompt)
         try:
-            return await asyncio.wait_for(_next_batch(sub), 0.1)
+            while True:
+                seq, events = await asyncio.wait_for(_next_batch(sub), 0.2)
+                if _has_stored(events):
+                    return seq, events
         except TimeoutError:
             await sim.reset(cache=True)
     raise AssertionError("no KV events received")
 
 
 async def test_block_stored_carries_vllm_hashes(start_sim: StartSim) -> None:
-    sim = await start_sim(zero_latency=True, kv_events_port=0, block_size=4, hash_seed="7")
+    sim = await start_sim(
+        zero_latency=True, kv_events_port=0, block_size=4, hash_seed="7", kv_events_int_hashes=False
+    )
     ctx = zmq.asyncio.Context()
     sub = await _subscribed(ctx, sim.engine.kv_events.port)
     try:
@@ -71,7 +81,9 @@ async def test_block_stored_carries_vllm_hashes(start_sim: StartSim) -> None:
 
 
 async def test_eviction_publishes_block_removed(start_sim: StartSim) -> None:
-    sim = await start_sim(zero_latency=True, kv_events_port=0, block_size=4, num_blocks=4)
+    sim = await start_sim(
+        zero_latency=True, kv_events_port=0, block_size=4, num_blocks=4, kv_events_int_hashes=False
+    )
     ctx = zmq.asyncio.Context()
     sub = await _subscribed(ctx, sim.engine.kv_events.port)
     try:
