@@ -20,13 +20,14 @@ from typing import Any, Literal
 
 import aiohttp
 from prometheus_client import CollectorRegistry
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from epp.datastore import Endpoint
 from epp.kv_events.hashing import block_hashes, external_hash
 from epp.kv_events.index import KvBlockIndex, medium_bit
 from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
+from epp.kv_events.tokenizer import LocalTokenizer, TokenizerError
 from epp.plugins.base import DataProducer, PluginParams, Release, RequestTracker
 from epp.plugins.prefix_producer import (
     PREFIX_MATCH,
@@ -81,11 +82,19 @@ class PreciseParams(PluginParams):
     max_blocks_per_engine: int = Field(default=1_000_000, gt=0)
     max_prefix_blocks_to_match: int = Field(default=4096, gt=0)
     media: tuple[str, ...] = ("GPU",)
-    # "engine": POST the prompt to a candidate engine's /tokenize.
-    tokenizer: Literal["engine"] = "engine"
+    # "engine": POST the prompt to a candidate engine's /tokenize; "local": the model's
+    # tokenizer and chat template from tokenizerPath (a model directory).
+    tokenizer: Literal["engine", "local"] = "engine"
+    tokenizer_path: str | None = None
     tokenize_timeout_seconds: float = Field(default=1.0, gt=0)
     # The approximate producer used when events are not available.
     fallback: PrefixParams = Field(default_factory=PrefixParams)
+
+    @model_validator(mode="after")
+    def _local_needs_a_path(self) -> PreciseParams:
+        if self.tokenizer == "local" and not self.tokenizer_path:
+            raise ValueError("tokenizer 'local' needs tokenizerPath (a model directory)")
+        return self
 
 
 @register
@@ -113,6 +122,13 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         for m in p.media:
             self._media |= medium_bit(m)
         self._session: aiohttp.ClientSession | None = None
+        self._local: LocalTokenizer | None = None
+        if p.tokenizer == "local":
+            assert p.tokenizer_path is not None  # checked by the params
+            try:
+                self._local = LocalTokenizer(p.tokenizer_path)
+            except (TokenizerError, OSError) as exc:
+                raise ValueError(f"{self.name}: {exc}") from None
         self.metrics: KvEventsMetrics | None = None
         self.served: dict[str, int] = {"precise": 0, "approximate": 0}
 
@@ -137,7 +153,9 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             return
         req = cycle.request
         tokens = _request_token_ids(req.body)
-        if tokens is None:
+        if tokens is None and self._local is not None:
+            tokens = await self._local_tokens(req.body, req.api, req.request_id)
+        elif tokens is None:
             tokens = await self._tokenize(live[0], req.body, req.api, req.request_id)
         if tokens is None:
             return
@@ -197,6 +215,23 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             source,
         )
         return _noop, _noop
+
+    async def _local_tokens(
+        self, body: Mapping[str, Any], api: str, request_id: str
+    ) -> list[int] | None:
+        assert self._local is not None
+        doc = _tokenize_body(body, api)
+        if doc is None:
+            return None
+        try:
+            return await self._local.encode_body(doc)
+        except (TokenizerError, TypeError, ValueError) as exc:
+            log.warning(
+                "request %s: local tokenizing failed (%s); approximate prefix match used",
+                request_id or "-",
+                exc,
+            )
+            return None
 
     async def _tokenize(
         self, ep: Endpoint, body: Mapping[str, Any], api: str, request_id: str

@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from epp.datastore import Endpoint
 from epp.kv_events import block_hashes, external_hash
+from epp.kv_events.tokenizer import LocalTokenizer
 from epp.plugins.precise_prefix_producer import PrecisePrefixCacheProducer
 from epp.plugins.prefix_producer import PREFIX_MATCH
 from epp.request import parse_request
@@ -48,6 +49,7 @@ class Published:
     replay_port: int
     session: aiohttp.ClientSession
     endpoint_template: str
+    model_dir: Path
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -84,7 +86,9 @@ async def published(
     try:
         await engine.start()
         await engine.wait_healthy(session)
-        yield Published(engine, kv_port, replay_port, session, f"ipc://{workdir}/kv-{{port}}")
+        yield Published(
+            engine, kv_port, replay_port, session, f"ipc://{workdir}/kv-{{port}}", tiny_model
+        )
     finally:
         await engine.stop()
         await session.close()
@@ -143,6 +147,9 @@ async def test_epp_block_hashes_equal_the_engines_and_route_precisely(
             f"{p.engine.url}/tokenize", json={"model": SERVED_MODEL, **_chat(TEXT)}
         ) as resp:
             tokens = (await resp.json())["tokens"]
+        # The EPP's own tokenizer (model directory, chat template) agrees with the engine.
+        local = LocalTokenizer(p.model_dir)
+        assert local.encode_chat(_chat(TEXT)["messages"]) == tokens
         while time.monotonic() < end:
             if not await raw.poll(500):
                 if stored:
