@@ -52,6 +52,7 @@ class VllmEngine(ManagedProcess):
         logdir: Path,
         cpus: str = "auto",
         extra_args: Sequence[str] = (),
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.port = free_port()
         self.side_channel_port = free_port()
@@ -85,6 +86,7 @@ class VllmEngine(ManagedProcess):
             "VLLM_CPU_OMP_THREADS_BIND": cpus,
             # Stable block hashes across engines and runs (prefix-hash work relies on it).
             "PYTHONHASHSEED": "0",
+            **(extra_env or {}),
         }
         super().__init__(name, argv, logdir, env)
 

@@ -21,13 +21,17 @@ import zmq
 import zmq.asyncio
 
 from epp.datastore import Endpoint
+from epp.director import DirectorSettings, build_director
 from epp.kv_events import block_hashes, external_hash
 from epp.kv_events.tokenizer import LocalTokenizer
+from epp.metrics import EppMetrics
 from epp.plugins.precise_prefix_producer import PrecisePrefixCacheProducer
 from epp.plugins.prefix_producer import PREFIX_MATCH
 from epp.request import parse_request
 from epp.scheduling.cycle import CycleState
 from examples.local_stack.processes import free_port
+from tests.epp_scheduling.fixtures import all_fresh, pd_config, wait_until, write_endpoints
+from vllm_sim import SimConfig, SimServer
 
 from .engines import SERVED_MODEL, VllmEngine
 
@@ -44,12 +48,17 @@ TEXT = "Describe the history of the printing press in detail. " + "movable type 
 
 @dataclass
 class Published:
-    engine: VllmEngine
+    engines: list[VllmEngine]
     kv_port: int
     replay_port: int
     session: aiohttp.ClientSession
+    # {name} is the engine's (pod's) name, {port} one of the two ports below.
     endpoint_template: str
     model_dir: Path
+
+    @property
+    def engine(self) -> VllmEngine:
+        return self.engines[0]
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -57,40 +66,49 @@ async def published(
     vllm_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Published]:
     workdir = tmp_path_factory.mktemp("kv-events")
-    print(f"engine log: {workdir}")
+    print(f"engine logs: {workdir}")
     # vLLM binds only wildcard or ipc:// endpoints (it connects to other tcp:// ones);
     # unix sockets keep the test off the network. The "ports" only name the files.
     kv_port, replay_port = free_port(), free_port()
-    events_config = {
-        "enable_kv_cache_events": True,
-        "publisher": "zmq",
-        "endpoint": f"ipc://{workdir}/kv-{kv_port}",
-        "replay_endpoint": f"ipc://{workdir}/kv-{replay_port}",
-        "topic": f"kv@engine@{SERVED_MODEL}",
-    }
+    template = f"ipc://{workdir}/{{name}}-{{port}}"
     cpus = sorted(os.sched_getaffinity(0))
-    engine = VllmEngine(
-        "vllm-kv-events",
-        vllm_python,
-        tiny_model,
-        workdir,
-        str(cpus[0]) if len(cpus) >= 2 else "auto",
-        extra_args=[
-            # The CPU backend's default is 128; 32 keeps the prompts short.
-            "--block-size", str(BLOCK_SIZE),
-            "--prefix-caching-hash-algo", "sha256_cbor",
-            "--kv-events-config", json.dumps(events_config),
-        ],
-    )  # fmt: skip
+    binds = [str(cpus[0]), str(cpus[1])] if len(cpus) >= 2 else ["auto", "auto"]
+    engines = []
+    for name, cpu in zip(("kv-a", "kv-b"), binds, strict=True):
+        events_config = {
+            "enable_kv_cache_events": True,
+            "publisher": "zmq",
+            "endpoint": template.format(name=name, port=kv_port),
+            "replay_endpoint": template.format(name=name, port=replay_port),
+            "topic": f"kv@{name}@{SERVED_MODEL}",
+        }
+        engines.append(
+            VllmEngine(
+                name,
+                vllm_python,
+                tiny_model,
+                workdir,
+                cpu,
+                extra_args=[
+                    # The CPU backend's default is 128; 32 keeps the prompts short.
+                    "--block-size", str(BLOCK_SIZE),
+                    "--prefix-caching-hash-algo", "sha256_cbor",
+                    "--kv-events-config", json.dumps(events_config),
+                ],
+                # For POST /reset_prefix_cache (the eviction step).
+                extra_env={"VLLM_SERVER_DEV_MODE": "1"},
+            )
+        )  # fmt: skip
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, sock_connect=2))
     try:
-        await engine.start()
-        await engine.wait_healthy(session)
-        yield Published(
-            engine, kv_port, replay_port, session, f"ipc://{workdir}/kv-{{port}}", tiny_model
-        )
+        for engine in engines:
+            await engine.start()
+        for engine in engines:
+            await engine.wait_healthy(session)
+        yield Published(engines, kv_port, replay_port, session, template, tiny_model)
     finally:
-        await engine.stop()
+        for engine in engines:
+            await engine.stop()
         await session.close()
 
 
@@ -102,8 +120,9 @@ def _chat(text: str) -> dict[str, Any]:
     }
 
 
-async def _send(p: Published, text: str) -> None:
-    async with p.session.post(f"{p.engine.url}/v1/chat/completions", json=_chat(text)) as resp:
+async def _send(p: Published, text: str, engine: VllmEngine | None = None) -> None:
+    url = (engine or p.engine).url
+    async with p.session.post(f"{url}/v1/chat/completions", json=_chat(text)) as resp:
         assert resp.status == 200, await resp.text()
 
 
@@ -120,12 +139,12 @@ async def test_epp_block_hashes_equal_the_engines_and_route_precisely(
             endpointTemplate=p.endpoint_template,
         )
     )
-    ep = Endpoint("engine", "127.0.0.1", p.engine.port)
+    ep = Endpoint(p.engine.name, "127.0.0.1", p.engine.port)
     ctx = zmq.asyncio.Context()
     raw = ctx.socket(zmq.SUB)
     raw.setsockopt(zmq.LINGER, 0)
     raw.setsockopt(zmq.SUBSCRIBE, b"")
-    raw.connect(p.endpoint_template.format(port=p.kv_port))
+    raw.connect(p.endpoint_template.format(name=p.engine.name, port=p.kv_port))
     producer.endpoints_changed([ep], [])
     try:
         # Publish until both our raw socket and the producer have heard from the engine.
@@ -185,3 +204,114 @@ async def test_epp_block_hashes_equal_the_engines_and_route_precisely(
         raw.close(0)
         await producer.aclose()
         ctx.term()
+
+
+ROUTED = "Explain how a lighthouse keeper trims the lamp every night. " + "oil wick glass " * 12
+
+
+async def test_routing_follows_the_real_engines_cache(published: Published, tmp_path: Path) -> None:
+    """Two real decode engines (and a simulated prefill pod, never contacted): a prompt
+    sent straight to one of them routes there decode-only although the approximate index
+    points at the other; after its prefix cache is reset, the request disaggregates."""
+    p = published
+    a, b = p.engines
+    prefill = await SimServer(SimConfig(port=0, role="prefill", zero_latency=True)).start()
+    endpoints_file = tmp_path / "endpoints.yaml"
+    write_endpoints(
+        endpoints_file,
+        [
+            (a.name, "127.0.0.1", a.port, "decode"),
+            (b.name, "127.0.0.1", b.port, "decode"),
+            ("sim-prefill", "127.0.0.1", prefill.port, "prefill"),
+        ],
+    )
+    plugins = f"""
+- type: decode-filter
+- type: prefill-filter
+- type: encode-filter
+- type: precise-prefix-cache-producer
+  parameters:
+    kvEventsPort: {p.kv_port}
+    replayPort: {p.replay_port}
+    endpointTemplate: "{p.endpoint_template}"
+    blockSize: {BLOCK_SIZE}
+    hashSeed: "0"
+- type: prefix-cache-scorer
+- type: queue-scorer
+- type: max-score-picker
+- type: prefix-based-pd-decider
+  parameters: {{nonCachedTokens: 32}}
+- type: disagg-profile-handler
+  parameters:
+    deciders: {{prefill: prefix-based-pd-decider}}
+"""
+    profiles = """
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: prefix-cache-scorer
+    weight: 3
+  - pluginRef: queue-scorer
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: queue-scorer
+- name: encode
+  plugins:
+  - pluginRef: encode-filter
+  - pluginRef: queue-scorer
+"""
+    settings = DirectorSettings(
+        config_text=pd_config(endpoints_file, plugins=plugins, profiles=profiles),
+        refresh_metrics_interval_s=0.5,
+        metrics_staleness_threshold_s=30.0,
+    )
+    director = await build_director(settings, EppMetrics())
+    producer = next(x for x in director.config.plugins if isinstance(x, PrecisePrefixCacheProducer))
+    await director.start()
+    try:
+        key = {e.name: e.host_port for e in (a, b)}
+        deadline = time.monotonic() + 120
+        i = 0
+        while not all(producer.index.knows(key[e.name]) for e in (a, b)):
+            assert time.monotonic() < deadline, "no KV events from the engines"
+            for e in (a, b):
+                if not producer.index.knows(key[e.name]):
+                    await _send(p, f"warm up routing {i} " + "words " * 40, e)
+            i += 1
+            await asyncio.sleep(0.2)  # the engines publish from a background thread
+        await wait_until(lambda: all_fresh(director), timeout=30)
+
+        body = json.dumps(_chat(ROUTED)).encode()
+        first = await director.decide(CHAT, {}, body, None)
+        first.on_finished()
+        assert first.decision_type == "prefill-decode"
+        x = a if first.decode == key[a.name] else b
+        y = b if x is a else a
+        assert producer.fallback.index.size(key[x.name]) > 0  # approximate: x
+
+        await _send(p, ROUTED, y)  # cached on y behind the EPP's back
+        async with p.session.post(
+            f"{y.url}/tokenize", json={"model": SERVED_MODEL, **_chat(ROUTED)}
+        ) as resp:
+            tokens = (await resp.json())["tokens"]
+        keys = [external_hash(h) for h in block_hashes(tokens, BLOCK_SIZE, "0")]
+        await wait_until(
+            lambda: producer.index.match(keys, [key[y.name]]) == {key[y.name]: len(keys)}, 30
+        )
+        second = await director.decide(CHAT, {}, body, None)
+        second.on_finished()
+        assert second.decode == key[y.name]
+        assert second.decision_type == "decode-only"
+
+        async with p.session.post(f"{y.url}/reset_prefix_cache") as resp:
+            assert resp.status == 200, await resp.text()
+        # The engine publishes its queued events (AllBlocksCleared) on its next step.
+        await _send(p, "after the reset " + "words " * 40, y)
+        await wait_until(lambda: producer.index.match(keys, [key[y.name]]) == {}, 30)
+        third = await director.decide(CHAT, {}, body, None)
+        third.on_finished()
+        assert third.decision_type == "prefill-decode"
+    finally:
+        await director.stop()
+        await prefill.stop()
