@@ -14,16 +14,13 @@ file never empties the pool.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import os
 from collections.abc import Callable
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from epp.datastore import Datastore, Endpoint
+from epp.yaml_file import WatchedFile, parse_yaml_model
 
 __all__ = ["EndpointEntry", "EndpointsFile", "FileWatcher", "parse_endpoints_file"]
 
@@ -65,31 +62,8 @@ class EndpointsFile(BaseModel):
 
 def parse_endpoints_file(text: str, source: str = "<text>") -> list[Endpoint]:
     """Parse the file's text; ``ValueError`` naming the source and the bad field."""
-    try:
-        doc = yaml.safe_load(text) if text.strip() else {}
-    except yaml.YAMLError as exc:
-        raise ValueError(f"{source}: not valid YAML: {exc}") from None
-    try:
-        parsed = EndpointsFile.model_validate(doc or {})
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise ValueError(f"{source}: {problems}") from None
+    parsed = parse_yaml_model(text, EndpointsFile, source)
     return [entry.to_endpoint() for entry in parsed.endpoints]
-
-
-def _stat_key(path: str) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return (st.st_mtime_ns, st.st_size, st.st_ino)
-
-
-def _read(path: str) -> str:
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 class FileWatcher:
@@ -106,13 +80,24 @@ class FileWatcher:
     ) -> None:
         self.path = path
         self.watch = watch
-        self.interval_s = interval_s
         self.source = source or f"file:{path}"
         self.on_reload = on_reload
-        self._task: asyncio.Task[None] | None = None
-        self._last: tuple[int, int, int] | None = None
-        self.reloads = 0
-        self.reload_errors = 0
+        self._datastore: Datastore | None = None
+        self._file = WatchedFile(
+            path,
+            lambda text: parse_endpoints_file(text, path),
+            interval_s=interval_s,
+            on_change=self._apply,
+            on_error=lambda exc: log.warning("keeping previous endpoints; reload failed: %s", exc),
+        )
+
+    @property
+    def reloads(self) -> int:
+        return self._file.reloads
+
+    @property
+    def reload_errors(self) -> int:
+        return self._file.reload_errors
 
     async def start(self, datastore: Datastore) -> None:
         """Load the file once (``ConfigError`` if unreadable or invalid), then watch."""
@@ -120,40 +105,22 @@ class FileWatcher:
         from epp.config import ConfigError
 
         try:
-            self._last = await asyncio.to_thread(_stat_key, self.path)
-            text = await asyncio.to_thread(_read, self.path)
-            endpoints = parse_endpoints_file(text, self.path)
+            endpoints = await self._file.load()
         except OSError as exc:
             raise ConfigError(f"endpoints file {self.path}: {exc.strerror or exc}") from None
         except ValueError as exc:
             raise ConfigError(f"endpoints file {exc}") from None
+        self._datastore = datastore
         datastore.replace_source(self.source, endpoints)
         if self.watch:
-            self._task = asyncio.create_task(self._watch(datastore), name=self.source)
+            self._file.watch(self.source)
 
     async def stop(self) -> None:
-        task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._file.stop()
 
-    async def _watch(self, datastore: Datastore) -> None:
-        while True:
-            await asyncio.sleep(self.interval_s)
-            key = await asyncio.to_thread(_stat_key, self.path)
-            if key is None or key == self._last:
-                continue
-            self._last = key
-            try:
-                text = await asyncio.to_thread(_read, self.path)
-                endpoints = parse_endpoints_file(text, self.path)
-            except (OSError, ValueError) as exc:
-                self.reload_errors += 1
-                log.warning("keeping previous endpoints; reload failed: %s", exc)
-                continue
-            datastore.replace_source(self.source, endpoints)
-            self.reloads += 1
-            log.info("reloaded %s: %d endpoints", self.path, len(endpoints))
-            if self.on_reload is not None:
-                self.on_reload(len(endpoints))
+    def _apply(self, endpoints: list[Endpoint]) -> None:
+        assert self._datastore is not None
+        self._datastore.replace_source(self.source, endpoints)
+        log.info("reloaded %s: %d endpoints", self.path, len(endpoints))
+        if self.on_reload is not None:
+            self.on_reload(len(endpoints))
