@@ -12,6 +12,7 @@ answers, and emits the metrics and the access log line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import ssl
@@ -118,6 +119,22 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     if guard is not None:
         await guard.start()
 
+    # Everything opened from here on is closed on the way out, including when a later
+    # step of start-up fails.
+    async with contextlib.AsyncExitStack() as opened:
+        if guard is not None:
+            opened.push_async_callback(guard.stop)
+        async for _ in _open_services(app, settings, metrics, guard, opened):
+            yield
+
+
+async def _open_services(
+    app: web.Application,
+    settings: Settings,
+    metrics: Metrics,
+    guard: TargetGuard | None,
+    opened: contextlib.AsyncExitStack,
+) -> AsyncIterator[None]:
     # Client TLS contexts by stage (prefill, decode, encode) for the --enable-tls stages.
     tls_contexts = await asyncio.to_thread(stage_contexts, settings)
 
@@ -127,13 +144,15 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     def session(
         decompress: bool, ssl_context: ssl.SSLContext | None = None
     ) -> aiohttp.ClientSession:
-        return make_session(
+        created = make_session(
             limit=settings.pool_max_connections,
             keepalive_timeout=settings.pool_keepalive_timeout,
             connect_timeout=settings.connect_timeout,
             decompress=decompress,
             ssl_context=ssl_context,
         )
+        opened.push_async_callback(created.close)
+        return created
 
     prefill_session = session(decompress=True, ssl_context=tls_contexts.get("prefill"))
     local_session = session(decompress=False, ssl_context=tls_contexts.get("decode"))
@@ -179,17 +198,9 @@ async def _services(app: web.Application) -> AsyncIterator[None]:
     app[SERVICES] = Services(
         orchestrator=orchestrator, local=local, readiness=readiness, guard=guard, ranks=Ranks(ranks)
     )
-    try:
-        yield
-    finally:
-        if guard is not None:
-            await guard.stop()
-        for rank in ranks:
-            await rank.readiness.close()
-        await prefill_session.close()
-        await local_session.close()
-        if encode_session is not None:
-            await encode_session.close()
+    for rank in ranks:
+        opened.push_async_callback(rank.readiness.close)
+    yield
 
 
 def _encode_stage(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import gc
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,6 +61,14 @@ class RunningSim:
 
 
 StartSim = Callable[..., Awaitable[RunningSim]]
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """Unclosed sessions, sockets and tasks are reported by the test that leaked them,
+    not by whichever later test the garbage collector happens to run in."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture
