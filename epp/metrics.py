@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["EppMetrics"]
+__all__ = ["EppMetrics", "register_asyncio_tasks"]
 
 _LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 )
+
+
+def _asyncio_tasks() -> float:
+    try:
+        return float(len(asyncio.all_tasks()))
+    except RuntimeError:  # scraped outside the serving loop (tests collecting directly)
+        return 0.0
+
+
+def register_asyncio_tasks(registry: CollectorRegistry) -> None:
+    """``python_asyncio_tasks``: live tasks in the serving loop, the analogue of Go's
+    ``go_goroutines``; a count that keeps growing under steady load is a leak."""
+    Gauge(
+        "python_asyncio_tasks", "Asyncio tasks alive in the serving event loop.", registry=registry
+    ).set_function(_asyncio_tasks)
 
 
 class EppMetrics:
@@ -17,6 +34,7 @@ class EppMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        register_asyncio_tasks(r)
         self.disagg_decisions = Counter(
             "llm_d_epp_disagg_decision",
             "Disaggregation decisions by type.",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from epp.metrics import register_asyncio_tasks
 from sidecar.api_shapes import API_SHAPES
 
 __all__ = ["Metrics", "path_label"]
@@ -31,6 +32,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
+        register_asyncio_tasks(r)
         self.requests = Counter(
             "pd_sidecar_requests",
             "Requests answered, by path, mode (pd, epd, local, fallback, passthrough), status.",

@@ -114,6 +114,8 @@ async def test_app_serves_decisions_health_and_metrics(
         assert 'llm_d_epp_disagg_decision_total{decision_type="prefill-decode"} 1.0' in text
         assert 'llm_d_epp_endpoints{role="decode"} 1.0' in text
         assert 'llm_d_epp_endpoints{role="prefill"} 1.0' in text
+        [tasks] = [line for line in text.splitlines() if line.startswith("python_asyncio_tasks ")]
+        assert float(tasks.split()[1]) >= 1  # at least the serving loop's own tasks
 
         write_endpoints(endpoints, [])
         await _wait_health(app.health_port, "readiness", NOT_SERVING)

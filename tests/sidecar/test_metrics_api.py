@@ -32,6 +32,8 @@ async def test_metrics_port_series(pd: PD, client: aiohttp.ClientSession) -> Non
     assert "pd_sidecar_ttft_seconds_count 2.0" in lines
     assert "pd_sidecar_request_seconds_count 2.0" in lines
     assert "pd_sidecar_in_flight_requests 0.0" in lines
+    [tasks] = [line for line in lines if line.startswith("python_asyncio_tasks ")]
+    assert float(tasks.split()[1]) >= 1  # counted in the serving loop, not outside it
     assert "vllm:" not in text  # the engine's metrics stay on the main port
 
 
