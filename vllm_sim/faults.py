@@ -50,9 +50,15 @@ class FaultTable:
     def clear(self) -> None:
         self._faults.clear()
 
-    def take(self, path: str, role: str) -> Fault | None:
-        """The first armed fault for this request, consuming one of its shots."""
+    def take(self, path: str, role: str, *, named_only: bool = False) -> Fault | None:
+        """The first armed fault for this request, consuming one of its shots.
+
+        ``named_only``: only a fault whose ``paths`` lists ``path`` (for ``/metrics``, so
+        scrapes never use up faults meant for generation requests).
+        """
         for fault in self._faults:
+            if named_only and not fault.paths:
+                continue
             if fault.matches(path, role):
                 if fault.count > 0:
                     fault.count -= 1

@@ -221,6 +221,12 @@ async def _models(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE]
+    fault = engine.faults.take(request.path, engine.config.role, named_only=True)
+    if fault is not None and fault.kind is FaultKind.HANG:
+        await asyncio.Event().wait()  # a scraper's stale-metrics case; ends with the client
+    if fault is not None and fault.kind is FaultKind.STATUS:
+        return _error(f"injected fault: status {fault.status}", fault.status)
     registry = request.app[_REGISTRY]
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
