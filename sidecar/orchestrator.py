@@ -120,6 +120,8 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         body = loads(raw)
     except ValueError as exc:
         raise InvalidBody(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise InvalidBody("request body nests too deeply") from None
     if not isinstance(body, dict):
         raise InvalidBody("request body must be a JSON object")
     return body
