@@ -55,6 +55,8 @@ def _load_json(raw: bytes) -> Mapping[str, Any]:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise EngineError(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise EngineError("The request body nests too deeply.") from None
     if not isinstance(body, dict):
         raise EngineError("The request body must be a JSON object.")
     return body

@@ -83,7 +83,9 @@ _OUTPUT_BASE = 100
 def tokenize(text: str) -> list[int]:
     """Split text into word/punctuation tokens and map each to a stable id."""
     span = VOCAB_SIZE - _RESERVED
-    return [_RESERVED + zlib.crc32(piece.encode()) % span for piece in _TOKEN_RE.findall(text)]
+    # surrogatepass: JSON lets a client send a lone surrogate (\ud800), which has no UTF-8.
+    pieces = _TOKEN_RE.findall(text)
+    return [_RESERVED + zlib.crc32(p.encode("utf-8", "surrogatepass")) % span for p in pieces]
 
 
 def _content_text(content: Any) -> str:
