@@ -4,13 +4,20 @@ An HTTP listener whose ``ext_proc`` filter streams every request to the EPP
 (FULL_DUPLEX_STREAMED bodies, over HTTP/2), then the router to an ``ORIGINAL_DST``
 cluster that connects wherever the EPP's ``x-gateway-destination-endpoint`` header says.
 Used by the local stack, the standalone deployment example and the tests.
+
+When the EPP cannot be reached, fails its stream or does not answer within the message
+timeout, the request is refused (fail closed: an unrouted request has nowhere sensible to
+go) with a 503 and an OpenAI-shaped JSON error body of type
+``endpoint_picker_unavailable``; clients may retry. Envoy's other local replies (e.g. the
+picked pod refused the connection) get the same JSON shape. The EPP's own refusals keep
+the body the EPP wrote (they carry ``x-llm-d-request-dropped-reason``).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["SUBSET_HINT_NAMESPACE", "gateway_config"]
+__all__ = ["EPP_UNAVAILABLE_STATUS", "SUBSET_HINT_NAMESPACE", "gateway_config"]
 
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 
@@ -22,10 +29,61 @@ _EXT_PROC = "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.Exter
 _ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 _HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _TLS = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
+_CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+# Set on every refusal the EPP itself sends (epp.extproc.headers.DROPPED_REASON).
+_DROPPED_REASON = "x-llm-d-request-dropped-reason"
+EPP_UNAVAILABLE_STATUS = 503
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": host, "port_value": port}}
+
+
+def _when(expression: str) -> dict[str, Any]:
+    return {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {"@type": _CEL_FILTER, "expression": expression},
+        }
+    }
+
+
+def _error_body(message: str, error_type: str) -> dict[str, Any]:
+    return {
+        "json_format": {
+            "error": {
+                "message": message,
+                "type": error_type,
+                "param": None,
+                "code": "%RESPONSE_CODE%",
+            }
+        },
+        "content_type": "application/json",
+    }
+
+
+def _local_reply_config() -> dict[str, Any]:
+    """JSON error bodies for Envoy's own local replies; the EPP's refusals pass as sent."""
+    not_from_epp = f"!('{_DROPPED_REASON}' in response.headers)"
+    return {
+        "mappers": [
+            {
+                "filter": _when(
+                    f"{not_from_epp} && response.code_details.startsWith('ext_proc_error')"
+                ),
+                "body_format_override": _error_body(
+                    "the endpoint picker is unavailable (%RESPONSE_CODE_DETAILS%)",
+                    "endpoint_picker_unavailable",
+                ),
+            },
+            {
+                "filter": _when(not_from_epp),
+                "body_format_override": _error_body(
+                    "%LOCAL_REPLY_BODY% (%RESPONSE_CODE_DETAILS%)", "gateway_error"
+                ),
+            },
+        ]
+    }
 
 
 def gateway_config(
@@ -80,7 +138,9 @@ def gateway_config(
         },
         "allow_mode_override": True,
         "message_timeout": "10s",
+        # Fail closed, with a retryable status (see the module docstring).
         "failure_mode_allow": False,
+        "status_on_error": {"code": EPP_UNAVAILABLE_STATUS},
     }
     if forward_subset_hint:
         ext_proc["metadata_options"] = {
@@ -91,6 +151,7 @@ def gateway_config(
         "stat_prefix": "gateway",
         # LLM streams are long: no idle or route timeouts at the gateway.
         "stream_idle_timeout": "0s",
+        "local_reply_config": _local_reply_config(),
         "route_config": {
             "virtual_hosts": [
                 {

@@ -13,6 +13,7 @@ prefill pod has its own address and they all use the same port). Encode engines
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
@@ -68,6 +69,8 @@ class StackOptions:
     sim_args: list[str] = field(default_factory=list)
     epp_args: list[str] = field(default_factory=list)
     workdir: Path | None = None
+    # How often the EPP checks the endpoints file for changes (file-discovery).
+    discovery_watch_interval_s: float = 1.0
 
 
 def engine_flags(
@@ -91,16 +94,21 @@ def engine_flags(
     return flags
 
 
-def default_epp_config(endpoints_file: Path, non_cached_tokens: int, encode: bool = False) -> str:
+def default_epp_config(
+    endpoints_file: Path,
+    non_cached_tokens: int,
+    encode: bool = False,
+    watch_interval_s: float = 1.0,
+) -> str:
     """The P/D (or E/P/D) EndpointPickerConfig of the local stack (llm-d vocabulary)."""
+    discovery: dict[str, Any] = {"path": str(endpoints_file), "watchFile": True}
+    if watch_interval_s != 1.0:
+        discovery["watchIntervalSeconds"] = watch_interval_s
     config: dict[str, Any] = {
         "apiVersion": "llm-d.ai/v1alpha1",
         "kind": "EndpointPickerConfig",
         "plugins": [
-            {
-                "type": "file-discovery",
-                "parameters": {"path": str(endpoints_file), "watchFile": True},
-            },
+            {"type": "file-discovery", "parameters": discovery},
             {"type": "decode-filter"},
             {"type": "prefill-filter"},
             {"type": "prefix-cache-scorer"},
@@ -165,6 +173,8 @@ class LocalStack:
         self.prefill_targets: list[str] = []
         self.envoy: EnvoyProcess | None = None
         self.epp_metrics_port = 0
+        self.epp_health_port = 0
+        self.epp: ManagedProcess | None = None
         self._decode_ports: list[int] = []
         self._encode_ports: list[int] = []
         self.bootstrap_port = 0  # the prefill engine's (sglang, mooncake)
@@ -308,8 +318,17 @@ class LocalStack:
                 proc.check_alive,
             )
 
-    async def _start_epp(self) -> int:
-        endpoints_file = self.workdir / "endpoints.yaml"
+    @property
+    def endpoints_file(self) -> Path:
+        return self.workdir / "endpoints.yaml"
+
+    def write_endpoints(self, names: list[str] | None = None) -> None:
+        """(Re)write the EPP's endpoints file with the named endpoints (default: all).
+
+        Written to a temporary file and renamed into place, so the EPP's watch never
+        reads a half-written file.
+        """
+        wanted = [ep for ep in self.endpoints if names is None or ep.name in names]
         entries = [
             {
                 "name": ep.name,
@@ -318,43 +337,76 @@ class LocalStack:
                 "port": str(ep.port),
                 "labels": {ROLE_LABEL: ep.role},
             }
-            for ep in self.endpoints
+            for ep in wanted
         ]
-        endpoints_file.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
+        partial = self.endpoints_file.with_suffix(".partial")
+        partial.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
+        partial.replace(self.endpoints_file)
+
+    async def _start_epp(self) -> int:
+        endpoints_file = self.endpoints_file
+        self.write_endpoints()
         if self.options.epp_config is not None:
             config_args = [f"--config-file={self.options.epp_config}"]
         else:
             config_text = default_epp_config(
-                endpoints_file, self.options.non_cached_tokens, encode=self.options.encode > 0
+                endpoints_file,
+                self.options.non_cached_tokens,
+                encode=self.options.encode > 0,
+                watch_interval_s=self.options.discovery_watch_interval_s,
             )
             (self.workdir / "epp-config.yaml").write_text(config_text)
             config_args = [f"--config-file={self.workdir / 'epp-config.yaml'}"]
-        grpc_port, health_port = free_port(), free_port()
+        grpc_port, self.epp_health_port = free_port(), free_port()
         self.epp_metrics_port = free_port()
         args = [
             f"--grpc-port={grpc_port}",
-            f"--grpc-health-port={health_port}",
+            f"--grpc-health-port={self.epp_health_port}",
             f"--metrics-port={self.epp_metrics_port}",
             "--bind-address=127.0.0.1",
             "--secure-serving=false",
             *config_args,
             *self.options.epp_args,
         ]
-        proc = await self._spawn(ManagedProcess("epp", self._python("epp", *args), self.workdir))
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-
-            async def ready() -> bool:
-                try:
-                    reply = await stub.Check(
-                        health_pb2.HealthCheckRequest(service="readiness"), timeout=1
-                    )
-                except grpc.aio.AioRpcError:
-                    return False
-                return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
-
-            await wait_until(ready, "epp", _READY_DEADLINE_S, proc.check_alive)
+        self.epp = await self._spawn(
+            ManagedProcess("epp", self._python("epp", *args), self.workdir)
+        )
+        await self.wait_epp_ready()
         return grpc_port
+
+    async def epp_ready(self) -> bool:
+        """Whether the EPP's gRPC health service reports readiness (False if unreachable)."""
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{self.epp_health_port}") as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            try:
+                reply = await stub.Check(
+                    health_pb2.HealthCheckRequest(service="readiness"), timeout=1
+                )
+            except grpc.aio.AioRpcError:
+                return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+    async def wait_epp_ready(self, deadline_s: float = _READY_DEADLINE_S) -> None:
+        assert self.epp is not None, "stack not started"
+        await wait_until(self.epp_ready, "epp", deadline_s, self.epp.check_alive)
+
+    async def restart_epp(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        """End the EPP with ``sig`` and start it again on the same ports.
+
+        SIGKILL is a crash (in-flight ext_proc streams are cut); SIGTERM is a graceful
+        restart (in-flight streams drain first). Envoy reconnects on its next request.
+        """
+        old = self.epp
+        assert old is not None, "stack not started"
+        assert old.proc is not None, "stack not started"
+        if old.proc.returncode is None:
+            old.proc.send_signal(sig)
+        await old.proc.wait()
+        new = ManagedProcess(old.name, old.argv, self.workdir, old.env)
+        self.processes[self.processes.index(old)] = new
+        self.epp = new
+        await new.start()
+        await self.wait_epp_ready()
 
     async def _start_envoy(self, session: aiohttp.ClientSession, epp_port: int) -> None:
         config = gateway_config(epp_port, listen_port=self.options.gateway_port)
