@@ -81,6 +81,11 @@ def _bad(msg: str) -> BadRequest:
     return BadRequest(msg)
 
 
+def _sha256_key(text: str) -> str:
+    # surrogatepass: JSON lets a client send a lone surrogate (\ud800), which has no UTF-8.
+    return "sha256:" + hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
 def _str_field(body: Mapping[str, Any], name: str, *, required: bool) -> str:
     value = body.get(name)
     if value is None:
@@ -89,6 +94,11 @@ def _str_field(body: Mapping[str, Any], name: str, *, required: bool) -> str:
         return ""
     if not isinstance(value, str):
         raise _bad(f"field '{name}' must be a string")
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        # The model name becomes a metrics label, which must be valid UTF-8.
+        raise _bad(f"field '{name}' is not valid Unicode (a lone surrogate)") from None
     return value
 
 
@@ -98,14 +108,14 @@ def _mm_key(kind: str, part: Mapping[str, Any], where: str) -> str:
         if not isinstance(inner, Mapping) or not isinstance(inner.get("data"), str):
             raise _bad(f"{where}.input_audio.data must be a string")
         data: str = inner["data"]
-        return "sha256:" + hashlib.sha256(data.encode()).hexdigest()
+        return _sha256_key(data)
     if isinstance(inner, str):
         return inner
     if isinstance(inner, Mapping) and isinstance(inner.get("url"), str):
         url: str = inner["url"]
         if url.startswith("data:") and len(url) > 256:
             # Inline data is identified by its hash so the hashed prompt stays small.
-            return "sha256:" + hashlib.sha256(url.encode()).hexdigest()
+            return _sha256_key(url)
         return url
     raise _bad(f"{where}.{kind}.url must be a string")
 
@@ -143,7 +153,7 @@ def _chat_content(content: Any, out: _Prompt, where: str) -> None:
             raw = source.get("url") or source.get("data")
             if not isinstance(raw, str):
                 raise _bad(f"{where}[{j}].source needs a url or data string")
-            key = raw if len(raw) <= 256 else "sha256:" + hashlib.sha256(raw.encode()).hexdigest()
+            key = raw if len(raw) <= 256 else _sha256_key(raw)
             out.add_mm("image_url", key)
         elif isinstance(ptype, str):
             # Tool results, thinking blocks, ...: not multimodal; their text still counts.
