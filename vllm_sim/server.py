@@ -295,6 +295,11 @@ async def _clear_faults(request: web.Request) -> web.Response:
 
 async def _pull(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
+    fault = engine.faults.take(request.path, engine.config.role, named_only=True)
+    if fault is not None:
+        answer = await _side_channel_fault(request, fault)
+        if answer is not None:
+            return answer
     try:
         pull = PullRequest.model_validate_json(await request.read())
         token_ids = engine.serve_pull(pull)
@@ -303,6 +308,24 @@ async def _pull(request: web.Request) -> web.Response:
     except PullRejected as exc:
         return _error(f"pull rejected: {exc.reason}", 409)
     return web.json_response({"token_ids": token_ids})
+
+
+async def _side_channel_fault(request: web.Request, fault: Fault) -> web.Response | None:
+    """Apply a fault to a side-channel request; None: go on and serve it."""
+    kind = fault.kind
+    if kind is FaultKind.STATUS:
+        return _error(f"injected fault: status {fault.status}", fault.status)
+    if kind is FaultKind.MALFORMED_JSON:
+        return web.Response(body=b'{"token_ids": [', content_type="application/json")
+    if kind is FaultKind.DELAY:
+        await asyncio.sleep(fault.delay_ms / 1000.0)
+    elif kind is FaultKind.HANG:
+        await asyncio.Event().wait()
+    elif kind is FaultKind.DISCONNECT:
+        if request.transport is not None:
+            request.transport.abort()
+        raise ConnectionResetError("injected fault: connection dropped")
+    return None
 
 
 async def _ec_pull(request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from vllm_sim.engine import PULL_PATH
 from vllm_sim.tokens import chat_prompt, tokenize
 
 MESSAGES = [{"role": "user", "content": "Summarise the history of paged attention. " * 12}]
@@ -147,6 +148,50 @@ async def test_bad_params_follow_the_load_failure_policy(
     assert d_stats["recomputes"] == (1 if policy == "recompute" else 0)
     assert p_stats["kv_pulls_rejected"] == 1
     assert p_stats["kv_pulls_served"] == 1
+
+
+@pytest.mark.parametrize(
+    ("fault", "policy"),
+    [
+        ({"kind": "status", "status": 500}, "fail"),
+        ({"kind": "malformed_json"}, "fail"),
+        ({"kind": "disconnect"}, "fail"),
+        ({"kind": "status", "status": 503}, "recompute"),
+    ],
+    ids=["status-fail", "garbage-fail", "disconnect-fail", "status-recompute"],
+)
+async def test_fault_on_the_pull_follows_the_load_failure_policy(
+    start_sim: Any, fault: dict[str, Any], policy: str
+) -> None:
+    p = await start_sim(zero_latency=True, role="prefill")
+    d = await start_sim(zero_latency=True, kv_load_failure_policy=policy)
+    async with aiohttp.ClientSession() as session:
+        params = (await prefill(session, p))["kv_transfer_params"]
+        await p.add_fault(**fault, paths=[PULL_PATH], roles=["prefill"])
+        status, out = await decode(session, d, params)
+        assert status == (500 if policy == "fail" else 200)
+        # One shot: the lease is still there, so the next pull succeeds.
+        again, _ = await decode(session, d, params)
+    assert again == 200
+    d_stats, p_stats = await d.stats(), await p.stats()
+    assert d_stats["kv_pulls_failed"] == 1
+    assert d_stats["kv_pulls_ok"] == 1
+    assert d_stats["recomputes"] == (1 if policy == "recompute" else 0)
+    assert p_stats["kv_pulls_served"] == 1
+    assert p_stats["leases_active"] == 0
+    if policy == "fail":
+        assert out["error"]["code"] == 500
+
+
+async def test_a_fault_not_naming_the_pull_leaves_pulls_alone(start_sim: Any) -> None:
+    p = await start_sim(zero_latency=True, role="prefill")
+    d = await start_sim(zero_latency=True)
+    async with aiohttp.ClientSession() as session:
+        params = (await prefill(session, p))["kv_transfer_params"]
+        await p.add_fault(kind="status", status=500, count=-1)
+        status, _ = await decode(session, d, params)
+    assert status == 200
+    assert (await p.stats())["kv_pulls_served"] == 1
 
 
 async def test_stream_decode_failure_is_an_error_event(start_sim: Any) -> None:
