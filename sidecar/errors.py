@@ -86,8 +86,11 @@ class BadRequest(SidecarError):
 
 
 class InvalidRoutingHeader(BadRequest):
-    def __init__(self, header: str, value: str) -> None:
-        super().__init__(f"header {header}: cannot parse {value!r} as host:port")
+    def __init__(self, header: str, value: str, problem: str | None = None) -> None:
+        if problem is None:
+            super().__init__(f"header {header}: cannot parse {value!r} as host:port")
+        else:  # the value may be long: name the problem, not the value
+            super().__init__(f"header {header}: {problem}")
         self.header = header
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import re
 from dataclasses import dataclass
 
 from sidecar.errors import InvalidRoutingHeader
@@ -18,6 +19,7 @@ __all__ = [
     "DESTINATION_ENDPOINT",
     "ENCODER_HOSTS_PORTS",
     "KV_CACHE_SOURCE_HOST_PORT",
+    "MAX_TARGETS",
     "PREFILLER_HOST_PORT",
     "ROUTING_HEADERS",
     "HostPort",
@@ -41,6 +43,18 @@ ROUTING_HEADERS: frozenset[str] = frozenset(
         DATA_PARALLEL_HOST_PORT,
         DATA_PARALLEL_RANK,
     }
+)
+
+# More targets than any pool hands out in one header; past it the header is refused
+# (the EPP names one prefiller and a few encoders).
+MAX_TARGETS = 256
+# A DNS name (RFC 1123 labels; "_" as Kubernetes service records use it) or an IPv4
+# literal. Anything else (userinfo "@", "?", "#", "%", "\\", tabs, empty labels, non-ASCII)
+# would make the URL aim somewhere other than what was checked, or fail inside the client.
+_HOST_NAME = re.compile(
+    r"(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+    r"(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?",
+    re.ASCII,
 )
 
 
@@ -79,17 +93,20 @@ def _parse_one(entry: str, header: str) -> HostPort:
             raise InvalidRoutingHeader(header, entry) from None
     else:
         host, sep, port_text = text.rpartition(":")
-        # An unbracketed IPv6 literal is ambiguous; refuse rather than guess.
-        if not sep or not host or ":" in host or "/" in host or " " in host:
+        # An unbracketed IPv6 literal is ambiguous (":" in host); refuse rather than guess.
+        if not sep or _HOST_NAME.fullmatch(host) is None:
             raise InvalidRoutingHeader(header, entry)
-    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+    if not (port_text.isascii() and port_text.isdigit()) or not 0 < int(port_text) < 65536:
         raise InvalidRoutingHeader(header, entry)
     return HostPort(host, int(port_text))
 
 
 def parse_host_ports(value: str, header: str = PREFILLER_HOST_PORT) -> list[HostPort]:
     """Parse a comma list of targets; empty entries are ignored, anything else must parse."""
-    targets = [_parse_one(part, header) for part in value.split(",") if part.strip()]
+    parts = [part for part in value.split(",") if part.strip()]
+    if len(parts) > MAX_TARGETS:
+        raise InvalidRoutingHeader(header, value, f"{len(parts)} targets, at most {MAX_TARGETS}")
+    targets = [_parse_one(part, header) for part in parts]
     if not targets:
         raise InvalidRoutingHeader(header, value)
     return targets
