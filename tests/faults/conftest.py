@@ -174,11 +174,15 @@ class FaultStack:
         async with self.session.post(f"{url}/sim/faults", json=fault) as resp:
             assert resp.status == 200, await resp.text()
 
-    async def reset(self) -> None:
-        """No faults, zero counters, empty caches; later log lines are this test's."""
+    async def clear_faults(self) -> None:
         for url in (*self.stack.prefill_engine_urls, *self.stack.decode_engine_urls):
             async with self.session.delete(f"{url}/sim/faults") as resp:
                 assert resp.status == 200
+
+    async def reset(self) -> None:
+        """No faults, zero counters, empty caches; later log lines are this test's."""
+        await self.clear_faults()
+        for url in (*self.stack.prefill_engine_urls, *self.stack.decode_engine_urls):
             async with self.session.post(f"{url}/sim/reset?cache=1") as resp:
                 assert resp.status == 200
         self._log_marks = {
@@ -249,7 +253,9 @@ class FaultStack:
             assert not bad, f"{proc.name} logged {bad}:\n{lines[-4000:]}"
 
     async def assert_healthy(self) -> None:
-        """Processes alive, health endpoints up, a normal P/D request answered, clean logs."""
+        """Faults cleared; then processes alive, health endpoints up, a normal P/D
+        request answered through the gateway, and clean sidecar and EPP logs."""
+        await self.clear_faults()
         for proc in self.stack.processes:
             proc.check_alive()
         async with self.session.get(self.sidecar_url + "/health") as resp:
@@ -309,6 +315,4 @@ async def faults(fault_stack: FaultStack) -> AsyncIterator[FaultStack]:
     """The module's stack, reset for this test; faults are cleared afterwards too."""
     await fault_stack.reset()
     yield fault_stack
-    for url in (*fault_stack.stack.prefill_engine_urls, *fault_stack.stack.decode_engine_urls):
-        async with fault_stack.session.delete(f"{url}/sim/faults") as resp:
-            assert resp.status == 200
+    await fault_stack.clear_faults()
