@@ -6,6 +6,7 @@
     ├── BadRequest                      400     request   the client's request cannot be served
     │   ├── InvalidRoutingHeader        400     request   a routing header does not parse
     │   ├── InvalidBody                 400     request   P/D path, body is not a JSON object
+    │   ├── RequestBodyTimeout          408     request   P/D body not received in time
     │   └── BodyTooLarge                413     request   body over --max-body-bytes
     ├── TargetForbidden                 403     ssrf      a routing target is not in the pool
     ├── TargetCheckUnavailable          503     ssrf      the pool is not known yet
@@ -49,6 +50,7 @@ __all__ = [
     "PrefillTimeout",
     "PrefillUnavailable",
     "PrepareError",
+    "RequestBodyTimeout",
     "SidecarError",
     "TargetCheckUnavailable",
     "TargetForbidden",
@@ -96,6 +98,16 @@ class InvalidRoutingHeader(BadRequest):
 
 class InvalidBody(BadRequest):
     pass
+
+
+class RequestBodyTimeout(BadRequest):
+    status = 408
+    kind = "timeout"
+
+    def __init__(self, timeout: float, received: int) -> None:
+        super().__init__(
+            f"request body not received within {timeout:g}s ({received} bytes arrived)"
+        )
 
 
 class BodyTooLarge(BadRequest):

@@ -53,6 +53,7 @@ from sidecar.errors import (
     PrefillTimeout,
     PrefillUnavailable,
     PrepareError,
+    RequestBodyTimeout,
     SidecarError,
 )
 from sidecar.exchange import Exchange
@@ -73,6 +74,7 @@ _MAX_PREFILL_ANSWER = 16 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class Policy:
     max_body_bytes: int = 32 * 1024 * 1024
+    request_body_timeout: float = 60.0
     prefill_max_retries: int = 3
     prefill_retry_backoff: float = 0.1
     prefiller_sampling: bool = False
@@ -88,16 +90,21 @@ class _Retryable(Exception):
         self.error = error
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
+async def read_body(request: web.Request, limit: int, deadline_s: float = 60.0) -> bytes:
+    """The whole request body: at most ``limit`` bytes, arriving within ``deadline_s``."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(deadline_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(limit)
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestBodyTimeout(deadline_s, size) from None
     return b"".join(chunks)
 
 
@@ -168,7 +175,7 @@ class Orchestrator:
         encoders = None
         if encoders_value is not None and self.encode is not None:
             encoders = parse_host_ports(encoders_value, ENCODER_HOSTS_PORTS)
-        raw = await read_body(request, self.policy.max_body_bytes)
+        raw = await read_body(request, self.policy.max_body_bytes, self.policy.request_body_timeout)
         body = parse_json_object(raw)
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id

@@ -157,6 +157,9 @@ class Settings(BaseSettings):
     prefill_fallback: Literal["error", "local"] = "error"
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     connect_timeout: Duration = 5.0
+    # A P/D request's body is buffered before any leg starts: a client trickling it (a
+    # byte at a time) is answered 408 after this long instead of holding the handler.
+    request_body_timeout: Duration = 60.0
     prefill_timeout: Duration = 300.0
     decode_first_byte_timeout: Duration = 600.0
     stream_idle_timeout: Duration = 120.0
