@@ -256,22 +256,21 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         log.warning({"event": "request_error", "request_id": ex.request_id, "error": ex.error})
         ex.first_byte()
         return _error_response(error, ex)
-    except (asyncio.CancelledError, ConnectionResetError):
+    except asyncio.CancelledError:
         ex.status = _CLIENT_CLOSED
         ex.error = ex.error or "client disconnected"
         raise
+    except ConnectionResetError as exc:
+        if not _client_gone(request):
+            return _internal_error(exc, ex)
+        # The client left while we wrote to it, before aiohttp noticed and cancelled
+        # the handler. An exception would be logged as a server error; an answer that
+        # cannot be sent is noted quietly.
+        ex.status = _CLIENT_CLOSED
+        ex.error = ex.error or "client disconnected"
+        return web.Response(status=_CLIENT_CLOSED)
     except Exception as exc:
-        ex.status = ex.status or 500
-        ex.error = ex.error or repr(exc)
-        if ex.response_started:
-            raise
-        log.exception({"event": "internal_error", "request_id": ex.request_id})
-        ex.first_byte()
-        return web.json_response(
-            SidecarError("internal error").payload(ex.request_id),
-            status=500,
-            headers={REQUEST_ID: ex.request_id},
-        )
+        return _internal_error(exc, ex)
     finally:
         metrics.in_flight.dec()
         ex.finish()
@@ -282,6 +281,26 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
             level = logging.DEBUG if _is_scrape(ex) else logging.INFO
             if access_log.isEnabledFor(level):
                 access_log.log(level, ex.record())
+
+
+def _client_gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+def _internal_error(exc: Exception, ex: Exchange) -> web.Response:
+    """A bug: logged with its traceback, answered 500 (re-raised once bytes went out)."""
+    ex.status = ex.status or 500
+    ex.error = ex.error or repr(exc)
+    if ex.response_started:
+        raise exc
+    log.exception({"event": "internal_error", "request_id": ex.request_id})
+    ex.first_byte()
+    return web.json_response(
+        SidecarError("internal error").payload(ex.request_id),
+        status=500,
+        headers={REQUEST_ID: ex.request_id},
+    )
 
 
 def _is_scrape(ex: Exchange) -> bool:
