@@ -295,12 +295,8 @@ async def fault_stack(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[FaultStack]:
     overrides: dict[str, Any] = getattr(request.module, "STACK", {})
-    options = StackOptions(
-        gateway_port=0,
-        zero_latency=True,
-        workdir=tmp_path_factory.mktemp("faults"),
-        **overrides,
-    )
+    settings: dict[str, Any] = {"gateway_port": 0, "zero_latency": True, **overrides}
+    options = StackOptions(workdir=tmp_path_factory.mktemp("faults"), **settings)
     stack = LocalStack(options)
     await stack.start()
     try:
