@@ -79,7 +79,6 @@ def _policy(settings: Settings) -> Policy:
     return Policy(
         max_body_bytes=settings.max_body_bytes,
         request_body_timeout=settings.request_body_timeout,
-        request_body_timeout=settings.request_body_timeout,
         prefill_max_retries=settings.prefill_max_retries,
         prefill_retry_backoff=settings.prefill_retry_backoff,
         prefiller_sampling=settings.enable_prefiller_sampling,
