@@ -65,6 +65,15 @@ class ExtProcService:
         except ProtocolViolation as err:
             log.warning("request %s: ext_proc protocol violation: %s", ctx.request_id, err)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except grpc.aio.BaseError as err:
+            # The RPC itself is over (the server is stopping, or the stream broke): nothing
+            # can be sent on it any more, so this is not a handler failure. gRPC ends it.
+            log.info(
+                "request %s: ext_proc stream ended early: %s",
+                ctx.request_id,
+                str(err) or type(err).__name__,
+            )
+            raise
         except Exception:
             # A bug here must cost one request a clean 500, not the gateway a broken stream.
             log.exception("request %s: ext_proc handler failed", ctx.request_id)

@@ -174,6 +174,7 @@ class LocalStack:
         self.envoy: EnvoyProcess | None = None
         self.epp_metrics_port = 0
         self.epp_health_port = 0
+        self.epp_grpc_port = 0  # ext_proc
         self.epp: ManagedProcess | None = None
         self._decode_ports: list[int] = []
         self._encode_ports: list[int] = []
@@ -358,6 +359,7 @@ class LocalStack:
             (self.workdir / "epp-config.yaml").write_text(config_text)
             config_args = [f"--config-file={self.workdir / 'epp-config.yaml'}"]
         grpc_port, self.epp_health_port = free_port(), free_port()
+        self.epp_grpc_port = grpc_port
         self.epp_metrics_port = free_port()
         args = [
             f"--grpc-port={grpc_port}",
