@@ -30,7 +30,7 @@ from sidecar.errors import PrefillRejected, SidecarError
 from sidecar.exchange import Exchange, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
 from sidecar.health import Readiness
-from sidecar.log import access_log, log
+from sidecar.log import access_log, http_log, log
 from sidecar.metrics import Metrics, path_label
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
@@ -408,6 +408,7 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
         app,
         handler_cancellation=True,  # a client that goes away cancels both upstream legs
         access_log=None,
+        logger=http_log,
         shutdown_timeout=settings.drain_timeout,
     )
     metrics_runner = web.AppRunner(build_metrics_app(metrics), access_log=None)
