@@ -77,6 +77,9 @@ class Director(DecisionMaker):
         self._request_counters: dict[str, Counter] = {}
         self._scheduler = config.scheduler
         self._threshold = settings.metrics_staleness_threshold_s
+        # Staleness is logged on each move between fresh and stale, not on every tick.
+        self._known_since: dict[str, float] = {}
+        self._stale: set[str] = set()
         self._decision_counters = {
             t: metrics.disagg_decisions.labels(decision_type=t)
             for t in ("decode-only", "prefill-decode", "encode-decode", "encode-prefill-decode")
@@ -96,6 +99,12 @@ class Director(DecisionMaker):
         plugin.observe = child.observe
 
     def _on_endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        now = self.datastore.clock()
+        for ep in removed:
+            self._known_since.pop(ep.key, None)
+            self._stale.discard(ep.key)
+        for ep in added:
+            self._known_since[ep.key] = now
         for plugin in self.config.plugins:
             plugin.endpoints_changed(added, removed)
         self.metrics.ready_endpoints.set(self.datastore.count_fresh(self._threshold))
@@ -141,7 +150,31 @@ class Director(DecisionMaker):
         period = max(self.settings.refresh_metrics_interval_s, 0.5)
         while True:
             self.metrics.ready_endpoints.set(self.datastore.count_fresh(self._threshold))
+            self._report_staleness(self.datastore.clock())
             await asyncio.sleep(period)
+
+    def _report_staleness(self, now: float) -> None:
+        """Log each endpoint's move from fresh to stale metrics and back, once per move."""
+        for ep in self.datastore.snapshot():
+            if ep.is_fresh(now, self._threshold):
+                if ep.key in self._stale:
+                    self._stale.discard(ep.key)
+                    log.info("endpoint %s (%s): metrics fresh again", ep.key, ep.name)
+                continue
+            # A new endpoint gets one threshold's time for its first scrape.
+            known_for = now - self._known_since.get(ep.key, now)
+            if ep.key in self._stale or known_for <= self._threshold:
+                continue
+            self._stale.add(ep.key)
+            updated = ep.metrics.updated_at
+            age = f"last scraped {now - updated:.1f}s ago" if updated else "never scraped"
+            log.warning(
+                "endpoint %s (%s): metrics stale (%s); scored as fully loaded until its "
+                "/metrics answers again",
+                ep.key,
+                ep.name,
+                age,
+            )
 
     async def stop(self) -> None:
         """Stop discovery and scraping; safe to call more than once."""

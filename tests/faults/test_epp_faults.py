@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.faults.epp_support import EppStack, Outcome, start_epp_stack, wait_for
+from tests.faults.epp_support import STALENESS_S, EppStack, Outcome, start_epp_stack, wait_for
 
 pytestmark = [
     pytest.mark.faults,
@@ -115,3 +115,125 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
     assert max(o.elapsed for o in outcomes) < 10.0
     assert recovery < 5.0
     await env.assert_healthy()
+
+
+# -- an endpoint disappears from discovery ------------------------------------------------
+
+
+async def _first_grown(env: EppStack, urls: list[str], before: dict[str, int]) -> str | None:
+    for url in urls:
+        if await env.requests_total(url) > before[url]:
+            return url
+    return None
+
+
+@pytest.mark.parametrize("role", ["decode", "prefill"])
+async def test_endpoint_leaves_discovery(env: EppStack, role: str) -> None:
+    stack = env.stack
+    urls = stack.decode_engine_urls if role == "decode" else stack.prefill_engine_urls
+    engines = stack.decode_engine_urls + stack.prefill_engine_urls
+    # Hold the next request on whichever engine of ``role`` gets it, so that it is in
+    # flight while its endpoint leaves.
+    for url in urls:
+        await env.add_fault(url, kind="delay", delay_ms=3000, count=1, roles=[role, "aggregated"])
+    before = {url: await env.requests_total(url) for url in engines}
+    inflight = asyncio.create_task(env.complete(env.prompt(long=role == "prefill")))
+    victim: str | None = None
+
+    async def arrived() -> bool:
+        nonlocal victim
+        victim = await _first_grown(env, urls, before)
+        return victim is not None
+
+    await wait_for(arrived, f"the held request reaches a {role} engine")
+    assert victim is not None
+    await env.clear_faults()
+    name = f"{role}-{urls.index(victim)}"
+    await env.set_endpoints([ep.name for ep in stack.endpoints if ep.name != name])
+    assert not inflight.done(), "the held request ended before its endpoint left"
+    held = await env.requests_total(victim)
+
+    outcomes = [
+        await env.complete(env.prompt(long=i % 2 == 0), stream=i % 3 == 0) for i in range(8)
+    ]
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok]
+    assert await env.requests_total(victim) == held, f"{name} got requests after it left"
+    async with asyncio.timeout(10):
+        finished = await inflight
+    assert finished.ok, f"the in-flight request to {name} failed: {finished}"
+    assert await env.requests_total(victim) == held
+    if role == "decode":
+        [other] = [u for u in urls if u != victim]
+        assert await env.requests_total(other) >= before[other] + len(outcomes)
+    else:
+        # No prefill endpoint left: long prompts are computed on the decode engines.
+        assert sum([await env.requests_total(u) for u in stack.decode_engine_urls]) >= sum(
+            before[u] for u in stack.decode_engine_urls
+        ) + len(outcomes)
+    assert "reloaded" in env.log_since("epp")
+
+    await env.set_endpoints(None)
+    await env.assert_healthy()
+
+
+# -- stale metrics ------------------------------------------------------------------------
+
+
+def _key(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+async def test_stale_metrics_keep_routing(env: EppStack) -> None:
+    stack = env.stack
+    [prefill] = stack.prefill_engine_urls
+    fresh_decode, stale_decode = stack.decode_engine_urls
+    stale_sidecar = next(f"127.0.0.1:{ep.port}" for ep in stack.endpoints if ep.name == "decode-1")
+
+    async def ready_endpoints(n: int) -> bool:
+        return await env.epp_metric("llm_d_epp_ready_endpoints") == n
+
+    await wait_for(lambda: ready_endpoints(3), "every endpoint's metrics fresh")
+    # The prefill engine's /metrics and decode-1's (scraped through its sidecar) hang.
+    for url in (prefill, stale_decode):
+        await env.add_fault(url, kind="hang", count=-1, paths=["/metrics"])
+    took = await wait_for(lambda: ready_endpoints(1), "the EPP marks two endpoints stale")
+    assert took < STALENESS_S + 5
+    log = env.log_since("epp")
+    for key in (_key(prefill), stale_sidecar):
+        assert f"endpoint {key} " in log, log
+        assert "metrics stale" in log
+
+    async def bucket(le: str) -> float:
+        return await env.epp_metric("llm_d_epp_scheduler_e2e_duration_seconds_bucket", {"le": le})
+
+    decided = await env.epp_metric(
+        "llm_d_epp_disagg_decision_total", {"decision_type": "prefill-decode"}
+    )
+    fast, total = await bucket("0.25"), await bucket("+Inf")
+    prefills = (await env.engine_stats(prefill))["requests_by_role"].get("prefill", 0)
+    stale_before = await env.requests_total(stale_decode)
+    fresh_before = await env.requests_total(fresh_decode)
+    async with asyncio.timeout(20):
+        outcomes = await asyncio.gather(*(env.complete(env.prompt(long=True)) for _ in range(6)))
+    assert all(o.ok for o in outcomes), [o for o in outcomes if not o.ok]
+    # Decisions kept flowing: P/D through the stale-but-only prefill engine, decode on the
+    # fresh decode engine (a stale one is scored as fully loaded), none waiting on a scrape.
+    n = len(outcomes)
+    assert (
+        await env.epp_metric("llm_d_epp_disagg_decision_total", {"decision_type": "prefill-decode"})
+        == decided + n
+    )
+    assert (await env.engine_stats(prefill))["requests_by_role"]["prefill"] == prefills + n
+    assert await env.requests_total(stale_decode) == stale_before
+    assert await env.requests_total(fresh_decode) == fresh_before + n
+    assert await bucket("+Inf") - total == n
+    assert await bucket("0.25") - fast == n, "a decision waited for a hung scrape"
+
+    await env.clear_faults()
+    await wait_for(lambda: ready_endpoints(3), "metrics fresh again once /metrics answers")
+    await wait_for(lambda: _logged(env, "metrics fresh again", 2), "the EPP logs the recovery", 3.0)
+    await env.assert_healthy()
+
+
+async def _logged(env: EppStack, text: str, times: int) -> bool:
+    return env.log_since("epp").count(text) >= times
