@@ -46,10 +46,12 @@ from typing import Any
 
 import aiohttp
 import psutil
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.local_stack import LocalStack, StackOptions
 from examples.local_stack.processes import ManagedProcess
+from examples.local_stack.stack import default_epp_config
 
 REQUEST_DEADLINE_S = 20.0  # well past every sidecar timeout below: beyond it is a hang
 QUIESCE_DEADLINE_S = 30.0
@@ -67,6 +69,11 @@ SIDECAR_ARGS = [
 # connections in turn), so the pools could never be seen shrinking; once a second lets
 # them drain to the one connection the scrape uses.
 EPP_ARGS = ["--refresh-metrics-interval=1s", "--metrics-staleness-threshold=5s"]
+# The approximate prefix index holds up to lruCapacityPerServer blocks per endpoint (31,250
+# by default, tens of MiB once full). A small bound fills during the warm-up, so what the
+# memory check sees afterwards is growth that no bound explains.
+PREFIX_INDEX_CAPACITY = 256
+WARM_UP_S = 6.0
 SCRAPE_SLACK = 1  # that one connection (a socket, and the server task serving it)
 PROMPT_WORDS = ["prefill", "decode", "cache", "block", "engine", "token", "stream", "latency"]
 
@@ -423,6 +430,17 @@ def table(
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
+def epp_config(workdir: Path) -> Path:
+    """The local stack's P/D configuration with a small prefix index (see above)."""
+    config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
+    for plugin in config["plugins"]:
+        if plugin["type"] == "prefix-cache-scorer":
+            plugin["parameters"] = {"lruCapacityPerServer": PREFIX_INDEX_CAPACITY}
+    path = workdir / "epp-soak-config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
 async def soak(args: argparse.Namespace) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="disagg-soak-"))
     options = StackOptions(
@@ -433,6 +451,7 @@ async def soak(args: argparse.Namespace) -> int:
         sidecar_args=SIDECAR_ARGS,
         sim_args=["--kv-load-failure-policy", "fail"],
         epp_args=EPP_ARGS,
+        epp_config=epp_config(workdir),
     )
     stack = LocalStack(options)
     await stack.start()
@@ -440,7 +459,7 @@ async def soak(args: argparse.Namespace) -> int:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
             urls = await _metrics_urls(stack)
             print(f"soak: warming up (logs in {workdir})", file=sys.stderr)
-            await run_load(stack, 3.0, args.concurrency, 0.0, args.seed + 1)
+            await run_load(stack, WARM_UP_S, args.concurrency, 0.0, args.seed + 1)
             await restart_envoy(stack, session, up=False)
             await quiesce(stack, session, urls, None)
             await _wait_for(
