@@ -6,7 +6,7 @@ The KV side channel (``POST /sim/nixl/pull`` on the prefill engine) only fires f
 whose ``paths`` name it, so that a fault meant for generation requests never breaks a
 pull by accident; there ``roles`` matches the serving engine's ``--role``. On a pull,
 ``status``, ``delay``, ``hang``, ``disconnect`` and ``malformed_json`` act as on a
-generation request; ``omit_kv_transfer_params`` does nothing.
+generation request; ``truncate`` and ``omit_kv_transfer_params`` do nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +23,9 @@ class FaultKind(str, Enum):
     DELAY = "delay"  # wait `delay_ms`, then answer normally
     HANG = "hang"  # never answer; ends only when the client goes away
     DISCONNECT = "disconnect"  # close the connection after `after_chunks` stream chunks
+    # 200, then the connection drops mid-body: a JSON answer after half its bytes (its
+    # Content-Length promised all of them), a stream halfway through chunk `after_chunks`.
+    TRUNCATE = "truncate"
     MALFORMED_JSON = "malformed_json"  # 200 with a body that is not JSON
     OMIT_KV_TRANSFER_PARAMS = "omit_kv_transfer_params"  # prefill answers without params
 

@@ -118,7 +118,17 @@ class _Generation:
         payload = self.shape.response(
             run, self.engine.config.served_model_name, self._response_id(), created
         )
+        if fault is not None and fault.kind is FaultKind.TRUNCATE:
+            return await self._truncated(json.dumps(payload).encode())
         return web.json_response(payload, headers=self.headers)
+
+    async def _truncated(self, body: bytes) -> web.StreamResponse:
+        """Promise the whole body, send half of it, drop the connection."""
+        response = web.StreamResponse(headers={**self.headers, "Content-Type": "application/json"})
+        response.content_length = len(body)
+        await response.prepare(self.request)
+        await response.write(body[: len(body) // 2])
+        return self._drop_connection()
 
     async def _apply_fault(self, fault: Fault, run: Run) -> web.StreamResponse | None:
         kind = fault.kind
@@ -155,9 +165,9 @@ class _Generation:
             }
         )
         await response.prepare(self.request)
-        cut_after = (
-            fault.after_chunks if fault is not None and fault.kind is FaultKind.DISCONNECT else None
-        )
+        cutting = fault is not None and fault.kind in (FaultKind.DISCONNECT, FaultKind.TRUNCATE)
+        cut_after = fault.after_chunks if fault is not None and cutting else None
+        half_chunk = fault is not None and fault.kind is FaultKind.TRUNCATE
         renderer = self.shape.renderer(
             run, self.engine.config.served_model_name, self._response_id(), int(time.time())
         )
@@ -167,6 +177,8 @@ class _Generation:
             nonlocal sent
             for chunk in chunks:
                 if cut_after is not None and sent >= cut_after:
+                    if half_chunk:
+                        await response.write(chunk[: len(chunk) // 2])
                     self._drop_connection()
                 await response.write(chunk)
                 sent += 1

@@ -95,6 +95,31 @@ async def test_disconnect_before_first_byte_and_mid_stream(start_sim: Any) -> No
     assert (await sim.stats())["aborts"] == 0  # the engine cut them, not the client
 
 
+async def test_truncate_cuts_a_json_answer_and_a_stream_mid_body(start_sim: Any) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="truncate")
+    await sim.add_fault(kind="truncate", after_chunks=2)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
+            assert resp.status == 200
+            promised = resp.content_length
+            assert promised is not None
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        received = b""
+        with pytest.raises(aiohttp.ClientError):
+            async with session.post(
+                f"{sim.url}/v1/chat/completions", json={**CHAT, "stream": True}
+            ) as resp:
+                async for chunk in resp.content.iter_any():
+                    received += chunk
+    events = received.split(b"\n\n")
+    assert len(events) == 3  # two whole events, then half of the third
+    assert events[2].startswith(b"data: {")
+    assert not events[2].endswith(b"}")
+    assert (await sim.stats())["aborts"] == 0
+
+
 async def test_fault_from_flag_and_invalid_fault(start_sim: Any) -> None:
     sim = await start_sim(zero_latency=True, faults=('{"kind": "status", "status": 429}',))
     async with aiohttp.ClientSession() as session:
