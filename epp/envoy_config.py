@@ -151,6 +151,11 @@ def gateway_config(
         "stat_prefix": "gateway",
         # LLM streams are long: no idle or route timeouts at the gateway.
         "stream_idle_timeout": "0s",
+        # But a request must arrive in bounded time: a client sending its headers or body
+        # a byte at a time would otherwise hold a stream here and one at the EPP for ever.
+        # Both are disarmed once the request is complete, so long answers are unaffected.
+        "request_headers_timeout": "10s",
+        "request_timeout": "60s",
         "local_reply_config": _local_reply_config(),
         "route_config": {
             "virtual_hosts": [
