@@ -71,6 +71,18 @@ class EppMetrics:
             "Endpoints currently known and not stale.",
             registry=r,
         )
+        self.extproc_streams = Gauge(
+            "llm_d_epp_extproc_streams",
+            "ext_proc streams open now (one per HTTP request passing the gateway).",
+            registry=r,
+        )
+        self.extproc_streams_ended_early = Counter(
+            "llm_d_epp_extproc_streams_ended_early",
+            "ext_proc streams the gateway closed or reset before the response ended, by "
+            "stage (before_routing, after_routing).",
+            ["stage"],
+            registry=r,
+        )
         self.endpoints = Gauge(
             "llm_d_epp_endpoints",
             "Endpoints currently known, by role.",

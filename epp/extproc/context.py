@@ -45,6 +45,8 @@ class RequestContext:
     decision: Decision | None = None
     # Set once an immediate response was sent: the gateway ends the stream after it.
     ended: bool = False
+    # Set once the gateway sent the end of the response (the stream is complete).
+    response_ended: bool = False
 
     @classmethod
     def new(cls, env: StreamEnv) -> RequestContext:

@@ -173,15 +173,19 @@ async def on_response_headers(
 ) -> list[ProcessingResponse]:
     if ctx.decision is not None:
         ctx.decision.on_response_started()
+    if request.response_headers.end_of_stream or ctx.response_body_mode == ProcessingMode.NONE:
+        ctx.response_ended = True  # no more of the response comes this way
     return [responses.passthrough_response_headers()]
 
 
 async def on_response_body(
     ctx: RequestContext, request: ProcessingRequest
 ) -> list[ProcessingResponse]:
+    message = request.response_body
+    if message.end_of_stream:
+        ctx.response_ended = True
     if ctx.response_body_mode != _FULL_DUPLEX:
         return [responses.passthrough_response_body()]
-    message = request.response_body
     return responses.streamed_response_body(
         message.body, end_of_stream=message.end_of_stream, chunk_bytes=ctx.env.config.chunk_bytes
     )
@@ -190,6 +194,7 @@ async def on_response_body(
 async def on_response_trailers(
     ctx: RequestContext, request: ProcessingRequest
 ) -> list[ProcessingResponse]:
+    ctx.response_ended = True
     return [responses.passthrough_trailers(request=False)]
 
 

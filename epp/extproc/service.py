@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import TYPE_CHECKING
 
@@ -51,6 +52,8 @@ class ExtProcService:
         self, requests: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
         ctx = RequestContext.new(self._env)
+        metrics = self._env.metrics
+        metrics.extproc_streams.inc()
         try:
             async for request in requests:
                 kind = request.WhichOneof("request")
@@ -62,8 +65,13 @@ class ExtProcService:
                     yield response
                 if ctx.ended:
                     return
+        except asyncio.CancelledError:
+            # The gateway reset the stream (its client went away, or it gave up on us).
+            log.debug("request %s: ext_proc stream cancelled by the gateway", ctx.request_id)
+            raise
         except ProtocolViolation as err:
             log.warning("request %s: ext_proc protocol violation: %s", ctx.request_id, err)
+            ctx.ended = True
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except grpc.aio.BaseError as err:
             # The RPC itself is over (the server is stopping, or the stream broke): nothing
@@ -73,11 +81,36 @@ class ExtProcService:
                 ctx.request_id,
                 str(err) or type(err).__name__,
             )
+            ctx.ended = True
             raise
         except Exception:
             # A bug here must cost one request a clean 500, not the gateway a broken stream.
             log.exception("request %s: ext_proc handler failed", ctx.request_id)
+            ctx.ended = True
             ctx.env.metrics.request_errors.labels(status="500", reason="internal_error").inc()
             yield immediate_response(500, "internal_error", "internal error in the endpoint picker")
         finally:
+            metrics.extproc_streams.dec()
+            if not ctx.ended and not ctx.response_ended:
+                _ended_early(ctx)
             ctx.finish()
+
+
+def _ended_early(ctx: RequestContext) -> None:
+    """The gateway closed or reset the stream before the response ended.
+
+    (gRPC reports a client's reset to the handler as the end of its messages, so a
+    half-close and a reset look alike here.)
+    """
+    if ctx.decision is None:
+        stage = "before_routing"
+        # Nothing was routed, so no other component logs this request.
+        log.info(
+            "request %s %s: the gateway ended the ext_proc stream before it was routed",
+            ctx.request_id,
+            ctx.path or "-",
+        )
+    else:
+        stage = "after_routing"  # the client went away; the pods log the rest
+        log.debug("request %s: ext_proc stream ended before the response did", ctx.request_id)
+    ctx.env.metrics.extproc_streams_ended_early.labels(stage=stage).inc()

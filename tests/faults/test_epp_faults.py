@@ -13,14 +13,23 @@ signals) but stays routable, and the EPP logs the transition both ways.
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import grpc
 import pytest
 import pytest_asyncio
 
+from tests.epp_gateway.fakes import (
+    ExtProcClient,
+    request_body,
+    request_headers,
+    response_body,
+    response_headers,
+)
 from tests.faults.epp_support import STALENESS_S, EppStack, Outcome, start_epp_stack, wait_for
 
 pytestmark = [
@@ -237,3 +246,91 @@ async def test_stale_metrics_keep_routing(env: EppStack) -> None:
 
 async def _logged(env: EppStack, text: str, times: int) -> bool:
     return env.log_since("epp").count(text) >= times
+
+
+# -- Envoy's ext_proc stream ends early ---------------------------------------------------
+
+_BODY = json.dumps({"model": "sim-model", "prompt": "hello there", "max_tokens": 2}).encode()
+
+
+async def _early_end(client: ExtProcClient, case: str) -> None:
+    """Play Envoy's side up to ``case``'s point, then end the stream that way."""
+    await client.send(request_headers())
+    if case.endswith("mid_body"):
+        await client.send(request_body(_BODY[:10], end_of_stream=False))
+    if case.endswith("after_routing") or case.endswith("mid_response"):
+        await client.send(request_body(_BODY, end_of_stream=True))
+        routed = await client.recv()
+        assert routed.request_headers.response.header_mutation.set_headers
+        await client.recv()  # the re-sent request body
+    if case.endswith("mid_response"):
+        await client.send(response_headers())
+        await client.recv()
+        await client.send(response_body(b'{"id": "x", ', end_of_stream=False))
+        await client.recv()
+    if case.startswith("half_close"):
+        await client.close()
+        await client.expect_end()
+    else:
+        client.call.cancel()
+
+
+async def _normal_conversation(client: ExtProcClient) -> None:
+    await client.send(request_headers(), request_body(_BODY, end_of_stream=True))
+    routed = await client.recv()
+    assert routed.request_headers.response.header_mutation.set_headers
+    await client.recv()
+    await client.send(response_headers(end_of_stream=True))
+    await client.recv()
+    await client.close()
+    await client.expect_end()
+
+
+EARLY_ENDS = {
+    # case: the stage the EPP counts it under
+    "half_close_after_headers": "before_routing",
+    "half_close_mid_body": "before_routing",
+    "cancel_after_headers": "before_routing",
+    "cancel_mid_body": "before_routing",
+    "cancel_after_routing": "after_routing",
+    "cancel_mid_response": "after_routing",
+}
+
+
+async def test_extproc_stream_ends_early(env: EppStack) -> None:
+    async def ended_early(stage: str) -> float:
+        return await env.epp_metric("llm_d_epp_extproc_streams_ended_early_total", {"stage": stage})
+
+    async def no_open_streams() -> bool:
+        return await env.epp_metric("llm_d_epp_extproc_streams") == 0
+
+    await wait_for(no_open_streams, "no ext_proc stream open before the test")
+    expected = {stage: await ended_early(stage) for stage in set(EARLY_ENDS.values())}
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{env.stack.epp_grpc_port}") as channel:
+        for case, stage in EARLY_ENDS.items():
+            async with asyncio.timeout(10):
+                # Several at once, each beside a normal stream that must not notice.
+                await asyncio.gather(
+                    *(_early_end(ExtProcClient(channel), case) for _ in range(5)),
+                    _normal_conversation(ExtProcClient(channel)),
+                )
+            expected[stage] += 5
+
+            async def counted(stage: str = stage) -> bool:
+                return await ended_early(stage) == expected[stage]
+
+            await wait_for(counted, f"the EPP counts {case}")
+        # Nothing stuck: every stream is closed, and a normal one still works.
+        await wait_for(no_open_streams, "every ext_proc stream closed")
+        async with asyncio.timeout(10):
+            await _normal_conversation(ExtProcClient(channel))
+    # The normal conversations were not counted as ended early.
+    for stage, value in expected.items():
+        assert await ended_early(stage) == value, stage
+    log = env.log_since("epp")
+    assert "ended the ext_proc stream before it was routed" in log
+    await env.assert_healthy()
+    # Envoy's own streams for those normal requests ended complete, and none stays open.
+    for stage, value in expected.items():
+        assert await ended_early(stage) == value, stage
+    await wait_for(no_open_streams, "every ext_proc stream closed")
