@@ -52,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.local_stack import LocalStack, StackOptions
 from examples.local_stack.processes import ManagedProcess
 from examples.local_stack.stack import default_epp_config
+from vllm_sim.engine import PULL_PATH
 
 REQUEST_DEADLINE_S = 20.0  # well past every sidecar timeout below: beyond it is a hang
 QUIESCE_DEADLINE_S = 30.0
@@ -95,11 +96,14 @@ FAULTS = [
     FaultSpec("prefill slow", "prefill", {"kind": "delay", "delay_ms": 300}),
     FaultSpec("prefill garbage", "prefill", {"kind": "malformed_json"}),
     FaultSpec("prefill drops", "prefill", {"kind": "disconnect"}),
+    FaultSpec("prefill cut mid-answer", "prefill", {"kind": "truncate"}),
     FaultSpec("no KV params", "prefill", {"kind": "omit_kv_transfer_params"}),
+    FaultSpec("KV pull refused", "prefill", {"kind": "status", "status": 500}, (PULL_PATH,)),
     FaultSpec("decode 500", "decode", {"kind": "status", "status": 500}),
     FaultSpec("decode hangs", "decode", {"kind": "hang"}),
     FaultSpec("decode drops at once", "decode", {"kind": "disconnect", "after_chunks": 0}),
     FaultSpec("decode drops mid-stream", "decode", {"kind": "disconnect", "after_chunks": 3}),
+    FaultSpec("decode cut mid-answer", "decode", {"kind": "truncate"}),
     FaultSpec("client leaves", "client"),
 ]
 
@@ -218,6 +222,8 @@ async def _one(
 
 async def _arm(session: aiohttp.ClientSession, engine: str, spec: FaultSpec) -> None:
     fault = {**spec.fault, "count": 1, "roles": [spec.role]}
+    if spec.paths is not None:
+        fault["paths"] = list(spec.paths)
     async with session.post(f"{engine}/sim/faults", json=fault) as resp:
         resp.raise_for_status()
 
