@@ -35,6 +35,7 @@ from sidecar.metrics import Metrics, path_label
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
 from sidecar.ranks import Rank, Ranks, rank_orchestrator
+from sidecar.relay import StreamBroken
 from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
@@ -270,6 +271,14 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         ex.status = _CLIENT_CLOSED
         ex.error = ex.error or "client disconnected"
         return web.Response(status=_CLIENT_CLOSED)
+    except StreamBroken:
+        # A body that is not SSE broke after its first bytes went out: a dropped
+        # connection is the one signal left that it is incomplete. Expected, so a
+        # warning with the request id rather than a traceback.
+        log.warning({"event": "response_cut", "request_id": ex.request_id, "error": ex.error})
+        if request.transport is not None:
+            request.transport.close()
+        return web.Response(status=ex.status)  # never sent: the transport is closing
     except Exception as exc:
         return _internal_error(exc, ex)
     finally:

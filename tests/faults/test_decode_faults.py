@@ -11,6 +11,7 @@ import asyncio
 import json
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
@@ -110,6 +111,33 @@ async def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event(
         )
         == broken + 1
     )
+    await faults.assert_healthy()
+
+
+async def test_decode_only_answer_cut_mid_body_is_never_a_fake_success(
+    faults: FaultStack,
+) -> None:
+    # A short prompt: the EPP sends it decode-only, and the sidecar streams the
+    # engine's JSON answer through as it arrives.
+    body = {"model": "sim-model", "prompt": "hi", "max_tokens": 8}
+    await faults.arm(faults.decode_url, kind="truncate", roles=["aggregated"])
+    async with asyncio.timeout(10), faults.post(body, "/v1/completions") as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    decode = await faults.stats(faults.decode_url)
+    assert decode["requests_by_role"]["aggregated"] == 1
+    assert (await faults.stats(faults.prefill_url))["requests_total"] == 0
+    await faults.assert_healthy()
+
+
+async def test_pd_json_answer_cut_mid_body_is_a_502(faults: FaultStack) -> None:
+    await faults.arm(faults.decode_url, kind="truncate", roles=["decode"])
+    async with asyncio.timeout(10), faults.post(faults.chat()) as resp:
+        assert resp.status == 502
+        error = (await resp.json())["error"]
+    assert error["stage"] == "decode"
+    assert (await faults.stats(faults.decode_url))["kv_pulls_ok"] == 1
     await faults.assert_healthy()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from typing import Any
 
@@ -280,3 +281,29 @@ async def test_prefiller_sampling_spreads_load(
         assert (await post(client, sampled.url, header))[0] == 200
     assert (await second.stats())["requests_total"] > 0
     assert (await first.stats())["requests_total"] > 5
+
+
+async def test_passthrough_answer_cut_mid_body_drops_the_client_quietly(
+    pd: PD, client: aiohttp.ClientSession, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No prefill header: the engine's JSON answer is streamed through as it arrives,
+    # so a cut can only be passed on as a dropped connection, never as a whole body.
+    await pd.decode.add_fault(kind="truncate")
+    caplog.set_level(logging.WARNING)
+    async with client.post(pd.url + "/v1/completions", json=BODY) as resp:
+        assert resp.status == 200
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    assert (
+        pd.sidecar.sample(
+            "pd_sidecar_requests_total", path="/v1/completions", mode="local", status="502"
+        )
+        == 1
+    )
+    ours = [r for r in caplog.records if r.name.startswith("pd_sidecar")]  # not the sim's
+    assert not [r.getMessage() for r in ours if r.levelno >= logging.ERROR]
+    [cut] = [r.msg for r in ours if isinstance(r.msg, dict) and r.msg["event"] == "response_cut"]
+    assert cut["request_id"]
+    # The sidecar is fine: the next request is answered.
+    async with client.post(pd.url + "/v1/completions", json=BODY) as resp:
+        assert resp.status == 200
