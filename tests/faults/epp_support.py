@@ -90,21 +90,31 @@ class EppStack:
             return f"request {n}: " + " ".join(f"w{n}x{i}" for i in range(64))
         return f"hi {n}"
 
-    async def complete(self, prompt: str, *, stream: bool = False, max_tokens: int = 3) -> Outcome:
-        """One /v1/completions through Envoy, bounded; transport errors are an outcome."""
-        body = {"model": "sim-model", "prompt": prompt, "max_tokens": max_tokens}
+    async def complete(
+        self, prompt: str, *, stream: bool = False, max_tokens: int = 3, chat: bool = False
+    ) -> Outcome:
+        """One completion through Envoy, bounded; transport errors and the deadline are
+        outcomes (``error``), not exceptions."""
+        body: dict[str, Any] = {"model": "sim-model", "max_tokens": max_tokens}
+        if chat:
+            body["messages"] = [{"role": "user", "content": prompt}]
+        else:
+            body["prompt"] = prompt
         if stream:
             body["stream"] = True
+        path = "/v1/chat/completions" if chat else "/v1/completions"
         started = time.monotonic()
         status: int | None = None
         data = b""
         try:
             async with (
                 asyncio.timeout(_REQUEST_DEADLINE_S),
-                self.session.post(f"{self.stack.gateway_url}/v1/completions", json=body) as resp,
+                self.session.post(f"{self.stack.gateway_url}{path}", json=body) as resp,
             ):
                 status = resp.status
                 data = await resp.read()
+        except TimeoutError:
+            return Outcome(status, data, started, time.monotonic() - started, "hang")
         except (aiohttp.ClientError, ConnectionError) as err:
             return Outcome(
                 status, data, started, time.monotonic() - started, f"{type(err).__name__}: {err}"
@@ -117,6 +127,11 @@ class EppStack:
             resp.raise_for_status()
             result: dict[str, Any] = await resp.json()
             return result
+
+    async def received(self, url: str, path: str) -> int:
+        """How many of the engine's recently recorded requests were for ``path``."""
+        recorded = (await self.engine_stats(url))["recorded"]
+        return sum(1 for r in recorded if r["path"] == path)
 
     async def requests_total(self, url: str) -> int:
         return int((await self.engine_stats(url))["requests_total"])

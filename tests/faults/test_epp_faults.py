@@ -39,6 +39,7 @@ pytestmark = [
 ]
 
 _CLIENTS = 4
+_CHAT = "/v1/chat/completions"
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -67,6 +68,8 @@ async def env(shared: EppStack) -> AsyncIterator[EppStack]:
 def _classify(outcome: Outcome) -> str:
     if outcome.ok:
         return "ok"
+    if outcome.error == "hang":
+        return "hang"
     if outcome.error is None and outcome.status is not None and outcome.status >= 500:
         error = outcome.json_error()
         assert error is not None, f"a refusal without a JSON error body: {outcome}"
@@ -93,9 +96,20 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
     async def served_since(t: float, n: int) -> bool:
         return sum(1 for o in outcomes if o.ok and o.started >= t) >= n
 
+    async def held_arrived() -> bool:
+        counts = [await env.received(url, _CHAT) for url in env.stack.decode_engine_urls]
+        return sum(counts) > 0
+
     clients = [asyncio.create_task(client(i)) for i in range(_CLIENTS)]
+    held: asyncio.Task[Outcome] | None = None
     try:
         await wait_for(lambda: served_since(0.0, 2 * _CLIENTS), "load flows before the restart")
+        # One (chat) request is held at its decode engine across the restart.
+        for url in env.stack.decode_engine_urls:
+            await env.add_fault(url, kind="delay", delay_ms=2000, count=1, paths=[_CHAT])
+        held = asyncio.create_task(env.complete(env.prompt(), chat=True))
+        await wait_for(held_arrived, "the held request reaches a decode engine")
+        await env.clear_faults()
         before = len(outcomes)
         await env.stack.restart_epp(sig)
         back = time.monotonic()
@@ -103,12 +117,15 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
         stop.set()
         async with asyncio.timeout(15):
             await asyncio.gather(*clients)
+        async with asyncio.timeout(10):
+            held_outcome = await held
     finally:
         stop.set()
-        for task in clients:
+        for task in [*clients, *([held] if held else [])]:
             task.cancel()
 
     kinds = [_classify(o) for o in outcomes]
+    assert "hang" not in kinds
     print(
         sig,
         {k: kinds.count(k) for k in set(kinds)},
@@ -121,6 +138,11 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
     if sig == signal.SIGTERM:
         # In-flight streams drain on SIGTERM: nothing is cut, new requests are refused.
         assert "cut" not in kinds, [o for o in outcomes if _classify(o) == "cut"]
+        assert held_outcome.ok, held_outcome
+    else:
+        # A crash fails the routed request still waiting for its response: Envoy's
+        # failure mode answers it, as it answers new ones.
+        assert _classify(held_outcome) == "refused", held_outcome
     assert max(o.elapsed for o in outcomes) < 10.0
     assert recovery < 5.0
     await env.assert_healthy()
