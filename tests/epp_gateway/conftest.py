@@ -19,6 +19,7 @@ class ExtProcHarness:
     fake: FakeDecisionMaker
     metrics: EppMetrics
     channel: grpc.aio.Channel
+    server: grpc.aio.Server
 
     def client(self) -> ExtProcClient:
         return ExtProcClient(self.channel)
@@ -52,7 +53,7 @@ async def start_extproc(fake: FakeDecisionMaker) -> AsyncIterator[StartExtProc]:
         servers.append(server)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         channels.append(channel)
-        return ExtProcHarness(port=port, fake=fake, metrics=metrics, channel=channel)
+        return ExtProcHarness(port=port, fake=fake, metrics=metrics, channel=channel, server=server)
 
     yield start
     for channel in channels:

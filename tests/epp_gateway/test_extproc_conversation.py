@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import random
 from typing import TYPE_CHECKING
 
@@ -381,3 +382,71 @@ async def test_a_server_bug_costs_one_request_a_500(extproc: ExtProcHarness) -> 
     assert extproc.errors(500, "internal_error") == 1
     await client.expect_end()
     await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+
+
+def _ended_early(extproc: ExtProcHarness, stage: str) -> float:
+    value = extproc.metrics.registry.get_sample_value(
+        "llm_d_epp_extproc_streams_ended_early_total", {"stage": stage}
+    )
+    return value or 0.0
+
+
+async def _open_streams_drop_to(extproc: ExtProcHarness, n: int) -> None:
+    registry = extproc.metrics.registry
+    deadline = asyncio.get_running_loop().time() + 5
+    while registry.get_sample_value("llm_d_epp_extproc_streams") != n:
+        assert asyncio.get_running_loop().time() < deadline, "ext_proc streams left open"
+        await asyncio.sleep(0.01)  # polling a condition with a deadline
+
+
+async def test_streams_the_gateway_ends_early_are_closed_and_counted(
+    extproc: ExtProcHarness,
+) -> None:
+    half_closed = extproc.client()
+    await half_closed.send(request_headers())
+    await half_closed.close()
+    await half_closed.expect_end()
+    mid_body = extproc.client()
+    await mid_body.send(request_headers(), request_body(b'{"mod', end_of_stream=False))
+    routed = extproc.client()
+    await routed.send(request_headers(end_of_stream=True))
+    await routed.recv()
+    await _open_streams_drop_to(extproc, 2)
+    mid_body.call.cancel()
+    routed.call.cancel()
+    await _open_streams_drop_to(extproc, 0)
+    assert _ended_early(extproc, "before_routing") == 2
+    assert _ended_early(extproc, "after_routing") == 1
+    await extproc.fake.settle()
+
+    # A complete conversation, and a refused one, are not counted.
+    done = extproc.client()
+    await done.send(request_headers(end_of_stream=True))
+    await done.recv()
+    await done.send(response_headers(), response_body(b"{}", end_of_stream=True))
+    await done.recv()
+    await done.recv()
+    await done.close()
+    await done.expect_end()
+    extproc.fake.error = BadRequest("no")
+    refused = extproc.client()
+    await refused.send(request_headers(end_of_stream=True))
+    assert (await refused.recv()).immediate_response.status.code == 400
+    await refused.expect_end()
+    await _open_streams_drop_to(extproc, 0)
+    assert _ended_early(extproc, "before_routing") == 2
+    assert _ended_early(extproc, "after_routing") == 1
+
+
+async def test_server_stop_ends_waiting_streams_cleanly(
+    start_extproc: StartExtProc, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="epp.extproc")
+    extproc = await start_extproc()
+    waiting = extproc.client()
+    await waiting.send(request_headers())  # the EPP now waits for the body
+    await _open_streams_drop_to(extproc, 1)
+    server = extproc.server
+    await server.stop(grace=0.2)
+    await _open_streams_drop_to(extproc, 0)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -4,6 +4,7 @@ simulated engines' /metrics."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -193,8 +194,9 @@ QUEUE_ONLY_PROFILES = """
 
 
 async def test_scraped_queue_steers_and_stale_endpoint_never_looks_idle(
-    make_pool: MakePool, tmp_path: Path
+    make_pool: MakePool, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="epp.director")
     busy = FakeMetricsServer(waiting=10, kv=0.5)
     idle = FakeMetricsServer(waiting=0, kv=0.0)
     pool = await make_pool(
@@ -214,10 +216,18 @@ async def test_scraped_queue_steers_and_stale_endpoint_never_looks_idle(
     await wait_until(lambda: not ep.is_fresh(director.datastore.clock(), 0.3))
     for _ in range(5):
         assert (await director.decide(CHAT, {}, chat_body("q"), None)).decode == pool.keys["busy"]
+    # The move is logged once, naming the endpoint (the busy one never went stale).
+    stale = f"endpoint {pool.keys['idle']} (idle): metrics stale (last scraped"
+    await wait_until(lambda: any(stale in r.getMessage() for r in caplog.records))
     # Recovery: fresh metrics again, and it wins again.
     idle.broken = False
     await wait_until(lambda: ep.is_fresh(director.datastore.clock(), 0.3))
     assert (await director.decide(CHAT, {}, chat_body("q"), None)).decode == pool.keys["idle"]
+    fresh = f"endpoint {pool.keys['idle']} (idle): metrics fresh again"
+    await wait_until(lambda: any(fresh in r.getMessage() for r in caplog.records))
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum(stale in m for m in messages) == 1
+    assert not any(pool.keys["busy"] in m for m in messages if "metrics" in m)
 
 
 async def test_file_watch_adds_and_removes_endpoints(
