@@ -101,8 +101,10 @@ class EppApp:
 
         await self._start_health()
         await self._start_metrics()
-        await self._start_extproc(self.director, credentials)
+        # Endpoints first: a gateway that connects as soon as the port opens (Envoy
+        # reconnecting after a restart does) must not meet an EPP that knows none yet.
         await self.director.start()
+        await self._start_extproc(self.director, credentials)
         self._readiness_task = asyncio.create_task(self._track_readiness(self.director))
         log.info(
             "epp serving: ext_proc on %d (%s), health on %d, metrics on %d",

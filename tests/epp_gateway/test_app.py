@@ -16,8 +16,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from epp.app import EXTPROC_SERVICE, EppApp
+from epp.director import Director
 from epp.settings import EppSettings
 from epp.tls import self_signed
+from examples.local_stack.processes import free_port
 from tests.epp_gateway.backends import RecordingBackend
 from tests.epp_gateway.fakes import ExtProcClient, request_body, request_headers
 from tests.epp_gateway.pool import always_disagg_config, write_endpoints
@@ -124,6 +126,50 @@ async def test_app_serves_decisions_health_and_metrics(
     # stopped: nothing listens any more
     with pytest.raises(grpc.aio.AioRpcError):
         await _health(app.health_port, "")
+
+
+async def test_extproc_port_opens_only_once_endpoints_are_loaded(
+    tmp_path: Path,
+    pods: tuple[RecordingBackend, RecordingBackend],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Envoy reconnects to a restarted EPP as soon as its port accepts: a request then must
+    # be routed, not refused for lack of endpoints (found by tests/faults).
+    decode, prefill = pods
+    endpoints = tmp_path / "endpoints.yaml"
+    write_endpoints(endpoints, [(decode, "decode"), (prefill, "prefill")])
+    port = free_port()
+    entered, release = asyncio.Event(), asyncio.Event()
+    original = Director.start
+
+    async def held_start(self: Director) -> None:
+        entered.set()
+        await release.wait()
+        await original(self)
+
+    monkeypatch.setattr(Director, "start", held_start)
+    app = EppApp(_settings(endpoints, grpc_port=port))
+    starting = asyncio.create_task(app.start())
+    try:
+        await asyncio.wait_for(entered.wait(), 10)
+        with pytest.raises(OSError):
+            await asyncio.open_connection("127.0.0.1", port)
+        release.set()
+        await asyncio.wait_for(starting, 10)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            client = ExtProcClient(channel)
+            await client.send(
+                request_headers("/v1/chat/completions"), request_body(CHAT, end_of_stream=True)
+            )
+            first = await client.recv()
+            assert first.request_headers.response.header_mutation.set_headers
+            await client.recv()
+            await client.close()
+            await client.expect_end()
+    finally:
+        release.set()
+        await asyncio.gather(starting, return_exceptions=True)
+        await app.stop()
 
 
 async def test_app_serves_tls_from_a_cert_dir(

@@ -207,6 +207,23 @@ async def test_endpoint_leaves_discovery(env: EppStack, role: str) -> None:
     await env.assert_healthy()
 
 
+async def test_every_endpoint_leaves_discovery(env: EppStack) -> None:
+    await env.set_endpoints([])
+
+    async def not_ready() -> bool:
+        return not await env.stack.epp_ready()
+
+    await wait_for(not_ready, "the EPP reports not ready with no endpoints")
+    outcome = await env.complete(env.prompt())
+    assert outcome.status == 503, outcome
+    error = outcome.json_error()
+    assert error is not None, outcome
+    assert error["type"] == "no_endpoints"
+    await env.set_endpoints(None)
+    await env.stack.wait_epp_ready(10)
+    await env.assert_healthy()
+
+
 # -- stale metrics ------------------------------------------------------------------------
 
 
