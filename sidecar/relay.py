@@ -4,6 +4,11 @@ Before the first byte reaches the client, failures are raised (the error boundar
 them into JSON answers). After it, an SSE stream is ended with an ``event: error`` whose
 data carries ``{"error": {...}}`` (what the OpenAI and Anthropic clients raise on); any
 other body is cut off by closing the connection, so it can never look complete.
+
+An SSE stream is relayed in whole events: the unfinished tail of the current event is
+held back until its blank line arrives. Were half an event relayed and the upstream
+then broke, the blank line before the error event would hand the client that half as
+an event of its own: broken JSON instead of the error.
 """
 
 from __future__ import annotations
@@ -16,13 +21,48 @@ from aiohttp import web
 
 from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
-from sidecar.usage import SseUsageRewriter
+from sidecar.usage import SseUsageRewriter, last_event_end
 
-__all__ = ["StreamBroken", "error_event", "is_event_stream", "relay_body"]
+__all__ = ["EventFramer", "StreamBroken", "error_event", "is_event_stream", "relay_body"]
 
 
 class StreamBroken(ConnectionError):
     """A non-SSE body failed midway; the client connection must be dropped."""
+
+
+_MAX_HELD = 1 << 20  # an "event" this long is not one: relay it as it comes
+
+
+class EventFramer:
+    """Pass SSE bytes on in whole events; :meth:`flush` at the end, :meth:`discard` on a break."""
+
+    __slots__ = ("_held", "_raw")
+
+    def __init__(self) -> None:
+        self._held = b""
+        self._raw = False  # gave up framing (no event boundary in _MAX_HELD bytes)
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._raw:
+            return chunk
+        data = self._held + chunk if self._held else chunk
+        end = last_event_end(data)
+        if end == len(data):
+            self._held = b""
+            return data
+        if end == 0 and len(data) > _MAX_HELD:
+            self._held = b""
+            self._raw = True
+            return data
+        self._held = data[end:]
+        return data[:end]
+
+    def flush(self) -> bytes:
+        held, self._held = self._held, b""
+        return held
+
+    def discard(self) -> None:
+        self._held = b""
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -48,10 +88,13 @@ async def relay_body(
     loop = asyncio.get_running_loop()
     chunk = first
     failure: SidecarError | None = None
+    framer: SseUsageRewriter | EventFramer | None = rewriter
+    if framer is None and sse:
+        framer = EventFramer()
     try:
         async with asyncio.timeout(None) as deadline:
             while chunk:
-                data = rewriter.feed(chunk) if rewriter is not None else chunk
+                data = framer.feed(chunk) if framer is not None else chunk
                 if data:
                     # Errors writing to our own client propagate: the client left.
                     await out.write(data)
@@ -65,8 +108,8 @@ async def relay_body(
     except TimeoutError:
         failure = DecodeTimeout(f"upstream stream idle for more than {idle_timeout:g}s")
     if failure is None:
-        if rewriter is not None:
-            tail = rewriter.flush()
+        if framer is not None:
+            tail = framer.flush()
             if tail:
                 await out.write(tail)
         await out.write_eof()
@@ -75,7 +118,9 @@ async def relay_body(
     ex.status = failure.status
     if not sse:
         raise StreamBroken(failure.message)
-    tail = rewriter.flush() if rewriter is not None else b""
-    # A blank line first: it ends an event cut in half, and is a no-op otherwise.
-    await out.write(tail + b"\n\n" + error_event(failure, ex.request_id))
+    if framer is not None:
+        framer.discard()  # half an event is garbage to the client
+    # A blank line first: a no-op after whole events, it still ends an event relayed
+    # raw (one over the framing limit) that was cut in half.
+    await out.write(b"\n\n" + error_event(failure, ex.request_id))
     await out.write_eof()

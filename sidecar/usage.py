@@ -12,7 +12,7 @@ from __future__ import annotations
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 
-__all__ = ["SseUsageRewriter", "rewrite_event", "rewrite_json"]
+__all__ = ["SseUsageRewriter", "last_event_end", "rewrite_event", "rewrite_json"]
 
 _MAX_HELD = 1 << 20  # an event this long is not a usage event: stop holding it back
 
@@ -53,7 +53,7 @@ def rewrite_event(shape: ApiShape, event: bytes, cached: int) -> bytes:
     return b"\n".join(lines)
 
 
-def _last_boundary_end(data: bytes) -> int:
+def last_event_end(data: bytes) -> int:
     """End offset of the last blank line (event boundary) in ``data``; 0 if none."""
     lf = data.rfind(b"\n\n")
     crlf = data.rfind(b"\r\n\r\n")
@@ -92,7 +92,7 @@ class SseUsageRewriter:
             split = end - (len(window) - len(chunk))
             return chunk[:split] + self.feed(chunk[split:])
         data = self._held + chunk if self._held else chunk
-        end = _last_boundary_end(data)
+        end = last_event_end(data)
         if end == 0:
             if len(data) > _MAX_HELD:
                 self._held = b""
@@ -110,6 +110,10 @@ class SseUsageRewriter:
     def flush(self) -> bytes:
         held, self._held = self._held, b""
         return held
+
+    def discard(self) -> None:
+        """The stream broke: the unfinished event is never sent."""
+        self._held = b""
 
     def _rewrite_events(self, complete: bytes) -> bytes:
         """Rewrite only the events holding the marker; copy the bytes around them as is."""

@@ -128,7 +128,7 @@ class _Generation:
         response.content_length = len(body)
         await response.prepare(self.request)
         await response.write(body[: len(body) // 2])
-        return self._drop_connection()
+        return self._drop_connection(graceful=True)
 
     async def _apply_fault(self, fault: Fault, run: Run) -> web.StreamResponse | None:
         kind = fault.kind
@@ -150,10 +150,15 @@ class _Generation:
             run.omit_kv_transfer_params = True
         return None
 
-    def _drop_connection(self) -> web.StreamResponse:
+    def _drop_connection(self, *, graceful: bool = False) -> web.StreamResponse:
+        """Drop the connection: a reset, or (graceful) a close once the bytes written
+        so far are sent, so that the peer reads them all before the end."""
         transport = self.request.transport
         if transport is not None:
-            transport.abort()
+            if graceful:
+                transport.close()
+            else:
+                transport.abort()
         raise ConnectionResetError("injected fault: connection dropped")
 
     async def _stream(self, run: Run, fault: Fault | None) -> web.StreamResponse:
@@ -179,7 +184,7 @@ class _Generation:
                 if cut_after is not None and sent >= cut_after:
                     if half_chunk:
                         await response.write(chunk[: len(chunk) // 2])
-                    self._drop_connection()
+                    self._drop_connection(graceful=half_chunk)
                 await response.write(chunk)
                 sent += 1
 

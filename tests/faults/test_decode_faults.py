@@ -122,9 +122,12 @@ async def test_decode_only_answer_cut_mid_body_is_never_a_fake_success(
     body = {"model": "sim-model", "prompt": "hi", "max_tokens": 8}
     await faults.arm(faults.decode_url, kind="truncate", roles=["aggregated"])
     async with asyncio.timeout(10), faults.post(body, "/v1/completions") as resp:
-        assert resp.status == 200
-        with pytest.raises(aiohttp.ClientPayloadError):
-            await resp.read()
+        if resp.status == 200:  # the first half went out: the client's read must fail
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.read()
+        else:  # the end arrived with the first half: nothing went out, a clean error
+            assert resp.status == 502
+            assert (await resp.json())["error"]["stage"] == "decode"
     decode = await faults.stats(faults.decode_url)
     assert decode["requests_by_role"]["aggregated"] == 1
     assert (await faults.stats(faults.prefill_url))["requests_total"] == 0
@@ -138,6 +141,29 @@ async def test_pd_json_answer_cut_mid_body_is_a_502(faults: FaultStack) -> None:
         error = (await resp.json())["error"]
     assert error["stage"] == "decode"
     assert (await faults.stats(faults.decode_url))["kv_pulls_ok"] == 1
+    await faults.assert_healthy()
+
+
+@pytest.mark.parametrize("mode", ["pd", "decode-only"])
+async def test_stream_cut_inside_an_event_never_relays_half_an_event(
+    faults: FaultStack, mode: str
+) -> None:
+    if mode == "pd":
+        body = faults.chat(max_tokens=16, stream=True)
+        path, role = "/v1/chat/completions", "decode"
+    else:  # a short prompt: the EPP sends it decode-only, the sidecar passes it through
+        body = {"model": "sim-model", "prompt": "hi", "max_tokens": 16, "stream": True}
+        path, role = "/v1/completions", "aggregated"
+    await faults.arm(faults.decode_url, kind="truncate", after_chunks=2, roles=[role])
+    async with asyncio.timeout(10), faults.post(body, path) as resp:
+        reply = await read_sse(resp)
+    assert reply.status == 200
+    for data in reply.data:
+        json.loads(data)  # every event the client got is whole
+    assert len(reply.data) == 2
+    assert not reply.done
+    [error] = reply.errors
+    assert error["error"]["stage"] == "decode"
     await faults.assert_healthy()
 
 

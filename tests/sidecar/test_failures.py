@@ -307,3 +307,23 @@ async def test_passthrough_answer_cut_mid_body_drops_the_client_quietly(
     # The sidecar is fine: the next request is answered.
     async with client.post(pd.url + "/v1/completions", json=BODY) as resp:
         assert resp.status == 200
+
+
+@pytest.mark.parametrize("mode", ["pd", "local"])
+async def test_stream_cut_inside_an_event_relays_only_whole_events(
+    pd: PD, client: aiohttp.ClientSession, mode: str
+) -> None:
+    # The engine dies halfway through its third event. Relayed, that half would be
+    # ended by the blank line before the error event and reach the client as an event.
+    await pd.decode.add_fault(kind="truncate", after_chunks=2)
+    headers = pd.headers if mode == "pd" else {}
+    status, _, payload = await post(client, pd.url, headers, STREAM_BODY)
+    assert status == 200
+    events = [e for e in payload.decode().split("\n\n") if e.strip()]
+    *data, last = events
+    assert len(data) == 2
+    for event in data:
+        assert event.startswith("data: ")
+        json.loads(event[len("data: ") :])
+    assert last.startswith("event: error\ndata: ")
+    assert json.loads(last.split("data: ", 1)[1])["error"]["stage"] == "decode"
