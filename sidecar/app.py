@@ -418,6 +418,10 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
         handler_cancellation=True,  # a client that goes away cancels both upstream legs
         access_log=None,
         logger=http_log,
+        # Request bodies stay as the client encoded them: passthrough forwards them with
+        # their Content-Encoding, and a P/D body that is not plain JSON is a 400, where
+        # decoding here sent decoded bytes still labelled gzip, or failed as a 500.
+        auto_decompress=False,
         shutdown_timeout=settings.drain_timeout,
     )
     metrics_runner = web.AppRunner(build_metrics_app(metrics), access_log=None)
