@@ -220,4 +220,35 @@ async def test_log_level_is_warning_for_refusals(pd: PD, caplog: pytest.LogCaptu
         if isinstance(r.msg, dict) and r.msg.get("event") == "request_error"
     ]
     assert line.levelno == logging.WARNING
-    assert line.msg["request_id"] == request_id
+    assert isinstance(line.msg, dict) and line.msg["request_id"] == request_id
+
+
+async def test_compressed_request_bodies_are_not_decoded_by_the_sidecar(
+    pd: PD, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body labelled gzip: the P/D path needs plain JSON (400); passthrough forwards the
+    bytes with their label untouched, so the engine decodes them itself. Decoding in the
+    sidecar turned a false label into a 500 with tracebacks, and a true one into decoded
+    bytes still labelled gzip."""
+    import gzip
+
+    body = json.dumps({"model": "sim-model", "prompt": "hi", "max_tokens": 2}).encode()
+    for raw in (b"not gzip at all", gzip.compress(body)):
+        headers = {**pd.route, "content-type": "application/json", "content-encoding": "gzip"}
+        async with pd.session.post(f"{pd.url}/v1/completions", data=raw, headers=headers) as resp:
+            assert resp.status == 400, await resp.text()
+            assert (await resp.json())["error"]["stage"] == "request"
+    # Passthrough: the engine gets exactly what the client sent, label included.
+    async with pd.session.post(
+        f"{pd.url}/v1/completions",
+        data=gzip.compress(body),
+        headers={"content-type": "application/json", "content-encoding": "gzip"},
+    ) as resp:
+        assert resp.status == 200, await resp.text()
+    [seen] = (await pd.decode.stats())["recorded"]
+    assert seen["body"]["prompt"] == "hi"
+    assert (
+        seen["headers"].get("Content-Encoding", seen["headers"].get("content-encoding")) == "gzip"
+    )
+    assert server_errors(caplog.records) == []
+    await pd.healthy()
