@@ -346,3 +346,27 @@ async def test_allowed_target_still_serves_and_many_targets_stay_bounded(
 async def test_guarded_sidecar_stays_healthy(guarded: Guarded) -> None:
     async with aiohttp.ClientSession() as session, session.get(f"{guarded.url}/health") as resp:
         assert resp.status == 200
+
+
+async def test_thousands_of_encoders_with_an_encode_stage_are_a_quick_400(
+    pd: PD, caplog: pytest.LogCaptureFixture
+) -> None:
+    servers = await start_sidecar(pd.decode.port, ec_connector="ec-example")
+    try:
+        value = ",".join(f"{chr(97 + i % 26)}:{1 + i % 9}" for i in range(1900))
+        started = time.perf_counter()
+        async with asyncio.timeout(2):
+            async with pd.session.post(
+                f"http://127.0.0.1:{servers.port}{COMPLETIONS}",
+                json=BODY,
+                headers={**pd.route, "x-encoder-hosts-ports": value},
+            ) as resp:
+                status, answer = resp.status, await resp.json()
+        assert time.perf_counter() - started < 1.0
+    finally:
+        await servers.drain_and_stop()
+    assert status == 400
+    assert "x-encoder-hosts-ports" in answer["error"]["message"]
+    assert f"at most {MAX_TARGETS}" in answer["error"]["message"]
+    assert (await pd.prefill.stats())["requests_total"] == 0
+    assert server_errors(caplog.records) == []
