@@ -345,6 +345,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         return web.json_response(
             {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
         )
+    if not request.raw_path.startswith("/"):
+        # An absolute-form target (http://host/path, RFC 9112 section 3.2.2) is served as
+        # its path: appended to the engine's URL as it stands, it made a broken URL.
+        request = request.clone(rel_url=request.rel_url)
     shape = shape_for(request.path) if request.method == "POST" else None
     if shape is not None:
         if services.guard is not None:
