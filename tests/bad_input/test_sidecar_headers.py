@@ -370,3 +370,29 @@ async def test_thousands_of_encoders_with_an_encode_stage_are_a_quick_400(
     assert f"at most {MAX_TARGETS}" in answer["error"]["message"]
     assert (await pd.prefill.stats())["requests_total"] == 0
     assert server_errors(caplog.records) == []
+
+
+async def test_absolute_form_targets_are_served_as_their_path(
+    pd: PD, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``POST http://elsewhere/v1/completions`` (RFC 9112 absolute-form): the sidecar
+    serves the path on its own engines; the host in the target is never contacted.
+    It used to be appended to the engine URL as it stood: a 502 blamed on the decode,
+    after a prefill had already run."""
+    body = b'{"model":"sim-model","prompt":"hi","max_tokens":2}'
+    head = (
+        b"POST http://169.254.169.254:80/v1/completions?x=1 HTTP/1.1\r\nHost: sidecar\r\n"
+        + f"x-prefiller-host-port: {pd.prefill.host_port}\r\n".encode()
+        + f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+    )
+    status, rest = await _raw_request(pd.port, head, body)
+    assert b" 200 " in status, status + rest
+    [decode_leg] = (await pd.decode.stats())["recorded"]
+    assert decode_leg["path"] == "/v1/completions"
+    assert (await pd.prefill.stats())["requests_total"] == 1
+    status, rest = await _raw_request(
+        pd.port,
+        b"GET http://169.254.169.254/v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    assert b" 200 " in status, status + rest
+    assert server_errors(caplog.records) == []
