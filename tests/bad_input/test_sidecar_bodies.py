@@ -252,3 +252,17 @@ async def test_compressed_request_bodies_are_not_decoded_by_the_sidecar(
     )
     assert server_errors(caplog.records) == []
     await pd.healthy()
+
+
+async def test_local_body_over_the_limit_streams_through_unbuffered(pd: PD) -> None:
+    """--max-body-bytes bounds what the sidecar buffers (P/D bodies). Without a prefill
+    header the body streams to the local engine as it arrives, so the engine's own limit
+    applies, as it would without a sidecar."""
+    # Long words: over the byte limit, within the engine's context length.
+    prompt = " ".join(["x" * 60] * (BODY_LIMIT // 50))
+    body = {"model": "sim-model", "prompt": prompt, "max_tokens": 1}
+    assert len(json.dumps(body)) > BODY_LIMIT
+    async with pd.session.post(f"{pd.url}/v1/completions", json=body) as resp:
+        assert resp.status == 200, await resp.text()
+    async with pd.session.post(f"{pd.url}/v1/completions", json=body, headers=pd.route) as resp:
+        assert resp.status == 413, await resp.text()
