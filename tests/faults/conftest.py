@@ -208,7 +208,18 @@ class FaultStack:
     # -- the sidecar's metrics -----------------------------------------------------------
     async def sidecar_sample(self, name: str, **labels: str) -> float:
         """One sample of the sidecar's /metrics (0.0 when absent)."""
-        async with self.session.get(self.sidecar_metrics_url) as resp:
+        return await self._sample(self.sidecar_metrics_url, name, labels)
+
+    async def epp_sample(self, name: str, **labels: str) -> float:
+        """One sample of the EPP's /metrics (it must be there)."""
+        url = f"http://127.0.0.1:{self.stack.epp_metrics_port}/metrics"
+        return await self._sample(url, name, labels, required=True)
+
+    async def _sample(
+        self, url: str, name: str, labels: dict[str, str], *, required: bool = False
+    ) -> float:
+        async with self.session.get(url) as resp:
+            assert resp.status == 200
             text = await resp.text()
         for family in text_string_to_metric_families(text):
             for sample in family.samples:
@@ -216,6 +227,7 @@ class FaultStack:
                     sample.labels.get(k) == v for k, v in labels.items()
                 ):
                     return float(sample.value)
+        assert not required, f"{url} has no sample {name}{labels}"
         return 0.0
 
     # -- requests --------------------------------------------------------------------------
@@ -273,6 +285,11 @@ class FaultStack:
         assert reply["usage"]["completion_tokens"] == 3
         after = (await self.stats(self.prefill_url))["requests_by_role"]["prefill"]
         assert after == before + 1, "the health request went P/D"
+
+        async def no_stream_left() -> bool:
+            return await self.epp_sample("llm_d_epp_extproc_streams") == 0
+
+        await eventually(no_stream_left, "the EPP to close every ext_proc stream")
         self.assert_clean_logs()
 
     async def _assert_epp_serving(self) -> None:
