@@ -126,13 +126,6 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
 
     kinds = [_classify(o) for o in outcomes]
     assert "hang" not in kinds
-    print(
-        sig,
-        {k: kinds.count(k) for k in set(kinds)},
-        recovery,
-        [o.error for o in outcomes if o.error][:3],
-        max(o.elapsed for o in outcomes),
-    )
     during = kinds[before:]
     assert during.count("refused") > 0, "no request met the EPP while it was down"
     if sig == signal.SIGTERM:
