@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 
 import aiohttp
@@ -21,7 +22,11 @@ from vllm_sim.engine import PULL_PATH
 pytestmark = [pytest.mark.faults, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 
 LEASE_S = 1.0  # a stranded KV lease on the prefill engine is freed this soon
-STACK = {"sim_args": [f"--kv-lease-seconds={LEASE_S:g}"]}
+FIRST_BYTE_S = 1.0
+STACK = {
+    "sim_args": [f"--kv-lease-seconds={LEASE_S:g}"],
+    "sidecar_args": [f"--decode-first-byte-timeout={FIRST_BYTE_S:g}s"],
+}
 RECOMPUTE = ["--kv-load-failure-policy", "recompute"]
 
 
@@ -85,6 +90,26 @@ async def test_decode_dropping_the_connection_before_the_first_byte_is_a_502(
     await faults.assert_healthy()
 
 
+async def test_decode_hanging_before_the_first_byte_is_a_504_and_aborted(
+    faults: FaultStack,
+) -> None:
+    await faults.arm(faults.decode_url, kind="hang", roles=["decode"])
+    started = time.monotonic()
+    async with asyncio.timeout(FIRST_BYTE_S + 4), faults.post(faults.chat(stream=True)) as resp:
+        assert resp.status == 504
+        error = (await resp.json())["error"]
+    assert error["stage"] == "decode"
+    assert error["type"] == "timeout"
+    assert FIRST_BYTE_S <= time.monotonic() - started < FIRST_BYTE_S + 3
+    decode = await faults.wait_stats(
+        faults.decode_url, "the decode abort", lambda s: s["aborts"] == 1
+    )
+    assert decode["requests_by_role"]["decode"] == 1  # not resent
+    prefill = await _lease_freed(faults)  # the KV it never pulled
+    assert prefill["kv_pulls_served"] == 0
+    await faults.assert_healthy()
+
+
 async def test_decode_dying_mid_stream_ends_the_stream_with_an_error_event(
     faults: FaultStack,
 ) -> None:
@@ -125,9 +150,13 @@ async def test_decode_only_answer_cut_mid_body_is_never_a_fake_success(
         if resp.status == 200:  # the first half went out: the client's read must fail
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
-        else:  # the end arrived with the first half: nothing went out, a clean error
+        else:
+            # Nothing reached the client: the sidecar saw the end with the first half,
+            # or Envoy did while its response headers were still with the EPP.
             assert resp.status == 502
-            assert (await resp.json())["error"]["stage"] == "decode"
+            error = (await resp.json())["error"]
+            assert error.get("stage", "decode") == "decode", error
+            assert error.get("type") in ("upstream_error", "gateway_error"), error
     decode = await faults.stats(faults.decode_url)
     assert decode["requests_by_role"]["aggregated"] == 1
     assert (await faults.stats(faults.prefill_url))["requests_total"] == 0
