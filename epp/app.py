@@ -183,6 +183,11 @@ class EppApp:
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
+                # The gateway pings to find out that we hang (epp/envoy_config.py); gRPC's
+                # default answer to frequent pings is to drop the connection, streams and all.
+                ("grpc.keepalive_permit_without_calls", 1),
+                ("grpc.http2.min_ping_interval_without_data_ms", 500),
+                ("grpc.http2.max_ping_strikes", 0),
             ]
         )
         config = ExtProcConfig(

@@ -96,12 +96,17 @@ def gateway_config(
     admin_port: int = 0,
     request_body_mode: str = "FULL_DUPLEX_STREAMED",
     forward_subset_hint: bool = False,
+    epp_keepalive_s: float = 5.0,
 ) -> dict[str, Any]:
     """A complete bootstrap config (JSON-serialisable) for one gateway Envoy.
 
     ``forward_subset_hint`` passes the ``envoy.lb.subset_hint`` metadata that a filter
-    ahead of ext_proc sets on to the EPP.
+    ahead of ext_proc sets on to the EPP. ``epp_keepalive_s``: Envoy pings its HTTP/2
+    connection to the EPP this often and drops it when a ping goes unanswered that long.
+    Envoy's per-message timeout does not cover FULL_DUPLEX_STREAMED streams, so without
+    the pings an EPP that hangs (rather than dies) would hang every request with it.
     """
+    keepalive = f"{epp_keepalive_s:g}s"
     epp_cluster: dict[str, Any] = {
         "name": "epp",
         "type": "STRICT_DNS" if not epp_host[:1].isdigit() else "STATIC",
@@ -109,7 +114,11 @@ def gateway_config(
         "typed_extension_protocol_options": {
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
-                "explicit_http_config": {"http2_protocol_options": {}},
+                "explicit_http_config": {
+                    "http2_protocol_options": {
+                        "connection_keepalive": {"interval": keepalive, "timeout": keepalive}
+                    }
+                },
             }
         },
         "load_assignment": {

@@ -71,6 +71,8 @@ class StackOptions:
     workdir: Path | None = None
     # How often the EPP checks the endpoints file for changes (file-discovery).
     discovery_watch_interval_s: float = 1.0
+    # Envoy's HTTP/2 ping interval (and timeout) on its connection to the EPP.
+    epp_keepalive_s: float = 5.0
 
 
 def engine_flags(
@@ -411,7 +413,11 @@ class LocalStack:
         await self.wait_epp_ready()
 
     async def _start_envoy(self, session: aiohttp.ClientSession, epp_port: int) -> None:
-        config = gateway_config(epp_port, listen_port=self.options.gateway_port)
+        config = gateway_config(
+            epp_port,
+            listen_port=self.options.gateway_port,
+            epp_keepalive_s=self.options.epp_keepalive_s,
+        )
         base_id = 4000 + os.getpid() % 10_000
         self.envoy = EnvoyProcess(config, self.workdir, base_id)
         await self._spawn(self.envoy)

@@ -24,6 +24,7 @@ from examples.local_stack import LocalStack, StackOptions
 
 __all__ = [
     "BAD_LOG_LINES",
+    "EPP_KEEPALIVE_S",
     "STALENESS_S",
     "EppStack",
     "Outcome",
@@ -32,6 +33,8 @@ __all__ = [
 ]
 
 STALENESS_S = 1.0
+# Envoy pings the EPP this often, and gives up on it after as long without an answer.
+EPP_KEEPALIVE_S = 1.5
 # Lines that mean a process reported a crash or an unhandled error.
 BAD_LOG_LINES = ("Traceback", "Unhandled exception", "Error handling request")
 _REQUEST_DEADLINE_S = 10.0
@@ -224,6 +227,7 @@ async def start_epp_stack(workdir: Path) -> EppStack:
         zero_latency=True,
         workdir=workdir,
         discovery_watch_interval_s=0.1,
+        epp_keepalive_s=EPP_KEEPALIVE_S,
         epp_args=[
             f"--metrics-staleness-threshold={int(STALENESS_S * 1000)}ms",
             "--shutdown-grace=3s",

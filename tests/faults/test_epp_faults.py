@@ -30,7 +30,14 @@ from tests.epp_gateway.fakes import (
     response_body,
     response_headers,
 )
-from tests.faults.epp_support import STALENESS_S, EppStack, Outcome, start_epp_stack, wait_for
+from tests.faults.epp_support import (
+    EPP_KEEPALIVE_S,
+    STALENESS_S,
+    EppStack,
+    Outcome,
+    start_epp_stack,
+    wait_for,
+)
 
 pytestmark = [
     pytest.mark.faults,
@@ -138,6 +145,32 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
         assert _classify(held_outcome) == "refused", held_outcome
     assert max(o.elapsed for o in outcomes) < 10.0
     assert recovery < 5.0
+    await env.assert_healthy()
+
+
+async def test_frozen_epp_is_a_503_not_a_hang(env: EppStack) -> None:
+    # A hung EPP (here: stopped) keeps its port open, so nothing fails fast; Envoy's
+    # pings on the connection to it bound the wait.
+    proc = env.stack.epp.proc if env.stack.epp is not None else None
+    assert proc is not None
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(4 * EPP_KEEPALIVE_S + 5):
+            outcomes = await asyncio.gather(
+                env.complete(env.prompt()), env.complete(env.prompt(long=True), stream=True)
+            )
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    for outcome in outcomes:
+        assert _classify(outcome) == "refused", outcome
+        assert outcome.elapsed < 2 * EPP_KEEPALIVE_S + 2, outcome
+    resumed = time.monotonic()
+
+    async def served_again() -> bool:
+        return (await env.complete(env.prompt())).ok
+
+    await wait_for(served_again, "requests succeed once the EPP runs again", 5.0)
+    assert time.monotonic() - resumed < 5.0
     await env.assert_healthy()
 
 
