@@ -1,16 +1,18 @@
 """Bad-input fixtures: both services in-process on loopback, and what their logs may not say.
 
 ``pd``: a prefill sim, a decode sim and a sidecar in front of the decode sim, with a
-small body limit and a short body deadline so limits are reached quickly. ``epp``: the
-whole EPP (real Director, file discovery over two recording pods), its ext_proc
-service driven directly as Envoy drives it. ``server_errors`` lists the log records
-that mean one of our servers failed on a request (tracebacks, aiohttp's "Error
-handling request", internal errors).
+small body limit and a short body deadline so limits are reached quickly (one set per
+module, engine counters reset per test). ``epp``: the whole EPP (real Director, file
+discovery over two recording pods), its ext_proc service driven directly as Envoy
+drives it. ``gateway``: real Envoy with the product's gateway config in front of that
+EPP. ``server_errors`` lists the log records that mean one of our servers failed on a
+request (tracebacks, aiohttp's "Error handling request", internal errors).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
     from sidecar.app import Servers
 
 __all__ = [
+    "BODY_DEADLINE_S",
     "BODY_LIMIT",
     "GATEWAY_REQUEST_TIMEOUT_S",
     "PD",
@@ -44,6 +47,7 @@ __all__ = [
     "EppAnswer",
     "Gateway",
     "server_errors",
+    "start_sidecar",
 ]
 
 # Small on purpose: "over the limit" is then cheap to send.
@@ -152,8 +156,6 @@ class EppAnswer:
     response: ep.ProcessingResponse | None = None
 
     def error(self) -> dict[str, Any]:
-        import json
-
         parsed: dict[str, Any] = json.loads(self.body)["error"]
         return parsed
 

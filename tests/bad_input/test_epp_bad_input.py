@@ -157,6 +157,7 @@ async def test_client_routing_headers_are_all_overwritten_or_removed(epp: Epp) -
         "x-gateway-destination-endpoint": epp.decode.host_port,
         "x-prefiller-host-port": epp.prefill.host_port,
     }
+    assert answer.response is not None
     common = answer.response.request_headers.response
     assert all(
         h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in common.header_mutation.set_headers
@@ -225,6 +226,7 @@ async def test_protocol_abuse_ends_only_that_stream(
 # -- through real Envoy -----------------------------------------------------------------
 
 
+@pytest.mark.envoy
 async def test_gateway_overwrites_spoofed_routing_headers(
     gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -246,6 +248,7 @@ async def test_gateway_overwrites_spoofed_routing_headers(
     assert server_errors(caplog.records) == []
 
 
+@pytest.mark.envoy
 async def test_gateway_refuses_header_injection_before_the_epp(gateway: Gateway) -> None:
     epp = gateway.epp
     epp.decode.requests.clear()
@@ -266,6 +269,7 @@ async def test_gateway_refuses_header_injection_before_the_epp(gateway: Gateway)
     assert epp.decode.requests == []
 
 
+@pytest.mark.envoy
 async def test_gateway_answers_bad_bodies_with_the_epps_json_error(gateway: Gateway) -> None:
     async with aiohttp.ClientSession() as session:
         for raw, status in ((b"{", 400), (b"\xff", 400), (b"x" * (BODY_LIMIT + 1), 413)):

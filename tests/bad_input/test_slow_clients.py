@@ -166,6 +166,7 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
     assert server_errors(caplog.records) == []
 
 
+@pytest.mark.envoy
 async def test_gateway_bounds_slow_headers_and_bodies(
     gateway: Gateway, caplog: pytest.LogCaptureFixture
 ) -> None:
