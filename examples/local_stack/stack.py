@@ -12,6 +12,7 @@ prefill pod has its own address and they all use the same port). Encode engines
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -45,6 +46,7 @@ SAMPLE_PROMPT = (
     "and the generation on another help latency under load?"
 )
 _READY_DEADLINE_S = 60.0
+_STOP_DEADLINE_S = 30.0
 KV_CONNECTORS = ("nixlv2", "shared-storage", "sglang", "mooncake")
 _BOOTSTRAP_CONNECTORS = frozenset({"sglang", "mooncake"})
 
@@ -405,7 +407,14 @@ class LocalStack:
         assert old.proc is not None, "stack not started"
         if old.proc.returncode is None:
             old.proc.send_signal(sig)
-        await old.proc.wait()
+        try:
+            await asyncio.wait_for(old.proc.wait(), _STOP_DEADLINE_S)
+        except TimeoutError:
+            old.proc.kill()
+            await old.proc.wait()
+            raise TimeoutError(
+                f"the EPP did not exit within {_STOP_DEADLINE_S:.0f}s of {sig.name}"
+            ) from None
         new = ManagedProcess(old.name, old.argv, self.workdir, old.env)
         self.processes[self.processes.index(old)] = new
         self.epp = new
