@@ -131,10 +131,10 @@ class EppStack:
             result: dict[str, Any] = await resp.json()
             return result
 
-    async def received(self, url: str, path: str) -> int:
-        """How many of the engine's recently recorded requests were for ``path``."""
+    async def received(self, url: str, text: str) -> bool:
+        """Whether one of the engine's recently recorded requests contains ``text``."""
         recorded = (await self.engine_stats(url))["recorded"]
-        return sum(1 for r in recorded if r["path"] == path)
+        return any(text in json.dumps(r["body"]) for r in recorded)
 
     async def requests_total(self, url: str) -> int:
         return int((await self.engine_stats(url))["requests_total"])

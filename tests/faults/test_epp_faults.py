@@ -1,13 +1,17 @@
-"""EPP-side faults over the local stack: the EPP restarts under load, an endpoint leaves
-discovery, an engine's metrics go stale, and an ext_proc stream ends early.
+"""EPP-side faults over the local stack: the EPP restarts (crash, graceful) under load,
+the EPP freezes, endpoints leave discovery, engines' metrics go stale, and ext_proc
+streams end early.
 
-Chosen behaviours (see epp/envoy_config.py): while the EPP is down or its stream breaks,
-Envoy fails closed with a 503 whose JSON error body has type
-``endpoint_picker_unavailable``; a request whose response was already passing through
-the crashed EPP's stream is cut (the connection ends; no hang). An endpoint that leaves
-discovery gets no new requests once the EPP has reloaded, while its in-flight ones
-finish. An endpoint whose /metrics stops answering is scored as busy (pessimistic
-signals) but stays routable, and the EPP logs the transition both ways.
+Chosen behaviours (see epp/envoy_config.py): while the EPP is down, frozen or its stream
+breaks, Envoy fails closed with a 503 whose JSON error body has type
+``endpoint_picker_unavailable`` (a frozen EPP is noticed by HTTP/2 pings within two
+keepalive periods); a graceful restart drains routed requests; a request whose response
+was already passing through a crashed EPP's stream may be cut (the connection ends; no
+hang). An endpoint that leaves discovery gets no new requests once the EPP has reloaded,
+while its in-flight ones finish; with none left the EPP is not ready and refuses with a
+503 ``no_endpoints``. An endpoint whose /metrics stops answering is scored as fully
+loaded but stays routable, no decision waits for a scrape, and the EPP logs the move
+both ways. Every test ends by checking that the EPP, sidecars and Envoy are healthy.
 """
 
 from __future__ import annotations
@@ -103,9 +107,10 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
     async def served_since(t: float, n: int) -> bool:
         return sum(1 for o in outcomes if o.ok and o.started >= t) >= n
 
+    held_prompt = env.prompt()
+
     async def held_arrived() -> bool:
-        counts = [await env.received(url, _CHAT) for url in env.stack.decode_engine_urls]
-        return sum(counts) > 0
+        return any([await env.received(u, held_prompt) for u in env.stack.decode_engine_urls])
 
     clients = [asyncio.create_task(client(i)) for i in range(_CLIENTS)]
     held: asyncio.Task[Outcome] | None = None
@@ -114,7 +119,7 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
         # One (chat) request is held at its decode engine across the restart.
         for url in env.stack.decode_engine_urls:
             await env.add_fault(url, kind="delay", delay_ms=2000, count=1, paths=[_CHAT])
-        held = asyncio.create_task(env.complete(env.prompt(), chat=True))
+        held = asyncio.create_task(env.complete(held_prompt, chat=True))
         await wait_for(held_arrived, "the held request reaches a decode engine")
         await env.clear_faults()
         before = len(outcomes)
