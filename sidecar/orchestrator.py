@@ -594,7 +594,9 @@ class Orchestrator:
                 self._forget(target)
             return answered
         except asyncio.CancelledError:
-            failure = None if prefill.cancelled() else prefill.exception()
+            # A failed prefill cancels the relay (see above); anything else (the client
+            # left, the prefill still running) is a cancellation of this request.
+            failure = prefill.exception() if prefill.done() and not prefill.cancelled() else None
             current = asyncio.current_task()
             if failure is None or (current is not None and current.cancelling()):
                 raise

@@ -11,6 +11,7 @@ traceback since the mark.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -33,6 +34,7 @@ __all__ = [
     "FaultStack",
     "SseReply",
     "eventually",
+    "open_fault_stack",
     "read_sse",
 ]
 
@@ -307,20 +309,34 @@ def _flag_value(proc: ManagedProcess, name: str) -> str:
     return proc.argv[index + 1]
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def fault_stack(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[FaultStack]:
-    overrides: dict[str, Any] = getattr(request.module, "STACK", {})
+@contextlib.asynccontextmanager
+async def open_fault_stack(overrides: dict[str, Any], workdir: Path) -> AsyncIterator[FaultStack]:
+    """Start a local stack (zero-latency engines unless ``overrides`` say otherwise)."""
     settings: dict[str, Any] = {"gateway_port": 0, "zero_latency": True, **overrides}
-    options = StackOptions(workdir=tmp_path_factory.mktemp("faults"), **settings)
-    stack = LocalStack(options)
+    stack = LocalStack(StackOptions(workdir=workdir, **settings))
     await stack.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
             yield FaultStack(stack, session)
     finally:
         await stack.stop()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fault_stack(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[FaultStack]:
+    """The module's ``STACK``; or, parametrized (indirectly) with a name, ``STACKS[name]``.
+
+    Two stacks of one test process cannot run at the same time (their Envoys would
+    share a base id), but pytest finishes one parameter's stack before the next starts.
+    """
+    overrides: dict[str, Any] = getattr(request.module, "STACK", {})
+    name = getattr(request, "param", None)
+    if name is not None:
+        overrides = request.module.STACKS[name]
+    async with open_fault_stack(overrides, tmp_path_factory.mktemp("faults")) as running:
+        yield running
 
 
 @pytest_asyncio.fixture(loop_scope="module")

@@ -1,4 +1,5 @@
-"""The client walks away: during the prefill, while the decode is starting, mid-stream.
+"""The client walks away: during the prefill, while the decode is starting, mid-stream,
+and with both legs open at once (a concurrent connector).
 
 The client's connection to Envoy closes; Envoy resets its stream to the sidecar, whose
 handler is cancelled and closes whichever leg is open. The engines must see the abort
@@ -9,10 +10,12 @@ client left, and the sidecar counts the request as 499.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
+import pytest_asyncio
 
 from tests.faults.conftest import FaultStack, eventually
 
@@ -20,7 +23,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.envoy, pytest.mark.asyncio(loop_sc
 
 LEASE_S = 1.0
 ITL_MS = 20  # slow enough that a long stream is still running when the client leaves
-STACK = {
+SEQUENTIAL = {
     "zero_latency": False,
     "sim_args": [
         "--ttft-base-ms=0",
@@ -29,6 +32,17 @@ STACK = {
         f"--kv-lease-seconds={LEASE_S:g}",
     ],
 }
+# SGLang: the prefill and decode legs are sent at once and meet in a bootstrap room.
+CONCURRENT = {"kv_connector": "sglang"}
+STACKS = {"sequential": SEQUENTIAL, "concurrent": CONCURRENT}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests asking for ``concurrent`` run on the SGLang stack, the others on NIXL's."""
+    name = "concurrent" if "concurrent" in metafunc.fixturenames else "sequential"
+    metafunc.parametrize("fault_stack", [name], indirect=True, scope="module")
+
+
 PATH = "/v1/chat/completions"
 
 
@@ -127,5 +141,39 @@ async def test_client_leaving_mid_stream_aborts_the_decode(faults: FaultStack) -
     prefill = await faults.stats(faults.prefill_url)
     assert prefill["aborts"] == 0  # long finished: the KV was pulled
     assert prefill["leases_active"] == 0
+    assert await _left(faults) == left + 1
+    await faults.assert_healthy()
+
+
+# -- concurrent legs (SGLang): both legs are open at once, so both must be aborted ------
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def concurrent(fault_stack: FaultStack) -> AsyncIterator[FaultStack]:
+    """The SGLang stack (see ``pytest_generate_tests``), reset for this test."""
+    await fault_stack.reset()
+    yield fault_stack
+    await fault_stack.clear_faults()
+
+
+async def test_client_leaving_with_both_legs_open_aborts_both(concurrent: FaultStack) -> None:
+    faults = concurrent
+    # The prefill hangs; the decode leg, sent at the same time, waits for its KV.
+    await faults.arm(faults.prefill_url, kind="hang", roles=["prefill"])
+    left = await _left(faults)
+    await _leave_once(
+        faults,
+        faults.chat(),
+        faults.decode_url,
+        "both legs to arrive",
+        lambda s: s["requests_by_role"]["decode"] == 1,
+    )
+    await faults.wait_stats(faults.prefill_url, "the prefill abort", lambda s: s["aborts"] == 1)
+    decode = await faults.wait_stats(
+        faults.decode_url, "the decode abort", lambda s: s["aborts"] == 1
+    )
+    await _sidecar_settled(faults)
+    assert decode["kv_pulls_ok"] + decode["kv_pulls_failed"] == 0
+    assert (await faults.stats(faults.prefill_url))["requests_by_role"]["prefill"] == 1
     assert await _left(faults) == left + 1
     await faults.assert_healthy()

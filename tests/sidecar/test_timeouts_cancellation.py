@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import Any
 
 import aiohttp
+import pytest
 
 from tests.sidecar.conftest import StartSidecar, eventually
 
@@ -164,3 +166,50 @@ async def test_client_disconnect_mid_stream_aborts_the_decode(
         sidecar.sample("pd_sidecar_requests_total", path="/v1/completions", mode="pd", status="499")
         == 1
     )
+
+
+async def test_client_leaving_with_concurrent_legs_open_aborts_both_as_499(
+    start_sim: Any, start_sidecar: StartSidecar, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SGLang's legs run at once: the prefill hangs, the decode waits in its room.
+    prefill = await start_sim(
+        role="prefill", zero_latency=True, disaggregation_mode="prefill", bootstrap_port=0
+    )
+    decode = await start_sim(role="decode", zero_latency=True, disaggregation_mode="decode")
+    sidecar = await start_sidecar(
+        model_server_port=decode.port,
+        kv_connector="sglang",
+        sglang_bootstrap_port=prefill.bootstrap_port,
+    )
+    await prefill.add_fault(kind="hang")
+    headers = {"x-prefiller-host-port": prefill.host_port}
+    caplog.set_level(logging.WARNING)
+    session = aiohttp.ClientSession()
+    request = asyncio.ensure_future(
+        session.post(sidecar.url + "/v1/completions", json=BODY, headers=headers)
+    )
+
+    async def both_legs_sent() -> bool:
+        p, d = await prefill.stats(), await decode.stats()
+        return bool(p["requests_total"] == 1 and d["requests_total"] == 1)
+
+    await eventually(both_legs_sent, what="both legs sent")
+    request.cancel()
+    await session.close()
+
+    async def both_aborted() -> bool:
+        p, d = await prefill.stats(), await decode.stats()
+        return bool(p["aborts"] == 1 and d["aborts"] == 1)
+
+    await eventually(both_aborted, what="both legs aborted")
+
+    async def settled() -> bool:
+        return sidecar.sample("pd_sidecar_in_flight_requests") == 0
+
+    await eventually(settled, what="request finished")
+    assert (
+        sidecar.sample("pd_sidecar_requests_total", path="/v1/completions", mode="pd", status="499")
+        == 1
+    )
+    ours = [r for r in caplog.records if r.name.startswith("pd_sidecar")]
+    assert not [r.getMessage() for r in ours if r.levelno >= logging.ERROR]
