@@ -198,6 +198,15 @@ async def test_gateway_bounds_slow_headers_and_bodies(
         assert line.startswith(b"HTTP/1.1 408"), (what, line)
         assert elapsed < GATEWAY_REQUEST_TIMEOUT_S + 1.5, (what, elapsed)
     assert len(gateway.epp.decode.requests) == decided_before  # nothing was routed
+    registry = gateway.epp.app.metrics.registry
+
+    async def streams_closed() -> bool:
+        return registry.get_sample_value("llm_d_epp_extproc_streams") == 0
+
+    deadline = time.monotonic() + 5
+    while not await streams_closed():  # the EPP learns of the reset asynchronously
+        assert time.monotonic() < deadline, "an ext_proc stream stayed open"
+        await asyncio.sleep(0.01)
     assert server_errors(caplog.records) == []
 
 
