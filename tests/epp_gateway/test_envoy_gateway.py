@@ -17,9 +17,10 @@ import pytest_asyncio
 
 from epp.extproc import ExtProcConfig, ExtProcService
 from epp.metrics import EppMetrics
+from examples.local_stack.processes import free_port
 from tests.epp_gateway.backends import RecordingBackend
 from tests.epp_gateway.envoy_gateway import ENVOY_BIN, EnvoyGateway, gateway_config
-from tests.epp_gateway.fakes import FakeDecisionMaker
+from tests.epp_gateway.fakes import FakeDecisionMaker, NoEndpointsInSubset
 
 pytestmark = [
     pytest.mark.envoy,
@@ -281,3 +282,46 @@ async def test_subset_hint_from_the_gateway(tmp_path: Path, hint: str) -> None:
         await pod_a.stop()
         await pod_b.stop()
         await server.stop(grace=None)
+
+
+async def test_unreachable_epp_is_a_503_with_a_json_error(tmp_path: Path) -> None:
+    closed = free_port()  # nothing listens: the EPP is down
+    envoy = EnvoyGateway(gateway_config(closed), tmp_path / "envoy-no-epp")
+    await envoy.start()
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{envoy.url}/v1/completions", json={"model": "m", "prompt": "x"}) as r,
+        ):
+            assert r.status == 503
+            assert r.headers["content-type"] == "application/json"
+            error = (await r.json())["error"]
+    finally:
+        await envoy.stop()
+    assert error["type"] == "endpoint_picker_unavailable"
+    assert error["code"] == 503
+    assert error["message"].startswith("the endpoint picker is unavailable")
+
+
+async def test_envoy_local_replies_are_json_and_the_epps_pass_as_sent(gw: Gateway) -> None:
+    # The picked pod refuses the connection: Envoy's own 503, in the same JSON shape.
+    gw.fake.decode = f"127.0.0.1:{free_port()}"
+    body = {"model": "m", "prompt": "x"}
+    async with gw.session.post(f"{gw.envoy.url}/v1/completions", json=body) as r:
+        assert r.status == 503
+        error = (await r.json())["error"]
+    assert error["type"] == "gateway_error"
+    assert error["code"] == 503
+    assert "upstream connect error" in error["message"]
+    # The EPP's own refusal keeps the EPP's body.
+    gw.fake.error = NoEndpointsInSubset("none of these")
+    async with gw.session.post(f"{gw.envoy.url}/v1/completions", json=body) as r:
+        assert r.status == 503
+        assert await r.json() == {
+            "error": {
+                "message": "none of these",
+                "type": "no_endpoints",
+                "param": None,
+                "code": 503,
+            }
+        }
