@@ -368,7 +368,11 @@ class SimEngine:
 
     # -- NIXL ----------------------------------------------------------------------
     def grant_nixl_lease(self, run: Run) -> None:
-        if run.omit_kv_transfer_params or (run.params.kv_transfer_params or {}).get("transfer_id"):
+        ktp = run.params.kv_transfer_params or {}
+        # Only a NIXL prefill (do_remote_decode, no Mooncake transfer id) is pulled from:
+        # an SGLang-mode prefill hands its KV over in the bootstrap room instead, and a
+        # lease nobody claims would pin its blocks until it expires.
+        if run.omit_kv_transfer_params or not ktp.get("do_remote_decode") or ktp.get("transfer_id"):
             return
         # vLLM suffixes the id so that a retried request id never meets a stale lease.
         lease_id = f"{run.request_id}-{secrets.token_hex(4)}"

@@ -177,3 +177,5 @@ async def test_client_leaving_with_both_legs_open_aborts_both(concurrent: FaultS
     assert (await faults.stats(faults.prefill_url))["requests_by_role"]["prefill"] == 1
     assert await _left(faults) == left + 1
     await faults.assert_healthy()
+    # Nothing stays pinned on the prefill engine (the room handed the KV over).
+    assert (await faults.stats(faults.prefill_url))["leases_active"] == 0
