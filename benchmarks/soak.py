@@ -125,6 +125,7 @@ class Level:
     upstream: int  # established TCP connections to the engines
     close_wait: int
     tasks: int
+    open_work: int  # the sidecar's requests in flight, the EPP's open ext_proc streams
     rss: int
 
     def within(self, baseline: Level) -> bool:
@@ -141,6 +142,8 @@ class Level:
         ):
             if now > was + slack:
                 over.append(f"{what} {was} -> {now}")
+        if self.open_work:
+            over.append(f"{self.open_work} requests or ext_proc streams still open")
         if self.close_wait:
             over.append(f"{self.close_wait} sockets in CLOSE_WAIT")
         allowed = max(MEMORY_TOLERANCE[0], int(baseline.rss * MEMORY_TOLERANCE[1]))
@@ -288,8 +291,13 @@ async def measure(
     for proc in _ours(stack):
         assert proc.pid is not None
         held = await asyncio.to_thread(_held, proc.pid, engine_ports)
-        tasks = (await _scrape(session, metrics_urls[proc.name]))["python_asyncio_tasks"]
-        levels[proc.name] = Level(**held, tasks=int(tasks))
+        scraped = await _scrape(session, metrics_urls[proc.name])
+        open_work = scraped.get("pd_sidecar_in_flight_requests", 0) + scraped.get(
+            "llm_d_epp_extproc_streams", 0
+        )
+        levels[proc.name] = Level(
+            **held, tasks=int(scraped["python_asyncio_tasks"]), open_work=int(open_work)
+        )
     return levels
 
 
@@ -425,7 +433,7 @@ def table(
                 f"{name} before -> after",
                 f"files {b.files}->{a.files}, tcp {b.sockets}->{a.sockets}, "
                 f"upstream {b.upstream}->{a.upstream}, close-wait {a.close_wait}, "
-                f"tasks {b.tasks}->{a.tasks}, "
+                f"tasks {b.tasks}->{a.tasks}, open {a.open_work}, "
                 f"rss {b.rss / 2**20:.1f}->{a.rss / 2**20:.1f} MiB",
             )
         )

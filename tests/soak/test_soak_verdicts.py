@@ -45,23 +45,24 @@ async def test_every_answer_is_judged(server: TestServer, name: str) -> None:
     assert verdict.partition(": ")[0] == expected, verdict
 
 
-BASE = Level(files=10, sockets=3, upstream=1, close_wait=0, tasks=4, rss=100 * 2**20)
+BASE = Level(files=10, sockets=3, upstream=1, close_wait=0, tasks=4, open_work=0, rss=100 * 2**20)
 
 
 def test_levels_at_the_baseline_are_no_leak() -> None:
     assert BASE.excess(BASE) == []
-    assert Level(10, 4, 2, 0, 5, 101 * 2**20).within(BASE)  # the scrape's connection
+    assert Level(10, 4, 2, 0, 5, 0, 101 * 2**20).within(BASE)  # the scrape's connection
 
 
 @pytest.mark.parametrize(
     ("after", "named"),
     [
-        (Level(11, 3, 1, 0, 4, 100 * 2**20), "open files"),
-        (Level(10, 5, 1, 0, 4, 100 * 2**20), "TCP connections"),
-        (Level(10, 3, 3, 0, 4, 100 * 2**20), "upstream connections"),
-        (Level(10, 3, 1, 0, 6, 100 * 2**20), "asyncio tasks"),
-        (Level(10, 3, 1, 1, 4, 100 * 2**20), "CLOSE_WAIT"),
-        (Level(10, 3, 1, 0, 4, 120 * 2**20), "memory"),
+        (Level(11, 3, 1, 0, 4, 0, 100 * 2**20), "open files"),
+        (Level(10, 5, 1, 0, 4, 0, 100 * 2**20), "TCP connections"),
+        (Level(10, 3, 3, 0, 4, 0, 100 * 2**20), "upstream connections"),
+        (Level(10, 3, 1, 0, 6, 0, 100 * 2**20), "asyncio tasks"),
+        (Level(10, 3, 1, 1, 4, 0, 100 * 2**20), "CLOSE_WAIT"),
+        (Level(10, 3, 1, 0, 4, 0, 120 * 2**20), "memory"),
+        (Level(10, 3, 1, 0, 4, 1, 100 * 2**20), "still open"),
     ],
 )
 def test_growth_past_the_slack_is_a_leak(after: Level, named: str) -> None:
