@@ -1,7 +1,8 @@
 """Fault scenarios over the local stack: real Envoy + EPP + sidecar + simulated engines.
 
 One stack per test module (``fault_stack``), configured by the module's ``STACK`` dict
-(``StackOptions`` fields). Before each test, ``faults`` clears every engine's faults,
+(``StackOptions`` fields), or several in turn when a module parametrizes ``fault_stack``
+with names from its ``STACKS`` (see test_client_faults.py). Before each test, ``faults`` clears every engine's faults,
 counters and prefix cache and marks where the process logs stand; each test then ends
 with ``await faults.assert_healthy()``: a normal request through the gateway succeeds,
 the health endpoints answer, every process is alive, and the sidecar and EPP logged no
