@@ -463,14 +463,20 @@ class SimServer:
         return f"{self.config.host}:{self.port}"
 
     async def start(self) -> SimServer:
-        self.port = await _listen(self._runner, self.config.host, self.config.port)
-        self.engine.port = self.port
-        if self._bootstrap_runner is not None:
-            assert self.config.bootstrap_port is not None
-            self.bootstrap_port = await _listen(
-                self._bootstrap_runner, self.config.host, self.config.bootstrap_port
-            )
-            self.engine.bootstrap_port = self.bootstrap_port
+        try:
+            self.port = await _listen(self._runner, self.config.host, self.config.port)
+            self.engine.port = self.port
+            if self._bootstrap_runner is not None:
+                assert self.config.bootstrap_port is not None
+                self.bootstrap_port = await _listen(
+                    self._bootstrap_runner, self.config.host, self.config.bootstrap_port
+                )
+                self.engine.bootstrap_port = self.bootstrap_port
+        except BaseException:
+            # The engine started with the runner (its client session, lease sweeper):
+            # a port already taken must not leave them behind.
+            await self.stop()
+            raise
         return self
 
     async def stop(self) -> None:
