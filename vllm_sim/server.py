@@ -152,14 +152,16 @@ class _Generation:
 
     def _drop_connection(self, *, graceful: bool = False) -> web.StreamResponse:
         """Drop the connection: a reset, or (graceful) a close once the bytes written
-        so far are sent, so that the peer reads them all before the end."""
+        so far are sent, so that the peer reads them all before the end. The answer
+        returned can no longer be sent, which aiohttp notes quietly: the engine's log
+        stays free of tracebacks for faults it was asked to inject."""
         transport = self.request.transport
         if transport is not None:
             if graceful:
                 transport.close()
             else:
                 transport.abort()
-        raise ConnectionResetError("injected fault: connection dropped")
+        return web.Response(status=499, text="injected fault: connection dropped")
 
     async def _stream(self, run: Run, fault: Fault | None) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -185,6 +187,7 @@ class _Generation:
                     if half_chunk:
                         await response.write(chunk[: len(chunk) // 2])
                     self._drop_connection(graceful=half_chunk)
+                    raise _Cut
                 await response.write(chunk)
                 sent += 1
 
@@ -197,10 +200,13 @@ class _Generation:
         except KvLoadFailed as exc:
             self.engine.stats.errors += 1
             await send(renderer.error(str(exc), 500))
+        except _Cut:
+            return response
         except ConnectionResetError:
-            if cut_after is None:
-                self._count_abort()
-            raise
+            # The client left mid-stream: vLLM aborts the request. Returning (rather than
+            # raising) lets aiohttp note the closed connection quietly.
+            self._count_abort()
+            return response
         await response.write_eof()
         return response
 
@@ -432,6 +438,10 @@ def create_app(config: SimConfig) -> web.Application:
 
     app.cleanup_ctx.append(engine_lifetime)
     return app
+
+
+class _Cut(Exception):
+    """A fault cut the connection in the middle of a stream."""
 
 
 class SimServer:

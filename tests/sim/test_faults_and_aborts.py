@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -75,7 +76,14 @@ async def test_delay_fault(start_sim: Any) -> None:
         assert time.monotonic() - start >= 0.3
 
 
-async def test_disconnect_before_first_byte_and_mid_stream(start_sim: Any) -> None:
+def no_server_errors(caplog: pytest.LogCaptureFixture) -> bool:
+    """Injected faults are not the engine's own errors: nothing logged as one."""
+    return not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+async def test_disconnect_before_first_byte_and_mid_stream(
+    start_sim: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     sim = await start_sim(zero_latency=True)
     await sim.add_fault(kind="disconnect")
     await sim.add_fault(kind="disconnect", after_chunks=2)
@@ -93,9 +101,12 @@ async def test_disconnect_before_first_byte_and_mid_stream(start_sim: Any) -> No
                     received += chunk
     assert received.count(b"data: ") == 2
     assert (await sim.stats())["aborts"] == 0  # the engine cut them, not the client
+    assert no_server_errors(caplog)
 
 
-async def test_truncate_cuts_a_json_answer_and_a_stream_mid_body(start_sim: Any) -> None:
+async def test_truncate_cuts_a_json_answer_and_a_stream_mid_body(
+    start_sim: Any, caplog: pytest.LogCaptureFixture
+) -> None:
     sim = await start_sim(zero_latency=True)
     await sim.add_fault(kind="truncate")
     await sim.add_fault(kind="truncate", after_chunks=2)
@@ -118,6 +129,7 @@ async def test_truncate_cuts_a_json_answer_and_a_stream_mid_body(start_sim: Any)
     assert events[2].startswith(b"data: {")
     assert not events[2].endswith(b"}")
     assert (await sim.stats())["aborts"] == 0
+    assert no_server_errors(caplog)
 
 
 async def test_fault_from_flag_and_invalid_fault(start_sim: Any) -> None:
@@ -130,7 +142,9 @@ async def test_fault_from_flag_and_invalid_fault(start_sim: Any) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-async def test_client_disconnect_counts_as_abort(start_sim: Any, stream: bool) -> None:
+async def test_client_disconnect_counts_as_abort(
+    start_sim: Any, stream: bool, caplog: pytest.LogCaptureFixture
+) -> None:
     sim = await start_sim(itl_ms=50.0, ttft_base_ms=0)
     body = {**CHAT, "max_tokens": 200, "stream": stream}
     async with aiohttp.ClientSession() as session:
@@ -150,6 +164,7 @@ async def test_client_disconnect_counts_as_abort(start_sim: Any, stream: bool) -
 
     await wait_for(aborted, "the abort to be counted")
     assert sim.engine.running == 0
+    assert no_server_errors(caplog)
 
 
 async def test_hang_ends_when_client_leaves(start_sim: Any) -> None:
