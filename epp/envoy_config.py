@@ -17,7 +17,12 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["EPP_UNAVAILABLE_STATUS", "SUBSET_HINT_NAMESPACE", "gateway_config"]
+__all__ = [
+    "EPP_UNAVAILABLE_STATUS",
+    "POD_IDLE_TIMEOUT_S",
+    "SUBSET_HINT_NAMESPACE",
+    "gateway_config",
+]
 
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 
@@ -33,6 +38,7 @@ _CEL_FILTER = "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v
 # Set on every refusal the EPP itself sends (epp.extproc.headers.DROPPED_REASON).
 _DROPPED_REASON = "x-llm-d-request-dropped-reason"
 EPP_UNAVAILABLE_STATUS = 503
+POD_IDLE_TIMEOUT_S = 60
 
 
 def _address(host: str, port: int) -> dict[str, Any]:
@@ -201,6 +207,16 @@ def gateway_config(
         "type": "ORIGINAL_DST",
         "lb_policy": "CLUSTER_PROVIDED",
         "connect_timeout": "5s",
+        # Idle connections to the sidecars are closed here first, before the sidecar's
+        # own keep-alive (sidecar.app.SERVER_KEEPALIVE_S) could close one just as Envoy
+        # reuses it, which would cost that request a 503.
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": _HTTP_OPTIONS,
+                "common_http_protocol_options": {"idle_timeout": f"{POD_IDLE_TIMEOUT_S}s"},
+                "explicit_http_config": {"http_protocol_options": {}},
+            }
+        },
         "original_dst_lb_config": {
             "use_http_header": True,
             "http_header_name": "x-gateway-destination-endpoint",

@@ -5,8 +5,9 @@ Bounds, as configured by the product:
 - sidecar, P/D body (buffered before any leg): ``--request-body-timeout`` -> 408 JSON;
 - sidecar, passthrough body (streamed to the engine as it arrives): the engine's
   ``--decode-first-byte-timeout`` -> 504 JSON;
-- sidecar, request headers: aiohttp's keep-alive timeout (the only bound aiohttp has
-  before a request is complete), which starts when the connection opens;
+- sidecar, request headers: the server's keep-alive timeout (the only bound aiohttp has
+  before a request is complete), which starts when the connection opens: 75 s, with
+  Envoy letting go of idle connections to the sidecars first (60 s);
 - gateway: Envoy's ``request_headers_timeout`` and ``request_timeout`` -> 408.
 """
 
@@ -20,6 +21,7 @@ import time
 import pytest
 
 from epp import envoy_config
+from sidecar.app import SERVER_KEEPALIVE_S
 from tests.bad_input.conftest import (
     BODY_DEADLINE_S,
     GATEWAY_REQUEST_TIMEOUT_S,
@@ -137,9 +139,9 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
     pd: PD, caplog: pytest.LogCaptureFixture
 ) -> None:
     """aiohttp closes a connection that has not completed a request within its
-    keep-alive timeout, counted from the connection's start; the sidecar keeps
-    aiohttp's default (3630 s) so that pooled gateway connections are not cut while
-    idle. Shown here with a short timeout: the slow headers never reach a handler."""
+    keep-alive timeout, counted from the connection's start (the sidecar's is 75 s,
+    see the next test). Shown here with a short timeout: the slow headers never reach
+    a handler."""
     from aiohttp import web
 
     handled: list[str] = []
@@ -164,6 +166,28 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
     assert handled == []
     assert 0.5 <= elapsed < 2.0
     assert server_errors(caplog.records) == []
+
+
+async def test_sidecar_keepalive_bounds_headers_and_outlasts_envoys_idle_timeout(
+    pd: PD,
+) -> None:
+    server = pd.servers.runner.server
+    assert server is not None
+    assert server._kwargs["keepalive_timeout"] == SERVER_KEEPALIVE_S  # not aiohttp's hour
+    # Envoy closes an idle pooled connection before the sidecar would, so a request is
+    # never sent on a connection the sidecar is closing at that moment.
+    [pods] = [
+        c
+        for c in envoy_config.gateway_config(1)["static_resources"]["clusters"]
+        if c["name"] == "pods"
+    ]
+    options = pods["typed_extension_protocol_options"]
+    [http] = options.values()
+    assert (
+        http["common_http_protocol_options"]["idle_timeout"]
+        == f"{envoy_config.POD_IDLE_TIMEOUT_S}s"
+    )
+    assert envoy_config.POD_IDLE_TIMEOUT_S < SERVER_KEEPALIVE_S
 
 
 @pytest.mark.envoy
