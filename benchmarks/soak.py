@@ -57,7 +57,6 @@ from vllm_sim.engine import PULL_PATH
 REQUEST_DEADLINE_S = 20.0  # well past every sidecar timeout below: beyond it is a hang
 QUIESCE_DEADLINE_S = 30.0
 MEMORY_TOLERANCE = (16 * 2**20, 0.10)  # bytes, fraction of the baseline: the larger wins
-LOG_ALARMS = ("Traceback", "Error handling request", "Unhandled exception", "Task was destroyed")
 SIDECAR_ARGS = [
     "--prefill-timeout=1s",
     "--decode-first-byte-timeout=2s",
@@ -405,12 +404,7 @@ def leaks(before: dict[str, Level], after: dict[str, Level]) -> list[str]:
 
 
 def log_alarms(stack: LocalStack) -> list[str]:
-    found = []
-    for proc in _ours(stack):
-        for line in proc.log_path.read_text(errors="replace").splitlines():
-            if any(alarm in line for alarm in LOG_ALARMS):
-                found.append(f"{proc.name}: {line.strip()[:160]}")
-    return found
+    return [f"{p.name}: {line.strip()[:160]}" for p in _ours(stack) for line in p.log_alarms()]
 
 
 # -- report ----------------------------------------------------------------------------

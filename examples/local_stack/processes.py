@@ -15,9 +15,12 @@ from typing import Any
 
 import aiohttp
 
-__all__ = ["ENVOY_BIN", "EnvoyProcess", "ManagedProcess", "free_port", "wait_until"]
+__all__ = ["ENVOY_BIN", "LOG_ALARMS", "EnvoyProcess", "ManagedProcess", "free_port", "wait_until"]
 
 ENVOY_BIN = Path(sys.executable).parent / "envoy"
+# A log line with one of these means an exception reached a framework's handler or a task
+# died unobserved: never expected, whatever a request or a fault did.
+LOG_ALARMS = ("Traceback", "Error handling request", "Unhandled exception", "Task was destroyed")
 
 
 def free_port() -> int:
@@ -53,6 +56,7 @@ class ManagedProcess:
         self.log_path = logdir / f"{name}.log"
         self.env = env
         self.proc: asyncio.subprocess.Process | None = None
+        self._log_mark = 0
 
     @property
     def pid(self) -> int | None:
@@ -67,6 +71,22 @@ class ManagedProcess:
                 env={**os.environ, **(self.env or {})},
                 start_new_session=True,  # Ctrl-C reaches the stack, which stops us in order
             )
+
+    def mark_log(self) -> None:
+        """Later :meth:`log_since_mark` and :meth:`log_alarms` read from here on."""
+        self._log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0
+
+    def log_since_mark(self) -> str:
+        if not self.log_path.exists():
+            return ""
+        with self.log_path.open("rb") as log:
+            log.seek(self._log_mark)
+            return log.read().decode(errors="replace")
+
+    def log_alarms(self) -> list[str]:
+        """The lines since the mark that name a crash (see :data:`LOG_ALARMS`)."""
+        lines = self.log_since_mark().splitlines()
+        return [line for line in lines if any(alarm in line for alarm in LOG_ALARMS)]
 
     def check_alive(self) -> None:
         if self.proc is not None and self.proc.returncode is not None:

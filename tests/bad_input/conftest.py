@@ -26,6 +26,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from epp.app import EppApp
 from epp.settings import EppSettings
+from examples.local_stack.processes import LOG_ALARMS
 from sidecar.app import start
 from sidecar.settings import Settings
 from tests.conftest import RunningSim
@@ -54,8 +55,6 @@ __all__ = [
 BODY_LIMIT = 64 * 1024
 BODY_DEADLINE_S = 0.5
 
-_FAILURE_MARKERS = ("Traceback", "Error handling request", "Unhandled exception")
-
 
 def server_errors(records: Iterable[logging.LogRecord]) -> list[str]:
     """Log lines that say a server failed (not a request refused): must be none."""
@@ -65,7 +64,7 @@ def server_errors(records: Iterable[logging.LogRecord]) -> list[str]:
         if (
             record.exc_info is not None
             or record.levelno >= logging.ERROR
-            or any(marker in text for marker in _FAILURE_MARKERS)
+            or any(alarm in text for alarm in LOG_ALARMS)
         ):
             found.append(f"{record.name} {record.levelname}: {text[:300]}")
     return found

@@ -39,8 +39,6 @@ __all__ = [
     "read_sse",
 ]
 
-# A log line with any of these means an exception escaped to a framework's handler.
-BAD_LOG_MARKERS = ("Traceback", "Error handling request", "Unhandled exception")
 MODEL = "sim-model"
 
 
@@ -120,7 +118,6 @@ class FaultStack:
     def __init__(self, stack: LocalStack, session: aiohttp.ClientSession) -> None:
         self.stack = stack
         self.session = session
-        self._log_marks: dict[Path, int] = {}
 
     # -- processes ---------------------------------------------------------------------
     def process(self, name: str) -> ManagedProcess:
@@ -188,11 +185,8 @@ class FaultStack:
         for url in (*self.stack.prefill_engine_urls, *self.stack.decode_engine_urls):
             async with self.session.post(f"{url}/sim/reset?cache=1") as resp:
                 assert resp.status == 200
-        self._log_marks = {
-            proc.log_path: proc.log_path.stat().st_size
-            for proc in self.stack.processes
-            if proc.log_path.exists()
-        }
+        for proc in self.stack.processes:
+            proc.mark_log()
 
     async def wait_stats(
         self, url: str, what: str, check: Callable[[dict[str, Any]], bool], timeout: float = 10.0
@@ -252,20 +246,13 @@ class FaultStack:
         return self.session.post(self.gateway + path, json=body)
 
     # -- after every scenario ----------------------------------------------------------------
-    def new_log_lines(self, name: str) -> str:
-        path = self.process(name).log_path
-        with path.open("rb") as log:
-            log.seek(self._log_marks.get(path, 0))
-            return log.read().decode(errors="replace")
-
     def assert_clean_logs(self) -> None:
         """No exception reached a framework handler in the sidecar or the EPP."""
         for proc in self.stack.processes:
             if not (proc.name.startswith("sidecar") or proc.name == "epp"):
                 continue
-            lines = self.new_log_lines(proc.name)
-            bad = [m for m in BAD_LOG_MARKERS if m in lines]
-            assert not bad, f"{proc.name} logged {bad}:\n{lines[-4000:]}"
+            bad = proc.log_alarms()
+            assert not bad, f"{proc.name} logged {bad[:3]}:\n{proc.log_since_mark()[-4000:]}"
 
     async def assert_healthy(self) -> None:
         """Faults cleared; then processes alive, health endpoints up, a normal P/D

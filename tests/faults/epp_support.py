@@ -13,7 +13,7 @@ import itertools
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from examples.local_stack import LocalStack, StackOptions
 
 __all__ = [
-    "BAD_LOG_LINES",
     "EPP_KEEPALIVE_S",
     "STALENESS_S",
     "EppStack",
@@ -35,8 +34,6 @@ __all__ = [
 STALENESS_S = 1.0
 # Envoy pings the EPP this often, and gives up on it after as long without an answer.
 EPP_KEEPALIVE_S = 1.5
-# Lines that mean a process reported a crash or an unhandled error.
-BAD_LOG_LINES = ("Traceback", "Unhandled exception", "Error handling request")
 _REQUEST_DEADLINE_S = 10.0
 _unique = itertools.count()
 
@@ -81,7 +78,6 @@ class Outcome:
 class EppStack:
     stack: LocalStack
     session: aiohttp.ClientSession
-    log_marks: dict[str, int] = field(default_factory=dict)
     endpoints_changed: bool = False
 
     # -- the client ---------------------------------------------------------------
@@ -181,19 +177,14 @@ class EppStack:
         await wait_for(reloaded, f"the EPP reloads its endpoints file ({names})")
 
     # -- logs ---------------------------------------------------------------------------
-    def _log(self, name: str) -> Path:
-        return self.stack.workdir / f"{name}.log"
-
     def mark_logs(self) -> None:
         """Remember where every process log ends; ``log_since`` reads from there."""
         for proc in self.stack.processes:
-            path = proc.log_path
-            self.log_marks[proc.name] = path.stat().st_size if path.exists() else 0
+            proc.mark_log()
 
     def log_since(self, name: str) -> str:
-        with self._log(name).open("rb") as f:
-            f.seek(self.log_marks.get(name, 0))
-            return f.read().decode(errors="replace")
+        [proc] = [p for p in self.stack.processes if p.name == name]
+        return proc.log_since_mark()
 
     # -- health -----------------------------------------------------------------------
     async def assert_healthy(self) -> None:
@@ -214,9 +205,8 @@ class EppStack:
         for proc in self.stack.processes:
             if proc.name.split("-")[0] not in ("epp", "sidecar", "envoy"):
                 continue
-            text = self.log_since(proc.name)
-            bad = [line for line in text.splitlines() if any(b in line for b in BAD_LOG_LINES)]
-            assert not bad, f"{proc.name}.log: {bad[:3]}\n{text[-3000:]}"
+            bad = proc.log_alarms()
+            assert not bad, f"{proc.name}.log: {bad[:3]}\n{proc.log_since_mark()[-3000:]}"
 
 
 async def start_epp_stack(workdir: Path) -> EppStack:
