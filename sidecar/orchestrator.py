@@ -90,7 +90,7 @@ class _Retryable(Exception):
         self.error = error
 
 
-async def read_body(request: web.Request, limit: int, deadline_s: float = 60.0) -> bytes:
+async def read_body(request: web.Request, limit: int, deadline_s: float) -> bytes:
     """The whole request body: at most ``limit`` bytes, arriving within ``deadline_s``."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)

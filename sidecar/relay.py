@@ -21,48 +21,13 @@ from aiohttp import web
 
 from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
-from sidecar.usage import SseUsageRewriter, last_event_end
+from sidecar.sse import EventFramer
 
-__all__ = ["EventFramer", "StreamBroken", "error_event", "is_event_stream", "relay_body"]
+__all__ = ["StreamBroken", "error_event", "is_event_stream", "relay_body"]
 
 
 class StreamBroken(ConnectionError):
     """A non-SSE body failed midway; the client connection must be dropped."""
-
-
-_MAX_HELD = 1 << 20  # an "event" this long is not one: relay it as it comes
-
-
-class EventFramer:
-    """Pass SSE bytes on in whole events; :meth:`flush` at the end, :meth:`discard` on a break."""
-
-    __slots__ = ("_held", "_raw")
-
-    def __init__(self) -> None:
-        self._held = b""
-        self._raw = False  # gave up framing (no event boundary in _MAX_HELD bytes)
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self._raw:
-            return chunk
-        data = self._held + chunk if self._held else chunk
-        end = last_event_end(data)
-        if end == len(data):
-            self._held = b""
-            return data
-        if end == 0 and len(data) > _MAX_HELD:
-            self._held = b""
-            self._raw = True
-            return data
-        self._held = data[end:]
-        return data[:end]
-
-    def flush(self) -> bytes:
-        held, self._held = self._held, b""
-        return held
-
-    def discard(self) -> None:
-        self._held = b""
 
 
 def is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -81,16 +46,14 @@ async def relay_body(
     *,
     ex: Exchange,
     idle_timeout: float,
-    rewriter: SseUsageRewriter | None = None,
+    rewriter: EventFramer | None = None,
     sse: bool,
 ) -> None:
     """Copy ``first`` and then the rest of ``upstream``'s body into the prepared ``out``."""
     loop = asyncio.get_running_loop()
     chunk = first
     failure: SidecarError | None = None
-    framer: SseUsageRewriter | EventFramer | None = rewriter
-    if framer is None and sse:
-        framer = EventFramer()
+    framer = rewriter if rewriter is not None else (EventFramer() if sse else None)
     try:
         async with asyncio.timeout(None) as deadline:
             while chunk:
