@@ -2,11 +2,12 @@
 
 A fault matches requests by path and role and fires ``count`` times (-1: until cleared).
 
-The KV side channel (``POST /sim/nixl/pull`` on the prefill engine) only fires faults
-whose ``paths`` name it, so that a fault meant for generation requests never breaks a
-pull by accident; there ``roles`` matches the serving engine's ``--role``. On a pull,
-``status``, ``delay``, ``hang``, ``disconnect`` and ``malformed_json`` act as on a
-generation request; ``truncate`` and ``omit_kv_transfer_params`` do nothing.
+The side channels (the KV pull, ``POST /sim/nixl/pull`` on the prefill engine, and
+``GET /metrics``) only fire faults whose ``paths`` name them, so that a fault meant for
+generation requests never breaks a pull or a scrape by accident; there ``roles``
+matches the serving engine's ``--role``. On a side channel, ``status``, ``delay``,
+``hang``, ``disconnect`` and ``malformed_json`` act as on a generation request;
+``truncate`` and ``omit_kv_transfer_params`` do nothing.
 """
 
 from __future__ import annotations
@@ -41,10 +42,10 @@ class Fault(BaseModel):
     paths: list[str] | None = None
     roles: list[str] | None = None
 
-    def matches(self, path: str, role: str, *, named_only: bool = False) -> bool:
+    def matches(self, path: str, role: str) -> bool:
         if self.count == 0:
             return False
-        if (self.paths is not None or named_only) and path not in (self.paths or ()):
+        if self.paths is not None and path not in self.paths:
             return False
         return self.roles is None or role in self.roles
 

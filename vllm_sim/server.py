@@ -62,6 +62,20 @@ def _load_json(raw: bytes) -> Mapping[str, Any]:
     return body
 
 
+def _drop_connection(request: web.Request, *, graceful: bool = False) -> web.StreamResponse:
+    """Drop the connection: a reset, or (graceful) a close once the bytes written so far
+    are sent, so that the peer reads them all before the end. The answer returned can
+    no longer be sent, which aiohttp notes quietly: the engine's log stays free of
+    tracebacks for faults it was asked to inject."""
+    transport = request.transport
+    if transport is not None:
+        if graceful:
+            transport.close()
+        else:
+            transport.abort()
+    return web.Response(status=499, text="injected fault: connection dropped")
+
+
 class _Generation:
     """One generation request, from body to the last byte."""
 
@@ -128,7 +142,7 @@ class _Generation:
         response.content_length = len(body)
         await response.prepare(self.request)
         await response.write(body[: len(body) // 2])
-        return self._drop_connection(graceful=True)
+        return _drop_connection(self.request, graceful=True)
 
     async def _apply_fault(self, fault: Fault, run: Run) -> web.StreamResponse | None:
         kind = fault.kind
@@ -145,23 +159,10 @@ class _Generation:
                 headers=self.headers,
             )
         elif kind is FaultKind.DISCONNECT and (fault.after_chunks == 0 or not run.params.stream):
-            return self._drop_connection()
+            return _drop_connection(self.request)
         elif kind is FaultKind.OMIT_KV_TRANSFER_PARAMS:
             run.omit_kv_transfer_params = True
         return None
-
-    def _drop_connection(self, *, graceful: bool = False) -> web.StreamResponse:
-        """Drop the connection: a reset, or (graceful) a close once the bytes written
-        so far are sent, so that the peer reads them all before the end. The answer
-        returned can no longer be sent, which aiohttp notes quietly: the engine's log
-        stays free of tracebacks for faults it was asked to inject."""
-        transport = self.request.transport
-        if transport is not None:
-            if graceful:
-                transport.close()
-            else:
-                transport.abort()
-        return web.Response(status=499, text="injected fault: connection dropped")
 
     async def _stream(self, run: Run, fault: Fault | None) -> web.StreamResponse:
         response = web.StreamResponse(
@@ -186,7 +187,7 @@ class _Generation:
                 if cut_after is not None and sent >= cut_after:
                     if half_chunk:
                         await response.write(chunk[: len(chunk) // 2])
-                    self._drop_connection(graceful=half_chunk)
+                    _drop_connection(self.request, graceful=half_chunk)
                     raise _Cut
                 await response.write(chunk)
                 sent += 1
@@ -245,13 +246,15 @@ async def _models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": [model]})
 
 
-async def _metrics(request: web.Request) -> web.Response:
+async def _metrics(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     fault = engine.faults.take(request.path, engine.config.role, named_only=True)
-    if fault is not None and fault.kind is FaultKind.HANG:
-        await asyncio.Event().wait()  # a scraper's stale-metrics case; ends with the client
-    if fault is not None and fault.kind is FaultKind.STATUS:
-        return _error(f"injected fault: status {fault.status}", fault.status)
+    if fault is not None:  # a scraper's stale-metrics cases
+        answer = await _side_channel_fault(
+            request, fault, garbage=b"vllm:num_requests_running{", content_type="text/plain"
+        )
+        if answer is not None:
+            return answer
     registry = request.app[_REGISTRY]
     return web.Response(
         body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
@@ -316,11 +319,13 @@ async def _clear_faults(request: web.Request) -> web.Response:
     return web.json_response({"ok": True})
 
 
-async def _pull(request: web.Request) -> web.Response:
+async def _pull(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
     fault = engine.faults.take(request.path, engine.config.role, named_only=True)
     if fault is not None:
-        answer = await _side_channel_fault(request, fault)
+        answer = await _side_channel_fault(
+            request, fault, garbage=b'{"token_ids": [', content_type="application/json"
+        )
         if answer is not None:
             return answer
     try:
@@ -333,21 +338,22 @@ async def _pull(request: web.Request) -> web.Response:
     return web.json_response({"token_ids": token_ids})
 
 
-async def _side_channel_fault(request: web.Request, fault: Fault) -> web.Response | None:
-    """Apply a fault to a side-channel request; None: go on and serve it."""
+async def _side_channel_fault(
+    request: web.Request, fault: Fault, *, garbage: bytes, content_type: str
+) -> web.StreamResponse | None:
+    """Apply a fault to a side-channel request (a KV pull, a metrics scrape), answering
+    ``garbage`` for ``malformed_json``; None: go on and serve it."""
     kind = fault.kind
     if kind is FaultKind.STATUS:
         return _error(f"injected fault: status {fault.status}", fault.status)
     if kind is FaultKind.MALFORMED_JSON:
-        return web.Response(body=b'{"token_ids": [', content_type="application/json")
+        return web.Response(body=garbage, content_type=content_type)
+    if kind is FaultKind.DISCONNECT:
+        return _drop_connection(request)
     if kind is FaultKind.DELAY:
         await asyncio.sleep(fault.delay_ms / 1000.0)
     elif kind is FaultKind.HANG:
-        await asyncio.Event().wait()
-    elif kind is FaultKind.DISCONNECT:
-        if request.transport is not None:
-            request.transport.abort()
-        raise ConnectionResetError("injected fault: connection dropped")
+        await asyncio.Event().wait()  # ends when the client goes away
     return None
 
 

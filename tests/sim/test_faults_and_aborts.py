@@ -187,3 +187,47 @@ async def test_hang_ends_when_client_leaves(start_sim: Any) -> None:
 
 async def _running(sim: Any) -> bool:
     return bool(sim.engine.running == 1)
+
+
+async def _raw_get(port: int, path: str, timeout: float = 0.5) -> bytes | str:
+    """One GET on its own connection, no client retries: the raw answer, or what
+    happened instead ("dropped", "hangs")."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(f"GET {path} HTTP/1.1\r\nHost: sim\r\nConnection: close\r\n\r\n".encode())
+        async with asyncio.timeout(timeout):
+            answer = await reader.read()
+        return answer or "dropped"
+    except ConnectionResetError:
+        return "dropped"
+    except TimeoutError:
+        return "hangs"
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("fault", "expect"),
+    [
+        ({"kind": "status", "status": 503}, b"HTTP/1.1 503"),
+        ({"kind": "malformed_json"}, b"\r\n\r\nvllm:num_requests_running{"),
+        ({"kind": "disconnect"}, "dropped"),
+        ({"kind": "hang"}, "hangs"),
+    ],
+    ids=["status", "garbage", "disconnect", "hang"],
+)
+async def test_metrics_faults_fire_only_when_they_name_the_path(
+    start_sim: Any, caplog: pytest.LogCaptureFixture, fault: dict[str, Any], expect: bytes | str
+) -> None:
+    sim = await start_sim(zero_latency=True)
+    await sim.add_fault(kind="status", status=500, count=-1)  # generation requests only
+    await sim.add_fault(**fault, paths=["/metrics"])
+    answer = await _raw_get(sim.port, "/metrics")
+    if isinstance(expect, bytes):
+        assert isinstance(answer, bytes) and expect in answer, answer
+    else:
+        assert answer == expect
+    again = await _raw_get(sim.port, "/metrics")  # one shot, then served as usual
+    assert isinstance(again, bytes) and again.startswith(b"HTTP/1.1 200"), again
+    assert b"vllm:num_requests_running{" in again
+    assert no_server_errors(caplog)

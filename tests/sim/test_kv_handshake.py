@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -161,7 +162,7 @@ async def test_bad_params_follow_the_load_failure_policy(
     ids=["status-fail", "garbage-fail", "disconnect-fail", "status-recompute"],
 )
 async def test_fault_on_the_pull_follows_the_load_failure_policy(
-    start_sim: Any, fault: dict[str, Any], policy: str
+    start_sim: Any, fault: dict[str, Any], policy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     p = await start_sim(zero_latency=True, role="prefill")
     d = await start_sim(zero_latency=True, kv_load_failure_policy=policy)
@@ -181,6 +182,8 @@ async def test_fault_on_the_pull_follows_the_load_failure_policy(
     assert p_stats["leases_active"] == 0
     if policy == "fail":
         assert out["error"]["code"] == 500
+    # An injected fault is not the engine failing: no traceback, no error line.
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
 
 
 async def test_a_fault_not_naming_the_pull_leaves_pulls_alone(start_sim: Any) -> None:
