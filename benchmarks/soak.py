@@ -329,14 +329,11 @@ def _ours(stack: LocalStack) -> list[ManagedProcess]:
     return [p for p in stack.processes if p.name.startswith("sidecar-") or p.name == "epp"]
 
 
-async def _metrics_urls(stack: LocalStack) -> dict[str, str]:
-    """Each sidecar's and the EPP's metrics endpoint (the sidecar's from its command line)."""
-    urls = {"epp": f"http://127.0.0.1:{stack.epp_metrics_port}/metrics"}
-    for proc in _ours(stack):
-        for arg in proc.argv:
-            if arg.startswith("--metrics-port="):
-                urls[proc.name] = f"http://127.0.0.1:{arg.split('=', 1)[1]}/metrics"
-    return urls
+def _metrics_urls(stack: LocalStack) -> dict[str, str]:
+    """Each sidecar's and the EPP's metrics endpoint, from its command line."""
+    return {
+        proc.name: f"http://127.0.0.1:{proc.flag('metrics-port')}/metrics" for proc in _ours(stack)
+    }
 
 
 async def _wait_for(check: Callable[[], Awaitable[bool]], what: str, deadline_s: float) -> bool:
@@ -465,7 +462,7 @@ async def soak(args: argparse.Namespace) -> int:
     await stack.start()
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            urls = await _metrics_urls(stack)
+            urls = _metrics_urls(stack)
             print(f"soak: warming up (logs in {workdir})", file=sys.stderr)
             await run_load(stack, WARM_UP_S, args.concurrency, 0.0, args.seed + 1)
             await restart_envoy(stack, session, up=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -11,6 +12,20 @@ import aiohttp
 import pytest
 
 from vllm_sim import SimConfig, SimServer
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str = "a condition", *, timeout: float = 10.0
+) -> float:
+    """Poll ``check`` until it holds (readiness, not a fixed sleep); the seconds it took.
+    Fails the test after ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while not await check():
+        if loop.time() - started > timeout:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        await asyncio.sleep(0.01)
+    return loop.time() - started
 
 
 @dataclass

@@ -72,6 +72,16 @@ class ManagedProcess:
                 start_new_session=True,  # Ctrl-C reaches the stack, which stops us in order
             )
 
+    def flag(self, name: str) -> str:
+        """The value of ``--name`` on the command line (``--name=VALUE`` or ``--name VALUE``)."""
+        option = f"--{name}"
+        for index, arg in enumerate(self.argv):
+            if arg.startswith(option + "="):
+                return arg[len(option) + 1 :]
+            if arg == option and index + 1 < len(self.argv):
+                return self.argv[index + 1]
+        raise KeyError(f"{self.name} has no {option} argument")
+
     def mark_log(self) -> None:
         """Later :meth:`log_since_mark` and :meth:`log_alarms` read from here on."""
         self._log_mark = self.log_path.stat().st_size if self.log_path.exists() else 0

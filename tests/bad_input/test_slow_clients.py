@@ -30,6 +30,7 @@ from tests.bad_input.conftest import (
     server_errors,
     start_sidecar,
 )
+from tests.conftest import eventually
 
 pytestmark = [pytest.mark.bad_input, pytest.mark.asyncio(loop_scope="module")]
 
@@ -37,20 +38,25 @@ _BYTE_GAP_S = 0.02  # far below every timeout: the client is slow, never idle
 
 
 class SlowClient:
-    """Writes a request one byte at a time until the server answers or hangs up."""
+    """Sends a request one byte at a time until the server answers or hangs up."""
 
     def __init__(self, port: int) -> None:
         self.port = port
-        self.sent = 0
+        self.sent = 0  # bytes trickled before the answer or the close
 
-    async def run(self, head: bytes, body: bytes, *, deadline_s: float) -> tuple[bytes, float]:
-        """(status line or b"" when closed without an answer, seconds until then)."""
+    async def run(
+        self, trickled: bytes, *, at_once: bytes = b"", deadline_s: float
+    ) -> tuple[bytes, float]:
+        """Send ``at_once`` whole, then ``trickled`` a byte at a time. Returns the answer's
+        head (b"" when closed without an answer) and the seconds since the trickle began."""
         reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+        writer.write(at_once)
+        await writer.drain()
         started = time.perf_counter()
 
         async def trickle() -> None:
             with contextlib.suppress(ConnectionError):
-                for byte in head + body:
+                for byte in trickled:
                     writer.write(bytes([byte]))
                     await writer.drain()
                     self.sent += 1
@@ -60,11 +66,13 @@ class SlowClient:
         try:
             async with asyncio.timeout(deadline_s):
                 try:
-                    line = await reader.readline()
+                    head = await reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as closed:
+                    head = closed.partial
                 except ConnectionResetError:
                     # Closed without an answer: a server that closes with our bytes
                     # still unread in its buffer resets instead of a clean close.
-                    line = b""
+                    head = b""
         finally:
             feeder.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -72,7 +80,7 @@ class SlowClient:
             writer.close()
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
-        return line, time.perf_counter() - started
+        return head, time.perf_counter() - started
 
 
 def _head(path: str, length: int, *extra: str) -> bytes:
@@ -94,25 +102,8 @@ async def test_pd_body_a_byte_at_a_time_is_408_after_the_body_deadline(
         f"x-prefiller-host-port: {pd.prefill.host_port}",
         "x-request-id: slow-body",
     )
-    # Send the headers at once: this test is about the body.
-    reader, writer = await asyncio.open_connection("127.0.0.1", pd.port)
-    writer.write(head)
-    await writer.drain()
-    started = time.perf_counter()
-    try:
-        async with asyncio.timeout(BODY_DEADLINE_S + 3):
-            answer = asyncio.ensure_future(reader.readuntil(b"\r\n\r\n"))
-            for byte in _BODY:
-                if answer.done():
-                    break
-                writer.write(bytes([byte]))
-                await writer.drain()
-                client.sent += 1
-                await asyncio.sleep(_BYTE_GAP_S)
-            headers = await answer
-            elapsed = time.perf_counter() - started
-    finally:
-        writer.close()
+    # The headers at once: this test is about the body.
+    headers, elapsed = await client.run(_BODY, at_once=head, deadline_s=BODY_DEADLINE_S + 3)
     assert headers.startswith(b"HTTP/1.1 408"), headers
     assert b"application/json" in headers
     assert BODY_DEADLINE_S <= elapsed < BODY_DEADLINE_S + 1.0
@@ -132,7 +123,7 @@ async def test_passthrough_body_a_byte_at_a_time_ends_at_the_first_byte_timeout(
     servers = await start_sidecar(pd.decode.port, decode_first_byte_timeout=0.5)
     try:
         client = SlowClient(servers.port)
-        line, elapsed = await client.run(_head("/v1/completions", len(_BODY)), _BODY, deadline_s=5)
+        line, elapsed = await client.run(_head("/v1/completions", len(_BODY)) + _BODY, deadline_s=5)
     finally:
         await servers.drain_and_stop()
     assert line.startswith(b"HTTP/1.1 504"), line
@@ -164,7 +155,7 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
     try:
         port = int(runner.addresses[0][1])
         client = SlowClient(port)
-        line, elapsed = await client.run(_head("/x", 2) + b"{}", b"", deadline_s=5)
+        line, elapsed = await client.run(_head("/x", 2) + b"{}", deadline_s=5)
     finally:
         await runner.cleanup()
     assert line == b"", line  # closed, no answer and no handler
@@ -206,36 +197,18 @@ async def test_gateway_bounds_slow_headers_and_bodies(
     head = _head("/v1/chat/completions", len(body))
     decided_before = len(gateway.epp.decode.requests)
     for what, first, rest in (("headers", b"", head + body), ("body", head, body)):
-        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.port)
-        writer.write(first)
-        await writer.drain()
-        started = time.perf_counter()
-        try:
-            async with asyncio.timeout(GATEWAY_REQUEST_TIMEOUT_S + 4):
-                answer = asyncio.ensure_future(reader.readline())
-                for byte in rest:
-                    if answer.done():
-                        break
-                    with contextlib.suppress(ConnectionError):
-                        writer.write(bytes([byte]))
-                        await writer.drain()
-                    await asyncio.sleep(_BYTE_GAP_S)
-                line = await answer
-                elapsed = time.perf_counter() - started
-        finally:
-            writer.close()
+        line, elapsed = await SlowClient(gateway.port).run(
+            rest, at_once=first, deadline_s=GATEWAY_REQUEST_TIMEOUT_S + 4
+        )
         assert line.startswith(b"HTTP/1.1 408"), (what, line)
         assert elapsed < GATEWAY_REQUEST_TIMEOUT_S + 1.5, (what, elapsed)
     assert len(gateway.epp.decode.requests) == decided_before  # nothing was routed
     registry = gateway.epp.app.metrics.registry
 
-    async def streams_closed() -> bool:
+    async def streams_closed() -> bool:  # the EPP learns of the reset asynchronously
         return registry.get_sample_value("llm_d_epp_extproc_streams") == 0
 
-    deadline = time.monotonic() + 5
-    while not await streams_closed():  # the EPP learns of the reset asynchronously
-        assert time.monotonic() < deadline, "an ext_proc stream stayed open"
-        await asyncio.sleep(0.01)
+    await eventually(streams_closed, "every ext_proc stream closed", timeout=5)
     assert server_errors(caplog.records) == []
 
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,36 +30,16 @@ from prometheus_client.parser import text_string_to_metric_families
 from examples.local_stack import LocalStack, StackOptions
 from examples.local_stack.processes import ManagedProcess, wait_until
 from examples.local_stack.stack import SAMPLE_PROMPT
+from tests.conftest import eventually
 
 __all__ = [
     "FaultStack",
     "SseReply",
-    "eventually",
     "open_fault_stack",
     "read_sse",
 ]
 
 MODEL = "sim-model"
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], what: str, timeout: float = 10.0
-) -> None:
-    """Poll ``check`` until it holds; fail after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        await asyncio.sleep(0.02)
-
-
-def _flag(proc: ManagedProcess, name: str) -> str:
-    prefix = f"--{name}="
-    for arg in proc.argv:
-        if arg.startswith(prefix):
-            return arg[len(prefix) :]
-    raise KeyError(f"{proc.name} has no {prefix} argument")
 
 
 @dataclass
@@ -134,11 +114,11 @@ class FaultStack:
 
     @property
     def sidecar_url(self) -> str:
-        return f"http://127.0.0.1:{_flag(self.process('sidecar-0'), 'port')}"
+        return f"http://127.0.0.1:{self.process('sidecar-0').flag('port')}"
 
     @property
     def sidecar_metrics_url(self) -> str:
-        return f"http://127.0.0.1:{_flag(self.process('sidecar-0'), 'metrics-port')}/metrics"
+        return f"http://127.0.0.1:{self.process('sidecar-0').flag('metrics-port')}/metrics"
 
     @property
     def gateway(self) -> str:
@@ -161,7 +141,7 @@ class FaultStack:
         await wait_until(up, name, 30.0, proc.check_alive)
 
     def _engine_url(self, name: str) -> str:
-        return f"http://127.0.0.1:{_flag_value(self.process(name), '--port')}"
+        return f"http://127.0.0.1:{self.process(name).flag('port')}"
 
     # -- engines -----------------------------------------------------------------------
     async def stats(self, url: str) -> dict[str, Any]:
@@ -199,7 +179,7 @@ class FaultStack:
             seen = await self.stats(url)
             return check(seen)
 
-        await eventually(holds, what, timeout)
+        await eventually(holds, what, timeout=timeout)
         return seen
 
     # -- the sidecar's metrics -----------------------------------------------------------
@@ -283,18 +263,12 @@ class FaultStack:
         self.assert_clean_logs()
 
     async def _assert_epp_serving(self) -> None:
-        port = _flag(self.process("epp"), "grpc-health-port")
+        port = self.stack.epp_health_port
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             for service in ("liveness", "readiness"):
                 reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                 assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
-
-
-def _flag_value(proc: ManagedProcess, name: str) -> str:
-    """The value of ``name VALUE`` (two arguments) in a process's command line."""
-    index = proc.argv.index(name)
-    return proc.argv[index + 1]
 
 
 @contextlib.asynccontextmanager

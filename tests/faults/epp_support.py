@@ -12,7 +12,6 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from examples.local_stack import LocalStack, StackOptions
+from tests.conftest import eventually
 
 __all__ = [
     "EPP_KEEPALIVE_S",
@@ -28,7 +28,6 @@ __all__ = [
     "EppStack",
     "Outcome",
     "start_epp_stack",
-    "wait_for",
 ]
 
 STALENESS_S = 1.0
@@ -36,18 +35,6 @@ STALENESS_S = 1.0
 EPP_KEEPALIVE_S = 1.5
 _REQUEST_DEADLINE_S = 10.0
 _unique = itertools.count()
-
-
-async def wait_for(
-    check: Callable[[], Awaitable[bool]], what: str, deadline_s: float = 10.0
-) -> float:
-    """Poll ``check`` until true (returns the seconds it took); fail at the deadline."""
-    started = time.monotonic()
-    while not await check():
-        if time.monotonic() - started > deadline_s:
-            raise AssertionError(f"not within {deadline_s:.1f}s: {what}")
-        await asyncio.sleep(0.02)  # polling a condition with a deadline
-    return time.monotonic() - started
 
 
 @dataclass
@@ -174,7 +161,7 @@ class EppStack:
                     return False
             return True
 
-        await wait_for(reloaded, f"the EPP reloads its endpoints file ({names})")
+        await eventually(reloaded, f"the EPP reloads its endpoints file ({names})")
 
     # -- logs ---------------------------------------------------------------------------
     def mark_logs(self) -> None:

@@ -17,7 +17,8 @@ import aiohttp
 import pytest
 import pytest_asyncio
 
-from tests.faults.conftest import FaultStack, eventually
+from tests.conftest import eventually
+from tests.faults.conftest import FaultStack
 
 pytestmark = [pytest.mark.faults, pytest.mark.envoy, pytest.mark.asyncio(loop_scope="module")]
 

@@ -27,6 +27,7 @@ import grpc
 import pytest
 import pytest_asyncio
 
+from tests.conftest import eventually
 from tests.epp_gateway.fakes import (
     ExtProcClient,
     request_body,
@@ -40,7 +41,6 @@ from tests.faults.epp_support import (
     EppStack,
     Outcome,
     start_epp_stack,
-    wait_for,
 )
 
 pytestmark = [
@@ -115,17 +115,19 @@ async def test_epp_restart_under_load(env: EppStack, sig: signal.Signals) -> Non
     clients = [asyncio.create_task(client(i)) for i in range(_CLIENTS)]
     held: asyncio.Task[Outcome] | None = None
     try:
-        await wait_for(lambda: served_since(0.0, 2 * _CLIENTS), "load flows before the restart")
+        await eventually(lambda: served_since(0.0, 2 * _CLIENTS), "load flows before the restart")
         # One (chat) request is held at its decode engine across the restart.
         for url in env.stack.decode_engine_urls:
             await env.add_fault(url, kind="delay", delay_ms=2000, count=1, paths=[_CHAT])
         held = asyncio.create_task(env.complete(held_prompt, chat=True))
-        await wait_for(held_arrived, "the held request reaches a decode engine")
+        await eventually(held_arrived, "the held request reaches a decode engine")
         await env.clear_faults()
         before = len(outcomes)
         await env.stack.restart_epp(sig)
         back = time.monotonic()
-        recovery = await wait_for(lambda: served_since(back, _CLIENTS), "served again", 5.0)
+        recovery = await eventually(
+            lambda: served_since(back, _CLIENTS), "served again", timeout=5.0
+        )
         stop.set()
         async with asyncio.timeout(15):
             await asyncio.gather(*clients)
@@ -174,7 +176,7 @@ async def test_frozen_epp_is_a_503_not_a_hang(env: EppStack) -> None:
     async def served_again() -> bool:
         return (await env.complete(env.prompt())).ok
 
-    await wait_for(served_again, "requests succeed once the EPP runs again", 5.0)
+    await eventually(served_again, "requests succeed once the EPP runs again", timeout=5.0)
     assert time.monotonic() - resumed < 5.0
     await env.assert_healthy()
 
@@ -207,7 +209,7 @@ async def test_endpoint_leaves_discovery(env: EppStack, role: str) -> None:
         victim = await _first_grown(env, urls, before)
         return victim is not None
 
-    await wait_for(arrived, f"the held request reaches a {role} engine")
+    await eventually(arrived, f"the held request reaches a {role} engine")
     assert victim is not None
     await env.clear_faults()
     name = f"{role}-{urls.index(victim)}"
@@ -244,7 +246,7 @@ async def test_every_endpoint_leaves_discovery(env: EppStack) -> None:
     async def not_ready() -> bool:
         return not await env.stack.epp_ready()
 
-    await wait_for(not_ready, "the EPP reports not ready with no endpoints")
+    await eventually(not_ready, "the EPP reports not ready with no endpoints")
     outcome = await env.complete(env.prompt())
     assert outcome.status == 503, outcome
     error = outcome.json_error()
@@ -271,11 +273,11 @@ async def test_stale_metrics_keep_routing(env: EppStack) -> None:
     async def ready_endpoints(n: int) -> bool:
         return await env.epp_metric("llm_d_epp_ready_endpoints") == n
 
-    await wait_for(lambda: ready_endpoints(3), "every endpoint's metrics fresh")
+    await eventually(lambda: ready_endpoints(3), "every endpoint's metrics fresh")
     # The prefill engine's /metrics and decode-1's (scraped through its sidecar) hang.
     for url in (prefill, stale_decode):
         await env.add_fault(url, kind="hang", count=-1, paths=["/metrics"])
-    took = await wait_for(lambda: ready_endpoints(1), "the EPP marks two endpoints stale")
+    took = await eventually(lambda: ready_endpoints(1), "the EPP marks two endpoints stale")
     assert took < STALENESS_S + 5
     log = env.log_since("epp")
     for key in (_key(prefill), stale_sidecar):
@@ -309,8 +311,10 @@ async def test_stale_metrics_keep_routing(env: EppStack) -> None:
     assert await bucket("0.25") - fast == n, "a decision waited for a hung scrape"
 
     await env.clear_faults()
-    await wait_for(lambda: ready_endpoints(3), "metrics fresh again once /metrics answers")
-    await wait_for(lambda: _logged(env, "metrics fresh again", 2), "the EPP logs the recovery", 3.0)
+    await eventually(lambda: ready_endpoints(3), "metrics fresh again once /metrics answers")
+    await eventually(
+        lambda: _logged(env, "metrics fresh again", 2), "the EPP logs the recovery", timeout=3.0
+    )
     await env.assert_healthy()
 
 
@@ -374,7 +378,7 @@ async def test_extproc_stream_ends_early(env: EppStack) -> None:
     async def no_open_streams() -> bool:
         return await env.epp_metric("llm_d_epp_extproc_streams") == 0
 
-    await wait_for(no_open_streams, "no ext_proc stream open before the test")
+    await eventually(no_open_streams, "no ext_proc stream open before the test")
     expected = {stage: await ended_early(stage) for stage in set(EARLY_ENDS.values())}
     async with grpc.aio.insecure_channel(f"127.0.0.1:{env.stack.epp_grpc_port}") as channel:
         for case, stage in EARLY_ENDS.items():
@@ -389,9 +393,9 @@ async def test_extproc_stream_ends_early(env: EppStack) -> None:
             async def counted(stage: str = stage) -> bool:
                 return await ended_early(stage) == expected[stage]
 
-            await wait_for(counted, f"the EPP counts {case}")
+            await eventually(counted, f"the EPP counts {case}")
         # Nothing stuck: every stream is closed, and a normal one still works.
-        await wait_for(no_open_streams, "every ext_proc stream closed")
+        await eventually(no_open_streams, "every ext_proc stream closed")
         async with asyncio.timeout(10):
             await _normal_conversation(ExtProcClient(channel))
     # The normal conversations were not counted as ended early.
@@ -403,4 +407,4 @@ async def test_extproc_stream_ends_early(env: EppStack) -> None:
     # Envoy's own streams for those normal requests ended complete, and none stays open.
     for stage, value in expected.items():
         assert await ended_early(stage) == value, stage
-    await wait_for(no_open_streams, "every ext_proc stream closed")
+    await eventually(no_open_streams, "every ext_proc stream closed")

@@ -89,20 +89,6 @@ async def pd(start_sim: Any, start_sidecar: StartSidecar) -> PD:
     return PD(prefill, decode, sidecar)
 
 
-async def eventually(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, what: str = "condition"
-) -> None:
-    """Poll ``check`` until it holds, failing after ``timeout`` seconds (no fixed sleeps)."""
-    import asyncio
-
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
-
-
 def roles(stats: dict[str, Any]) -> dict[str, int]:
     """The simulator's request counts for the roles a P/D flow involves."""
     by_role: dict[str, int] = stats["requests_by_role"]

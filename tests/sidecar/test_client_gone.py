@@ -22,7 +22,8 @@ from typing import Any
 
 import pytest
 
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 
 BODY = json.dumps({"model": "sim-model", "prompt": "hello " * 30, "max_tokens": 4}).encode()
 FIRST_BYTES = (

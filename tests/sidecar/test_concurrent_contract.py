@@ -11,7 +11,8 @@ import pytest
 
 import sidecar.connectors as connectors
 from sidecar.connectors import Connector, LegContext, LegOrder, PrefillResult
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 
 
 class ConcurrentProbe(Connector):

@@ -11,7 +11,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 
 BODY = {"model": "sim-model", "prompt": "hello world " * 20, "max_tokens": 8}
 

@@ -12,7 +12,8 @@ import openai
 import pytest
 from aiohttp import web
 
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 from tests.sidecar_connectors.conftest import sse_events
 from vllm_sim.tokens import mm_hash
 

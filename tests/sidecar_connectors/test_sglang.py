@@ -8,7 +8,8 @@ import aiohttp
 import openai
 import pytest
 
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 from tests.sidecar_connectors.conftest import sse_events
 
 PROMPT = "tell me about kv caches " * 8

@@ -6,8 +6,9 @@ from collections.abc import AsyncIterator
 
 import pytest
 
+from tests.conftest import eventually
 from tests.epp_scheduling.fake_kube import FakeKube
-from tests.sidecar.conftest import client, eventually, start_sidecar
+from tests.sidecar.conftest import client, start_sidecar
 
 __all__ = ["client", "eventually", "kube", "start_sidecar"]
 

@@ -13,7 +13,8 @@ import pytest
 from sidecar.routing import HostPort
 from sidecar.settings import SettingsError, load_settings
 from sidecar.ssrf import decide, parse_allowlist
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 
 BODY = {"model": "sim-model", "prompt": "hello", "max_tokens": 2}
 

@@ -7,8 +7,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from tests.conftest import eventually
 from tests.epp_scheduling.fake_kube import FakeKube
-from tests.sidecar.conftest import RunningSidecar, StartSidecar, eventually
+from tests.sidecar.conftest import RunningSidecar, StartSidecar
 
 SELECTOR = {"app": "disagg"}
 BODY = {"model": "sim-model", "prompt": "hello there", "max_tokens": 3}

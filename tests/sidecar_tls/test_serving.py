@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from cryptography import x509
 
-from tests.sidecar.conftest import StartSidecar, eventually
+from tests.conftest import eventually
+from tests.sidecar.conftest import StartSidecar
 
 from .certs import CA, Issued
 
