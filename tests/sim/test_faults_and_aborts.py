@@ -81,6 +81,19 @@ def no_server_errors(caplog: pytest.LogCaptureFixture) -> bool:
     return not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+async def _cut_stream(session: aiohttp.ClientSession, sim: Any) -> bytes:
+    """What a streamed chat request received before the engine cut it."""
+    received = b""
+    with pytest.raises(aiohttp.ClientError):
+        async with session.post(
+            f"{sim.url}/v1/chat/completions", json={**CHAT, "stream": True}
+        ) as resp:
+            assert resp.status == 200
+            async for chunk in resp.content.iter_any():
+                received += chunk
+    return received
+
+
 async def test_disconnect_before_first_byte_and_mid_stream(
     start_sim: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -91,14 +104,7 @@ async def test_disconnect_before_first_byte_and_mid_stream(
         with pytest.raises(aiohttp.ClientError):
             async with session.post(f"{sim.url}/v1/chat/completions", json=CHAT) as resp:
                 await resp.read()
-        received = b""
-        with pytest.raises(aiohttp.ClientError):
-            async with session.post(
-                f"{sim.url}/v1/chat/completions", json={**CHAT, "stream": True}
-            ) as resp:
-                assert resp.status == 200
-                async for chunk in resp.content.iter_any():
-                    received += chunk
+        received = await _cut_stream(session, sim)
     assert received.count(b"data: ") == 2
     assert (await sim.stats())["aborts"] == 0  # the engine cut them, not the client
     assert no_server_errors(caplog)
@@ -117,13 +123,7 @@ async def test_truncate_cuts_a_json_answer_and_a_stream_mid_body(
             assert promised is not None
             with pytest.raises(aiohttp.ClientPayloadError):
                 await resp.read()
-        received = b""
-        with pytest.raises(aiohttp.ClientError):
-            async with session.post(
-                f"{sim.url}/v1/chat/completions", json={**CHAT, "stream": True}
-            ) as resp:
-                async for chunk in resp.content.iter_any():
-                    received += chunk
+        received = await _cut_stream(session, sim)
     events = received.split(b"\n\n")
     assert len(events) == 3  # two whole events, then half of the third
     assert events[2].startswith(b"data: {")
