@@ -1,6 +1,8 @@
 """Make relayed usage report the prefill's cached tokens, in JSON bodies and SSE streams.
 
-The decode engine counts the pulled KV as cached, but users bill on the prefill's view.
+The decode engine reports cached tokens from its own view (vLLM counts only its local
+prefix hits), but users bill on the prefill's view, where the prompt was computed.
+
 The SSE rewriter frames the stream in whole events (:mod:`sidecar.sse`) and parses only
 events that contain the shape's cached-token key, so ordinary token chunks are
 forwarded as the very bytes that arrived.
