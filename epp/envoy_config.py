@@ -102,17 +102,21 @@ def gateway_config(
     admin_port: int = 0,
     request_body_mode: str = "FULL_DUPLEX_STREAMED",
     forward_subset_hint: bool = False,
-    epp_keepalive_s: float = 5.0,
+    epp_ping_interval_s: float = 10.0,
+    epp_ping_timeout_s: float = 20.0,
 ) -> dict[str, Any]:
     """A complete bootstrap config (JSON-serialisable) for one gateway Envoy.
 
     ``forward_subset_hint`` passes the ``envoy.lb.subset_hint`` metadata that a filter
-    ahead of ext_proc sets on to the EPP. ``epp_keepalive_s``: Envoy pings its HTTP/2
-    connection to the EPP this often and drops it when a ping goes unanswered that long.
-    Envoy's per-message timeout does not cover FULL_DUPLEX_STREAMED streams, so without
-    the pings an EPP that hangs (rather than dies) would hang every request with it.
+    ahead of ext_proc sets on to the EPP. Envoy pings its HTTP/2 connection to the EPP
+    every ``epp_ping_interval_s`` and drops it, failing the requests on it, when a ping
+    goes ``epp_ping_timeout_s`` unanswered. Envoy's per-message timeout does not cover
+    FULL_DUPLEX_STREAMED streams, so without the pings an EPP that hangs (rather than
+    dies) would hang every request with it. The timeout is generous because a healthy
+    EPP can be stalled too (CPU throttling, a starved node), and then dropping the
+    connection would fail every request in flight.
     """
-    keepalive = f"{epp_keepalive_s:g}s"
+    keepalive = {"interval": f"{epp_ping_interval_s:g}s", "timeout": f"{epp_ping_timeout_s:g}s"}
     epp_cluster: dict[str, Any] = {
         "name": "epp",
         "type": "STRICT_DNS" if not epp_host[:1].isdigit() else "STATIC",
@@ -122,7 +126,7 @@ def gateway_config(
                 "@type": _HTTP_OPTIONS,
                 "explicit_http_config": {
                     "http2_protocol_options": {
-                        "connection_keepalive": {"interval": keepalive, "timeout": keepalive}
+                        "connection_keepalive": keepalive
                     }
                 },
             }

@@ -73,8 +73,9 @@ class StackOptions:
     workdir: Path | None = None
     # How often the EPP checks the endpoints file for changes (file-discovery).
     discovery_watch_interval_s: float = 1.0
-    # Envoy's HTTP/2 ping interval (and timeout) on its connection to the EPP.
-    epp_keepalive_s: float = 5.0
+    # Envoy's HTTP/2 pings on its connection to the EPP (see epp.envoy_config).
+    epp_ping_interval_s: float = 10.0
+    epp_ping_timeout_s: float = 20.0
 
 
 def engine_flags(
@@ -425,7 +426,8 @@ class LocalStack:
         config = gateway_config(
             epp_port,
             listen_port=self.options.gateway_port,
-            epp_keepalive_s=self.options.epp_keepalive_s,
+            epp_ping_interval_s=self.options.epp_ping_interval_s,
+            epp_ping_timeout_s=self.options.epp_ping_timeout_s,
         )
         base_id = 4000 + os.getpid() % 10_000
         self.envoy = EnvoyProcess(config, self.workdir, base_id)

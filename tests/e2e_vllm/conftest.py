@@ -26,9 +26,16 @@ MODEL_CACHE_ENV = "DISAGG_MODEL_CACHE"
 # Requests with fewer uncached prompt tokens than this (EPP estimate, ~4 characters a
 # token) are decode-only; the long prompts here are ~220 tokens, the short ones ~2.
 NON_CACHED_TOKENS = 32
+# Two busy engines on a small shared VM starve every other process for seconds at a
+# time (CI has seen 25 s); no timer on the request path may take that for a failure.
+STALL_S = 60
 # A real engine's /metrics costs it 20-40 ms of API-server CPU here; the default 50 ms
 # scrape interval would keep two engines on a small machine busy serving scrapes.
-EPP_ARGS = ["--refresh-metrics-interval=500ms", "--metrics-staleness-threshold=5s"]
+EPP_ARGS = [
+    "--refresh-metrics-interval=500ms",
+    "--metrics-staleness-threshold=5s",
+    f"--decision-timeout={STALL_S}s",
+]
 _HERE = Path(__file__).resolve().parent
 
 
@@ -98,6 +105,7 @@ async def real_pd(
                 non_cached_tokens=NON_CACHED_TOKENS,
                 epp_args=EPP_ARGS,
                 workdir=workdir / "stack",
+                epp_ping_timeout_s=STALL_S,
             )
         )
         await stack.start()

@@ -17,7 +17,7 @@ import pytest_asyncio
 
 from examples.local_stack.processes import wait_until
 
-from .conftest import RealPd
+from .conftest import STALL_S, RealPd
 from .engines import SERVED_MODEL, Metrics, VllmEngine, scrape
 
 pytestmark = [
@@ -29,8 +29,9 @@ pytestmark = [
 ]
 
 MAX_TOKENS = 8
-# Counters are updated from engine-core stats that may trail the HTTP response slightly.
-_SETTLE_S = 15.0
+# Counters are updated from engine-core stats that trail the HTTP response slightly, or
+# by a stall's length on a starved machine.
+_SETTLE_S = STALL_S
 
 # Sums over all label sets of these series.
 REQUESTS = "vllm:request_success_total"
