@@ -125,9 +125,7 @@ def gateway_config(
             "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                 "@type": _HTTP_OPTIONS,
                 "explicit_http_config": {
-                    "http2_protocol_options": {
-                        "connection_keepalive": keepalive
-                    }
+                    "http2_protocol_options": {"connection_keepalive": keepalive}
                 },
             }
         },

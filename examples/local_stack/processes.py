@@ -149,3 +149,9 @@ class EnvoyProcess(ManagedProcess):
             listeners = await resp.json()
         [listener] = listeners["listener_statuses"]
         self.port = int(listener["local_address"]["socket_address"]["port_value"])
+
+    async def counters(self, session: aiohttp.ClientSession) -> dict[str, int]:
+        """Envoy's counters and gauges by name (histograms left out)."""
+        async with session.get(f"{self.admin}/stats?format=json") as resp:
+            data = await resp.json()
+        return {s["name"]: int(s["value"]) for s in data["stats"] if "value" in s}

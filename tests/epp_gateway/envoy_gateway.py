@@ -119,11 +119,6 @@ class EnvoyGateway:
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    async def stats(self, session: aiohttp.ClientSession) -> dict[str, int]:
-        async with session.get(f"{self.admin}/stats?format=json") as resp:
-            data = await resp.json()
-        return {s["name"]: s.get("value", 0) for s in data["stats"] if "value" in s}
-
     async def stop(self) -> None:
         if self.proc is None or self.proc.returncode is not None:
             return

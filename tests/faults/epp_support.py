@@ -23,7 +23,8 @@ from examples.local_stack import LocalStack, StackOptions
 from tests.conftest import eventually
 
 __all__ = [
-    "EPP_PING_S",
+    "EPP_PING_INTERVAL_S",
+    "EPP_PING_TIMEOUT_S",
     "STALENESS_S",
     "EppStack",
     "Outcome",
@@ -31,8 +32,9 @@ __all__ = [
 ]
 
 STALENESS_S = 1.0
-# Envoy pings the EPP this often, and gives up on it after as long without an answer.
-EPP_PING_S = 1.5
+# Envoy pings the EPP this often, and gives up on it after this long without an answer.
+EPP_PING_INTERVAL_S = 0.5
+EPP_PING_TIMEOUT_S = 2.0
 _REQUEST_DEADLINE_S = 10.0
 _unique = itertools.count()
 
@@ -204,8 +206,8 @@ async def start_epp_stack(workdir: Path) -> EppStack:
         zero_latency=True,
         workdir=workdir,
         discovery_watch_interval_s=0.1,
-        epp_ping_interval_s=EPP_PING_S,
-        epp_ping_timeout_s=EPP_PING_S,
+        epp_ping_interval_s=EPP_PING_INTERVAL_S,
+        epp_ping_timeout_s=EPP_PING_TIMEOUT_S,
         epp_args=[
             f"--metrics-staleness-threshold={int(STALENESS_S * 1000)}ms",
             "--shutdown-grace=3s",

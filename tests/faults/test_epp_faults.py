@@ -4,8 +4,9 @@ streams end early.
 
 Chosen behaviours (see epp/envoy_config.py): while the EPP is down, frozen or its stream
 breaks, Envoy fails closed with a 503 whose JSON error body has type
-``endpoint_picker_unavailable`` (a frozen EPP is noticed by HTTP/2 pings within two
-keepalive periods); a graceful restart drains routed requests; a request whose response
+``endpoint_picker_unavailable`` (a frozen EPP is noticed by HTTP/2 pings within a ping
+interval plus the ping timeout, while an EPP stalled for less than the timeout only
+delays requests); a graceful restart drains routed requests; a request whose response
 was already passing through a crashed EPP's stream may be cut (the connection ends; no
 hang). An endpoint that leaves discovery gets no new requests once the EPP has reloaded,
 while its in-flight ones finish; with none left the EPP is not ready and refuses with a
@@ -36,7 +37,8 @@ from tests.epp_gateway.fakes import (
     response_headers,
 )
 from tests.faults.epp_support import (
-    EPP_PING_S,
+    EPP_PING_INTERVAL_S,
+    EPP_PING_TIMEOUT_S,
     STALENESS_S,
     EppStack,
     Outcome,
@@ -162,7 +164,7 @@ async def test_frozen_epp_is_a_503_not_a_hang(env: EppStack) -> None:
     assert proc is not None
     proc.send_signal(signal.SIGSTOP)
     try:
-        async with asyncio.timeout(4 * EPP_PING_S + 5):
+        async with asyncio.timeout(2 * (EPP_PING_INTERVAL_S + EPP_PING_TIMEOUT_S) + 5):
             outcomes = await asyncio.gather(
                 env.complete(env.prompt()), env.complete(env.prompt(long=True), stream=True)
             )
@@ -170,7 +172,7 @@ async def test_frozen_epp_is_a_503_not_a_hang(env: EppStack) -> None:
         proc.send_signal(signal.SIGCONT)
     for outcome in outcomes:
         assert _classify(outcome) == "refused", outcome
-        assert outcome.elapsed < 2 * EPP_PING_S + 2, outcome
+        assert outcome.elapsed < EPP_PING_INTERVAL_S + EPP_PING_TIMEOUT_S + 2, outcome
     resumed = time.monotonic()
 
     async def served_again() -> bool:
@@ -178,6 +180,32 @@ async def test_frozen_epp_is_a_503_not_a_hang(env: EppStack) -> None:
 
     await eventually(served_again, "requests succeed once the EPP runs again", timeout=5.0)
     assert time.monotonic() - resumed < 5.0
+
+
+async def test_stalled_epp_only_delays_requests(env: EppStack) -> None:
+    # A healthy EPP can get no CPU for a while (throttling, a starved node). Pings that
+    # go unanswered for less than the timeout must not cost the connection, and with it
+    # every request on it.
+    proc = env.stack.epp.proc if env.stack.epp is not None else None
+    assert proc is not None and env.stack.envoy is not None
+    stall_s = EPP_PING_TIMEOUT_S / 2
+    assert stall_s > EPP_PING_INTERVAL_S, "the stall must leave a ping unanswered"
+    before = await env.stack.envoy.counters(env.session)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        pending = [
+            asyncio.ensure_future(env.complete(env.prompt(long), stream=long))
+            for long in (False, True)
+        ]
+        await asyncio.sleep(stall_s)  # the fault itself: how long the EPP gets no CPU
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    for outcome in await asyncio.gather(*pending):
+        assert outcome.ok, outcome
+        assert outcome.elapsed > stall_s / 2, f"not held by the stalled EPP: {outcome}"
+    after = await env.stack.envoy.counters(env.session)
+    for counter in ("cluster.epp.http2.keepalive_timeout", "cluster.epp.upstream_cx_total"):
+        assert after[counter] == before[counter], counter
     await env.assert_healthy()
 
 
