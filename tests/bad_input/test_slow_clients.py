@@ -35,6 +35,9 @@ from tests.conftest import eventually
 pytestmark = [pytest.mark.bad_input, pytest.mark.asyncio(loop_scope="module")]
 
 _BYTE_GAP_S = 0.02  # far below every timeout: the client is slow, never idle
+# Timing bounds from above are loose on purpose: a shared CI machine can stall every
+# process for seconds. That a server timeout (not the end of the request) ended the
+# exchange is shown by the bytes still unsent when it ended.
 
 
 class SlowClient:
@@ -106,7 +109,7 @@ async def test_pd_body_a_byte_at_a_time_is_408_after_the_body_deadline(
     headers, elapsed = await client.run(_BODY, at_once=head, deadline_s=BODY_DEADLINE_S + 3)
     assert headers.startswith(b"HTTP/1.1 408"), headers
     assert b"application/json" in headers
-    assert BODY_DEADLINE_S <= elapsed < BODY_DEADLINE_S + 1.0
+    assert elapsed >= BODY_DEADLINE_S
     assert client.sent < len(_BODY)
     assert (await pd.prefill.stats())["requests_total"] == 0
     assert any(
@@ -123,11 +126,13 @@ async def test_passthrough_body_a_byte_at_a_time_ends_at_the_first_byte_timeout(
     servers = await start_sidecar(pd.decode.port, decode_first_byte_timeout=0.5)
     try:
         client = SlowClient(servers.port)
-        line, elapsed = await client.run(_head("/v1/completions", len(_BODY)) + _BODY, deadline_s=5)
+        request = _head("/v1/completions", len(_BODY)) + _BODY
+        # The whole request would take 40 s to trickle; the timeout ends it much sooner.
+        line, _ = await client.run(request, deadline_s=30)
     finally:
         await servers.drain_and_stop()
     assert line.startswith(b"HTTP/1.1 504"), line
-    assert elapsed < 0.5 + 1.0 + len(_head("/v1/completions", 0)) * _BYTE_GAP_S * 1.5
+    assert client.sent < len(request)
     assert server_errors(caplog.records) == []
 
 
@@ -155,12 +160,15 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
     try:
         port = int(runner.addresses[0][1])
         client = SlowClient(port)
-        line, elapsed = await client.run(_head("/x", 2) + b"{}", deadline_s=5)
+        # About 10 s of headers at the client's pace, cut at 0.5 s.
+        request = _head("/x", 2, "x-padding: " + "p" * 400) + b"{}"
+        line, elapsed = await client.run(request, deadline_s=15)
     finally:
         await runner.cleanup()
     assert line == b"", line  # closed, no answer and no handler
     assert handled == []
-    assert 0.5 <= elapsed < 2.0
+    assert elapsed >= 0.5
+    assert client.sent < len(request)
     assert server_errors(caplog.records) == []
 
 
@@ -197,11 +205,10 @@ async def test_gateway_bounds_slow_headers_and_bodies(
     head = _head("/v1/chat/completions", len(body))
     decided_before = len(gateway.epp.decode.requests)
     for what, first, rest in (("headers", b"", head + body), ("body", head, body)):
-        line, elapsed = await SlowClient(gateway.port).run(
-            rest, at_once=first, deadline_s=GATEWAY_REQUEST_TIMEOUT_S + 4
-        )
+        client = SlowClient(gateway.port)
+        line, _ = await client.run(rest, at_once=first, deadline_s=GATEWAY_REQUEST_TIMEOUT_S + 8)
         assert line.startswith(b"HTTP/1.1 408"), (what, line)
-        assert elapsed < GATEWAY_REQUEST_TIMEOUT_S + 1.5, (what, elapsed)
+        assert client.sent < len(rest), what
     assert len(gateway.epp.decode.requests) == decided_before  # nothing was routed
     registry = gateway.epp.app.metrics.registry
 
