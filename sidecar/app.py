@@ -27,7 +27,7 @@ from sidecar.api_shapes import shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
 from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import PrefillRejected, SidecarError
-from sidecar.exchange import Exchange, new_request_id
+from sidecar.exchange import Exchange, client_request_id, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
 from sidecar.health import Readiness
 from sidecar.log import access_log, http_log, log
@@ -89,6 +89,7 @@ def _policy(settings: Settings) -> Policy:
         prefill_timeout=settings.prefill_timeout,
         decode_first_byte_timeout=settings.decode_first_byte_timeout,
         stream_idle_timeout=settings.stream_idle_timeout,
+        allow_client_transfer_params=settings.allow_client_transfer_params,
     )
 
 
@@ -227,12 +228,12 @@ def _encode_stage(
 
 def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
     if isinstance(error, PrefillRejected):
-        headers = {REQUEST_ID: ex.request_id}
+        headers = {REQUEST_ID: ex.reply_id}
         if error.content_type:
             headers["Content-Type"] = error.content_type
         return web.Response(status=error.status, body=error.body, headers=headers)
     return web.json_response(
-        error.payload(ex.request_id), status=error.status, headers={REQUEST_ID: ex.request_id}
+        error.payload(ex.reply_id), status=error.status, headers={REQUEST_ID: ex.reply_id}
     )
 
 
@@ -240,7 +241,8 @@ def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
 async def _boundary(request: web.Request, handler: _Handler) -> web.StreamResponse:
     metrics = request.app[METRICS]
     ex = Exchange(
-        request_id=new_request_id(request.headers.get(REQUEST_ID)),
+        request_id=new_request_id(),
+        client_request_id=client_request_id(request.headers.get(REQUEST_ID)),
         method=request.method,
         path=request.path,
         trace=TraceContext.from_header(request.headers.get(TRACEPARENT)),
@@ -257,7 +259,14 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         ex.error = error.message
         if ex.response_started:
             raise
-        log.warning({"event": "request_error", "request_id": ex.request_id, "error": ex.error})
+        log.warning(
+            {
+                "event": "request_error",
+                "request_id": ex.request_id,
+                "client_request_id": ex.client_request_id,
+                "error": ex.error,
+            }
+        )
         ex.first_byte()
         return _error_response(error, ex)
     except asyncio.CancelledError:
@@ -309,9 +318,9 @@ def _internal_error(exc: Exception, ex: Exchange) -> web.Response:
     log.exception({"event": "internal_error", "request_id": ex.request_id})
     ex.first_byte()
     return web.json_response(
-        SidecarError("internal error").payload(ex.request_id),
+        SidecarError("internal error").payload(ex.reply_id),
         status=500,
-        headers={REQUEST_ID: ex.request_id},
+        headers={REQUEST_ID: ex.reply_id},
     )
 
 
@@ -352,6 +361,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         # its path: appended to the engine's URL as it stands, it made a broken URL.
         request = request.clone(rel_url=request.rel_url)
     shape = shape_for(request.path) if request.method == "POST" else None
+    read: bytes | None = None
     if shape is not None:
         if services.guard is not None:
             services.guard.check_headers(request.headers, ex.request_id)
@@ -359,7 +369,9 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         encoders = request.headers.get(ENCODER_HOSTS_PORTS)
         if header is not None or (encoders and rank.orchestrator.encode is not None):
             return await rank.orchestrator.serve(request, shape, header, ex, encoders)
+        # Decode-only: the body goes to the engine as sent, once checked like any other.
         ex.mode = "local"
+        read, _ = await rank.orchestrator.client_body(request, ex)
     return await passthrough(
         request,
         services.local,
@@ -367,6 +379,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         ex,
         first_byte_timeout=settings.decode_first_byte_timeout,
         idle_timeout=settings.stream_idle_timeout,
+        read=read,
     )
 
 

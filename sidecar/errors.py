@@ -6,6 +6,8 @@
     ├── BadRequest                      400     request   the client's request cannot be served
     │   ├── InvalidRoutingHeader        400     request   a routing header does not parse
     │   ├── InvalidBody                 400     request   P/D path, body is not a JSON object
+    │   ├── ForbiddenField              400     request   the body carries a field only the
+    │   │                                                 sidecar may set (kv_transfer_params...)
     │   ├── RequestBodyTimeout          408     request   P/D body not received in time
     │   └── BodyTooLarge                413     request   body over --max-body-bytes
     ├── TargetForbidden                 403     ssrf      a routing target is not in the pool
@@ -42,6 +44,7 @@ __all__ = [
     "DecodeTimeout",
     "EncodeError",
     "EncodeTimeout",
+    "ForbiddenField",
     "InvalidBody",
     "InvalidRoutingHeader",
     "PrefillError",
@@ -98,6 +101,24 @@ class InvalidRoutingHeader(BadRequest):
 
 class InvalidBody(BadRequest):
     pass
+
+
+class ForbiddenField(BadRequest):
+    """The client's body carries a field that steers an engine's KV side channel."""
+
+    kind = "forbidden_field"
+
+    def __init__(self, field: str) -> None:
+        super().__init__(
+            f"request body field {field!r} is set by the sidecar only: it would steer where "
+            "an engine connects for KV or encoder outputs"
+        )
+        self.field = field
+
+    def payload(self, request_id: str | None) -> dict[str, Any]:
+        body = super().payload(request_id)
+        body["error"]["param"] = self.field
+        return body
 
 
 class RequestBodyTimeout(BadRequest):

@@ -9,16 +9,22 @@ from typing import Any
 
 from sidecar.headers import TraceContext
 
-__all__ = ["Exchange", "new_request_id"]
+__all__ = ["Exchange", "client_request_id", "new_request_id"]
 
 _MAX_CLIENT_ID = 256
 
 
-def new_request_id(client_value: str | None) -> str:
-    """The client's own id when it sent a sane one, else a fresh one."""
-    if client_value and len(client_value) <= _MAX_CLIENT_ID and client_value.isprintable():
-        return client_value
+def new_request_id() -> str:
+    """The id every leg of one client request carries: fresh, never the client's own
+    (two clients may send the same id, and an engine keys its state by it)."""
     return uuid.uuid4().hex
+
+
+def client_request_id(value: str | None) -> str | None:
+    """The client's ``x-request-id`` when sane (logged and echoed back), else None."""
+    if value and len(value) <= _MAX_CLIENT_ID and value.isprintable():
+        return value
+    return None
 
 
 @dataclass(slots=True)
@@ -27,6 +33,7 @@ class Exchange:
     method: str
     path: str
     trace: TraceContext
+    client_request_id: str | None = None
     start: float = field(default_factory=time.perf_counter)
     mode: str = "passthrough"  # pd | epd | local | fallback | passthrough | health
     status: int = 0
@@ -37,6 +44,7 @@ class Exchange:
     ttft_s: float | None = None  # request received -> first byte to the client
     total_s: float | None = None
     fallback_reason: str | None = None
+    prefill_finish: str | None = None  # "stopped": the prefill's generation was complete
     decode_first: str | None = None  # a decode-first attempt was "accepted" or "declined"
     encode_items: int = 0
     encode_s: float | None = None
@@ -45,6 +53,11 @@ class Exchange:
     response_started: bool = False
     # Set when a concurrent leg failed and the stream being relayed must end with it.
     abort: BaseException | None = None
+
+    @property
+    def reply_id(self) -> str:
+        """The ``x-request-id`` the client gets back: its own, or ours when it sent none."""
+        return self.client_request_id or self.request_id
 
     def first_byte(self) -> None:
         if self.ttft_s is None:
@@ -69,6 +82,7 @@ class Exchange:
         return {
             "event": "request",
             "request_id": self.request_id,
+            "client_request_id": self.client_request_id,
             "trace_id": self.trace.trace_id,
             "method": self.method,
             "path": self.path,
@@ -82,6 +96,7 @@ class Exchange:
             "total_ms": ms(self.total_s),
             "overhead_ms": ms(self.overhead_s),
             "fallback_reason": self.fallback_reason,
+            "prefill_finish": self.prefill_finish,
             "decode_first": self.decode_first,
             "encode_items": self.encode_items,
             "encode_ms": ms(self.encode_s),

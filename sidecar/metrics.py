@@ -87,6 +87,18 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        self.prefill_finished = Counter(
+            "pd_sidecar_prefill_finished",
+            "Prefills whose generation ended on the first token (EOS or a stop string), "
+            "leaving no KV: the decode ran the client's own body instead. Not a failure.",
+            registry=r,
+        )
+        self.forbidden_fields = Counter(
+            "pd_sidecar_forbidden_fields",
+            "Requests refused (400) for a body field only the sidecar may set, by field.",
+            ["field"],
+            registry=r,
+        )
         self.stale_connection_retries = Counter(
             "pd_sidecar_stale_connection_retries",
             "Upstream requests resent once because a pooled connection had been closed.",

@@ -40,6 +40,7 @@ from tenacity import (
 
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
+from sidecar.client_fields import forbidden_field
 from sidecar.connectors import Connector, EncodeStage, LegContext, LegOrder, PrefillResult
 from sidecar.decode_first import FinishScan, Verdict
 from sidecar.errors import (
@@ -47,6 +48,7 @@ from sidecar.errors import (
     DecodeError,
     DecodeNotReady,
     DecodeTimeout,
+    ForbiddenField,
     InvalidBody,
     PrefillError,
     PrefillRejected,
@@ -82,6 +84,8 @@ class Policy:
     prefill_timeout: float = 300.0
     decode_first_byte_timeout: float = 600.0
     stream_idle_timeout: float = 120.0
+    # Trusted clients only: let bodies carry kv_transfer_params & co (client_fields).
+    allow_client_transfer_params: bool = False
 
 
 class _Retryable(Exception):
@@ -161,6 +165,17 @@ class Orchestrator:
             multiplier=backoff * 2, max=max(backoff * 16, 0.001), jitter=backoff
         )
 
+    async def client_body(self, request: web.Request, ex: Exchange) -> tuple[bytes, dict[str, Any]]:
+        """The client's body, bounded and parsed; refused if it carries a sidecar-only field."""
+        raw = await read_body(request, self.policy.max_body_bytes, self.policy.request_body_timeout)
+        body = parse_json_object(raw)
+        if not self.policy.allow_client_transfer_params:
+            field = forbidden_field(body)
+            if field is not None:
+                self.metrics.forbidden_fields.labels(field=field).inc()
+                raise ForbiddenField(field)
+        return raw, body
+
     async def serve(
         self,
         request: web.Request,
@@ -175,8 +190,7 @@ class Orchestrator:
         encoders = None
         if encoders_value is not None and self.encode is not None:
             encoders = parse_host_ports(encoders_value, ENCODER_HOSTS_PORTS)
-        raw = await read_body(request, self.policy.max_body_bytes, self.policy.request_body_timeout)
-        body = parse_json_object(raw)
+        raw, body = await self.client_body(request, ex)
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id
         headers["Content-Type"] = "application/json"
@@ -219,14 +233,37 @@ class Orchestrator:
             if extra or declined:
                 # The body as sent would lack the encoder outputs, or decline again.
                 local = LegContext(shape, body, ex.request_id, targets[first], extra=extra)
-                payload = dumps({**self.connector.decode_body(local, None), **extra})
-                return await self._decode(request, shape, payload, headers, None, ex, note)
+                return await self._decode_without_kv(request, local, headers, ex, note)
             fallback_headers = request_headers(request.headers, body_rewritten=False)
             fallback_headers[REQUEST_ID] = ex.request_id
             return await self._decode(request, shape, raw, fallback_headers, None, ex, note)
+        if result.generation_finished:
+            return await self._generation_finished(request, ctx, headers, ex)
         ex.cached_tokens = cached
         decode_body = dumps(self.connector.decode_body(ctx, result))
         return await self._decode(request, shape, decode_body, headers, cached, ex, None)
+
+    async def _generation_finished(
+        self, request: web.Request, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
+    ) -> web.StreamResponse:
+        """The prefill's generation ended on its first token (EOS or a stop string), so it
+        holds no KV to hand over. The answer a single engine gives is the decode engine's
+        answer to the client's own body: a normal outcome, counted, never a 502."""
+        ex.prefill_finish = "stopped"
+        self.metrics.prefill_finished.inc()
+        return await self._decode_without_kv(request, ctx, headers, ex, None)
+
+    async def _decode_without_kv(
+        self,
+        request: web.Request,
+        ctx: LegContext,
+        headers: CIMultiDict[str],
+        ex: Exchange,
+        note: Mapping[str, str] | None,
+    ) -> web.StreamResponse:
+        """Decode the client's body (with the encode stage's output) on the local engine."""
+        payload = dumps(self.connector.local_body(ctx))
+        return await self._decode(request, ctx.shape, payload, headers, None, ex, note)
 
     # -- prefill ---------------------------------------------------------------------
 
@@ -323,6 +360,7 @@ class Orchestrator:
             )
         payload = dumps(self.connector.prefill_body(ctx))
         leg_headers = headers.copy()
+        leg_headers.update(self.connector.prefill_headers(ctx))
         leg_headers[TRACEPARENT] = ex.trace.leg_header()
         url = target.base_url + shape.path
         try:
@@ -364,7 +402,10 @@ class Orchestrator:
                 f"prefill at {target} answered with malformed JSON", "malformed_answer"
             ) from None
         result = self.connector.read_prefill(ctx, parsed)
-        return ctx, result, shape.read_cached(parsed)
+        # A prefill engine without --enable-prompt-tokens-details reports no count: it
+        # found nothing it will own up to, and the client is billed for that view.
+        cached = shape.read_cached(parsed)
+        return ctx, result, 0 if cached is None else cached
 
     def _forget(self, target: HostPort) -> None:
         self._prepared.pop(target, None)
@@ -473,6 +514,7 @@ class Orchestrator:
         complete = False
         try:
             out_headers = response_headers(response.headers)
+            out_headers[REQUEST_ID] = ex.reply_id
             if extra_headers:
                 out_headers.update(extra_headers)
             rewrite = cached is not None and 200 <= response.status < 300
@@ -526,7 +568,7 @@ class Orchestrator:
         task.uncancel()
         ex.status = failure.status
         ex.error = failure.message
-        await out.write(b"\n\n" + error_event(failure, ex.request_id))
+        await out.write(b"\n\n" + error_event(failure, ex.reply_id))
         await out.write_eof()
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
@@ -556,73 +598,96 @@ class Orchestrator:
         extra: Mapping[str, Any],
         ex: Exchange,
     ) -> web.StreamResponse:
-        """Both legs at once; a failed prefill ends the decode leg with an error."""
-        target = targets[first]
-        ex.prefiller = target.authority
-        ctx = LegContext(
-            shape=shape,
-            body=body,
-            request_id=ex.request_id,
-            prefiller=target,
-            prepared=await self._prepare(target),
-            extra=extra,
-        )
+        """Both legs at once, retried together on the next prefiller while nothing has
+        reached the client; each attempt pairs the legs afresh (a new room, transfer id)."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            while True:
+                target = targets[(first + ex.prefill_attempts) % len(targets)]
+                ex.prefill_attempts += 1
+                ex.prefiller = target.authority
+                ctx = LegContext(
+                    shape=shape,
+                    body=body,
+                    request_id=ex.request_id,
+                    prefiller=target,
+                    prepared=await self._prepare(target),
+                    extra=extra,
+                )
+                try:
+                    return await self._concurrent_once(request, ctx, headers, ex)
+                except _Retryable as exc:
+                    if ex.response_started or ex.prefill_attempts > self.policy.prefill_max_retries:
+                        self.metrics.prefill_failures.labels(reason=exc.error.reason).inc()
+                        raise exc.error from None
+                    self.metrics.prefill_retries.labels(reason=exc.error.reason).inc()
+                    ex.abort = None
+                    backoff = self.policy.prefill_retry_backoff * ex.prefill_attempts
+                    await asyncio.sleep(backoff + random.uniform(0, backoff))
+        finally:
+            ex.prefill_s = loop.time() - started
+
+    async def _concurrent_once(
+        self, request: web.Request, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
+    ) -> web.StreamResponse:
+        """One paired attempt. A failed prefill ends the decode leg: with ``_Retryable``
+        (or the error) before the client saw a byte, with an error event after it. A
+        prefill whose generation finished leaves nothing to pull: the decode is replaced
+        by a local one when the client has seen nothing yet."""
         prefill = asyncio.ensure_future(self._concurrent_prefill(ctx, headers, ex))
+        decode_body = dumps(self.connector.decode_body(ctx, None))
         relay = asyncio.ensure_future(
-            self._decode(
-                request,
-                shape,
-                dumps(self.connector.decode_body(ctx, None)),
-                headers,
-                None,
-                ex,
-                None,
-            )
+            self._decode(request, ctx.shape, decode_body, headers, None, ex, None)
         )
 
-        def stop_decode_on_failure(task: asyncio.Future[None]) -> None:
-            if not task.cancelled() and task.exception() is not None:
-                ex.abort = task.exception()
+        def stop_decode(task: asyncio.Future[PrefillResult]) -> None:
+            if task.cancelled():
+                return
+            failure = task.exception()
+            if failure is not None:
+                ex.abort = failure.error if isinstance(failure, _Retryable) else failure
+                relay.cancel()
+            elif task.result().generation_finished and not ex.response_started:
                 relay.cancel()
 
-        prefill.add_done_callback(stop_decode_on_failure)
+        prefill.add_done_callback(stop_decode)
         try:
             answered = await relay
             if answered.status >= 500:
                 # The decode could not use what prepare() learned (e.g. the prefiller
                 # restarted with a new engine id): ask again next time.
-                self._forget(target)
+                self._forget(ctx.prefiller)
             return answered
         except asyncio.CancelledError:
-            # A failed prefill cancels the relay (see above); anything else (the client
-            # left, the prefill still running) is a cancellation of this request.
-            failure = prefill.exception() if prefill.done() and not prefill.cancelled() else None
+            # stop_decode cancels the relay (see above); anything else (the client left,
+            # the prefill still running) is a cancellation of this request.
             current = asyncio.current_task()
-            if failure is None or (current is not None and current.cancelling()):
+            if not prefill.done() or prefill.cancelled() or (current and current.cancelling()):
                 raise
-            raise failure from None
+            failure = prefill.exception()
+            if failure is not None:
+                raise failure from None
+            ex.abort = None
+            return await self._generation_finished(request, ctx, headers, ex)
         finally:
-            prefill.remove_done_callback(stop_decode_on_failure)
+            prefill.remove_done_callback(stop_decode)
             if not prefill.done():
                 prefill.cancel()
             await asyncio.gather(prefill, return_exceptions=True)
 
     async def _concurrent_prefill(
         self, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
-    ) -> None:
+    ) -> PrefillResult:
         loop = asyncio.get_running_loop()
         started = loop.time()
-        ex.prefill_attempts = 1
         try:
-            await self._prefill_once(
+            _, result, _ = await self._prefill_once(
                 ctx.shape, dict(ctx.body), ctx.prefiller, headers, ctx.extra, ex, paired=ctx
             )
-        except _Retryable as exc:
-            self.metrics.prefill_failures.labels(reason=exc.error.reason).inc()
-            raise exc.error from None
+            return result
         except PrefillError as exc:
             self.metrics.prefill_failures.labels(reason=exc.reason).inc()
             raise
         finally:
-            ex.prefill_s = loop.time() - started
-            self.metrics.prefill_seconds.observe(ex.prefill_s)
+            self.metrics.prefill_seconds.observe(loop.time() - started)

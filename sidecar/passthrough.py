@@ -1,7 +1,9 @@
 """Everything that is not P/D: forwarded to the local vLLM untouched, streamed both ways.
 
-The request body is streamed upstream as it arrives and the answer is streamed back
-chunk by chunk; only hop-by-hop and routing headers are dropped.
+The request body is streamed upstream as it arrives (or, for a decode-only generation
+request, sent as the bytes already read and checked) and the answer is streamed back
+chunk by chunk; only hop-by-hop and routing headers are dropped, and the engine gets our
+request id.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from aiohttp import web
 
 from sidecar.errors import DecodeError, DecodeNotReady, DecodeTimeout
 from sidecar.exchange import Exchange
-from sidecar.headers import request_headers, response_headers
+from sidecar.headers import REQUEST_ID, request_headers, response_headers
 from sidecar.relay import is_event_stream, relay_body
 from sidecar.upstream import Upstream
 
@@ -29,9 +31,14 @@ async def passthrough(
     *,
     first_byte_timeout: float,
     idle_timeout: float,
+    read: bytes | None = None,
 ) -> web.StreamResponse:
+    """Forward ``request``; ``read`` is its body when the caller has already read it."""
     headers = request_headers(request.headers, body_rewritten=False)
-    body: AsyncIterator[bytes] | None = request.content.iter_any() if request.body_exists else None
+    headers[REQUEST_ID] = ex.request_id  # the engine's id: ours, never the client's
+    body: AsyncIterator[bytes] | bytes | None = read
+    if body is None and request.body_exists:
+        body = request.content.iter_any()
     url = base_url + request.raw_path
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -51,10 +58,10 @@ async def passthrough(
         except aiohttp.ClientError as exc:
             raise DecodeError(f"model server request failed: {exc!r}") from None
         ex.decode_wait_s = loop.time() - started
+        out_headers = response_headers(response.headers)
+        out_headers[REQUEST_ID] = ex.reply_id
         out = web.StreamResponse(
-            status=response.status,
-            reason=response.reason,
-            headers=response_headers(response.headers),
+            status=response.status, reason=response.reason, headers=out_headers
         )
         if response.content_length is not None:
             out.content_length = response.content_length

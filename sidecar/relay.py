@@ -85,5 +85,5 @@ async def relay_body(
         framer.discard()  # half an event is garbage to the client
     # A blank line first: a no-op after whole events, it still ends an event relayed
     # raw (one over the framing limit) that was cut in half.
-    await out.write(b"\n\n" + error_event(failure, ex.request_id))
+    await out.write(b"\n\n" + error_event(failure, ex.reply_id))
     await out.write_eof()

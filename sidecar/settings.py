@@ -155,6 +155,10 @@ class Settings(BaseSettings):
     listen_host: str = "0.0.0.0"
     metrics_port: Port = 9400
     prefill_fallback: Literal["error", "local"] = "error"
+    # Trusted clients only: let request bodies carry kv_transfer_params, ec_transfer_params
+    # and SGLang's bootstrap_* fields (refused with 400 by default: they pick where the
+    # engines connect).
+    allow_client_transfer_params: GoBool = False
     max_body_bytes: Annotated[int, Field(ge=1024)] = 32 * 1024 * 1024
     connect_timeout: Duration = 5.0
     # A P/D request's body is buffered before any leg starts: a client trickling it (a

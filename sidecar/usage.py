@@ -19,7 +19,7 @@ __all__ = ["SseUsageRewriter", "rewrite_event", "rewrite_json"]
 
 def rewrite_json(shape: ApiShape, body: bytes, cached: int) -> bytes:
     """The JSON body with its cached-token count replaced, or ``body`` itself if none."""
-    if not shape.cached_marker or shape.cached_marker not in body:
+    if shape.usage_marker not in body:
         return body
     try:
         payload = loads(body)
@@ -62,7 +62,7 @@ class SseUsageRewriter(EventFramer):
         super().__init__()
         self._shape = shape
         self._cached = cached
-        self._marker = shape.cached_marker
+        self._marker = shape.usage_marker
 
     def events(self, complete: bytes) -> bytes:
         if self._marker not in complete:

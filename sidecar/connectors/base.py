@@ -17,6 +17,11 @@ Leg order (:attr:`Connector.order`):
     ends the decode leg with an error (sglang, mooncake). Values both legs must agree on
     (a rendezvous room, a transfer id) derive from :attr:`LegContext.pairing`.
 
+A prefill whose generation already ended on its first token (``Finish.STOPPED``) holds
+no KV; :meth:`Connector.read_prefill` says so with ``generation_finished`` and the
+orchestrator decodes :meth:`Connector.local_body` instead: the answer a single engine
+would give. A prefill that stopped at the cap without what the decode needs is an error.
+
 Decode first (optional, sequential connectors): when :meth:`Connector.decode_first_body`
 returns a body, the orchestrator sends it to the decode engine before any prefill. If
 that attempt finishes with :attr:`Connector.decline_reason` as its finish reason before
@@ -87,6 +92,10 @@ class PrefillResult:
     """What the decode leg needs from a finished prefill."""
 
     transfer_params: Mapping[str, Any] | None
+    # The prefill's generation already ended (EOS or a stop string on its first token):
+    # no KV is held for a decode, and the client's answer comes from a decode of its own
+    # body (``Connector.local_body``).
+    generation_finished: bool = False
 
 
 class Connector(ABC):
@@ -119,6 +128,15 @@ class Connector(ABC):
     def decode_first_body(self, ctx: LegContext) -> dict[str, Any] | None:
         """Body of a decode attempt sent before any prefill, or None (the usual order)."""
         return None
+
+    def local_body(self, ctx: LegContext) -> dict[str, Any]:
+        """Body of a decode that runs without KV from any prefill: the prefill failed under
+        ``--prefill-fallback=local``, or its generation finished on the first token."""
+        return {**ctx.body, **ctx.extra}
+
+    def prefill_headers(self, ctx: LegContext) -> Mapping[str, str]:
+        """Extra headers of the prefill leg (e.g. a data-parallel rank to pin)."""
+        return {}
 
 
 class EncodeStage(Protocol):

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from sidecar.api_shapes import Finish
 from sidecar.connectors._bodies import one_token_prefill
 from sidecar.connectors.base import Connector, LegContext, LegOrder, PrefillResult
 from sidecar.errors import PrefillIncomplete
@@ -39,12 +40,18 @@ class NixlV2Connector(Connector):
 
     def read_prefill(self, ctx: LegContext, payload: object) -> PrefillResult:
         params = payload.get("kv_transfer_params") if isinstance(payload, Mapping) else None
-        if not isinstance(params, Mapping) or not params:
-            raise PrefillIncomplete(
-                f"prefill at {ctx.prefiller} answered without kv_transfer_params "
-                "(it did not stop at the length cap); the decode would recompute the prompt"
-            )
-        return PrefillResult(transfer_params=params)
+        if isinstance(params, Mapping) and params:
+            return PrefillResult(transfer_params=params)
+        finish = ctx.shape.finish(payload)
+        if finish is Finish.STOPPED:
+            # vLLM hands over KV only for a prefill that reached the cap (0.32: or EOS);
+            # one that met a stop string finished the whole generation instead.
+            return PrefillResult(transfer_params=None, generation_finished=True)
+        ended = "at the length cap" if finish is Finish.LENGTH else "without a usable finish"
+        raise PrefillIncomplete(
+            f"prefill at {ctx.prefiller} ended {ended} but answered without "
+            "kv_transfer_params; the decode would recompute the prompt"
+        )
 
     def decode_body(self, ctx: LegContext, prefill: PrefillResult | None) -> dict[str, Any]:
         # ctx.extra (encode-stage output) belongs to the prefill leg only: the decode

@@ -51,7 +51,9 @@ async def test_concurrent_legs(
         assert resp.status == 200
     assert (await prefill.stats())["requests_by_role"]["prefill"] == 1
     d_stats = await decode.stats()
-    assert d_stats["recorded"][0]["body"] == {**BODY, "room": "room-1"}
+    leg_id = d_stats["recorded"][0]["headers"]["x-request-id"]
+    assert leg_id != "room-1"  # the legs get a fresh id, never the client's
+    assert d_stats["recorded"][0]["body"] == {**BODY, "room": leg_id}
 
     # A failing prefill ends a decode that would otherwise wait forever.
     await prefill.add_fault(kind="status", status=500)

@@ -141,14 +141,18 @@ async def test_any_method_path_and_query_untouched(
     assert seen["headers"]["Authorization"] == "Bearer t"
 
 
-async def test_post_to_api_path_with_non_json_body_passes_through_without_header(
+async def test_generation_path_without_header_refuses_a_body_it_cannot_check(
     upstream: tuple[Upstream, int], start_sidecar: StartSidecar, client: aiohttp.ClientSession
 ) -> None:
+    # Decode-only bodies are checked for sidecar-only fields like P/D ones: a body the
+    # sidecar cannot parse cannot be checked, so it never reaches the engine.
     state, port = upstream
     sidecar = await start_sidecar(model_server_port=port)
     async with client.post(sidecar.url + "/v1/completions", data=b"not json") as resp:
-        assert resp.status == 207
-    assert state.seen[0]["body"] == b"not json"
+        assert resp.status == 400
+        error = (await resp.json())["error"]
+        assert "not valid JSON" in error["message"]
+    assert state.seen == []
 
 
 async def test_request_body_streams_upstream_before_it_is_complete(

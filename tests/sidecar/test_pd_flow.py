@@ -177,20 +177,25 @@ async def test_openai_client_json_and_stream(pd: PD) -> None:
     assert d_stats["requests_by_role"]["decode"] == 2
 
 
-async def test_one_request_id_on_both_legs_client_id_kept(
+async def test_one_fresh_request_id_on_both_legs_client_id_echoed(
     pd: PD, client: aiohttp.ClientSession
 ) -> None:
+    # Two clients may send the same id; an engine keys its requests (and NIXL its
+    # leases) by it. The legs share one id of ours; the client gets its own id back.
     headers = {**pd.headers, "x-request-id": "client-chosen-id-1"}
     body = BODIES["/v1/completions"]
-    async with client.post(pd.url + "/v1/completions", json=body, headers=headers) as resp:
-        assert resp.status == 200
-        assert resp.headers["x-request-id"] == "client-chosen-id-1"
-    p_rec, d_rec = await assert_legs(pd, "/v1/completions", body)
-    assert (
-        p_rec["headers"]["x-request-id"]
-        == d_rec["headers"]["x-request-id"]
-        == ("client-chosen-id-1")
-    )
+    leg_ids = []
+    for _ in range(2):
+        async with client.post(pd.url + "/v1/completions", json=body, headers=headers) as resp:
+            assert resp.status == 200
+            assert resp.headers["x-request-id"] == "client-chosen-id-1"
+        p_rec, d_rec = await assert_legs(pd, "/v1/completions", body)
+        assert p_rec["headers"]["x-request-id"] == d_rec["headers"]["x-request-id"]
+        leg_ids.append(p_rec["headers"]["x-request-id"])
+        await pd.prefill.reset()
+        await pd.decode.reset()
+    assert "client-chosen-id-1" not in leg_ids
+    assert leg_ids[0] != leg_ids[1]
 
 
 async def test_generated_request_id_shared_and_traceparent_propagated(

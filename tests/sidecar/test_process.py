@@ -94,7 +94,7 @@ async def test_sigterm_drains_in_flight_requests_and_exits_0(start_sim: Any) -> 
             await proc.wait()
     events = [line.get("event") for line in sidecar.lines]
     assert events.index("draining") < events.index("stopped")
-    (access,) = [line for line in sidecar.lines if line.get("request_id") == "drain-1"]
+    (access,) = [line for line in sidecar.lines if line.get("client_request_id") == "drain-1"]
     assert access["mode"] == "pd" and access["status"] == 200
     assert access["prefiller"] == prefill.host_port
     assert access["prefill_ms"] is not None and access["ttft_ms"] is not None

@@ -101,13 +101,28 @@ def test_responses_completed_event() -> None:
 
 
 def test_messages_start_and_delta() -> None:
-    start = {"type": "message_start", "message": {"usage": {"cache_read_input_tokens": 8}}}
-    delta = {"type": "message_delta", "usage": {"output_tokens": 2, "cache_read_input_tokens": 8}}
+    # Anthropic's input_tokens excludes cache reads (vLLM: prompt - cached): 9 tokens,
+    # 8 of them cached on the decode engine; the prefill's view is 0 cached.
+    start_usage = {"input_tokens": 1, "output_tokens": 0, "cache_read_input_tokens": 8}
+    start = {"type": "message_start", "message": {"usage": start_usage}}
+    delta_usage = {"input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": 8}
+    delta = {"type": "message_delta", "usage": delta_usage}
     stream = _event(start, "message_start") + _event(delta, "message_delta")
     out = _run(SseUsageRewriter(MESSAGES, 0), [stream])
     payloads = [json.loads(line[6:]) for line in out.split(b"\n") if line.startswith(b"data: ")]
     assert payloads[0]["message"]["usage"]["cache_read_input_tokens"] == 0
+    assert payloads[0]["message"]["usage"]["input_tokens"] == 9
     assert payloads[1]["usage"]["cache_read_input_tokens"] == 0
+    assert payloads[1]["usage"]["input_tokens"] == 9
+
+
+def test_messages_usage_without_cache_fields_gets_them() -> None:
+    # A decode engine without --enable-prompt-tokens-details: no cache_read at all and
+    # input_tokens is the whole prompt; the prefill found 5 of its 9 tokens cached.
+    delta = {"type": "message_delta", "usage": {"input_tokens": 9, "output_tokens": 2}}
+    out = _run(SseUsageRewriter(MESSAGES, 5), [_event(delta, "message_delta")])
+    usage = json.loads(out.split(b"data: ")[1])["usage"]
+    assert usage == {"input_tokens": 4, "output_tokens": 2, "cache_read_input_tokens": 5}
 
 
 def test_json_rewrite() -> None:
@@ -117,16 +132,24 @@ def test_json_rewrite() -> None:
     assert json.loads(rewrite_json(CHAT, body, 2))["usage"]["prompt_tokens_details"] == {
         "cached_tokens": 2
     }
-    untouched = b'{"usage": {"prompt_tokens": 9, "prompt_tokens_details": null}}'
+    # vLLM leaves the details out (no --enable-prompt-tokens-details) or null: added.
+    for details in (b', "prompt_tokens_details": null', b""):
+        bare = b'{"usage": {"prompt_tokens": 9' + details + b"}}"
+        assert json.loads(rewrite_json(CHAT, bare, 2))["usage"] == {
+            "prompt_tokens": 9,
+            "prompt_tokens_details": {"cached_tokens": 2},
+        }
+    untouched = b'{"id": "x", "usage": null}'
     assert rewrite_json(CHAT, untouched, 2) is untouched
-    assert rewrite_json(CHAT, b"not json cached_tokens", 2) == b"not json cached_tokens"
-    anthropic = b'{"usage": {"input_tokens": 9, "cache_read_input_tokens": 8}}'
-    assert json.loads(rewrite_json(MESSAGES, anthropic, 1))["usage"]["cache_read_input_tokens"] == 1
+    assert rewrite_json(CHAT, b"not json prompt_tokens", 2) == b"not json prompt_tokens"
+    anthropic = b'{"usage": {"input_tokens": 1, "cache_read_input_tokens": 8}}'
+    usage = json.loads(rewrite_json(MESSAGES, anthropic, 1))["usage"]
+    assert usage == {"input_tokens": 8, "cache_read_input_tokens": 1}
 
 
 def test_oversized_event_is_relayed_raw() -> None:
     big = b"data: " + b"x" * (2 << 20) + b"\n\n"
-    usage = _event({"usage": {"prompt_tokens_details": {"cached_tokens": 7}}})
+    usage = _event({"usage": {"prompt_tokens": 9, "prompt_tokens_details": {"cached_tokens": 7}}})
     rewriter = SseUsageRewriter(CHAT, 1)
     pieces = [big[:1000], big[1000 : 1 << 21], big[1 << 21 :] + usage]
     out = _run(rewriter, pieces)

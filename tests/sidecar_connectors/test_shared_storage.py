@@ -99,9 +99,11 @@ async def test_decode_first_both_branches(
     assert reason == "length"
     d_stats, p_stats = await d.stats(), await p.stats()
     assert d_stats["cache_threshold_rejections"] == 1
-    assert [r["body"].get("cache_hit_threshold") for r in d_stats["recorded"]] == [0.5, None]
+    # After the decline, the prefill and the decode carry an explicit 0 (not no field):
+    # an engine-wide default threshold must not make them decline too.
+    assert [r["body"].get("cache_hit_threshold") for r in d_stats["recorded"]] == [0.5, 0]
     assert p_stats["requests_total"] == 1
-    assert "cache_hit_threshold" not in p_stats["recorded"][0]["body"]
+    assert p_stats["recorded"][0]["body"]["cache_hit_threshold"] == 0
     assert p_stats["recorded"][0]["body"]["max_tokens"] == 1
 
     # Stored now: the decode-first attempt is the answer, no prefill.
@@ -123,8 +125,11 @@ async def test_without_threshold_the_prefill_goes_first(
     headers = {"x-prefiller-host-port": p.host_port}
     async with client.post(sidecar.url + "/v1/completions", json=body, headers=headers) as r:
         assert r.status == 200
-    assert (await p.stats())["requests_total"] == 1
-    assert (await d.stats())["cache_threshold_rejections"] == 0
+    p_stats, d_stats = await p.stats(), await d.stats()
+    assert p_stats["requests_total"] == 1
+    assert d_stats["cache_threshold_rejections"] == 0
+    assert p_stats["recorded"][0]["body"]["cache_hit_threshold"] == 0
+    assert d_stats["recorded"][0]["body"]["cache_hit_threshold"] == 0
 
 
 async def test_fallback_after_a_declined_decode_does_not_decline_again(
@@ -145,4 +150,4 @@ async def test_fallback_after_a_declined_decode_does_not_decline_again(
         answer = await r.json()
     assert answer["choices"][0]["finish_reason"] == "length"
     bodies = [rec["body"] for rec in (await d.stats())["recorded"]]
-    assert [b.get("cache_hit_threshold") for b in bodies] == [0.9, None]
+    assert [b.get("cache_hit_threshold") for b in bodies] == [0.9, 0]
