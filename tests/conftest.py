@@ -94,6 +94,8 @@ async def start_sim() -> AsyncIterator[StartSim]:
 
     async def start(**overrides: Any) -> RunningSim:
         overrides.setdefault("port", 0)
+        # Engines as deployments run them (vLLM's default is off: tests of that say so).
+        overrides.setdefault("enable_prompt_tokens_details", True)
         server = await SimServer(SimConfig(**overrides)).start()
         started.append(server)
         return RunningSim(server, session)

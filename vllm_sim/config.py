@@ -42,7 +42,32 @@ class SimConfig(BaseModel):
     # Output length when neither max_tokens nor a stop string ends generation first.
     natural_output_tokens: int = Field(default=128, ge=1)
 
+    # Usage, as vLLM's --enable-prompt-tokens-details (off by default there too): without
+    # it usage has no prompt_tokens_details (and messages no cache fields) at all.
+    enable_prompt_tokens_details: bool = False
+    omit_zero_cached_tokens: bool = Field(
+        default=False,
+        description="Report prompt_tokens_details only for a non-zero cached count, as some "
+        "vLLM versions do (0.32 reports 0).",
+    )
+
+    # Data parallelism (Mooncake): this engine answers for N ranks, each with its own
+    # engine id, pinned per request by X-data-parallel-rank (else a rank at random).
+    data_parallel_size: int = Field(default=1, ge=1, le=64)
+
     # NIXL stand-in.
+    nixl_side_channel_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="KV side channel (VLLM_NIXL_SIDE_CHANNEL_PORT): where decode engines "
+        "pull from, advertised as remote_port; never the HTTP port (0: any free port).",
+    )
+    kv_params_on_stop: bool = Field(
+        default=True,
+        description="A prefill whose generation stopped (EOS, stop token or string) still "
+        "hands its KV over, as vLLM 0.32 does; false: only one stopped at the length cap.",
+    )
     kv_lease_seconds: float = Field(default=30.0, gt=0)
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     kv_pull_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -88,6 +113,10 @@ class SimConfig(BaseModel):
     @property
     def remote_host(self) -> str:
         return self.advertise_host or self.host
+
+    def rank_engine_id(self, rank: int) -> str:
+        """Engine id of data-parallel rank ``rank`` (rank 0's is ``engine_id``)."""
+        return self.engine_id if rank == 0 else f"{self.engine_id}-dp{rank}"
 
     def delay_s(self, ms: float) -> float:
         return 0.0 if self.zero_latency else ms / 1000.0

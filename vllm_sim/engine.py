@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ __all__ = [
     "SimEngine",
 ]
 
+log = logging.getLogger("vllm_sim")
+
 PULL_PATH = "/sim/nixl/pull"
 EC_PULL_PATH = "/sim/ec/pull"
 # Served by the bootstrap server (see server.py), not the engine's HTTP port.
@@ -68,6 +71,7 @@ class GenerationParams:
     max_tokens: int | None = None
     min_tokens: int = 0
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     stream: bool = False
     include_usage: bool = False
@@ -82,6 +86,9 @@ class GenerationParams:
     # Encoder outputs handed in (ec-nixl) and the request's multimodal items.
     ec_transfer_params: dict[str, Any] | None = None
     mm_items: list[str] = field(default_factory=list)
+    # X-data-parallel-rank: the rank this request is pinned to (None: any rank).
+    dp_rank: int | None = None
+    return_token_ids: bool = False
 
 
 @dataclass
@@ -102,6 +109,10 @@ class Run:
     ec_transfer_params: dict[str, Any] | None = None
     omit_kv_transfer_params: bool = False
     below_cache_threshold: bool = False
+    # Decode-side kv_transfer_params that cannot be used (fields missing): vLLM warns
+    # and computes the prompt itself.
+    invalid_kv_params: list[str] = field(default_factory=list)
+    dp_rank: int = 0
     _leased: bool = False
 
     @property
@@ -113,7 +124,15 @@ class Run:
         return len(self.output_ids)
 
     async def tokens(self) -> AsyncIterator[tuple[int, str]]:
-        """Yield ``(token_id, text)`` pieces; sets ``finish_reason`` at the end."""
+        """Yield ``(token_id, text)`` pieces; sets ``finish_reason`` at the end.
+
+        How a generation ends decides whether a prefill's KV is handed over, as in vLLM
+        0.32: the engine core finishes a request at the length cap or as stopped (EOS,
+        a stop token id), and the NixlConnector keeps the blocks for both (for the
+        latter only with ``kv_params_on_stop``). A stop string is found by the
+        front end, which aborts the request in the core: no KV, unless that token was
+        also the last one allowed (the core had already finished it at the cap).
+        """
         if self.below_cache_threshold:
             self.finish_reason = "cache_threshold"
             return
@@ -123,34 +142,59 @@ class Run:
         limit = self.max_tokens if natural is None else min(self.max_tokens, natural)
         candidates = output_token_ids(p.prompt_ids, limit, p.seed)
         itl = cfg.delay_s(cfg.itl_ms)
+        core_end = "length" if limit == self.max_tokens else "stopped"
         for i, token_id in enumerate(candidates):
             if i > 0 and itl:
                 await asyncio.sleep(itl)
             piece = decode_token(token_id, first=not self.output_ids)
-            if i >= p.min_tokens and piece.strip() in p.stop:
-                self.finish_reason = "stop"
-                return
+            if i >= p.min_tokens:
+                if any(s and s in self.text + piece for s in p.stop):
+                    self.finish_reason = "stop"
+                    self._finished(core_end if i == self.max_tokens - 1 else "aborted")
+                    return
+                if token_id in p.stop_token_ids:
+                    self.output_ids.append(token_id)
+                    self.engine.generation_tokens += 1
+                    self.finish_reason = "stop"
+                    self._finished("stopped")
+                    return
             self.output_ids.append(token_id)
             self.text += piece
             self.engine.generation_tokens += 1
             yield token_id, piece
-        self.finish_reason = "length" if limit == self.max_tokens else "stop"
-        if self.role == "prefill" and self.finish_reason == "length":
-            self.engine.grant_nixl_lease(self)
+        self.finish_reason = "length" if core_end == "length" else "stop"
+        self._finished(core_end)
+
+    def _finished(self, core_end: str) -> None:
+        """The engine core's view of the end: "length", "stopped" or "aborted"."""
+        if self.role == "prefill":
+            self.engine.hand_over(self, core_end)
 
     def usage(self) -> dict[str, Any]:
-        return {
+        usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
+        if self.reports_cached_tokens:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return usage
+
+    @property
+    def reports_cached_tokens(self) -> bool:
+        """Whether usage carries the cached count (vLLM's --enable-prompt-tokens-details)."""
+        cfg = self.engine.config
+        if not cfg.enable_prompt_tokens_details:
+            return False
+        return self.cached_tokens > 0 or not cfg.omit_zero_cached_tokens
 
 
 class SimEngine:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
         self.port = config.port  # the bound port, set by the server once listening
+        # The KV and encoder-output side channel's bound port (never the HTTP port).
+        self.side_channel_port = config.nixl_side_channel_port
         self.bootstrap_port = config.bootstrap_port
         self.cache = PrefixCache(config.num_blocks, config.block_size, config.hash_seed)
         self.kv_events: KvEventPublisher | None = None
@@ -267,14 +311,20 @@ class SimEngine:
                 f"got {params.min_tokens}."
             )
         role = self.role_of(params)
+        missing: list[str] = []
         if role == "decode" and params.bootstrap_room is None:
-            _require_remote_fields(params.kv_transfer_params or {})
+            missing = _missing_remote_fields(params.kv_transfer_params or {})
         sglang = params.bootstrap_room is not None and role in ("prefill", "decode")
         if sglang and (params.bootstrap_host is None or params.bootstrap_port is None):
             raise EngineError("bootstrap_room needs bootstrap_host and bootstrap_port.")
         if role == "encode" and len(params.mm_items) != 1:
             raise EngineError("An encode request carries exactly one multimodal item.")
-        return Run(self, params, request_id, max_tokens, role)
+        rank = params.dp_rank
+        if rank is None or not 0 <= rank < cfg.data_parallel_size:
+            rank = secrets.randbelow(cfg.data_parallel_size)
+        self.stats.requests_by_dp_rank[rank] = self.stats.requests_by_dp_rank.get(rank, 0) + 1
+        return Run(self, params, request_id, max_tokens, role, invalid_kv_params=missing,
+                   dp_rank=rank)  # fmt: skip
 
     @contextlib.asynccontextmanager
     async def running_slot(self, run: Run) -> AsyncIterator[Run]:
@@ -293,6 +343,8 @@ class SimEngine:
             self._slots.release()
             if run.params.bootstrap_room is not None and run.role == "prefill":
                 self.rooms.abandon(run.params.bootstrap_room)  # no-op once handed over
+            if run.role == "prefill" and run.finish_reason is None:
+                self.hand_over(run, "aborted")  # e.g. the client left: nothing to pull
             if not run._leased:
                 self.cache.release(run.block_ids)
             if run.finish_reason is not None:
@@ -305,7 +357,16 @@ class SimEngine:
         await self._check_encoder_outputs(run)
         hashes = block_hashes(prompt, cfg.block_size, cfg.hash_seed)
         local_hits = self.cache.cached_prefix_blocks(hashes)
-        if run.role == "decode":
+        if run.role == "decode" and run.invalid_kv_params:
+            # vLLM logs "Got invalid KVTransferParams ... will not utilize KVTransfer"
+            # and computes the prompt itself: no error for the client.
+            log.warning(
+                "request %s: invalid kv_transfer_params (missing %s); computing the prompt",
+                run.request_id,
+                ", ".join(run.invalid_kv_params),
+            )
+            self.stats.kv_params_invalid += 1
+        elif run.role == "decode":
             if await self._load_remote(run):
                 # The remote KV is now ours. Like vLLM, usage reports only the local
                 # prefix-cache hits as cached; the pulled tokens show in the external
@@ -361,18 +422,32 @@ class SimEngine:
                 raise KvLoadFailed(str(exc)) from None
             self.rooms.hand_over(p.bootstrap_room, prompt)
             self.stats.kv_pulls_served += 1
-        elif run.role == "prefill" and not run.omit_kv_transfer_params:
-            transfer_id = (p.kv_transfer_params or {}).get("transfer_id")
-            if transfer_id:
-                self.transfers.publish(str(transfer_id), prompt)
+
+    def hand_over(self, run: Run, core_end: str) -> None:
+        """A prefill finished ("length", "stopped" or "aborted" in the core): offer its KV.
+
+        Mooncake publishes only a prefill stopped at the cap and tells a waiting decode
+        at once otherwise; NIXL (0.32) keeps the blocks for a stopped one too.
+        """
+        if run.omit_kv_transfer_params:
+            return
+        transfer_id = (run.params.kv_transfer_params or {}).get("transfer_id")
+        if transfer_id:
+            if core_end == "length":
+                engine_id = self.config.rank_engine_id(run.dp_rank)
+                self.transfers.publish(str(transfer_id), list(run.params.prompt_ids), engine_id)
+            else:
+                self.transfers.refuse(str(transfer_id))
+        elif core_end == "length" or (core_end == "stopped" and self.config.kv_params_on_stop):
+            self.grant_nixl_lease(run)
 
     # -- NIXL ----------------------------------------------------------------------
     def grant_nixl_lease(self, run: Run) -> None:
         ktp = run.params.kv_transfer_params or {}
-        # Only a NIXL prefill (do_remote_decode, no Mooncake transfer id) is pulled from:
-        # an SGLang-mode prefill hands its KV over in the bootstrap room instead, and a
-        # lease nobody claims would pin its blocks until it expires.
-        if run.omit_kv_transfer_params or not ktp.get("do_remote_decode") or ktp.get("transfer_id"):
+        # Only a NIXL prefill (do_remote_decode) is pulled from: an SGLang-mode prefill
+        # hands its KV over in the bootstrap room instead, and a lease nobody claims
+        # would pin its blocks until it expires.
+        if not ktp.get("do_remote_decode"):
             return
         # vLLM suffixes the id so that a retried request id never meets a stale lease.
         lease_id = f"{run.request_id}-{secrets.token_hex(4)}"
@@ -386,7 +461,7 @@ class SimEngine:
             "remote_engine_id": self.config.engine_id,
             "remote_request_id": lease_id,
             "remote_host": self.config.remote_host,
-            "remote_port": self.port,
+            "remote_port": self.side_channel_port,
             "tp_size": 1,
             "dcp_size": 1,
             "pp_size": 1,
@@ -446,16 +521,21 @@ class SimEngine:
     async def sglang_join(self, room: int) -> list[int]:
         return await self.rooms.join(room)
 
+    def rank_engine_ids(self) -> dict[int, str]:
+        return {r: self.config.rank_engine_id(r) for r in range(self.config.data_parallel_size)}
+
     async def mooncake_take(self, transfer_id: str, engine_id: str | None) -> list[int] | None:
-        if engine_id is not None and engine_id != self.config.engine_id:
+        """The published KV, if ``engine_id`` names the rank that published it."""
+        if engine_id is not None and engine_id not in self.rank_engine_ids().values():
             self.stats.kv_pulls_rejected += 1
             return None
-        tokens = await self.transfers.take(transfer_id)
-        if tokens is None:
+        taken = await self.transfers.take(transfer_id)
+        if taken is None or (engine_id is not None and taken[1] != engine_id):
+            # A decode sent to another rank's engine finds nothing there.
             self.stats.kv_pulls_rejected += 1
-        else:
-            self.stats.kv_pulls_served += 1
-        return tokens
+            return None
+        self.stats.kv_pulls_served += 1
+        return taken[0]
 
     # -- encoder outputs ---------------------------------------------------------------
     async def _encode(self, run: Run) -> None:
@@ -471,7 +551,7 @@ class SimEngine:
             run.ec_transfer_params = {
                 key: {
                     "peer_host": self.config.remote_host,
-                    "peer_port": self.port,
+                    "peer_port": self.side_channel_port,
                     "size_bytes": size,
                     "nixl_agent_metadata_b64": metadata,
                 }
@@ -504,18 +584,20 @@ class SimEngine:
         return payload is not None and payload.get("size_bytes") == desc.get("size_bytes")
 
 
-def _require_remote_fields(ktp: dict[str, Any]) -> None:
+def _missing_remote_fields(ktp: dict[str, Any]) -> list[str]:
+    """The fields a decode needs to pull (NIXL protocol v2, or Mooncake) that are absent."""
     needed = (
         ("transfer_id", "remote_bootstrap_addr", "remote_engine_id")
         if ktp.get("transfer_id")
-        else ("remote_engine_id", "remote_block_ids", "remote_host", "remote_port")
-    )
-    missing = [key for key in needed if ktp.get(key) is None]
-    if missing:
-        raise EngineError(
-            "kv_transfer_params.do_remote_prefill is set but these fields are missing: "
-            + ", ".join(missing)
+        else (
+            "remote_engine_id",
+            "remote_request_id",
+            "remote_block_ids",
+            "remote_host",
+            "remote_port",
         )
+    )
+    return [key for key in needed if ktp.get(key) in (None, "", [])]
 
 
 def _url(host: str, port: object, path: str) -> str:

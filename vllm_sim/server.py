@@ -92,6 +92,7 @@ class _Generation:
         try:
             body = _load_json(await request.read())
             params = self.shape.parse(body)
+            params.dp_rank = _dp_rank(request)
         except EngineError as exc:
             engine.stats.errors += 1
             return _error(str(exc), 400, self.request_id)
@@ -218,6 +219,16 @@ class _Generation:
         if not self.aborted:
             self.aborted = True
             self.engine.stats.aborts += 1
+
+
+def _dp_rank(request: web.Request) -> int | None:
+    """vLLM's ``X-data-parallel-rank`` header: pins the request to one rank."""
+    value = request.headers.get("x-data-parallel-rank")
+    if value is None:
+        return None
+    if not value.isdigit():
+        raise EngineError(f"X-data-parallel-rank must be an integer, got {value!r}.")
+    return int(value)
 
 
 def _headers(request: web.Request) -> dict[str, str]:
@@ -372,7 +383,8 @@ async def _ec_pull(request: web.Request) -> web.Response:
 async def _bootstrap_query(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     engine.stats.bootstrap_queries += 1
-    return web.json_response({"0": {"engine_id": engine.config.engine_id}})
+    ranks = engine.rank_engine_ids()
+    return web.json_response({str(rank): {"engine_id": eid} for rank, eid in ranks.items()})
 
 
 async def _bootstrap_json(request: web.Request) -> dict[str, Any]:
@@ -417,6 +429,15 @@ def create_bootstrap_app(engine: SimEngine) -> web.Application:
     return app
 
 
+def create_side_channel_app(engine: SimEngine) -> web.Application:
+    """The KV / encoder-output side channel: its own port, as NIXL's is in vLLM."""
+    app = web.Application()
+    app[ENGINE] = engine
+    app.router.add_post(PULL_PATH, _pull)
+    app.router.add_post(EC_PULL_PATH, _ec_pull)
+    return app
+
+
 def create_app(config: SimConfig) -> web.Application:
     app = web.Application(client_max_size=_MAX_BODY)
     engine = SimEngine(config)
@@ -432,8 +453,6 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_post("/sim/reset", _reset)
     app.router.add_post("/sim/faults", _add_fault)
     app.router.add_delete("/sim/faults", _clear_faults)
-    app.router.add_post(PULL_PATH, _pull)
-    app.router.add_post(EC_PULL_PATH, _ec_pull)
 
     async def engine_lifetime(app: web.Application) -> Any:
         for raw in config.faults:
@@ -459,6 +478,9 @@ class SimServer:
         self.engine = self.app[ENGINE]
         # vLLM notices a client that went away by cancelling the request's handler.
         self._runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None)
+        self._side_channel_runner = web.AppRunner(
+            create_side_channel_app(self.engine), handler_cancellation=True, access_log=None
+        )
         # Joins and pulls wait on a peer: a caller that leaves cancels its wait.
         self._bootstrap_runner = (
             web.AppRunner(
@@ -482,6 +504,9 @@ class SimServer:
         try:
             self.port = await _listen(self._runner, self.config.host, self.config.port)
             self.engine.port = self.port
+            self.engine.side_channel_port = await _listen(
+                self._side_channel_runner, self.config.host, self.config.nixl_side_channel_port
+            )
             if self._bootstrap_runner is not None:
                 assert self.config.bootstrap_port is not None
                 self.bootstrap_port = await _listen(
@@ -496,7 +521,7 @@ class SimServer:
         return self
 
     async def stop(self) -> None:
-        for runner in (self._bootstrap_runner, self._runner):
+        for runner in (self._bootstrap_runner, self._side_channel_runner, self._runner):
             if runner is not None:
                 with contextlib.suppress(Exception):
                     await runner.cleanup()

@@ -39,6 +39,7 @@ class SimStats:
     kv_pulls_failed: int = 0
     kv_pulls_served: int = 0
     kv_pulls_rejected: int = 0
+    kv_params_invalid: int = 0  # decode kv_transfer_params missing fields: computed here
     recomputes: int = 0
     leases_expired: int = 0
     aborts: int = 0
@@ -50,6 +51,7 @@ class SimStats:
     encodes: int = 0
     ec_loads_ok: int = 0
     ec_loads_failed: int = 0
+    requests_by_dp_rank: dict[int, int] = field(default_factory=dict)
     recorded: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=_RECORDED_MAX))
 
     def record(self, request: RecordedRequest) -> None:
@@ -66,6 +68,7 @@ class SimStats:
             "kv_pulls_failed": self.kv_pulls_failed,
             "kv_pulls_served": self.kv_pulls_served,
             "kv_pulls_rejected": self.kv_pulls_rejected,
+            "kv_params_invalid": self.kv_params_invalid,
             "recomputes": self.recomputes,
             "leases_active": leases_active,
             "leases_expired": self.leases_expired,
@@ -78,5 +81,6 @@ class SimStats:
             "encodes": self.encodes,
             "ec_loads_ok": self.ec_loads_ok,
             "ec_loads_failed": self.ec_loads_failed,
+            "requests_by_dp_rank": {str(k): v for k, v in sorted(self.requests_by_dp_rank.items())},
             "recorded": [r.as_dict() for r in self.recorded],
         }

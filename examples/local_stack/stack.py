@@ -257,7 +257,9 @@ class LocalStack:
         for role, count in wanted:
             for i in range(count):
                 port = free_port()
-                args = ["--port", str(port), "--model", opts.model, "--role", role]
+                # Usage with cached-token counts, as production engines are run.
+                args = ["--port", str(port), "--model", opts.model, "--role", role,
+                        "--enable-prompt-tokens-details"]  # fmt: skip
                 if opts.zero_latency:
                     args.append("--zero-latency")
                 args += engine_flags(

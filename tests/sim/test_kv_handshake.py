@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from vllm_sim.engine import PULL_PATH
-from vllm_sim.tokens import chat_prompt, tokenize
+from vllm_sim.tokens import chat_prompt, output_token_ids, tokenize
 
 MESSAGES = [{"role": "user", "content": "Summarise the history of paged attention. " * 12}]
 PREFILL_PARAMS = {
@@ -51,7 +51,10 @@ async def test_prefill_returns_params_and_one_pull_succeeds(start_sim: Any) -> N
         assert params["do_remote_decode"] is False
         assert params["remote_engine_id"] == p.engine.config.engine_id
         assert params["remote_host"] == "127.0.0.1"
-        assert params["remote_port"] == p.port
+        # The side channel has its own port, as NIXL's does: never the HTTP port.
+        assert params["remote_port"] == p.engine.side_channel_port != p.port
+        async with session.post(f"{p.url}{PULL_PATH}", json={}) as resp:
+            assert resp.status == 404
         assert params["tp_size"] == 1
         [block_ids] = params["remote_block_ids"]  # one KV-cache group
         assert len(block_ids) == -(-n_prompt // 16)
@@ -214,23 +217,57 @@ async def test_stream_decode_failure_is_an_error_event(start_sim: Any) -> None:
     assert text.rstrip().endswith("data: [DONE]")
 
 
-async def test_no_params_when_prefill_stopped_early(start_sim: Any) -> None:
-    p = await start_sim(zero_latency=True)
+@pytest.mark.parametrize(
+    ("max_tokens", "stop_by", "on_stop", "handed_over"),
+    [
+        # A one-token prefill leg: the core finished it at the cap before the front end
+        # saw the stop string, so the KV is handed over (vLLM 0.32, tests/engine_facts.py).
+        (1, "string", True, True),
+        # Generation stopped by a stop string before the cap: the front end aborts it.
+        (4, "string", True, False),
+        # Stopped in the core (a stop token, EOS): 0.32 hands the KV over, older vLLM not.
+        (1, "token", True, True),
+        (1, "token", False, False),
+    ],
+)
+async def test_params_when_prefill_stopped_early(
+    start_sim: Any, max_tokens: int, stop_by: str, on_stop: bool, handed_over: bool
+) -> None:
+    p = await start_sim(zero_latency=True, kv_params_on_stop=on_stop)
     async with aiohttp.ClientSession() as session:
-        first_word = (await prefill(session, p))["choices"][0]["message"]["content"]
+        first = await prefill(session, p, kv_transfer_params=None, max_tokens=1)
+        first_word = first["choices"][0]["message"]["content"]
+        first_id = output_token_ids(tokenize(chat_prompt(MESSAGES)), 1)[0]
         await p.reset()
-        early = await prefill(session, p, stop=[first_word])
+        stop: dict[str, Any] = (
+            {"stop": [first_word]} if stop_by == "string" else {"stop_token_ids": [first_id]}
+        )
+        early = await prefill(session, p, max_tokens=max_tokens, **stop)
     assert early["choices"][0]["finish_reason"] == "stop"
-    assert early.get("kv_transfer_params") is None
-    assert (await p.stats())["leases_active"] == 1  # only the first prefill's lease
+    if handed_over:
+        assert early["kv_transfer_params"]["remote_request_id"]
+        assert (await p.stats())["leases_active"] == 1
+    else:
+        assert early.get("kv_transfer_params") is None
+        assert (await p.stats())["leases_active"] == 0
 
 
-async def test_decode_params_missing_fields_is_400(start_sim: Any) -> None:
+async def test_decode_params_missing_fields_warn_and_compute(
+    start_sim: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # vLLM logs "Got invalid KVTransferParams" and computes the prompt: no 400.
     d = await start_sim(zero_latency=True)
+    partial = {"do_remote_prefill": True, "remote_engine_id": "e", "remote_block_ids": [[1]],
+               "remote_host": "127.0.0.1", "remote_port": 1}  # fmt: skip
     async with aiohttp.ClientSession() as session:
-        status, out = await decode(session, d, {"do_remote_prefill": True})
-    assert status == 400
-    assert "remote_engine_id" in out["error"]["message"]
+        for params in ({"do_remote_prefill": True}, partial):
+            status, out = await decode(session, d, params)
+            assert status == 200, out
+            assert out["choices"][0]["finish_reason"] == "length"
+    stats = await d.stats()
+    assert stats["kv_params_invalid"] == 2
+    assert stats["kv_pulls_ok"] == stats["kv_pulls_failed"] == 0  # nothing was pulled
+    assert "missing remote_request_id" in caplog.text  # protocol v2 needs it
 
 
 @pytest.mark.parametrize(

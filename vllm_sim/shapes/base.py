@@ -106,6 +106,11 @@ def common_params(
         or not 0 <= threshold <= 1
     ):
         raise EngineError("'cache_hit_threshold' must be a number between 0 and 1.")
+    stop_ids = s.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(
+        isinstance(t, int) and not isinstance(t, bool) for t in stop_ids
+    ):
+        raise EngineError("'stop_token_ids' must be a list of integers.")
     host = body.get("bootstrap_host")
     if host is not None and not isinstance(host, str):
         raise EngineError("'bootstrap_host' must be a string.")
@@ -114,6 +119,8 @@ def common_params(
         max_tokens=max_tokens,
         min_tokens=optional_int(s, "min_tokens") or 0,
         stop=_stop_list(s.get(stop_key), stop_key),
+        stop_token_ids=list(stop_ids),
+        return_token_ids=body.get("return_token_ids") is True,
         ignore_eos=ignore_eos,
         stream=bool(stream),
         include_usage=bool(options and options.get("include_usage")),

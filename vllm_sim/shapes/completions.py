@@ -40,21 +40,23 @@ class Completions:
         )
 
     def response(self, run: Run, model: str, response_id: str, created: int) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "text": run.text,
+            "logprobs": None,
+            "finish_reason": run.finish_reason,
+            "stop_reason": None,
+            "prompt_logprobs": None,
+        }
+        if run.params.return_token_ids:
+            choice["prompt_token_ids"] = list(run.params.prompt_ids)
+            choice["token_ids"] = list(run.output_ids)
         return {
             "id": response_id,
             "object": "text_completion",
             "created": created,
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "text": run.text,
-                    "logprobs": None,
-                    "finish_reason": run.finish_reason,
-                    "stop_reason": None,
-                    "prompt_logprobs": None,
-                }
-            ],
+            "choices": [choice],
             "usage": run.usage(),
             "kv_transfer_params": run.kv_transfer_params,
         }

@@ -16,12 +16,16 @@ _STOP_REASONS = {"length": "max_tokens", "stop": "end_turn"}
 
 
 def _usage(run: Run, output_tokens: int | None = None) -> dict[str, Any]:
-    return {
+    # As vLLM: input_tokens excludes cache reads, and the cache field exists only when
+    # the engine reports cached tokens at all (--enable-prompt-tokens-details).
+    usage: dict[str, Any] = {
         "input_tokens": run.prompt_tokens,
         "output_tokens": run.completion_tokens if output_tokens is None else output_tokens,
-        "cache_read_input_tokens": run.cached_tokens,
-        "cache_creation_input_tokens": 0,
     }
+    if run.reports_cached_tokens:
+        usage["input_tokens"] = max(0, run.prompt_tokens - run.cached_tokens)
+        usage["cache_read_input_tokens"] = run.cached_tokens
+    return usage
 
 
 class Messages:
