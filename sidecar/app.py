@@ -259,14 +259,7 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         ex.error = error.message
         if ex.response_started:
             raise
-        log.warning(
-            {
-                "event": "request_error",
-                "request_id": ex.request_id,
-                "client_request_id": ex.client_request_id,
-                "error": ex.error,
-            }
-        )
+        log.warning({"event": "request_error", **ex.log_ids(), "error": ex.error})
         ex.first_byte()
         return _error_response(error, ex)
     except asyncio.CancelledError:
@@ -286,7 +279,7 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         # A body that is not SSE broke after its first bytes went out: a dropped
         # connection is the one signal left that it is incomplete. Expected, so a
         # warning with the request id rather than a traceback.
-        log.warning({"event": "response_cut", "request_id": ex.request_id, "error": ex.error})
+        log.warning({"event": "response_cut", **ex.log_ids(), "error": ex.error})
         if request.transport is not None:
             request.transport.close()
         return web.Response(status=ex.status)  # never sent: the transport is closing
@@ -315,7 +308,7 @@ def _internal_error(exc: Exception, ex: Exchange) -> web.Response:
     ex.error = ex.error or repr(exc)
     if ex.response_started:
         raise exc
-    log.exception({"event": "internal_error", "request_id": ex.request_id})
+    log.exception({"event": "internal_error", **ex.log_ids()})
     ex.first_byte()
     return web.json_response(
         SidecarError("internal error").payload(ex.reply_id),
@@ -364,7 +357,7 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     read: bytes | None = None
     if shape is not None:
         if services.guard is not None:
-            services.guard.check_headers(request.headers, ex.request_id)
+            services.guard.check_headers(request.headers, ex.log_ids())
         header = request.headers.get(PREFILLER_HOST_PORT)
         encoders = request.headers.get(ENCODER_HOSTS_PORTS)
         if header is not None or (encoders and rank.orchestrator.encode is not None):

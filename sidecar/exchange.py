@@ -54,6 +54,10 @@ class Exchange:
     # Set when a concurrent leg failed and the stream being relayed must end with it.
     abort: BaseException | None = None
 
+    def log_ids(self) -> dict[str, str | None]:
+        """How log lines name this request: our id (the engines') and the client's."""
+        return {"request_id": self.request_id, "client_request_id": self.client_request_id}
+
     @property
     def reply_id(self) -> str:
         """The ``x-request-id`` the client gets back: its own, or ours when it sent none."""
@@ -81,8 +85,7 @@ class Exchange:
 
         return {
             "event": "request",
-            "request_id": self.request_id,
-            "client_request_id": self.client_request_id,
+            **self.log_ids(),
             "trace_id": self.trace.trace_id,
             "method": self.method,
             "path": self.path,

@@ -55,14 +55,16 @@ class TargetGuard:
     async def stop(self) -> None:
         await self.source.stop()
 
-    def check_headers(self, headers: Mapping[str, str], request_id: str) -> None:
-        """Check every target of the routing headers present; raise on the first refusal."""
+    def check_headers(self, headers: Mapping[str, str], ids: Mapping[str, str | None]) -> None:
+        """Check every target of the routing headers present; raise on the first refusal.
+
+        ``ids`` identify the request in log lines (our request id, the client's)."""
         for header, stage in _HEADER_STAGES:
             value = headers.get(header)
             if value is not None:
-                self.check(parse_host_ports(value, header), stage, request_id)
+                self.check(parse_host_ports(value, header), stage, ids)
 
-    def check(self, targets: list[HostPort], stage: Stage, request_id: str) -> None:
+    def check(self, targets: list[HostPort], stage: Stage, ids: Mapping[str, str | None]) -> None:
         members = self.source.members()
         if members is None:
             self._count(stage, "deny", "pool-not-synced")
@@ -70,7 +72,7 @@ class TargetGuard:
             log.warning(
                 {
                     "event": "ssrf_denied",
-                    "request_id": request_id,
+                    **ids,
                     "stage": stage,
                     "rule": "pool-not-synced",
                     "targets": [t.authority for t in targets],
@@ -84,7 +86,7 @@ class TargetGuard:
                 continue
             record = {
                 "event": "ssrf_allowed" if decision.allowed else "ssrf_denied",
-                "request_id": request_id,
+                **ids,
                 "stage": stage,
                 "target": target.authority,
                 "rule": decision.rule,

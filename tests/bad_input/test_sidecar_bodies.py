@@ -23,7 +23,7 @@ def _request_errors(caplog: pytest.LogCaptureFixture, request_id: str) -> list[s
         for r in caplog.records
         if isinstance(r.msg, dict)
         and r.msg.get("event") == "request_error"
-        and r.msg.get("request_id") == request_id
+        and request_id in (r.msg.get("request_id"), r.msg.get("client_request_id"))
     ]
 
 
@@ -142,9 +142,6 @@ def _chat(**fields: Any) -> dict[str, Any]:
         _chat(stream="yes"),
         _chat(stream=1),
         _chat(stream_options="x", stream=True),
-        _chat(kv_transfer_params=[]),
-        _chat(kv_transfer_params="x"),
-        _chat(kv_transfer_params={"do_remote_prefill": "maybe", "remote_port": "x"}),
         _chat(min_tokens="x"),
         _chat(max_completion_tokens={}),
         {"messages": MESSAGES},
@@ -158,7 +155,7 @@ async def test_wrong_types_in_known_fields_never_a_5xx(
     """The sidecar rewrites these fields on its legs; a wrong type must not crash it.
 
     The engine decides what it accepts: its own 4xx is relayed as is, or the request
-    succeeds with the sidecar's rewrite (e.g. a client's ``kv_transfer_params``).
+    succeeds with the sidecar's rewrite.
     """
     async with asyncio.timeout(10):
         async with pd.session.post(f"{pd.url}{CHAT}", json=body, headers=pd.route) as resp:
@@ -173,6 +170,22 @@ async def test_wrong_types_in_known_fields_never_a_5xx(
         assert json.loads(text)["choices"]
     assert server_errors(caplog.records) == []
     await pd.healthy()
+
+
+@pytest.mark.parametrize("value", [[], "x", {"do_remote_prefill": "maybe", "remote_port": "x"}])
+@pytest.mark.parametrize("routed", [True, False], ids=["pd", "decode-only"])
+async def test_client_transfer_params_of_any_shape_are_refused(
+    pd: PD, caplog: pytest.LogCaptureFixture, value: Any, routed: bool
+) -> None:
+    headers = pd.route if routed else {}
+    body = _chat(kv_transfer_params=value)
+    async with asyncio.timeout(10):
+        async with pd.session.post(f"{pd.url}{CHAT}", json=body, headers=headers) as resp:
+            status, answer = resp.status, await resp.json()
+    assert status == 400
+    assert answer["error"]["param"] == "kv_transfer_params"
+    assert (await pd.decode.stats())["requests_total"] == 0
+    assert server_errors(caplog.records) == []
 
 
 async def test_lone_surrogate_and_huge_integers_are_relayed_not_500(
@@ -198,7 +211,7 @@ async def test_lone_surrogate_and_huge_integers_are_relayed_not_500(
 async def test_local_and_passthrough_bad_bodies_are_the_engines_answer(
     pd: PD, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Without a prefill header the body goes to the local engine untouched."""
+    """Without a prefill header the body is checked like any other: a 4xx, no 5xx."""
     for raw in (b"", b"{", b"\xff", b"[]", b'{"model": 5}'):
         async with asyncio.timeout(5):
             async with pd.session.post(
@@ -226,43 +239,43 @@ async def test_log_level_is_warning_for_refusals(pd: PD, caplog: pytest.LogCaptu
 async def test_compressed_request_bodies_are_not_decoded_by_the_sidecar(
     pd: PD, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A body labelled gzip: the P/D path needs plain JSON (400); passthrough forwards the
-    bytes with their label untouched, so the engine decodes them itself. Decoding in the
+    """A generation body labelled gzip, P/D or decode-only: the sidecar must read it to
+    check it, and reads plain JSON only (400). Other paths pass through with the bytes
+    and their label untouched, so the engine decodes them itself. Decoding in the
     sidecar turned a false label into a 500 with tracebacks, and a true one into decoded
     bytes still labelled gzip."""
     import gzip
 
     body = json.dumps({"model": "sim-model", "prompt": "hi", "max_tokens": 2}).encode()
-    for raw in (b"not gzip at all", gzip.compress(body)):
-        headers = {**pd.route, "content-type": "application/json", "content-encoding": "gzip"}
-        async with pd.session.post(f"{pd.url}/v1/completions", data=raw, headers=headers) as resp:
-            assert resp.status == 400, await resp.text()
-            assert (await resp.json())["error"]["stage"] == "request"
-    # Passthrough: the engine gets exactly what the client sent, label included.
+    for route in (pd.route, {}):
+        for raw in (b"not gzip at all", gzip.compress(body)):
+            headers = {**route, "content-type": "application/json", "content-encoding": "gzip"}
+            url = f"{pd.url}/v1/completions"
+            async with pd.session.post(url, data=raw, headers=headers) as resp:
+                assert resp.status == 400, await resp.text()
+                assert (await resp.json())["error"]["stage"] == "request"
+    assert (await pd.decode.stats())["requests_total"] == 0
+    # Passthrough: the engine gets exactly what the client sent, label included (the
+    # simulator's server decodes it, as a gzip-aware engine would).
     async with pd.session.post(
-        f"{pd.url}/v1/completions",
+        f"{pd.url}/tokenize",
         data=gzip.compress(body),
         headers={"content-type": "application/json", "content-encoding": "gzip"},
     ) as resp:
         assert resp.status == 200, await resp.text()
-    [seen] = (await pd.decode.stats())["recorded"]
-    assert seen["body"]["prompt"] == "hi"
-    assert (
-        seen["headers"].get("Content-Encoding", seen["headers"].get("content-encoding")) == "gzip"
-    )
+        assert (await resp.json())["count"] == 1
     assert server_errors(caplog.records) == []
     await pd.healthy()
 
 
-async def test_local_body_over_the_limit_streams_through_unbuffered(pd: PD) -> None:
-    """--max-body-bytes bounds what the sidecar buffers (P/D bodies). Without a prefill
-    header the body streams to the local engine as it arrives, so the engine's own limit
-    applies, as it would without a sidecar."""
+async def test_body_over_the_limit_is_413_on_every_generation_route(pd: PD) -> None:
+    """--max-body-bytes bounds what the sidecar buffers: P/D bodies, and decode-only
+    ones too, which are read to be checked before they go to the engine."""
     # Long words: over the byte limit, within the engine's context length.
     prompt = " ".join(["x" * 60] * (BODY_LIMIT // 50))
     body = {"model": "sim-model", "prompt": prompt, "max_tokens": 1}
     assert len(json.dumps(body)) > BODY_LIMIT
-    async with pd.session.post(f"{pd.url}/v1/completions", json=body) as resp:
-        assert resp.status == 200, await resp.text()
-    async with pd.session.post(f"{pd.url}/v1/completions", json=body, headers=pd.route) as resp:
-        assert resp.status == 413, await resp.text()
+    for route in ({}, pd.route):
+        async with pd.session.post(f"{pd.url}/v1/completions", json=body, headers=route) as resp:
+            assert resp.status == 413, await resp.text()
+    assert (await pd.decode.stats())["requests_total"] == 0

@@ -113,25 +113,35 @@ async def test_pd_body_a_byte_at_a_time_is_408_after_the_body_deadline(
     assert client.sent < len(_BODY)
     assert (await pd.prefill.stats())["requests_total"] == 0
     assert any(
-        isinstance(r.msg, dict) and r.msg.get("request_id") == "slow-body" for r in caplog.records
+        isinstance(r.msg, dict) and r.msg.get("client_request_id") == "slow-body" for r in caplog.records
     )
     assert server_errors(caplog.records) == []
     await pd.healthy()
 
 
-async def test_passthrough_body_a_byte_at_a_time_ends_at_the_first_byte_timeout(
-    caplog: pytest.LogCaptureFixture, pd: PD
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        # Passthrough: the body streams to the engine, which answers once it has it all.
+        ("/tokenize", b"504"),
+        # A decode-only generation request is read (and checked) first: its own timeout.
+        ("/v1/completions", b"408"),
+    ],
+)
+async def test_passthrough_body_a_byte_at_a_time_ends_at_a_timeout(
+    caplog: pytest.LogCaptureFixture, pd: PD, path: str, status: bytes
 ) -> None:
-    """The body streams to the engine, which answers only once it has all of it."""
-    servers = await start_sidecar(pd.decode.port, decode_first_byte_timeout=0.5)
+    servers = await start_sidecar(
+        pd.decode.port, decode_first_byte_timeout=0.5, request_body_timeout=0.5
+    )
     try:
         client = SlowClient(servers.port)
-        request = _head("/v1/completions", len(_BODY)) + _BODY
+        request = _head(path, len(_BODY)) + _BODY
         # The whole request would take 40 s to trickle; the timeout ends it much sooner.
         line, _ = await client.run(request, deadline_s=30)
     finally:
         await servers.drain_and_stop()
-    assert line.startswith(b"HTTP/1.1 504"), line
+    assert line.startswith(b"HTTP/1.1 " + status), line
     assert client.sent < len(request)
     assert server_errors(caplog.records) == []
 

@@ -102,7 +102,7 @@ async def assert_legs(pd: PD, path: str, body: dict[str, Any]) -> tuple[dict[str
     assert d_rec["body"] == body  # the client's body, as sent
     assert params["do_remote_prefill"] is True
     assert params["remote_engine_id"] == p_stats["engine_id"]
-    assert params["remote_port"] == pd.prefill.port
+    assert params["remote_port"] == pd.prefill.engine.side_channel_port
     return p_rec, d_rec
 
 

@@ -99,7 +99,7 @@ async def test_each_rule_names_itself(
             for r in caplog.records
             if isinstance(r.msg, dict) and r.msg.get("event") == "ssrf_denied"
         ]
-        assert logged[-1]["request_id"] == f"req-{rule}" and logged[-1]["rule"] == rule
+        assert logged[-1]["client_request_id"] == f"req-{rule}" and logged[-1]["rule"] == rule
     assert (
         sidecar.sample(
             "pd_sidecar_ssrf_decisions_total", stage="prefill", decision="deny", rule="not-in-pool"
