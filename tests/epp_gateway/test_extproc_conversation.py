@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from epp.decision import BadRequest, InternalError, NoCapacity, NoEndpoints
 from epp.extproc import MAX_CHUNK_BYTES, ROUTING_HEADERS, ExtProcConfig
+from epp.extproc.headers import GATEWAY_HEADERS
 from tests.epp_gateway.fakes import (
     request_body,
     request_headers,
@@ -75,12 +76,15 @@ async def test_full_duplex_decides_after_last_chunk_and_reemits_body(
     assert _set_headers(common) == {
         "x-gateway-destination-endpoint": "10.0.0.1:8000",
         "x-prefiller-host-port": "10.0.0.9:8000",
+        # the re-sent body's own length, whatever framing the client used
+        "content-length": str(len(body)),
     }
     assert all(
         o.append_action == o.OVERWRITE_IF_EXISTS_OR_ADD for o in common.header_mutation.set_headers
     )
-    # every client copy of a routing header is gone: removed, or overwritten above
-    assert set(common.header_mutation.remove_headers) == set(ROUTING_HEADERS) - {
+    # every client copy of a routing or gateway header is gone: removed, or overwritten
+    stripped = {*ROUTING_HEADERS, *GATEWAY_HEADERS}
+    assert set(common.header_mutation.remove_headers) == stripped - {
         "x-gateway-destination-endpoint",
         "x-prefiller-host-port",
     }
@@ -110,20 +114,40 @@ async def test_full_duplex_decides_after_last_chunk_and_reemits_body(
 
 
 async def test_decode_only_removes_every_routing_header(extproc: ExtProcHarness) -> None:
-    extproc.fake.fallbacks = ["10.0.0.2:8000", "10.0.0.3:8000"]
     client = extproc.client()
     await client.send(request_headers(extra=SPOOFED), request_body(b"{}", end_of_stream=True))
     first = await client.recv()
     common = first.request_headers.response
-    assert _set_headers(common) == {"x-gateway-destination-endpoint": "10.0.0.1:8000"}
-    assert set(common.header_mutation.remove_headers) == set(ROUTING_HEADERS) - {
+    assert _set_headers(common) == {
+        "x-gateway-destination-endpoint": "10.0.0.1:8000",
+        "content-length": "2",
+    }
+    stripped = {*ROUTING_HEADERS, *GATEWAY_HEADERS}
+    assert set(common.header_mutation.remove_headers) == stripped - {
         "x-gateway-destination-endpoint"
     }
+    await client.close()
+
+
+@pytest.mark.parametrize("mode", ["FULL_DUPLEX_STREAMED", "BUFFERED"])
+async def test_header_and_metadata_carry_the_same_destination_list(
+    extproc: ExtProcHarness, mode: str
+) -> None:
+    """The protocol forbids two different values: the fallbacks are in both."""
+    extproc.fake.fallbacks = ["10.0.0.2:8000", "[fd00::3]:8000"]
+    client = extproc.client()
+    await client.send(request_headers(request_mode=mode), request_body(b"{}", end_of_stream=True))
+    first = await client.recv()
+    kind = "request_headers" if mode == "FULL_DUPLEX_STREAMED" else "request_body"
+    if mode == "BUFFERED":
+        assert first.WhichOneof("response") == "request_headers"  # the plain continue
+        first = await client.recv()
+    assert first.WhichOneof("response") == kind
+    common = getattr(first, kind).response
+    header = _set_headers(common)["x-gateway-destination-endpoint"]
     lb = first.dynamic_metadata.fields["envoy.lb"].struct_value.fields
-    assert (
-        lb["x-gateway-destination-endpoint"].string_value
-        == "10.0.0.1:8000,10.0.0.2:8000,10.0.0.3:8000"
-    )
+    assert header == lb["x-gateway-destination-endpoint"].string_value
+    assert header == "10.0.0.1:8000,10.0.0.2:8000,[fd00::3]:8000"
     await client.close()
 
 
