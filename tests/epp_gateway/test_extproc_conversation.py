@@ -474,3 +474,73 @@ async def test_server_stop_ends_waiting_streams_cleanly(
     await server.stop(grace=0.2)
     await _open_streams_drop_to(extproc, 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize(
+    ("served", "moved"),
+    [
+        ("10.0.0.2:8000", "10.0.0.2:8000"),
+        (["10.0.0.3:8000"], "10.0.0.3:8000"),
+        ("10.0.0.1:8000", None),  # the pick itself served it
+        ("", None),
+    ],
+)
+async def test_served_report_moves_the_decision_before_the_prefill_release(
+    extproc: ExtProcHarness, served: str | list[str], moved: str | None
+) -> None:
+    extproc.fake.prefill = "10.0.0.9:8000"
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.send(response_headers(served=served))
+    assert (await client.recv()).WhichOneof("response") == "response_headers"
+    # Reports on later messages do not count again.
+    body = response_body(b"done", end_of_stream=True)
+    body.metadata_context.filter_metadata["envoy.lb"].update(
+        {"x-gateway-destination-endpoint-served": "10.0.0.4:8000"}
+    )
+    await client.send(body)
+    await client.recv()
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+    expected = [] if moved is None else [(moved, 0)]
+    assert extproc.fake.reassigned == expected
+    assert extproc.fake.prefill_released == 1
+
+
+async def test_no_served_report_leaves_the_decision_alone(extproc: ExtProcHarness) -> None:
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.send(response_headers(), response_body(b"x", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+    assert extproc.fake.reassigned == []
+
+
+async def test_a_failing_reassignment_does_not_break_the_stream(
+    extproc: ExtProcHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(_served: str) -> None:
+        raise RuntimeError("tracker bug")
+
+    extproc.fake._reassign = boom  # type: ignore[method-assign]
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    with caplog.at_level(logging.ERROR, logger="epp.extproc"):
+        await client.send(response_headers(served="10.0.0.2:8000"))
+        assert (await client.recv()).WhichOneof("response") == "response_headers"
+    assert "request req-1: charging the served endpoint failed" in caplog.text
+    await client.send(response_body(b"x", end_of_stream=True))
+    assert (await client.recv()).WhichOneof("response") == "response_body"
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)

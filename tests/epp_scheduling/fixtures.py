@@ -171,19 +171,22 @@ async def make_pool(start_sim: Any, tmp_path: Path) -> AsyncIterator[MakePool]:
         fake: dict[str, FakeMetricsServer] | None = None,
         staleness_s: float = 2.0,
         interval_s: float = 0.02,
+        hosts: dict[str, str] | None = None,
     ) -> Pool:
         pods: list[tuple[str, str, int, str | None]] = []
         keys: dict[str, str] = {}
         for name, role in roles.items():
+            # Loopback has a whole /8: pods that must differ by IP get their own address.
+            host = (hosts or {}).get(name, "127.0.0.1")
             if fake is not None and name in fake:
                 server = await fake[name].start()
                 fakes.append(server)
                 port = server.port
             else:
-                sim = await start_sim(zero_latency=True, role=role or "both")
+                sim = await start_sim(zero_latency=True, role=role or "both", host=host)
                 port = sim.port
-            pods.append((name, "127.0.0.1", port, role))
-            keys[name] = f"127.0.0.1:{port}"
+            pods.append((name, host, port, role))
+            keys[name] = f"{host}:{port}"
         endpoints_file = tmp_path / "endpoints.yaml"
         write_endpoints(endpoints_file, pods)
         metrics = EppMetrics()
