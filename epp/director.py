@@ -21,6 +21,7 @@ from prometheus_client import Counter
 from epp.config import ConfigError, SchedulerConfig, load_config
 from epp.datastore import Datastore, Endpoint, address_host
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
+from epp.engine_metrics import EngineMappings
 from epp.metrics import EppMetrics
 from epp.plugins.base import Discovery, Plugin
 from epp.request import parse_request
@@ -51,6 +52,8 @@ class DirectorSettings:
     # server URL (tests, proxies) skips both.
     kube_api_server: str | None = None
     kubeconfig: str | None = None
+    # Metric names per engine type (None: the built-in engines, vLLM by default).
+    engine_metrics: EngineMappings | None = None
 
 
 class Director(DecisionMaker):
@@ -71,6 +74,7 @@ class Director(DecisionMaker):
             interval_s=settings.refresh_metrics_interval_s,
             timeout_s=timeout,
             max_scrapes_per_second=settings.max_scrapes_per_second,
+            engines=settings.engine_metrics,
         )
         self.discovery: Discovery | None = config.discovery
         self._started = False
