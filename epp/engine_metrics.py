@@ -249,12 +249,9 @@ class EngineMetricsParams(PluginParams):
             raise ValueError(f"defaultEngine: no engine named '{self.default_engine}'")
         return self
 
-    def build(self, overrides: Mapping[str, EngineMapping] | None = None) -> EngineMappings:
-        """The mappings; ``overrides`` replace engines by name last (the metric-name
-        flags)."""
+    def build(self) -> EngineMappings:
         engines = dict(BUILTIN_ENGINES)
         engines.update({c.name: c.mapping() for c in self.engine_configs})
-        engines.update(overrides or {})
         return EngineMappings(
             label_key=self.engine_label_key or ENGINE_LABEL,
             default=engines[self.default_engine],
