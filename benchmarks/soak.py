@@ -77,6 +77,14 @@ WARM_UP_S = 6.0
 SCRAPE_SLACK = 1  # that one connection (a socket, and the server task serving it)
 PROMPT_WORDS = ["prefill", "decode", "cache", "block", "engine", "token", "stream", "latency"]
 
+# An engine's queue and running batch, under vLLM's names and SGLang's (SGLang mode).
+_BUSY_SERIES = (
+    "vllm:num_requests_running",
+    "vllm:num_requests_waiting",
+    "sglang:num_running_reqs",
+    "sglang:num_queue_reqs",
+)
+
 
 @dataclass(frozen=True)
 class FaultSpec:
@@ -361,11 +369,7 @@ async def quiesce(
                 return False
         for engine in stack.prefill_engine_urls + stack.decode_engine_urls:
             values = await _scrape(session, f"{engine}/metrics")
-            busy = sum(
-                v
-                for k, v in values.items()
-                if k.startswith(("vllm:num_requests_running", "vllm:num_requests_waiting"))
-            )
+            busy = sum(v for k, v in values.items() if k.startswith(_BUSY_SERIES))
             if busy > 0:
                 return False
         return True

@@ -92,6 +92,7 @@ class EppApp:
             metrics_staleness_threshold_s=s.metrics_staleness_threshold,
             max_scrapes_per_second=s.max_scrapes_per_second,
             kubeconfig=s.kubeconfig,
+            engine_metrics=s.engine_metrics(),
         )
         try:
             self.director = await build_director(director_settings, self.metrics)

@@ -18,7 +18,10 @@ __all__ = [
     "Datastore",
     "Endpoint",
     "EndpointMetrics",
+    "address_host",
     "format_host_port",
+    "normalize_host",
+    "split_address",
 ]
 
 ROLE_LABEL = "llm-d.ai/role"
@@ -35,6 +38,38 @@ def format_host_port(host: str, port: int) -> str:
     except ValueError:
         pass
     return f"{host}:{port}"
+
+
+def normalize_host(host: str) -> str:
+    """One spelling per address: IP literals in canonical form (``fd00:0::1`` and
+    ``fd00::1`` are one address), names lower-cased."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        return host.lower()
+
+
+def split_address(address: str) -> tuple[str, int | None]:
+    """The normalized host and the port of ``ip:port``, ``[ipv6]:port``, a bare IPv6
+    literal or a bare host (port None when there is none, or it is not a number)."""
+    text = address.strip()
+    port_text = ""
+    if text.startswith("["):
+        end = text.find("]")
+        host = text[1:end] if end != -1 else text[1:]
+        if end != -1 and text[end + 1 : end + 2] == ":":
+            port_text = text[end + 2 :]
+    elif text.count(":") == 1:
+        host, port_text = text.split(":", 1)
+    else:
+        host = text  # a bare host, or a bare IPv6 literal (no port)
+    port = int(port_text) if port_text.isdigit() else None
+    return normalize_host(host), port
+
+
+def address_host(address: str) -> str:
+    """The normalized host of an address (see ``split_address``); the port is ignored."""
+    return split_address(address)[0]
 
 
 @dataclass(slots=True)
@@ -69,9 +104,12 @@ class Endpoint:
     labels: Mapping[str, str] = field(default_factory=dict)
     metrics: EndpointMetrics = field(default_factory=EndpointMetrics)
     key: str = ""
+    # The address in the form ``address_host`` gives, for matching by host.
+    host: str = ""
 
     def __post_init__(self) -> None:
         self.key = format_host_port(self.address, self.port)
+        self.host = normalize_host(self.address)
 
     @property
     def role(self) -> str | None:
@@ -113,6 +151,19 @@ class Datastore:
 
     def get(self, key: str) -> Endpoint | None:
         return self._by_key.get(key)
+
+    def find(self, address: str) -> Endpoint | None:
+        """The endpoint at ``host:port`` however the address is spelled, or None."""
+        found = self._by_key.get(address)
+        if found is not None:
+            return found
+        host, port = split_address(address)
+        if port is None:
+            return None
+        for ep in self._snapshot:
+            if ep.port == port and ep.host == host:
+                return ep
+        return None
 
     def __len__(self) -> int:
         return len(self._by_key)

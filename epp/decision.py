@@ -57,6 +57,10 @@ def _noop() -> None:
     return None
 
 
+def _noop_reassign(_served: str) -> None:
+    return None
+
+
 @dataclass
 class Decision:
     """Where one request goes. Addresses are ``host:port`` (IPv6 bracketed)."""
@@ -71,8 +75,26 @@ class Decision:
     # In-flight bookkeeping hooks, set by the scheduler.
     release_prefill: Callable[[], None] = _noop
     release_all: Callable[[], None] = _noop
+    # Moves the decode bookkeeping to the endpoint the gateway reports as having served
+    # the request (``host:port``), when that is not ``decode``; set by the scheduler.
+    reassign: Callable[[str], None] = _noop_reassign
+    served: str | None = field(default=None, repr=False)
     _prefill_released: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)
+
+    @property
+    def destinations(self) -> list[str]:
+        """The decode endpoint followed by its fallbacks, in the gateway's order."""
+        return [self.decode, *self.decode_fallbacks]
+
+    def on_served(self, endpoint: str) -> None:
+        """The gateway reported the endpoint that served the request. Only the first
+        report counts, and none after the request ended."""
+        if self.served is not None or self._released:
+            return
+        self.served = endpoint
+        if endpoint != self.decode:
+            self.reassign(endpoint)
 
     def on_response_started(self) -> None:
         """The decode response began: the prefill stage is over."""

@@ -19,15 +19,17 @@ from time import perf_counter
 from prometheus_client import Counter
 
 from epp.config import ConfigError, SchedulerConfig, load_config
-from epp.datastore import Datastore, Endpoint
+from epp.datastore import Datastore, Endpoint, address_host
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
+from epp.engine_metrics import EngineMappings
 from epp.metrics import EppMetrics
 from epp.plugins.base import Discovery, Plugin
 from epp.request import parse_request
 from epp.scheduling.cycle import CycleState
+from epp.scheduling.scheduler import Tracking
 from epp.scraper import MetricsScraper
 
-__all__ = ["ConfigError", "Director", "DirectorSettings", "build_director"]
+__all__ = ["ConfigError", "Director", "DirectorSettings", "build_director", "subset_endpoints"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,8 @@ class DirectorSettings:
     # server URL (tests, proxies) skips both.
     kube_api_server: str | None = None
     kubeconfig: str | None = None
+    # Metric names per engine type (None: the built-in engines, vLLM by default).
+    engine_metrics: EngineMappings | None = None
 
 
 class Director(DecisionMaker):
@@ -70,6 +74,7 @@ class Director(DecisionMaker):
             interval_s=settings.refresh_metrics_interval_s,
             timeout_s=timeout,
             max_scrapes_per_second=settings.max_scrapes_per_second,
+            engines=settings.engine_metrics,
         )
         self.discovery: Discovery | None = config.discovery
         self._started = False
@@ -205,6 +210,30 @@ class Director(DecisionMaker):
                 self._request_counters[model] = child
         child.inc()
 
+    def _reassign(self, tracking: Tracking, request_id: str, served: str) -> None:
+        """The gateway reports that ``served``, not the pick, served the request."""
+        picked = tracking.result.targets(tracking.result.primary)[0].key
+        endpoint = self.datastore.find(served)
+        if endpoint is None:
+            log.warning(
+                "request %s: the gateway reports it was served by %s, which is not a known "
+                "endpoint; its load stays charged to %s",
+                request_id or "-",
+                served,
+                picked,
+            )
+            return
+        if endpoint.key == picked:
+            return
+        log.info(
+            "request %s: served by %s, not the picked %s; its load and prefix are charged to %s",
+            request_id or "-",
+            endpoint.key,
+            picked,
+            endpoint.key,
+        )
+        tracking.reassign(endpoint)
+
     async def decide(
         self,
         path: str,
@@ -216,18 +245,19 @@ class Director(DecisionMaker):
         request = parse_request(path, headers, body)
         self._count_request(request.model)
         endpoints: Sequence[Endpoint] = self.datastore.snapshot()
-        if subset is not None:
-            allowed = set(subset)
-            endpoints = [ep for ep in endpoints if ep.key in allowed]
-            if not endpoints:
-                raise NoEndpoints("no known endpoint is in the gateway's subset hint")
         if not endpoints:
             raise NoEndpoints("no endpoints known")
+        destinations = None if subset is None else subset_endpoints(endpoints, subset)
+        if destinations is not None and not destinations:
+            raise NoEndpoints(
+                f"none of the {len(subset or ())} endpoints in the gateway's subset hint "
+                "is a known endpoint"
+            )
         cycle = CycleState(request, time.monotonic(), self._threshold)
         try:
             await self._scheduler.prefetch(cycle, endpoints)
-            result = self._scheduler.schedule(cycle, endpoints)
-            release_prefill, release_all = self._scheduler.track(cycle, result)
+            result = self._scheduler.schedule(cycle, endpoints, destinations)
+            tracking = self._scheduler.track(cycle, result)
         except SchedulingError:
             raise
         except Exception as exc:
@@ -246,12 +276,20 @@ class Director(DecisionMaker):
             encoders=encoders,
             decision_type=decision_type,
             decode_fallbacks=[ep.key for ep in decode[1:]],
-            release_prefill=release_prefill,
-            release_all=release_all,
+            release_prefill=tracking.release_stages,
+            release_all=tracking.release_all,
+            reassign=lambda served: self._reassign(tracking, request.request_id, served),
         )
         self._decision_counters[decision_type].inc()
         self.metrics.scheduler_e2e_duration.observe(perf_counter() - t0)
         return decision
+
+
+def subset_endpoints(endpoints: Sequence[Endpoint], subset: Sequence[str]) -> list[Endpoint]:
+    """The endpoints the gateway's subset hint allows, matched by host: the hint's ports
+    are ignored, as llm-d does (a pod's ports are all one engine's)."""
+    hosts = {address_host(entry) for entry in subset}
+    return [ep for ep in endpoints if ep.host in hosts]
 
 
 async def build_director(settings: DirectorSettings, metrics: EppMetrics) -> Director:

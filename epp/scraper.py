@@ -10,6 +10,11 @@ staleness rather than inventing fresh ones.
 Scraping costs CPU on the loop that also schedules requests, so the scraper keeps to a
 budget of scrapes per second: with many endpoints the interval stretches (and says so in
 the log) instead of starving the ext_proc streams.
+
+Each endpoint's page is read with its engine's metric names (``epp.engine_metrics``: the
+pod's engine-type label, vLLM by default). A page that has none of the engine's load
+series (an SGLang pod read with vLLM's names, say) is a failed scrape, logged once with
+the names it lacks: the endpoint goes stale and is scored as busy instead of looking idle.
 """
 
 from __future__ import annotations
@@ -19,13 +24,15 @@ import contextlib
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import aiohttp
 
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
+from epp.engine_metrics import BUILTIN_ENGINES, EngineMapping, EngineMappings, MetricSpec
 
-__all__ = ["MetricsScraper", "parse_vllm_metrics"]
+__all__ = ["MetricsScraper", "ParsedMetrics", "parse_metrics", "parse_vllm_metrics"]
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +44,6 @@ def _split(value: str | None) -> tuple[str, ...]:
     if not value:
         return ()
     return tuple(v for v in value.split(",") if v)
-
-
-_WANTED = (
-    "vllm:num_requests_waiting",
-    "vllm:num_requests_running",
-    "vllm:kv_cache_usage_perc",
-    "vllm:gpu_cache_usage_perc",
-    "vllm:cache_config_info",
-    "vllm:lora_requests_info",
-)
 
 
 def _lines_of(text: str, prefix: str, out: list[str]) -> None:
@@ -76,7 +73,10 @@ def _unescape(value: str) -> str:
     return _UNESCAPE.sub(lambda m: "\n" if m.group(1) == "n" else m.group(1), value)
 
 
-def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+Samples = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def _samples(text: str, names: Sequence[str]) -> Samples:
     """The samples of the wanted series, by name.
 
     A real engine's page has hundreds of histogram lines, and the general Prometheus
@@ -84,8 +84,8 @@ def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     picked out (in C, by ``str.find``) and parsed here.
     """
     text = "\n" + text
-    found: dict[str, list[tuple[dict[str, str], float]]] = {}
-    for name in _WANTED:
+    found: Samples = {}
+    for name in names:
         lines: list[str] = []
         _lines_of(text, f"\n{name}", lines)
         for line in lines:
@@ -101,36 +101,71 @@ def _samples(text: str) -> dict[str, list[tuple[dict[str, str], float]]]:
     return found
 
 
-def parse_vllm_metrics(text: str, now: float) -> EndpointMetrics:
-    """The scheduling signals from a vLLM Prometheus text page (summed over models)."""
+def _select(found: Samples, spec: MetricSpec | None) -> list[tuple[dict[str, str], float]]:
+    if spec is None:
+        return []
+    return [(labels, v) for labels, v in found.get(spec.name, ()) if spec.matches(labels)]
+
+
+def _label_int(labels: Mapping[str, str], name: str) -> int | None:
+    value = labels.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedMetrics:
+    metrics: EndpointMetrics
+    # Load signals (``waiting``, ``running``, ``kv_usage``) whose series the mapping
+    # names and the page lacks, with the series' selector.
+    missing: Mapping[str, str]
+    # True when the mapping names load series and the page has none of them.
+    no_load_signal: bool
+
+
+def parse_metrics(text: str, mapping: EngineMapping, now: float) -> ParsedMetrics:
+    """The scheduling signals from a Prometheus text page, read with ``mapping``: queue
+    and running summed over the matching series (one per model or data-parallel rank),
+    KV-cache usage the highest of them."""
     out = EndpointMetrics(updated_at=now)
-    found = _samples(text)
-
-    def values(*names: str) -> list[float]:
-        return [v for name in names for _, v in found.get(name, ())]
-
-    out.waiting = sum(values("vllm:num_requests_waiting"))
-    out.running = sum(values("vllm:num_requests_running"))
-    usage = values("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
-    if usage:
-        out.kv_usage = min(1.0, max(0.0, max(usage)))
-    for labels, _ in found.get("vllm:cache_config_info", ()):
-        bs = labels.get("block_size")
-        if bs and bs.isdigit():
-            out.block_size = int(bs)
-        blocks = labels.get("num_gpu_blocks")
-        if blocks and blocks.isdigit():
-            out.num_gpu_blocks = int(blocks)
+    found = _samples(text, mapping.metric_names)
+    missing: dict[str, str] = {}
+    for attr, spec in (("waiting", mapping.queued), ("running", mapping.running)):
+        samples = _select(found, spec)
+        if spec is not None and not samples:
+            missing[attr] = str(spec)
+        setattr(out, attr, sum(v for _, v in samples))
+    for spec in mapping.kv_usage:
+        usage = [v for _, v in _select(found, spec)]
+        if usage:
+            out.kv_usage = min(1.0, max(0.0, max(usage)))
+            break
+    else:
+        if mapping.kv_usage:
+            missing["kv_usage"] = str(mapping.kv_usage[0])
+    for labels, _ in _select(found, mapping.cache_info):
+        out.block_size = _label_int(labels, mapping.block_size_label) or out.block_size
+        out.num_gpu_blocks = _label_int(labels, mapping.num_blocks_label) or out.num_gpu_blocks
+    block_size = [v for _, v in _select(found, mapping.cache_block_size)]
+    if block_size and block_size[0] >= 1:
+        out.block_size = int(block_size[0])
+    num_blocks = [v for _, v in _select(found, mapping.cache_num_blocks)]
+    if num_blocks and num_blocks[0] >= 1:
+        out.num_gpu_blocks = int(num_blocks[0])
     # One sample per state change; the value is its timestamp, latest wins.
     lora_ts = -1.0
-    for labels, value in found.get("vllm:lora_requests_info", ()):
+    for labels, value in _select(found, mapping.lora):
         if value >= lora_ts:
             lora_ts = value
             out.running_loras = _split(labels.get("running_lora_adapters"))
             out.waiting_loras = _split(labels.get("waiting_lora_adapters"))
-            max_lora = labels.get("max_lora", "")
-            out.max_lora = int(max_lora) if max_lora.isdigit() else None
-    return out
+            out.max_lora = _label_int(labels, "max_lora")
+    signals = mapping.load_signal_count
+    return ParsedMetrics(out, missing, signals > 0 and len(missing) == signals)
+
+
+def parse_vllm_metrics(text: str, now: float) -> EndpointMetrics:
+    """The scheduling signals from a vLLM page (the default engine)."""
+    return parse_metrics(text, BUILTIN_ENGINES["vllm"], now).metrics
 
 
 class MetricsScraper:
@@ -143,8 +178,12 @@ class MetricsScraper:
         interval_s: float = 0.05,
         timeout_s: float = 1.0,
         max_scrapes_per_second: float = 500.0,
+        engines: EngineMappings | None = None,
     ) -> None:
         self.datastore = datastore
+        self.engines = engines or EngineMappings()
+        # Per endpoint, the missing series last warned about (one line per change).
+        self._warned: dict[str, tuple[str, ...]] = {}
         self.interval_s = interval_s
         self.timeout_s = timeout_s
         self.max_scrapes_per_second = max_scrapes_per_second
@@ -188,6 +227,7 @@ class MetricsScraper:
         if not self._started:
             return
         for ep in removed:
+            self._warned.pop(ep.key, None)
             task = self._tasks.pop(ep.key, None)
             if task is not None:
                 task.cancel()
@@ -216,13 +256,48 @@ class MetricsScraper:
             if len(raw) > _MAX_BODY:
                 raise ValueError("metrics page too large")
             text = raw.decode("utf-8", errors="replace")
-            endpoint.metrics = parse_vllm_metrics(text, time.monotonic())
         except (TimeoutError, aiohttp.ClientError, ValueError) as exc:
             self.scrapes_failed += 1
             log.debug("scrape of %s failed: %s", endpoint.key, exc)
             return False
+        mapping = self.engines.for_labels(endpoint.labels)
+        parsed = parse_metrics(text, mapping, time.monotonic())
+        self._report_missing(endpoint, mapping, parsed)
+        if parsed.no_load_signal:
+            # Not this engine's page (a pod labelled for another engine, or none): its
+            # metrics go stale, so it is scored as busy, never as idle.
+            self.scrapes_failed += 1
+            return False
+        previous = endpoint.metrics
+        for attr in parsed.missing:  # a series the engine dropped keeps its last value
+            setattr(parsed.metrics, attr, getattr(previous, attr))
+        endpoint.metrics = parsed.metrics
         self.scrapes_ok += 1
         return True
+
+    def _report_missing(
+        self, endpoint: Endpoint, mapping: EngineMapping, parsed: ParsedMetrics
+    ) -> None:
+        missing = tuple(parsed.missing.values())
+        if self._warned.get(endpoint.key, ()) == missing:
+            return
+        self._warned[endpoint.key] = missing
+        if not missing:
+            log.info("endpoint %s (%s): engine metrics found again", endpoint.key, endpoint.name)
+            return
+        engine = self.engines.engine_type(endpoint.labels)
+        how = f"label {self.engines.label_key}={engine}" if engine else "no engine label"
+        log.warning(
+            "endpoint %s (%s): /metrics lacks %s, read as engine '%s' (%s)%s",
+            endpoint.key,
+            endpoint.name,
+            ", ".join(missing),
+            mapping.name,
+            how,
+            "; its metrics are left to go stale"
+            if parsed.no_load_signal
+            else "; the last values are kept",
+        )
 
     async def _loop(self, endpoint: Endpoint) -> None:
         me = asyncio.current_task()

@@ -16,6 +16,8 @@ from typing import Any, NoReturn, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from epp.engine_metrics import EngineMappings, MetricSpec
+
 __all__ = ["EppSettings", "parse_args", "parse_go_duration"]
 
 _UNITS = {
@@ -90,6 +92,33 @@ class EppSettings(BaseModel):
     # klog-style verbosity: 0 info, 1+ debug.
     v: int = Field(default=0, ge=0)
 
+    # The series pods without an engine-type label are read with (llm-d's metric-name
+    # flags); pods labelled llm-d.ai/engine-type=sglang (etc.) use their engine's names.
+    total_queued_requests_metric: str = "vllm:num_requests_waiting"
+    total_running_requests_metric: str = "vllm:num_requests_running"
+    kv_cache_usage_percentage_metric: str = "vllm:kv_cache_usage_perc"
+    lora_info_metric: str = "vllm:lora_requests_info"
+    cache_info_metric: str = "vllm:cache_config_info"
+
+    @field_validator(
+        "total_queued_requests_metric", "total_running_requests_metric",
+        "kv_cache_usage_percentage_metric", "lora_info_metric", "cache_info_metric",
+    )  # fmt: skip
+    @classmethod
+    def _metric_selector(cls, value: str) -> str:
+        MetricSpec.parse(value)
+        return value
+
+    def engine_metrics(self) -> EngineMappings:
+        """The built-in engines, the default one read with the metric-name flags."""
+        return EngineMappings().with_default_names(
+            queued=self.total_queued_requests_metric,
+            running=self.total_running_requests_metric,
+            kv_usage=self.kv_cache_usage_percentage_metric,
+            lora=self.lora_info_metric,
+            cache_info=self.cache_info_metric,
+        )
+
     _durations = field_validator(
         "refresh_metrics_interval", "metrics_staleness_threshold", "decision_timeout",
         "shutdown_grace", mode="before",
@@ -132,6 +161,11 @@ _FLAGS: dict[str, str] = {
     "decision-timeout": "upper bound of one scheduling decision (default 10s)",
     "shutdown-grace": "time in-flight requests get on SIGTERM (default 10s)",
     "v": "log verbosity (0 info, 1 and up debug)",
+    "total-queued-requests-metric": "queue series of pods with no engine label (vLLM's)",
+    "total-running-requests-metric": "running-batch series of pods with no engine label",
+    "kv-cache-usage-percentage-metric": "KV-cache usage (0..1) series, pods with no engine label",
+    "lora-info-metric": "LoRA adapters series (vLLM label format), pods with no engine label",
+    "cache-info-metric": "KV-cache geometry series, pods with no engine label",
 }
 _BOOL_FLAGS = {"secure-serving"}
 

@@ -79,6 +79,9 @@ class SimConfig(BaseModel):
         default=None, ge=0, le=65535, description="Serve the bootstrap server here (0: any port)."
     )
     bootstrap_timeout_seconds: float = Field(default=30.0, gt=0)
+    # Which engine's /metrics names the simulator exports: SGLang's own (sglang:*) or
+    # vLLM's. "auto": SGLang's when in SGLang disaggregation mode, else vLLM's.
+    engine_type: Literal["auto", "vllm", "sglang"] = "auto"
 
     # Shared storage (LMCache-style KV, ec-example encoder outputs), shared by engines.
     shared_storage_path: str | None = None
@@ -109,6 +112,12 @@ class SimConfig(BaseModel):
 
     # Faults armed at start, in the control endpoint's JSON form (see faults.py).
     faults: tuple[str, ...] = ()
+
+    @property
+    def metrics_engine(self) -> Literal["vllm", "sglang"]:
+        if self.engine_type != "auto":
+            return self.engine_type
+        return "vllm" if self.disaggregation_mode == "null" else "sglang"
 
     @property
     def remote_host(self) -> str:

@@ -6,7 +6,12 @@ import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from epp.extproc.headers import SUBSET_HINT_KEY, SUBSET_HINT_NAMESPACE
+from epp.extproc.headers import (
+    DESTINATION_SERVED,
+    LB_METADATA_NAMESPACE,
+    SUBSET_HINT_KEY,
+    SUBSET_HINT_NAMESPACE,
+)
 
 if TYPE_CHECKING:
     from google.protobuf.struct_pb2 import Value
@@ -16,7 +21,7 @@ if TYPE_CHECKING:
     from epp.extproc.config import BodyMode, ExtProcConfig
     from epp.metrics import EppMetrics
 
-__all__ = ["RequestContext", "StreamEnv"]
+__all__ = ["RequestContext", "StreamEnv", "served_endpoint"]
 
 log = logging.getLogger("epp.extproc")
 
@@ -47,6 +52,8 @@ class RequestContext:
     ended: bool = False
     # Set once the gateway sent the end of the response (the stream is complete).
     response_ended: bool = False
+    # Set once the gateway's report of the serving endpoint was taken (or found absent).
+    served_checked: bool = False
 
     @classmethod
     def new(cls, env: StreamEnv) -> RequestContext:
@@ -69,6 +76,20 @@ class RequestContext:
                 if SUBSET_HINT_KEY in fields:
                     self.subset = _addresses(fields[SUBSET_HINT_KEY])
 
+    def observe_served(self, request: ProcessingRequest) -> None:
+        """Response side: hand the decision the endpoint the gateway reports as having
+        served the request (``envoy.lb`` metadata), once."""
+        if self.served_checked or self.decision is None:
+            return
+        self.served_checked = True
+        served = served_endpoint(request)
+        if served is None:
+            return
+        try:
+            self.decision.on_served(served)
+        except Exception:
+            log.exception("request %s: charging the served endpoint failed", self.request_id)
+
     def finish(self) -> None:
         """The stream is over, however it ended: release the scheduler's bookkeeping."""
         if self.decision is not None:
@@ -76,6 +97,21 @@ class RequestContext:
                 self.decision.on_finished()
             except Exception:
                 log.exception("request %s: releasing the decision failed", self.request_id)
+
+
+def served_endpoint(request: ProcessingRequest) -> str | None:
+    """The ``x-gateway-destination-endpoint-served`` address in a message's metadata."""
+    if not request.HasField("metadata_context"):
+        return None
+    namespaces = request.metadata_context.filter_metadata
+    if LB_METADATA_NAMESPACE not in namespaces:
+        return None
+    fields = namespaces[LB_METADATA_NAMESPACE].fields
+    if DESTINATION_SERVED not in fields:
+        return None
+    # One address by the protocol; the first if a gateway sends a list.
+    addresses = _addresses(fields[DESTINATION_SERVED])
+    return addresses[0] if addresses else None
 
 
 def _addresses(value: Value) -> list[str]:

@@ -132,7 +132,7 @@ async def on_request_body(
         if not isinstance(outcome, Decision):
             return outcome
         return [
-            responses.decision_headers_response(outcome),
+            responses.decision_headers_response(outcome, body_length=len(ctx.body)),
             *responses.streamed_request_body(
                 ctx.body, end_of_stream=True, chunk_bytes=ctx.env.config.chunk_bytes
             ),
@@ -158,19 +158,23 @@ async def on_request_trailers(
     outcome = await _decide(ctx)
     if not isinstance(outcome, Decision):
         return outcome
-    body = (
-        responses.streamed_request_body(
-            ctx.body, end_of_stream=False, chunk_bytes=ctx.env.config.chunk_bytes
-        )
-        if ctx.body
-        else []
+    if not ctx.body:
+        return [responses.decision_headers_response(outcome), trailers]
+    body = responses.streamed_request_body(
+        ctx.body, end_of_stream=False, chunk_bytes=ctx.env.config.chunk_bytes
     )
-    return [responses.decision_headers_response(outcome), *body, trailers]
+    return [
+        responses.decision_headers_response(outcome, body_length=len(ctx.body)),
+        *body,
+        trailers,
+    ]
 
 
 async def on_response_headers(
     ctx: RequestContext, request: ProcessingRequest
 ) -> list[ProcessingResponse]:
+    # Before the prefill is released: the report may move the decode's bookkeeping.
+    ctx.observe_served(request)
     if ctx.decision is not None:
         ctx.decision.on_response_started()
     if request.response_headers.end_of_stream or ctx.response_body_mode == ProcessingMode.NONE:
@@ -181,6 +185,7 @@ async def on_response_headers(
 async def on_response_body(
     ctx: RequestContext, request: ProcessingRequest
 ) -> list[ProcessingResponse]:
+    ctx.observe_served(request)
     message = request.response_body
     if message.end_of_stream:
         ctx.response_ended = True
@@ -194,6 +199,7 @@ async def on_response_body(
 async def on_response_trailers(
     ctx: RequestContext, request: ProcessingRequest
 ) -> list[ProcessingResponse]:
+    ctx.observe_served(request)
     ctx.response_ended = True
     return [responses.passthrough_trailers(request=False)]
 

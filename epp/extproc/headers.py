@@ -9,8 +9,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DESTINATION",
+    "DESTINATION_SERVED",
     "DROPPED_REASON",
     "ENCODERS",
+    "GATEWAY_HEADERS",
     "LB_METADATA_NAMESPACE",
     "PREFILLER",
     "ROUTING_HEADERS",
@@ -38,6 +40,14 @@ ROUTING_HEADERS: tuple[str, ...] = (
 LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"
 SUBSET_HINT_KEY = "x-gateway-destination-endpoint-subset"
+# The gateway reports the endpoint that really served a request under this key of the
+# ``envoy.lb`` metadata it sends with the response.
+DESTINATION_SERVED = "x-gateway-destination-endpoint-served"
+
+# Names of the gateway protocol's own messages (reports, hints, refusal reasons). They
+# travel as metadata or come from the EPP; a client's copy would only mislead the pod
+# or anything between, so it is removed from every routed request.
+GATEWAY_HEADERS: tuple[str, ...] = (DESTINATION_SERVED, SUBSET_HINT_KEY, DROPPED_REASON)
 
 
 def header_dict(header_map: HeaderMap) -> dict[str, str]:

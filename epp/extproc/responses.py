@@ -25,6 +25,7 @@ from epp.extproc.headers import (
     DESTINATION,
     DROPPED_REASON,
     ENCODERS,
+    GATEWAY_HEADERS,
     LB_METADATA_NAMESPACE,
     PREFILLER,
     ROUTING_HEADERS,
@@ -39,6 +40,7 @@ __all__ = [
     "continue_request_headers",
     "decision_body_response",
     "decision_headers_response",
+    "destination_value",
     "immediate_response",
     "passthrough_response_body",
     "passthrough_response_headers",
@@ -49,6 +51,7 @@ __all__ = [
 ]
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
+CONTENT_LENGTH = "content-length"
 
 
 def _set(name: str, value: str) -> HeaderValueOption:
@@ -57,49 +60,64 @@ def _set(name: str, value: str) -> HeaderValueOption:
     )
 
 
-def routing_mutation(decision: Decision) -> HeaderMutation:
+def destination_value(decision: Decision) -> str:
+    """The one value of both the destination header and the ``envoy.lb`` metadata: the
+    decode endpoint, then its fallbacks. The gateway protocol forbids the two carrying
+    different values, so fallbacks go in both or in neither."""
+    return ",".join(decision.destinations)
+
+
+def routing_mutation(decision: Decision, body_length: int | None = None) -> HeaderMutation:
     """Set the EPP's routing headers and drop every client-supplied one.
 
     A header the EPP sets is overwritten (which discards all client values of it) rather
     than also listed for removal, so the outcome does not depend on the order in which a
-    gateway applies removals and sets.
+    gateway applies removals and sets. ``body_length`` is the size of the body the EPP
+    re-sends, if it does: the request then carries a ``content-length`` that matches it,
+    whatever framing the client used.
     """
-    values: dict[str, str] = {DESTINATION: decision.decode}
+    values: dict[str, str] = {DESTINATION: destination_value(decision)}
     if decision.prefill:
         values[PREFILLER] = decision.prefill
     if decision.encoders:
         values[ENCODERS] = ",".join(decision.encoders)
+    if body_length is not None:
+        values[CONTENT_LENGTH] = str(body_length)
+    removed = [name for name in (*ROUTING_HEADERS, *GATEWAY_HEADERS) if name not in values]
     return HeaderMutation(
         set_headers=[_set(name, value) for name, value in values.items()],
-        remove_headers=[name for name in ROUTING_HEADERS if name not in values],
+        remove_headers=removed,
     )
 
 
 def _lb_metadata(decision: Decision) -> Struct:
-    # The header carries the primary only (Envoy's ORIGINAL_DST parses one address); the
-    # metadata carries the primary followed by the fallbacks, as the gateway protocol says.
-    targets = ",".join([decision.decode, *decision.decode_fallbacks])
     struct = Struct()
-    struct.update({LB_METADATA_NAMESPACE: {DESTINATION: targets}})
+    struct.update({LB_METADATA_NAMESPACE: {DESTINATION: destination_value(decision)}})
     return struct
 
 
-def _decision_common(decision: Decision) -> CommonResponse:
-    return CommonResponse(header_mutation=routing_mutation(decision), clear_route_cache=True)
+def _decision_common(decision: Decision, body_length: int | None) -> CommonResponse:
+    return CommonResponse(
+        header_mutation=routing_mutation(decision, body_length), clear_route_cache=True
+    )
 
 
-def decision_headers_response(decision: Decision) -> ProcessingResponse:
-    """The answer to the request headers that carries the routing decision."""
+def decision_headers_response(
+    decision: Decision, *, body_length: int | None = None
+) -> ProcessingResponse:
+    """The answer to the request headers that carries the routing decision;
+    ``body_length`` when the body follows as body mutations."""
     return ProcessingResponse(
-        request_headers=HeadersResponse(response=_decision_common(decision)),
+        request_headers=HeadersResponse(response=_decision_common(decision, body_length)),
         dynamic_metadata=_lb_metadata(decision),
     )
 
 
 def decision_body_response(decision: Decision) -> ProcessingResponse:
-    """BUFFERED mode: Envoy still holds the headers, so the body answer may mutate them."""
+    """BUFFERED mode: Envoy still holds the headers, so the body answer may mutate them.
+    The body itself is left as Envoy buffered it, so its length needs no header here."""
     return ProcessingResponse(
-        request_body=BodyResponse(response=_decision_common(decision)),
+        request_body=BodyResponse(response=_decision_common(decision, None)),
         dynamic_metadata=_lb_metadata(decision),
     )
 

@@ -11,7 +11,9 @@ directly. A plugin implements one or more extension points by subclassing them:
 - ``Decider.approve`` answers one yes/no question for a profile handler;
 - ``DataProducer.prepare`` computes per-request data before any profile runs (its
   ``prefetch`` may first await I/O);
-- ``RequestTracker.track`` sees the final result and returns release hooks;
+- ``RequestTracker.track`` sees the final result and returns release hooks (its
+  ``reassign`` moves the decode's share when the gateway reports another endpoint
+  served the request);
 - ``Discovery.start/stop`` feeds endpoints into the datastore.
 """
 
@@ -163,6 +165,21 @@ class RequestTracker(Plugin, abc.ABC):
     def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
         """Record the decision; return (release_prefill, release_all) hooks."""
 
+    def reassign(
+        self, cycle: CycleState, served: SchedulingResult, release_decode: Release
+    ) -> Release:
+        """The gateway reports that another endpoint served the request than the decode
+        endpoint ``track`` recorded; ``served`` names only that endpoint (the prefill and
+        encode stages keep what ``track`` charged them). Move the decode's share and
+        return the hook that releases it when the request ends.
+
+        By default: release the pick's share now and track ``served`` anew.
+        """
+        release_decode()
+        release_stages, release_served = self.track(cycle, served)
+        release_stages()  # ``served`` holds no prefill or encode stage
+        return release_served
+
 
 class ProfileHandler(Plugin, abc.ABC):
     @abc.abstractmethod
@@ -182,6 +199,12 @@ class ProfileHandler(Plugin, abc.ABC):
 
     def check_profiles(self, names: Sequence[str]) -> None:
         """Validate the configured profile names; raise ``ValueError``."""
+        return None
+
+    def destination_profile(self, cycle: CycleState, profiles: Mapping[str, Profile]) -> str | None:
+        """The profile whose pick will be the request's destination (the primary), known
+        before any profile runs; the gateway's subset hint scopes that profile alone.
+        None when unknown: the hint then scopes every profile."""
         return None
 
 

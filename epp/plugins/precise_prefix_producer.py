@@ -216,6 +216,17 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         )
         return _noop, _noop
 
+    def reassign(
+        self, cycle: CycleState, served: SchedulingResult, release_decode: Release
+    ) -> Release:
+        """The engines' KV events report where the blocks really are; only the warm
+        fallback index learns the endpoint that served the request."""
+        approx = cycle.get(_APPROX_MATCH)
+        if approx is not None and approx.hashes:
+            for target in served.targets(served.primary)[:1]:
+                self.fallback.index.record(target.key, approx.hashes)
+        return release_decode
+
     async def _local_tokens(
         self, body: Mapping[str, Any], api: str, request_id: str
     ) -> list[int] | None:

@@ -63,17 +63,20 @@ class PrefixIndex:
             matched[key] = i
         return matched
 
-    def record(self, key: str, hashes: Iterable[bytes]) -> None:
-        """Remember that ``hashes`` were routed to endpoint ``key``."""
+    def record(self, key: str, hashes: Iterable[bytes]) -> list[bytes]:
+        """Remember that ``hashes`` were routed to endpoint ``key``; returns those that
+        ``key`` did not hold before."""
         lru = self._lru.get(key)
         if lru is None:
             lru = self._lru[key] = OrderedDict()
         holders = self._holders
+        added: list[bytes] = []
         for h in hashes:
             if h in lru:
                 lru.move_to_end(h)
                 continue
             lru[h] = None
+            added.append(h)
             owners = holders.get(h)
             if owners is None:
                 holders[h] = {key}
@@ -82,6 +85,18 @@ class PrefixIndex:
         while len(lru) > self.capacity:
             old, _ = lru.popitem(last=False)
             self._forget(old, key)
+        return added
+
+    def discard(self, key: str, hashes: Iterable[bytes]) -> None:
+        """Forget that endpoint ``key`` holds ``hashes`` (a request routed there that it
+        did not serve)."""
+        lru = self._lru.get(key)
+        if lru is None:
+            return
+        for h in hashes:
+            if h in lru:
+                del lru[h]
+                self._forget(h, key)
 
     def remove_endpoint(self, key: str) -> None:
         lru = self._lru.pop(key, None)

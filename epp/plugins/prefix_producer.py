@@ -80,6 +80,8 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
     def __init__(self, params: PrefixParams | None = None, name: str | None = None) -> None:
         super().__init__(params, name)
         self.index = PrefixIndex(self.params.lru_capacity_per_server)
+        # Per request: the decode pick and the blocks ``track`` added to it.
+        self._recorded: StateKey[tuple[str, list[bytes]]] = StateKey(f"{self.name}-recorded")
         if self.params.auto_tune:
             log.info(
                 "%s: autoTune is not supported; using blockSize %d and lruCapacityPerServer %d",
@@ -107,10 +109,22 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         match = cycle.get(PREFIX_MATCH)
         if match is not None and match.hashes:
             for target in result.targets(result.primary)[:1]:
-                self.index.record(target.key, match.hashes)
+                added = self.index.record(target.key, match.hashes)
+                cycle.put(self._recorded, (target.key, added))
             for target in result.targets(result.prefill_profile)[:1]:
                 self.index.record(target.key, match.hashes)
         return _noop, _noop
+
+    def reassign(
+        self, cycle: CycleState, served: SchedulingResult, release_decode: Release
+    ) -> Release:
+        """The blocks this request added to the pick move to the endpoint that served it
+        (blocks the pick already held stay: it still holds them)."""
+        recorded = cycle.get(self._recorded)
+        if recorded is not None:
+            picked, added = recorded
+            self.index.discard(picked, added)
+        return super().reassign(cycle, served, release_decode)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         for ep in removed:

@@ -36,6 +36,9 @@ class SingleProfileHandler(ProfileHandler):
     ) -> list[str]:
         return [] if results else list(profiles)[:1]
 
+    def destination_profile(self, cycle: CycleState, profiles: Mapping[str, Profile]) -> str | None:
+        return next(iter(profiles), None)
+
     def process_results(
         self, cycle: CycleState, results: Mapping[str, ProfileResult | None]
     ) -> SchedulingResult:
@@ -99,6 +102,9 @@ class DisaggProfileHandler(ProfileHandler):
             if not isinstance(plugin, Decider):
                 raise ValueError(f"deciders.{stage}: plugin '{ref}' is not a decider")
             setattr(self, f"{stage}_decider", plugin)
+
+    def destination_profile(self, cycle: CycleState, profiles: Mapping[str, Profile]) -> str | None:
+        return self.params.profiles.decode
 
     def check_profiles(self, names: Sequence[str]) -> None:
         p = self.params.profiles

@@ -32,3 +32,11 @@ class SchedulingResult:
             return []
         result = self.results.get(profile)
         return result.targets if result is not None else []
+
+    def served_by(self, endpoint: Endpoint) -> SchedulingResult:
+        """This result as if ``endpoint`` had been the only pick of the primary profile,
+        with no prefill or encode stage: what a tracker charges to the endpoint that
+        really served the request."""
+        return SchedulingResult(
+            results={self.primary: ProfileResult([endpoint])}, primary=self.primary
+        )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from time import perf_counter
 
 from epp.datastore import Endpoint
@@ -13,10 +13,39 @@ from epp.scheduling.cycle import CycleState
 from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "Tracking"]
 
 # A handler that keeps asking for profiles is a bug; stop it rather than spin.
 _MAX_ROUNDS = 16
+
+
+@dataclass(slots=True)
+class Tracking:
+    """What every tracker recorded for one request: its release hooks, one per tracker.
+
+    ``release_stages`` runs when the prefill and encode stages are over, ``release_all``
+    when the request ends; ``reassign`` moves the decode's share to the endpoint that
+    really served the request. The ``Decision`` makes each of them run at most once.
+    """
+
+    cycle: CycleState
+    result: SchedulingResult
+    trackers: tuple[RequestTracker, ...] = ()
+    stage_hooks: list[Release] = field(default_factory=list)
+    decode_hooks: list[Release] = field(default_factory=list)
+
+    def release_stages(self) -> None:
+        for hook in self.stage_hooks:
+            hook()
+
+    def release_all(self) -> None:
+        for hook in self.decode_hooks:
+            hook()
+
+    def reassign(self, served: Endpoint) -> None:
+        served_result = self.result.served_by(served)
+        for i, tracker in enumerate(self.trackers):
+            self.decode_hooks[i] = tracker.reassign(self.cycle, served_result, self.decode_hooks[i])
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,11 +60,23 @@ class Scheduler:
         for producer in self.producers:
             await producer.prefetch(cycle, endpoints)
 
-    def schedule(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> SchedulingResult:
+    def schedule(
+        self,
+        cycle: CycleState,
+        endpoints: Sequence[Endpoint],
+        destinations: Sequence[Endpoint] | None = None,
+    ) -> SchedulingResult:
+        """Run the profiles over ``endpoints``. ``destinations``, when given, are the only
+        endpoints the request may be sent to (the gateway's subset hint): they scope the
+        profile whose pick is the destination, while the prefill and encode stages still
+        choose among all endpoints."""
         for producer in self.producers:
             t0 = perf_counter()
             producer.prepare(cycle, endpoints)
             producer.observe(perf_counter() - t0)
+        scoped: str | None = None
+        if destinations is not None:
+            scoped = self.handler.destination_profile(cycle, self.profiles)
         results: dict[str, ProfileResult | None] = {}
         for _ in range(_MAX_ROUNDS):
             t0 = perf_counter()
@@ -44,29 +85,29 @@ class Scheduler:
             if not names:
                 break
             for name in names:
-                results[name] = self.profiles[name].run(cycle, endpoints)
+                pool = endpoints
+                if destinations is not None and (scoped is None or name == scoped):
+                    pool = destinations
+                results[name] = self.profiles[name].run(cycle, pool)
         else:
             raise InternalError(f"profile handler '{self.handler.name}' did not finish")
-        return self.handler.process_results(cycle, results)
+        result = self.handler.process_results(cycle, results)
+        if destinations is not None:
+            allowed = {ep.key for ep in destinations}
+            outside = [ep.key for ep in result.targets(result.primary) if ep.key not in allowed]
+            if outside:
+                # The handler named another destination profile than it made primary.
+                raise InternalError(
+                    f"profile handler '{self.handler.name}' picked {', '.join(outside)} "
+                    "outside the gateway's subset hint"
+                )
+        return result
 
-    def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
-        """Let every tracker record the result; combine their release hooks."""
-        if not self.trackers:
-            return _noop, _noop
-        hooks = [t.track(cycle, result) for t in self.trackers]
-        prefill_hooks = [h[0] for h in hooks]
-        all_hooks = [h[1] for h in hooks]
-
-        def release_prefill() -> None:
-            for h in prefill_hooks:
-                h()
-
-        def release_all() -> None:
-            for h in all_hooks:
-                h()
-
-        return release_prefill, release_all
-
-
-def _noop() -> None:
-    return None
+    def track(self, cycle: CycleState, result: SchedulingResult) -> Tracking:
+        """Let every tracker record the result; keep their release hooks."""
+        tracking = Tracking(cycle, result, self.trackers)
+        for tracker in self.trackers:
+            release_stages, release_decode = tracker.track(cycle, result)
+            tracking.stage_hooks.append(release_stages)
+            tracking.decode_hooks.append(release_decode)
+        return tracking

@@ -41,6 +41,8 @@ __all__ = [
 ]
 
 ROLE_LABEL = "llm-d.ai/role"
+# Which engine's metric names the EPP reads a pod's /metrics with (epp.engine_metrics).
+ENGINE_LABEL = "llm-d.ai/engine-type"
 SAMPLE_PROMPT = (
     "Explain prefill/decode disaggregation: why does running the prompt on one engine "
     "and the generation on another help latency under load?"
@@ -343,13 +345,20 @@ class LocalStack:
                 "namespace": "default",
                 "address": "127.0.0.1",
                 "port": str(ep.port),
-                "labels": {ROLE_LABEL: ep.role},
+                "labels": self._labels(ep),
             }
             for ep in wanted
         ]
         partial = self.endpoints_file.with_suffix(".partial")
         partial.write_text(yaml.safe_dump({"endpoints": entries}, sort_keys=False))
         partial.replace(self.endpoints_file)
+
+    def _labels(self, ep: _Endpoint) -> dict[str, str]:
+        labels = {ROLE_LABEL: ep.role}
+        if self.options.kv_connector == "sglang" and ep.role in ("prefill", "decode"):
+            # Those engines run in SGLang mode and export SGLang's metric names.
+            labels[ENGINE_LABEL] = "sglang"
+        return labels
 
     async def _start_epp(self) -> int:
         endpoints_file = self.endpoints_file

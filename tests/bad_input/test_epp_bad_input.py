@@ -13,6 +13,7 @@ import pytest
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from epp.extproc import ROUTING_HEADERS
+from epp.extproc.headers import GATEWAY_HEADERS
 from tests.bad_input.conftest import BODY_LIMIT, Epp, Gateway, server_errors
 
 pytestmark = [pytest.mark.bad_input, pytest.mark.asyncio(loop_scope="module")]
@@ -156,13 +157,15 @@ async def test_client_routing_headers_are_all_overwritten_or_removed(epp: Epp) -
     assert routed == {
         "x-gateway-destination-endpoint": epp.decode.host_port,
         "x-prefiller-host-port": epp.prefill.host_port,
+        "content-length": str(len(json.dumps({"model": "m", "messages": MESSAGES}))),
     }
     assert answer.response is not None
     common = answer.response.request_headers.response
     assert all(
         h.append_action == h.OVERWRITE_IF_EXISTS_OR_ADD for h in common.header_mutation.set_headers
     )
-    assert set(common.header_mutation.remove_headers) == set(ROUTING_HEADERS) - set(routed)
+    owned = {*ROUTING_HEADERS, *GATEWAY_HEADERS}
+    assert set(common.header_mutation.remove_headers) == owned - set(routed)
 
 
 async def test_thousands_of_subset_hint_targets_are_bounded(

@@ -24,15 +24,22 @@ class RecordingBackend:
     """``POST /stream`` answers SSE and holds its last event until ``release`` is set."""
 
     name: str
+    # Loopback has a whole /8: pods that must differ by IP listen on their own address.
+    host: str = "127.0.0.1"
     requests: list[Recorded] = field(default_factory=list)
     release: asyncio.Event = field(default_factory=asyncio.Event)
     first_event_sent: asyncio.Event = field(default_factory=asyncio.Event)
     runner: web.AppRunner | None = None
     port: int = 0
+    # Set: plain answers wait for ``release`` first (a request held in flight).
+    hold: bool = False
+    received: asyncio.Event = field(default_factory=asyncio.Event)
+    # Headers added to every plain answer.
+    answer_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def host_port(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return f"{self.host}:{self.port}"
 
     async def start(self) -> None:
         app = web.Application(client_max_size=64 * 1024 * 1024)
@@ -42,7 +49,7 @@ class RecordingBackend:
         app.router.add_route("*", "/{tail:.*}", self._echo)
         self.runner = web.AppRunner(app)
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", 0)
+        site = web.TCPSite(self.runner, self.host, 0)
         await site.start()
         self.port = int(self.runner.addresses[0][1])
 
@@ -65,15 +72,26 @@ class RecordingBackend:
         self.requests.append(rec)
         return rec
 
-    async def _echo(self, request: web.Request) -> web.Response:
+    async def _echo(self, request: web.Request) -> web.StreamResponse:
         rec = await self._record(request)
-        return web.json_response(
-            {
-                "pod": self.name,
-                "size": len(rec.body),
-                "sha256": hashlib.sha256(rec.body).hexdigest(),
-            }
+        answer = {
+            "pod": self.name,
+            "size": len(rec.body),
+            "sha256": hashlib.sha256(rec.body).hexdigest(),
+        }
+        if not self.hold:
+            self.received.set()
+            return web.json_response(answer, headers=self.answer_headers)
+        # Held: the headers go out now, the body once released.
+        resp = web.StreamResponse(
+            headers={"content-type": "application/json", **self.answer_headers}
         )
+        await resp.prepare(request)
+        self.received.set()
+        await asyncio.wait_for(self.release.wait(), 30)
+        await resp.write(json.dumps(answer).encode())
+        await resp.write_eof()
+        return resp
 
     async def _big(self, request: web.Request) -> web.Response:
         await self._record(request)

@@ -42,6 +42,9 @@ class FakeDecisionMaker:
     prefill_released: int = 0
     finished: int = 0
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Served-endpoint reports that moved a decision, with how many prefills were then
+    # released (a report must land before the prefill's release).
+    reassigned: list[tuple[str, int]] = field(default_factory=list)
 
     def is_ready(self) -> bool:
         return self.ready
@@ -68,6 +71,7 @@ class FakeDecisionMaker:
             decode_fallbacks=list(self.fallbacks),
             release_prefill=self._release_prefill,
             release_all=self._release_all,
+            reassign=self._reassign,
         )
 
     async def settle(self, timeout_s: float = 10.0) -> None:
@@ -77,6 +81,9 @@ class FakeDecisionMaker:
             if asyncio.get_running_loop().time() > deadline:
                 raise TimeoutError(f"{self.decided - self.finished} decisions never released")
             await asyncio.sleep(0.01)  # polling a condition with a deadline
+
+    def _reassign(self, served: str) -> None:
+        self.reassigned.append((served, self.prefill_released))
 
     def _release_prefill(self) -> None:
         self.prefill_released += 1
@@ -92,6 +99,8 @@ class NoEndpointsInSubset(SchedulingError):
 
 
 # ---- Envoy's side of the stream, built from xds-protos messages ----
+
+SERVED_KEY = "x-gateway-destination-endpoint-served"
 
 
 def header_map(pairs: Sequence[tuple[str, str]]) -> base_pb2.HeaderMap:
@@ -139,12 +148,20 @@ def request_body(body: bytes, *, end_of_stream: bool) -> ep.ProcessingRequest:
     return ep.ProcessingRequest(request_body=ep.HttpBody(body=body, end_of_stream=end_of_stream))
 
 
-def response_headers(*, end_of_stream: bool = False) -> ep.ProcessingRequest:
-    return ep.ProcessingRequest(
+def response_headers(
+    *, end_of_stream: bool = False, served: str | list[str] | None = None
+) -> ep.ProcessingRequest:
+    """``served``: the gateway's report of the endpoint that served the request."""
+    msg = ep.ProcessingRequest(
         response_headers=ep.HttpHeaders(
             headers=header_map([(":status", "200")]), end_of_stream=end_of_stream
         )
     )
+    if served is not None:
+        msg.metadata_context.filter_metadata["envoy.lb"].update(
+            {"x-gateway-destination-endpoint": "10.0.0.1:8000", SERVED_KEY: served}
+        )
+    return msg
 
 
 def response_body(body: bytes, *, end_of_stream: bool) -> ep.ProcessingRequest:

@@ -51,7 +51,7 @@ def write_endpoints(path: Path, pods: list[tuple[RecordingBackend, str]]) -> Non
         {
             "name": f"pod-{pod.name}",
             "namespace": "default",
-            "address": "127.0.0.1",
+            "address": pod.host,
             "port": str(pod.port),
             "labels": {ROLE_LABEL: role},
         }

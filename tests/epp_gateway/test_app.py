@@ -105,6 +105,7 @@ async def test_app_serves_decisions_health_and_metrics(
         assert headers == {
             "x-gateway-destination-endpoint": decode.host_port,
             "x-prefiller-host-port": prefill.host_port,
+            "content-length": str(len(CHAT)),
         }
 
         async with (

@@ -14,6 +14,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from epp.decision import BadRequest, InternalError, NoCapacity, NoEndpoints
 from epp.extproc import MAX_CHUNK_BYTES, ROUTING_HEADERS, ExtProcConfig
+from epp.extproc.headers import GATEWAY_HEADERS
 from tests.epp_gateway.fakes import (
     request_body,
     request_headers,
@@ -75,12 +76,15 @@ async def test_full_duplex_decides_after_last_chunk_and_reemits_body(
     assert _set_headers(common) == {
         "x-gateway-destination-endpoint": "10.0.0.1:8000",
         "x-prefiller-host-port": "10.0.0.9:8000",
+        # the re-sent body's own length, whatever framing the client used
+        "content-length": str(len(body)),
     }
     assert all(
         o.append_action == o.OVERWRITE_IF_EXISTS_OR_ADD for o in common.header_mutation.set_headers
     )
-    # every client copy of a routing header is gone: removed, or overwritten above
-    assert set(common.header_mutation.remove_headers) == set(ROUTING_HEADERS) - {
+    # every client copy of a routing or gateway header is gone: removed, or overwritten
+    stripped = {*ROUTING_HEADERS, *GATEWAY_HEADERS}
+    assert set(common.header_mutation.remove_headers) == stripped - {
         "x-gateway-destination-endpoint",
         "x-prefiller-host-port",
     }
@@ -110,20 +114,40 @@ async def test_full_duplex_decides_after_last_chunk_and_reemits_body(
 
 
 async def test_decode_only_removes_every_routing_header(extproc: ExtProcHarness) -> None:
-    extproc.fake.fallbacks = ["10.0.0.2:8000", "10.0.0.3:8000"]
     client = extproc.client()
     await client.send(request_headers(extra=SPOOFED), request_body(b"{}", end_of_stream=True))
     first = await client.recv()
     common = first.request_headers.response
-    assert _set_headers(common) == {"x-gateway-destination-endpoint": "10.0.0.1:8000"}
-    assert set(common.header_mutation.remove_headers) == set(ROUTING_HEADERS) - {
+    assert _set_headers(common) == {
+        "x-gateway-destination-endpoint": "10.0.0.1:8000",
+        "content-length": "2",
+    }
+    stripped = {*ROUTING_HEADERS, *GATEWAY_HEADERS}
+    assert set(common.header_mutation.remove_headers) == stripped - {
         "x-gateway-destination-endpoint"
     }
+    await client.close()
+
+
+@pytest.mark.parametrize("mode", ["FULL_DUPLEX_STREAMED", "BUFFERED"])
+async def test_header_and_metadata_carry_the_same_destination_list(
+    extproc: ExtProcHarness, mode: str
+) -> None:
+    """The protocol forbids two different values: the fallbacks are in both."""
+    extproc.fake.fallbacks = ["10.0.0.2:8000", "[fd00::3]:8000"]
+    client = extproc.client()
+    await client.send(request_headers(request_mode=mode), request_body(b"{}", end_of_stream=True))
+    first = await client.recv()
+    kind = "request_headers" if mode == "FULL_DUPLEX_STREAMED" else "request_body"
+    if mode == "BUFFERED":
+        assert first.WhichOneof("response") == "request_headers"  # the plain continue
+        first = await client.recv()
+    assert first.WhichOneof("response") == kind
+    common = getattr(first, kind).response
+    header = _set_headers(common)["x-gateway-destination-endpoint"]
     lb = first.dynamic_metadata.fields["envoy.lb"].struct_value.fields
-    assert (
-        lb["x-gateway-destination-endpoint"].string_value
-        == "10.0.0.1:8000,10.0.0.2:8000,10.0.0.3:8000"
-    )
+    assert header == lb["x-gateway-destination-endpoint"].string_value
+    assert header == "10.0.0.1:8000,10.0.0.2:8000,[fd00::3]:8000"
     await client.close()
 
 
@@ -450,3 +474,73 @@ async def test_server_stop_ends_waiting_streams_cleanly(
     await server.stop(grace=0.2)
     await _open_streams_drop_to(extproc, 0)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+@pytest.mark.parametrize(
+    ("served", "moved"),
+    [
+        ("10.0.0.2:8000", "10.0.0.2:8000"),
+        (["10.0.0.3:8000"], "10.0.0.3:8000"),
+        ("10.0.0.1:8000", None),  # the pick itself served it
+        ("", None),
+    ],
+)
+async def test_served_report_moves_the_decision_before_the_prefill_release(
+    extproc: ExtProcHarness, served: str | list[str], moved: str | None
+) -> None:
+    extproc.fake.prefill = "10.0.0.9:8000"
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.send(response_headers(served=served))
+    assert (await client.recv()).WhichOneof("response") == "response_headers"
+    # Reports on later messages do not count again.
+    body = response_body(b"done", end_of_stream=True)
+    body.metadata_context.filter_metadata["envoy.lb"].update(
+        {"x-gateway-destination-endpoint-served": "10.0.0.4:8000"}
+    )
+    await client.send(body)
+    await client.recv()
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+    expected = [] if moved is None else [(moved, 0)]
+    assert extproc.fake.reassigned == expected
+    assert extproc.fake.prefill_released == 1
+
+
+async def test_no_served_report_leaves_the_decision_alone(extproc: ExtProcHarness) -> None:
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.send(response_headers(), response_body(b"x", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+    assert extproc.fake.reassigned == []
+
+
+async def test_a_failing_reassignment_does_not_break_the_stream(
+    extproc: ExtProcHarness, caplog: pytest.LogCaptureFixture
+) -> None:
+    def boom(_served: str) -> None:
+        raise RuntimeError("tracker bug")
+
+    extproc.fake._reassign = boom  # type: ignore[method-assign]
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    with caplog.at_level(logging.ERROR, logger="epp.extproc"):
+        await client.send(response_headers(served="10.0.0.2:8000"))
+        assert (await client.recv()).WhichOneof("response") == "response_headers"
+    assert "request req-1: charging the served endpoint failed" in caplog.text
+    await client.send(response_body(b"x", end_of_stream=True))
+    assert (await client.recv()).WhichOneof("response") == "response_body"
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)

@@ -7,7 +7,8 @@ from hypothesis import strategies as st
 
 from epp.decision import Decision
 from epp.extproc import MAX_CHUNK_BYTES, ROUTING_HEADERS
-from epp.extproc.responses import routing_mutation, streamed_request_body
+from epp.extproc.headers import GATEWAY_HEADERS
+from epp.extproc.responses import destination_value, routing_mutation, streamed_request_body
 
 
 @given(
@@ -34,15 +35,32 @@ def test_a_200kb_body_uses_62kb_chunks() -> None:
 @given(
     prefill=st.one_of(st.none(), st.just("10.0.0.2:8000")),
     encoders=st.lists(st.sampled_from(["10.0.0.3:8000", "[fd00::3]:8000"]), max_size=2),
+    fallbacks=st.lists(st.sampled_from(["10.0.0.4:8000", "[fd00::4]:8000"]), max_size=2),
+    body_length=st.one_of(st.none(), st.integers(min_value=0, max_value=1 << 40)),
 )
-def test_every_routing_header_is_either_set_or_removed(
-    prefill: str | None, encoders: list[str]
+def test_every_routing_and_gateway_header_is_either_set_or_removed(
+    prefill: str | None, encoders: list[str], fallbacks: list[str], body_length: int | None
 ) -> None:
-    mutation = routing_mutation(
-        Decision(decode="10.0.0.1:8000", prefill=prefill, encoders=encoders)
+    decision = Decision(
+        decode="10.0.0.1:8000", prefill=prefill, encoders=encoders, decode_fallbacks=fallbacks
     )
-    set_names = [o.header.key for o in mutation.set_headers]
+    mutation = routing_mutation(decision, body_length)
+    values = {o.header.key: o.header.raw_value.decode() for o in mutation.set_headers}
     removed = list(mutation.remove_headers)
-    assert sorted(set_names + removed) == sorted(ROUTING_HEADERS)
-    assert ("x-prefiller-host-port" in set_names) == (prefill is not None)
-    assert ("x-encoder-hosts-ports" in set_names) == bool(encoders)
+    owned = [name for name in values if name != "content-length"]
+    assert sorted(owned + removed) == sorted({*ROUTING_HEADERS, *GATEWAY_HEADERS})
+    assert ("x-prefiller-host-port" in values) == (prefill is not None)
+    assert ("x-encoder-hosts-ports" in values) == bool(encoders)
+    assert values.get("content-length") == (None if body_length is None else str(body_length))
+    assert values["x-gateway-destination-endpoint"] == destination_value(decision)
+    assert destination_value(decision) == ",".join(["10.0.0.1:8000", *fallbacks])
+
+
+def test_client_copies_of_the_gateway_reports_are_removed() -> None:
+    mutation = routing_mutation(Decision(decode="10.0.0.1:8000"))
+    for name in (
+        "x-gateway-destination-endpoint-served",
+        "x-gateway-destination-endpoint-subset",
+        "x-llm-d-request-dropped-reason",
+    ):
+        assert name in mutation.remove_headers

@@ -68,11 +68,16 @@ def pd_config(
     )
 
 
-def write_endpoints(path: Path, pods: list[tuple[str, str, int, str | None]]) -> None:
-    """pods: (name, address, port, role or None)."""
+def write_endpoints(
+    path: Path,
+    pods: list[tuple[str, str, int, str | None]],
+    extra_labels: dict[str, dict[str, str]] | None = None,
+) -> None:
+    """pods: (name, address, port, role or None); ``extra_labels`` by pod name."""
     entries = []
     for name, address, port, role in pods:
         labels = {ROLE_LABEL: role} if role else {"app": "vllm"}
+        labels.update((extra_labels or {}).get(name, {}))
         entries.append(
             {
                 "name": name,
@@ -105,7 +110,8 @@ def all_fresh(director: Director) -> bool:
 
 @dataclass
 class FakeMetricsServer:
-    """A controllable /metrics page in vLLM's format (for queue and staleness tests)."""
+    """A controllable /metrics page in vLLM's format (for queue and staleness tests), or
+    SGLang's with ``engine="sglang"``."""
 
     waiting: float = 0.0
     kv: float = 0.0
@@ -113,8 +119,19 @@ class FakeMetricsServer:
     port: int = 0
     runner: web.AppRunner | None = None
     hits: int = 0
+    engine: str = "vllm"
 
     def page(self) -> str:
+        if self.engine == "sglang":
+            labels = 'engine_type="unified",model_name="m",moe_ep_rank="0",pp_rank="0",tp_rank="0"'
+            return (
+                "# TYPE sglang:num_queue_reqs gauge\n"
+                f"sglang:num_queue_reqs{{{labels}}} {self.waiting}\n"
+                "# TYPE sglang:num_running_reqs gauge\n"
+                f"sglang:num_running_reqs{{{labels}}} 1.0\n"
+                "# TYPE sglang:token_usage gauge\n"
+                f"sglang:token_usage{{{labels}}} {self.kv}\n"
+            )
         return (
             "# TYPE vllm:num_requests_waiting gauge\n"
             f'vllm:num_requests_waiting{{model_name="m"}} {self.waiting}\n'
@@ -171,21 +188,25 @@ async def make_pool(start_sim: Any, tmp_path: Path) -> AsyncIterator[MakePool]:
         fake: dict[str, FakeMetricsServer] | None = None,
         staleness_s: float = 2.0,
         interval_s: float = 0.02,
+        hosts: dict[str, str] | None = None,
+        labels: dict[str, dict[str, str]] | None = None,
     ) -> Pool:
         pods: list[tuple[str, str, int, str | None]] = []
         keys: dict[str, str] = {}
         for name, role in roles.items():
+            # Loopback has a whole /8: pods that must differ by IP get their own address.
+            host = (hosts or {}).get(name, "127.0.0.1")
             if fake is not None and name in fake:
                 server = await fake[name].start()
                 fakes.append(server)
                 port = server.port
             else:
-                sim = await start_sim(zero_latency=True, role=role or "both")
+                sim = await start_sim(zero_latency=True, role=role or "both", host=host)
                 port = sim.port
-            pods.append((name, "127.0.0.1", port, role))
-            keys[name] = f"127.0.0.1:{port}"
+            pods.append((name, host, port, role))
+            keys[name] = f"{host}:{port}"
         endpoints_file = tmp_path / "endpoints.yaml"
-        write_endpoints(endpoints_file, pods)
+        write_endpoints(endpoints_file, pods, labels)
         metrics = EppMetrics()
         settings = DirectorSettings(
             config_text=config or pd_config(endpoints_file),

@@ -115,18 +115,37 @@ async def test_multimodal_without_encode_pods_is_served_by_decode(make_pool: Mak
 
 
 async def test_subset_hint_is_honoured(make_pool: MakePool) -> None:
-    pool = await make_pool({"d1": "decode", "d2": "decode", "p1": "prefill"})
+    pool = await make_pool(
+        {"d1": "decode", "d2": "decode", "p1": "prefill"},
+        hosts={"d1": "127.0.0.2", "d2": "127.0.0.3", "p1": "127.0.0.4"},
+    )
     director = pool.director
     for _ in range(5):
         d = await director.decide(CHAT, {}, chat_body(SHORT), [pool.keys["d2"]])
         assert d.decode == pool.keys["d2"]
-    # The subset also bounds the prefill choice: no prefill pod in it -> decode-only.
-    d = await director.decide(CHAT, {}, chat_body(LONG), [pool.keys["d1"]])
-    assert d.decode == pool.keys["d1"] and d.prefill is None
     with pytest.raises(NoEndpoints):
         await director.decide(CHAT, {}, chat_body(SHORT), [])
     with pytest.raises(NoEndpoints):
         await director.decide(CHAT, {}, chat_body(SHORT), ["10.9.9.9:1"])
+
+
+async def test_subset_hint_matches_by_ip_and_scopes_only_the_decode(make_pool: MakePool) -> None:
+    """The hint lists decode pods only (as a gateway that knows nothing of P/D does); the
+    prefill pod stays available, and the hint's port does not matter (llm-d matches by IP)."""
+    pool = await make_pool(
+        {"d1": "decode", "d2": "decode", "p1": "prefill"},
+        hosts={"d1": "127.0.0.2", "d2": "127.0.0.3", "p1": "127.0.0.4"},
+    )
+    for hint in (["127.0.0.3:1"], ["127.0.0.3"], ["[::1]:80", "127.0.0.3:9"]):
+        # A prompt of its own each time, so no cached prefix makes it decode-only.
+        d = await pool.director.decide(CHAT, {}, chat_body(str(hint) + LONG), hint)
+        assert d.decode == pool.keys["d2"], hint
+        assert d.prefill == pool.keys["p1"], hint
+        assert d.decision_type == "prefill-decode"
+    # A hint naming only the prefill pod leaves no decode endpoint: 503, not a prefill pod
+    # as the destination.
+    with pytest.raises(NoEndpoints):
+        await pool.director.decide(CHAT, {}, chat_body(LONG), ["127.0.0.4:1"])
 
 
 async def test_malformed_request_is_bad_request(make_pool: MakePool) -> None:

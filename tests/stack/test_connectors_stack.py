@@ -13,6 +13,7 @@ import pytest
 from examples.local_stack import LocalStack, StackOptions
 from examples.local_stack.__main__ import parse_options
 from examples.local_stack.stack import SAMPLE_PROMPT
+from tests.conftest import eventually
 
 pytestmark = pytest.mark.envoy
 
@@ -54,8 +55,19 @@ async def test_stack_with_connector(connector: str, tmp_path: Path) -> None:
             assert d["kv_pulls_ok"] == 1
         if connector == "sglang":
             assert p["kv_pulls_served"] == 1
+            # The engines export SGLang's metric names; labelled as SGLang pods, both are
+            # read and fresh (not stale, as vLLM's names would leave them).
+            await eventually(lambda: _ready_endpoints(stack, 2), "both endpoints fresh")
     finally:
         await stack.stop()
+
+
+async def _ready_endpoints(stack: LocalStack, expected: int) -> bool:
+    url = f"http://127.0.0.1:{stack.epp_metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as resp:
+        text = await resp.text()
+    [line] = [ln for ln in text.splitlines() if ln.startswith("llm_d_epp_ready_endpoints ")]
+    return float(line.split()[1]) == expected
 
 
 async def test_stack_with_encoders(tmp_path: Path) -> None:
