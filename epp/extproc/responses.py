@@ -21,8 +21,10 @@ from epp._proto.disagg_extproc_pb2 import (
     StreamedBodyResponse,
     TrailersResponse,
 )
+from epp.decision import DROPPED_REASONS
 from epp.extproc.headers import (
     DESTINATION,
+    DESTINATION_SCORES,
     DROPPED_REASON,
     ENCODERS,
     LB_METADATA_NAMESPACE,
@@ -64,7 +66,7 @@ def routing_mutation(decision: Decision) -> HeaderMutation:
     than also listed for removal, so the outcome does not depend on the order in which a
     gateway applies removals and sets.
     """
-    values: dict[str, str] = {DESTINATION: decision.decode}
+    values: dict[str, str] = {**decision.headers, DESTINATION: decision.decode}
     if decision.prefill:
         values[PREFILLER] = decision.prefill
     if decision.encoders:
@@ -79,8 +81,11 @@ def _lb_metadata(decision: Decision) -> Struct:
     # The header carries the primary only (Envoy's ORIGINAL_DST parses one address); the
     # metadata carries the primary followed by the fallbacks, as the gateway protocol says.
     targets = ",".join([decision.decode, *decision.decode_fallbacks])
+    fields: dict[str, str | dict[str, float]] = {DESTINATION: targets}
+    if decision.scores:
+        fields[DESTINATION_SCORES] = decision.scores
     struct = Struct()
-    struct.update({LB_METADATA_NAMESPACE: {DESTINATION: targets}})
+    struct.update({LB_METADATA_NAMESPACE: fields})
     return struct
 
 
@@ -176,7 +181,10 @@ def immediate_response(status: int, reason: str, message: str) -> ProcessingResp
         immediate_response=ImmediateResponse(
             status=HttpStatus(code=status),
             headers=HeaderMutation(
-                set_headers=[_set("content-type", "application/json"), _set(DROPPED_REASON, reason)]
+                set_headers=[
+                    _set("content-type", "application/json"),
+                    _set(DROPPED_REASON, DROPPED_REASONS.get(reason, reason)),
+                ]
             ),
             body=body,
             details=reason,

@@ -12,6 +12,7 @@ from epp.plugins.base import DataProducer, ProfileHandler, Release, RequestTrack
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
+from epp.tracing import run_profile
 
 __all__ = ["Scheduler"]
 
@@ -44,7 +45,7 @@ class Scheduler:
             if not names:
                 break
             for name in names:
-                results[name] = self.profiles[name].run(cycle, endpoints)
+                results[name] = run_profile(self.profiles[name], cycle, endpoints)
         else:
             raise InternalError(f"profile handler '{self.handler.name}' did not finish")
         return self.handler.process_results(cycle, results)
