@@ -7,6 +7,7 @@ from typing import Any
 
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
+from kubernetes_asyncio.client.exceptions import ApiException
 
 from epp.config import ConfigError
 
@@ -37,8 +38,16 @@ async def api_client(api_server: str | None = None, kubeconfig: str | None = Non
 
 
 async def read_json(resp: Any) -> Any:
-    """The JSON body of a ``_preload_content=False`` response, released after."""
+    """The JSON body of a ``_preload_content=False`` response, released after.
+
+    Such responses are not checked by the client: a status other than 2xx raises
+    ``ApiException`` here.
+    """
     try:
-        return json.loads(await resp.read())
+        body = await resp.read()
+        status = getattr(resp, "status", 200)
+        if not 200 <= status <= 299:
+            raise ApiException(status=status, reason=body.decode("utf-8", "replace")[:200])
+        return json.loads(body)
     finally:
         resp.release()
