@@ -15,10 +15,9 @@ from epp.director import DirectorSettings, build_director
 from epp.metrics import EppMetrics
 from epp.plugins.active_request_scorer import ActiveRequestScorer
 from epp.plugins.file_discovery import FileDiscovery
-
-from .fixtures import FakeMetricsServer, MakePool, pd_config, wait_until, write_endpoints
 from tests.conftest import sample_sum
 
+from .fixtures import FakeMetricsServer, MakePool, pd_config, wait_until, write_endpoints
 from .helpers import chat_body
 
 CHAT = "/v1/chat/completions"
