@@ -294,7 +294,7 @@ def test_images_are_pinned(directory: str) -> None:
 def test_epp_config_check_rejects_a_bad_config() -> None:
     built = build("manifests/base")
     (container,) = _programs(built, "epp")
-    text = mounted_file(built, container, "/etc/epp/config.yaml")
+    text = mounted_file(built, container, "/config/config.yaml")
     broken = text.replace("prefix-based-pd-decider", "prefix-based-decider", 1)
     assert broken != text
     with pytest.raises(ConfigError, match="prefix-based-decider"):
@@ -304,7 +304,7 @@ def test_epp_config_check_rejects_a_bad_config() -> None:
 def test_epd_config_has_the_encode_stage() -> None:
     built = build("examples/epd")
     (container,) = _programs(built, "epp")
-    text = mounted_file(built, container, "/etc/epp/config.yaml")
+    text = mounted_file(built, container, "/config/config.yaml")
     config = load_config(config_text=text, pool_configured=True)
     assert set(config.scheduler.profiles) == {"decode", "prefill", "encode"}
     types = {p.type_name for p in config.plugins}
