@@ -498,8 +498,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cert-path", "directory with tls.crt and tls.key (default: a self-signed "
          "certificate)"),
     Flag("enable-cert-reload", "reload --cert-path when its files change", "bool"),
-    Flag("tls-min-version", "minimum TLS version: VersionTLS12 or VersionTLS13 (default "
-         "TLS 1.2)"),
+    Flag("tls-min-version", "minimum TLS version (VersionTLS10..13); gRPC serves TLS 1.2 "
+         "and 1.3, so 1.2 is the floor and VersionTLS13 is refused at start"),
     Flag("tls-cipher-suites", "TLS 1.2 cipher suites, Go names, comma separated"),
     Flag("bind-address", "address the servers listen on (default 0.0.0.0)"),
     # configuration
