@@ -14,7 +14,6 @@ import sys
 from collections.abc import Sequence
 from typing import TextIO
 
-from epp.app import StartupError, run
 from epp.config import ConfigError, SchedulerConfig, load_config
 from epp.logs import configure_logging
 from epp.settings import EppSettings, parse_args
@@ -74,10 +73,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.tls_cipher_suites:
         suites = grpc_cipher_suites(settings.tls_cipher_suites)
         if suites:
-            # Read by gRPC once, when TLS is first set up: before anything else runs.
+            # gRPC reads it once, when it is loaded: set before epp.app imports grpc.
             os.environ["GRPC_SSL_CIPHER_SUITES"] = suites
     if settings.validate_config:
         return validate_config(settings)
+    from epp.app import StartupError, run
+
     try:
         asyncio.run(run(settings))
     except StartupError as err:
