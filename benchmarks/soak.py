@@ -300,7 +300,7 @@ async def measure(
         held = await asyncio.to_thread(_held, proc.pid, engine_ports)
         scraped = await _scrape(session, metrics_urls[proc.name])
         open_work = scraped.get("pd_sidecar_in_flight_requests", 0) + scraped.get(
-            "llm_d_epp_extproc_streams", 0
+            "llm_d_epp_extproc_streams_inflight", 0
         )
         levels[proc.name] = Level(
             **held, tasks=int(scraped["python_asyncio_tasks"]), open_work=int(open_work)

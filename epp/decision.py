@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 __all__ = [
+    "DROPPED_REASONS",
     "BadRequest",
     "Decision",
     "DecisionMaker",
@@ -31,6 +32,8 @@ class SchedulingError(Exception):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
+        # The request's model, when it was parsed before the refusal (for the metrics).
+        self.model = ""
 
 
 class BadRequest(SchedulingError):
@@ -53,6 +56,15 @@ class InternalError(SchedulingError):
     reason = "internal_error"
 
 
+# x-llm-d-request-dropped-reason values for refusals llm-d names: an empty pool is
+# "rejected-no-endpoints", filters that leave no candidate "rejected-saturated". Other
+# refusals carry their own reason.
+DROPPED_REASONS = {
+    NoEndpoints.reason: "rejected-no-endpoints",
+    NoCapacity.reason: "rejected-saturated",
+}
+
+
 def _noop() -> None:
     return None
 
@@ -72,6 +84,12 @@ class Decision:
     decision_type: str = "decode-only"
     # Fallback decode endpoints, in order, for the x-gateway-destination-endpoint list.
     decode_fallbacks: list[str] = field(default_factory=list)
+    # The model the request asked for.
+    model: str = ""
+    # More request headers to set (the trace context for the pods).
+    headers: dict[str, str] = field(default_factory=dict)
+    # The primary profile's endpoint scores (``--emit-endpoint-scores``), address -> score.
+    scores: dict[str, float] = field(default_factory=dict)
     # In-flight bookkeeping hooks, set by the scheduler.
     release_prefill: Callable[[], None] = _noop
     release_all: Callable[[], None] = _noop

@@ -16,15 +16,22 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from time import perf_counter
 
-from prometheus_client import Counter
-
+from epp import tracing
 from epp.config import ConfigError, SchedulerConfig, load_config
 from epp.datastore import Datastore, Endpoint, address_host
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
 from epp.engine_metrics import EngineMappings
 from epp.metrics import EppMetrics
-from epp.plugins.base import Discovery, Plugin
-from epp.request import parse_request
+from epp.plugins.base import (
+    DataProducer,
+    Discovery,
+    Filter,
+    Picker,
+    Plugin,
+    ProfileHandler,
+    Scorer,
+)
+from epp.request import ParsedRequest, parse_request
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.scheduler import Tracking
 from epp.scraper import MetricsScraper
@@ -33,8 +40,14 @@ __all__ = ["ConfigError", "Director", "DirectorSettings", "build_director", "sub
 
 log = logging.getLogger(__name__)
 
-# Distinct model_name label values before further names are counted as "other".
-_MAX_MODEL_LABELS = 64
+# llm-d's extension point names (the plugin_duration_seconds label), by plugin kind.
+_EXTENSION_POINTS: tuple[tuple[type[Plugin], str], ...] = (
+    (Filter, "Filter"),
+    (Scorer, "Scorer"),
+    (Picker, "Picker"),
+    (ProfileHandler, "ProfilePicker"),
+    (DataProducer, "DataProducer"),
+)
 
 
 @dataclass
@@ -43,6 +56,16 @@ class DirectorSettings:
     config_file: str | None = None
     pool_name: str | None = None
     pool_namespace: str = "default"
+    pool_group: str = "inference.networking.k8s.io"
+    # Discovery without an InferencePool: a pod label selector and the pods' ports.
+    endpoint_selector: str | None = None
+    endpoint_target_ports: tuple[int, ...] = ()
+    # Ignore the gateway's subset hint (--disable-endpoint-subset-filter).
+    disable_subset_filter: bool = False
+    # Put the primary profile's scores in the decision (--emit-endpoint-scores).
+    emit_endpoint_scores: bool = False
+    # Interval of the pool gauges (--refresh-prometheus-metrics-interval).
+    pool_metrics_interval_s: float = 5.0
     refresh_metrics_interval_s: float = 0.05
     metrics_staleness_threshold_s: float = 2.0
     max_scrapes_per_second: float = 500.0
@@ -54,6 +77,15 @@ class DirectorSettings:
     kubeconfig: str | None = None
     # Metric names per engine type (None: the built-in engines, vLLM by default).
     engine_metrics: EngineMappings | None = None
+
+    @property
+    def kubernetes_discovery(self) -> bool:
+        return bool(self.pool_name or self.endpoint_selector)
+
+    @property
+    def pool_label(self) -> str:
+        """The ``name`` label of the pool metrics."""
+        return self.pool_name or self.endpoint_selector or ""
 
 
 class Director(DecisionMaker):
@@ -79,16 +111,12 @@ class Director(DecisionMaker):
         self.discovery: Discovery | None = config.discovery
         self._started = False
         self._gauge_task: asyncio.Task[None] | None = None
-        self._request_counters: dict[str, Counter] = {}
+        self._pool_task: asyncio.Task[None] | None = None
         self._scheduler = config.scheduler
         self._threshold = settings.metrics_staleness_threshold_s
         # Staleness is logged on each move between fresh and stale, not on every tick.
         self._known_since: dict[str, float] = {}
         self._stale: set[str] = set()
-        self._decision_counters = {
-            t: metrics.disagg_decisions.labels(decision_type=t)
-            for t in ("decode-only", "prefill-decode", "encode-decode", "encode-prefill-decode")
-        }
         for plugin in config.plugins:
             self._instrument(plugin)
             plugin.register_metrics(metrics.registry)
@@ -98,10 +126,10 @@ class Director(DecisionMaker):
         self.datastore.add_listener(self._on_endpoints_changed)
 
     def _instrument(self, plugin: Plugin) -> None:
-        child = self.metrics.plugin_duration.labels(
-            plugin_type=plugin.type_name, plugin_name=plugin.name
+        point = next((name for kind, name in _EXTENSION_POINTS if isinstance(plugin, kind)), "")
+        plugin.observe = self.metrics.observe_plugin(
+            point or "Other", plugin.type_name, plugin.name
         )
-        plugin.observe = child.observe
 
     def _on_endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
         now = self.datastore.clock()
@@ -112,7 +140,7 @@ class Director(DecisionMaker):
             self._known_since[ep.key] = now
         for plugin in self.config.plugins:
             plugin.endpoints_changed(added, removed)
-        self.metrics.ready_endpoints.set(self.datastore.count_fresh(self._threshold))
+        self._set_ready_gauge()
         counts: dict[str, int] = {}
         for ep in self.datastore.snapshot():
             role = ep.role or "unlabelled"
@@ -131,6 +159,7 @@ class Director(DecisionMaker):
             self.discovery = await self._kubernetes_discovery()
         await self.discovery.start(self.datastore)
         self._gauge_task = asyncio.create_task(self._update_ready_gauge(), name="ready gauge")
+        self._pool_task = asyncio.create_task(self._update_pool_gauges(), name="pool gauges")
         log.info(
             "director started: %d endpoints, profiles %s",
             len(self.datastore),
@@ -138,25 +167,58 @@ class Director(DecisionMaker):
         )
 
     async def _kubernetes_discovery(self) -> Discovery:
-        from epp.discovery.kubernetes import InferencePoolDiscovery
+        from epp.discovery.kubernetes import InferencePoolDiscovery, PodSelectorDiscovery
 
         s = self.settings
+        if s.endpoint_selector:
+            return PodSelectorDiscovery(
+                selector=s.endpoint_selector,
+                ports=s.endpoint_target_ports,
+                namespace=s.pool_namespace,
+                api_server=s.kube_api_server,
+                kubeconfig=s.kubeconfig,
+            )
         if not s.pool_name:
-            raise ConfigError("no endpoint discovery: set --pool-name or a discovery plugin")
+            raise ConfigError(
+                "no endpoint discovery: set --pool-name, --endpoint-selector or a discovery plugin"
+            )
         return InferencePoolDiscovery(
             pool_name=s.pool_name,
             namespace=s.pool_namespace,
+            pool_group=s.pool_group,
             api_server=s.kube_api_server,
             kubeconfig=s.kubeconfig,
         )
+
+    def synced(self) -> bool:
+        """Started, and the discovery source has delivered its first listing (maybe empty)."""
+        if not self._started or self.discovery is None:
+            return False
+        event = getattr(self.discovery, "synced", None)
+        return not isinstance(event, asyncio.Event) or event.is_set()
+
+    def _set_ready_gauge(self) -> None:
+        label = self.settings.pool_label
+        fresh = self.datastore.count_fresh(self._threshold)
+        self.metrics.ready_endpoints.labels(label).set(fresh)
+        self.metrics.legacy_ready_pods.labels(label).set(fresh)
 
     async def _update_ready_gauge(self) -> None:
         # Freshness changes without membership changes, so the gauge is refreshed on a timer.
         period = max(self.settings.refresh_metrics_interval_s, 0.5)
         while True:
-            self.metrics.ready_endpoints.set(self.datastore.count_fresh(self._threshold))
+            self._set_ready_gauge()
             self._report_staleness(self.datastore.clock())
             await asyncio.sleep(period)
+
+    async def _update_pool_gauges(self) -> None:
+        while True:
+            self.metrics.record_pool(
+                self.settings.pool_label,
+                self.datastore.snapshot(),
+                self.datastore.count_fresh(self._threshold),
+            )
+            await asyncio.sleep(self.settings.pool_metrics_interval_s)
 
     def _report_staleness(self, now: float) -> None:
         """Log each endpoint's move from fresh to stale metrics and back, once per move."""
@@ -186,8 +248,9 @@ class Director(DecisionMaker):
         if not self._started:
             return
         self._started = False
-        task, self._gauge_task = self._gauge_task, None
-        if task is not None:
+        tasks = [t for t in (self._gauge_task, self._pool_task) if t is not None]
+        self._gauge_task = self._pool_task = None
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
@@ -199,16 +262,6 @@ class Director(DecisionMaker):
 
     def is_ready(self) -> bool:
         return self._started and len(self.datastore) > 0
-
-    def _count_request(self, model: str) -> None:
-        # The model name comes from the client: bound the label's cardinality.
-        child = self._request_counters.get(model)
-        if child is None:
-            label = model if len(self._request_counters) < _MAX_MODEL_LABELS else "other"
-            child = self.metrics.requests.labels(model_name=label)
-            if label == model:
-                self._request_counters[model] = child
-        child.inc()
 
     def _reassign(self, tracking: Tracking, request_id: str, served: str) -> None:
         """The gateway reports that ``served``, not the pick, served the request."""
@@ -243,11 +296,24 @@ class Director(DecisionMaker):
     ) -> Decision:
         t0 = perf_counter()
         request = parse_request(path, headers, body)
-        self._count_request(request.model)
+        try:
+            return await self._schedule(request, subset, t0)
+        except SchedulingError as err:
+            err.model = request.model
+            self.metrics.record_attempt(request.model, None)
+            raise
+
+    async def _schedule(
+        self, request: ParsedRequest, subset: Sequence[str] | None, t0: float
+    ) -> Decision:
         endpoints: Sequence[Endpoint] = self.datastore.snapshot()
         if not endpoints:
             raise NoEndpoints("no endpoints known")
-        destinations = None if subset is None else subset_endpoints(endpoints, subset)
+        destinations = (
+            None
+            if subset is None or self.settings.disable_subset_filter
+            else subset_endpoints(endpoints, subset)
+        )
         if destinations is not None and not destinations:
             raise NoEndpoints(
                 f"none of the {len(subset or ())} endpoints in the gateway's subset hint "
@@ -270,6 +336,7 @@ class Director(DecisionMaker):
             decision_type = "encode-prefill-decode" if prefill else "encode-decode"
         else:
             decision_type = "prefill-decode" if prefill else "decode-only"
+        primary = result.results.get(result.primary)
         decision = Decision(
             decode=decode[0].key,
             prefill=prefill[0].key if prefill else None,
@@ -279,9 +346,18 @@ class Director(DecisionMaker):
             release_prefill=tracking.release_stages,
             release_all=tracking.release_all,
             reassign=lambda served: self._reassign(tracking, request.request_id, served),
+            model=request.model,
+            headers=tracing.inject_current(),
+            scores=(
+                {s.endpoint.key: s.score for s in primary.scored}
+                if self.settings.emit_endpoint_scores and primary is not None
+                else {}
+            ),
         )
-        self._decision_counters[decision_type].inc()
-        self.metrics.scheduler_e2e_duration.observe(perf_counter() - t0)
+        handler = self._scheduler.handler
+        self.metrics.record_disagg(handler.name, handler.type_name, request.model, decision_type)
+        self.metrics.record_attempt(request.model, decode[0])
+        self.metrics.record_scheduler_e2e(perf_counter() - t0)
         return decision
 
 
@@ -298,10 +374,11 @@ async def build_director(settings: DirectorSettings, metrics: EppMetrics) -> Dir
         load_config,
         settings.config_text,
         settings.config_file,
-        pool_configured=settings.pool_name is not None,
+        pool_configured=settings.kubernetes_discovery,
     )
-    if config.discovery is None and not settings.pool_name:
+    if config.discovery is None and not settings.kubernetes_discovery:
         raise ConfigError(
-            "no endpoint discovery: set --pool-name or configure a 'file-discovery' plugin"
+            "no endpoint discovery: set --pool-name or --endpoint-selector, or configure a "
+            "'file-discovery' plugin"
         )
     return Director(settings, config, metrics)

@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-__all__ = ["CertificatePair", "load_cert_dir", "self_signed"]
+__all__ = ["CertificatePair", "grpc_cipher_suites", "load_cert_dir", "self_signed"]
 
 # The names Kubernetes TLS secrets use for their two keys.
 CERT_FILE = "tls.crt"
@@ -23,6 +23,19 @@ KEY_FILE = "tls.key"
 class CertificatePair:
     cert_pem: bytes
     key_pem: bytes
+
+
+def grpc_cipher_suites(go_names: tuple[str, ...]) -> str | None:
+    """``GRPC_SSL_CIPHER_SUITES`` for ``--tls-cipher-suites`` (Go names -> OpenSSL names).
+
+    gRPC reads the variable once, when it first sets up TLS: it must be in the
+    environment before any TLS credentials exist (``epp``'s ``main`` sets it first).
+    TLS 1.3 suites are not configurable and are left out.
+    """
+    from epp.settings import GO_CIPHER_SUITES
+
+    names = [GO_CIPHER_SUITES[n] for n in go_names if GO_CIPHER_SUITES.get(n)]
+    return ":".join(n for n in names if n) or None
 
 
 def load_cert_dir(path: str | Path) -> CertificatePair:

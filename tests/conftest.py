@@ -28,6 +28,16 @@ async def eventually(
     return loop.time() - started
 
 
+def sample_sum(registry: Any, name: str, **labels: str) -> float:
+    """The sum of the samples ``name`` whose labels include ``labels`` (0 when none)."""
+    total = 0.0
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == name and labels.items() <= sample.labels.items():
+                total += sample.value
+    return total
+
+
 @dataclass
 class RunningSim:
     """A simulated engine started by ``start_sim``; stopped at teardown."""

@@ -1,11 +1,17 @@
-"""Endpoints from a Kubernetes InferencePool and its ready pods, kept current by watches.
+"""Endpoints from Kubernetes pods, kept current by watches.
 
-The pool (``inference.networking.k8s.io/v1``) gives the pod selector
-(``spec.selector.matchLabels``) and the engine ports (``spec.targetPorts[].number``).
-Every ready pod it selects contributes one endpoint per target port. Two loops run:
-one list+watch on the pool (its selector or ports may change), one list+watch on the
-pods it selects (restarted when the pool changes). A watch that ends is resumed from
-the last resourceVersion; a 410 Gone or any error relists after a short backoff.
+Two sources, as llm-d's ``--pool-name`` and ``--endpoint-selector``:
+
+- ``InferencePoolDiscovery``: an InferencePool (``inference.networking.k8s.io/v1``, or
+  the older ``inference.networking.x-k8s.io/v1alpha2``) gives the pod selector
+  (``spec.selector.matchLabels``) and the engine ports (``spec.targetPorts[].number``).
+  Two loops run: one list+watch on the pool (its selector or ports may change), one
+  list+watch on the pods it selects (restarted when the pool changes).
+- ``PodSelectorDiscovery``: a fixed label selector (any Kubernetes selector syntax; the
+  API server evaluates it) and fixed ports; only the pod loop runs.
+
+Every ready pod contributes one endpoint per target port. A watch that ends is resumed
+from the last resourceVersion; a 410 Gone or any error relists after a short backoff.
 """
 
 from __future__ import annotations
@@ -19,20 +25,35 @@ from dataclasses import dataclass
 from typing import Any
 
 from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from epp.config import ConfigError
 from epp.datastore import Datastore, Endpoint
+from epp.kube import api_client, read_json
 from epp.plugins.base import Discovery
 
-__all__ = ["InferencePoolDiscovery", "PoolSpec", "pod_endpoints"]
+__all__ = [
+    "InferencePoolDiscovery",
+    "PodSelectorDiscovery",
+    "PoolSpec",
+    "pod_endpoints",
+    "pool_version",
+]
 
 log = logging.getLogger(__name__)
 
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 POOL_PLURAL = "inferencepools"
+# The API version of each InferencePool group this EPP reads.
+_POOL_VERSIONS = {POOL_GROUP: POOL_VERSION, "inference.networking.x-k8s.io": "v1alpha2"}
+
+
+def pool_version(group: str) -> str:
+    """The InferencePool API version read for ``group`` (``--pool-group``)."""
+    try:
+        return _POOL_VERSIONS[group]
+    except KeyError:
+        raise ValueError(f"unsupported InferencePool group {group!r}") from None
 
 # Server-side watch duration; a finished watch simply resumes.
 _WATCH_SECONDS = 60
@@ -41,7 +62,9 @@ _BACKOFF_S = 0.5
 
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
-    match_labels: tuple[tuple[str, str], ...]
+    """Which pods (a label selector, as the API server takes it) and which of their ports."""
+
+    label_selector: str
     ports: tuple[int, ...]
 
     @classmethod
@@ -53,11 +76,9 @@ class PoolSpec:
         if not ports and spec.get("targetPortNumber"):
             # v1alpha2 pools carry a single port under this name.
             ports = (int(spec["targetPortNumber"]),)
-        return cls(tuple(sorted((str(k), str(v)) for k, v in labels.items())), ports)
-
-    @property
-    def label_selector(self) -> str:
-        return ",".join(f"{k}={v}" for k, v in self.match_labels)
+        pairs = sorted((str(k), str(v)) for k, v in labels.items())
+        selector = ",".join(f"{k}={v}" for k, v in pairs)
+        return cls(selector, ports)
 
 
 def _pod_ready(pod: Mapping[str, Any]) -> bool:
@@ -94,13 +115,6 @@ def pod_endpoints(pod: Mapping[str, Any], ports: tuple[int, ...]) -> list[Endpoi
     ]
 
 
-async def _read_json(resp: Any) -> Any:
-    try:
-        return json.loads(await resp.read())
-    finally:
-        resp.release()
-
-
 class InferencePoolDiscovery(Discovery):
     """Not a configurable plugin: the Director creates it from --pool-name/namespace."""
 
@@ -111,6 +125,7 @@ class InferencePoolDiscovery(Discovery):
         *,
         pool_name: str,
         namespace: str = "default",
+        pool_group: str = POOL_GROUP,
         api_server: str | None = None,
         kubeconfig: str | None = None,
         watch_timeout_s: int = _WATCH_SECONDS,
@@ -119,6 +134,8 @@ class InferencePoolDiscovery(Discovery):
         super().__init__(name=f"inferencepool:{namespace}/{pool_name}")
         self.pool_name = pool_name
         self.namespace = namespace
+        self.pool_group = pool_group
+        self.pool_version = pool_version(pool_group)
         self.api_server = api_server
         self.kubeconfig = kubeconfig
         self.watch_timeout_s = watch_timeout_s
@@ -132,37 +149,19 @@ class InferencePoolDiscovery(Discovery):
         self._datastore: Datastore | None = None
         self.synced = asyncio.Event()
 
-    async def _client(self) -> k8s_client.ApiClient:
-        if self.api_server is not None:
-            cfg = k8s_client.Configuration()
-            cfg.host = self.api_server
-            return k8s_client.ApiClient(cfg)
-        cfg = k8s_client.Configuration()
-        if self.kubeconfig is None:
-            try:
-                k8s_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
-                return k8s_client.ApiClient(cfg)
-            except k8s_config.ConfigException:
-                pass
-        try:
-            await k8s_config.load_kube_config(config_file=self.kubeconfig, client_configuration=cfg)
-        except Exception as exc:  # kubeconfig loading raises many kinds (YAML, IO, auth)
-            where = self.kubeconfig or "the default kubeconfig"
-            raise ConfigError(
-                f"Kubernetes API: not in a cluster and {where} is unusable: {exc}"
-            ) from None
-        return k8s_client.ApiClient(cfg)
-
     async def start(self, datastore: Datastore) -> None:
         self._datastore = datastore
-        self._api = await self._client()
-        self._tasks.append(asyncio.create_task(self._pool_loop(), name=self.name + " pool"))
-        self._tasks.append(asyncio.create_task(self._pod_loop(), name=self.name + " pods"))
+        self._api = await api_client(self.api_server, self.kubeconfig)
+        self._start_loops()
         # Wait briefly for the first full sync so start() returns with endpoints known;
         # if the API is slow the loops keep trying and readiness follows later.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.sync_timeout_s):
                 await self.synced.wait()
+
+    def _start_loops(self) -> None:
+        self._tasks.append(asyncio.create_task(self._pool_loop(), name=self.name + " pool"))
+        self._tasks.append(asyncio.create_task(self._pod_loop(), name=self.name + " pods"))
 
     async def stop(self) -> None:
         tasks, self._tasks = self._tasks, []
@@ -191,10 +190,10 @@ class InferencePoolDiscovery(Discovery):
         selector = f"metadata.name={self.pool_name}"
         while True:
             try:
-                listing = await _read_json(
+                listing = await read_json(
                     await api.list_namespaced_custom_object(
-                        POOL_GROUP,
-                        POOL_VERSION,
+                        self.pool_group,
+                        self.pool_version,
                         self.namespace,
                         POOL_PLURAL,
                         field_selector=selector,
@@ -206,8 +205,8 @@ class InferencePoolDiscovery(Discovery):
                 rv = (listing.get("metadata") or {}).get("resourceVersion")
                 while True:
                     resp = await api.list_namespaced_custom_object(
-                        POOL_GROUP,
-                        POOL_VERSION,
+                        self.pool_group,
+                        self.pool_version,
                         self.namespace,
                         POOL_PLURAL,
                         field_selector=selector,
@@ -258,7 +257,7 @@ class InferencePoolDiscovery(Discovery):
         selector = pool.label_selector
         while True:
             try:
-                listing = await _read_json(
+                listing = await read_json(
                     await core.list_namespaced_pod(
                         self.namespace, label_selector=selector, _preload_content=False
                     )
@@ -321,6 +320,39 @@ class InferencePoolDiscovery(Discovery):
                     handle(kind, obj)
         finally:
             resp.release()
+
+
+class PodSelectorDiscovery(InferencePoolDiscovery):
+    """The pods a label selector picks, on fixed ports: discovery without an InferencePool
+    (``--endpoint-selector`` and ``--endpoint-target-ports``)."""
+
+    type_name = "kubernetes-pod-selector-discovery"
+
+    def __init__(
+        self,
+        *,
+        selector: str,
+        ports: tuple[int, ...],
+        namespace: str = "default",
+        api_server: str | None = None,
+        kubeconfig: str | None = None,
+        watch_timeout_s: int = _WATCH_SECONDS,
+        sync_timeout_s: float = 5.0,
+    ) -> None:
+        super().__init__(
+            pool_name=selector,
+            namespace=namespace,
+            api_server=api_server,
+            kubeconfig=kubeconfig,
+            watch_timeout_s=watch_timeout_s,
+            sync_timeout_s=sync_timeout_s,
+        )
+        self.name = f"pods:{namespace}/{selector}"
+        self._pool = PoolSpec(selector, ports)
+        self._pool_listed = True
+
+    def _start_loops(self) -> None:
+        self._tasks.append(asyncio.create_task(self._pod_loop(), name=self.name + " pods"))
 
 
 def _describe(exc: BaseException) -> str:

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from epp.decision import Decision, DecisionMaker
     from epp.extproc.config import BodyMode, ExtProcConfig
     from epp.metrics import EppMetrics
+    from epp.request_telemetry import RequestTelemetry
 
 __all__ = ["RequestContext", "StreamEnv", "served_endpoint"]
 
@@ -33,6 +34,7 @@ class StreamEnv:
     decision_maker: DecisionMaker
     metrics: EppMetrics
     config: ExtProcConfig
+    telemetry: RequestTelemetry
 
 
 @dataclass(slots=True)
@@ -48,6 +50,8 @@ class RequestContext:
     # None: no hint from the gateway; a list (maybe empty): pick only among these.
     subset: list[str] | None = None
     decision: Decision | None = None
+    # The model the request names, once parsed (for the metrics).
+    model: str = ""
     # Set once an immediate response was sent: the gateway ends the stream after it.
     ended: bool = False
     # Set once the gateway sent the end of the response (the stream is complete).

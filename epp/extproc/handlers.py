@@ -37,10 +37,7 @@ class ProtocolViolation(Exception):
 def _refuse(
     ctx: RequestContext, status: int, reason: str, message: str
 ) -> list[ProcessingResponse]:
-    # Refusals are counted here, whoever caused them; the scheduler counts requests by
-    # model, since only it parses the body.
     ctx.ended = True
-    ctx.env.metrics.request_errors.labels(status=str(status), reason=reason).inc()
     level = logging.ERROR if status >= 500 else logging.INFO
     log.log(
         level, "request %s %s refused: %d %s: %s", ctx.request_id, ctx.path, status, reason, message
@@ -57,6 +54,7 @@ async def _decide(ctx: RequestContext) -> Decision | list[ProcessingResponse]:
                 ctx.path, ctx.headers, bytes(ctx.body), ctx.subset
             )
     except SchedulingError as err:
+        ctx.model = err.model
         return _refuse(ctx, err.status, err.reason, err.message)
     except TimeoutError:
         return _refuse(ctx, 500, "decision_timeout", "the endpoint picker did not decide in time")
@@ -64,6 +62,7 @@ async def _decide(ctx: RequestContext) -> Decision | list[ProcessingResponse]:
         log.exception("request %s: scheduling failed", ctx.request_id)
         return _refuse(ctx, 500, "internal_error", "internal error in the endpoint picker")
     ctx.decision = decision
+    ctx.model = decision.model
     log.debug(
         "request %s %s -> decode=%s prefill=%s encoders=%s (%s)",
         ctx.request_id,

@@ -9,6 +9,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DESTINATION",
+    "DESTINATION_SCORES",
     "DESTINATION_SERVED",
     "DROPPED_REASON",
     "ENCODERS",
@@ -22,6 +23,8 @@ __all__ = [
 ]
 
 DESTINATION = "x-gateway-destination-endpoint"
+# envoy.lb metadata key of the endpoint scores (--emit-endpoint-scores).
+DESTINATION_SCORES = "x-gateway-destination-endpoint-scores"
 PREFILLER = "x-prefiller-host-port"
 ENCODERS = "x-encoder-hosts-ports"
 DROPPED_REASON = "x-llm-d-request-dropped-reason"

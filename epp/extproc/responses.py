@@ -21,8 +21,10 @@ from epp._proto.disagg_extproc_pb2 import (
     StreamedBodyResponse,
     TrailersResponse,
 )
+from epp.decision import DROPPED_REASONS
 from epp.extproc.headers import (
     DESTINATION,
+    DESTINATION_SCORES,
     DROPPED_REASON,
     ENCODERS,
     GATEWAY_HEADERS,
@@ -76,7 +78,7 @@ def routing_mutation(decision: Decision, body_length: int | None = None) -> Head
     re-sends, if it does: the request then carries a ``content-length`` that matches it,
     whatever framing the client used.
     """
-    values: dict[str, str] = {DESTINATION: destination_value(decision)}
+    values: dict[str, str] = {**decision.headers, DESTINATION: destination_value(decision)}
     if decision.prefill:
         values[PREFILLER] = decision.prefill
     if decision.encoders:
@@ -91,8 +93,11 @@ def routing_mutation(decision: Decision, body_length: int | None = None) -> Head
 
 
 def _lb_metadata(decision: Decision) -> Struct:
+    fields: dict[str, str | dict[str, float]] = {DESTINATION: destination_value(decision)}
+    if decision.scores:
+        fields[DESTINATION_SCORES] = decision.scores
     struct = Struct()
-    struct.update({LB_METADATA_NAMESPACE: {DESTINATION: destination_value(decision)}})
+    struct.update({LB_METADATA_NAMESPACE: fields})
     return struct
 
 
@@ -194,7 +199,10 @@ def immediate_response(status: int, reason: str, message: str) -> ProcessingResp
         immediate_response=ImmediateResponse(
             status=HttpStatus(code=status),
             headers=HeaderMutation(
-                set_headers=[_set("content-type", "application/json"), _set(DROPPED_REASON, reason)]
+                set_headers=[
+                    _set("content-type", "application/json"),
+                    _set(DROPPED_REASON, DROPPED_REASONS.get(reason, reason)),
+                ]
             ),
             body=body,
             details=reason,

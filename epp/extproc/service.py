@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from epp.decision import DecisionMaker
     from epp.extproc.config import ExtProcConfig
     from epp.metrics import EppMetrics
+    from epp.request_telemetry import RequestTelemetry
 
 __all__ = ["EXTPROC_METHOD", "EXTPROC_SERVICE", "ExtProcService"]
 
@@ -33,9 +34,20 @@ class ExtProcService:
     """Serves ``Process``: one bidirectional stream per HTTP request."""
 
     def __init__(
-        self, decision_maker: DecisionMaker, metrics: EppMetrics, config: ExtProcConfig
+        self,
+        decision_maker: DecisionMaker,
+        metrics: EppMetrics,
+        config: ExtProcConfig,
+        telemetry: RequestTelemetry | None = None,
     ) -> None:
-        self._env = StreamEnv(decision_maker=decision_maker, metrics=metrics, config=config)
+        from epp.request_telemetry import RequestTelemetry
+
+        self._env = StreamEnv(
+            decision_maker=decision_maker,
+            metrics=metrics,
+            config=config,
+            telemetry=telemetry if telemetry is not None else RequestTelemetry(metrics),
+        )
 
     def register(self, server: grpc.aio.Server) -> None:
         """Add the ``Process`` method to ``server`` under Envoy's service name."""
@@ -52,8 +64,7 @@ class ExtProcService:
         self, requests: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[ProcessingResponse]:
         ctx = RequestContext.new(self._env)
-        metrics = self._env.metrics
-        metrics.extproc_streams.inc()
+        record = self._env.telemetry.start()
         try:
             async for request in requests:
                 kind = request.WhichOneof("request")
@@ -61,17 +72,21 @@ class ExtProcService:
                 if handler is None:
                     raise ProtocolViolation(f"message without a known kind ({kind})")
                 ctx.observe(request)
+                record.received(ctx, request)
                 for response in await handler(ctx, request):
+                    record.sent(ctx, response)
                     yield response
                 if ctx.ended:
                     return
         except asyncio.CancelledError:
             # The gateway reset the stream (its client went away, or it gave up on us).
             log.debug("request %s: ext_proc stream cancelled by the gateway", ctx.request_id)
+            record.code = "Canceled"
             raise
         except ProtocolViolation as err:
             log.warning("request %s: ext_proc protocol violation: %s", ctx.request_id, err)
             ctx.ended = True
+            record.code = "InvalidArgument"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except grpc.aio.BaseError as err:
             # The RPC itself is over (the server is stopping, or the stream broke): nothing
@@ -87,13 +102,16 @@ class ExtProcService:
             # A bug here must cost one request a clean 500, not the gateway a broken stream.
             log.exception("request %s: ext_proc handler failed", ctx.request_id)
             ctx.ended = True
-            ctx.env.metrics.request_errors.labels(status="500", reason="internal_error").inc()
-            yield immediate_response(500, "internal_error", "internal error in the endpoint picker")
+            response = immediate_response(
+                500, "internal_error", "internal error in the endpoint picker"
+            )
+            record.sent(ctx, response)
+            yield response
         finally:
-            metrics.extproc_streams.dec()
             if not ctx.ended and not ctx.response_ended:
                 _ended_early(ctx)
             ctx.finish()
+            record.finish(ctx)
 
 
 def _ended_early(ctx: RequestContext) -> None:
@@ -113,4 +131,4 @@ def _ended_early(ctx: RequestContext) -> None:
     else:
         stage = "after_routing"  # the client went away; the pods log the rest
         log.debug("request %s: ext_proc stream ended before the response did", ctx.request_id)
-    ctx.env.metrics.extproc_streams_ended_early.labels(stage=stage).inc()
+    ctx.env.metrics.streams_ended_early.labels(stage=stage).inc()

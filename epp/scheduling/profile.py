@@ -54,4 +54,4 @@ class Profile:
         t0 = perf_counter()
         picked = self.picker.pick(cycle, scored)
         self.picker.observe(perf_counter() - t0)
-        return ProfileResult(picked) if picked else None
+        return ProfileResult(picked, scored) if picked else None

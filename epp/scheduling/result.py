@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from epp.datastore import Endpoint
+
+if TYPE_CHECKING:
+    from epp.plugins.base import ScoredEndpoint
 
 __all__ = ["ProfileResult", "SchedulingResult"]
 
@@ -15,6 +19,8 @@ class ProfileResult:
     """The endpoints one profile chose, best first (never empty)."""
 
     targets: list[Endpoint]
+    # Every candidate the picker saw, with its weighted score.
+    scored: Sequence[ScoredEndpoint] = field(default_factory=tuple)
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from epp.plugins.base import DataProducer, ProfileHandler, Release, RequestTrack
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
+from epp.tracing import run_profile
 
 __all__ = ["Scheduler", "Tracking"]
 
@@ -88,7 +89,7 @@ class Scheduler:
                 pool = endpoints
                 if destinations is not None and (scoped is None or name == scoped):
                     pool = destinations
-                results[name] = self.profiles[name].run(cycle, pool)
+                results[name] = run_profile(self.profiles[name], cycle, pool)
         else:
             raise InternalError(f"profile handler '{self.handler.name}' did not finish")
         result = self.handler.process_results(cycle, results)

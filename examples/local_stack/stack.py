@@ -383,6 +383,12 @@ class LocalStack:
             f"--metrics-port={self.epp_metrics_port}",
             "--bind-address=127.0.0.1",
             "--secure-serving=false",
+            # No Kubernetes API here to review /metrics callers; no trace collector; a
+            # stopped EPP has no Service endpoints to drain from.
+            "--metrics-endpoint-auth=false",
+            "--tracing=false",
+            "--drain-timeout=0s",
+            "--enable-grpc-stream-metrics",
             *config_args,
             *self.options.epp_args,
         ]

@@ -25,11 +25,12 @@ import pytest_asyncio
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from epp.app import EppApp
+from epp.metrics import error_code
 from epp.settings import EppSettings
 from examples.local_stack.processes import LOG_ALARMS
 from sidecar.app import start
 from sidecar.settings import Settings
-from tests.conftest import RunningSim
+from tests.conftest import RunningSim, sample_sum
 from tests.epp_gateway.backends import RecordingBackend
 from tests.epp_gateway.envoy_gateway import ENVOY_BIN, EnvoyGateway, gateway_config
 from tests.epp_gateway.fakes import ExtProcClient, request_body, request_headers
@@ -166,11 +167,11 @@ class Epp:
     decode: RecordingBackend
     prefill: RecordingBackend
 
-    def errors(self, status: int, reason: str) -> float:
-        value = self.app.metrics.registry.get_sample_value(
-            "llm_d_epp_request_errors_total", {"status": str(status), "reason": reason}
-        )
-        return value or 0.0
+    def errors(self, status: int) -> float:
+        """Requests counted as errors with the error_code llm-d gives ``status``."""
+        registry = self.app.metrics.registry
+        code = error_code(status)
+        return sample_sum(registry, "llm_d_epp_request_error_total", error_code=code)
 
     async def ask(
         self,
@@ -232,6 +233,9 @@ async def epp(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Epp]:
                 secure_serving=False,
                 shutdown_grace=1.0,
                 max_request_body_bytes=BODY_LIMIT,
+                metrics_endpoint_auth=False,
+                tracing=False,
+                enable_grpc_stream_metrics=True,
             )
         )
         stack.push_async_callback(app.stop)

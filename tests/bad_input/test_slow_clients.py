@@ -223,7 +223,7 @@ async def test_gateway_bounds_slow_headers_and_bodies(
     registry = gateway.epp.app.metrics.registry
 
     async def streams_closed() -> bool:  # the EPP learns of the reset asynchronously
-        return registry.get_sample_value("llm_d_epp_extproc_streams") == 0
+        return registry.get_sample_value("llm_d_epp_extproc_streams_inflight") == 0
 
     await eventually(streams_closed, "every ext_proc stream closed", timeout=5)
     assert server_errors(caplog.records) == []

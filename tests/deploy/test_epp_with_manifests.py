@@ -66,12 +66,12 @@ async def test_epp_schedules_the_manifests_pods(kube: FakeKube, directory: str) 
     namespace, roles = _serve_manifests(kube, built)
     # $(POD_NAMESPACE) comes from the downward API: the namespace the EPP runs in.
     flags = parse_args(resolve_args(built, epp, {"metadata.namespace": namespace}))
-    assert flags.pool_namespace == namespace
+    assert flags.namespace == namespace
     assert flags.config_file is not None and flags.pool_name is not None
     settings = DirectorSettings(
         config_text=mounted_file(built, epp, flags.config_file),
         pool_name=flags.pool_name,
-        pool_namespace=flags.pool_namespace,
+        pool_namespace=flags.namespace,
         kube_api_server=kube.url,
         # Nothing listens on the pods' ports: scrape rarely, and do not wait for it.
         refresh_metrics_interval_s=30.0,

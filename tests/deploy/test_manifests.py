@@ -89,7 +89,8 @@ def test_every_example_and_manifest_directory_is_built() -> None:
 def test_builds_into_one_namespace(directory: str) -> None:
     built = build(directory)
     assert built.objects, directory
-    namespaced = [o for o in built.objects if o["kind"] != "Namespace"]
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding"}
+    namespaced = [o for o in built.objects if o["kind"] not in cluster_scoped]
     namespaces = {o["metadata"].get("namespace") for o in namespaced}
     if directory == "manifests/gateway":
         assert namespaces == {None}  # a component: its user sets the namespace
@@ -202,16 +203,71 @@ def test_epp_args_parse_and_its_config_loads(
     config = load_config(config_text=text, pool_configured=settings.pool_name is not None)
     # The profiles a P/D deployment needs are there.
     assert {"decode", "prefill"} <= set(config.scheduler.profiles)
-    # The probes ask the EPP's health service on the port it serves it on.
-    for probe, service in (("livenessProbe", "liveness"), ("readinessProbe", "readiness")):
+    # The probes ask the EPP's health service on the port it serves it on, by the names
+    # llm-d's chart uses: "inference-extension" for one replica, liveness/readiness with
+    # leader election.
+    replicas = int(container.workload["spec"].get("replicas", 1))
+    names = ("liveness", "readiness") if replicas > 1 else ("inference-extension",) * 2
+    for probe, service in zip(("livenessProbe", "readinessProbe"), names, strict=True):
         grpc = container.spec[probe]["grpc"]
         assert grpc == {"port": settings.grpc_health_port, "service": service}
+    assert settings.ha_enable_leader_election == (replicas > 1)
     ports = {p["name"]: int(p["containerPort"]) for p in container.spec["ports"]}
     assert ports == {
         "grpc": settings.grpc_port,
         "grpc-health": settings.grpc_health_port,
         "metrics": settings.metrics_port,
     }
+
+
+# The args, environment and probes llm-d's chart (routerlib _deployment.yaml) gives the
+# EPP container for one replica in InferencePool mode, tracing off, metrics auth on.
+CHART_ARGS = [
+    "--pool-name", "<pool>", "--pool-namespace", "$(NAMESPACE)",
+    "--pool-group", "inference.networking.k8s.io", "--zap-encoder", "json",
+    "--config-file", "/config/<file>", "--grpc-health-port", "9003", "--tracing=false",
+]  # fmt: skip
+CHART_ENV = {"NAMESPACE": "metadata.namespace", "POD_NAME": "metadata.name"}
+
+
+@pytest.mark.parametrize("directory", EPP_DIRS)
+def test_epp_starts_as_llm_ds_chart_starts_it(directory: str) -> None:
+    built = build(directory)
+    (container,) = _programs(built, "epp")
+    args = list(container.spec["args"])
+    pool = built.of_kind("InferencePool")[0]["metadata"]["name"]
+    config_file = args[args.index("--config-file") + 1]
+    assert config_file.startswith("/config/")
+    expected = [
+        a.replace("<pool>", pool).replace("/config/<file>", config_file) for a in CHART_ARGS
+    ]
+    assert args == expected, container.where
+    env = {
+        e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in container.spec["env"]
+        if "valueFrom" in e
+    }
+    assert CHART_ENV.items() <= env.items()
+    assert container.workload["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] == 130
+    assert container.spec["livenessProbe"]["initialDelaySeconds"] == 5
+    assert container.spec["livenessProbe"]["periodSeconds"] == 10
+    assert container.spec["readinessProbe"]["periodSeconds"] == 2
+    # --metrics-endpoint-auth is on (the chart's default): the EPP may review tokens.
+    rules = [
+        rule
+        for role in built.of_kind("ClusterRole")
+        for rule in role["rules"]
+        if "authentication.k8s.io" in rule.get("apiGroups", ())
+        or "authorization.k8s.io" in rule.get("apiGroups", ())
+    ]
+    assert {r["resources"][0] for r in rules} == {"tokenreviews", "subjectaccessreviews"}
+    sa = container.workload["spec"]["template"]["spec"]["serviceAccountName"]
+    bound = [
+        b for b in built.of_kind("ClusterRoleBinding")
+        if any(s["name"] == sa and s.get("namespace") == container.workload["metadata"]["namespace"]
+               for s in b["subjects"])
+    ]  # fmt: skip
+    assert bound, f"{directory}: the EPP's service account cannot create TokenReviews"
 
 
 @pytest.mark.parametrize("directory", _dirs_with("ConfigMap"))
@@ -238,7 +294,7 @@ def test_images_are_pinned(directory: str) -> None:
 def test_epp_config_check_rejects_a_bad_config() -> None:
     built = build("manifests/base")
     (container,) = _programs(built, "epp")
-    text = mounted_file(built, container, "/etc/epp/config.yaml")
+    text = mounted_file(built, container, "/config/config.yaml")
     broken = text.replace("prefix-based-pd-decider", "prefix-based-decider", 1)
     assert broken != text
     with pytest.raises(ConfigError, match="prefix-based-decider"):
@@ -248,7 +304,7 @@ def test_epp_config_check_rejects_a_bad_config() -> None:
 def test_epd_config_has_the_encode_stage() -> None:
     built = build("examples/epd")
     (container,) = _programs(built, "epp")
-    text = mounted_file(built, container, "/etc/epp/config.yaml")
+    text = mounted_file(built, container, "/config/config.yaml")
     config = load_config(config_text=text, pool_configured=True)
     assert set(config.scheduler.profiles) == {"decode", "prefill", "encode"}
     types = {p.type_name for p in config.plugins}

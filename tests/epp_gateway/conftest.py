@@ -9,7 +9,8 @@ import grpc
 import pytest
 
 from epp.extproc import ExtProcConfig, ExtProcService
-from epp.metrics import EppMetrics
+from epp.metrics import EppMetrics, error_code
+from tests.conftest import sample_sum
 from tests.epp_gateway.fakes import ExtProcClient, FakeDecisionMaker
 
 
@@ -24,11 +25,11 @@ class ExtProcHarness:
     def client(self) -> ExtProcClient:
         return ExtProcClient(self.channel)
 
-    def errors(self, status: int, reason: str) -> float:
-        value = self.metrics.registry.get_sample_value(
-            "llm_d_epp_request_errors_total", {"status": str(status), "reason": reason}
+    def errors(self, status: int) -> float:
+        """Requests counted as errors with the error_code llm-d gives ``status``."""
+        return sample_sum(
+            self.metrics.registry, "llm_d_epp_request_error_total", error_code=error_code(status)
         )
-        return value or 0.0
 
 
 StartExtProc = Callable[..., Awaitable[ExtProcHarness]]
@@ -45,7 +46,7 @@ async def start_extproc(fake: FakeDecisionMaker) -> AsyncIterator[StartExtProc]:
     channels: list[grpc.aio.Channel] = []
 
     async def start(config: ExtProcConfig | None = None) -> ExtProcHarness:
-        metrics = EppMetrics()
+        metrics = EppMetrics(stream_metrics=True)
         server = grpc.aio.server()
         ExtProcService(fake, metrics, config or ExtProcConfig()).register(server)
         port = server.add_insecure_port("127.0.0.1:0")

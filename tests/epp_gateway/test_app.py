@@ -41,6 +41,8 @@ def _settings(endpoints: Path, **overrides: object) -> EppSettings:
         "config_text": always_disagg_config(endpoints),
         "secure_serving": False,
         "shutdown_grace": 1.0,
+        "metrics_endpoint_auth": False,
+        "tracing": False,
         **overrides,
     }
     return EppSettings.model_validate(values)
@@ -114,9 +116,12 @@ async def test_app_serves_decisions_health_and_metrics(
         ):
             assert r.status == 200
             text = await r.text()
-        assert 'llm_d_epp_disagg_decision_total{decision_type="prefill-decode"} 1.0' in text
-        assert 'llm_d_epp_endpoints{role="decode"} 1.0' in text
-        assert 'llm_d_epp_endpoints{role="prefill"} 1.0' in text
+        assert (
+            'llm_d_epp_disagg_decision_total{decision_type="prefill-decode",model_name="m",'
+            'plugin_name="disagg-profile-handler",plugin_type="disagg-profile-handler"} 1.0'
+        ) in text
+        assert 'disagg_epp_endpoints{role="decode"} 1.0' in text
+        assert 'disagg_epp_endpoints{role="prefill"} 1.0' in text
         [tasks] = [line for line in text.splitlines() if line.startswith("python_asyncio_tasks ")]
         assert float(tasks.split()[1]) >= 1  # at least the serving loop's own tasks
 
@@ -241,16 +246,21 @@ async def test_console_script_exits_2_on_bad_flags_and_config(tmp_path: Path) ->
     assert b"configuration" in err
 
 
-async def test_sigterm_shuts_down_gracefully(
+async def test_sigterm_drains_then_exits(
     tmp_path: Path, pods: tuple[RecordingBackend, RecordingBackend]
 ) -> None:
+    # SIGTERM: not ready at once (liveness stays SERVING), ext_proc keeps serving for
+    # --drain-timeout, then the process exits 0.
     endpoints = tmp_path / "endpoints.yaml"
     write_endpoints(endpoints, [(pods[0], "decode")])
     config = tmp_path / "config.yaml"
     config.write_text(always_disagg_config(endpoints))
+    grpc_port, health_port = free_port(), free_port()
     proc = await _run_epp(
-        "--config-file", str(config), "--bind-address", "127.0.0.1", "--grpc-port", "0",
-        "--grpc-health-port", "0", "--metrics-port", "0", "--shutdown-grace", "1s",
+        "--config-file", str(config), "--bind-address", "127.0.0.1",
+        "--grpc-port", str(grpc_port), "--grpc-health-port", str(health_port),
+        "--metrics-port", "0", "--shutdown-grace", "1s", "--drain-timeout", "3s",
+        "--secure-serving=false", "--metrics-endpoint-auth=false", "--tracing=false",
     )  # fmt: skip
     assert proc.stderr is not None
     lines: list[bytes] = []
@@ -262,10 +272,25 @@ async def test_sigterm_shuts_down_gracefully(
 
     try:
         await asyncio.wait_for(serving(), 30)
+        await _wait_health(health_port, "readiness", SERVING)
         proc.send_signal(signal.SIGTERM)
+        await _wait_health(health_port, "readiness", NOT_SERVING)
+        assert await _health(health_port, "inference-extension") == NOT_SERVING
+        assert await _health(health_port, "liveness") == SERVING
+        # Still routing while draining.
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            client = ExtProcClient(channel)
+            await client.send(
+                request_headers("/v1/chat/completions"), request_body(CHAT, end_of_stream=True)
+            )
+            first = await client.recv()
+            assert first.request_headers.response.header_mutation.set_headers
+            await client.close()
+        assert proc.returncode is None, "exited before the drain window was over"
         rest = await asyncio.wait_for(proc.stderr.read(), 30)
         assert await asyncio.wait_for(proc.wait(), 30) == 0
-        assert b"shutting down" in rest
+        assert b"draining for 3.0s" in rest
+        assert b"drain window over" in rest
     finally:
         if proc.returncode is None:
             proc.kill()

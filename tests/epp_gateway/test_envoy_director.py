@@ -10,6 +10,7 @@ import pytest
 
 from epp.app import EppApp
 from epp.settings import EppSettings
+from tests.conftest import sample_sum
 from tests.epp_gateway.backends import RecordingBackend
 from tests.epp_gateway.envoy_gateway import ENVOY_BIN, EnvoyGateway, gateway_config
 from tests.epp_gateway.pool import always_disagg_config, write_endpoints
@@ -36,6 +37,8 @@ async def test_always_disagg_through_envoy_with_tls(tmp_path: Path) -> None:
         bind_address="127.0.0.1",
         config_text=always_disagg_config(endpoints),
         shutdown_grace=1.0,
+        metrics_endpoint_auth=False,
+        tracing=False,
     )
     assert settings.secure_serving, "the default, as in llm-d"
     app = EppApp(settings)
@@ -59,8 +62,8 @@ async def test_always_disagg_through_envoy_with_tls(tmp_path: Path) -> None:
         assert rec.headers["x-prefiller-host-port"] == [prefill.host_port]
         assert json.loads(rec.body) == body
         assert prefill.requests == []  # the sidecar, not the gateway, runs the prefill leg
-        decisions = app.metrics.registry.get_sample_value(
-            "llm_d_epp_disagg_decision_total", {"decision_type": "prefill-decode"}
+        decisions = sample_sum(
+            app.metrics.registry, "llm_d_epp_disagg_decision_total", decision_type="prefill-decode"
         )
         assert decisions == 1
     finally:

@@ -192,7 +192,7 @@ async def test_no_endpoints_is_a_503_with_a_json_body(gw: Gateway) -> None:
     gw.fake.error = NoEndpoints("no endpoints known")
     async with gw.session.post(f"{gw.envoy.url}/v1/completions", json={"model": "m"}) as r:
         assert r.status == 503
-        assert r.headers["x-llm-d-request-dropped-reason"] == "no_endpoints"
+        assert r.headers["x-llm-d-request-dropped-reason"] == "rejected-no-endpoints"
         assert r.headers["content-type"] == "application/json"
         payload = await r.json()
     assert payload["error"]["message"] == "no endpoints known"

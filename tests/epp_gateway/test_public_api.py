@@ -15,9 +15,24 @@ MODULES = {
         "ExtProcConfig",
         "ExtProcService",
     },
-    "epp.settings": {"EppSettings", "parse_args", "parse_go_duration"},
-    "epp.app": {"LIVENESS_SERVICES", "READINESS_SERVICES", "EppApp", "StartupError", "run"},
-    "epp.tls": {"CertificatePair", "load_cert_dir", "self_signed"},
+    "epp.settings": {
+        "DEFAULT_POOL_GROUP",
+        "FLAGS",
+        "EppSettings",
+        "parse_args",
+        "parse_go_bool",
+        "parse_go_duration",
+        "parse_quantity",
+    },
+    "epp.app": {
+        "INFERENCE_EXTENSION_SERVICE",
+        "LIVENESS_SERVICES",
+        "READINESS_SERVICES",
+        "EppApp",
+        "StartupError",
+        "run",
+    },
+    "epp.tls": {"CertificatePair", "grpc_cipher_suites", "load_cert_dir", "self_signed"},
 }
 
 

@@ -1,4 +1,12 @@
-"""A small fake Kubernetes API server: list and watch for InferencePools and Pods."""
+"""A small fake Kubernetes API server.
+
+- list and watch for InferencePools and Pods (label selectors: ``k=v``, ``k==v``,
+  ``k!=v``, ``k in (a,b)``, ``k notin (a,b)``, ``k``, ``!k``);
+- Leases (``coordination.k8s.io/v1``): get, create, replace, with resourceVersion
+  conflicts (409) as the API server checks them;
+- TokenReviews and SubjectAccessReviews: ``tokens`` maps a bearer token to a user,
+  ``allowed`` holds the (user, path, verb) triples that may be read.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +19,9 @@ from aiohttp import web
 
 POOLS = "/apis/inference.networking.k8s.io/v1/namespaces/{ns}/inferencepools"
 PODS = "/api/v1/namespaces/{ns}/pods"
+LEASES = "/apis/coordination.k8s.io/v1/namespaces/{ns}/leases"
+TOKEN_REVIEWS = "/apis/authentication.k8s.io/v1/tokenreviews"
+ACCESS_REVIEWS = "/apis/authorization.k8s.io/v1/subjectaccessreviews"
 
 _STOP = object()
 
@@ -26,11 +37,40 @@ def _selected(obj: dict[str, Any], query: Any) -> bool:
     labels = query.get("labelSelector")
     if labels:
         have = meta.get("labels") or {}
-        for term in labels.split(","):
-            key, _, value = term.partition("=")
-            if have.get(key) != value:
-                return False
+        return all(_term_holds(term.strip(), have) for term in _terms(labels))
     return True
+
+
+def _terms(selector: str) -> list[str]:
+    """Split on the commas outside parentheses."""
+    terms, depth, current = [], 0, ""
+    for ch in selector:
+        depth += ch == "("
+        depth -= ch == ")"
+        if ch == "," and depth == 0:
+            terms.append(current)
+            current = ""
+        else:
+            current += ch
+    return [*terms, current]
+
+
+def _term_holds(term: str, have: dict[str, str]) -> bool:
+    for op in (" notin ", " in "):
+        if op in term:
+            key, _, rest = term.partition(op)
+            values = {v.strip() for v in rest.strip().strip("()").split(",")}
+            inside = have.get(key.strip()) in values
+            return inside if op == " in " else not inside
+    if "!=" in term:
+        key, _, value = term.partition("!=")
+        return have.get(key.strip()) != value.strip()
+    if "=" in term:
+        key, _, value = term.replace("==", "=").partition("=")
+        return have.get(key.strip()) == value.strip()
+    if term.startswith("!"):
+        return term[1:].strip() not in have
+    return term in have
 
 
 class FakeKube:
@@ -47,6 +87,14 @@ class FakeKube:
         self.gone_sent = 0
         self.runner: web.AppRunner | None = None
         self.url = ""
+        # (namespace, name) -> Lease; every write bumps its resourceVersion.
+        self.leases: dict[tuple[str, str], dict[str, Any]] = {}
+        self.lease_writes = 0
+        # When set, every Lease request fails with 503 (an API server outage).
+        self.leases_unavailable = False
+        self.tokens: dict[str, dict[str, Any]] = {}
+        self.allowed: set[tuple[str, str, str]] = set()
+        self.reviews: list[dict[str, Any]] = []
 
     # -- state changes ------------------------------------------------------------
 
@@ -180,10 +228,85 @@ class FakeKube:
     async def pods(self, request: web.Request) -> web.StreamResponse:
         return await self._list_or_watch("pod", request)
 
+    # -- leases ---------------------------------------------------------------------------
+
+    def _lease_unavailable(self) -> web.Response | None:
+        if self.leases_unavailable:
+            return web.json_response({"kind": "Status", "code": 503}, status=503)
+        return None
+
+    async def get_lease(self, request: web.Request) -> web.Response:
+        if (down := self._lease_unavailable()) is not None:
+            return down
+        lease = self.leases.get((request.match_info["ns"], request.match_info["name"]))
+        if lease is None:
+            status = {"kind": "Status", "code": 404, "reason": "NotFound"}
+            return web.json_response(status, status=404)
+        return web.json_response(lease)
+
+    async def create_lease(self, request: web.Request) -> web.Response:
+        if (down := self._lease_unavailable()) is not None:
+            return down
+        body = await request.json()
+        key = (request.match_info["ns"], body["metadata"]["name"])
+        if key in self.leases:
+            return web.json_response({"kind": "Status", "code": 409}, status=409)
+        return web.json_response(self._store_lease(key, body), status=201)
+
+    async def replace_lease(self, request: web.Request) -> web.Response:
+        if (down := self._lease_unavailable()) is not None:
+            return down
+        body = await request.json()
+        key = (request.match_info["ns"], request.match_info["name"])
+        current = self.leases.get(key)
+        if current is None:
+            return web.json_response({"kind": "Status", "code": 404}, status=404)
+        sent_rv = (body.get("metadata") or {}).get("resourceVersion")
+        if sent_rv != current["metadata"]["resourceVersion"]:
+            return web.json_response({"kind": "Status", "code": 409}, status=409)
+        return web.json_response(self._store_lease(key, body))
+
+    def _store_lease(self, key: tuple[str, str], body: dict[str, Any]) -> dict[str, Any]:
+        self.rv += 1
+        self.lease_writes += 1
+        lease = json.loads(json.dumps(body))
+        meta = {"namespace": key[0], "name": key[1], "resourceVersion": str(self.rv)}
+        lease["metadata"].update(meta)
+        self.leases[key] = lease
+        return lease
+
+    def lease_holder(self, ns: str, name: str) -> str:
+        lease = self.leases.get((ns, name))
+        return str(((lease or {}).get("spec") or {}).get("holderIdentity") or "")
+
+    # -- authentication and authorisation reviews --------------------------------------
+
+    async def token_review(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.reviews.append(body)
+        user = self.tokens.get(body["spec"]["token"])
+        status: dict[str, Any] = {"authenticated": user is not None}
+        if user is not None:
+            status["user"] = user
+        return web.json_response({**body, "status": status}, status=201)
+
+    async def access_review(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.reviews.append(body)
+        spec = body["spec"]
+        attrs = spec.get("nonResourceAttributes") or {}
+        allowed = (spec.get("user"), attrs.get("path"), attrs.get("verb")) in self.allowed
+        return web.json_response({**body, "status": {"allowed": allowed}}, status=201)
+
     async def start(self) -> FakeKube:
         app = web.Application()
         app.router.add_get(POOLS.replace("{ns}", "{ns}"), self.pools)
         app.router.add_get(PODS, self.pods)
+        app.router.add_get(LEASES + "/{name}", self.get_lease)
+        app.router.add_put(LEASES + "/{name}", self.replace_lease)
+        app.router.add_post(LEASES, self.create_lease)
+        app.router.add_post(TOKEN_REVIEWS, self.token_review)
+        app.router.add_post(ACCESS_REVIEWS, self.access_review)
         self.runner = web.AppRunner(app, shutdown_timeout=1.0)
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
@@ -192,6 +315,19 @@ class FakeKube:
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self.url = f"http://127.0.0.1:{port}"
         return self
+
+    def kubeconfig(self, path: Any) -> str:
+        """Write a kubeconfig that points at this server (no credentials); its path."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {}}],
+            "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake"}}],
+            "current-context": "fake",
+        }
+        path.write_text(json.dumps(config))
+        return str(path)
 
     def break_watches(self) -> None:
         """End every open watch stream (as an API server restart would)."""

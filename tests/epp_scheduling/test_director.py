@@ -15,6 +15,7 @@ from epp.director import DirectorSettings, build_director
 from epp.metrics import EppMetrics
 from epp.plugins.active_request_scorer import ActiveRequestScorer
 from epp.plugins.file_discovery import FileDiscovery
+from tests.conftest import sample_sum
 
 from .fixtures import FakeMetricsServer, MakePool, pd_config, wait_until, write_endpoints
 from .helpers import chat_body
@@ -26,10 +27,9 @@ IMAGE = [{"type": "image_url", "image_url": {"url": "http://images.local/cat.png
 
 
 def counter(metrics: EppMetrics, decision_type: str) -> float:
-    value = metrics.registry.get_sample_value(
-        "llm_d_epp_disagg_decision_total", {"decision_type": decision_type}
+    return sample_sum(
+        metrics.registry, "llm_d_epp_disagg_decision_total", decision_type=decision_type
     )
-    return value or 0.0
 
 
 async def test_long_prompt_prefills_then_cached_prompt_is_decode_only(make_pool: MakePool) -> None:
@@ -51,12 +51,19 @@ async def test_long_prompt_prefills_then_cached_prompt_is_decode_only(make_pool:
     assert counter(pool.metrics, "prefill-decode") == 1
     assert counter(pool.metrics, "decode-only") == 1
     reg = pool.metrics.registry
-    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "m"}) == 2
+    assert counter(pool.metrics, "prefill-decode") == sample_sum(
+        reg, "llm_d_epp_disagg_decision_total", model_name="m", decision_type="prefill-decode"
+    )
     assert reg.get_sample_value("llm_d_epp_scheduler_e2e_duration_seconds_count") == 2
+    assert sample_sum(reg, "llm_d_epp_scheduler_attempts_total", status="success") == 2
     assert (
         reg.get_sample_value(
-            "llm_d_epp_scheduler_plugin_duration_seconds_count",
-            {"plugin_type": "prefix-cache-scorer", "plugin_name": "prefix-cache-scorer"},
+            "llm_d_epp_plugin_duration_seconds_count",
+            {
+                "extension_point": "Scorer",
+                "plugin_type": "prefix-cache-scorer",
+                "plugin_name": "prefix-cache-scorer",
+            },
         )
         == 2
     )
@@ -291,8 +298,8 @@ async def test_readiness_and_stop(make_pool: MakePool, tmp_path: Path) -> None:
     pool = await make_pool({"d1": "decode"})
     assert pool.director.is_ready()
     reg = pool.metrics.registry
-    await wait_until(lambda: reg.get_sample_value("llm_d_epp_ready_endpoints") == 1)
-    assert reg.get_sample_value("llm_d_epp_endpoints", {"role": "decode"}) == 1
+    await wait_until(lambda: sample_sum(reg, "llm_d_epp_ready_endpoints") == 1)
+    assert reg.get_sample_value("disagg_epp_endpoints", {"role": "decode"}) == 1
 
 
 async def test_build_director_errors() -> None:
@@ -315,12 +322,18 @@ async def test_build_director_errors() -> None:
 
 async def test_model_label_cardinality_is_bounded(make_pool: MakePool) -> None:
     pool = await make_pool({"d1": "decode"})
+    pool.metrics.models.cap = 64
     for i in range(80):
-        await pool.director.decide(CHAT, {}, chat_body("x", model=f"model-{i}"), None)
+        decision = await pool.director.decide(CHAT, {}, chat_body("x", model=f"model-{i}"), None)
+        decision.on_finished()
     reg = pool.metrics.registry
-    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "model-0"}) == 1
-    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "other"}) == 16
-    assert reg.get_sample_value("llm_d_epp_requests_total", {"model_name": "model-79"}) is None
+
+    def decisions(model: str) -> float:
+        return sample_sum(reg, "llm_d_epp_disagg_decision_total", model_name=model)
+
+    assert decisions("model-0") == 1
+    assert decisions("other") == 16
+    assert decisions("model-79") == 0
 
 
 @pytest.mark.parametrize(

@@ -257,7 +257,7 @@ class FaultStack:
         assert after == before + 1, "the health request went P/D"
 
         async def no_stream_left() -> bool:
-            return await self.epp_sample("llm_d_epp_extproc_streams") == 0
+            return await self.epp_sample("llm_d_epp_extproc_streams_inflight") == 0
 
         await eventually(no_stream_left, "the EPP to close every ext_proc stream")
         self.assert_clean_logs()

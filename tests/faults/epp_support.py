@@ -148,7 +148,7 @@ class EppStack:
         return 0.0
 
     async def endpoint_count(self, role: str) -> int:
-        return int(await self.epp_metric("llm_d_epp_endpoints", {"role": role}))
+        return int(await self.epp_metric("disagg_epp_endpoints", {"role": role}))
 
     async def set_endpoints(self, names: list[str] | None) -> None:
         """Rewrite the endpoints file (None: all) and wait until the EPP has reloaded it."""

@@ -66,8 +66,8 @@ async def _ready_endpoints(stack: LocalStack, expected: int) -> bool:
     url = f"http://127.0.0.1:{stack.epp_metrics_port}/metrics"
     async with aiohttp.ClientSession() as session, session.get(url) as resp:
         text = await resp.text()
-    [line] = [ln for ln in text.splitlines() if ln.startswith("llm_d_epp_ready_endpoints ")]
-    return float(line.split()[1]) == expected
+    lines = [ln for ln in text.splitlines() if ln.startswith("llm_d_epp_ready_endpoints")]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines) == expected
 
 
 async def test_stack_with_encoders(tmp_path: Path) -> None:
