@@ -3,9 +3,10 @@
 Loading is strict: unknown top-level fields, unknown plugin types, unknown plugin
 parameters and dangling references all raise ``ConfigError`` naming the field and
 the plugin. The sections real llm-d configs carry that this EPP does not act on
-(``featureGates``, ``saturationDetector``, ``flowControl``, ``requestHandler``,
-``data``) are accepted so those configs load unchanged; ``dataLayer.discovery``
-selects the discovery plugin.
+(``featureGates``, ``saturationDetector``, ``flowControl``, ``requestHandler``) are
+accepted so those configs load unchanged; ``dataLayer.discovery`` selects the
+discovery plugin and ``dataLayer.sources`` (``data.sources`` in older configs) wires
+the data layer (``epp.datalayer.wiring``).
 
 Defaults as llm-d applies them: a plugin's name defaults to its type; a profile with
 no picker gets ``max-score-picker``; a scorer with no weight gets 1; no document at
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from epp.datalayer.wiring import wire_data_layer
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -270,6 +272,10 @@ def build_scheduler_config(
             raise ConfigError(
                 f"plugin '{plugin.name}' (type '{plugin.type_name}'): parameters.{exc}"
             ) from None
+    try:
+        wire_data_layer(doc.dataLayer, doc.data, plugins)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
     names = [p.name for p in doc.schedulingProfiles]
     if not names:

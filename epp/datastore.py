@@ -11,6 +11,7 @@ import ipaddress
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "ROLE_LABEL",
@@ -106,6 +107,11 @@ class Endpoint:
     key: str = ""
     # The address in the form ``address_host`` gives, for matching by host.
     host: str = ""
+    # The node's IP (a pod's status.hostIP) and the pod's spec.hostname, when known.
+    node_address: str = ""
+    pod_hostname: str = ""
+    # Data-layer attributes by (attribute, producer); see epp.datalayer.attributes.
+    attributes: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.key = format_host_port(self.address, self.port)
@@ -188,6 +194,8 @@ class Datastore:
                 current.name = ep.name
                 current.namespace = ep.namespace
                 current.labels = ep.labels
+                current.node_address = ep.node_address
+                current.pod_hostname = ep.pod_hostname
         self._by_source[source] = set(wanted)
         self._snapshot = tuple(self._by_key.values())
         for listener in self._listeners:

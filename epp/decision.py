@@ -90,6 +90,8 @@ class Decision:
     headers: dict[str, str] = field(default_factory=dict)
     # The primary profile's endpoint scores (``--emit-endpoint-scores``), address -> score.
     scores: dict[str, float] = field(default_factory=dict)
+    # Headers to add to the client's response (e.g. a session token).
+    response_headers: dict[str, str] = field(default_factory=dict)
     # In-flight bookkeeping hooks, set by the scheduler.
     release_prefill: Callable[[], None] = _noop
     release_all: Callable[[], None] = _noop

@@ -18,6 +18,8 @@ from time import perf_counter
 
 from epp import tracing
 from epp.config import ConfigError, SchedulerConfig, load_config
+from epp.datalayer.base import DataSource
+from epp.datalayer.metrics_source import scrape_settings
 from epp.datastore import Datastore, Endpoint, address_host
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
 from epp.engine_metrics import EngineMappings
@@ -32,7 +34,7 @@ from epp.plugins.base import (
     Scorer,
 )
 from epp.request import ParsedRequest, parse_request
-from epp.scheduling.cycle import CycleState
+from epp.scheduling.cycle import RESPONSE_HEADERS, CycleState
 from epp.scheduling.scheduler import Tracking
 from epp.scraper import MetricsScraper
 
@@ -101,13 +103,24 @@ class Director(DecisionMaker):
         timeout = settings.metrics_scrape_timeout_s or min(
             1.0, settings.metrics_staleness_threshold_s
         )
+        target, scrape_interval_s = scrape_settings(
+            config.plugins, settings.refresh_metrics_interval_s
+        )
+        if scrape_interval_s >= settings.metrics_staleness_threshold_s:
+            raise ConfigError(
+                f"metrics-data-source interval {scrape_interval_s:g}s is not below "
+                f"--metrics-staleness-threshold {settings.metrics_staleness_threshold_s:g}s: "
+                "every endpoint's metrics would be stale between scrapes"
+            )
         self.scraper = MetricsScraper(
             self.datastore,
-            interval_s=settings.refresh_metrics_interval_s,
+            interval_s=scrape_interval_s,
             timeout_s=timeout,
             max_scrapes_per_second=settings.max_scrapes_per_second,
             engines=settings.engine_metrics,
+            target=target,
         )
+        self._data_sources: list[DataSource] = config.plugins.of_kind(DataSource)
         self.discovery: Discovery | None = config.discovery
         self._started = False
         self._gauge_task: asyncio.Task[None] | None = None
@@ -155,6 +168,8 @@ class Director(DecisionMaker):
             return
         self._started = True
         await self.scraper.start()
+        for source in self._data_sources:
+            await source.start(self.datastore, self.settings.refresh_metrics_interval_s)
         if self.discovery is None:
             self.discovery = await self._kubernetes_discovery()
         await self.discovery.start(self.datastore)
@@ -353,6 +368,7 @@ class Director(DecisionMaker):
                 if self.settings.emit_endpoint_scores and primary is not None
                 else {}
             ),
+            response_headers=_response_headers(cycle),
         )
         handler = self._scheduler.handler
         self.metrics.record_disagg(handler.name, handler.type_name, request.model, decision_type)
@@ -366,6 +382,11 @@ def subset_endpoints(endpoints: Sequence[Endpoint], subset: Sequence[str]) -> li
     are ignored, as llm-d does (a pod's ports are all one engine's)."""
     hosts = {address_host(entry) for entry in subset}
     return [ep for ep in endpoints if ep.host in hosts]
+
+
+def _response_headers(cycle: CycleState) -> dict[str, str]:
+    added = cycle.get(RESPONSE_HEADERS)
+    return dict(added) if added is not None else {}
 
 
 async def build_director(settings: DirectorSettings, metrics: EppMetrics) -> Director:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from epp.datalayer.scrape_target import ScrapeTarget
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.engine_metrics import BUILTIN_ENGINES, EngineMapping, EngineMappings, MetricSpec
 
@@ -179,9 +180,11 @@ class MetricsScraper:
         timeout_s: float = 1.0,
         max_scrapes_per_second: float = 500.0,
         engines: EngineMappings | None = None,
+        target: ScrapeTarget | None = None,
     ) -> None:
         self.datastore = datastore
         self.engines = engines or EngineMappings()
+        self.target = target if target is not None else ScrapeTarget()
         # Per endpoint, the missing series last warned about (one line per change).
         self._warned: dict[str, tuple[str, ...]] = {}
         self.interval_s = interval_s
@@ -249,7 +252,8 @@ class MetricsScraper:
         if session is None:
             raise RuntimeError("scraper not started")
         try:
-            async with session.get(f"{endpoint.url}/metrics") as resp:
+            target = self.target
+            async with session.get(target.url(endpoint), ssl=target.ssl or True) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
                 raw = await resp.content.read(_MAX_BODY + 1)
@@ -261,7 +265,8 @@ class MetricsScraper:
             log.debug("scrape of %s failed: %s", endpoint.key, exc)
             return False
         mapping = self.engines.for_labels(endpoint.labels)
-        parsed = parse_metrics(text, mapping, time.monotonic())
+        now = time.monotonic()
+        parsed = parse_metrics(text, mapping, now)
         self._report_missing(endpoint, mapping, parsed)
         if parsed.no_load_signal:
             # Not this engine's page (a pod labelled for another engine, or none): its
@@ -272,6 +277,8 @@ class MetricsScraper:
         for attr in parsed.missing:  # a series the engine dropped keeps its last value
             setattr(parsed.metrics, attr, getattr(previous, attr))
         endpoint.metrics = parsed.metrics
+        if self.target.on_page is not None:
+            self.target.on_page(endpoint, text, now)
         self.scrapes_ok += 1
         return True
 

@@ -17,6 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from pydantic import ValidationError
 
 from .config import SimConfig
+from .dcgm import DCGM_PATH, dcgm_handler
 from .engine import (
     EC_PULL_PATH,
     MOONCAKE_PULL_PATH,
@@ -448,6 +449,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/health", _health)
     app.router.add_get("/v1/models", _models)
     app.router.add_get("/metrics", _metrics)
+    app.router.add_get(DCGM_PATH, dcgm_handler(engine))
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)

@@ -126,12 +126,14 @@ def _item_source(part: Mapping[str, Any]) -> str | None:
 
 def _item_identity(part: Mapping[str, Any]) -> str:
     source = _item_source(part)
-    return f"item{zlib.crc32(source.encode()):08x}" if source else "item"
+    if not source:
+        return "item"
+    return f"item{zlib.crc32(source.encode('utf-8', 'surrogatepass')):08x}"
 
 
 def mm_hash(source: str) -> str:
     """The key an encoder's output is stored and transferred under."""
-    return hashlib.sha256(source.encode()).hexdigest()[:32]
+    return hashlib.sha256(source.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
 def multimodal_items(messages: Iterable[Mapping[str, Any]]) -> list[str]:

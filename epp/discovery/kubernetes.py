@@ -102,6 +102,8 @@ def pod_endpoints(pod: Mapping[str, Any], ports: tuple[int, ...]) -> list[Endpoi
     name = str(meta.get("name", ""))
     labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
     ip = str(pod["status"]["podIP"])
+    node_ip = str(pod["status"].get("hostIP") or "")
+    hostname = str((pod.get("spec") or {}).get("hostname") or "")
     multi = len(ports) > 1
     return [
         Endpoint(
@@ -110,6 +112,8 @@ def pod_endpoints(pod: Mapping[str, Any], ports: tuple[int, ...]) -> list[Endpoi
             address=ip,
             port=port,
             labels=labels,
+            node_address=node_ip,
+            pod_hostname=hostname,
         )
         for i, port in enumerate(ports)
     ]

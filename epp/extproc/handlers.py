@@ -178,7 +178,8 @@ async def on_response_headers(
         ctx.decision.on_response_started()
     if request.response_headers.end_of_stream or ctx.response_body_mode == ProcessingMode.NONE:
         ctx.response_ended = True  # no more of the response comes this way
-    return [responses.passthrough_response_headers()]
+    add = ctx.decision.response_headers if ctx.decision is not None else None
+    return [responses.passthrough_response_headers(add)]
 
 
 async def on_response_body(

@@ -34,7 +34,7 @@ from epp.extproc.headers import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Iterator, Mapping
 
     from epp.decision import Decision
 
@@ -175,8 +175,14 @@ def streamed_response_body(
     ]
 
 
-def passthrough_response_headers() -> ProcessingResponse:
-    return ProcessingResponse(response_headers=HeadersResponse(response=CommonResponse()))
+def passthrough_response_headers(add: Mapping[str, str] | None = None) -> ProcessingResponse:
+    """Let the response headers through, adding ``add`` (headers plugins asked for)."""
+    common = CommonResponse()
+    if add:
+        common = CommonResponse(
+            header_mutation=HeaderMutation(set_headers=[_set(k, v) for k, v in add.items()])
+        )
+    return ProcessingResponse(response_headers=HeadersResponse(response=common))
 
 
 def passthrough_response_body() -> ProcessingResponse:

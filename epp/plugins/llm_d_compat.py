@@ -3,16 +3,17 @@
 - ``pd-profile-handler`` (``threshold``, ``hashBlockSize``, ``prefillProfile``,
   ``decodeProfile``): the disagg handler with a prefix-based decider whose
   ``nonCachedTokens`` is ``threshold`` (0 = always disaggregate).
-- ``prefill-header-handler``: set the prefill header; the Decision already carries the
-  prefill target, so this is accepted and does nothing.
+- ``prefill-header-handler``: the older name of ``disagg-headers-handler`` (see
+  ``epp.plugins.deprecated_aliases``).
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from epp.plugins.base import Plugin, PluginParams, PluginSet
+from epp.plugins.base import PluginParams, PluginSet
 from epp.plugins.deciders import AlwaysDisaggPdDecider, PrefixBasedPdDecider
+from epp.plugins.deprecated_aliases import DisaggHeadersHandler
 from epp.plugins.profile_handlers import DisaggProfileHandler
 from epp.plugins.registry import register
 
@@ -49,5 +50,5 @@ class PdProfileHandler(DisaggProfileHandler):
 
 
 @register
-class PrefillHeaderHandler(Plugin):
+class PrefillHeaderHandler(DisaggHeadersHandler):
     type_name = "prefill-header-handler"

@@ -9,7 +9,7 @@ from epp.decision import NoEndpoints
 from epp.plugins.base import Decider, PluginParams, PluginSet, ProfileHandler
 from epp.plugins.deciders import AlwaysDisaggMultimodalDecider, AlwaysDisaggPdDecider
 from epp.plugins.registry import register
-from epp.scheduling.cycle import CycleState, StateKey
+from epp.scheduling.cycle import PEER_ENDPOINT, CycleState, StateKey
 from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
 
@@ -137,6 +137,7 @@ class DisaggProfileHandler(ProfileHandler):
         if self._has_prefill and not considered.prefill:
             considered.prefill = True
             if self.prefill_decider.approve(cycle, target):
+                cycle.put(PEER_ENDPOINT, target)
                 return [p.prefill]
         return []
 

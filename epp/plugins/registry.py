@@ -46,6 +46,22 @@ _BUILTIN_MODULES = (
     "epp.plugins.profile_handlers",
     "epp.plugins.file_discovery",
     "epp.plugins.llm_d_compat",
+    "epp.plugins.topology_affinity",
+    "epp.plugins.endpoint_attribute",
+    "epp.plugins.lora_affinity_scorer",
+    "epp.plugins.running_requests_scorer",
+    "epp.plugins.header_label_affinity_scorer",
+    "epp.plugins.inflight_load",
+    "epp.plugins.token_load_scorer",
+    "epp.plugins.utilization_filter",
+    "epp.plugins.session_id_producer",
+    "epp.plugins.session_affinity_filter",
+    "epp.plugins.deprecated_aliases",
+    "epp.datalayer.metrics_source",
+    "epp.datalayer.dcgm",
+    "epp.datalayer.models",
+    "epp.datalayer.notifications",
+    "epp.datalayer.topology",
 )
 
 _registry: dict[str, type[Plugin]] = {}

@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar, cast
 from epp.datastore import Endpoint, EndpointMetrics
 from epp.request import ParsedRequest
 
-__all__ = ["CycleState", "StateKey"]
+__all__ = ["PEER_ENDPOINT", "RESPONSE_HEADERS", "CycleState", "StateKey"]
 
 T = TypeVar("T")
 
@@ -43,3 +43,10 @@ class CycleState:
     def signals(self, endpoint: Endpoint) -> EndpointMetrics:
         """The endpoint's metrics, pessimistic when stale (stale never looks idle)."""
         return endpoint.signals(self.now, self.staleness_threshold_s)
+
+
+# Published by the disaggregating profile handler before it runs the second stage: the
+# endpoint the first stage chose, for plugins that compare candidates with it.
+PEER_ENDPOINT: StateKey[Endpoint] = StateKey("peer-endpoint")
+# Response headers plugins ask the gateway to add (e.g. a session token).
+RESPONSE_HEADERS: StateKey[dict[str, str]] = StateKey("response-headers")

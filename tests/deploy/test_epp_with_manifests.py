@@ -75,6 +75,7 @@ async def test_epp_schedules_the_manifests_pods(kube: FakeKube, directory: str) 
         kube_api_server=kube.url,
         # Nothing listens on the pods' ports: scrape rarely, and do not wait for it.
         refresh_metrics_interval_s=30.0,
+        metrics_staleness_threshold_s=60.0,
     )
     director = await build_director(settings, EppMetrics())
     await director.start()

@@ -54,6 +54,7 @@ def _settings(kubeconfig: str, **overrides: object) -> EppSettings:
         "kubeconfig": kubeconfig,
         # Nothing answers on the fake pods' ports: scrape rarely.
         "refresh_metrics_interval": 30.0,
+        "metrics_staleness_threshold": 60.0,
         **overrides,
     }
     return EppSettings.model_validate(values)

@@ -177,7 +177,7 @@ saturationDetector:
   queueDepthThreshold: 5
   kvCacheUtilThreshold: 0.8
 data:
-  metricsScrapeInterval: 50ms
+  sources: []
 flowControl: {}
 requestHandler: {}
 """
