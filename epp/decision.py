@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "DROPPED_REASONS",
@@ -73,6 +73,10 @@ def _noop_reassign(_served: str) -> None:
     return None
 
 
+def _no_response_headers(_lb_metadata: Mapping[str, Any] | None) -> Mapping[str, str]:
+    return {}
+
+
 @dataclass
 class Decision:
     """Where one request goes. Addresses are ``host:port`` (IPv6 bracketed)."""
@@ -98,6 +102,11 @@ class Decision:
     # Moves the decode bookkeeping to the endpoint the gateway reports as having served
     # the request (``host:port``), when that is not ``decode``; set by the scheduler.
     reassign: Callable[[str], None] = _noop_reassign
+    # Headers response-header plugins add once the response headers pass the gateway,
+    # given the ``envoy.lb`` metadata sent with them (None: none); set by the scheduler.
+    response_header_hook: Callable[[Mapping[str, Any] | None], Mapping[str, str]] = (
+        _no_response_headers
+    )
     served: str | None = field(default=None, repr=False)
     _prefill_released: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)
