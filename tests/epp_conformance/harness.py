@@ -189,12 +189,24 @@ def pool_gateway_config(
     pools: Sequence[Pool],
     *,
     failure_mode: Literal["FailOpen", "FailClose"] = "FailClose",
+    request_body_mode: str | None = None,
 ) -> dict[str, Any]:
     """One listener, one route splitting traffic across ``pools`` by weight; each pool's
     requests go to its own EPP (a per-route ext_proc override) and then to its own
     endpoints. ``failure_mode`` is the InferencePool's: with ``FailOpen`` a request whose
-    EPP cannot be reached is still served, by the pool's fallback balancing."""
-    config = gateway_config(pools[0].epp_port, report_served=True)
+    EPP cannot be reached is still served, by the pool's fallback balancing.
+
+    Request bodies go to the EPP FULL_DUPLEX_STREAMED, except with ``FailOpen``, where
+    they are BUFFERED unless ``request_body_mode`` says otherwise: Envoy (1.40) fails a
+    FULL_DUPLEX_STREAMED request that carries a body closed even with
+    ``failure_mode_allow`` once the EPP is unreachable, since the body has already been
+    handed to the broken stream; only bodyless requests fail open then.
+    """
+    if request_body_mode is None:
+        request_body_mode = "BUFFERED" if failure_mode == "FailOpen" else "FULL_DUPLEX_STREAMED"
+    config = gateway_config(
+        pools[0].epp_port, report_served=True, request_body_mode=request_body_mode
+    )
     resources = config["static_resources"]
     hcm = resources["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     [ext_proc] = [
