@@ -3,11 +3,13 @@ file-discovered simulated engines, behind the real Envoy.
 
 Two gateway shapes. The product's own config (``tests.epp_gateway.envoy_gateway``,
 ORIGINAL_DST on the EPP's header), and a pool-aware one built here for what the product
-config has no knob for: an InferencePool's ``failureMode`` and weighted routes across
-several pools. In the pool-aware shape each pool is a STATIC cluster of its endpoints
-(the gateway knows the pool's members, as a gateway resolving an InferencePool does)
-whose ``override_host`` load balancing takes the EPP's pick from the ``envoy.lb``
-metadata and falls back to round robin when there is none (the EPP was skipped).
+config has no knob for: an InferencePool's ``failureMode``, and weighted routes or route
+rules across several pools. In the pool-aware shape each pool is a STATIC cluster of its
+endpoints (the gateway knows the pool's members, as a gateway resolving an InferencePool
+does) whose ``override_host`` load balancing takes the EPP's pick from the ``envoy.lb``
+metadata and falls back to round robin when there is none (the EPP was skipped); each
+route (or weighted cluster) asks its own pool's EPP through a per-route ext_proc
+override.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ __all__ = [
 ]
 
 BODY = {"model": "sim-model", "prompt": "Write as if you were a critic: San Francisco"}
+CHAT_BODY = {"model": "sim-model", "messages": [{"role": "user", "content": BODY["prompt"]}]}
 
 _EXT_PROC_PER_ROUTE = (
     "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute"
@@ -130,12 +133,14 @@ def decisions(app: EppApp) -> float:
 
 @dataclass(frozen=True)
 class Pool:
-    """An InferencePool as the gateway sees it: its EPP, its endpoints, a route weight."""
+    """An InferencePool as the gateway sees it: its EPP, its endpoints, and how the route
+    reaches it: a weight in one route's split, or (``path``) a route rule of its own."""
 
     name: str
     epp_port: int
     endpoints: Sequence[str]
     weight: int = 1
+    path: str | None = None
 
 
 def _pool_cluster(pool: Pool) -> dict[str, Any]:
@@ -228,10 +233,21 @@ def pool_gateway_config(
         ] = pool.epp_port
         clusters += [cluster, _pool_cluster(pool)]
     resources["clusters"] = clusters
-    [route] = hcm["route_config"]["virtual_hosts"][0]["routes"]
+    virtual_host = hcm["route_config"]["virtual_hosts"][0]
+    [route] = virtual_host["routes"]
     action = route["route"]
     del action["cluster"]
-    if len(pools) == 1:
+    if all(pool.path is not None for pool in pools):
+        # One rule per pool, matched by path prefix; each rule asks its pool's EPP.
+        rules = []
+        for pool in pools:
+            rule = copy.deepcopy(route)
+            rule["match"] = {"prefix": pool.path}
+            rule["route"]["cluster"] = f"pool-{pool.name}"
+            rule["typed_per_filter_config"] = _ask_epp_of(pool)
+            rules.append(rule)
+        virtual_host["routes"] = rules
+    elif len(pools) == 1:
         action["cluster"] = f"pool-{pools[0].name}"
     else:
         action["weighted_clusters"] = {
@@ -239,14 +255,7 @@ def pool_gateway_config(
                 {
                     "name": f"pool-{pool.name}",
                     "weight": pool.weight,
-                    "typed_per_filter_config": {
-                        "envoy.filters.http.ext_proc": {
-                            "@type": _EXT_PROC_PER_ROUTE,
-                            "overrides": {
-                                "grpc_service": {"envoy_grpc": {"cluster_name": f"epp-{pool.name}"}}
-                            },
-                        }
-                    },
+                    "typed_per_filter_config": _ask_epp_of(pool),
                 }
                 for pool in pools
             ]
@@ -254,12 +263,26 @@ def pool_gateway_config(
     return config
 
 
+def _ask_epp_of(pool: Pool) -> dict[str, Any]:
+    """Per-route ext_proc config: this route's requests go to ``pool``'s EPP."""
+    return {
+        "envoy.filters.http.ext_proc": {
+            "@type": _EXT_PROC_PER_ROUTE,
+            "overrides": {"grpc_service": {"envoy_grpc": {"cluster_name": f"epp-{pool.name}"}}},
+        }
+    }
+
+
 async def post(
-    session: aiohttp.ClientSession, url: str, selection: str | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    selection: str | None = None,
+    path: str = "/v1/completions",
 ) -> tuple[int, dict[str, str], bytes]:
     """One completion through the gateway, steered by the test header when given."""
     headers = {SELECTION_HEADER: selection} if selection is not None else {}
-    async with session.post(f"{url}/v1/completions", json=BODY, headers=headers) as resp:
+    body = CHAT_BODY if path.endswith("/chat/completions") else BODY
+    async with session.post(f"{url}{path}", json=body, headers=headers) as resp:
         body = await resp.read()
         return resp.status, {k.lower(): v for k, v in resp.headers.items()}, body
 

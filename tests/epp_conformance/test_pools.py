@@ -176,3 +176,37 @@ async def test_weighted_split_across_two_pools(
     # And the engines agree with the gateway's reports.
     for pod, sim in (*primary_pods, *secondary_pods):
         assert (await sim.stats())["requests_total"] == served[pod.host_port], pod
+
+
+async def test_route_rules_send_each_path_to_its_own_pool(
+    start_pods: StartPods,
+    start_conformance_epp: StartEpp,
+    start_envoy: StartEnvoy,
+    session: aiohttp.ClientSession,
+) -> None:
+    """GIE's multiple-rules case: one route, a rule per pool (by path), each pool with
+    its own EPP."""
+    primary_pods = await start_pods(("127.0.0.2",), 1)
+    secondary_pods = await start_pods(("127.0.0.3",), 1)
+    primary_epp = await start_conformance_epp([p for p, _ in primary_pods])
+    secondary_epp = await start_conformance_epp([p for p, _ in secondary_pods])
+    pools = [
+        Pool("primary", primary_epp.grpc_port, [primary_pods[0][0].host_port],
+             path="/v1/completions"),
+        Pool("secondary", secondary_epp.grpc_port, [secondary_pods[0][0].host_port],
+             path="/v1/chat/completions"),
+    ]  # fmt: skip
+    envoy = await start_envoy(pool_gateway_config(pools))
+    everyone = "127.0.0.2,127.0.0.3"
+    for path, (pod, _) in (
+        ("/v1/completions", primary_pods[0]),
+        ("/v1/chat/completions", secondary_pods[0]),
+    ):
+        for _ in range(3):
+            status, headers, body = await post(session, envoy.url, everyone, path)
+            assert status == 200, body
+            assert headers[SERVED_ENDPOINT_HEADER] == pod.host_port, path
+    assert decisions(primary_epp) == 3
+    assert decisions(secondary_epp) == 3
+    assert (await primary_pods[0][1].stats())["requests_total"] == 3
+    assert (await secondary_pods[0][1].stats())["requests_total"] == 3
