@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -111,3 +112,21 @@ def test_the_plugins_take_no_parameters(plugin: str) -> None:
     text = CONFIG.replace(f"- type: {plugin}\n", f"- type: {plugin}\n  parameters: {{header: x}}\n")
     with pytest.raises(ConfigError, match="header"):
         load_config(text)
+
+
+class _Broken(DestinationEndpointServedVerifier):
+    type_name = "broken-verifier-for-tests"
+
+    def response_headers(self, cycle: CycleState, lb_metadata: object) -> dict[str, str]:  # type: ignore[override]
+        raise RuntimeError("boom")
+
+
+def test_a_failing_response_plugin_adds_nothing_and_spares_the_others() -> None:
+    scheduler = load_config(CONFIG).scheduler
+    scheduler = dataclasses.replace(
+        scheduler, responders=(_Broken(name="broken"), *scheduler.responders)
+    )
+    report = {"x-gateway-destination-endpoint-served": "10.0.0.2:3000"}
+    assert scheduler.response_headers(_cycle({}), report) == {
+        SERVED_ENDPOINT_HEADER: "10.0.0.2:3000"
+    }
