@@ -73,10 +73,6 @@ def _noop_reassign(_served: str) -> None:
     return None
 
 
-def _no_response_headers(_lb_metadata: Mapping[str, Any] | None) -> Mapping[str, str]:
-    return {}
-
-
 @dataclass
 class Decision:
     """Where one request goes. Addresses are ``host:port`` (IPv6 bracketed)."""
@@ -103,10 +99,9 @@ class Decision:
     # the request (``host:port``), when that is not ``decode``; set by the scheduler.
     reassign: Callable[[str], None] = _noop_reassign
     # Headers response-header plugins add once the response headers pass the gateway,
-    # given the ``envoy.lb`` metadata sent with them (None: none); set by the scheduler.
-    response_header_hook: Callable[[Mapping[str, Any] | None], Mapping[str, str]] = (
-        _no_response_headers
-    )
+    # given the ``envoy.lb`` metadata sent with them (None: none); set by the scheduler
+    # when such plugins are configured.
+    response_header_hook: Callable[[Mapping[str, Any] | None], Mapping[str, str]] | None = None
     served: str | None = field(default=None, repr=False)
     _prefill_released: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)

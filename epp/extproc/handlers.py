@@ -180,9 +180,10 @@ async def on_response_headers(
     if request.response_headers.end_of_stream or ctx.response_body_mode == ProcessingMode.NONE:
         ctx.response_ended = True  # no more of the response comes this way
     add = ctx.decision.response_headers if ctx.decision is not None else None
-    if ctx.decision is not None:
+    hook = ctx.decision.response_header_hook if ctx.decision is not None else None
+    if hook is not None:
         try:
-            extra = ctx.decision.response_header_hook(lb_metadata(request))
+            extra = hook(lb_metadata(request))
         except Exception:
             log.exception("request %s: response-header plugins failed", ctx.request_id)
             extra = {}
