@@ -34,6 +34,7 @@ from epp.plugins.base import (
     PluginSet,
     ProfileHandler,
     RequestTracker,
+    ResponseHeaderProcessor,
     Scorer,
 )
 from epp.plugins.pickers import MaxScorePicker
@@ -241,7 +242,9 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: PluginSet) -> Profile:
                 )
             picker = plugin
             used = True
-        if not used and not isinstance(plugin, DataProducer | RequestTracker):
+        if not used and not isinstance(
+            plugin, DataProducer | RequestTracker | ResponseHeaderProcessor
+        ):
             raise ConfigError(
                 f"{where}: plugin '{ref.pluginRef}' (type '{plugin.type_name}') is not a "
                 "filter, scorer or picker"
@@ -320,6 +323,7 @@ def build_scheduler_config(
         profiles=profiles,
         producers=tuple(plugins.of_kind(DataProducer)),
         trackers=tuple(plugins.of_kind(RequestTracker)),
+        responders=tuple(plugins.of_kind(ResponseHeaderProcessor)),
     )
     return SchedulerConfig(doc, plugins, scheduler, discovery)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 __all__ = [
     "DROPPED_REASONS",
@@ -98,6 +98,10 @@ class Decision:
     # Moves the decode bookkeeping to the endpoint the gateway reports as having served
     # the request (``host:port``), when that is not ``decode``; set by the scheduler.
     reassign: Callable[[str], None] = _noop_reassign
+    # Headers response-header plugins add once the response headers pass the gateway,
+    # given the ``envoy.lb`` metadata sent with them (None: none); set by the scheduler
+    # when such plugins are configured.
+    response_header_hook: Callable[[Mapping[str, Any] | None], Mapping[str, str]] | None = None
     served: str | None = field(default=None, repr=False)
     _prefill_released: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)

@@ -370,6 +370,9 @@ class Director(DecisionMaker):
             ),
             response_headers=_response_headers(cycle),
         )
+        if self._scheduler.responders:
+            scheduler = self._scheduler
+            decision.response_header_hook = lambda lb: scheduler.response_headers(cycle, lb)
         handler = self._scheduler.handler
         self.metrics.record_disagg(handler.name, handler.type_name, request.model, decision_type)
         self.metrics.record_attempt(request.model, decode[0])

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf import json_format
 
 from epp.extproc.headers import (
     DESTINATION_SERVED,
@@ -22,7 +24,7 @@ if TYPE_CHECKING:
     from epp.metrics import EppMetrics
     from epp.request_telemetry import RequestTelemetry
 
-__all__ = ["RequestContext", "StreamEnv", "served_endpoint"]
+__all__ = ["RequestContext", "StreamEnv", "lb_metadata", "served_endpoint"]
 
 log = logging.getLogger("epp.extproc")
 
@@ -116,6 +118,16 @@ def served_endpoint(request: ProcessingRequest) -> str | None:
     # One address by the protocol; the first if a gateway sends a list.
     addresses = _addresses(fields[DESTINATION_SERVED])
     return addresses[0] if addresses else None
+
+
+def lb_metadata(request: ProcessingRequest) -> dict[str, Any] | None:
+    """The ``envoy.lb`` metadata a message carries, as plain values (None: absent)."""
+    if not request.HasField("metadata_context"):
+        return None
+    namespaces = request.metadata_context.filter_metadata
+    if LB_METADATA_NAMESPACE not in namespaces:
+        return None
+    return json_format.MessageToDict(namespaces[LB_METADATA_NAMESPACE])
 
 
 def _addresses(value: Value) -> list[str]:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from epp._proto.disagg_extproc_pb2 import ProcessingMode
 from epp.decision import Decision, SchedulingError
 from epp.extproc import responses
+from epp.extproc.context import lb_metadata
 from epp.extproc.headers import header_dict
 
 if TYPE_CHECKING:
@@ -179,6 +180,15 @@ async def on_response_headers(
     if request.response_headers.end_of_stream or ctx.response_body_mode == ProcessingMode.NONE:
         ctx.response_ended = True  # no more of the response comes this way
     add = ctx.decision.response_headers if ctx.decision is not None else None
+    hook = ctx.decision.response_header_hook if ctx.decision is not None else None
+    if hook is not None:
+        try:
+            extra = hook(lb_metadata(request))
+        except Exception:
+            log.exception("request %s: response-header plugins failed", ctx.request_id)
+            extra = {}
+        if extra:
+            add = {**(add or {}), **extra}
     return [responses.passthrough_response_headers(add)]
 
 

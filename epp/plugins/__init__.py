@@ -18,6 +18,7 @@ from epp.plugins.base import (
     ProfileHandler,
     Release,
     RequestTracker,
+    ResponseHeaderProcessor,
     ScoredEndpoint,
     Scorer,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "ProfileHandler",
     "Release",
     "RequestTracker",
+    "ResponseHeaderProcessor",
     "ScoredEndpoint",
     "Scorer",
     "create_plugin",

@@ -14,7 +14,9 @@ directly. A plugin implements one or more extension points by subclassing them:
 - ``RequestTracker.track`` sees the final result and returns release hooks (its
   ``reassign`` moves the decode's share when the gateway reports another endpoint
   served the request);
-- ``Discovery.start/stop`` feeds endpoints into the datastore.
+- ``Discovery.start/stop`` feeds endpoints into the datastore;
+- ``ResponseHeaderProcessor.response_headers`` adds headers to the client's response
+  once the gateway has routed it, from what the gateway reports (``envoy.lb``).
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ __all__ = [
     "ProfileHandler",
     "Release",
     "RequestTracker",
+    "ResponseHeaderProcessor",
     "ScoredEndpoint",
     "Scorer",
 ]
@@ -206,6 +209,16 @@ class ProfileHandler(Plugin, abc.ABC):
         before any profile runs; the gateway's subset hint scopes that profile alone.
         None when unknown: the hint then scopes every profile."""
         return None
+
+
+class ResponseHeaderProcessor(Plugin, abc.ABC):
+    @abc.abstractmethod
+    def response_headers(
+        self, cycle: CycleState, lb_metadata: Mapping[str, Any] | None
+    ) -> Mapping[str, str]:
+        """Headers to add to the client's response as its headers pass the gateway.
+        ``lb_metadata`` is the ``envoy.lb`` metadata the gateway sent with them (None when
+        it sent none)."""
 
 
 class Discovery(Plugin, abc.ABC):

@@ -57,6 +57,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.session_id_producer",
     "epp.plugins.session_affinity_filter",
     "epp.plugins.deprecated_aliases",
+    "epp.plugins.conformance",
     "epp.datalayer.metrics_source",
     "epp.datalayer.dcgm",
     "epp.datalayer.models",

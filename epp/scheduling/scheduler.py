@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from time import perf_counter
+from typing import Any
 
 from epp.datastore import Endpoint
 from epp.decision import InternalError
-from epp.plugins.base import DataProducer, ProfileHandler, Release, RequestTracker
+from epp.plugins.base import (
+    DataProducer,
+    ProfileHandler,
+    Release,
+    RequestTracker,
+    ResponseHeaderProcessor,
+)
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
 from epp.tracing import run_profile
 
 __all__ = ["Scheduler", "Tracking"]
+
+log = logging.getLogger(__name__)
 
 # A handler that keeps asking for profiles is a bug; stop it rather than spin.
 _MAX_ROUNDS = 16
@@ -55,6 +65,7 @@ class Scheduler:
     profiles: Mapping[str, Profile]
     producers: tuple[DataProducer, ...] = ()
     trackers: tuple[RequestTracker, ...] = ()
+    responders: tuple[ResponseHeaderProcessor, ...] = ()
 
     async def prefetch(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         """Let producers do their I/O before the (synchronous) scheduling cycle."""
@@ -112,3 +123,19 @@ class Scheduler:
             tracking.stage_hooks.append(release_stages)
             tracking.decode_hooks.append(release_decode)
         return tracking
+
+    def response_headers(
+        self, cycle: CycleState, lb_metadata: Mapping[str, Any] | None
+    ) -> dict[str, str]:
+        """What every response-header processor adds, in configuration order; a plugin
+        that fails adds nothing (the response still goes through)."""
+        out: dict[str, str] = {}
+        for responder in self.responders:
+            try:
+                out.update(responder.response_headers(cycle, lb_metadata))
+            except Exception:
+                log.exception(
+                    "request %s: response-header plugin %s failed",
+                    cycle.request.request_id or "-", responder.name,
+                )  # fmt: skip
+        return out
