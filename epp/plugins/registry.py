@@ -59,6 +59,8 @@ _BUILTIN_MODULES = (
     "epp.plugins.parsers",
     "epp.plugins.dp_profile_handler",
     "epp.plugins.header_profile_handler",
+    "epp.plugins.context_length_aware",
+    "epp.plugins.prefix_cache_affinity_filter",
     "epp.plugins.deprecated_aliases",
     "epp.datalayer.metrics_source",
     "epp.datalayer.dcgm",
