@@ -33,6 +33,7 @@ from epp.plugins.base import (
     ProfileHandler,
     Scorer,
 )
+from epp.plugins.parsers import Parser
 from epp.request import ParsedRequest
 from epp.scheduling.cycle import REQUEST_HEADERS, RESPONSE_HEADERS, CycleState
 from epp.scheduling.scheduler import Tracking
@@ -49,6 +50,7 @@ _EXTENSION_POINTS: tuple[tuple[type[Plugin], str], ...] = (
     (Picker, "Picker"),
     (ProfileHandler, "ProfilePicker"),
     (DataProducer, "DataProducer"),
+    (Parser, "RequestParsing"),
 )
 
 

@@ -20,6 +20,7 @@ import abc
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from time import perf_counter
 from typing import ClassVar
 
 from epp.decision import BadRequest
@@ -222,4 +223,8 @@ class ParserTable:
         if headers_only:
             return passthrough_request(path, headers)
         parser = self.resolve(path)
-        return parser.parse(route_of(path), headers, body)
+        t0 = perf_counter()
+        try:
+            return parser.parse(route_of(path), headers, body)
+        finally:
+            parser.observe(perf_counter() - t0)

@@ -286,6 +286,15 @@ async def test_unclaimed_paths_reach_a_decode_pod_without_stages(
         assert decision.decision_type == "decode-only", path
         assert decision.prefill is None, path
         decision.on_finished()
+    parsed = {
+        parser: pool.metrics.registry.get_sample_value(
+            "llm_d_epp_plugin_duration_seconds_count",
+            {"extension_point": "RequestParsing", "plugin_type": parser, "plugin_name": parser},
+        )
+        for parser in ("openai-parser", "passthrough-parser")
+    }
+    # chat and embeddings by openai-parser; /tokenize alone by passthrough (GETs unparsed).
+    assert parsed == {"openai-parser": 2, "passthrough-parser": 1}
 
 
 async def test_only_openai_parser_refuses_unclaimed_paths(
