@@ -182,3 +182,13 @@ def test_sglang_generate_reads_input_ids() -> None:
             p.parse("/generate", {}, bad)
     with pytest.raises(BadRequest, match="extra_key"):
         p.parse("/generate", {}, b'{"input_ids": [1], "extra_key": 5}')
+
+
+def test_validate_config_lists_the_parsers() -> None:
+    from epp.__main__ import describe_config
+
+    text = describe_config(load_config(HEAD), "x")
+    assert (
+        "request parsers: openai-parser, anthropic-parser, vllmhttp-parser, passthrough-parser"
+        in text
+    )
