@@ -37,9 +37,12 @@ LLMD_DP = _DP_FILE.read_text() if _DP_FILE is not None else ""
 
 
 @contextlib.asynccontextmanager
-async def _stack(config_text: str, workdir: Path) -> AsyncIterator[tuple[EppApp, EnvoyGateway]]:
+async def _stack(
+    config_text: str, workdir: Path, *, experimental: bool = False
+) -> AsyncIterator[tuple[EppApp, EnvoyGateway]]:
     app = EppApp(
         EppSettings(
+            allow_experimental_plugins=experimental,
             grpc_port=0,
             grpc_health_port=0,
             metrics_port=0,
@@ -171,3 +174,38 @@ async def test_data_parallel_handler_routes_to_the_primary_port(tmp_path: Path) 
     finally:
         await rank0.stop()
         await rank1.stop()
+
+
+HEADER_PROFILES = """\
+- type: prefill-filter
+- type: decode-filter
+- type: header-profile-handler
+schedulingProfiles:
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}]
+- name: decode
+  plugins: [{pluginRef: decode-filter}]
+"""
+
+
+async def test_header_profile_handler_runs_the_named_profile(
+    start_sim: StartSim, tmp_path: Path
+) -> None:
+    endpoints, _decode, _prefill = await _pd_sims(start_sim, tmp_path)
+    config = (
+        "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+        "- type: file-discovery\n"
+        f"  parameters: {{path: '{endpoints}', watchFile: true, watchIntervalSeconds: 0.02}}\n"
+        + HEADER_PROFILES
+    )
+    async with (
+        _stack(config, tmp_path, experimental=True) as (_app, envoy),
+        aiohttp.ClientSession() as session,
+    ):
+        for headers, model in (({"EPP-Profile": "prefill"}, "pre"), ({}, "dec")):
+            async with session.get(f"{envoy.url}/v1/models", headers=headers) as r:
+                assert r.status == 200, await r.text()
+                assert [m["id"] for m in (await r.json())["data"]] == [model], headers
+        async with session.get(f"{envoy.url}/v1/models", headers={"EPP-Profile": "x"}) as r:
+            assert r.status == 400
+            assert "'x' names no scheduling profile" in await r.text()
