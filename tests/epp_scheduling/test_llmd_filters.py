@@ -226,3 +226,22 @@ schedulingProfiles:
     assert config.plugins.get("inflight-load-producer") is not None
     with pytest.raises(ConfigError, match="affinityThreshold"):
         load_config(text.replace("affinityThreshold: 0.80", "affinityThreshold: 2"))
+
+
+def test_the_llm_d_types_are_registered() -> None:
+    from epp.plugins.registry import lookup
+
+    for type_name in (
+        "openai-parser",
+        "anthropic-parser",
+        "vllmhttp-parser",
+        "sglanghttp-parser",
+        "passthrough-parser",
+        "data-parallel-profile-handler",
+        "header-profile-handler",
+        "prefix-cache-affinity-filter",
+        "context-length-aware",
+    ):
+        cls = lookup(type_name)
+        assert cls is not None, type_name
+        assert cls.Params.model_config.get("extra") == "forbid", type_name
