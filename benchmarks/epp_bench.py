@@ -102,7 +102,13 @@ class FixedDecision:
         return True
 
     async def decide(
-        self, path: str, headers: Mapping[str, str], body: bytes, subset: Sequence[str] | None
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        subset: Sequence[str] | None,
+        *,
+        headers_only: bool = False,
     ) -> Decision:
         return Decision(decode=self.decode)
 

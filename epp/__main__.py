@@ -42,6 +42,7 @@ def describe_config(config: SchedulerConfig, source: str) -> str:
         )
     if scheduler.producers:
         lines.append("data producers: " + ", ".join(p.name for p in scheduler.producers))
+    lines.append("request parsers: " + ", ".join(p.name for p in config.parsers.parsers))
     if config.discovery is not None:
         lines.append(f"discovery: {config.discovery.name} (type {config.discovery.type_name})")
     return "\n".join(lines)

@@ -511,8 +511,6 @@ async def run(settings: EppSettings) -> None:
         await app.drain()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(stop.wait(), settings.drain_timeout)
-        log.info(
-            "drain window over: in-flight requests get up to %.1fs", settings.shutdown_grace
-        )
+        log.info("drain window over: in-flight requests get up to %.1fs", settings.shutdown_grace)
     finally:
         await app.stop()

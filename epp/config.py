@@ -3,8 +3,9 @@
 Loading is strict: unknown top-level fields, unknown plugin types, unknown plugin
 parameters and dangling references all raise ``ConfigError`` naming the field and
 the plugin. The sections real llm-d configs carry that this EPP does not act on
-(``featureGates``, ``saturationDetector``, ``flowControl``, ``requestHandler``) are
-accepted so those configs load unchanged; ``dataLayer.discovery`` selects the
+(``featureGates``, ``saturationDetector``, ``flowControl``) are accepted so those
+configs load unchanged; ``requestHandler.parsers`` (or the deprecated ``parser``)
+chooses the request parsers (``epp.plugins.parsers``); ``dataLayer.discovery`` selects the
 discovery plugin and ``dataLayer.sources`` (``data.sources`` in older configs) wires
 the data layer (``epp.datalayer.wiring``).
 
@@ -37,6 +38,7 @@ from epp.plugins.base import (
     ResponseHeaderProcessor,
     Scorer,
 )
+from epp.plugins.parsers import DEFAULT_PARSERS, Parser, ParserTable
 from epp.plugins.pickers import MaxScorePicker
 from epp.plugins.prefix_producer import ApproxPrefixCacheProducer, PrefixParams
 from epp.plugins.profile_handlers import SingleProfileHandler
@@ -109,6 +111,14 @@ class SchedulingProfileSpec(_Strict):
     plugins: list[ProfilePluginRef] = Field(default_factory=list)
 
 
+class ParserRef(_Strict):
+    pluginRef: str = Field(min_length=1)  # noqa: N815 - the document's field name
+
+
+class RequestHandlerSpec(_Strict):
+    parsers: list[ParserRef] = Field(default_factory=list)
+
+
 class EndpointPickerConfig(_Strict):
     apiVersion: Literal[  # noqa: N815
         "llm-d.ai/v1alpha1", "llm-d.ai/v1", "inference.networking.x-k8s.io/v1alpha1"
@@ -122,7 +132,9 @@ class EndpointPickerConfig(_Strict):
     data: dict[str, Any] | None = None
     saturationDetector: dict[str, Any] | None = None  # noqa: N815
     flowControl: dict[str, Any] | None = None  # noqa: N815
-    requestHandler: dict[str, Any] | None = None  # noqa: N815
+    requestHandler: RequestHandlerSpec | None = None  # noqa: N815
+    # Deprecated single parser; used when requestHandler.parsers is empty.
+    parser: ParserRef | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +145,7 @@ class SchedulerConfig:
     plugins: PluginSet
     scheduler: Scheduler
     discovery: Discovery | None
+    parsers: ParserTable
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -199,6 +212,31 @@ def _discovery_ref(doc: EndpointPickerConfig) -> str | None:
     if not isinstance(ref, str) or not ref:
         raise ConfigError("dataLayer.discovery: expected pluginRef naming a discovery plugin")
     return ref
+
+
+def _build_parsers(doc: EndpointPickerConfig, plugins: PluginSet) -> ParserTable:
+    """``requestHandler.parsers`` (else the deprecated ``parser``, else the defaults);
+    a reference naming no declared plugin creates the parser of that type."""
+    refs = [r.pluginRef for r in doc.requestHandler.parsers] if doc.requestHandler else []
+    where = "requestHandler.parsers"
+    if not refs and doc.parser is not None:
+        refs, where = [doc.parser.pluginRef], "parser"
+    if not refs:
+        refs = list(DEFAULT_PARSERS)
+    parsers: list[Parser] = []
+    for i, ref in enumerate(refs):
+        plugin = plugins.get(ref)
+        if plugin is None:
+            if lookup(ref) is None:
+                raise ConfigError(f"{where}[{i}]: pluginRef '{ref}' names no plugin or type")
+            plugin = create_plugin(ref, ref, None)
+            plugins.add(plugin)
+        if not isinstance(plugin, Parser):
+            raise ConfigError(
+                f"{where}[{i}]: plugin '{ref}' (type '{plugin.type_name}') is not a parser"
+            )
+        parsers.append(plugin)
+    return ParserTable(parsers)
 
 
 def _add_implicit_producer(plugins: PluginSet) -> None:
@@ -268,6 +306,7 @@ def build_scheduler_config(
             )
         plugins.add(plugin)
     _add_implicit_producer(plugins)
+    parsers = _build_parsers(doc, plugins)
     for plugin in list(plugins):
         try:
             plugin.bind(plugins)
@@ -325,7 +364,7 @@ def build_scheduler_config(
         trackers=tuple(plugins.of_kind(RequestTracker)),
         responders=tuple(plugins.of_kind(ResponseHeaderProcessor)),
     )
-    return SchedulerConfig(doc, plugins, scheduler, discovery)
+    return SchedulerConfig(doc, plugins, scheduler, discovery, parsers)
 
 
 def load_config(

@@ -147,10 +147,13 @@ class DecisionMaker(Protocol):
         headers: Mapping[str, str],
         body: bytes,
         subset: Sequence[str] | None,
+        *,
+        headers_only: bool = False,
     ) -> Decision:
         """Pick endpoints for one request, or raise ``SchedulingError``.
 
         ``subset`` is Envoy's subset hint: when not None, only these ``ip:port``
-        endpoints may be chosen (an empty list means none may).
+        endpoints may be chosen (an empty list means none may). ``headers_only``: the
+        request has no body at all (e.g. a GET).
         """
         ...

@@ -20,7 +20,7 @@ from epp import tracing
 from epp.config import ConfigError, SchedulerConfig, load_config
 from epp.datalayer.base import DataSource
 from epp.datalayer.metrics_source import scrape_settings
-from epp.datastore import Datastore, Endpoint, address_host
+from epp.datastore import Datastore, Endpoint, address_host, format_host_port
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
 from epp.engine_metrics import EngineMappings
 from epp.metrics import EppMetrics
@@ -33,8 +33,9 @@ from epp.plugins.base import (
     ProfileHandler,
     Scorer,
 )
-from epp.request import ParsedRequest, parse_request
-from epp.scheduling.cycle import RESPONSE_HEADERS, CycleState
+from epp.plugins.parsers import Parser
+from epp.request import ParsedRequest
+from epp.scheduling.cycle import REQUEST_HEADERS, RESPONSE_HEADERS, CycleState
 from epp.scheduling.scheduler import Tracking
 from epp.scraper import MetricsScraper
 
@@ -49,6 +50,7 @@ _EXTENSION_POINTS: tuple[tuple[type[Plugin], str], ...] = (
     (Picker, "Picker"),
     (ProfileHandler, "ProfilePicker"),
     (DataProducer, "DataProducer"),
+    (Parser, "RequestParsing"),
 )
 
 
@@ -308,9 +310,11 @@ class Director(DecisionMaker):
         headers: Mapping[str, str],
         body: bytes,
         subset: Sequence[str] | None,
+        *,
+        headers_only: bool = False,
     ) -> Decision:
         t0 = perf_counter()
-        request = parse_request(path, headers, body)
+        request = self.config.parsers.parse(path, headers, body, headers_only=headers_only)
         try:
             return await self._schedule(request, subset, t0)
         except SchedulingError as err:
@@ -352,17 +356,24 @@ class Director(DecisionMaker):
         else:
             decision_type = "prefill-decode" if prefill else "decode-only"
         primary = result.results.get(result.primary)
+        port = result.destination_port
+        # Several ranks of one pod share its primary port: one destination each.
+        addresses = list(
+            dict.fromkeys(
+                ep.key if port is None else format_host_port(ep.address, port) for ep in decode
+            )
+        )
         decision = Decision(
-            decode=decode[0].key,
+            decode=addresses[0],
             prefill=prefill[0].key if prefill else None,
             encoders=encoders,
             decision_type=decision_type,
-            decode_fallbacks=[ep.key for ep in decode[1:]],
+            decode_fallbacks=addresses[1:],
             release_prefill=tracking.release_stages,
             release_all=tracking.release_all,
             reassign=lambda served: self._reassign(tracking, request.request_id, served),
             model=request.model,
-            headers=tracing.inject_current(),
+            headers={**_request_headers(cycle), **tracing.inject_current()},
             scores=(
                 {s.endpoint.key: s.score for s in primary.scored}
                 if self.settings.emit_endpoint_scores and primary is not None
@@ -385,6 +396,11 @@ def subset_endpoints(endpoints: Sequence[Endpoint], subset: Sequence[str]) -> li
     are ignored, as llm-d does (a pod's ports are all one engine's)."""
     hosts = {address_host(entry) for entry in subset}
     return [ep for ep in endpoints if ep.host in hosts]
+
+
+def _request_headers(cycle: CycleState) -> dict[str, str]:
+    added = cycle.get(REQUEST_HEADERS)
+    return dict(added) if added is not None else {}
 
 
 def _response_headers(cycle: CycleState) -> dict[str, str]:

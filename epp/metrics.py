@@ -159,171 +159,269 @@ class EppMetrics:
             return Histogram(name, doc, list(labels), buckets=tuple(buckets), registry=r)
 
         # -- request and latency ----------------------------------------------------------
-        self.request_total = counter(_P + "request", "Total number of processed requests.",
-                                     REQUEST_LABELS)
-        self.request_errors = counter(_P + "request_error", "Total number of request errors.",
-                                      (*REQUEST_LABELS, "error_code"))
+        self.request_total = counter(
+            _P + "request", "Total number of processed requests.", REQUEST_LABELS
+        )
+        self.request_errors = counter(
+            _P + "request_error", "Total number of request errors.", (*REQUEST_LABELS, "error_code")
+        )
         self.request_duration = histogram(
-            _P + "request_duration_seconds", "End-to-end request latency in seconds.",
-            GENERAL_LATENCY, REQUEST_LABELS)
-        self.request_size = histogram(_P + "request_size_bytes",
-                                      "Incoming request body size in bytes.", REQUEST_SIZE,
-                                      REQUEST_LABELS)
-        self.response_size = histogram(_P + "response_size_bytes",
-                                       "Outgoing response body size in bytes.", RESPONSE_SIZE,
-                                       REQUEST_LABELS)
-        self.input_tokens = histogram(_P + "request_input_tokens",
-                                      "Input token count per request.", INPUT_TOKENS,
-                                      REQUEST_LABELS)
-        self.output_tokens = histogram(_P + "request_output_tokens",
-                                       "Output token count per request.", OUTPUT_TOKENS,
-                                       REQUEST_LABELS)
+            _P + "request_duration_seconds",
+            "End-to-end request latency in seconds.",
+            GENERAL_LATENCY,
+            REQUEST_LABELS,
+        )
+        self.request_size = histogram(
+            _P + "request_size_bytes",
+            "Incoming request body size in bytes.",
+            REQUEST_SIZE,
+            REQUEST_LABELS,
+        )
+        self.response_size = histogram(
+            _P + "response_size_bytes",
+            "Outgoing response body size in bytes.",
+            RESPONSE_SIZE,
+            REQUEST_LABELS,
+        )
+        self.input_tokens = histogram(
+            _P + "request_input_tokens",
+            "Input token count per request.",
+            INPUT_TOKENS,
+            REQUEST_LABELS,
+        )
+        self.output_tokens = histogram(
+            _P + "request_output_tokens",
+            "Output token count per request.",
+            OUTPUT_TOKENS,
+            REQUEST_LABELS,
+        )
         self.cached_tokens = histogram(
             _P + "request_cached_tokens",
             "Prompt tokens read from cache per request, as the model server reports.",
-            INPUT_TOKENS, REQUEST_LABELS)
-        self.running = gauge(_P + "request_running", "Requests currently in flight.",
-                             REQUEST_LABELS)
+            INPUT_TOKENS,
+            REQUEST_LABELS,
+        )
+        self.running = gauge(
+            _P + "request_running", "Requests currently in flight.", REQUEST_LABELS
+        )
         self.ntpot = histogram(
             _P + "request_ntpot_seconds",
-            "Normalized time per output token (end-to-end latency / output tokens).", NTPOT,
-            REQUEST_LABELS)
+            "Normalized time per output token (end-to-end latency / output tokens).",
+            NTPOT,
+            REQUEST_LABELS,
+        )
         self.ttft = histogram(
             _P + "request_ttft_seconds",
             "Time to first token: request received to first response byte (non-streaming: "
-            "the whole response).", TTFT, (*REQUEST_LABELS, "streaming"))
+            "the whole response).",
+            TTFT,
+            (*REQUEST_LABELS, "streaming"),
+        )
         self.tpot = histogram(
             _P + "request_streaming_tpot_seconds",
             "Average time per output token of a streaming response: (e2e - TTFT) / "
-            "(output tokens - 1).", TPOT, REQUEST_LABELS)
+            "(output tokens - 1).",
+            TPOT,
+            REQUEST_LABELS,
+        )
         self.itl = histogram(
             _P + "request_streaming_itl_seconds",
-            "Time between consecutive response body chunks of a streaming response.", ITL,
-            REQUEST_LABELS)
+            "Time between consecutive response body chunks of a streaming response.",
+            ITL,
+            REQUEST_LABELS,
+        )
         # llm-d's older names for the same series.
-        self.legacy_request_total = counter(_OBJECTIVE + "request",
-                                            "[Deprecated: llm_d_epp_request_total]",
-                                            (*MODEL_LABELS, "priority"))
-        self.legacy_request_errors = counter(_OBJECTIVE + "request_error",
-                                             "[Deprecated: llm_d_epp_request_error_total]",
-                                             (*MODEL_LABELS, "error_code"))
+        self.legacy_request_total = counter(
+            _OBJECTIVE + "request",
+            "[Deprecated: llm_d_epp_request_total]",
+            (*MODEL_LABELS, "priority"),
+        )
+        self.legacy_request_errors = counter(
+            _OBJECTIVE + "request_error",
+            "[Deprecated: llm_d_epp_request_error_total]",
+            (*MODEL_LABELS, "error_code"),
+        )
         self.legacy_request_duration = histogram(
             _OBJECTIVE + "request_duration_seconds",
-            "[Deprecated: llm_d_epp_request_duration_seconds]", GENERAL_LATENCY, MODEL_LABELS)
-        self.legacy_request_size = histogram(_OBJECTIVE + "request_sizes",
-                                             "[Deprecated: llm_d_epp_request_size_bytes]",
-                                             REQUEST_SIZE, MODEL_LABELS)
-        self.legacy_response_size = histogram(_OBJECTIVE + "response_sizes",
-                                              "[Deprecated: llm_d_epp_response_size_bytes]",
-                                              RESPONSE_SIZE, MODEL_LABELS)
-        self.legacy_input_tokens = histogram(_OBJECTIVE + "input_tokens",
-                                             "[Deprecated: llm_d_epp_request_input_tokens]",
-                                             INPUT_TOKENS, MODEL_LABELS)
-        self.legacy_output_tokens = histogram(_OBJECTIVE + "output_tokens",
-                                              "[Deprecated: llm_d_epp_request_output_tokens]",
-                                              OUTPUT_TOKENS, MODEL_LABELS)
-        self.legacy_cached_tokens = histogram(_OBJECTIVE + "prompt_cached_tokens",
-                                              "[Deprecated: llm_d_epp_request_cached_tokens]",
-                                              INPUT_TOKENS, MODEL_LABELS)
-        self.legacy_running = gauge(_OBJECTIVE + "running_requests",
-                                    "[Deprecated: llm_d_epp_request_running]", ("model_name",))
-        self.legacy_ntpot = histogram(_OBJECTIVE + "normalized_time_per_output_token_seconds",
-                                      "[Deprecated: llm_d_epp_request_ntpot_seconds]", NTPOT,
-                                      MODEL_LABELS)
+            "[Deprecated: llm_d_epp_request_duration_seconds]",
+            GENERAL_LATENCY,
+            MODEL_LABELS,
+        )
+        self.legacy_request_size = histogram(
+            _OBJECTIVE + "request_sizes",
+            "[Deprecated: llm_d_epp_request_size_bytes]",
+            REQUEST_SIZE,
+            MODEL_LABELS,
+        )
+        self.legacy_response_size = histogram(
+            _OBJECTIVE + "response_sizes",
+            "[Deprecated: llm_d_epp_response_size_bytes]",
+            RESPONSE_SIZE,
+            MODEL_LABELS,
+        )
+        self.legacy_input_tokens = histogram(
+            _OBJECTIVE + "input_tokens",
+            "[Deprecated: llm_d_epp_request_input_tokens]",
+            INPUT_TOKENS,
+            MODEL_LABELS,
+        )
+        self.legacy_output_tokens = histogram(
+            _OBJECTIVE + "output_tokens",
+            "[Deprecated: llm_d_epp_request_output_tokens]",
+            OUTPUT_TOKENS,
+            MODEL_LABELS,
+        )
+        self.legacy_cached_tokens = histogram(
+            _OBJECTIVE + "prompt_cached_tokens",
+            "[Deprecated: llm_d_epp_request_cached_tokens]",
+            INPUT_TOKENS,
+            MODEL_LABELS,
+        )
+        self.legacy_running = gauge(
+            _OBJECTIVE + "running_requests",
+            "[Deprecated: llm_d_epp_request_running]",
+            ("model_name",),
+        )
+        self.legacy_ntpot = histogram(
+            _OBJECTIVE + "normalized_time_per_output_token_seconds",
+            "[Deprecated: llm_d_epp_request_ntpot_seconds]",
+            NTPOT,
+            MODEL_LABELS,
+        )
 
         # -- inference pool ---------------------------------------------------------------
         pool = ("name",)
-        self.pool_avg_kv = gauge(_P + "average_kv_cache_utilization",
-                                 "Mean KV-cache utilization across the pool.", pool)
+        self.pool_avg_kv = gauge(
+            _P + "average_kv_cache_utilization", "Mean KV-cache utilization across the pool.", pool
+        )
         self.pool_avg_queue = gauge(_P + "average_queue_size", "Mean queue depth.", pool)
-        self.pool_avg_running = gauge(_P + "average_running_requests",
-                                      "Mean in-flight requests per endpoint.", pool)
-        self.pool_std_kv = gauge(_P + "std_dev_kv_cache_utilization",
-                                 "Spread of KV-cache utilization.", pool)
+        self.pool_avg_running = gauge(
+            _P + "average_running_requests", "Mean in-flight requests per endpoint.", pool
+        )
+        self.pool_std_kv = gauge(
+            _P + "std_dev_kv_cache_utilization", "Spread of KV-cache utilization.", pool
+        )
         self.pool_std_queue = gauge(_P + "std_dev_queue_size", "Spread of queue depth.", pool)
-        self.pool_std_running = gauge(_P + "std_dev_running_requests",
-                                      "Spread of in-flight requests.", pool)
-        self.ready_endpoints = gauge(_P + "ready_endpoints",
-                                     "Endpoints in the pool whose metrics are fresh.", pool)
-        self.per_endpoint_queue = gauge(_P + "per_endpoint_queue_size",
-                                        "Queue depth of each endpoint.",
-                                        ("name", "model_server_endpoint"))
-        self.legacy_pool_avg_kv = gauge(_POOL + "average_kv_cache_utilization",
-                                        "[Deprecated: llm_d_epp_average_kv_cache_utilization]",
-                                        pool)
-        self.legacy_pool_avg_queue = gauge(_POOL + "average_queue_size",
-                                           "[Deprecated: llm_d_epp_average_queue_size]", pool)
-        self.legacy_pool_avg_running = gauge(_POOL + "average_running_requests",
-                                             "[Deprecated: llm_d_epp_average_running_requests]",
-                                             pool)
-        self.legacy_ready_pods = gauge(_POOL + "ready_pods",
-                                       "[Deprecated: llm_d_epp_ready_endpoints]", pool)
-        self.legacy_per_pod_queue = gauge(_POOL + "per_pod_queue_size",
-                                          "[Deprecated: llm_d_epp_per_endpoint_queue_size]",
-                                          ("name", "model_server_pod"))
+        self.pool_std_running = gauge(
+            _P + "std_dev_running_requests", "Spread of in-flight requests.", pool
+        )
+        self.ready_endpoints = gauge(
+            _P + "ready_endpoints", "Endpoints in the pool whose metrics are fresh.", pool
+        )
+        self.per_endpoint_queue = gauge(
+            _P + "per_endpoint_queue_size",
+            "Queue depth of each endpoint.",
+            ("name", "model_server_endpoint"),
+        )
+        self.legacy_pool_avg_kv = gauge(
+            _POOL + "average_kv_cache_utilization",
+            "[Deprecated: llm_d_epp_average_kv_cache_utilization]",
+            pool,
+        )
+        self.legacy_pool_avg_queue = gauge(
+            _POOL + "average_queue_size", "[Deprecated: llm_d_epp_average_queue_size]", pool
+        )
+        self.legacy_pool_avg_running = gauge(
+            _POOL + "average_running_requests",
+            "[Deprecated: llm_d_epp_average_running_requests]",
+            pool,
+        )
+        self.legacy_ready_pods = gauge(
+            _POOL + "ready_pods", "[Deprecated: llm_d_epp_ready_endpoints]", pool
+        )
+        self.legacy_per_pod_queue = gauge(
+            _POOL + "per_pod_queue_size",
+            "[Deprecated: llm_d_epp_per_endpoint_queue_size]",
+            ("name", "model_server_pod"),
+        )
 
         # -- scheduler, processing overhead, plugins --------------------------------------
-        self.scheduler_e2e = histogram(_P + "scheduler_e2e_duration_seconds",
-                                       "End-to-end scheduling latency in seconds.", SCHEDULER)
+        self.scheduler_e2e = histogram(
+            _P + "scheduler_e2e_duration_seconds",
+            "End-to-end scheduling latency in seconds.",
+            SCHEDULER,
+        )
         self.scheduler_attempts = counter(
-            _P + "scheduler_attempts", "Scheduling attempts.",
-            ("status", "target_model_name", "endpoint_name", "namespace", "port"))
+            _P + "scheduler_attempts",
+            "Scheduling attempts.",
+            ("status", "target_model_name", "endpoint_name", "namespace", "port"),
+        )
         self.request_processing = histogram(
             _P + "request_processing_duration_seconds",
             "Time from request receipt until the request body has been handled.",
-            REQUEST_PROCESSING)
+            REQUEST_PROCESSING,
+        )
         self.response_processing = histogram(
             _P + "response_processing_duration_seconds",
-            "EPP time spent on the response (sum over its chunks).", RESPONSE_PROCESSING)
+            "EPP time spent on the response (sum over its chunks).",
+            RESPONSE_PROCESSING,
+        )
         self.plugin_duration = histogram(
-            _P + "plugin_duration_seconds", "Plugin execution time in seconds.", SCHEDULER,
-            ("extension_point", "plugin_type", "plugin_name"))
+            _P + "plugin_duration_seconds",
+            "Plugin execution time in seconds.",
+            SCHEDULER,
+            ("extension_point", "plugin_type", "plugin_name"),
+        )
         self.info = gauge(_P + "info", "Build information.", ("commit", "build_ref"))
         self.legacy_scheduler_e2e = histogram(
             _EXTENSION + "scheduler_e2e_duration_seconds",
-            "[Deprecated: llm_d_epp_scheduler_e2e_duration_seconds]", SCHEDULER)
+            "[Deprecated: llm_d_epp_scheduler_e2e_duration_seconds]",
+            SCHEDULER,
+        )
         self.legacy_scheduler_attempts = counter(
-            _EXTENSION + "scheduler_attempts", "[Deprecated: llm_d_epp_scheduler_attempts_total]",
-            ("status", "target_model_name", "pod_name", "namespace", "port"))
+            _EXTENSION + "scheduler_attempts",
+            "[Deprecated: llm_d_epp_scheduler_attempts_total]",
+            ("status", "target_model_name", "pod_name", "namespace", "port"),
+        )
         self.legacy_plugin_duration = histogram(
             _EXTENSION + "plugin_duration_seconds",
-            "[Deprecated: llm_d_epp_plugin_duration_seconds]", SCHEDULER,
-            ("extension_point", "plugin_type", "plugin_name"))
-        self.legacy_info = gauge(_EXTENSION + "info", "Build information.",
-                                 ("commit", "build_ref"))
+            "[Deprecated: llm_d_epp_plugin_duration_seconds]",
+            SCHEDULER,
+            ("extension_point", "plugin_type", "plugin_name"),
+        )
+        self.legacy_info = gauge(_EXTENSION + "info", "Build information.", ("commit", "build_ref"))
         build = _build_ref()
         self.info.labels(commit="unknown", build_ref=build).set(1)
         self.legacy_info.labels(commit="unknown", build_ref=build).set(1)
 
         # -- disaggregation ---------------------------------------------------------------
         disagg = ("plugin_name", "plugin_type", "model_name", "decision_type")
-        self.disagg_decisions = counter(_P + "disagg_decision",
-                                        "Requests by disaggregation decision.", disagg)
-        self.legacy_disagg_decisions = counter(_SCHEDULER + "disagg_decision",
-                                               "[Deprecated: llm_d_epp_disagg_decision_total]",
-                                               disagg)
+        self.disagg_decisions = counter(
+            _P + "disagg_decision", "Requests by disaggregation decision.", disagg
+        )
+        self.legacy_disagg_decisions = counter(
+            _SCHEDULER + "disagg_decision", "[Deprecated: llm_d_epp_disagg_decision_total]", disagg
+        )
 
         # -- ext_proc streams (--enable-grpc-stream-metrics) ------------------------------
         self.stream_metrics = stream_metrics
         if stream_metrics:
             self.streams_inflight: Gauge | None = gauge(
-                _P + "extproc_streams_inflight", "ext_proc gRPC streams open now.")
+                _P + "extproc_streams_inflight", "ext_proc gRPC streams open now."
+            )
             self.stream_duration: Histogram | None = histogram(
                 _P + "extproc_stream_duration_seconds",
-                "How long an ext_proc gRPC stream stayed open.", STREAM_DURATION)
+                "How long an ext_proc gRPC stream stayed open.",
+                STREAM_DURATION,
+            )
             self.streams_total: Counter | None = counter(
-                _P + "extproc_streams", "ext_proc gRPC streams completed, by status code.",
-                ("code",))
+                _P + "extproc_streams",
+                "ext_proc gRPC streams completed, by status code.",
+                ("code",),
+            )
         else:
             self.streams_inflight = self.stream_duration = self.streams_total = None
 
         # -- this project's own -----------------------------------------------------------
-        self.endpoints = gauge("disagg_epp_endpoints", "Endpoints currently known, by role.",
-                               ("role",))
+        self.endpoints = gauge(
+            "disagg_epp_endpoints", "Endpoints currently known, by role.", ("role",)
+        )
         self.streams_ended_early = counter(
             "disagg_epp_extproc_streams_ended_early",
             "ext_proc streams the gateway closed or reset before the response ended, by stage "
-            "(before_routing, after_routing).", ("stage",))
+            "(before_routing, after_routing).",
+            ("stage",),
+        )
 
     # -- recording helpers ----------------------------------------------------------------
 

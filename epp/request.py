@@ -1,9 +1,10 @@
-"""Parsing of the five inference API shapes into what scheduling needs.
+"""Parsing of the inference API shapes into what scheduling needs.
 
 Scheduling needs four things from a request body: the model, the text the prefix index
 hashes, the multimodal items (for the encode stage) and a token estimate. Each API shape
 has one small extractor; all of them produce a ``ParsedRequest``. Anything that is not
 a JSON object of the expected shape raises ``BadRequest`` naming the offending field.
+Which extractor a path gets is the parser plugins' business (``epp.plugins.parsers``).
 
 The hot path is ``json.loads`` (C) plus list joins and one ``str.encode`` (C); no loop
 over characters happens in Python, so a 200 KB body costs about a millisecond.
@@ -21,10 +22,14 @@ from typing import Any
 from epp.decision import BadRequest
 
 __all__ = [
+    "API_EXTRACTORS",
     "CHARS_PER_TOKEN",
     "MultimodalItem",
     "ParsedRequest",
+    "parse_api",
     "parse_request",
+    "passthrough_request",
+    "route_of",
     "supported_paths",
 ]
 
@@ -58,6 +63,9 @@ class ParsedRequest:
     request_id: str = ""
     # The parsed JSON body, for producers that need more than the prompt text.
     body: Mapping[str, Any] = field(default_factory=dict)
+    # False for requests that generate nothing (embeddings, token counts, requests no
+    # parser claimed): they are scheduled to one endpoint, never split into stages.
+    generation: bool = True
 
 
 class _Prompt:
@@ -270,15 +278,81 @@ def _generate(body: Mapping[str, Any], out: _Prompt) -> int | None:
     return _token_ids(ids, out, "token_ids")
 
 
+def _embeddings(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    if "input" not in body:
+        raise _bad("missing required field 'input'")
+    data = body["input"]
+    if isinstance(data, str):
+        out.parts.append(data)
+        return None
+    if isinstance(data, list) and data and all(isinstance(p, str) for p in data):
+        out.parts.extend(data)
+        return None
+    if isinstance(data, list) and data:
+        return _token_ids(data, out, "input")
+    raise _bad("field 'input' must be a string, a list of strings or token ids")
+
+
+def _conversations(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    items = body.get("items")
+    if not isinstance(items, list) or not items:
+        raise _bad("field 'items' must be a non-empty list")
+    for i, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise _bad(f"items[{i}] must be an object")
+        role = item.get("role")
+        if isinstance(role, str):
+            out.parts.append(f"\n<|{role}|>\n")
+            _chat_content(item.get("content"), out, f"items[{i}].content")
+    return None
+
+
+def _images(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    prompt = body.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise _bad("field 'prompt' must be a non-empty string")
+    out.parts.append(prompt)
+    return None
+
+
+def _sglang_generate(body: Mapping[str, Any], out: _Prompt) -> int | None:
+    ids = body.get("input_ids")
+    if not isinstance(ids, list) or not ids:
+        raise _bad("field 'input_ids' must be a non-empty list of token ids")
+    flat = [t for seq in ids for t in seq] if isinstance(ids[0], list) else ids
+    if not flat or not all(isinstance(t, int) and 0 <= t < 2**32 for t in flat):
+        raise _bad("field 'input_ids' must hold token ids (integers in [0, 2^32))")
+    extra_key = body.get("extra_key")
+    if extra_key is not None and not isinstance(extra_key, str):
+        raise _bad("field 'extra_key' must be a string")
+    return _token_ids(ids, out, "input_ids")
+
+
 _Extractor = Callable[[Mapping[str, Any], _Prompt], "int | None"]
 
-_EXTRACTORS: dict[str, tuple[str, _Extractor, bool]] = {
-    # path -> (api name, extractor, model required)
-    "/v1/chat/completions": ("chat", _chat, True),
-    "/v1/completions": ("completions", _completions, True),
-    "/v1/responses": ("responses", _responses, True),
-    "/v1/messages": ("messages", _anthropic, True),
-    "/inference/v1/generate": ("generate", _generate, False),
+_EXTRACTORS: dict[str, str] = {
+    # path -> api name (the five generation paths of ``parse_request``)
+    "/v1/chat/completions": "chat",
+    "/v1/completions": "completions",
+    "/v1/responses": "responses",
+    "/v1/messages": "messages",
+    "/inference/v1/generate": "generate",
+}
+
+
+# api name -> (extractor, model required, generates output); the parsers pick the api.
+API_EXTRACTORS: dict[str, tuple[_Extractor, bool, bool]] = {
+    "chat": (_chat, True, True),
+    "completions": (_completions, True, True),
+    "responses": (_responses, True, True),
+    "messages": (_anthropic, True, True),
+    "generate": (_generate, False, True),
+    "embeddings": (_embeddings, False, False),
+    "conversations": (_conversations, False, False),
+    "images": (_images, False, False),
+    "chat-render": (_chat, False, False),
+    "completions-render": (_completions, False, False),
+    "sglang-generate": (_sglang_generate, False, True),
 }
 
 
@@ -287,13 +361,22 @@ def supported_paths() -> tuple[str, ...]:
     return tuple(_EXTRACTORS)
 
 
+def route_of(path: str) -> str:
+    """The path without its query and trailing slash."""
+    return path.split("?", 1)[0].rstrip("/") or "/"
+
+
 def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedRequest:
-    """Parse one request body, or raise ``BadRequest`` with a message naming the problem."""
-    route = path.split("?", 1)[0].rstrip("/") or "/"
+    """Parse one body of the five generation paths (exact match), or raise ``BadRequest``
+    with a message naming the problem. Configured parsers go through ``parse_api``."""
+    route = route_of(path)
     spec = _EXTRACTORS.get(route)
     if spec is None:
         raise _bad(f"unsupported path '{route}'; expected one of {', '.join(_EXTRACTORS)}")
-    api, extract, model_required = spec
+    return parse_api(spec, route, headers, body)
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise _bad("empty request body")
     try:
@@ -304,6 +387,13 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
         raise _bad("request body nests too deeply") from None
     if not isinstance(doc, dict):
         raise _bad("request body must be a JSON object")
+    return doc
+
+
+def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> ParsedRequest:
+    """Parse a body as API ``api`` (a key of ``API_EXTRACTORS``)."""
+    extract, model_required, generation = API_EXTRACTORS[api]
+    doc = _json_object(body)
     model = _str_field(doc, "model", required=model_required)
     out = _Prompt()
     token_count = extract(doc, out)
@@ -323,4 +413,21 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
         headers=headers,
         request_id=headers.get("x-request-id", ""),
         body=doc,
+        generation=generation,
+    )
+
+
+def passthrough_request(
+    path: str, headers: Mapping[str, str], api: str = "passthrough"
+) -> ParsedRequest:
+    """A request forwarded without reading its body: no model, no prompt, one stage."""
+    return ParsedRequest(
+        path=route_of(path),
+        api=api,
+        model="",
+        prompt=b"",
+        token_estimate=0,
+        headers=headers,
+        request_id=headers.get("x-request-id", ""),
+        generation=False,
     )

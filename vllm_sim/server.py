@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import time
@@ -305,6 +306,61 @@ async def _tokenize(request: web.Request) -> web.Response:
     )
 
 
+EMBEDDING_DIM = 8
+
+
+def _embedding_inputs(value: Any) -> list[list[int]]:
+    """vLLM's ``input`` forms -> token id lists: a string, strings, ids, or lists of ids."""
+    if isinstance(value, str):
+        return [tokenize(value)]
+    if isinstance(value, list) and value:
+        if all(isinstance(v, str) for v in value):
+            return [tokenize(v) for v in value]
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            return [list(value)]
+        if all(
+            isinstance(v, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in v)
+            for v in value
+        ):
+            return [list(v) for v in value]
+    raise EngineError("'input' must be a string, a list of strings, or token ids.")
+
+
+def _embedding(ids: list[int]) -> list[float]:
+    """A deterministic unit-free vector per token sequence (same input, same vector)."""
+    digest = hashlib.sha256(json.dumps(ids).encode()).digest()
+    return [round(b / 255.0 * 2.0 - 1.0, 6) for b in digest[:EMBEDDING_DIM]]
+
+
+async def _embeddings(request: web.Request) -> web.Response:
+    """vLLM's ``POST /v1/embeddings``, as lenient as vLLM about extra fields."""
+    cfg = request.app[ENGINE].config
+    try:
+        body = _load_json(await request.read())
+        model = body.get("model")
+        if model is not None and model != cfg.served_model_name:
+            return _error(f"The model `{model}` does not exist.", 404)
+        if "input" not in body:
+            raise EngineError("Field 'input' is required.")
+        inputs = _embedding_inputs(body["input"])
+    except EngineError as exc:
+        return _error(str(exc), 400)
+    tokens = sum(len(ids) for ids in inputs)
+    return web.json_response(
+        {
+            "id": f"embd-{uuid.uuid4().hex}",
+            "object": "list",
+            "created": int(time.time()),
+            "model": cfg.served_model_name,
+            "data": [
+                {"index": i, "object": "embedding", "embedding": _embedding(ids)}
+                for i, ids in enumerate(inputs)
+            ],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens, "completion_tokens": 0},
+        }
+    )
+
+
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[ENGINE].stats_dict())
 
@@ -451,6 +507,7 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get("/metrics", _metrics)
     app.router.add_get(DCGM_PATH, dcgm_handler(engine))
     app.router.add_post("/tokenize", _tokenize)
+    app.router.add_post("/v1/embeddings", _embeddings)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
     app.router.add_post("/sim/faults", _add_fault)

@@ -55,6 +55,7 @@ def pool_version(group: str) -> str:
     except KeyError:
         raise ValueError(f"unsupported InferencePool group {group!r}") from None
 
+
 # Server-side watch duration; a finished watch simply resumes.
 _WATCH_SECONDS = 60
 _BACKOFF_S = 0.5

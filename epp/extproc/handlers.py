@@ -46,14 +46,21 @@ def _refuse(
     return [responses.immediate_response(status, reason, message)]
 
 
-async def _decide(ctx: RequestContext) -> Decision | list[ProcessingResponse]:
+async def _decide(
+    ctx: RequestContext, *, headers_only: bool = False
+) -> Decision | list[ProcessingResponse]:
     """Ask the scheduler; a refusal comes back as the immediate response to send."""
     env = ctx.env
     try:
         async with asyncio.timeout(env.config.decision_timeout_s):
-            decision = await env.decision_maker.decide(
-                ctx.path, ctx.headers, bytes(ctx.body), ctx.subset
-            )
+            if headers_only:
+                decision = await env.decision_maker.decide(
+                    ctx.path, ctx.headers, b"", ctx.subset, headers_only=True
+                )
+            else:
+                decision = await env.decision_maker.decide(
+                    ctx.path, ctx.headers, bytes(ctx.body), ctx.subset
+                )
     except SchedulingError as err:
         ctx.model = err.model
         return _refuse(ctx, err.status, err.reason, err.message)
@@ -94,7 +101,7 @@ async def on_request_headers(
     mode = ctx.request_body_mode
     if message.end_of_stream or mode == ProcessingMode.NONE:
         # No body will come: decide on the headers alone.
-        outcome = await _decide(ctx)
+        outcome = await _decide(ctx, headers_only=True)
         if isinstance(outcome, Decision):
             return [responses.decision_headers_response(outcome)]
         return outcome

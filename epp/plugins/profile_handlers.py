@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from epp.decision import NoEndpoints
 from epp.plugins.base import Decider, PluginParams, PluginSet, ProfileHandler
@@ -72,15 +73,20 @@ _CONSIDERED: StateKey[_Considered] = StateKey("disagg-considered")
 
 @register
 class DisaggProfileHandler(ProfileHandler):
-    """Decode first; then encode if its decider approves; then prefill if its decider
-    approves. A stage whose profile is not configured never runs; a stage whose profile
-    finds no endpoint is skipped (the decode endpoint does that work itself)."""
+    """``decode-first`` (the default): decode; then encode if its decider approves; then
+    prefill if its decider approves (it sees the decode pick). ``prefill-first``: prefill
+    whenever its profile exists; then encode if its decider approves; then decode, which
+    sees the prefill pick (``PEER_ENDPOINT``). A stage whose profile is not configured
+    never runs; a stage whose profile finds no endpoint is skipped (the decode endpoint
+    does that work itself). A request that generates nothing (embeddings, a path no
+    parser reads) runs the decode profile alone."""
 
     type_name = "disagg-profile-handler"
 
     class Params(PluginParams):
         profiles: _ProfileNames = _ProfileNames()
         deciders: _DeciderNames = _DeciderNames()
+        stage_order: Literal["decode-first", "prefill-first"] = "decode-first"
 
     params: Params
 
@@ -92,6 +98,8 @@ class DisaggProfileHandler(ProfileHandler):
         self._has_encode = True
 
     def bind(self, plugins: PluginSet) -> None:
+        if self.params.stage_order == "prefill-first" and self.params.deciders.prefill:
+            raise ValueError("deciders.prefill: not supported with stageOrder prefill-first")
         for stage in ("prefill", "encode"):
             ref = getattr(self.params.deciders, stage)
             if ref is None:
@@ -106,6 +114,29 @@ class DisaggProfileHandler(ProfileHandler):
     def destination_profile(self, cycle: CycleState, profiles: Mapping[str, Profile]) -> str | None:
         return self.params.profiles.decode
 
+    def _prefill_first(
+        self, cycle: CycleState, results: Mapping[str, ProfileResult | None]
+    ) -> list[str]:
+        p = self.params.profiles
+        if p.decode in results:
+            return []
+        considered = cycle.get(_CONSIDERED)
+        if considered is None:
+            considered = _Considered()
+            cycle.put(_CONSIDERED, considered)
+        generation = cycle.request.generation
+        if self._has_prefill and generation and not considered.prefill:
+            considered.prefill = True
+            return [p.prefill]
+        if self._has_encode and generation and not considered.encode:
+            considered.encode = True
+            if self.encode_decider.approve(cycle, None):
+                return [p.encode]
+        prefill = results.get(p.prefill)
+        if prefill is not None:
+            cycle.put(PEER_ENDPOINT, prefill.targets[0])
+        return [p.decode]
+
     def check_profiles(self, names: Sequence[str]) -> None:
         p = self.params.profiles
         if p.decode not in names:
@@ -119,11 +150,13 @@ class DisaggProfileHandler(ProfileHandler):
         profiles: Mapping[str, Profile],
         results: Mapping[str, ProfileResult | None],
     ) -> list[str]:
+        if self.params.stage_order == "prefill-first":
+            return self._prefill_first(cycle, results)
         p = self.params.profiles
         if p.decode not in results:
             return [p.decode]
         decode = results[p.decode]
-        if decode is None:
+        if decode is None or not cycle.request.generation:
             return []
         considered = cycle.get(_CONSIDERED)
         if considered is None:

@@ -8,7 +8,7 @@ from typing import Any, Generic, TypeVar, cast
 from epp.datastore import Endpoint, EndpointMetrics
 from epp.request import ParsedRequest
 
-__all__ = ["PEER_ENDPOINT", "RESPONSE_HEADERS", "CycleState", "StateKey"]
+__all__ = ["PEER_ENDPOINT", "REQUEST_HEADERS", "RESPONSE_HEADERS", "CycleState", "StateKey"]
 
 T = TypeVar("T")
 
@@ -50,3 +50,5 @@ class CycleState:
 PEER_ENDPOINT: StateKey[Endpoint] = StateKey("peer-endpoint")
 # Response headers plugins ask the gateway to add (e.g. a session token).
 RESPONSE_HEADERS: StateKey[dict[str, str]] = StateKey("response-headers")
+# Request headers plugins ask the gateway to set on the routed request.
+REQUEST_HEADERS: StateKey[dict[str, str]] = StateKey("request-headers")

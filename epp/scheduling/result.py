@@ -32,6 +32,9 @@ class SchedulingResult:
     primary: str
     prefill_profile: str | None = None
     encode_profile: str | None = None
+    # Send the request to the primary pick's host on this port instead of its own (the
+    # data-parallel handler: one port fronts all of a pod's ranks).
+    destination_port: int | None = None
 
     def targets(self, profile: str | None) -> list[Endpoint]:
         if profile is None:

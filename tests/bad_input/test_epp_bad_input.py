@@ -81,7 +81,8 @@ async def test_malformed_bodies_are_refused_with_400(
         ("/inference/v1/generate", {"token_ids": [None]}),
         (CHAT, {"model": "m", "messages": [{"role": "u", "content": [{"type": 5}]}]}),
         (CHAT, {"model": "m", "messages": [{"role": "u", "content": [{"type": "image_url"}]}]}),
-        ("/v1/unknown", {"model": "m"}),
+        ("/v1/embeddings", {"model": "m"}),
+        ("/v1/images/generations", {"prompt": 5}),
     ],
 )
 async def test_wrong_types_per_api_are_400(
@@ -91,6 +92,14 @@ async def test_wrong_types_per_api_are_400(
     assert answer.kind == "immediate_response", answer
     assert answer.status == 400, answer.body
     assert server_errors(caplog.records) == []
+
+
+async def test_a_path_no_parser_claims_is_routed_unread(epp: Epp) -> None:
+    """llm-d's default parsers end with passthrough: the body is not read at all."""
+    answer = await epp.ask(b"\xff not json", path="/v1/unknown")
+    routed = _routed(answer)
+    assert routed["x-gateway-destination-endpoint"] == epp.decode.host_port
+    assert "x-prefiller-host-port" not in routed
 
 
 @pytest.mark.parametrize(

@@ -50,7 +50,13 @@ class FakeDecisionMaker:
         return self.ready
 
     async def decide(
-        self, path: str, headers: Mapping[str, str], body: bytes, subset: Sequence[str] | None
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        body: bytes,
+        subset: Sequence[str] | None,
+        *,
+        headers_only: bool = False,
     ) -> Decision:
         self.calls.append(Call(path, dict(headers), body, None if subset is None else list(subset)))
         if self.gate is not None:

@@ -160,7 +160,11 @@ async def test_malformed_request_is_bad_request(make_pool: MakePool) -> None:
     with pytest.raises(BadRequest):
         await pool.director.decide(CHAT, {}, b"{oops", None)
     with pytest.raises(BadRequest):
-        await pool.director.decide("/v1/nothing", {}, b"{}", None)
+        await pool.director.decide("/v1/embeddings", {}, b"{}", None)
+    # A path no parser claims goes to the passthrough parser: not refused.
+    decision = await pool.director.decide("/v1/nothing", {}, b"{oops", None)
+    assert decision.decode == pool.keys["d1"]
+    decision.on_finished()
 
 
 async def test_in_flight_counts_released_by_decision_hooks(make_pool: MakePool) -> None:
