@@ -104,6 +104,7 @@ def director_settings(s: EppSettings, kube_api_server: str | None = None) -> Dir
         kubeconfig=s.kubeconfig,
         kube_api_server=kube_api_server,
         engine_metrics=s.engine_metrics(),
+        api_objects_file=s.api_objects_file,
     )
 
 

@@ -92,6 +92,8 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     # Headers to add to the client's response (e.g. a session token).
     response_headers: dict[str, str] = field(default_factory=dict)
+    # The body to send on instead of the client's (a model rewrite), when not None.
+    body: bytes | None = None
     # In-flight bookkeeping hooks, set by the scheduler.
     release_prefill: Callable[[], None] = _noop
     release_all: Callable[[], None] = _noop

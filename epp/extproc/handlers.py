@@ -130,10 +130,11 @@ async def on_request_body(
         outcome = await _decide(ctx)
         if not isinstance(outcome, Decision):
             return outcome
+        body = ctx.body if outcome.body is None else outcome.body
         return [
-            responses.decision_headers_response(outcome, body_length=len(ctx.body)),
+            responses.decision_headers_response(outcome, body_length=len(body)),
             *responses.streamed_request_body(
-                ctx.body, end_of_stream=True, chunk_bytes=ctx.env.config.chunk_bytes
+                body, end_of_stream=True, chunk_bytes=ctx.env.config.chunk_bytes
             ),
         ]
     # Buffered: this one message is all of the body Envoy will send.
@@ -159,11 +160,12 @@ async def on_request_trailers(
         return outcome
     if not ctx.body:
         return [responses.decision_headers_response(outcome), trailers]
+    sent = ctx.body if outcome.body is None else outcome.body
     body = responses.streamed_request_body(
-        ctx.body, end_of_stream=False, chunk_bytes=ctx.env.config.chunk_bytes
+        sent, end_of_stream=False, chunk_bytes=ctx.env.config.chunk_bytes
     )
     return [
-        responses.decision_headers_response(outcome, body_length=len(ctx.body)),
+        responses.decision_headers_response(outcome, body_length=len(sent)),
         *body,
         trailers,
     ]
