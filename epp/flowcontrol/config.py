@@ -213,6 +213,8 @@ def _resolve(
         cls = FLOW_CONTROL_TYPES[ref]
         if issubclass(cls, kind):
             return cls()  # llm-d injects these with their defaults
+    if found is None and auto and ref in FLOW_CONTROL_TYPES:
+        raise ValueError(f"{where}: '{ref}' is not a {kind.__name__}")
     if found is None:
         raise ValueError(f"{where}: '{ref}' names no plugin")
     if not isinstance(found, kind):
