@@ -57,7 +57,7 @@ class ControllerConfig:
     default_band: BandSpec = field(default_factory=BandSpec)
     default_negative_band: BandSpec | None = None
     # Re-evaluation period while requests are queued and nothing else wakes the loop.
-    tick_s: float = 0.005
+    tick_s: float = 0.02
     sweep_s: float = 0.02
 
     def band_spec(self, priority: int) -> BandSpec:
