@@ -120,6 +120,15 @@ class Run:
     epp_cpu_s: float = 0.0
 
 
+def pick_class(draw: float) -> tuple[str, str, str]:
+    acc = 0.0
+    for name, objective, tenant, share in CLASSES:
+        acc += share
+        if draw < acc:
+            return name, objective, tenant
+    return CLASSES[-1][0], CLASSES[-1][1], CLASSES[-1][2]
+
+
 def _body(rng: random.Random) -> dict[str, Any]:
     words = " ".join(rng.choice(("alpha", "beta", "gamma", "delta")) for _ in range(40))
     return {
@@ -192,12 +201,7 @@ async def offered_load(url: str, rate: float, duration: float, seed: int) -> lis
             delay = start + t - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            pick = rng.random()
-            acc = 0.0
-            for name, objective, tenant, share in CLASSES:
-                acc += share
-                if pick < acc:
-                    break
+            name, objective, tenant = pick_class(rng.random())
             shot = Shot(name, time.perf_counter() - start)
             shots.append(shot)
             headers = {
@@ -232,7 +236,8 @@ async def run_mode(
         base_ttft = await unloaded_ttft(url)
         if rate is None:
             rate = args.load * ENGINES * BATCH / service
-        assert stack.epp is not None and stack.epp.pid is not None
+        assert stack.epp is not None
+        assert stack.epp.pid is not None
         epp = psutil.Process(stack.epp.pid)
         cpu0 = sum(epp.cpu_times()[:2])
         mode = "on" if flow_control else "off"
