@@ -474,6 +474,10 @@ class EppApp:
         if self.elector is not None:
             await self.elector.stop(release=True)
             self.elector = None
+        if self.director is not None:
+            # Requests waiting in flow control end now (503, rejected-shutting-down)
+            # rather than with the stream when the grace period runs out.
+            await self.director.requests.drain()
         if self._grpc is not None:
             await self._grpc.stop(grace=self.settings.shutdown_grace)
             self._grpc = None

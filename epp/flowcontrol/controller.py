@@ -146,6 +146,14 @@ class FlowController:
         """Capacity may have changed (a request finished, endpoints changed)."""
         self._wake.set()
 
+    def finished(self, item: FlowItem, output_tokens: int = 0) -> None:
+        """A dispatched request ended: its flow's fairness state learns it, and a
+        dispatch cycle runs (its capacity may be free)."""
+        band = self._bands.get(item.key.priority)
+        if band is not None:
+            band.fairness.on_finished(item, output_tokens, self._clock())
+        self._wake.set()
+
     # -- admission ------------------------------------------------------------------
 
     def _saturation(self, now: float) -> StageSaturation:

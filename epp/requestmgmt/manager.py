@@ -80,7 +80,9 @@ class Admission:
 
     ledger: InflightLedger
     tokens: int
+    # Called once when the request ends (or is abandoned), and when a stage frees.
     on_end: Callable[[], None]
+    on_stage_end: Callable[[], None] = lambda: None
     reserved: bool = False
     _placed: bool = False
 
@@ -110,7 +112,7 @@ class Admission:
             if state["prefill"]:
                 state["prefill"] = False
                 ledger.remove(prefill or "", tokens)
-                self.on_end()
+                self.on_stage_end()
             inner_prefill()
 
         def release_all() -> None:
@@ -162,6 +164,11 @@ class RequestManager:
         for source in self.sources:
             await source.stop()
 
+    async def drain(self) -> None:
+        """End every queued request (shutting down) and refuse new ones."""
+        if self.controller is not None:
+            await self.controller.stop()
+
     def endpoints_changed(self) -> None:
         if self.controller is not None:
             self.controller.notify()
@@ -208,7 +215,7 @@ class RequestManager:
             reason = admitter.admit(priority, endpoints, now)
             if reason is not None:
                 raise SaturatedDropped(f"{admitter.name}: sheddable request dropped")
-        admission = Admission(self.ledger, tokens, self._ended)
+        admission = Admission(self.ledger, tokens, self._ended, self._ended)
         if self.controller is None:
             if priority < 0 and endpoints:
                 sat = stage_saturation(self.setup.detector, endpoints, now, self.ledger)
@@ -225,11 +232,13 @@ class RequestManager:
             received=received,
             slo_ttft_s=_slo_seconds(headers),
         )
-        outcome = await self.controller.enqueue_and_wait(item)
+        controller = self.controller
+        outcome = await controller.enqueue_and_wait(item)
         err = error_for(outcome, pool_empty=not self.endpoints())
         if err is not None:
             raise err
         admission.reserved = True  # the controller reserved it in the ledger
+        admission.on_end = lambda: controller.finished(item)
         return admission
 
     def _ended(self) -> None:

@@ -139,3 +139,22 @@ async def test_legacy_admission_sheds_sheddable_and_rewrites_model(tmp_path: Pat
             target_model="m-v2",
         )
         assert decisions == 3  # the rewrite precedes admission, so the shed one counts
+
+
+async def test_stopping_the_epp_ends_queued_requests_cleanly(tmp_path: Path) -> None:
+    async with stack(tmp_path, gate=True) as s, aiohttp.ClientSession() as session:
+        first = await _occupy(session, s)
+        controller = s.requests.controller
+        assert controller is not None
+        queued = [asyncio.create_task(_post(session, s)) for _ in range(3)]
+        await wait_until(lambda: controller.queued == 3)
+        stopping = asyncio.create_task(s.app.stop())
+        results = await asyncio.wait_for(asyncio.gather(*queued), 10)
+        for status, headers, text in results:
+            assert status == 503, text
+            assert headers.get(DROPPED) == "rejected-shutting-down"
+            assert json.loads(text)["error"]["code"] == 503
+        s.backend.release.set()
+        assert (await first)[0] == 200, "the dispatched request still completes"
+        await stopping
+        assert len(s.backend.requests) == 1
