@@ -288,6 +288,11 @@ class Director(DecisionMaker):
         for plugin in self.config.plugins:
             await plugin.aclose()
 
+    @property
+    def queue_wait_bound_s(self) -> float:
+        """How long a request may wait in flow control before scheduling (inf: no bound)."""
+        return self.requests.queue_wait_bound_s
+
     def is_ready(self) -> bool:
         return self._started and len(self.datastore) > 0
 

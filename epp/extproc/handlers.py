@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -48,8 +49,11 @@ def _refuse(
 async def _decide(ctx: RequestContext) -> Decision | list[ProcessingResponse]:
     """Ask the scheduler; a refusal comes back as the immediate response to send."""
     env = ctx.env
+    # A request may wait in flow control first: that wait has its own bound (the TTL).
+    wait = getattr(env.decision_maker, "queue_wait_bound_s", 0.0)
+    limit = None if math.isinf(wait) else env.config.decision_timeout_s + wait
     try:
-        async with asyncio.timeout(env.config.decision_timeout_s):
+        async with asyncio.timeout(limit):
             decision = await env.decision_maker.decide(
                 ctx.path, ctx.headers, bytes(ctx.body), ctx.subset
             )

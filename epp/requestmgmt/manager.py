@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,17 @@ class RequestManager:
             await self.controller.stop()
         for source in self.sources:
             await source.stop()
+
+    @property
+    def queue_wait_bound_s(self) -> float:
+        """The longest a request can wait queued (0 without flow control, inf when a TTL
+        is disabled), plus a margin for the expiry sweep."""
+        if self.controller is None:
+            return 0.0
+        cfg = self.setup.controller
+        if cfg.default_ttl_s <= 0 or cfg.no_endpoint_ttl_s <= 0:
+            return math.inf
+        return max(cfg.default_ttl_s, cfg.no_endpoint_ttl_s) + 1.0
 
     async def drain(self) -> None:
         """End every queued request (shutting down) and refuse new ones."""

@@ -56,7 +56,12 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(
-    tmp_path: Path, *, gate: bool, extra: str = "", objects: str | None = None
+    tmp_path: Path,
+    *,
+    gate: bool,
+    extra: str = "",
+    objects: str | None = None,
+    decision_timeout: float = 10.0,
 ) -> AsyncIterator[Stack]:
     backend = RecordingBackend("d", hold=True)
     await backend.start()
@@ -77,6 +82,7 @@ async def stack(
         tracing=False,
         secure_serving=False,
         api_objects_file=str(objects_file) if objects_file else None,
+        decision_timeout=decision_timeout,
     )
     app = EppApp(settings)
     envoy: EnvoyGateway | None = None

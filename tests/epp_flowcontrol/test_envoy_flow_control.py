@@ -98,6 +98,26 @@ async def test_ttl_expiry_is_429_with_the_dropped_reason(tmp_path: Path) -> None
         assert len(s.backend.requests) == 1
 
 
+async def test_queue_wait_is_not_cut_by_the_decision_timeout(tmp_path: Path) -> None:
+    extra = "flowControl:\n  defaultRequestTTL: 1500ms\n"
+    async with (
+        stack(tmp_path, gate=True, extra=extra, decision_timeout=0.5) as s,
+        aiohttp.ClientSession() as session,
+    ):
+        first = await _occupy(session, s)
+        second = asyncio.create_task(_post(session, s))
+        controller = s.requests.controller
+        assert controller is not None
+        await wait_until(lambda: controller.queued == 1)
+        # Let it wait past the decision timeout (0.5 s), inside the TTL (1.5 s).
+        await asyncio.sleep(0.8)
+        assert controller.queued == 1 and not second.done()
+        s.backend.release.set()
+        assert (await first)[0] == 200
+        status, _, text = await asyncio.wait_for(second, 10)
+        assert status == 200, text
+
+
 async def test_client_gone_leaves_the_queue_at_once(tmp_path: Path) -> None:
     async with stack(tmp_path, gate=True) as s, aiohttp.ClientSession() as session:
         first = await _occupy(session, s)
