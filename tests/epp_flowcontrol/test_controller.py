@@ -192,3 +192,47 @@ async def test_priority_holdback_gates_low_bands_first() -> None:
         assert await asyncio.wait_for(low, 5) == Outcome.DISPATCHED
     finally:
         await rig.fc.stop()
+
+
+async def test_stale_metrics_halt_dispatch_and_requests_shed_at_ttl() -> None:
+    from epp.flowcontrol.saturation import UtilizationDetector
+
+    now = [0.0]
+    stale = [Endpoint("a", "10.0.0.1", 8000)]  # never scraped
+    fc = FlowController(
+        ControllerConfig(default_ttl_s=2.0),
+        UtilizationDetector(),
+        lambda: stale,
+        clock=lambda: now[0],
+    )
+    await fc.start()
+    try:
+        waiting = asyncio.create_task(fc.enqueue_and_wait(FlowItem(FlowKey("f", 100))))
+        await wait_until(lambda: fc.queued == 1)
+        assert not fc.dispatch_once()
+        assert fc.detector.stale_endpoints == 1
+        now[0] = 2.5
+        assert await asyncio.wait_for(waiting, 5) == Outcome.EVICTED_TTL
+    finally:
+        await fc.stop()
+
+
+async def test_a_flood_of_cancellations_leaves_nothing_behind() -> None:
+    rig = Rig(ControllerConfig())
+    await rig.fc.start()
+    try:
+        await rig.submit()
+        rig.place()
+        tasks = [rig.submit(f"t{i % 7}", prio=i % 3) for i in range(500)]
+        await wait_until(lambda: rig.fc.queued == 500)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert rig.fc.queued == 0
+        assert rig.count(Outcome.EVICTED_CONTEXT_CANCELLED) == 500
+        assert all(not b.flows and b.requests == 0 and b.bytes == 0 for b in rig.fc._bands.values())
+        assert not rig.fc._items
+        rig.finish()
+        assert await asyncio.wait_for(rig.submit(), 5) == Outcome.DISPATCHED
+    finally:
+        await rig.fc.stop()
