@@ -354,6 +354,8 @@ class Director(DecisionMaker):
                 raise
             admission.place(decision)
             decision.body = sent_body
+            decision.target_model = request.model
+            decision.model = model  # the model the client asked for
             return decision
         except SchedulingError as err:
             err.model = request.model

@@ -154,6 +154,11 @@ class FlowController:
             band.fairness.on_finished(item, output_tokens, self._clock())
         self._wake.set()
 
+    def usage(self, item: FlowItem, output_tokens: int) -> None:
+        band = self._bands.get(item.key.priority)
+        if band is not None:
+            band.fairness.on_usage(item, output_tokens, self._clock())
+
     # -- admission ------------------------------------------------------------------
 
     def _saturation(self, now: float) -> StageSaturation:

@@ -43,6 +43,10 @@ class FairnessPolicy:
     def on_finished(self, item: FlowItem, output_tokens: int, now: float) -> None:
         return None
 
+    def on_usage(self, item: FlowItem, output_tokens: int, now: float) -> None:
+        """The finished request's response reported its output tokens."""
+        return None
+
 
 class GlobalStrictFairness(FairnessPolicy):
     """No fairness: the flow holding the band's best head (by the ordering policy)."""
@@ -177,6 +181,10 @@ class ProgramAwareFairness(FairnessPolicy):
         prog = self._add(item.key.fairness_id, 2.0 * output_tokens, now)
         prog.in_flight = max(0, prog.in_flight - 1)
         prog.last_done = now
+
+    def on_usage(self, item: FlowItem, output_tokens: int, now: float) -> None:
+        if output_tokens > 0:
+            self._add(item.key.fairness_id, 2.0 * output_tokens, now)
 
     def _sweep(self, now: float) -> None:
         p = self.params

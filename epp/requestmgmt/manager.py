@@ -34,7 +34,7 @@ from epp.flowcontrol.saturation import stage_saturation
 from epp.requestmgmt.objects import ObjectStore
 
 __all__ = [
-    "FAIRNESS_HEADER",
+    "FAIRNESS_HEADERS",
     "OBJECTIVE_HEADERS",
     "SLO_TTFT_HEADERS",
     "Admission",
@@ -45,7 +45,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OBJECTIVE_HEADERS = ("x-llm-d-inference-objective", "x-gateway-inference-objective")
-FAIRNESS_HEADER = "x-llm-d-inference-fairness-id"
+FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
 SLO_TTFT_HEADERS = ("x-llm-d-slo-ttft-ms", "x-slo-ttft-ms")
 DEFAULT_FAIRNESS_ID = "default-flow"
 
@@ -60,6 +60,10 @@ def rewrite_body(body: bytes, model: str) -> bytes:
     doc = json.loads(body)
     doc["model"] = model
     return json.dumps(doc, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _fairness_id(headers: Mapping[str, str]) -> str:
+    return next((headers[h] for h in FAIRNESS_HEADERS if headers.get(h)), DEFAULT_FAIRNESS_ID)
 
 
 def _slo_seconds(headers: Mapping[str, str]) -> float | None:
@@ -84,6 +88,8 @@ class Admission:
     # Called once when the request ends (or is abandoned), and when a stage frees.
     on_end: Callable[[], None]
     on_stage_end: Callable[[], None] = lambda: None
+    priority: int = 0
+    on_usage: Callable[[int, int], None] = lambda _p, _c: None
     reserved: bool = False
     _placed: bool = False
 
@@ -123,6 +129,8 @@ class Admission:
 
         decision.release_prefill = release_prefill
         decision.release_all = release_all
+        decision.priority = self.priority
+        decision.on_usage = self.on_usage
 
 
 @dataclass
@@ -227,7 +235,7 @@ class RequestManager:
             reason = admitter.admit(priority, endpoints, now)
             if reason is not None:
                 raise SaturatedDropped(f"{admitter.name}: sheddable request dropped")
-        admission = Admission(self.ledger, tokens, self._ended, self._ended)
+        admission = Admission(self.ledger, tokens, self._ended, self._ended, priority)
         if self.controller is None:
             if priority < 0 and endpoints:
                 sat = stage_saturation(self.setup.detector, endpoints, now, self.ledger)
@@ -235,7 +243,7 @@ class RequestManager:
                     raise SaturatedDropped("system saturated, sheddable request dropped")
             return admission
         item = FlowItem(
-            FlowKey(headers.get(FAIRNESS_HEADER) or DEFAULT_FAIRNESS_ID, priority),
+            FlowKey(_fairness_id(headers), priority),
             request_id=request_id,
             byte_size=byte_size,
             tokens=tokens,
@@ -251,6 +259,7 @@ class RequestManager:
             raise err
         admission.reserved = True  # the controller reserved it in the ledger
         admission.on_end = lambda: controller.finished(item)
+        admission.on_usage = lambda _prompt, completion: controller.usage(item, completion)
         return admission
 
     def _ended(self) -> None:

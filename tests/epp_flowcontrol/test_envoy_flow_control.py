@@ -178,3 +178,24 @@ async def test_stopping_the_epp_ends_queued_requests_cleanly(tmp_path: Path) -> 
         assert (await first)[0] == 200, "the dispatched request still completes"
         await stopping
         assert len(s.backend.requests) == 1
+
+
+async def test_request_metrics_carry_priority_and_the_rewritten_target(tmp_path: Path) -> None:
+    async with (
+        stack(tmp_path, gate=True, objects=OBJECTS) as s,
+        aiohttp.ClientSession() as session,
+    ):
+        s.backend.release.set()
+        status, _, text = await _post(session, s, {"x-llm-d-inference-objective": "critical"})
+        assert status == 200, text
+        await wait_until(
+            lambda: (
+                s.metric(
+                    "llm_d_epp_request_total",
+                    model_name="m",
+                    target_model_name="m-v2",
+                    priority="100",
+                )
+                == 1
+            )
+        )
