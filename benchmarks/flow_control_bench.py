@@ -82,7 +82,7 @@ spec: {priority: -10, poolRef: {name: local}}
 """
 
 
-def epp_config(workdir: Path, flow_control: bool) -> Path:
+def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> Path:
     config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
     config["plugins"].append(
         {"type": "concurrency-detector", "parameters": {"maxConcurrency": BATCH}}
@@ -90,8 +90,18 @@ def epp_config(workdir: Path, flow_control: bool) -> Path:
     if flow_control:
         config["featureGates"] = ["flowControl"]
         config["plugins"].append({"type": "round-robin-fairness-policy"})
+        if min_ceiling:
+            # Lower bands stop dispatching earlier, keeping batch slots for critical work.
+            config["plugins"].append(
+                {
+                    "type": "priority-holdback-policy",
+                    "name": "holdback",
+                    "parameters": {"minCeiling": min_ceiling},
+                }
+            )
         config["flowControl"] = {
             "defaultRequestTTL": "10s",
+            **({"usageLimitPolicyPluginRef": "holdback"} if min_ceiling else {}),
             "priorityBands": [
                 {"priority": 100},
                 {"priority": 0, "fairnessPolicyRef": "round-robin-fairness-policy"},
@@ -226,7 +236,7 @@ async def run_mode(
         workdir=workdir,
         sim_args=SIM_ARGS,
         epp_args=[f"--api-objects-file={objects}"],
-        epp_config=epp_config(workdir, flow_control),
+        epp_config=epp_config(workdir, flow_control, args.min_ceiling),
     )
     stack = LocalStack(options)
     await stack.start()
@@ -422,6 +432,12 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=20.0)
     parser.add_argument("--load", type=float, default=2.0, help="offered load / capacity")
     parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--min-ceiling",
+        type=float,
+        default=0.75,
+        help="priority-holdback-policy minCeiling with flow control on (0: no usage limit)",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--svg", type=Path)
     args = parser.parse_args()

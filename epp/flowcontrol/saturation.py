@@ -37,11 +37,23 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _no_headroom(v: float) -> float:
+    # headroom sizes the detector's scheduling-filter role, which this EPP does not have.
+    if v:
+        raise ValueError(
+            "headroom is not supported: the detector's scheduling-filter role is not "
+            "implemented here (leave it 0)"
+        )
+    return v
+
+
 class UtilizationParams(_Params):
     queueDepthThreshold: int = Field(5, gt=0)  # noqa: N815
     kvCacheUtilThreshold: float = Field(0.8, gt=0.0, le=1.0)  # noqa: N815
     metricsStalenessThreshold: float = 0.2  # noqa: N815 - seconds, from a duration string
     headroom: float = Field(0.0, ge=0.0, le=1.0)
+
+    _headroom = field_validator("headroom")(_no_headroom)
 
     @field_validator("metricsStalenessThreshold", mode="before")
     @classmethod
@@ -57,6 +69,8 @@ class ConcurrencyParams(_Params):
     maxConcurrency: int = Field(100, gt=0)  # noqa: N815
     maxTokenConcurrency: int = Field(1_000_000, gt=0)  # noqa: N815
     headroom: float = Field(0.0, ge=0.0)
+
+    _headroom = field_validator("headroom")(_no_headroom)
 
 
 class SaturationDetector:

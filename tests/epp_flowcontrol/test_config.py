@@ -118,6 +118,11 @@ def test_no_endpoint_ttl_follows_the_default_ttl() -> None:
         ),
         ("", "- type: soft-reflective-ceiling-policy\n  parameters: {x: 1}\n", "parameters.x"),
         ("featureGates: ['flowControl=maybe']\n", "", "true or false"),
+        (
+            "",
+            "- type: concurrency-detector\n  parameters: {headroom: 0.2}\n",
+            "headroom is not supported",
+        ),
     ],
 )
 def test_refusals_name_the_field(body: str, plugins: str, message: str) -> None:
