@@ -235,7 +235,7 @@ async def run_mode(
         gateway_port=0,
         workdir=workdir,
         sim_args=SIM_ARGS,
-        epp_args=[f"--api-objects-file={objects}"],
+        epp_args=[f"--api-objects-file={objects}", "--allow-experimental-plugins"],
         epp_config=epp_config(workdir, flow_control, args.min_ceiling),
     )
     stack = LocalStack(options)
