@@ -104,6 +104,7 @@ def director_settings(s: EppSettings, kube_api_server: str | None = None) -> Dir
         kubeconfig=s.kubeconfig,
         kube_api_server=kube_api_server,
         engine_metrics=s.engine_metrics(),
+        api_objects_file=s.api_objects_file,
     )
 
 
@@ -473,6 +474,10 @@ class EppApp:
         if self.elector is not None:
             await self.elector.stop(release=True)
             self.elector = None
+        if self.director is not None:
+            # Requests waiting in flow control end now (503, rejected-shutting-down)
+            # rather than with the stream when the grace period runs out.
+            await self.director.requests.drain()
         if self._grpc is not None:
             await self._grpc.stop(grace=self.settings.shutdown_grace)
             self._grpc = None

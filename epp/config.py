@@ -3,9 +3,11 @@
 Loading is strict: unknown top-level fields, unknown plugin types, unknown plugin
 parameters and dangling references all raise ``ConfigError`` naming the field and
 the plugin. The sections real llm-d configs carry that this EPP does not act on
-(``featureGates``, ``saturationDetector``, ``flowControl``) are accepted so those
-configs load unchanged; ``requestHandler.parsers`` (or the deprecated ``parser``)
-chooses the request parsers (``epp.plugins.parsers``); ``dataLayer.discovery`` selects the
+(``requestHandler``'s other fields) are accepted so those configs load unchanged;
+``requestHandler.parsers`` (or the deprecated ``parser``) chooses the request
+parsers (``epp.plugins.parsers``); ``featureGates``, ``flowControl``,
+``saturationDetector`` and the flow-control plugins are resolved by
+``epp.flowcontrol.config``; ``dataLayer.discovery`` selects the
 discovery plugin and ``dataLayer.sources`` (``data.sources`` in older configs) wires
 the data layer (``epp.datalayer.wiring``).
 
@@ -19,13 +21,14 @@ all gives one default profile; a single profile with no handler gets
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from epp.datalayer.wiring import wire_data_layer
+from epp.flowcontrol import config as fc_config
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -126,7 +129,7 @@ class EndpointPickerConfig(_Strict):
     kind: Literal["EndpointPickerConfig"]
     plugins: list[PluginSpec] = Field(default_factory=list)
     schedulingProfiles: list[SchedulingProfileSpec] = Field(default_factory=list)  # noqa: N815
-    # Accepted for compatibility; not acted on (except dataLayer.discovery).
+    # featureGates, saturationDetector and flowControl: see epp.flowcontrol.config.
     featureGates: list[str] | dict[str, bool] | None = None  # noqa: N815
     dataLayer: dict[str, Any] | None = None  # noqa: N815
     data: dict[str, Any] | None = None
@@ -146,6 +149,7 @@ class SchedulerConfig:
     scheduler: Scheduler
     discovery: Discovery | None
     parsers: ParserTable
+    flow_control: fc_config.FlowControlSetup = field(default_factory=fc_config.FlowControlSetup)
 
 
 def _loc(loc: tuple[int | str, ...]) -> str:
@@ -298,7 +302,22 @@ def build_scheduler_config(
     """Instantiate and wire the plugins of a validated document."""
     load_entry_points()
     plugins = PluginSet()
+    fc_plugins: dict[str, Any] = {}
     for i, spec in enumerate(doc.plugins):
+        if fc_config.is_flow_control_type(spec.type) and lookup(spec.type) is None:
+            try:
+                fc_plugin = fc_config.build_plugin(
+                    i, spec.type, spec.instance_name, spec.parameters
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if spec.instance_name in fc_plugins:
+                raise ConfigError(
+                    f"plugins[{i}]: duplicate plugin name '{spec.instance_name}'; "
+                    "set distinct 'name's"
+                )
+            fc_plugins[spec.instance_name] = fc_plugin
+            continue
         plugin = _build_plugin(i, spec)
         if plugins.get(plugin.name) is not None:
             raise ConfigError(
@@ -357,6 +376,13 @@ def build_scheduler_config(
             f"both --pool-name and the discovery plugin '{discovery.name}' are set; use one"
         )
 
+    try:
+        flow_control = fc_config.build_flow_control(
+            doc.featureGates, doc.flowControl, doc.saturationDetector, fc_plugins
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
     scheduler = Scheduler(
         handler=handler,
         profiles=profiles,
@@ -364,7 +390,7 @@ def build_scheduler_config(
         trackers=tuple(plugins.of_kind(RequestTracker)),
         responders=tuple(plugins.of_kind(ResponseHeaderProcessor)),
     )
-    return SchedulerConfig(doc, plugins, scheduler, discovery, parsers)
+    return SchedulerConfig(doc, plugins, scheduler, discovery, parsers, flow_control)
 
 
 def load_config(

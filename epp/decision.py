@@ -92,6 +92,13 @@ class Decision:
     scores: dict[str, float] = field(default_factory=dict)
     # Headers to add to the client's response (e.g. a session token).
     response_headers: dict[str, str] = field(default_factory=dict)
+    # The body to send on instead of the client's (a model rewrite), when not None.
+    body: bytes | None = None
+    # The model the request is served as (after a rewrite) and its priority.
+    target_model: str = ""
+    priority: int = 0
+    # The response's token usage (prompt, completion), when it reports one.
+    on_usage: Callable[[int, int], None] = field(default=lambda _p, _c: None, repr=False)
     # In-flight bookkeeping hooks, set by the scheduler.
     release_prefill: Callable[[], None] = _noop
     release_all: Callable[[], None] = _noop

@@ -35,6 +35,8 @@ from epp.plugins.base import (
 )
 from epp.plugins.parsers import Parser
 from epp.request import ParsedRequest
+from epp.requestmgmt.manager import rewrite_body
+from epp.requestmgmt.setup import build_request_manager
 from epp.scheduling.cycle import REQUEST_HEADERS, RESPONSE_HEADERS, CycleState
 from epp.scheduling.scheduler import Tracking
 from epp.scraper import MetricsScraper
@@ -81,6 +83,11 @@ class DirectorSettings:
     kubeconfig: str | None = None
     # Metric names per engine type (None: the built-in engines, vLLM by default).
     engine_metrics: EngineMappings | None = None
+    # InferenceObjective/InferenceModelRewrite objects from a file (--api-objects-file)
+    # instead of the Kubernetes API.
+    api_objects_file: str | None = None
+    # Without a file, watch them on the Kubernetes API when serving an InferencePool.
+    watch_api_objects: bool = True
 
     @property
     def kubernetes_discovery(self) -> bool:
@@ -139,6 +146,9 @@ class Director(DecisionMaker):
             self._instrument(profile.picker)
         self._instrument(config.scheduler.handler)
         self.datastore.add_listener(self._on_endpoints_changed)
+        self.requests = build_request_manager(
+            settings, config.flow_control, self.datastore.snapshot, metrics.registry
+        )
 
     def _instrument(self, plugin: Plugin) -> None:
         point = next((name for kind, name in _EXTENSION_POINTS if isinstance(plugin, kind)), "")
@@ -155,6 +165,7 @@ class Director(DecisionMaker):
             self._known_since[ep.key] = now
         for plugin in self.config.plugins:
             plugin.endpoints_changed(added, removed)
+        self.requests.endpoints_changed()
         self._set_ready_gauge()
         counts: dict[str, int] = {}
         for ep in self.datastore.snapshot():
@@ -175,6 +186,7 @@ class Director(DecisionMaker):
         if self.discovery is None:
             self.discovery = await self._kubernetes_discovery()
         await self.discovery.start(self.datastore)
+        await self.requests.start()
         self._gauge_task = asyncio.create_task(self._update_ready_gauge(), name="ready gauge")
         self._pool_task = asyncio.create_task(self._update_pool_gauges(), name="pool gauges")
         log.info(
@@ -271,11 +283,17 @@ class Director(DecisionMaker):
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        await self.requests.stop()
         if self.discovery is not None:
             await self.discovery.stop()
         await self.scraper.stop()
         for plugin in self.config.plugins:
             await plugin.aclose()
+
+    @property
+    def queue_wait_bound_s(self) -> float:
+        """How long a request may wait in flow control before scheduling (inf: no bound)."""
+        return self.requests.queue_wait_bound_s
 
     def is_ready(self) -> bool:
         return self._started and len(self.datastore) > 0
@@ -314,9 +332,35 @@ class Director(DecisionMaker):
         headers_only: bool = False,
     ) -> Decision:
         t0 = perf_counter()
+        received = time.monotonic()
         request = self.config.parsers.parse(path, headers, body, headers_only=headers_only)
+        model = request.model
+        target = self.requests.rewrite(model)
+        sent_body: bytes | None = None
         try:
-            return await self._schedule(request, subset, t0)
+            if target is not None and target != model and not headers_only:
+                sent_body = rewrite_body(body, target)
+                request = self.config.parsers.parse(path, headers, sent_body)
+            # Flow control: the request may wait here (or be refused) before scheduling.
+            admission = await self.requests.admit(
+                headers,
+                model=model,
+                target_model=request.model,
+                byte_size=len(body),
+                tokens=request.token_estimate,
+                request_id=request.request_id,
+                received=received,
+            )
+            try:
+                decision = await self._schedule(request, subset, t0)
+            except BaseException:
+                admission.abandon()
+                raise
+            admission.place(decision)
+            decision.body = sent_body
+            decision.target_model = request.model
+            decision.model = model  # the model the client asked for
+            return decision
         except SchedulingError as err:
             err.model = request.model
             self.metrics.record_attempt(request.model, None)

@@ -33,7 +33,7 @@ __all__ = ["FAIRNESS_HEADERS", "RequestRecord", "RequestTelemetry", "parse_usage
 # The flow-control fairness id, current header first (llm-d's names and default).
 FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
 DEFAULT_FAIRNESS_ID = "default-flow"
-# No InferenceObjective gives a request a priority here: llm-d's default, 0.
+# Without an InferenceObjective a request has llm-d's default priority, 0.
 DEFAULT_PRIORITY = "0"
 # The end of a response kept to find its usage block in (the usage comes last).
 _TAIL_BYTES = 64 * 1024
@@ -216,11 +216,17 @@ class RequestRecord:
         if self._model_counted:
             return
         self._model_counted = True
-        model = ctx.decision.model if ctx.decision is not None else ctx.model
+        decision = ctx.decision
+        model = decision.model if decision is not None else ctx.model
         fairness = next((ctx.headers[h] for h in FAIRNESS_HEADERS if ctx.headers.get(h)), "")
         m = self._telemetry.metrics
         model, fairness = m.bound(model, fairness or DEFAULT_FAIRNESS_ID)
-        self._labels_value = (model, model, fairness, DEFAULT_PRIORITY)
+        target, priority = model, DEFAULT_PRIORITY
+        if decision is not None:
+            if decision.target_model and decision.target_model != model:
+                target = m.models(decision.target_model)
+            priority = str(decision.priority)
+        self._labels_value = (model, target, fairness, priority)
         if model:
             m.request_total.labels(*self._labels).inc()
             m.legacy_request_total.labels(model, model, DEFAULT_PRIORITY).inc()
@@ -249,7 +255,9 @@ class RequestRecord:
             m.running.labels(*labels).dec()
             m.legacy_running.labels(labels[0]).dec()
             if self._response_done:
-                self._record_response(labels)
+                usage = self._record_response(labels)
+                if usage is not None and ctx.decision is not None:
+                    ctx.decision.on_usage(usage.prompt, usage.completion)
         if self._span is not None:
             if self._status >= 400:
                 self._span.fail(f"model server answered {self._status}")
@@ -262,7 +270,7 @@ class RequestRecord:
             m.stream_duration.observe(perf_counter() - self._started)
             m.streams_total.labels(self.code).inc()
 
-    def _record_response(self, labels: tuple[str, str, str, str]) -> None:
+    def _record_response(self, labels: tuple[str, str, str, str]) -> Usage | None:
         m = self._telemetry.metrics
         e2e = self._response_done - self._started
         pair = labels[:2]
@@ -276,7 +284,7 @@ class RequestRecord:
             m.ttft.labels(*labels, streaming).observe(self._first_chunk - self._started)
         usage = parse_usage(bytes(self._tail)) if self._tail else None
         if usage is None:
-            return
+            return None
         if usage.prompt:
             m.input_tokens.labels(*labels).observe(usage.prompt)
             m.legacy_input_tokens.labels(*pair).observe(usage.prompt)
@@ -293,3 +301,4 @@ class RequestRecord:
                 m.tpot.labels(*labels).observe(
                     (self._response_done - first) / (usage.completion - 1)
                 )
+        return usage

@@ -186,6 +186,8 @@ class EppSettings(BaseModel):
     endpoint_selector: str | None = None
     endpoint_target_ports: tuple[int, ...] = ()
     kubeconfig: str | None = None
+    # InferenceObjective/InferenceModelRewrite objects from a YAML file (not the API).
+    api_objects_file: str | None = None
     refresh_metrics_interval: float = Field(default=0.05, gt=0)
     refresh_prometheus_metrics_interval: float = Field(default=5.0, gt=0)
     metrics_staleness_threshold: float = Field(default=2.0, gt=0)
@@ -270,7 +272,7 @@ class EppSettings(BaseModel):
         "config_file", "config_text", "pool_name", "cert_path", "kubeconfig", "pool_namespace",
         "endpoint_selector", "metrics_client_ca_file", "metrics_cert_dir", "zap_log_level",
         "zap_stacktrace_level", "zap_time_encoding", "zap_encoder", "tls_min_version",
-        mode="before",
+        "api_objects_file", mode="before",
     )  # fmt: skip
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
@@ -496,6 +498,8 @@ FLAGS: tuple[Flag, ...] = (
          "InferencePool (e.g. 'app=vllm,env in (prod)')"),
     Flag("endpoint-target-ports", "ports of the selected pods, comma separated (e.g. 8000)"),
     Flag("kubeconfig", "kubeconfig file (default: in-cluster configuration)"),
+    Flag("api-objects-file", "YAML of InferenceObjective and InferenceModelRewrite objects, "
+         "re-read when it changes (instead of watching them on the Kubernetes API)"),
     Flag("refresh-metrics-interval", "endpoint /metrics scrape interval, Go duration "
          "(default and minimum 50ms)"),
     Flag("refresh-prometheus-metrics-interval", "interval of the pool metric gauges "

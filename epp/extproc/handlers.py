@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -51,8 +52,11 @@ async def _decide(
 ) -> Decision | list[ProcessingResponse]:
     """Ask the scheduler; a refusal comes back as the immediate response to send."""
     env = ctx.env
+    # A request may wait in flow control first: that wait has its own bound (the TTL).
+    wait = getattr(env.decision_maker, "queue_wait_bound_s", 0.0)
+    limit = None if math.isinf(wait) else env.config.decision_timeout_s + wait
     try:
-        async with asyncio.timeout(env.config.decision_timeout_s):
+        async with asyncio.timeout(limit):
             if headers_only:
                 decision = await env.decision_maker.decide(
                     ctx.path, ctx.headers, b"", ctx.subset, headers_only=True
@@ -138,10 +142,11 @@ async def on_request_body(
         outcome = await _decide(ctx)
         if not isinstance(outcome, Decision):
             return outcome
+        body = ctx.body if outcome.body is None else outcome.body
         return [
-            responses.decision_headers_response(outcome, body_length=len(ctx.body)),
+            responses.decision_headers_response(outcome, body_length=len(body)),
             *responses.streamed_request_body(
-                ctx.body, end_of_stream=True, chunk_bytes=ctx.env.config.chunk_bytes
+                body, end_of_stream=True, chunk_bytes=ctx.env.config.chunk_bytes
             ),
         ]
     # Buffered: this one message is all of the body Envoy will send.
@@ -167,11 +172,12 @@ async def on_request_trailers(
         return outcome
     if not ctx.body:
         return [responses.decision_headers_response(outcome), trailers]
+    sent = ctx.body if outcome.body is None else outcome.body
     body = responses.streamed_request_body(
-        ctx.body, end_of_stream=False, chunk_bytes=ctx.env.config.chunk_bytes
+        sent, end_of_stream=False, chunk_bytes=ctx.env.config.chunk_bytes
     )
     return [
-        responses.decision_headers_response(outcome, body_length=len(ctx.body)),
+        responses.decision_headers_response(outcome, body_length=len(sent)),
         *body,
         trailers,
     ]

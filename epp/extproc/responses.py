@@ -121,8 +121,14 @@ def decision_headers_response(
 def decision_body_response(decision: Decision) -> ProcessingResponse:
     """BUFFERED mode: Envoy still holds the headers, so the body answer may mutate them.
     The body itself is left as Envoy buffered it, so its length needs no header here."""
+    if decision.body is not None:
+        # A rewritten body replaces the buffered one, with a length to match.
+        common = _decision_common(decision, len(decision.body))
+        common.body_mutation.body = decision.body
+    else:
+        common = _decision_common(decision, None)
     return ProcessingResponse(
-        request_body=BodyResponse(response=_decision_common(decision, None)),
+        request_body=BodyResponse(response=common),
         dynamic_metadata=_lb_metadata(decision),
     )
 

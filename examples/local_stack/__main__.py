@@ -45,6 +45,11 @@ def parse_options(argv: list[str] | None = None) -> StackOptions:
         help="prefix-based-pd-decider threshold of the default EPP config (16)",
     )  # fmt: skip
     p.add_argument("--epp-config", type=Path, help="use this EndpointPickerConfig instead")
+    p.add_argument(
+        "--flow-control", action="store_true",
+        help="flow control on, with example InferenceObjectives (critical, standard, batch) "
+        "and a rewrite of model 'chat'",
+    )  # fmt: skip
     p.add_argument("--workdir", type=Path, help="where configs and logs go (a temp dir)")
     p.add_argument(
         "--sidecar-arg", action="append", default=[], metavar="FLAG",
@@ -74,6 +79,7 @@ def parse_options(argv: list[str] | None = None) -> StackOptions:
         zero_latency=a.zero_latency,
         non_cached_tokens=a.non_cached_tokens,
         epp_config=a.epp_config,
+        flow_control=a.flow_control,
         sidecar_args=a.sidecar_arg,
         sim_args=a.sim_arg,
         workdir=a.workdir,

@@ -78,6 +78,8 @@ class StackOptions:
     # Envoy's HTTP/2 pings on its connection to the EPP (see epp.envoy_config).
     epp_ping_interval_s: float = 10.0
     epp_ping_timeout_s: float = 20.0
+    # Flow control on, with example InferenceObjectives and an InferenceModelRewrite.
+    flow_control: bool = False
 
 
 def engine_flags(
@@ -372,8 +374,16 @@ class LocalStack:
                 encode=self.options.encode > 0,
                 watch_interval_s=self.options.discovery_watch_interval_s,
             )
+            if self.options.flow_control:
+                from examples.local_stack.flow_control import flow_control_config, write_objects
+
+                config_text = flow_control_config(config_text)
+                objects = write_objects(self.workdir / "api-objects.yaml", self.options.model)
+                config_args_extra = [f"--api-objects-file={objects}"]
+            else:
+                config_args_extra = []
             (self.workdir / "epp-config.yaml").write_text(config_text)
-            config_args = [f"--config-file={self.workdir / 'epp-config.yaml'}"]
+            config_args = [f"--config-file={self.workdir / 'epp-config.yaml'}", *config_args_extra]
         grpc_port, self.epp_health_port = free_port(), free_port()
         self.epp_grpc_port = grpc_port
         self.epp_metrics_port = free_port()

@@ -77,11 +77,16 @@ class FakeKube:
     def __init__(self) -> None:
         self.rv = 0
         # kind -> (namespace, name) -> object
-        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {"pool": {}, "pod": {}}
+        self.objects: dict[str, dict[tuple[str, str], dict[str, Any]]] = {
+            "pool": {},
+            "pod": {},
+            "objective": {},
+            "rewrite": {},
+        }
         self.history: list[tuple[str, int, str, dict[str, Any]]] = []
         self.watchers: list[tuple[str, str, Any, asyncio.Queue[Any]]] = []
         self.watch_requests = 0
-        self.list_requests = {"pool": 0, "pod": 0}
+        self.list_requests = {"pool": 0, "pod": 0, "objective": 0, "rewrite": 0}
         # When set, the next watch request is answered with 410 Gone (history compacted).
         self.gone_next_watch = False
         self.gone_sent = 0
@@ -222,6 +227,26 @@ class FakeKube:
             await resp.write_eof()
         return resp
 
+    def set_api_object(self, obj: dict[str, Any]) -> None:
+        """Add or change an InferenceObjective or InferenceModelRewrite (llm-d.ai)."""
+        kind = "objective" if obj["kind"] == "InferenceObjective" else "rewrite"
+        meta = obj.setdefault("metadata", {})
+        meta.setdefault("namespace", "default")
+        event = "MODIFIED" if (kind, (meta["namespace"], meta["name"])) in self._keys() else "ADDED"
+        self._emit(kind, event, obj)
+
+    def delete_api_object(self, kind: str, name: str, ns: str = "default") -> None:
+        key = "objective" if kind == "InferenceObjective" else "rewrite"
+        obj = self.objects[key].get((ns, name))
+        if obj is not None:
+            self._emit(key, "DELETED", obj)
+
+    async def objectives(self, request: web.Request) -> web.StreamResponse:
+        return await self._list_or_watch("objective", request)
+
+    async def rewrites(self, request: web.Request) -> web.StreamResponse:
+        return await self._list_or_watch("rewrite", request)
+
     async def pools(self, request: web.Request) -> web.StreamResponse:
         return await self._list_or_watch("pool", request)
 
@@ -302,6 +327,9 @@ class FakeKube:
         app = web.Application()
         app.router.add_get(POOLS.replace("{ns}", "{ns}"), self.pools)
         app.router.add_get(PODS, self.pods)
+        llm_d = "/apis/llm-d.ai/v1alpha2/namespaces/{ns}/"
+        app.router.add_get(llm_d + "inferenceobjectives", self.objectives)
+        app.router.add_get(llm_d + "inferencemodelrewrites", self.rewrites)
         app.router.add_get(LEASES + "/{name}", self.get_lease)
         app.router.add_put(LEASES + "/{name}", self.replace_lease)
         app.router.add_post(LEASES, self.create_lease)

@@ -1,0 +1,465 @@
+"""Flow control under overload: the same open-loop load with flow control off and on.
+
+    .venv/bin/python -m benchmarks.flow_control_bench [--duration 20] [--load 2.0]
+
+The local stack (two simulated decode engines with a small batch and a per-token latency
+model, a sidecar each, the EPP, real Envoy) serves streaming chat requests from three
+classes, chosen by InferenceObjective (``--api-objects-file``): critical (priority 100),
+standard (0) and sheddable (-10); the standard class is two tenants
+(``x-llm-d-inference-fairness-id``), one sending ten times the other's rate. The offered
+load is ``--load`` times the pool's capacity, measured first from unloaded requests
+(capacity = engines x batch / service time).
+
+Off: the legacy admission path (sheddable requests refused while the concurrency
+detector says saturated; everything else queues in the engines). On: ``featureGates:
+[flowControl]`` with a round-robin standard band; requests wait in the EPP and dispatch
+by priority as the engines' batch slots free.
+
+Reported per mode: TTFT p50/p99 per class and tenant, goodput, refusals by dropped
+reason, EPP CPU per request; and, in process, the cost of one flow-control decision
+(enqueue, dispatch cycle) with 1,000 requests queued. ``--svg PATH`` draws TTFT over time
+per class for both modes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psutil
+import yaml
+
+from benchmarks._loadgen import percentile
+from examples.local_stack import LocalStack, StackOptions
+from examples.local_stack.stack import default_epp_config
+
+BATCH = 4  # --max-num-seqs of each engine
+ENGINES = 2
+MAX_TOKENS = 24
+SIM_ARGS = [
+    "--max-num-seqs",
+    str(BATCH),
+    "--ttft-base-ms",
+    "150",
+    "--itl-ms",
+    "15",
+    "--prefill-ms-per-token",
+    "0.2",
+]
+# (class, objective, tenant, share of the offered load)
+CLASSES = [
+    ("critical", "critical", "c", 0.10),
+    ("standard/flood", "standard", "tenant-a", 0.50),
+    ("standard/quiet", "standard", "tenant-b", 0.05),
+    ("sheddable", "sheddable", "s", 0.35),
+]
+OBJECTS = """\
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceObjective
+metadata: {name: critical}
+spec: {priority: 100, poolRef: {name: local}}
+---
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceObjective
+metadata: {name: standard}
+spec: {priority: 0, poolRef: {name: local}}
+---
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceObjective
+metadata: {name: sheddable}
+spec: {priority: -10, poolRef: {name: local}}
+"""
+
+
+def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> Path:
+    config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
+    config["plugins"].append(
+        {"type": "concurrency-detector", "parameters": {"maxConcurrency": BATCH}}
+    )
+    if flow_control:
+        config["featureGates"] = ["flowControl"]
+        config["plugins"].append({"type": "round-robin-fairness-policy"})
+        if min_ceiling:
+            # Lower bands stop dispatching earlier, keeping batch slots for critical work.
+            config["plugins"].append(
+                {
+                    "type": "priority-holdback-policy",
+                    "name": "holdback",
+                    "parameters": {"minCeiling": min_ceiling},
+                }
+            )
+        config["flowControl"] = {
+            "defaultRequestTTL": "10s",
+            **({"usageLimitPolicyPluginRef": "holdback"} if min_ceiling else {}),
+            "priorityBands": [
+                {"priority": 100},
+                {"priority": 0, "fairnessPolicyRef": "round-robin-fairness-policy"},
+                {"priority": -10, "maxRequests": 50},
+            ],
+        }
+    path = workdir / f"epp-config-{'on' if flow_control else 'off'}.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@dataclass
+class Shot:
+    cls: str
+    sent: float  # seconds since the load started
+    ttft: float | None = None
+    status: int = 0
+    reason: str = ""
+
+
+@dataclass
+class Run:
+    mode: str
+    shots: list[Shot] = field(default_factory=list)
+    duration: float = 0.0
+    epp_cpu_s: float = 0.0
+
+
+def pick_class(draw: float) -> tuple[str, str, str]:
+    acc = 0.0
+    for name, objective, tenant, share in CLASSES:
+        acc += share
+        if draw < acc:
+            return name, objective, tenant
+    return CLASSES[-1][0], CLASSES[-1][1], CLASSES[-1][2]
+
+
+def _body(rng: random.Random) -> dict[str, Any]:
+    words = " ".join(rng.choice(("alpha", "beta", "gamma", "delta")) for _ in range(40))
+    return {
+        "model": "sim-model",
+        "messages": [{"role": "user", "content": f"{rng.random()} {words}"}],
+        "max_tokens": MAX_TOKENS,
+        "stream": True,
+    }
+
+
+async def _one(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str], body: dict[str, Any]
+) -> tuple[int, float | None, str]:
+    started = time.perf_counter()
+    async with session.post(url, json=body, headers=headers) as r:
+        if r.status != 200:
+            await r.read()
+            return r.status, None, r.headers.get("x-llm-d-request-dropped-reason", "")
+        ttft = None
+        async for chunk in r.content.iter_any():
+            if ttft is None and b"data:" in chunk:
+                ttft = time.perf_counter() - started
+        return 200, ttft, ""
+
+
+async def service_time(url: str, n: int = 6) -> float:
+    rng = random.Random(1)
+    async with aiohttp.ClientSession() as session:
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            await _one(session, url, {}, _body(rng))
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+async def unloaded_ttft(url: str, n: int = 8) -> float:
+    rng = random.Random(2)
+    async with aiohttp.ClientSession() as session:
+        ttfts = []
+        for _ in range(n):
+            _, ttft, _ = await _one(
+                session, url, {"x-llm-d-inference-objective": "critical"}, _body(rng)
+            )
+            if ttft is not None:
+                ttfts.append(ttft)
+    return statistics.median(ttfts)
+
+
+async def offered_load(url: str, rate: float, duration: float, seed: int) -> list[Shot]:
+    rng = random.Random(seed)
+    shots: list[Shot] = []
+    tasks: list[asyncio.Task[None]] = []
+    timeout = aiohttp.ClientTimeout(total=60)
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        start = time.perf_counter()
+
+        async def fire(shot: Shot, headers: dict[str, str], body: dict[str, Any]) -> None:
+            try:
+                shot.status, shot.ttft, shot.reason = await _one(session, url, headers, body)
+            except (aiohttp.ClientError, TimeoutError):
+                shot.status = -1
+
+        t = 0.0
+        while True:
+            t += rng.expovariate(rate)
+            if t >= duration:
+                break
+            delay = start + t - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            name, objective, tenant = pick_class(rng.random())
+            shot = Shot(name, time.perf_counter() - start)
+            shots.append(shot)
+            headers = {
+                "x-llm-d-inference-objective": objective,
+                "x-llm-d-inference-fairness-id": tenant,
+            }
+            tasks.append(asyncio.create_task(fire(shot, headers, _body(rng))))
+        await asyncio.gather(*tasks)
+    return shots
+
+
+async def run_mode(
+    flow_control: bool, args: argparse.Namespace, rate: float | None
+) -> tuple[Run, float, float]:
+    workdir = Path(tempfile.mkdtemp(prefix="disagg-fc-bench-"))
+    objects = workdir / "objects.yaml"
+    objects.write_text(OBJECTS)
+    options = StackOptions(
+        prefill=0,
+        decode=ENGINES,
+        gateway_port=0,
+        workdir=workdir,
+        sim_args=SIM_ARGS,
+        epp_args=[f"--api-objects-file={objects}", "--allow-experimental-plugins"],
+        epp_config=epp_config(workdir, flow_control, args.min_ceiling),
+    )
+    stack = LocalStack(options)
+    await stack.start()
+    try:
+        url = f"{stack.gateway_url}/v1/chat/completions"
+        service = await service_time(url)
+        base_ttft = await unloaded_ttft(url)
+        if rate is None:
+            rate = args.load * ENGINES * BATCH / service
+        assert stack.epp is not None
+        assert stack.epp.pid is not None
+        epp = psutil.Process(stack.epp.pid)
+        cpu0 = sum(epp.cpu_times()[:2])
+        mode = "on" if flow_control else "off"
+        print(
+            f"flow control {mode}: {rate:.1f} req/s for {args.duration:.0f}s "
+            f"(service {service * 1000:.0f} ms, unloaded TTFT {base_ttft * 1000:.0f} ms)",
+            file=sys.stderr,
+        )
+        t0 = time.perf_counter()
+        shots = await offered_load(url, rate, args.duration, args.seed)
+        run = Run(mode, shots, time.perf_counter() - t0, sum(epp.cpu_times()[:2]) - cpu0)
+    finally:
+        await stack.stop()
+    return run, rate, base_ttft
+
+
+def decision_overhead(queued: int = 1000, samples: int = 2000) -> dict[str, float]:
+    """In process: enqueue and dispatch-cycle cost with ``queued`` requests waiting."""
+    from epp.datastore import Endpoint
+    from epp.flowcontrol.controller import BandSpec, ControllerConfig, FlowController
+    from epp.flowcontrol.fairness import RoundRobinFairness
+    from epp.flowcontrol.item import FlowItem, FlowKey
+    from epp.flowcontrol.saturation import ConcurrencyDetector, ConcurrencyParams
+
+    async def measure() -> dict[str, float]:
+        pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(ENGINES)]
+        cfg = ControllerConfig(
+            bands={100: BandSpec(), 0: BandSpec(fairness=RoundRobinFairness()), -10: BandSpec()}
+        )
+        ctl = FlowController(
+            cfg, ConcurrencyDetector(ConcurrencyParams(maxConcurrency=1)), lambda: pool
+        )
+        ctl._running = True
+        for _ in range(ENGINES):
+            ctl.ledger.add(pool[_].key, 0)  # saturated: everything queues
+        rng = random.Random(3)
+        keys = [FlowKey(f"t{rng.randrange(10)}", rng.choice((100, 0, -10))) for _ in range(queued)]
+        waiters = [asyncio.create_task(ctl.enqueue_and_wait(FlowItem(k))) for k in keys]
+        await asyncio.sleep(0)
+        enq, cycle = [], []
+        for _ in range(samples):
+            item = FlowItem(FlowKey(f"t{rng.randrange(10)}", rng.choice((100, 0, -10))))
+            t0 = time.perf_counter()
+            w = asyncio.ensure_future(ctl.enqueue_and_wait(item))
+            await asyncio.sleep(0)  # runs the enqueue up to its wait
+            enq.append(time.perf_counter() - t0)
+            ctl.ledger.remove(pool[0].key, 0)  # one slot frees
+            t0 = time.perf_counter()
+            ctl.dispatch_once()
+            cycle.append(time.perf_counter() - t0)
+            ctl.ledger.unreserve(0)
+            ctl.ledger.add(pool[0].key, 0)
+            waiters.append(w)
+        assert ctl.queued == queued
+        await ctl.stop()
+        await asyncio.gather(*waiters)
+        enq.sort()
+        cycle.sort()
+        return {
+            "enqueue_p50_us": percentile(enq, 50) * 1e6,
+            "enqueue_p99_us": percentile(enq, 99) * 1e6,
+            "dispatch_p50_us": percentile(cycle, 50) * 1e6,
+            "dispatch_p99_us": percentile(cycle, 99) * 1e6,
+        }
+
+    return asyncio.run(measure())
+
+
+def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
+    by_cls: dict[str, list[Shot]] = defaultdict(list)
+    for s in run.shots:
+        by_cls[s.cls].append(s)
+    classes = {}
+    for name, shots in by_cls.items():
+        ttfts = sorted(s.ttft for s in shots if s.status == 200 and s.ttft is not None)
+        classes[name] = {
+            "sent": len(shots),
+            "ok": len(ttfts),
+            "ttft_p50_ms": percentile(ttfts, 50) * 1000 if ttfts else None,
+            "ttft_p99_ms": percentile(ttfts, 99) * 1000 if ttfts else None,
+            "p99_over_unloaded": percentile(ttfts, 99) / base_ttft if ttfts else None,
+            "shed": dict(
+                Counter(f"{s.status} {s.reason}".strip() for s in shots if s.status != 200)
+            ),
+        }
+    ok = sum(1 for s in run.shots if s.status == 200)
+    return {
+        "mode": run.mode,
+        "sent": len(run.shots),
+        "goodput_rps": ok / run.duration,
+        "epp_cpu_ms_per_request": run.epp_cpu_s / max(1, len(run.shots)) * 1000,
+        "classes": classes,
+    }
+
+
+def render(
+    results: list[dict[str, Any]], base: dict[str, float], overhead: dict[str, float]
+) -> str:
+    lines = [
+        "| mode | class | sent | ok | TTFT p50 ms | TTFT p99 ms | p99 / unloaded | refused |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        for name, c in sorted(r["classes"].items()):
+
+            def f(v: float | None) -> str:
+                return "-" if v is None else f"{v:.0f}"
+
+            ratio = "-" if c["p99_over_unloaded"] is None else f"{c['p99_over_unloaded']:.1f}x"
+            shed = ", ".join(f"{k}: {v}" for k, v in sorted(c["shed"].items())) or "-"
+            lines.append(
+                f"| {r['mode']} | {name} | {c['sent']} | {c['ok']} | "
+                f"{f(c['ttft_p50_ms'])} | {f(c['ttft_p99_ms'])} | {ratio} | {shed} |"
+            )
+    lines.append("")
+    lines.append("| mode | goodput req/s | EPP CPU ms/request | unloaded TTFT ms |")
+    lines.append("|---|---|---|---|")
+    for r in results:
+        lines.append(
+            f"| {r['mode']} | {r['goodput_rps']:.1f} | "
+            f"{r['epp_cpu_ms_per_request']:.2f} | {base[r['mode']] * 1000:.0f} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Flow-control decision with 1,000 queued (in process): enqueue p50 "
+        f"{overhead['enqueue_p50_us']:.0f} us (p99 {overhead['enqueue_p99_us']:.0f}), dispatch "
+        f"cycle p50 {overhead['dispatch_p50_us']:.0f} us (p99 {overhead['dispatch_p99_us']:.0f})."
+    )
+    return "\n".join(lines)
+
+
+COLORS = {
+    "critical": "#d62728",
+    "standard/flood": "#1f77b4",
+    "standard/quiet": "#2ca02c",
+    "sheddable": "#7f7f7f",
+}
+
+
+def svg(runs: list[Run], path: Path) -> None:
+    """TTFT over time per class, one panel per mode (points: served requests)."""
+    w, h, pad = 520, 260, 40
+    top = max((s.ttft for r in runs for s in r.shots if s.ttft), default=1.0)
+    span = max((r.duration for r in runs), default=1.0)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * w}" height="{h + 30}" '
+        'font-family="sans-serif" font-size="11">'
+    ]
+    for i, run in enumerate(runs):
+        x0 = i * w
+        parts.append(
+            f'<text x="{x0 + pad}" y="14">flow control {run.mode}: TTFT (s) over '
+            f"time (s), max {top:.1f}s</text>"
+        )
+        parts.append(
+            f'<rect x="{x0 + pad}" y="20" width="{w - 2 * pad}" height="{h - 40}" '
+            'fill="none" stroke="#999"/>'
+        )
+        for s in run.shots:
+            if s.ttft is None:
+                continue
+            x = x0 + pad + s.sent / span * (w - 2 * pad)
+            y = 20 + (h - 40) * (1 - s.ttft / top)
+            parts.append(
+                f'<circle cx="{x:.1f}" cy="{y:.1f}" r="1.5" fill="{COLORS.get(s.cls, "#000")}"/>'
+            )
+        parts.append(
+            f'<text x="{x0 + pad}" y="{h - 5}">0</text>'
+            f'<text x="{x0 + w - pad - 20}" y="{h - 5}">{span:.0f}</text>'
+        )
+    for j, (name, color) in enumerate(COLORS.items()):
+        parts.append(
+            f'<circle cx="{pad + j * 150}" cy="{h + 15}" r="4" fill="{color}"/>'
+            f'<text x="{pad + j * 150 + 8}" y="{h + 19}">{name}</text>'
+        )
+    parts.append("</svg>")
+    path.write_text("\n".join(parts))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--load", type=float, default=2.0, help="offered load / capacity")
+    parser.add_argument("--seed", type=int, default=11)
+    parser.add_argument(
+        "--min-ceiling",
+        type=float,
+        default=0.75,
+        help="priority-holdback-policy minCeiling with flow control on (0: no usage limit)",
+    )
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--svg", type=Path)
+    args = parser.parse_args()
+    runs, results, base = [], [], {}
+    rate = None
+    for on in (False, True):
+        run, rate, base_ttft = asyncio.run(run_mode(on, args, rate))
+        runs.append(run)
+        base[run.mode] = base_ttft
+        results.append(summarize(run, base_ttft))
+    overhead = decision_overhead()
+    print(render(results, base, overhead))
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"rate": rate, "results": results, "unloaded": base, "decision": overhead}, indent=1
+            )
+        )
+    if args.svg:
+        svg(runs, args.svg)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,181 @@
+"""Saturation detectors: how loaded the pool is, as a gradient where 1.0 is the set point.
+
+``utilization-detector`` (from scraped metrics: the roofline of queue depth and KV-cache
+usage, stale or missing metrics count as fully saturated) and ``concurrency-detector``
+(from the EPP's own in-flight accounting). Both are P/D-aware through ``stage_saturation``:
+the prefill stage is the prefill-capable endpoints of a pool that has dedicated prefill
+pods; the decode stage is every endpoint that decodes. The value used for gating is the
+larger of the two (``effective``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from epp.datastore import Endpoint
+from epp.flowcontrol.ledger import InflightLedger
+from epp.plugins.durations import parse_duration
+
+__all__ = [
+    "ConcurrencyDetector",
+    "SaturationDetector",
+    "StageSaturation",
+    "UtilizationDetector",
+    "stage_saturation",
+]
+
+_PREFILL_ONLY = frozenset({"prefill", "encode-prefill"})
+_PREFILL_CAPABLE = _PREFILL_ONLY | {"prefill-decode", "both", "encode-prefill-decode"}
+_NOT_DECODING = _PREFILL_ONLY | {"encode"}
+
+
+class _Params(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _no_headroom(v: float) -> float:
+    # headroom sizes the detector's scheduling-filter role, which this EPP does not have.
+    if v:
+        raise ValueError(
+            "headroom is not supported: the detector's scheduling-filter role is not "
+            "implemented here (leave it 0)"
+        )
+    return v
+
+
+class UtilizationParams(_Params):
+    queueDepthThreshold: int = Field(5, gt=0)  # noqa: N815
+    kvCacheUtilThreshold: float = Field(0.8, gt=0.0, le=1.0)  # noqa: N815
+    metricsStalenessThreshold: float = 0.2  # noqa: N815 - seconds, from a duration string
+    headroom: float = Field(0.0, ge=0.0, le=1.0)
+
+    _headroom = field_validator("headroom")(_no_headroom)
+
+    @field_validator("metricsStalenessThreshold", mode="before")
+    @classmethod
+    def _duration(cls, v: object) -> float:
+        seconds = parse_duration(v)  # type: ignore[arg-type]
+        if seconds <= 0:
+            raise ValueError("must be > 0")
+        return seconds
+
+
+class ConcurrencyParams(_Params):
+    concurrencyMode: Literal["requests", "tokens", "hybrid"] = "requests"  # noqa: N815
+    maxConcurrency: int = Field(100, gt=0)  # noqa: N815
+    maxTokenConcurrency: int = Field(1_000_000, gt=0)  # noqa: N815
+    headroom: float = Field(0.0, ge=0.0)
+
+    _headroom = field_validator("headroom")(_no_headroom)
+
+
+class SaturationDetector:
+    """Base: ``saturation`` over one stage's endpoints; empty reads 1.0."""
+
+    type_name: ClassVar[str] = ""
+    Params: ClassVar[type[_Params]] = _Params
+
+    def __init__(self, params: _Params | None = None, name: str | None = None) -> None:
+        self.params = params if params is not None else self.Params()
+        self.name = name or self.type_name
+        self.stale_endpoints = 0
+
+    def saturation(
+        self, endpoints: Sequence[Endpoint], now: float, ledger: InflightLedger, *, pending: bool
+    ) -> float:
+        raise NotImplementedError
+
+
+def _ratio(num: float, den: float) -> float:
+    return num / den if den > 0 else 1.0
+
+
+class UtilizationDetector(SaturationDetector):
+    type_name = "utilization-detector"
+    Params = UtilizationParams
+    params: UtilizationParams
+
+    def endpoint_score(self, ep: Endpoint, now: float) -> float:
+        p = self.params
+        if not ep.is_fresh(now, p.metricsStalenessThreshold):
+            return 1.0
+        m = ep.metrics
+        return max(m.waiting / p.queueDepthThreshold, m.kv_usage / p.kvCacheUtilThreshold)
+
+    def saturation(
+        self, endpoints: Sequence[Endpoint], now: float, ledger: InflightLedger, *, pending: bool
+    ) -> float:
+        if not endpoints:
+            self.stale_endpoints = 0
+            return 1.0
+        p = self.params
+        stale = sum(1 for ep in endpoints if not ep.is_fresh(now, p.metricsStalenessThreshold))
+        self.stale_endpoints = stale
+        return sum(self.endpoint_score(ep, now) for ep in endpoints) / len(endpoints)
+
+
+class ConcurrencyDetector(SaturationDetector):
+    type_name = "concurrency-detector"
+    Params = ConcurrencyParams
+    params: ConcurrencyParams
+
+    def saturation(
+        self, endpoints: Sequence[Endpoint], now: float, ledger: InflightLedger, *, pending: bool
+    ) -> float:
+        if not endpoints:
+            return 1.0
+        p = self.params
+        n = len(endpoints)
+        req = sum(ledger.load(ep.key).requests for ep in endpoints)
+        tok = sum(ledger.load(ep.key).tokens for ep in endpoints)
+        if pending:
+            req += ledger.pending_requests
+            tok += ledger.pending_tokens
+        if p.concurrencyMode == "tokens":
+            return _ratio(tok, n * p.maxTokenConcurrency)
+        if p.concurrencyMode == "hybrid":
+            total = 0.0
+            share = (ledger.pending_requests / n, ledger.pending_tokens / n) if pending else (0, 0)
+            for ep in endpoints:
+                load = ledger.load(ep.key)
+                total += max(
+                    (load.requests + share[0]) / p.maxConcurrency,
+                    (load.tokens + share[1]) / p.maxTokenConcurrency,
+                )
+            return total / n
+        return _ratio(req, n * p.maxConcurrency)
+
+
+@dataclass(frozen=True, slots=True)
+class StageSaturation:
+    prefill: float | None  # None: the pool has no dedicated prefill stage
+    decode: float
+
+    @property
+    def effective(self) -> float:
+        return self.decode if self.prefill is None else max(self.prefill, self.decode)
+
+
+def stage_saturation(
+    detector: SaturationDetector,
+    endpoints: Sequence[Endpoint],
+    now: float,
+    ledger: InflightLedger,
+) -> StageSaturation:
+    """Per-stage saturation. Monolithic pools (no prefill-only pods) are all decode."""
+    has_prefill_stage = any(ep.role in _PREFILL_ONLY for ep in endpoints)
+    decoders = [ep for ep in endpoints if ep.role not in _NOT_DECODING]
+    prefill = None
+    if has_prefill_stage:
+        prefillers = [ep for ep in endpoints if ep.role in _PREFILL_CAPABLE]
+        prefill = detector.saturation(prefillers, now, ledger, pending=True)
+        stale = detector.stale_endpoints
+        decode = detector.saturation(decoders, now, ledger, pending=True)
+        detector.stale_endpoints = max(stale, detector.stale_endpoints)
+    else:
+        decode = detector.saturation(decoders, now, ledger, pending=True)
+    return StageSaturation(prefill, decode)

@@ -1,0 +1,1 @@
+"""Request management APIs: InferenceObjective (priority) and InferenceModelRewrite."""
