@@ -50,6 +50,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from examples.local_stack import LocalStack, StackOptions
+from examples.local_stack.flow_control import flow_control_config
 from examples.local_stack.processes import ManagedProcess
 from examples.local_stack.stack import default_epp_config
 from vllm_sim.engine import PULL_PATH
@@ -299,8 +300,10 @@ async def measure(
         assert proc.pid is not None
         held = await asyncio.to_thread(_held, proc.pid, engine_ports)
         scraped = await _scrape(session, metrics_urls[proc.name])
-        open_work = scraped.get("pd_sidecar_in_flight_requests", 0) + scraped.get(
-            "llm_d_epp_extproc_streams_inflight", 0
+        open_work = (
+            scraped.get("pd_sidecar_in_flight_requests", 0)
+            + scraped.get("llm_d_epp_extproc_streams_inflight", 0)
+            + sum(v for k, v in scraped.items() if k.startswith("flow_control_queue_size"))
         )
         levels[proc.name] = Level(
             **held, tasks=int(scraped["python_asyncio_tasks"]), open_work=int(open_work)
@@ -439,14 +442,19 @@ def table(
     return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
 
 
-def epp_config(workdir: Path) -> Path:
-    """The local stack's P/D configuration with a small prefix index (see above)."""
+def epp_config(workdir: Path, flow_control_batch: int | None = None) -> Path:
+    """The local stack's P/D configuration with a small prefix index (see above); with
+    ``flow_control_batch``, flow control on and at most that many requests dispatched at
+    once, so that requests queue in the EPP."""
     config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
     for plugin in config["plugins"]:
         if plugin["type"] == "prefix-cache-scorer":
             plugin["parameters"] = {"lruCapacityPerServer": PREFIX_INDEX_CAPACITY}
+    text = yaml.safe_dump(config, sort_keys=False)
+    if flow_control_batch is not None:
+        text = flow_control_config(text, batch=flow_control_batch)
     path = workdir / "epp-soak-config.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    path.write_text(text)
     return path
 
 
@@ -460,7 +468,9 @@ async def soak(args: argparse.Namespace) -> int:
         sidecar_args=SIDECAR_ARGS,
         sim_args=["--kv-load-failure-policy", "fail"],
         epp_args=EPP_ARGS,
-        epp_config=epp_config(workdir),
+        epp_config=epp_config(
+            workdir, max(1, args.concurrency // 2) if args.flow_control else None
+        ),
     )
     stack = LocalStack(options)
     await stack.start()
@@ -512,6 +522,11 @@ def main() -> None:
     parser.add_argument("--fault-rate", type=float, default=0.25, help="share of requests")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", default="", help="also write the figures here")
+    parser.add_argument(
+        "--flow-control",
+        action="store_true",
+        help="EPP flow control on, dispatching at most half the concurrency at once",
+    )
     sys.exit(asyncio.run(soak(parser.parse_args())))
 
 
