@@ -35,6 +35,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.filters",
     "epp.plugins.queue_scorer",
     "epp.plugins.kv_cache_scorer",
+    "epp.plugins.token_producer",
     "epp.plugins.prefix_producer",
     "epp.plugins.precise_prefix_producer",
     "epp.plugins.prefix_scorer",
