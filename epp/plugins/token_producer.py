@@ -125,15 +125,14 @@ class TokenProducerParams(PluginParams):
 
     @model_validator(mode="after")
     def _one_backend(self) -> TokenProducerParams:
-        uds = bool(self.uds_tokenizer_config)
-        vllm = self.vllm is not None or bool(self.model_name)
-        if sum((self.estimate is not None, uds, vllm)) > 1:
-            raise ValueError("only one of 'estimate', 'vllm' or 'udsTokenizerConfig' may be set")
-        if uds:
+        if self.uds_tokenizer_config:
             raise ValueError(
                 "udsTokenizerConfig (the deprecated tokenizer sidecar) is not supported; "
                 "set vllm.url to a vLLM render endpoint instead"
             )
+        vllm = self.vllm is not None or bool(self.model_name)
+        if self.estimate is not None and vllm:
+            raise ValueError("only one of 'estimate', 'vllm' or 'udsTokenizerConfig' may be set")
         if vllm and not self.model_name:
             raise ValueError("modelName must be set for the vllm backend")
         return self
