@@ -154,6 +154,7 @@ class TokenProducer(DataProducer):
         super().__init__(params, name)
         self.vllm = self.params.vllm or VllmRenderParams()
         self._session: aiohttp.ClientSession | None = None
+        self.renders = 0
         self.render_failures = 0
 
     @property
@@ -215,7 +216,9 @@ class TokenProducer(DataProducer):
                     snippet = (await resp.content.read(_ERROR_SNIPPET)).decode("utf-8", "replace")
                     raise ValueError(f"HTTP {resp.status}: {snippet}")
                 answer = await resp.json(content_type=None)
-            return _parse_render(answer, path == CHAT_RENDER_PATH)
+            parsed = _parse_render(answer, path == CHAT_RENDER_PATH)
+            self.renders += 1
+            return parsed
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
             self.render_failures += 1
             log.warning(

@@ -27,6 +27,7 @@ import yaml
 
 from epp.__main__ import validate_config
 from epp.app import EppApp
+from epp.plugins.token_producer import TokenProducer
 from epp.settings import EppSettings, parse_args
 from tests.conftest import RunningSim, StartSim
 from tests.epp_gateway.envoy_gateway import ENVOY_BIN, EnvoyGateway, gateway_config
@@ -196,6 +197,11 @@ async def test_the_config_routes_through_envoy(
         # Every shipped profile set ends on a decode-filtered pick.
         assert await _requests(engines["decode"]) == 1
         assert await _requests(engines["encode"]) == 0
+        assert app.director is not None
+        for producer in app.director.config.plugins.of_kind(TokenProducer):
+            if producer.backend == "vllm":
+                # The prompt was rendered by the engine the file's URL now names.
+                assert (producer.renders, producer.render_failures) == (1, 0)
     finally:
         if envoy is not None:
             await envoy.stop()
