@@ -8,6 +8,15 @@ result is the same ``PrefixMatch`` the approximate producer writes, so the prefi
 scorer and the prefix-based P/D decider work unchanged. When no candidate publishes
 events, or tokenizing fails, the approximate producer (always run, always kept warm)
 serves the request; ``PrefixMatch.source`` and a metric label say which one did.
+
+llm-d's nested settings are taken as well: ``tokenProcessorConfig`` (``blockSizeTokens``
+or the older ``blockSize``, ``hashSeed``; also under ``indexerConfig``),
+``indexerConfig.kvBlockIndexConfig.maxPrefixBlocksToMatch`` and
+``kvEventsConfig`` (``topicFilter``, ``podDiscoveryConfig.socketPort`` /
+``replaySocketPort``). With ``speculativeIndexing`` a routing decision predicts that
+the chosen decode and prefill engines hold the prompt's blocks for ``speculativeTTL``
+(2s), until their events confirm it. A prompt a token producer rendered at an engine
+is used as is.
 """
 
 from __future__ import annotations
@@ -149,7 +158,7 @@ class PreciseParams(PluginParams):
     indexer_config: IndexerConfig | None = None
     kv_events_config: KvEventsConfig | None = None
     speculative_indexing: bool = False
-    speculative_ttl: str | float = "2s"
+    speculative_ttl: str | float = Field(default="2s", alias="speculativeTTL")
 
     @model_validator(mode="after")
     def _local_needs_a_path(self) -> PreciseParams:
@@ -232,6 +241,9 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             except (TokenizerError, OSError) as exc:
                 raise ValueError(f"{self.name}: {exc}") from None
         self.metrics: KvEventsMetrics | None = None
+        # speculativeIndexing: engine -> block key -> expiry (monotonic seconds).
+        self._speculative: dict[str, dict[int, float]] = {}
+        self._speculative_ttl = parse_duration(p.speculative_ttl)
         self.served: dict[str, int] = {"precise": 0, "approximate": 0}
 
     # -- lifecycle ---------------------------------------------------------------
@@ -239,6 +251,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self.metrics = KvEventsMetrics(self.pool, registry)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        for ep in removed:
+            self._speculative.pop(ep.key, None)
         self.fallback.endpoints_changed(added, removed)
         self.pool.sync(added, removed)
 
@@ -290,9 +304,12 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         if not live:
             return
         p = self.params
+        matched = self.index.match(prompt.keys, live, self._media)
+        if p.speculative_indexing:
+            self._add_speculative(prompt.keys, live, matched, cycle.now)
         match = PrefixMatch(
             hashes=prompt.hashes,
-            matched=self.index.match(prompt.keys, live, self._media),
+            matched=matched,
             block_bytes=p.block_size,
             prompt_bytes=prompt.tokens,
             prompt_tokens=prompt.tokens,
@@ -302,7 +319,42 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         cycle.put(PREFIX_MATCH, match)
         cycle.put(self.key, match)
 
+    def _add_speculative(
+        self, keys: Sequence[int], live: Sequence[str], matched: dict[str, int], now: float
+    ) -> None:
+        """Leading runs of blocks predicted on an engine by recent routing decisions
+        (not yet confirmed by its events), where longer than the events' run."""
+        for engine in live:
+            predicted = self._speculative.get(engine)
+            if not predicted:
+                continue
+            n = 0
+            for k in keys:
+                expiry = predicted.get(k)
+                if expiry is None or expiry <= now:
+                    break
+                n += 1
+            if n > matched.get(engine, 0):
+                matched[engine] = n
+
+    def _predict(self, engine: str, keys: Sequence[int], now: float) -> None:
+        predicted = self._speculative.setdefault(engine, {})
+        if len(predicted) + len(keys) > self.params.max_blocks_per_engine:
+            for k in [k for k, e in predicted.items() if e <= now]:
+                del predicted[k]
+        expiry = now + self._speculative_ttl
+        for k in keys:
+            predicted.pop(k, None)
+            predicted[k] = expiry
+        while len(predicted) > self.params.max_blocks_per_engine:
+            del predicted[next(iter(predicted))]
+
     def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
+        prompt = cycle.get(PRECISE_PROMPT)
+        if self.params.speculative_indexing and prompt is not None and prompt.keys:
+            for profile in (result.primary, result.prefill_profile):
+                for target in result.targets(profile)[:1]:
+                    self._predict(target.key, prompt.keys, cycle.now)
         approx = cycle.get(_APPROX_MATCH)
         if approx is not None and approx.hashes:
             # Keep the fallback warm: it must be useful the moment events stop.

@@ -333,3 +333,38 @@ schedulingProfiles:
     assert isinstance(
         create_plugin("precise-prefix-cache-scorer", None, {}), PrecisePrefixCacheProducer
     )
+
+
+async def test_speculative_indexing_predicts_the_pick_until_the_ttl() -> None:
+    params = PreciseParams.model_validate(
+        {"blockSize": 4, "speculativeIndexing": True, "speculativeTTL": "2s"}
+    )
+    producer = PrecisePrefixCacheProducer(params)
+    plain = PrecisePrefixCacheProducer(PreciseParams(block_size=4))
+    try:
+        a, b = endpoint("a", 1), endpoint("b", 2)
+        tokens = list(range(500, 512))
+        for p in (producer, plain):
+            for ep in (a, b):
+                p.index.store(ep.key, [99])  # both publish events, neither holds the prompt
+
+        async def match(p: PrecisePrefixCacheProducer, later: float = 0.0) -> dict[str, int]:
+            c = cycle("x")
+            c.now += later
+            c.put(TOKENIZED_PROMPT, TokenizedPrompt(tokens, "vllm"))
+            await p.prefetch(c, [a, b])
+            p.prepare(c, [a, b])
+            p.track(c, _result(a))
+            return _match(c).matched
+
+        assert await match(producer) == {}
+        # The decision predicted the 3 blocks on a, before any event says so.
+        assert await match(producer, 0.5) == {a.key: 3}
+        # Refreshed by the second decision (expires at 2.5 s): gone at 10 s.
+        assert await match(producer, 10.0) == {}
+        # Without the setting only events count.
+        assert await match(plain) == {}
+        assert await match(plain, 0.5) == {}
+    finally:
+        await producer.aclose()
+        await plain.aclose()
