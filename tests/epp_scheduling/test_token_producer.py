@@ -18,6 +18,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from epp.config import load_config
+from epp.plugins.deciders import PrefixBasedPdDecider
 from epp.plugins.deprecated_aliases import LegacyTokenizer
 from epp.plugins.registry import create_plugin
 from epp.plugins.token_estimate import EstimateParams, estimate_prompt, pack_bytes
@@ -330,3 +331,21 @@ def test_parse_request_then_estimate_matches_the_producer() -> None:
     found = c.get(TOKENIZED_PROMPT)
     assert found is not None
     assert list(found.token_ids) == list(estimate_prompt(req).token_ids)
+
+
+async def test_the_pd_deciders_token_count_is_the_rendered_one(start_sim: StartSim) -> None:
+    sim = await start_sim()
+    producer = TokenProducer(
+        TokenProducerParams.model_validate({"modelName": "sim-model", "vllm": {"url": sim.url}})
+    )
+    decider = PrefixBasedPdDecider(PrefixBasedPdDecider.Params(prompt_tokens=35))
+    text = "a " * 40  # 80 bytes (about 22 estimated tokens), 40+ engine tokens
+    try:
+        c = cycle(text)
+        assert c.request.token_estimate < 35
+        assert not decider.approve(c, None)
+        await _produce(producer, c)
+        assert c.request.token_estimate >= 40
+        assert decider.approve(c, None)
+    finally:
+        await producer.aclose()
