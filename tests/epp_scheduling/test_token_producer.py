@@ -22,7 +22,12 @@ from epp.plugins.deciders import PrefixBasedPdDecider
 from epp.plugins.deprecated_aliases import LegacyTokenizer
 from epp.plugins.registry import create_plugin
 from epp.plugins.token_estimate import EstimateParams, estimate_prompt, pack_bytes
-from epp.plugins.token_producer import TOKENIZED_PROMPT, TokenProducer, TokenProducerParams
+from epp.plugins.token_producer import (
+    TOKENIZED_PROMPT,
+    TokenProducer,
+    TokenProducerParams,
+    anthropic_to_chat,
+)
 from epp.request import parse_request
 from epp.scheduling.cycle import CycleState
 from tests.conftest import StartSim
@@ -347,5 +352,65 @@ async def test_the_pd_deciders_token_count_is_the_rendered_one(start_sim: StartS
         await _produce(producer, c)
         assert c.request.token_estimate >= 40
         assert decider.approve(c, None)
+    finally:
+        await producer.aclose()
+
+
+ANTHROPIC = {
+    "model": "claude",
+    "max_tokens": 10,
+    "system": [
+        {"type": "text", "text": "x-anthropic-billing-header: cc=1;"},
+        {"type": "text", "text": "You are terse."},
+    ],
+    "tools": [{"name": "get", "description": "fetch", "input_schema": {"type": "object"}}],
+    "messages": [
+        {"role": "user", "content": "what is in the file?"},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "thinking", "thinking": "look it up"},
+                {"type": "tool_use", "id": "t1", "name": "get", "input": {"path": "/a"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": "a cat picture"},
+                {"type": "text", "text": "describe it"},
+                {"type": "image", "source": {"type": "base64", "data": "QUJD"}},
+            ],
+        },
+    ],
+}
+
+
+def test_anthropic_messages_become_the_chat_request_render_takes() -> None:
+    chat = anthropic_to_chat(ANTHROPIC)
+    assert chat["messages"][0] == {"role": "system", "content": "You are terse."}
+    assert chat["messages"][1] == {"role": "user", "content": "what is in the file?"}
+    assistant = chat["messages"][2]
+    assert assistant["reasoning"] == "look it up"
+    assert assistant["tool_calls"][0]["function"] == {"name": "get", "arguments": '{"path": "/a"}'}
+    assert chat["messages"][3] == {"role": "tool", "tool_call_id": "t1", "content": "a cat picture"}
+    assert chat["messages"][4]["content"] == [
+        {"type": "text", "text": "describe it"},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,QUJD"}},
+    ]
+    assert chat["tools"][0]["function"]["parameters"] == {"type": "object"}
+
+
+async def test_anthropic_messages_are_rendered_as_chat(start_sim: StartSim) -> None:
+    sim = await start_sim()
+    producer = TokenProducer(
+        TokenProducerParams.model_validate({"modelName": "sim-model", "vllm": {"url": sim.url}})
+    )
+    try:
+        c = cycle(body=json.dumps(ANTHROPIC).encode(), path="/v1/messages")
+        await _produce(producer, c)
+        found = c.get(TOKENIZED_PROMPT)
+        assert found is not None and found.backend == "vllm"
+        expected = tokenize(chat_prompt(anthropic_to_chat(ANTHROPIC)["messages"]))
+        assert list(found.token_ids) == expected
     finally:
         await producer.aclose()
