@@ -35,7 +35,7 @@ import aiohttp
 from pydantic import Field, field_validator, model_validator
 
 from epp.datastore import Endpoint
-from epp.plugins.base import DataProducer, Plugin, PluginParams
+from epp.plugins.base import DataProducer, PluginParams
 from epp.plugins.durations import parse_duration
 from epp.plugins.registry import register
 from epp.plugins.token_estimate import (
@@ -52,6 +52,7 @@ __all__ = [
     "TokenProducer",
     "TokenProducerParams",
     "VllmRenderParams",
+    "anthropic_to_chat",
     "tokenized_prompt",
 ]
 
@@ -408,7 +409,3 @@ def _features(raw: Any) -> list[MultiModalFeature]:
                 )
     out.sort(key=lambda f: f.offset)
     return out
-
-
-def is_token_producer(plugin: Plugin) -> bool:
-    return bool(getattr(plugin, "produces_tokens", False))
