@@ -37,7 +37,7 @@ def _token_bytes(ids: Sequence[int]) -> bytes:
     try:
         return array("I", ids).tobytes()
     except OverflowError:
-        return array("Q", ids).tobytes()
+        return array("q", ids).tobytes()
 
 
 def token_block_hashes(
