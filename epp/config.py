@@ -213,7 +213,9 @@ def _add_implicit_producer(plugins: PluginSet) -> None:
     # A prefix scorer's own parameters (llm-d style) configure the implicit producer.
     own = next((p.params for p in needers if isinstance(p.params, PrefixParams)), None)
     params = (
-        PrefixParams.model_validate(own.model_dump(include=set(PrefixParams.model_fields)))
+        PrefixParams.model_validate(
+            own.model_dump(include=set(PrefixParams.model_fields), exclude_unset=True)
+        )
         if own is not None
         else PrefixParams()
     )

@@ -15,7 +15,8 @@ prompt), ``lruCapacityPerServer`` (31250), ``autoTune`` (true: an engine's repor
 block size and GPU block count replace ``blockSizeTokens`` and
 ``lruCapacityPerServer`` when its metrics carry them). ``blockSize`` is the deprecated
 name of ``blockSizeTokens``. ``hashBlockSize`` (not an llm-d parameter) keeps this
-EPP's older byte-block hashing of the prompt text.
+EPP's older byte-block hashing of the prompt text (full blocks only, at most
+``maxPrefixBlocksToMatch`` of them, 256 unless set).
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ log = logging.getLogger(__name__)
 
 MIN_BLOCK_SIZE_TOKENS = 64
 _DEFAULT_BLOCK_SIZE_TOKENS = 16
+_LEGACY_MAX_BLOCKS = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,7 +179,12 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         req = cycle.request
         p = self.params
         if p.byte_blocks:
-            cap = p.max_prefix_blocks_to_match or len(req.prompt)
+            # The legacy mode keeps its own default cap (256 blocks of 64 bytes).
+            cap = (
+                p.max_prefix_blocks_to_match
+                if "max_prefix_blocks_to_match" in p.model_fields_set
+                else _LEGACY_MAX_BLOCKS
+            ) or len(req.prompt)
             hashes = block_hashes(req.prompt, p.block_bytes, cap)
             return PrefixMatch(
                 hashes=hashes,

@@ -368,3 +368,25 @@ async def test_speculative_indexing_predicts_the_pick_until_the_ttl() -> None:
     finally:
         await producer.aclose()
         await plain.aclose()
+
+
+def test_the_legacy_byte_mode_keeps_its_256_block_cap() -> None:
+    config = load_config(
+        HEAD
+        + """plugins:
+- {type: prefix-cache-scorer, parameters: {hashBlockSize: 64}}
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: prefix-cache-scorer}]
+"""
+    )
+    [producer] = config.plugins.of_kind(ApproxPrefixCacheProducer)
+    c = cycle("x" * 64 * 300)
+    producer.prepare(c, [])
+    assert len(_match(c).hashes) == 256
+    wider = ApproxPrefixCacheProducer(
+        PrefixParams.model_validate({"hashBlockSize": 64, "maxPrefixBlocksToMatch": 0})
+    )
+    c = cycle("x" * 64 * 300)
+    wider.prepare(c, [])
+    assert len(_match(c).hashes) == len(c.request.prompt) // 64
