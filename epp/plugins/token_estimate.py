@@ -1,7 +1,9 @@
 """The tokenizer-free token estimate: request bytes packed into 4-byte pseudo-tokens.
 
-Pseudo-token ids never equal an engine's ids; they only keep content locality (equal
-prefixes give equal leading ids), which is all the approximate prefix index needs.
+Chat requests (and Anthropic Messages, as the equivalent chat request) are packed as
+tools, then each message's role and content. Pseudo-token ids never equal an engine's
+ids; they only keep content locality (equal prefixes give equal leading ids), which is
+all the approximate prefix index needs.
 Multimodal items occupy an estimated number of placeholder tokens (their content
 hash repeated), aligned on a token boundary, and are reported as features.
 
@@ -28,6 +30,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from epp.plugins.base import PluginParams
+from epp.plugins.token_anthropic import anthropic_to_chat
 from epp.request import ParsedRequest
 
 __all__ = [
@@ -345,8 +348,13 @@ def estimate_prompt(
     ids = request_token_ids(request.body)
     if ids is not None:
         return TokenizedPrompt(ids, "request")
+    body: Mapping[str, Any] | None = None
     if request.api == "chat" and isinstance(request.body.get("messages"), list):
+        body = request.body
+    elif request.api == "messages" and isinstance(request.body.get("messages"), list):
+        body = anthropic_to_chat(request.body)
+    if body is not None:
         assets = _Assets(params or EstimateParams(), request.headers)
-        raw = _chat_bytes(request.body, assets)
+        raw = _chat_bytes(body, assets)
         return TokenizedPrompt(pack_bytes(raw), "estimate", assets.features)
     return TokenizedPrompt(pack_bytes(request.prompt), "estimate")

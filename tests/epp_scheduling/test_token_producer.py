@@ -414,3 +414,11 @@ async def test_anthropic_messages_are_rendered_as_chat(start_sim: StartSim) -> N
         assert list(found.token_ids) == expected
     finally:
         await producer.aclose()
+
+
+def test_the_estimate_of_anthropic_messages_counts_their_images() -> None:
+    c = cycle(body=json.dumps(ANTHROPIC).encode(), path="/v1/messages")
+    found = estimate_prompt(c.request)
+    assert found.backend == "estimate"
+    [image] = found.features
+    assert image.modality == "image" and image.length == 225
