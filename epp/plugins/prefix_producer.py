@@ -22,9 +22,11 @@ EPP's older byte-block hashing of the prompt text (full blocks only, at most
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Gauge, Histogram
 from pydantic import Field, model_validator
 
 from epp.datastore import Endpoint
@@ -39,6 +41,7 @@ __all__ = [
     "MIN_BLOCK_SIZE_TOKENS",
     "PREFIX_MATCH",
     "ApproxPrefixCacheProducer",
+    "PrefixIndexerMetrics",
     "PrefixMatch",
     "PrefixParams",
     "match_key",
@@ -133,6 +136,85 @@ class PrefixParams(PluginParams):
         return self.hash_block_size if self.hash_block_size is not None else 64
 
 
+_RATIO_BUCKETS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+_BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536)
+_BYTES_PER_TOKEN = 4
+
+
+class PrefixIndexerMetrics:
+    """llm-d's prefix indexer families (``llm_d_epp_prefix_indexer_*`` by plugin, and
+    the deprecated unlabelled ``inference_extension_prefix_indexer_*``); one set per
+    registry, shared by every approximate producer."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, PrefixIndexerMetrics] = (
+        weakref.WeakKeyDictionary()
+    )
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        labels = ["plugin_name", "plugin_type"]
+        self.size = Gauge(
+            "llm_d_epp_prefix_indexer_size",
+            "Size of the prefix indexer.",
+            labels,
+            registry=registry,
+        )
+        self.ratio = Histogram(
+            "llm_d_epp_prefix_indexer_hit_ratio",
+            "Ratio of prefix length matched to total prefix length in the cache lookup.",
+            labels,
+            buckets=_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.hit_bytes = Histogram(
+            "llm_d_epp_prefix_indexer_hit_bytes",
+            "Length of the prefix match in number of bytes in the cache lookup.",
+            labels,
+            buckets=_BYTES_BUCKETS,
+            registry=registry,
+        )
+        self.legacy_size = Gauge(
+            "inference_extension_prefix_indexer_size",
+            "[Deprecated: Use llm_d_epp_prefix_indexer_size] Size of the prefix indexer.",
+            registry=registry,
+        )
+        self.legacy_ratio = Histogram(
+            "inference_extension_prefix_indexer_hit_ratio",
+            "[Deprecated: Use llm_d_epp_prefix_indexer_hit_ratio] Ratio of prefix length "
+            "matched to total prefix length in the cache lookup.",
+            buckets=_RATIO_BUCKETS,
+            registry=registry,
+        )
+        self.legacy_hit_bytes = Histogram(
+            "inference_extension_prefix_indexer_hit_bytes",
+            "[Deprecated: Use llm_d_epp_prefix_indexer_hit_bytes] Length of the prefix "
+            "match in number of bytes in the cache lookup.",
+            buckets=_BYTES_BUCKETS,
+            registry=registry,
+        )
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> PrefixIndexerMetrics:
+        found = cls._by_registry.get(registry)
+        if found is None:
+            found = cls._by_registry[registry] = cls(registry)
+        return found
+
+    def record(self, plugin: str, plugin_type: str, match: PrefixMatch, held: int) -> None:
+        """One routed request: ``held`` of its blocks were on the pick."""
+        unit = match.block_tokens * _BYTES_PER_TOKEN
+        total = len(match.hashes) * unit
+        matched = held * unit
+        self.hit_bytes.labels(plugin, plugin_type).observe(matched)
+        self.legacy_hit_bytes.observe(matched)
+        if total:
+            self.ratio.labels(plugin, plugin_type).observe(matched / total)
+            self.legacy_ratio.observe(matched / total)
+
+    def set_size(self, plugin: str, plugin_type: str, size: int) -> None:
+        self.size.labels(plugin, plugin_type).set(size)
+        self.legacy_size.set(size)
+
+
 def max_blocks(params: PrefixParams, block_tokens: int) -> int | None:
     """The block cap for one request (None: the whole prompt)."""
     if params.max_prefix_tokens_to_match > 0:
@@ -154,6 +236,7 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         self.key = match_key(self.name)
         # Per request: the decode pick and the blocks ``track`` added to it.
         self._recorded: StateKey[tuple[str, list[bytes]]] = StateKey(f"{self.name}-recorded")
+        self.metrics: PrefixIndexerMetrics | None = None
         if self.params.byte_blocks:
             log.warning(
                 "plugin '%s': hashBlockSize hashes %d-byte blocks of the prompt text; "
@@ -161,6 +244,9 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
                 self.name,
                 self.params.block_bytes,
             )
+
+    def register_metrics(self, registry: CollectorRegistry) -> None:
+        self.metrics = PrefixIndexerMetrics.of(registry)
 
     def block_tokens(self, endpoints: Sequence[Endpoint]) -> int:
         """Tokens per block for this request: an engine's reported block size with
@@ -220,10 +306,15 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         match = cycle.get(self.key)
         if match is not None and match.hashes:
             for target in result.targets(result.primary)[:1]:
+                if self.metrics is not None:
+                    held = match.blocks(target)
+                    self.metrics.record(self.name, self.type_name, match, held)
                 added = self.index.record(target.key, match.hashes, self._capacity(target))
                 cycle.put(self._recorded, (target.key, added))
             for target in result.targets(result.prefill_profile)[:1]:
                 self.index.record(target.key, match.hashes, self._capacity(target))
+            if self.metrics is not None:
+                self.metrics.set_size(self.name, self.type_name, self.index.total_blocks())
         return _noop, _noop
 
     def reassign(

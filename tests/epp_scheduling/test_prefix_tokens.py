@@ -9,6 +9,7 @@ import json
 import logging
 
 import pytest
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from epp.config import ConfigError, load_config
@@ -30,6 +31,7 @@ from epp.plugins.token_estimate import TokenizedPrompt
 from epp.plugins.token_producer import TOKENIZED_PROMPT
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.result import ProfileResult, SchedulingResult
+from tests.conftest import sample_sum
 
 from .helpers import cycle, endpoint
 
@@ -390,3 +392,23 @@ schedulingProfiles:
     c = cycle("x" * 64 * 300)
     wider.prepare(c, [])
     assert len(_match(c).hashes) == len(c.request.prompt) // 64
+
+
+def test_prefix_indexer_metrics_as_llm_d_names_them() -> None:
+    registry = CollectorRegistry()
+    first = ApproxPrefixCacheProducer(PrefixParams(auto_tune=False), name="gpu")
+    second = ApproxPrefixCacheProducer(PrefixParams(auto_tune=False), name="cpu")
+    first.register_metrics(registry)
+    second.register_metrics(registry)  # one set of families per registry
+    a = endpoint("a", 1)
+    for _ in range(2):
+        c = _tokens(128)  # two 64-token blocks
+        first.prepare(c, [a])
+        first.track(c, _result(a))
+    labels = {"plugin_name": "gpu", "plugin_type": "approx-prefix-cache-producer"}
+    assert sample_sum(registry, "llm_d_epp_prefix_indexer_size", **labels) == 2
+    # The first lookup matched nothing, the second both blocks (2 x 64 tokens x 4 bytes).
+    assert sample_sum(registry, "llm_d_epp_prefix_indexer_hit_bytes_sum", **labels) == 512
+    assert sample_sum(registry, "llm_d_epp_prefix_indexer_hit_ratio_count", **labels) == 2
+    assert sample_sum(registry, "llm_d_epp_prefix_indexer_hit_ratio_sum", **labels) == 1.0
+    assert sample_sum(registry, "inference_extension_prefix_indexer_hit_bytes_sum") == 512
