@@ -15,7 +15,8 @@ Defaults as llm-d applies them: a plugin's name defaults to its type; a profile 
 no picker gets ``max-score-picker``; a scorer with no weight gets 1; no document at
 all gives one default profile; a single profile with no handler gets
 ``single-profile-handler``; a prefix scorer or decider with no producer gets an
-``approx-prefix-cache-producer``.
+``approx-prefix-cache-producer``; a plugin that reads the prompt's tokens with no
+``token-producer`` declared gets one in estimate mode. Token producers run first.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from epp.plugins.pickers import MaxScorePicker
 from epp.plugins.prefix_producer import ApproxPrefixCacheProducer, PrefixParams
 from epp.plugins.profile_handlers import SingleProfileHandler
 from epp.plugins.registry import create_plugin, load_entry_points, lookup, registered_types
+from epp.plugins.token_producer import TokenProducer
 from epp.scheduling.profile import Profile, WeightedScorer
 from epp.scheduling.scheduler import Scheduler
 
@@ -252,8 +254,29 @@ def _add_implicit_producer(plugins: PluginSet) -> None:
     if not needers:
         return
     # A prefix scorer's own parameters (llm-d style) configure the implicit producer.
-    params = next((p.params for p in needers if isinstance(p.params, PrefixParams)), PrefixParams())
+    own = next((p.params for p in needers if isinstance(p.params, PrefixParams)), None)
+    params = (
+        PrefixParams.model_validate(
+            own.model_dump(include=set(PrefixParams.model_fields), exclude_unset=True)
+        )
+        if own is not None
+        else PrefixParams()
+    )
     plugins.add(ApproxPrefixCacheProducer(params))
+
+
+def _add_implicit_token_producer(plugins: PluginSet) -> None:
+    if plugins.of_kind(TokenProducer):
+        return
+    if any(
+        isinstance(p, ApproxPrefixCacheProducer) or getattr(p, "needs_tokens", False)
+        for p in plugins
+    ):
+        plugins.add(TokenProducer(name="token-producer/estimate"))
+
+
+def _producer_order(plugin: DataProducer) -> int:
+    return 0 if isinstance(plugin, TokenProducer) else 1
 
 
 def _build_profile(spec: SchedulingProfileSpec, plugins: PluginSet) -> Profile:
@@ -325,6 +348,7 @@ def build_scheduler_config(
             )
         plugins.add(plugin)
     _add_implicit_producer(plugins)
+    _add_implicit_token_producer(plugins)
     parsers = _build_parsers(doc, plugins)
     for plugin in list(plugins):
         try:
@@ -386,7 +410,7 @@ def build_scheduler_config(
     scheduler = Scheduler(
         handler=handler,
         profiles=profiles,
-        producers=tuple(plugins.of_kind(DataProducer)),
+        producers=tuple(sorted(plugins.of_kind(DataProducer), key=_producer_order)),
         trackers=tuple(plugins.of_kind(RequestTracker)),
         responders=tuple(plugins.of_kind(ResponseHeaderProcessor)),
     )

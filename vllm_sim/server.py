@@ -36,7 +36,7 @@ from .sglang import BootstrapTimeout
 from .shapes import SHAPES, ApiShape
 from .shapes.base import error_info
 from .stats import RecordedRequest, SimStats
-from .tokens import chat_prompt, tokenize
+from .tokens import chat_prompt, mm_hash, source_of, tokenize
 
 __all__ = ["ENGINE", "SimServer", "create_app"]
 
@@ -361,6 +361,89 @@ async def _embeddings(request: web.Request) -> web.Response:
     )
 
 
+_RENDER_MODALITY = {
+    "image_url": "image",
+    "video_url": "video",
+    "audio_url": "audio",
+    "input_audio": "audio",
+}
+
+
+def _render_features(messages: list[Mapping[str, Any]], tokens: list[int]) -> dict[str, Any] | None:
+    """vLLM's render ``features``: each multimodal item's hash and token span (its
+    placeholder token and identity token, in prompt order)."""
+    sources = iter(
+        src
+        for message in messages
+        if isinstance(message.get("content"), list)
+        for part in message["content"]
+        if isinstance(part, Mapping) and (src := source_of(part)) is not None
+    )
+    markers = {tokenize(f"<|{kind}|>")[0]: kind for kind in _RENDER_MODALITY}
+    hashes: dict[str, list[str]] = {}
+    places: dict[str, list[dict[str, int]]] = {}
+    for offset, token in enumerate(tokens):
+        kind = markers.get(token)
+        if kind is None:
+            continue
+        src = next(sources, None)
+        if src is None:
+            break
+        modality = _RENDER_MODALITY[kind]
+        hashes.setdefault(modality, []).append(mm_hash(src))
+        places.setdefault(modality, []).append({"offset": offset, "length": 2})
+    if not hashes:
+        return None
+    return {"mm_hashes": hashes, "mm_placeholders": places}
+
+
+async def _render(request: web.Request) -> web.Response:
+    """vLLM's ``POST /v1/chat/completions/render`` and ``/v1/completions/render``: the
+    prompt as the engine would tokenize it, without generating (as ``vllm launch
+    render`` serves them). Fields it does not use are ignored, as vLLM does."""
+    cfg = request.app[ENGINE].config
+    chat = request.path.startswith("/v1/chat/")
+    try:
+        body = _load_json(await request.read())
+        model = body.get("model")
+        if model is not None and model != cfg.served_model_name:
+            return _error(f"The model `{model}` does not exist.", 404)
+        if chat:
+            messages = body.get("messages")
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise EngineError("'messages' must be a list of message objects.")
+            text = chat_prompt(messages)
+            if body.get("add_generation_prompt", True) is False:
+                text = text.removesuffix("\n<|assistant|>")
+            tokens = tokenize(text)
+            return web.json_response(
+                {
+                    "model": cfg.served_model_name,
+                    "token_ids": tokens,
+                    "features": _render_features(messages, tokens),
+                }
+            )
+        prompt = body.get("prompt")
+        prompts: list[list[int]]
+        if isinstance(prompt, str):
+            prompts = [tokenize(prompt)]
+        elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+            prompts = [tokenize(p) for p in prompt]
+        elif (
+            isinstance(prompt, list)
+            and prompt
+            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+        ):
+            prompts = [list(prompt)]
+        else:
+            raise EngineError("'prompt' must be a string, a list of strings or token ids.")
+    except EngineError as exc:
+        return _error(str(exc), 400)
+    return web.json_response(
+        [{"model": cfg.served_model_name, "token_ids": ids, "features": None} for ids in prompts]
+    )
+
+
 async def _stats(request: web.Request) -> web.Response:
     return web.json_response(request.app[ENGINE].stats_dict())
 
@@ -508,6 +591,8 @@ def create_app(config: SimConfig) -> web.Application:
     app.router.add_get(DCGM_PATH, dcgm_handler(engine))
     app.router.add_post("/tokenize", _tokenize)
     app.router.add_post("/v1/embeddings", _embeddings)
+    app.router.add_post("/v1/chat/completions/render", _render)
+    app.router.add_post("/v1/completions/render", _render)
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
     app.router.add_post("/sim/faults", _add_fault)

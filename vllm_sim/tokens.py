@@ -19,6 +19,7 @@ __all__ = [
     "mm_hash",
     "multimodal_items",
     "output_token_ids",
+    "source_of",
     "tokenize",
 ]
 
@@ -122,6 +123,11 @@ def _item_source(part: Mapping[str, Any]) -> str | None:
     if isinstance(value, Mapping):
         value = value.get("url") or value.get("data")
     return None if value is None else f"{kind}:{value}"
+
+
+def source_of(part: Mapping[str, Any]) -> str | None:
+    """What identifies a multimodal content part (None for other parts)."""
+    return _item_source(part)
 
 
 def _item_identity(part: Mapping[str, Any]) -> str:

@@ -8,6 +8,15 @@ result is the same ``PrefixMatch`` the approximate producer writes, so the prefi
 scorer and the prefix-based P/D decider work unchanged. When no candidate publishes
 events, or tokenizing fails, the approximate producer (always run, always kept warm)
 serves the request; ``PrefixMatch.source`` and a metric label say which one did.
+
+llm-d's nested settings are taken as well: ``tokenProcessorConfig`` (``blockSizeTokens``
+or the older ``blockSize``, ``hashSeed``; also under ``indexerConfig``),
+``indexerConfig.kvBlockIndexConfig.maxPrefixBlocksToMatch`` and
+``kvEventsConfig`` (``topicFilter``, ``podDiscoveryConfig.socketPort`` /
+``replaySocketPort``). With ``speculativeIndexing`` a routing decision predicts that
+the chosen decode and prefill engines hold the prompt's blocks for ``speculativeTTL``
+(2s), until their events confirm it. A prompt a token producer rendered at an engine
+is used as is.
 """
 
 from __future__ import annotations
@@ -29,13 +38,16 @@ from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
 from epp.kv_events.tokenizer import LocalTokenizer, TokenizerError
 from epp.plugins.base import DataProducer, PluginParams, Release, RequestTracker
+from epp.plugins.durations import parse_duration
 from epp.plugins.prefix_producer import (
     PREFIX_MATCH,
     ApproxPrefixCacheProducer,
     PrefixMatch,
     PrefixParams,
+    match_key,
 )
 from epp.plugins.registry import register
+from epp.plugins.token_producer import TOKENIZED_PROMPT
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
@@ -66,6 +78,58 @@ PRECISE_PROMPT: StateKey[PrecisePrompt] = StateKey("precise-prompt")
 _APPROX_MATCH: StateKey[PrefixMatch] = StateKey("approx-prefix-match")
 
 
+class TokenProcessorConfig(PluginParams):
+    """llm-d's KV-block hashing settings: here they must equal the engines' own
+    (--block-size and PYTHONHASHSEED), as the index keys on the engines' hashes."""
+
+    block_size_tokens: int | None = Field(default=None, gt=0)
+    # Deprecated name of blockSizeTokens.
+    block_size: int | None = Field(default=None, gt=0)
+    hash_seed: str | None = None
+    hash_algorithm: str = ""
+
+    @property
+    def tokens(self) -> int | None:
+        return self.block_size_tokens or self.block_size
+
+
+class KvBlockIndexConfig(PluginParams):
+    # This EPP's index is in memory and always exports its metrics; the other
+    # backends' settings are accepted and not used.
+    enable_metrics: bool = False
+    metrics_logging_interval: int | str | None = None
+    in_memory_config: dict[str, Any] | None = None
+    redis_config: dict[str, Any] | None = None
+    cost_aware_memory_config: dict[str, Any] | None = None
+    max_prefix_blocks_to_match: int | None = Field(default=None, gt=0)
+
+
+class IndexerConfig(PluginParams):
+    kv_block_index_config: KvBlockIndexConfig | None = None
+    # Older configs put the hashing settings here.
+    token_processor_config: TokenProcessorConfig | None = None
+    tokenizers_pool_config: dict[str, Any] | None = None
+    kv_cache_backend_configs: list[dict[str, Any]] | None = None
+
+
+class PodDiscoveryConfig(PluginParams):
+    pod_label_selector: str = ""
+    pod_namespace: str = ""
+    socket_port: int | None = Field(default=None, ge=1, le=65535)
+    replay_socket_port: int | None = Field(default=None, ge=1, le=65535)
+
+
+class KvEventsConfig(PluginParams):
+    # A central address engines publish to; this EPP subscribes to each engine's own
+    # publisher instead (at the pod discovery socket port, else kvEventsPort).
+    zmq_endpoint: str = ""
+    topic_filter: str | None = None
+    concurrency: int = Field(default=0, ge=0)
+    engine_type: Literal["vllm", "sglang", ""] = ""
+    discover_pods: bool = True
+    pod_discovery_config: PodDiscoveryConfig | None = None
+
+
 class PreciseParams(PluginParams):
     # Must equal the engines' --block-size and PYTHONHASHSEED (None: vLLM's default seed).
     block_size: int = Field(default=16, gt=0)
@@ -89,12 +153,44 @@ class PreciseParams(PluginParams):
     tokenize_timeout_seconds: float = Field(default=1.0, gt=0)
     # The approximate producer used when events are not available.
     fallback: PrefixParams = Field(default_factory=PrefixParams)
+    # llm-d's nested settings; where they overlap the flat ones above, they win.
+    token_processor_config: TokenProcessorConfig | None = None
+    indexer_config: IndexerConfig | None = None
+    kv_events_config: KvEventsConfig | None = None
+    speculative_indexing: bool = False
+    speculative_ttl: str | float = Field(default="2s", alias="speculativeTTL")
 
     @model_validator(mode="after")
     def _local_needs_a_path(self) -> PreciseParams:
         if self.tokenizer == "local" and not self.tokenizer_path:
             raise ValueError("tokenizer 'local' needs tokenizerPath (a model directory)")
+        parse_duration(self.speculative_ttl)
         return self
+
+    def resolved(self) -> PreciseParams:
+        """The flat settings with llm-d's nested ones applied."""
+        update: dict[str, Any] = {}
+        indexer = self.indexer_config or IndexerConfig()
+        for tpc in (indexer.token_processor_config, self.token_processor_config):
+            if tpc is None:
+                continue
+            if tpc.tokens:
+                update["block_size"] = tpc.tokens
+            if tpc.hash_seed:
+                update["hash_seed"] = tpc.hash_seed
+        kvb = indexer.kv_block_index_config
+        if kvb is not None and kvb.max_prefix_blocks_to_match:
+            update["max_prefix_blocks_to_match"] = kvb.max_prefix_blocks_to_match
+        events = self.kv_events_config
+        if events is not None:
+            if events.topic_filter is not None:
+                update["topic_filter"] = events.topic_filter
+            pods = events.pod_discovery_config
+            if pods is not None and pods.socket_port:
+                update["kv_events_port"] = pods.socket_port
+            if pods is not None and pods.replay_socket_port:
+                update["replay_port"] = pods.replay_socket_port
+        return self.model_copy(update=update) if update else self
 
 
 @register
@@ -106,8 +202,23 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
     provides_prefix_match = True
 
     def __init__(self, params: PreciseParams | None = None, name: str | None = None) -> None:
-        super().__init__(params, name)
+        super().__init__((params or PreciseParams()).resolved(), name)
         p = self.params
+        self.key = match_key(self.name)
+        if p.kv_events_config is not None and p.kv_events_config.zmq_endpoint:
+            log.info(
+                "plugin '%s': kvEventsConfig.zmqEndpoint %s is not bound; each engine's "
+                "publisher is read at port %d",
+                self.name,
+                p.kv_events_config.zmq_endpoint,
+                p.kv_events_port,
+            )
+        if p.indexer_config is not None and p.indexer_config.tokenizers_pool_config:
+            log.warning(
+                "plugin '%s': indexerConfig.tokenizersPoolConfig (a tokenizer sidecar) is "
+                "not used; prompts are tokenized by a token-producer or the engine",
+                self.name,
+            )
         self.fallback = ApproxPrefixCacheProducer(p.fallback, f"{self.name}/fallback")
         self.index = KvBlockIndex(p.max_blocks_per_engine)
         self.pool = KvEventsPool(
@@ -130,6 +241,9 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             except (TokenizerError, OSError) as exc:
                 raise ValueError(f"{self.name}: {exc}") from None
         self.metrics: KvEventsMetrics | None = None
+        # speculativeIndexing: engine -> block key -> expiry (monotonic seconds).
+        self._speculative: dict[str, dict[int, float]] = {}
+        self._speculative_ttl = parse_duration(p.speculative_ttl)
         self.served: dict[str, int] = {"precise": 0, "approximate": 0}
 
     # -- lifecycle ---------------------------------------------------------------
@@ -137,6 +251,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self.metrics = KvEventsMetrics(self.pool, registry)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        for ep in removed:
+            self._speculative.pop(ep.key, None)
         self.fallback.endpoints_changed(added, removed)
         self.pool.sync(added, removed)
 
@@ -153,6 +269,9 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             return
         req = cycle.request
         tokens = _request_token_ids(req.body)
+        produced = cycle.get(TOKENIZED_PROMPT)
+        if tokens is None and produced is not None and produced.real:
+            tokens = list(produced.token_ids)  # a token producer's render of the prompt
         if tokens is None and self._local is not None:
             tokens = await self._local_tokens(req.body, req.api, req.request_id)
         elif tokens is None:
@@ -177,6 +296,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         approx = cycle.get(PREFIX_MATCH)
         if approx is not None:
             cycle.put(_APPROX_MATCH, approx)
+            cycle.put(self.key, approx)
         prompt = cycle.get(PRECISE_PROMPT)
         if prompt is None:
             return
@@ -184,19 +304,57 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         if not live:
             return
         p = self.params
-        cycle.put(
-            PREFIX_MATCH,
-            PrefixMatch(
-                hashes=prompt.hashes,
-                matched=self.index.match(prompt.keys, live, self._media),
-                block_bytes=p.block_size,
-                prompt_bytes=prompt.tokens,
-                prompt_tokens=prompt.tokens,
-                source="precise",
-            ),
+        matched = self.index.match(prompt.keys, live, self._media)
+        if p.speculative_indexing:
+            self._add_speculative(prompt.keys, live, matched, cycle.now)
+        match = PrefixMatch(
+            hashes=prompt.hashes,
+            matched=matched,
+            block_bytes=p.block_size,
+            prompt_bytes=prompt.tokens,
+            prompt_tokens=prompt.tokens,
+            source="precise",
+            block_tokens=p.block_size,
         )
+        cycle.put(PREFIX_MATCH, match)
+        cycle.put(self.key, match)
+
+    def _add_speculative(
+        self, keys: Sequence[int], live: Sequence[str], matched: dict[str, int], now: float
+    ) -> None:
+        """Leading runs of blocks predicted on an engine by recent routing decisions
+        (not yet confirmed by its events), where longer than the events' run."""
+        for engine in live:
+            predicted = self._speculative.get(engine)
+            if not predicted:
+                continue
+            n = 0
+            for k in keys:
+                expiry = predicted.get(k)
+                if expiry is None or expiry <= now:
+                    break
+                n += 1
+            if n > matched.get(engine, 0):
+                matched[engine] = n
+
+    def _predict(self, engine: str, keys: Sequence[int], now: float) -> None:
+        predicted = self._speculative.setdefault(engine, {})
+        if len(predicted) + len(keys) > self.params.max_blocks_per_engine:
+            for k in [k for k, e in predicted.items() if e <= now]:
+                del predicted[k]
+        expiry = now + self._speculative_ttl
+        for k in keys:
+            predicted.pop(k, None)
+            predicted[k] = expiry
+        while len(predicted) > self.params.max_blocks_per_engine:
+            del predicted[next(iter(predicted))]
 
     def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
+        prompt = cycle.get(PRECISE_PROMPT)
+        if self.params.speculative_indexing and prompt is not None and prompt.keys:
+            for profile in (result.primary, result.prefill_profile):
+                for target in result.targets(profile)[:1]:
+                    self._predict(target.key, prompt.keys, cycle.now)
         approx = cycle.get(_APPROX_MATCH)
         if approx is not None and approx.hashes:
             # Keep the fallback warm: it must be useful the moment events stop.

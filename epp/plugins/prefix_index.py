@@ -1,19 +1,22 @@
 """The approximate prefix index: chained block hashes and a per-endpoint LRU.
 
-A prompt is cut into fixed-size byte blocks; block i's hash covers block i and the
-hash of block i-1, so equal hashes mean equal prefixes. For every endpoint the index
-keeps an LRU of the block hashes it routed there (bounded by ``capacity``), and a
-reverse map hash -> endpoints that lets a lookup walk the prompt once for all
-endpoints instead of once per endpoint.
+A prompt is cut into fixed-size blocks of tokens (``token_block_hashes``; the last,
+partial block included, the chain seeded with the model name) or, for the legacy
+``hashBlockSize`` setting, of bytes (``block_hashes``, full blocks only); block i's hash
+covers block i and the hash of block i-1, so equal hashes mean equal prefixes. For
+every endpoint the index keeps an LRU of the block hashes it routed there (bounded
+by ``capacity``), and a reverse map hash -> endpoints that lets a lookup walk the
+prompt once for all endpoints instead of once per endpoint.
 """
 
 from __future__ import annotations
 
 import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
-__all__ = ["PrefixIndex", "block_hashes"]
+__all__ = ["PrefixIndex", "block_hashes", "token_block_hashes"]
 
 
 def block_hashes(prompt: bytes, block_bytes: int, max_blocks: int) -> list[bytes]:
@@ -26,6 +29,34 @@ def block_hashes(prompt: bytes, block_bytes: int, max_blocks: int) -> list[bytes
         start = i * block_bytes
         # Prepending the previous digest chains the blocks.
         prev = blake(prev + prompt[start : start + block_bytes], digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+def _token_bytes(ids: Sequence[int]) -> bytes:
+    try:
+        return array("I", ids).tobytes()
+    except OverflowError:
+        return array("q", ids).tobytes()
+
+
+def token_block_hashes(
+    ids: Sequence[int], block_tokens: int, max_blocks: int | None, seed: str = ""
+) -> list[bytes]:
+    """Chained hashes of ``block_tokens``-token blocks, the partial tail block included;
+    at most ``max_blocks`` (None: all). The chain starts from the hash of ``seed``."""
+    n = -(-len(ids) // block_tokens)
+    if max_blocks is not None:
+        n = min(n, max_blocks)
+    if n <= 0:
+        return []
+    raw = _token_bytes(ids[: n * block_tokens])
+    step = len(raw) // len(ids[: n * block_tokens]) * block_tokens
+    blake = hashlib.blake2b
+    prev = blake(seed.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    out: list[bytes] = []
+    for i in range(n):
+        prev = blake(prev + raw[i * step : (i + 1) * step], digest_size=16).digest()
         out.append(prev)
     return out
 
@@ -63,9 +94,10 @@ class PrefixIndex:
             matched[key] = i
         return matched
 
-    def record(self, key: str, hashes: Iterable[bytes]) -> list[bytes]:
+    def record(self, key: str, hashes: Iterable[bytes], capacity: int | None = None) -> list[bytes]:
         """Remember that ``hashes`` were routed to endpoint ``key``; returns those that
-        ``key`` did not hold before."""
+        ``key`` did not hold before. ``capacity`` overrides the index's bound for this
+        endpoint (its engine's own block count)."""
         lru = self._lru.get(key)
         if lru is None:
             lru = self._lru[key] = OrderedDict()
@@ -82,7 +114,8 @@ class PrefixIndex:
                 holders[h] = {key}
             else:
                 owners.add(key)
-        while len(lru) > self.capacity:
+        bound = capacity if capacity is not None and capacity > 0 else self.capacity
+        while len(lru) > bound:
             old, _ = lru.popitem(last=False)
             self._forget(old, key)
         return added

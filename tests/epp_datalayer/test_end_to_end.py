@@ -99,11 +99,7 @@ async def test_pd_topology_config_keeps_prefill_on_the_decode_host(
     start_director: StartDirector, tmp_path: Path
 ) -> None:
     text = (LLM_D / "llm-d-router" / "pd-topology-epp-config.yaml").read_text()
-    # The token-based prefix parameters of this file are another module's concern;
-    # everything else is loaded as shipped.
-    text = text.replace(
-        "  parameters:\n    maxPrefixTokensToMatch: 16384\n    lruCapacityPerServer: 31250\n", ""
-    )
+    assert "maxPrefixTokensToMatch: 16384" in text  # loaded as shipped
     decode = await PageServer(body=_vllm_page(0)).start()
     near = await PageServer(body=_vllm_page(5)).start()  # busier, but on the decode's host
     far = await PageServer(body=_vllm_page(0)).start()

@@ -117,12 +117,12 @@ def test_prefix_params_llm_d_names() -> None:
     assert params.hash_block_size == 5
 
 
-def test_block_size_alias_and_auto_tune_accepted() -> None:
-    params = PrefixParams.model_validate({"blockSize": 32, "autoTune": True})
-    assert params.block_bytes == 32
+def test_block_size_is_the_deprecated_name_of_block_size_tokens() -> None:
+    params = PrefixParams.model_validate({"blockSize": 96, "autoTune": True})
+    assert params.block_size_tokens == 96
     producer = ApproxPrefixCacheProducer(params)
-    c = cycle("z" * 400)
+    c = cycle("z" * 1000)  # 250 estimated tokens
     producer.prepare(c, [])
     match = c.get(PREFIX_MATCH)
-    assert match is not None and match.block_bytes == 32
-    assert len(match.hashes) == len(c.request.prompt) // 32
+    assert match is not None and match.block_tokens == 96
+    assert len(match.hashes) == 3  # two full blocks and the partial tail
