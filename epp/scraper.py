@@ -19,8 +19,6 @@ the names it lacks: the endpoint goes stale and is scored as busy instead of loo
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import re
 import time
@@ -29,6 +27,7 @@ from dataclasses import dataclass
 
 import aiohttp
 
+from epp.datalayer.endpoint_loops import EndpointLoops
 from epp.datalayer.scrape_target import ScrapeTarget
 from epp.datastore import Datastore, Endpoint, EndpointMetrics
 from epp.engine_metrics import BUILTIN_ENGINES, EngineMapping, EngineMappings, MetricSpec
@@ -191,8 +190,13 @@ class MetricsScraper:
         self.timeout_s = timeout_s
         self.max_scrapes_per_second = max_scrapes_per_second
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
-        self._started = False
+        self._loops = EndpointLoops(
+            "scrape",
+            self.scrape_once,
+            lambda: self.effective_interval_s,
+            forget=lambda key: self._warned.pop(key, None),
+            changed=self._warn_if_stretched,
+        )
         self._stretched_for = 0
         self.scrapes_ok = 0
         self.scrapes_failed = 0
@@ -200,7 +204,7 @@ class MetricsScraper:
     @property
     def effective_interval_s(self) -> float:
         """The configured interval, stretched to keep within the scrape budget."""
-        return max(self.interval_s, len(self._tasks) / self.max_scrapes_per_second)
+        return max(self.interval_s, len(self._loops) / self.max_scrapes_per_second)
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -209,41 +213,22 @@ class MetricsScraper:
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
             auto_decompress=False,
         )
-        self._started = True
-        self.datastore.add_listener(self._on_change)
-        self._on_change(list(self.datastore.snapshot()), [])
+        self._loops.start(self.datastore)
 
     async def stop(self) -> None:
-        self._started = False
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loops.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
 
-    def _on_change(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
-        if not self._started:
-            return
-        for ep in removed:
-            self._warned.pop(ep.key, None)
-            task = self._tasks.pop(ep.key, None)
-            if task is not None:
-                task.cancel()
-        for ep in added:
-            if ep.key not in self._tasks:
-                self._tasks[ep.key] = asyncio.create_task(self._loop(ep), name=f"scrape {ep.key}")
+    def _warn_if_stretched(self) -> None:
         interval = self.effective_interval_s
-        if interval > self.interval_s and len(self._tasks) != self._stretched_for:
-            self._stretched_for = len(self._tasks)
+        if interval > self.interval_s and len(self._loops) != self._stretched_for:
+            self._stretched_for = len(self._loops)
             log.warning(
                 "scraping %d endpoints every %.3fs instead of %.3fs to stay within %.0f "
                 "scrapes/s; keep --metrics-staleness-threshold above that",
-                len(self._tasks), interval, self.interval_s, self.max_scrapes_per_second,
+                len(self._loops), interval, self.interval_s, self.max_scrapes_per_second,
             )  # fmt: skip
 
     async def scrape_once(self, endpoint: Endpoint) -> bool:
@@ -305,15 +290,3 @@ class MetricsScraper:
             if parsed.no_load_signal
             else "; the last values are kept",
         )
-
-    async def _loop(self, endpoint: Endpoint) -> None:
-        me = asyncio.current_task()
-        while True:
-            started = time.monotonic()
-            await self.scrape_once(endpoint)
-            # A cancellation that lands as a client timeout fires is reported by aiohttp
-            # as that timeout; membership, not the exception, decides whether to go on.
-            if self._tasks.get(endpoint.key) is not me:
-                return
-            elapsed = time.monotonic() - started
-            await asyncio.sleep(max(0.0, self.effective_interval_s - elapsed))

@@ -12,19 +12,18 @@ way. The configured ``interval`` is rounded to a multiple of the EPP's
 from __future__ import annotations
 
 import abc
-import asyncio
-import contextlib
 import functools
 import logging
 import ssl
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Literal
 
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 
 from epp.datalayer.base import DataSource, ExtractorGuard
+from epp.datalayer.endpoint_loops import EndpointLoops
 from epp.datastore import Datastore, Endpoint, format_host_port
 from epp.plugins.base import Plugin, PluginParams
 from epp.plugins.durations import parse_duration
@@ -119,8 +118,10 @@ class PollingSource(DataSource):
         self.polls_failed = 0
         self.guard = ExtractorGuard(self.name)
         self._session: aiohttp.ClientSession | None = None
-        self._tasks: dict[str, asyncio.Task[None]] = {}
         self._failing: set[str] = set()
+        self._loops = EndpointLoops(
+            self.name, self.poll_once, lambda: self.period_s, forget=self._failing.discard
+        )
         self._started = False
 
     @abc.abstractmethod
@@ -152,35 +153,14 @@ class PollingSource(DataSource):
             timeout=aiohttp.ClientTimeout(total=_POLL_TIMEOUT_S),
             connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=4.0),
         )
-        datastore.add_listener(self._on_change)
-        self._on_change(list(datastore.snapshot()), [])
+        self._loops.start(datastore)
 
     async def stop(self) -> None:
         self._started = False
-        tasks = list(self._tasks.values())
-        self._tasks.clear()
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._loops.stop()
         if self._session is not None:
             await self._session.close()
             self._session = None
-
-    def _on_change(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
-        if not self._started:
-            return
-        for ep in removed:
-            self._failing.discard(ep.key)
-            task = self._tasks.pop(ep.key, None)
-            if task is not None:
-                task.cancel()
-        for ep in added:
-            if ep.key not in self._tasks:
-                self._tasks[ep.key] = asyncio.create_task(
-                    self._loop(ep), name=f"{self.name} {ep.key}"
-                )
 
     async def poll_once(self, endpoint: Endpoint) -> bool:
         """One bounded poll; True when the body was fetched and delivered."""
@@ -212,12 +192,3 @@ class PollingSource(DataSource):
             self._failing.discard(endpoint.key)
             log.info("%s: endpoint %s answers again", self.name, endpoint.key)
         return True
-
-    async def _loop(self, endpoint: Endpoint) -> None:
-        me = asyncio.current_task()
-        while True:
-            started = time.monotonic()
-            await self.poll_once(endpoint)
-            if self._tasks.get(endpoint.key) is not me:
-                return
-            await asyncio.sleep(max(0.0, self.period_s - (time.monotonic() - started)))

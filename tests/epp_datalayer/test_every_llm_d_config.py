@@ -151,17 +151,23 @@ async def _requests(sims: list[RunningSim]) -> int:
     return total
 
 
+def _role_aware(path: Path) -> bool:
+    return "decode-filter" in path.read_text()
+
+
 @contextlib.asynccontextmanager
 async def _gateway(
     path: Path, engines: dict[str, list[RunningSim]], tmp_path: Path
 ) -> AsyncIterator[tuple[EppApp, str]]:
     """An EPP started with the file (and the engines as its endpoints) behind Envoy."""
     endpoints = tmp_path / "endpoints.yaml"
+    # The samples without a decode filter are for an aggregated pool: decode engines only.
+    pool = engines if _role_aware(path) else {"decode": engines["decode"]}
     write_pods(
         endpoints,
         [
             {"name": f"{role}-{i}", "port": sim.port, "labels": {ROLE: role}}
-            for role, sims in engines.items()
+            for role, sims in pool.items()
             for i, sim in enumerate(sims)
         ],
     )
@@ -214,7 +220,7 @@ async def test_the_config_routes_through_envoy(
         async with aiohttp.ClientSession() as session:
             answer = await _chat(session, url, f"hello {path.name}")
         assert answer["choices"][0]["message"]["content"]
-        # Every shipped profile set ends on a decode-filtered pick.
+        # A decode pick (the aggregated samples know only decode engines), no encoder.
         assert await _requests(engines["decode"]) == 1
         assert await _requests(engines["encode"]) == 0
         assert app.director is not None
@@ -260,6 +266,6 @@ async def test_no_hit_lru_config_spreads_cold_requests(
 def test_token_producer_urls_are_replaced_for_the_run() -> None:
     path = LLM_D / "llm-d-inference-scheduler" / "sim-epp-kvcache-config.yaml"
     assert "localhost:8000" in path.read_text()
-    out = _for_the_run(path, "http://127.0.0.1:1")
+    out = _for_the_run(path, "http://127.0.0.1:1", 1)
     assert re.search(r"url: http://127\.0\.0\.1:1", out)
     assert "localhost:8000" not in out

@@ -146,7 +146,7 @@ async def test_scraper_follows_membership(start_sim: Any) -> None:
         ds.replace_source("t", [ep])
         await wait_until(lambda: ep.metrics.updated_at > 0)
         ds.replace_source("t", [])
-        assert scraper._tasks == {}
+        assert len(scraper._loops) == 0
     finally:
         await scraper.stop()
     assert scraper.scrapes_ok >= 1
