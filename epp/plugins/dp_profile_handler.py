@@ -9,16 +9,15 @@ endpoint's ``host:port`` in that header and sends the request to the same host o
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 from pydantic import Field
 
 from epp.datastore import format_host_port
-from epp.decision import NoEndpoints
-from epp.plugins.base import PluginParams, ProfileHandler
+from epp.plugins.base import PluginParams
+from epp.plugins.profile_handlers import SingleProfileHandler
 from epp.plugins.registry import register
 from epp.scheduling.cycle import REQUEST_HEADERS, CycleState
-from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
 
 __all__ = ["DATA_PARALLEL_HEADER", "DataParallelProfileHandler"]
@@ -27,7 +26,7 @@ DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 
 
 @register
-class DataParallelProfileHandler(ProfileHandler):
+class DataParallelProfileHandler(SingleProfileHandler):
     """Exactly one scheduling profile; routes to ``primaryPort`` of the picked pod."""
 
     type_name = "data-parallel-profile-handler"
@@ -37,36 +36,15 @@ class DataParallelProfileHandler(ProfileHandler):
 
     params: Params
 
-    def check_profiles(self, names: Sequence[str]) -> None:
-        if len(names) != 1:
-            raise ValueError(
-                "data-parallel-profile-handler needs exactly one scheduling profile, "
-                f"got {len(names)}"
-            )
-
-    def pick_profiles(
-        self,
-        cycle: CycleState,
-        profiles: Mapping[str, Profile],
-        results: Mapping[str, ProfileResult | None],
-    ) -> list[str]:
-        return [] if results else list(profiles)[:1]
-
-    def destination_profile(self, cycle: CycleState, profiles: Mapping[str, Profile]) -> str | None:
-        return next(iter(profiles), None)
-
     def process_results(
         self, cycle: CycleState, results: Mapping[str, ProfileResult | None]
     ) -> SchedulingResult:
-        name, result = next(iter(results.items()))
-        if result is None:
-            raise NoEndpoints(f"no endpoint passed the filters of profile '{name}'")
-        target = result.targets[0]
+        result = super().process_results(cycle, results)
+        target = results[result.primary].targets[0]  # type: ignore[union-attr]
         headers = cycle.get(REQUEST_HEADERS)
         if headers is None:
             headers = {}
             cycle.put(REQUEST_HEADERS, headers)
         headers[DATA_PARALLEL_HEADER] = format_host_port(target.address, target.port)
-        return SchedulingResult(
-            results=results, primary=name, destination_port=self.params.primary_port
-        )
+        result.destination_port = self.params.primary_port
+        return result

@@ -26,7 +26,7 @@ class SingleProfileHandler(ProfileHandler):
     def check_profiles(self, names: Sequence[str]) -> None:
         if len(names) != 1:
             raise ValueError(
-                f"single-profile-handler needs exactly one scheduling profile, got {len(names)}"
+                f"{self.type_name} needs exactly one scheduling profile, got {len(names)}"
             )
 
     def pick_profiles(
