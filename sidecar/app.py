@@ -23,7 +23,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from sidecar.api_shapes import shape_for
+from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
 from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import PrefillRejected, SidecarError
@@ -31,7 +31,7 @@ from sidecar.exchange import Exchange, client_request_id, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
 from sidecar.health import Readiness
 from sidecar.log import access_log, http_log, log
-from sidecar.metrics import Metrics, path_label
+from sidecar.metrics import Metrics
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
 from sidecar.ranks import Rank, Ranks, rank_orchestrator
@@ -322,7 +322,7 @@ def _is_scrape(ex: Exchange) -> bool:
 
 
 def _observe(metrics: Metrics, ex: Exchange) -> None:
-    metrics.requests.labels(path=path_label(ex.path), mode=ex.mode, status=str(ex.status)).inc()
+    metrics.count_request(ex.path, ex.mode, ex.status)
     if ex.total_s is not None:
         metrics.total_seconds.observe(ex.total_s)
     if ex.ttft_s is not None:
@@ -332,48 +332,78 @@ def _observe(metrics: Metrics, ex: Exchange) -> None:
         metrics.overhead_seconds.observe(overhead)
 
 
-async def _handle(request: web.Request) -> web.StreamResponse:
+def _rank(request: web.Request) -> Rank:
     services = request.app[SERVICES]
+    if services.ranks is not None:
+        return services.ranks.for_request(request)
     settings = request.app[SETTINGS]
-    ex = request[EXCHANGE]
-    rank = (
-        services.ranks.for_request(request)
-        if services.ranks is not None
-        else Rank(0, settings.model_server_url, services.orchestrator, services.readiness)
+    return Rank(0, settings.model_server_url, services.orchestrator, services.readiness)
+
+
+async def _health(request: web.Request) -> web.StreamResponse:
+    request[EXCHANGE].mode = "health"
+    return web.json_response({"status": "alive"})
+
+
+async def _ready(request: web.Request) -> web.StreamResponse:
+    request[EXCHANGE].mode = "health"
+    ready = await _rank(request).readiness.ready()
+    return web.json_response(
+        {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
     )
-    if request.method == "GET" and request.path in ("/health", "/ready"):
-        ex.mode = "health"
-        if request.path == "/health":
-            return web.json_response({"status": "alive"})
-        ready = await rank.readiness.ready()
-        return web.json_response(
-            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-        )
-    if not request.raw_path.startswith("/"):
-        # An absolute-form target (http://host/path, RFC 9112 section 3.2.2) is served as
-        # its path: appended to the engine's URL as it stands, it made a broken URL.
-        request = request.clone(rel_url=request.rel_url)
-    shape = shape_for(request.path) if request.method == "POST" else None
-    read: bytes | None = None
-    if shape is not None:
-        if services.guard is not None:
-            services.guard.check_headers(request.headers, ex.log_ids())
-        header = request.headers.get(PREFILLER_HOST_PORT)
-        encoders = request.headers.get(ENCODER_HOSTS_PORTS)
-        if header is not None or (encoders and rank.orchestrator.encode is not None):
-            return await rank.orchestrator.serve(request, shape, header, ex, encoders)
-        # Decode-only: the body goes to the engine as sent, once checked like any other.
-        ex.mode = "local"
-        read, _ = await rank.orchestrator.client_body(request, ex)
+
+
+def _origin_form(request: web.Request) -> web.Request:
+    if request.raw_path.startswith("/"):
+        return request
+    # An absolute-form target (http://host/path, RFC 9112 section 3.2.2) is served as its
+    # path: appended to the engine's URL as it stands, it made a broken URL.
+    return request.clone(rel_url=request.rel_url)
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    """A generation API path (``sidecar.api_shapes``): P/D, E/PD or decode-only."""
+    request = _origin_form(request)
+    shape = shape_for(request.path)
+    if shape is None:  # a route registered for another spelling of the path
+        return await _passthrough(request)
+    services = request.app[SERVICES]
+    ex = request[EXCHANGE]
+    rank = _rank(request)
+    if services.guard is not None:
+        services.guard.check_headers(request.headers, ex.log_ids())
+    header = request.headers.get(PREFILLER_HOST_PORT)
+    encoders = request.headers.get(ENCODER_HOSTS_PORTS)
+    if header is not None or (encoders and rank.orchestrator.encode is not None):
+        return await rank.orchestrator.serve(request, shape, header, ex, encoders)
+    # Decode-only: the body goes to the engine as sent, once checked like any other.
+    ex.mode = "local"
+    read, _ = await rank.orchestrator.client_body(request, ex)
+    return await _passthrough(request, read)
+
+
+async def _passthrough(request: web.Request, read: bytes | None = None) -> web.StreamResponse:
+    """Everything else: to the local engine untouched."""
+    request = _origin_form(request)
+    settings = request.app[SETTINGS]
     return await passthrough(
         request,
-        services.local,
-        rank.base_url,
-        ex,
+        request.app[SERVICES].local,
+        _rank(request).base_url,
+        request[EXCHANGE],
         first_byte_timeout=settings.decode_first_byte_timeout,
         idle_timeout=settings.stream_idle_timeout,
         read=read,
     )
+
+
+def _add_routes(router: web.UrlDispatcher) -> None:
+    """The routing table: health, the generation APIs, and passthrough for the rest."""
+    router.add_get("/health", _health, allow_head=False)
+    router.add_get("/ready", _ready, allow_head=False)
+    for path in API_SHAPES:
+        router.add_post(path, _generate)
+    router.add_route("*", "/{tail:.*}", _passthrough)
 
 
 def build_app(settings: Settings, metrics: Metrics) -> web.Application:
@@ -381,7 +411,7 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app.cleanup_ctx.append(_services)
-    app.router.add_route("*", "/{tail:.*}", _handle)
+    _add_routes(app.router)
     return app
 
 

@@ -98,6 +98,13 @@ async def read_body(request: web.Request, limit: int, deadline_s: float) -> byte
     """The whole request body: at most ``limit`` bytes, arriving within ``deadline_s``."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    content = request.content
+    if content.is_eof():
+        # The whole body already arrived (the usual case for small bodies): no timer.
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise BodyTooLarge(limit)
+        return whole
     chunks: list[bytes] = []
     size = 0
     try:
@@ -116,9 +123,15 @@ async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
     """The whole body (read to the end so the connection can be reused), at most ``limit``."""
     if response.content_length is not None and response.content_length > limit:
         raise aiohttp.ClientPayloadError(f"answer of {response.content_length} bytes")
+    content = response.content
+    if content.is_eof():
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise aiohttp.ClientPayloadError(f"answer over {limit} bytes")
+        return whole
     chunks: list[bytes] = []
     size = 0
-    while chunk := await response.content.readany():
+    while chunk := await content.readany():
         size += len(chunk)
         if size > limit:
             raise aiohttp.ClientPayloadError(f"answer over {limit} bytes")
@@ -572,6 +585,11 @@ class Orchestrator:
         await out.write_eof()
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
+        content = response.content
+        if not first or content.is_eof():
+            # Everything arrived with the first read: no timer needed.
+            rest = content.read_nowait() if first else b""
+            return first + rest if rest else first
         chunks = [first]
         try:
             async with asyncio.timeout(self.policy.stream_idle_timeout):

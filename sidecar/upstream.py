@@ -19,10 +19,13 @@ from collections.abc import AsyncIterator, Callable
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
 from sidecar.errors import DecodeError, PrefillUnavailable, SidecarError, UpstreamTLSError
 
 __all__ = ["Upstream", "make_session"]
+
+_MAX_URLS = 1024
 
 
 def make_session(
@@ -102,6 +105,16 @@ class Upstream:
         self.session = session
         self._on_stale = on_stale
         self.tls = tls
+        # Parsed URLs by their text: a proxy sends to the same few URLs over and over.
+        self._urls: dict[str, URL] = {}
+
+    def _url(self, url: str) -> URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
+        return parsed
 
     async def send(
         self,
@@ -140,9 +153,10 @@ class Upstream:
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
+        target = self._url(url)
         try:
             return await self.session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
+                method, target, data=body, headers=headers, allow_redirects=False
             )
         except aiohttp.ClientError as exc:
             # A streamed body has been consumed: it cannot be sent twice.
@@ -150,5 +164,5 @@ class Upstream:
                 raise
         self._on_stale(self.stage)
         return await self.session.request(
-            method, url, data=body, headers=headers, allow_redirects=False
+            method, target, data=body, headers=headers, allow_redirects=False
         )
