@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
 from sidecar.encode import EncodePolicy, EncoderStage
-from sidecar.errors import PrefillRejected, SidecarError
+from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
 from sidecar.exchange import Exchange, client_request_id, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
 from sidecar.health import Readiness
@@ -34,7 +34,8 @@ from sidecar.log import access_log, http_log, log
 from sidecar.metrics import Metrics
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
-from sidecar.ranks import Rank, Ranks, rank_orchestrator
+from sidecar.plan import Route
+from sidecar.ranks import Rank, Ranks
 from sidecar.relay import StreamBroken
 from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
@@ -183,7 +184,6 @@ async def _open_services(
         ),
         prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
         decode=local,
-        decode_base_url=settings.model_server_url,
         policy=_policy(settings),
         metrics=metrics,
         encode=_encode_stage(settings, metrics, encode_session, count_stale),
@@ -197,9 +197,7 @@ async def _open_services(
             ttl=settings.ready_cache_ttl,
             timeout=max(settings.connect_timeout, 1.0),
         )
-        ranks.append(
-            Rank(index, base_url, rank_orchestrator(orchestrator, base_url), rank_readiness)
-        )
+        ranks.append(Rank(index, base_url, orchestrator, rank_readiness))
     app[SERVICES] = Services(
         orchestrator=orchestrator, local=local, readiness=readiness, guard=guard, ranks=Ranks(ranks)
     )
@@ -372,13 +370,18 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     rank = _rank(request)
     if services.guard is not None:
         services.guard.check_headers(request.headers, ex.log_ids())
-    header = request.headers.get(PREFILLER_HOST_PORT)
-    encoders = request.headers.get(ENCODER_HOSTS_PORTS)
-    if header is not None or (encoders and rank.orchestrator.encode is not None):
-        return await rank.orchestrator.serve(request, shape, header, ex, encoders)
+    orchestrator = rank.orchestrator
+    prefill_header = request.headers.get(PREFILLER_HOST_PORT)
+    try:
+        route = orchestrator.plan(prefill_header, request.headers.get(ENCODER_HOSTS_PORTS))
+    except InvalidRoutingHeader:
+        ex.mode = "pd" if prefill_header is not None else "epd"
+        raise
+    if route.route is not Route.LOCAL:
+        return await orchestrator.serve(request, shape, route, ex, rank.base_url)
     # Decode-only: the body goes to the engine as sent, once checked like any other.
     ex.mode = "local"
-    read, _ = await rank.orchestrator.client_body(request, ex)
+    read, _ = await orchestrator.client_body(request, ex)
     return await _passthrough(request, read)
 
 

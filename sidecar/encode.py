@@ -35,7 +35,7 @@ from sidecar.exchange import Exchange
 from sidecar.headers import TRACEPARENT
 from sidecar.metrics import Metrics
 from sidecar.routing import HostPort
-from sidecar.upstream import Upstream
+from sidecar.upstream import RETRYABLE_STATUSES, Upstream
 
 __all__ = [
     "EC_CONNECTORS",
@@ -51,7 +51,6 @@ EC_CONNECTORS = ("ec-example", "ec-nixl")
 MULTIMODAL_PART_TYPES = frozenset({"image_url", "audio_url", "video_url", "input_audio"})
 ENCODE_PATH = "/v1/chat/completions"
 PARAMS_FIELD = "ec_transfer_params"
-_RETRY_STATUSES = frozenset({502, 503, 504})
 _MAX_ANSWER = 4 * 1024 * 1024
 
 
@@ -218,7 +217,7 @@ class EncoderStage:
             raise _Retry(EncodeError(f"encoder {target} unreachable: {exc!r}", "connect")) from None
         except aiohttp.ClientError as exc:
             raise EncodeError(f"encoder {target}: {exc!r}", "protocol") from None
-        if status in _RETRY_STATUSES:
+        if status in RETRYABLE_STATUSES:
             raise _Retry(EncodeError(f"encoder {target} answered {status}", f"status_{status}"))
         if not 200 <= status < 300:
             detail = answer[:300].decode(errors="replace")

@@ -13,6 +13,7 @@ error naming the stage and TLS, translated here.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +22,19 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from sidecar.errors import DecodeError, PrefillUnavailable, SidecarError, UpstreamTLSError
+from sidecar.errors import (
+    DecodeError,
+    DecodeNotReady,
+    DecodeTimeout,
+    PrefillUnavailable,
+    SidecarError,
+    UpstreamTLSError,
+)
 
-__all__ = ["Upstream", "make_session"]
+__all__ = ["RETRYABLE_STATUSES", "Upstream", "make_session"]
+
+# Answers worth sending to the next target of a list (prefillers, encoders).
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 _MAX_URLS = 1024
 
@@ -145,6 +156,42 @@ class Upstream:
                     f" accept refuses this way; see --client-cert-file): {exc!r}"
                 ) from exc
             raise
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        first_byte_timeout: float,
+        what: str = "model server",
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send a leg whose answer is relayed to the client; return once its first body
+        bytes (or its end) arrived. Failures become decode errors (``what`` names the
+        upstream in them); on success the caller releases the response."""
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(first_byte_timeout):
+                response = await self.send(method, url, headers, body)
+                first = await response.content.readany()
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise DecodeTimeout(
+                f"{what} gave no first byte within {first_byte_timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError:
+            raise DecodeNotReady() from None
+        except aiohttp.ClientError as exc:
+            if response is not None:
+                response.close()
+            raise DecodeError(f"{what} request failed: {exc!r}") from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        return response, first
 
     async def _send(
         self,
