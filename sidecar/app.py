@@ -16,12 +16,13 @@ import contextlib
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
@@ -42,6 +43,7 @@ from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.upstream import Upstream, make_session
+from sidecar.workers import WorkerError, Workers, merged_collector
 
 __all__ = [
     "SERVER_KEEPALIVE_S",
@@ -51,6 +53,7 @@ __all__ = [
     "build_app",
     "build_metrics_app",
     "run",
+    "run_worker",
     "start",
 ]
 
@@ -418,9 +421,21 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
     return app
 
 
+WORKERS = web.AppKey("workers", Workers)
+
+
 def build_metrics_app(metrics: Metrics) -> web.Application:
     async def serve_metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(metrics.registry))
+        own = generate_latest(metrics.registry)
+        workers = request.app.get(WORKERS)
+        if workers is not None:
+            # --workers: one endpoint answers for every process.
+            async with aiohttp.ClientSession() as session:
+                texts = await workers.scrape(session)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(merged_collector([own.decode(), *texts]))
+            own = generate_latest(registry)
+        response = web.Response(body=own)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
@@ -441,6 +456,7 @@ class Servers:
     metrics_port: int = 0
     ports: tuple[int, ...] = ()  # every rank's port, as bound
     tls: ServingTLS | None = None  # --secure-proxy
+    workers: Workers | None = None  # --workers: the other processes on the same ports
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
@@ -449,14 +465,29 @@ class Servers:
             services.readiness.draining = True
             for rank in services.ranks.all if services.ranks is not None else ():
                 rank.readiness.draining = True
+        stopping = (
+            asyncio.ensure_future(self.workers.stop(self.app[SETTINGS].drain_timeout + 5.0))
+            if self.workers is not None
+            else None
+        )
         await self.runner.cleanup()
+        if stopping is not None:
+            await stopping
         await self.metrics_runner.cleanup()
         if self.tls is not None:
             await self.tls.stop()
 
 
-async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
+async def start(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    worker_ports: Sequence[int] | None = None,
+) -> Servers:
+    """Bind and serve. ``worker_ports``: this is an extra ``--workers`` process joining
+    the ports the first one bound (its metrics go to an ephemeral loopback port)."""
     metrics = metrics if metrics is not None else Metrics()
+    reuse_port = settings.workers > 1 or None
     app = build_app(settings, metrics)
     runner = web.AppRunner(
         app,
@@ -489,14 +520,23 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
         ports: list[int] = []
         for index in range(settings.data_parallel_size):
             # Rank r on --port + r (any free port each when --port is 0).
-            port = settings.port + index if settings.port else 0
-            site = web.TCPSite(runner, settings.listen_host, port, ssl_context=ssl_context)
+            if worker_ports is not None:
+                port = worker_ports[index]
+            else:
+                port = settings.port + index if settings.port else 0
+            site = web.TCPSite(
+                runner, settings.listen_host, port, ssl_context=ssl_context, reuse_port=reuse_port
+            )
             await site.start()
             bound = int(runner.addresses[-1][1])  # the site just started is the last
             ports.append(bound)
             if ranks is not None:
                 ranks.bind(index, bound)
-        await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
+        if worker_ports is None:
+            metrics_site = web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port)
+        else:
+            metrics_site = web.TCPSite(metrics_runner, "127.0.0.1", 0)
+        await metrics_site.start()
         servers.port = ports[0]
         servers.ports = tuple(ports)
         servers.metrics_port = int(metrics_runner.addresses[0][1])
@@ -518,9 +558,18 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         except ValueError as exc:
             # Unusable start-up material (certificates, allowlist, Kubernetes config).
             raise StartupError(str(exc)) from exc
+        if settings.workers > 1:
+            try:
+                servers.workers = await Workers.spawn(settings, servers.ports)
+            except WorkerError as exc:
+                await servers.drain_and_stop()
+                raise StartupError(f"--workers: {exc}") from exc
+            servers.metrics_runner.app[WORKERS] = servers.workers
         log.info(
             {
                 "event": "listening",
+                "workers": settings.workers,
+                "worker_metrics_ports": servers.workers.metrics_ports if servers.workers else [],
                 "port": servers.port,
                 "data_parallel_ports": list(servers.ports),
                 "tls": servers.tls is not None,
@@ -536,3 +585,17 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info({"event": "stopped"})
+
+
+async def run_worker(
+    settings: Settings, ports: Sequence[int], index: int, report: Connection
+) -> None:
+    """One extra ``--workers`` process: serve ``ports`` until SIGTERM, then drain."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    servers = await start(settings, worker_ports=ports)
+    report.send(servers.metrics_port)
+    report.close()
+    log.info({"event": "worker_listening", "worker": index, "ports": list(servers.ports)})
+    await stop.wait()
+    await servers.drain_and_stop()
