@@ -18,6 +18,8 @@ it there).
 
     python benchmarks/sidecar_bench.py                    # ~3 minutes
     python benchmarks/sidecar_bench.py --workers 2 --json out.json
+    git archive <commit> sidecar | tar -x -C /tmp/base
+    python benchmarks/sidecar_bench.py --baseline-src /tmp/base   # before/after, one run
 """
 
 from __future__ import annotations
@@ -118,7 +120,7 @@ def router_binary() -> str | None:
 
 @contextmanager
 def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
-    p_port, d_port, s_port, m_port, r_port, rm_port = (free_port() for _ in range(6))
+    p_port, d_port, r_port, rm_port = (free_port() for _ in range(4))
     procs: list[subprocess.Popen[bytes]] = []
     quiet = subprocess.DEVNULL
     if args.engine == "fake":
@@ -133,22 +135,32 @@ def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                "--num-blocks=400000", f"--natural-output-tokens={OUTPUT_TOKENS * 4}"]  # fmt: skip
         procs.append(subprocess.Popen([*sim, f"--port={p_port}", "--role=prefill"]))
         procs.append(subprocess.Popen([*sim, f"--port={d_port}", "--role=decode"]))
-    sidecar = subprocess.Popen(
-        [
-            str(BIN / "pd-sidecar"),
-            f"--port={s_port}",
-            f"--metrics-port={m_port}",
-            "--listen-host=127.0.0.1",
-            f"--model-server-port={d_port}",
-            "--log-level=warning",
-            f"--max-body-bytes={4 << 20}",
-            *([f"--workers={args.workers}"] if args.workers > 1 else []),
-        ],
-        stderr=quiet,
-    )
-    procs.append(sidecar)
-    ports: dict[str, Any] = {"p": p_port, "d": d_port, "s": s_port, "pids": {}}
-    ports["pids"]["pd-sidecar"] = sidecar.pid
+    ports: dict[str, Any] = {"p": p_port, "d": d_port, "sidecars": {}, "pids": {}}
+    variants = {"pd-sidecar": None}
+    if args.baseline_src:
+        variants["pd-sidecar@base"] = args.baseline_src
+    for name, source in variants.items():
+        port, metrics_port = free_port(), free_port()
+        env = os.environ | ({"PYTHONPATH": str(source)} if source else {})
+        sidecar = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                f"--port={port}",
+                f"--metrics-port={metrics_port}",
+                "--listen-host=127.0.0.1",
+                f"--model-server-port={d_port}",
+                "--log-level=warning",
+                f"--max-body-bytes={4 << 20}",
+                *([f"--workers={args.workers}"] if args.workers > 1 and not source else []),
+            ],
+            stderr=quiet,
+            env=env,
+        )
+        procs.append(sidecar)
+        ports["sidecars"][name] = port
+        ports["pids"][name] = sidecar.pid
     router = router_binary() if not args.no_router else None
     if router is not None:
         proc = subprocess.Popen(
@@ -252,13 +264,14 @@ def via_proxy(url: str, extra_headers: dict[str, str], prompt: str, stream: bool
 def peers(ports: dict[str, Any], prompt: str, stream: bool) -> dict[str, Any]:
     found = {
         "two-leg": two_leg_client(ports, prompt, stream),
-        "pd-sidecar": via_proxy(
-            f"http://127.0.0.1:{ports['s']}/v1/completions",
+    }
+    for name, port in ports["sidecars"].items():
+        found[name] = via_proxy(
+            f"http://127.0.0.1:{port}/v1/completions",
             {"x-prefiller-host-port": f"127.0.0.1:{ports['p']}"},
             prompt,
             stream,
-        ),
-    }
+        )
     if "r" in ports:
         found["vllm-router"] = via_proxy(
             f"http://127.0.0.1:{ports['r']}/v1/completions", {}, prompt, stream
@@ -292,7 +305,8 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
     with processes(args) as ports:
         await wait_ready(f"http://127.0.0.1:{ports['p']}/health")
         await wait_ready(f"http://127.0.0.1:{ports['d']}/health")
-        await wait_ready(f"http://127.0.0.1:{ports['s']}/ready")
+        for port in ports["sidecars"].values():
+            await wait_ready(f"http://127.0.0.1:{port}/ready")
         if "r" in ports:
             await wait_ready(f"http://127.0.0.1:{ports['r']}/health")
         for scenario in SCENARIOS:
@@ -362,6 +376,11 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
     parser.add_argument("--workers", type=int, default=1, help="pd-sidecar --workers")
     parser.add_argument("--no-router", action="store_true", help="skip vllm-router")
+    parser.add_argument(
+        "--baseline-src",
+        type=Path,
+        help="also measure the sidecar package found in this directory (pd-sidecar@base)",
+    )
     parser.add_argument("--only", default="", help="run the scenarios whose label has this")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
