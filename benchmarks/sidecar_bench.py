@@ -17,7 +17,7 @@ and the p50 spread of the token burst in streams (a proxy that stretches streams
 it there).
 
     python benchmarks/sidecar_bench.py                    # ~3 minutes
-    python benchmarks/sidecar_bench.py --workers 2 --json out.json
+    python benchmarks/sidecar_bench.py --workers 1,2 --json out.json
     git archive <commit> sidecar | tar -x -C /tmp/base
     python benchmarks/sidecar_bench.py --baseline-src /tmp/base   # before/after, one run
 """
@@ -136,10 +136,12 @@ def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         procs.append(subprocess.Popen([*sim, f"--port={p_port}", "--role=prefill"]))
         procs.append(subprocess.Popen([*sim, f"--port={d_port}", "--role=decode"]))
     ports: dict[str, Any] = {"p": p_port, "d": d_port, "sidecars": {}, "pids": {}}
-    variants = {"pd-sidecar": None}
+    variants: dict[str, tuple[Path | None, int]] = {}
+    for count in args.workers:
+        variants["pd-sidecar" if count == 1 else f"pd-sidecar w{count}"] = (None, count)
     if args.baseline_src:
-        variants["pd-sidecar@base"] = args.baseline_src
-    for name, source in variants.items():
+        variants["pd-sidecar@base"] = (args.baseline_src, 1)
+    for name, (source, workers) in variants.items():
         port, metrics_port = free_port(), free_port()
         env = os.environ | ({"PYTHONPATH": str(source)} if source else {})
         sidecar = subprocess.Popen(
@@ -153,7 +155,7 @@ def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 f"--model-server-port={d_port}",
                 "--log-level=warning",
                 f"--max-body-bytes={4 << 20}",
-                *([f"--workers={args.workers}"] if args.workers > 1 and not source else []),
+                *([f"--workers={workers}"] if workers > 1 else []),
             ],
             stderr=quiet,
             env=env,
@@ -336,12 +338,12 @@ def print_scenario(scenario: Scenario, medians: dict[str, dict[str, float]]) -> 
     base = medians["two-leg"]
     print(f"\n== {scenario.label} (medians)")
     print(
-        f"{'peer':<12}{'req/s':>9}{'x 2-leg':>9}{'cpu ms/req':>11}{'p50 ms':>8}"
+        f"{'peer':<16}{'req/s':>9}{'x 2-leg':>9}{'cpu ms/req':>11}{'p50 ms':>8}"
         f"{'+p50 ms':>9}{'p99 ms':>8}{'spread50':>9}{'err':>5}"
     )
     for name, m in medians.items():
         print(
-            f"{name:<12}{m['rps']:9.1f}{m['rps'] / base['rps']:9.2f}{m['cpu_ms_per_req']:11.2f}"
+            f"{name:<16}{m['rps']:9.1f}{m['rps'] / base['rps']:9.2f}{m['cpu_ms_per_req']:11.2f}"
             f"{m['total_p50_ms']:8.2f}{m['total_p50_ms'] - base['total_p50_ms']:+9.2f}"
             f"{m['total_p99_ms']:8.2f}{m['spread_p50_ms']:9.2f}{int(m['errors']):5d}"
         )
@@ -374,7 +376,12 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=4.0, help="seconds per cell")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds before each cell")
     parser.add_argument("--reps", type=int, default=3, help="interleaved repetitions")
-    parser.add_argument("--workers", type=int, default=1, help="pd-sidecar --workers")
+    parser.add_argument(
+        "--workers",
+        type=lambda text: [int(n) for n in text.split(",")],
+        default=[1],
+        help="pd-sidecar --workers; a comma list measures each (e.g. 1,2)",
+    )
     parser.add_argument("--no-router", action="store_true", help="skip vllm-router")
     parser.add_argument(
         "--baseline-src",

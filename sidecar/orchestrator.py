@@ -64,13 +64,14 @@ from sidecar.metrics import Metrics
 from sidecar.plan import Failure, Plan, Route, on_prefill_failure, plan
 from sidecar.relay import error_event, is_event_stream, relay_body
 from sidecar.routing import HostPort
-from sidecar.upstream import RETRYABLE_STATUSES, Upstream
+from sidecar.upstream import Retryable, StageErrors, Upstream, read_bounded
 from sidecar.usage import SseUsageRewriter, rewrite_json
 
 __all__ = ["FALLBACK_HEADER", "Orchestrator", "Policy"]
 
 FALLBACK_HEADER = "x-pd-prefill-fallback"
 _MAX_PREFILL_ANSWER = 16 * 1024 * 1024
+_PREFILL_ERRORS = StageErrors(timeout=PrefillTimeout, failed=PrefillUnavailable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +87,6 @@ class Policy:
     stream_idle_timeout: float = 120.0
     # Trusted clients only: let bodies carry kv_transfer_params & co (client_fields).
     allow_client_transfer_params: bool = False
-
-
-class _Retryable(Exception):
-    def __init__(self, error: PrefillUnavailable) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 async def read_body(request: web.Request, limit: int, deadline_s: float) -> bytes:
@@ -117,26 +112,6 @@ async def read_body(request: web.Request, limit: int, deadline_s: float) -> byte
     except TimeoutError:
         raise RequestBodyTimeout(deadline_s, size) from None
     return b"".join(chunks)
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body (read to the end so the connection can be reused), at most ``limit``."""
-    if response.content_length is not None and response.content_length > limit:
-        raise aiohttp.ClientPayloadError(f"answer of {response.content_length} bytes")
-    content = response.content
-    if content.is_eof():
-        whole = content.read_nowait()
-        if len(whole) > limit:
-            raise aiohttp.ClientPayloadError(f"answer over {limit} bytes")
-        return whole
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise aiohttp.ClientPayloadError(f"answer over {limit} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -309,7 +284,7 @@ class Orchestrator:
         def count_retry(state: RetryCallState) -> None:
             outcome = state.outcome
             failure = outcome.exception() if outcome is not None else None
-            reason = failure.error.reason if isinstance(failure, _Retryable) else "unknown"
+            reason = failure.error.reason if isinstance(failure, Retryable) else "unknown"
             self.metrics.prefill_retries.labels(reason=reason).inc()
 
         def next_target() -> HostPort:
@@ -322,7 +297,7 @@ class Orchestrator:
             # The first attempt runs without the retry machinery: it is the hot path.
             try:
                 return await self._prefill_once(ctx, next_target())
-            except _Retryable as exc:
+            except Retryable as exc:
                 if self.policy.prefill_max_retries == 0:
                     raise exc.error from None
                 self.metrics.prefill_retries.labels(reason=exc.error.reason).inc()
@@ -331,14 +306,14 @@ class Orchestrator:
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self.policy.prefill_max_retries),
                 wait=self._retry_wait,
-                retry=retry_if_exception_type(_Retryable),
+                retry=retry_if_exception_type(Retryable),
                 before_sleep=count_retry,
                 reraise=True,
             )
             async for attempt in retrying:
                 with attempt:
                     return await self._prefill_once(ctx, next_target())
-        except _Retryable as exc:
+        except Retryable as exc:
             raise exc.error from None
         finally:
             ex.prefill_s = loop.time() - started
@@ -382,34 +357,21 @@ class Orchestrator:
         leg_headers[TRACEPARENT] = rctx.ex.trace.leg_header()
         url = target.base_url + shape.path
         try:
-            async with asyncio.timeout(self.policy.prefill_timeout):
-                response = await self.prefill.send("POST", url, leg_headers, payload)
-                try:
-                    status = response.status
-                    content_type = response.headers.get("Content-Type")
-                    answer = await _read_bounded(response, _MAX_PREFILL_ANSWER)
-                finally:
-                    response.release()
-        except TimeoutError:
-            self._forget(target)
-            raise PrefillTimeout(
-                f"prefill at {target} gave no answer within {self.policy.prefill_timeout:g}s"
-            ) from None
-        except aiohttp.ClientConnectionError as exc:
-            self._forget(target)
-            raise _Retryable(
-                PrefillUnavailable(f"prefill at {target} unreachable: {exc!r}", "connect")
-            ) from None
-        except aiohttp.ClientError as exc:
-            self._forget(target)
-            raise PrefillUnavailable(f"prefill at {target}: {exc!r}", "protocol") from None
-        if status in RETRYABLE_STATUSES:
-            self._forget(target)
-            raise _Retryable(
-                PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
+            fetched = await self.prefill.fetch(
+                url,
+                leg_headers,
+                payload,
+                target=str(target),
+                errors=_PREFILL_ERRORS,
+                limit=_MAX_PREFILL_ANSWER,
+                timeout=self.policy.prefill_timeout,
             )
+        except (Retryable, PrefillError):
+            self._forget(target)
+            raise
+        status, answer = fetched.status, fetched.body
         if 400 <= status < 500:
-            raise PrefillRejected(status, answer, content_type)
+            raise PrefillRejected(status, answer, fetched.content_type)
         if not 200 <= status < 300:
             self._forget(target)
             raise PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
@@ -482,7 +444,7 @@ class Orchestrator:
                         verdict = scan.feed(chunk) if chunk else scan.end()
                     if verdict is Verdict.DECLINED:
                         # Read the (short) rest so the pooled connection stays usable.
-                        await _read_bounded(response, _MAX_PREFILL_ANSWER)
+                        await read_bounded(response, _MAX_PREFILL_ANSWER)
         except TimeoutError:
             response.close()
             raise DecodeTimeout(
@@ -605,7 +567,7 @@ class Orchestrator:
                 leg = self._leg(ctx, target, await self._prepare(target))
                 try:
                     return await self._concurrent_once(ctx, leg)
-                except _Retryable as exc:
+                except Retryable as exc:
                     if ex.response_started or ex.prefill_attempts > self.policy.prefill_max_retries:
                         self.metrics.prefill_failures.labels(reason=exc.error.reason).inc()
                         raise exc.error from None
@@ -617,7 +579,7 @@ class Orchestrator:
             ex.prefill_s = loop.time() - started
 
     async def _concurrent_once(self, ctx: RequestContext, leg: LegContext) -> web.StreamResponse:
-        """One paired attempt. A failed prefill ends the decode leg: with ``_Retryable``
+        """One paired attempt. A failed prefill ends the decode leg: with ``Retryable``
         (or the error) before the client saw a byte, with an error event after it. A
         prefill whose generation finished leaves nothing to pull: the decode is replaced
         by a local one when the client has seen nothing yet."""
@@ -631,7 +593,7 @@ class Orchestrator:
                 return
             failure = task.exception()
             if failure is not None:
-                ex.abort = failure.error if isinstance(failure, _Retryable) else failure
+                ex.abort = failure.error if isinstance(failure, Retryable) else failure
                 relay.cancel()
             elif task.result().generation_finished and not ex.response_started:
                 relay.cancel()
