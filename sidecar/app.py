@@ -1,12 +1,14 @@
 """Wiring, in one visible place: settings -> sessions -> connector -> orchestrator -> servers.
 
-Main port: ``GET /health`` (liveness), ``GET /ready`` (the local vLLM answers), P/D
-treatment for the API paths of ``sidecar.api_shapes`` when ``x-prefiller-host-port`` is
-present, and passthrough for everything else. Metrics port: ``GET /metrics``.
+Main port (the routing table is :func:`_add_routes`): ``GET /health`` (liveness),
+``GET /ready`` (the local vLLM answers), the API paths of ``sidecar.api_shapes`` (P/D,
+E/PD or decode-only, as :mod:`sidecar.plan` decides), and passthrough for everything
+else. Metrics port: ``GET /metrics``.
 
-The one error boundary is :func:`_boundary`, the outermost (only) middleware: it owns
-the request's :class:`~sidecar.exchange.Exchange`, turns :class:`SidecarError` into JSON
-answers, and emits the metrics and the access log line.
+Two middlewares (:data:`_MIDDLEWARES`), one concern each: :func:`_record` owns the
+request's :class:`~sidecar.exchange.Exchange` and emits its metrics and access log line;
+inside it, :func:`_errors` is the one error boundary, turning :class:`SidecarError` into
+JSON answers.
 """
 
 from __future__ import annotations
@@ -239,7 +241,9 @@ def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
 
 
 @web.middleware
-async def _boundary(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _record(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Outermost: the request's :class:`Exchange`, the in-flight gauge, and once it is
+    answered, its metrics and access log line."""
     metrics = request.app[METRICS]
     ex = Exchange(
         request_id=new_request_id(),
@@ -255,6 +259,25 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         if ex.status == 0:
             ex.status = response.status
         return response
+    finally:
+        metrics.in_flight.dec()
+        ex.finish()
+        if ex.mode != "health":
+            _observe(metrics, ex)
+            # Monitoring scrapes of vLLM's /metrics (the EPP polls every 50 ms) would
+            # drown the request log: successful ones are logged at debug level.
+            level = logging.DEBUG if _is_scrape(ex) else logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(level, ex.record())
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """The one error boundary: :class:`SidecarError` becomes its JSON answer, a client
+    that left is noted, anything else is a 500 (after the first byte: re-raised)."""
+    ex = request[EXCHANGE]
+    try:
+        return await handler(request)
     except SidecarError as error:
         ex.status = error.status
         ex.error = error.message
@@ -286,16 +309,10 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         return web.Response(status=ex.status)  # never sent: the transport is closing
     except Exception as exc:
         return _internal_error(exc, ex)
-    finally:
-        metrics.in_flight.dec()
-        ex.finish()
-        if ex.mode != "health":
-            _observe(metrics, ex)
-            # Monitoring scrapes of vLLM's /metrics (the EPP polls every 50 ms) would
-            # drown the request log: successful ones are logged at debug level.
-            level = logging.DEBUG if _is_scrape(ex) else logging.INFO
-            if access_log.isEnabledFor(level):
-                access_log.log(level, ex.record())
+
+
+# The middleware stack, outermost first.
+_MIDDLEWARES = (_record, _errors)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -413,7 +430,7 @@ def _add_routes(router: web.UrlDispatcher) -> None:
 
 
 def build_app(settings: Settings, metrics: Metrics) -> web.Application:
-    app = web.Application(middlewares=[_boundary], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=_MIDDLEWARES, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app.cleanup_ctx.append(_services)
