@@ -1,7 +1,10 @@
 """The P/D orchestrator: sends the legs a connector describes, and owns everything else.
 
-Sending, retries, timeouts, cancellation, usage accounting, metrics and errors live here
-once; connectors (``sidecar.connectors``) only translate bodies. Per request:
+Retries, cancellation, usage accounting and metrics live here once; connectors
+(``sidecar.connectors``) only translate bodies, :mod:`sidecar.plan` has already decided
+the route, and every leg is sent through :mod:`sidecar.upstream` (sending, timeouts and
+the translation of client errors). One :class:`~sidecar.context.RequestContext` goes
+through the stages. Per request:
 
 1. read the body (bounded) and parse it once;
 2. [encode stage, when configured and the request names encoders]; without a prefill
