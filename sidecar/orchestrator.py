@@ -537,15 +537,15 @@ class Orchestrator:
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
         content = response.content
-        if not first or content.is_eof():
-            # Everything arrived with the first read: no timer needed.
-            rest = content.read_nowait() if first else b""
-            return first + rest if rest else first
         chunks = [first]
         try:
+            if not first or content.is_eof():
+                # Everything arrived with the first read: no timer needed.
+                rest = content.read_nowait() if first else b""
+                return first + rest if rest else first
             async with asyncio.timeout(self.policy.stream_idle_timeout):
                 while chunks[-1]:
-                    chunks.append(await response.content.readany())
+                    chunks.append(await content.readany())
         except TimeoutError:
             raise DecodeTimeout(
                 f"decode answer stalled for more than {self.policy.stream_idle_timeout:g}s"
