@@ -1,12 +1,14 @@
 """Wiring, in one visible place: settings -> sessions -> connector -> orchestrator -> servers.
 
-Main port: ``GET /health`` (liveness), ``GET /ready`` (the local vLLM answers), P/D
-treatment for the API paths of ``sidecar.api_shapes`` when ``x-prefiller-host-port`` is
-present, and passthrough for everything else. Metrics port: ``GET /metrics``.
+Main port (the routing table is :func:`_add_routes`): ``GET /health`` (liveness),
+``GET /ready`` (the local vLLM answers), the API paths of ``sidecar.api_shapes`` (P/D,
+E/PD or decode-only, as :mod:`sidecar.plan` decides), and passthrough for everything
+else. Metrics port: ``GET /metrics``.
 
-The one error boundary is :func:`_boundary`, the outermost (only) middleware: it owns
-the request's :class:`~sidecar.exchange.Exchange`, turns :class:`SidecarError` into JSON
-answers, and emits the metrics and the access log line.
+Two middlewares (:data:`_MIDDLEWARES`), one concern each: :func:`_record` owns the
+request's :class:`~sidecar.exchange.Exchange` and emits its metrics and access log line;
+inside it, :func:`_errors` is the one error boundary, turning :class:`SidecarError` into
+JSON answers.
 """
 
 from __future__ import annotations
@@ -16,31 +18,34 @@ import contextlib
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 
 import aiohttp
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from sidecar.api_shapes import shape_for
+from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
 from sidecar.encode import EncodePolicy, EncoderStage
-from sidecar.errors import PrefillRejected, SidecarError
+from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
 from sidecar.exchange import Exchange, client_request_id, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
 from sidecar.health import Readiness
 from sidecar.log import access_log, http_log, log
-from sidecar.metrics import Metrics, path_label
+from sidecar.metrics import Metrics
 from sidecar.orchestrator import Orchestrator, Policy
 from sidecar.passthrough import passthrough
-from sidecar.ranks import Rank, Ranks, rank_orchestrator
+from sidecar.plan import Route
+from sidecar.ranks import Rank, Ranks
 from sidecar.relay import StreamBroken
 from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.upstream import Upstream, make_session
+from sidecar.workers import WorkerError, Workers, merged_collector
 
 __all__ = [
     "SERVER_KEEPALIVE_S",
@@ -50,6 +55,7 @@ __all__ = [
     "build_app",
     "build_metrics_app",
     "run",
+    "run_worker",
     "start",
 ]
 
@@ -183,7 +189,6 @@ async def _open_services(
         ),
         prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
         decode=local,
-        decode_base_url=settings.model_server_url,
         policy=_policy(settings),
         metrics=metrics,
         encode=_encode_stage(settings, metrics, encode_session, count_stale),
@@ -197,9 +202,7 @@ async def _open_services(
             ttl=settings.ready_cache_ttl,
             timeout=max(settings.connect_timeout, 1.0),
         )
-        ranks.append(
-            Rank(index, base_url, rank_orchestrator(orchestrator, base_url), rank_readiness)
-        )
+        ranks.append(Rank(index, base_url, orchestrator, rank_readiness))
     app[SERVICES] = Services(
         orchestrator=orchestrator, local=local, readiness=readiness, guard=guard, ranks=Ranks(ranks)
     )
@@ -238,7 +241,9 @@ def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
 
 
 @web.middleware
-async def _boundary(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _record(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """Outermost: the request's :class:`Exchange`, the in-flight gauge, and once it is
+    answered, its metrics and access log line."""
     metrics = request.app[METRICS]
     ex = Exchange(
         request_id=new_request_id(),
@@ -254,6 +259,25 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         if ex.status == 0:
             ex.status = response.status
         return response
+    finally:
+        metrics.in_flight.dec()
+        ex.finish()
+        if ex.mode != "health":
+            _observe(metrics, ex)
+            # Monitoring scrapes of vLLM's /metrics (the EPP polls every 50 ms) would
+            # drown the request log: successful ones are logged at debug level.
+            level = logging.DEBUG if _is_scrape(ex) else logging.INFO
+            if access_log.isEnabledFor(level):
+                access_log.log(level, ex.record())
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """The one error boundary: :class:`SidecarError` becomes its JSON answer, a client
+    that left is noted, anything else is a 500 (after the first byte: re-raised)."""
+    ex = request[EXCHANGE]
+    try:
+        return await handler(request)
     except SidecarError as error:
         ex.status = error.status
         ex.error = error.message
@@ -285,16 +309,10 @@ async def _boundary(request: web.Request, handler: _Handler) -> web.StreamRespon
         return web.Response(status=ex.status)  # never sent: the transport is closing
     except Exception as exc:
         return _internal_error(exc, ex)
-    finally:
-        metrics.in_flight.dec()
-        ex.finish()
-        if ex.mode != "health":
-            _observe(metrics, ex)
-            # Monitoring scrapes of vLLM's /metrics (the EPP polls every 50 ms) would
-            # drown the request log: successful ones are logged at debug level.
-            level = logging.DEBUG if _is_scrape(ex) else logging.INFO
-            if access_log.isEnabledFor(level):
-                access_log.log(level, ex.record())
+
+
+# The middleware stack, outermost first.
+_MIDDLEWARES = (_record, _errors)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -322,7 +340,7 @@ def _is_scrape(ex: Exchange) -> bool:
 
 
 def _observe(metrics: Metrics, ex: Exchange) -> None:
-    metrics.requests.labels(path=path_label(ex.path), mode=ex.mode, status=str(ex.status)).inc()
+    metrics.count_request(ex.path, ex.mode, ex.status)
     if ex.total_s is not None:
         metrics.total_seconds.observe(ex.total_s)
     if ex.ttft_s is not None:
@@ -332,62 +350,109 @@ def _observe(metrics: Metrics, ex: Exchange) -> None:
         metrics.overhead_seconds.observe(overhead)
 
 
-async def _handle(request: web.Request) -> web.StreamResponse:
+def _rank(request: web.Request) -> Rank:
     services = request.app[SERVICES]
+    if services.ranks is not None:
+        return services.ranks.for_request(request)
     settings = request.app[SETTINGS]
-    ex = request[EXCHANGE]
-    rank = (
-        services.ranks.for_request(request)
-        if services.ranks is not None
-        else Rank(0, settings.model_server_url, services.orchestrator, services.readiness)
+    return Rank(0, settings.model_server_url, services.orchestrator, services.readiness)
+
+
+async def _health(request: web.Request) -> web.StreamResponse:
+    request[EXCHANGE].mode = "health"
+    return web.json_response({"status": "alive"})
+
+
+async def _ready(request: web.Request) -> web.StreamResponse:
+    request[EXCHANGE].mode = "health"
+    ready = await _rank(request).readiness.ready()
+    return web.json_response(
+        {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
     )
-    if request.method == "GET" and request.path in ("/health", "/ready"):
-        ex.mode = "health"
-        if request.path == "/health":
-            return web.json_response({"status": "alive"})
-        ready = await rank.readiness.ready()
-        return web.json_response(
-            {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
-        )
-    if not request.raw_path.startswith("/"):
-        # An absolute-form target (http://host/path, RFC 9112 section 3.2.2) is served as
-        # its path: appended to the engine's URL as it stands, it made a broken URL.
-        request = request.clone(rel_url=request.rel_url)
-    shape = shape_for(request.path) if request.method == "POST" else None
-    read: bytes | None = None
-    if shape is not None:
-        if services.guard is not None:
-            services.guard.check_headers(request.headers, ex.log_ids())
-        header = request.headers.get(PREFILLER_HOST_PORT)
-        encoders = request.headers.get(ENCODER_HOSTS_PORTS)
-        if header is not None or (encoders and rank.orchestrator.encode is not None):
-            return await rank.orchestrator.serve(request, shape, header, ex, encoders)
-        # Decode-only: the body goes to the engine as sent, once checked like any other.
-        ex.mode = "local"
-        read, _ = await rank.orchestrator.client_body(request, ex)
+
+
+def _origin_form(request: web.Request) -> web.Request:
+    if request.raw_path.startswith("/"):
+        return request
+    # An absolute-form target (http://host/path, RFC 9112 section 3.2.2) is served as its
+    # path: appended to the engine's URL as it stands, it made a broken URL.
+    return request.clone(rel_url=request.rel_url)
+
+
+async def _generate(request: web.Request) -> web.StreamResponse:
+    """A generation API path (``sidecar.api_shapes``): P/D, E/PD or decode-only."""
+    request = _origin_form(request)
+    shape = shape_for(request.path)
+    if shape is None:  # a route registered for another spelling of the path
+        return await _passthrough(request)
+    services = request.app[SERVICES]
+    ex = request[EXCHANGE]
+    rank = _rank(request)
+    if services.guard is not None:
+        services.guard.check_headers(request.headers, ex.log_ids())
+    orchestrator = rank.orchestrator
+    prefill_header = request.headers.get(PREFILLER_HOST_PORT)
+    try:
+        route = orchestrator.plan(prefill_header, request.headers.get(ENCODER_HOSTS_PORTS))
+    except InvalidRoutingHeader:
+        ex.mode = "pd" if prefill_header is not None else "epd"
+        raise
+    if route.route is not Route.LOCAL:
+        return await orchestrator.serve(request, shape, route, ex, rank.base_url)
+    # Decode-only: the body goes to the engine as sent, once checked like any other.
+    ex.mode = "local"
+    read, _ = await orchestrator.client_body(request, ex)
+    return await _passthrough(request, read)
+
+
+async def _passthrough(request: web.Request, read: bytes | None = None) -> web.StreamResponse:
+    """Everything else: to the local engine untouched."""
+    request = _origin_form(request)
+    settings = request.app[SETTINGS]
     return await passthrough(
         request,
-        services.local,
-        rank.base_url,
-        ex,
+        request.app[SERVICES].local,
+        _rank(request).base_url,
+        request[EXCHANGE],
         first_byte_timeout=settings.decode_first_byte_timeout,
         idle_timeout=settings.stream_idle_timeout,
         read=read,
     )
 
 
+def _add_routes(router: web.UrlDispatcher) -> None:
+    """The routing table: health, the generation APIs, and passthrough for the rest."""
+    router.add_get("/health", _health, allow_head=False)
+    router.add_get("/ready", _ready, allow_head=False)
+    for path in API_SHAPES:
+        router.add_post(path, _generate)
+    router.add_route("*", "/{tail:.*}", _passthrough)
+
+
 def build_app(settings: Settings, metrics: Metrics) -> web.Application:
-    app = web.Application(middlewares=[_boundary], client_max_size=settings.max_body_bytes)
+    app = web.Application(middlewares=_MIDDLEWARES, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
     app.cleanup_ctx.append(_services)
-    app.router.add_route("*", "/{tail:.*}", _handle)
+    _add_routes(app.router)
     return app
+
+
+WORKERS = web.AppKey("workers", Workers)
 
 
 def build_metrics_app(metrics: Metrics) -> web.Application:
     async def serve_metrics(request: web.Request) -> web.Response:
-        response = web.Response(body=generate_latest(metrics.registry))
+        own = generate_latest(metrics.registry)
+        workers = request.app.get(WORKERS)
+        if workers is not None:
+            # --workers: one endpoint answers for every process.
+            async with aiohttp.ClientSession() as session:
+                texts = await workers.scrape(session)
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(merged_collector([own.decode(), *texts]))
+            own = generate_latest(registry)
+        response = web.Response(body=own)
         response.headers["Content-Type"] = CONTENT_TYPE_LATEST
         return response
 
@@ -408,6 +473,7 @@ class Servers:
     metrics_port: int = 0
     ports: tuple[int, ...] = ()  # every rank's port, as bound
     tls: ServingTLS | None = None  # --secure-proxy
+    workers: Workers | None = None  # --workers: the other processes on the same ports
 
     async def drain_and_stop(self) -> None:
         """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
@@ -416,14 +482,29 @@ class Servers:
             services.readiness.draining = True
             for rank in services.ranks.all if services.ranks is not None else ():
                 rank.readiness.draining = True
+        stopping = (
+            asyncio.ensure_future(self.workers.stop(self.app[SETTINGS].drain_timeout + 5.0))
+            if self.workers is not None
+            else None
+        )
         await self.runner.cleanup()
+        if stopping is not None:
+            await stopping
         await self.metrics_runner.cleanup()
         if self.tls is not None:
             await self.tls.stop()
 
 
-async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
+async def start(
+    settings: Settings,
+    metrics: Metrics | None = None,
+    *,
+    worker_ports: Sequence[int] | None = None,
+) -> Servers:
+    """Bind and serve. ``worker_ports``: this is an extra ``--workers`` process joining
+    the ports the first one bound (its metrics go to an ephemeral loopback port)."""
     metrics = metrics if metrics is not None else Metrics()
+    reuse_port = settings.workers > 1 or None
     app = build_app(settings, metrics)
     runner = web.AppRunner(
         app,
@@ -456,14 +537,23 @@ async def start(settings: Settings, metrics: Metrics | None = None) -> Servers:
         ports: list[int] = []
         for index in range(settings.data_parallel_size):
             # Rank r on --port + r (any free port each when --port is 0).
-            port = settings.port + index if settings.port else 0
-            site = web.TCPSite(runner, settings.listen_host, port, ssl_context=ssl_context)
+            if worker_ports is not None:
+                port = worker_ports[index]
+            else:
+                port = settings.port + index if settings.port else 0
+            site = web.TCPSite(
+                runner, settings.listen_host, port, ssl_context=ssl_context, reuse_port=reuse_port
+            )
             await site.start()
             bound = int(runner.addresses[-1][1])  # the site just started is the last
             ports.append(bound)
             if ranks is not None:
                 ranks.bind(index, bound)
-        await web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port).start()
+        if worker_ports is None:
+            metrics_site = web.TCPSite(metrics_runner, settings.listen_host, settings.metrics_port)
+        else:
+            metrics_site = web.TCPSite(metrics_runner, "127.0.0.1", 0)
+        await metrics_site.start()
         servers.port = ports[0]
         servers.ports = tuple(ports)
         servers.metrics_port = int(metrics_runner.addresses[0][1])
@@ -485,9 +575,18 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         except ValueError as exc:
             # Unusable start-up material (certificates, allowlist, Kubernetes config).
             raise StartupError(str(exc)) from exc
+        if settings.workers > 1:
+            try:
+                servers.workers = await Workers.spawn(settings, servers.ports)
+            except WorkerError as exc:
+                await servers.drain_and_stop()
+                raise StartupError(f"--workers: {exc}") from exc
+            servers.metrics_runner.app[WORKERS] = servers.workers
         log.info(
             {
                 "event": "listening",
+                "workers": settings.workers,
+                "worker_metrics_ports": servers.workers.metrics_ports if servers.workers else [],
                 "port": servers.port,
                 "data_parallel_ports": list(servers.ports),
                 "tls": servers.tls is not None,
@@ -503,3 +602,17 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(signum)
     log.info({"event": "stopped"})
+
+
+async def run_worker(
+    settings: Settings, ports: Sequence[int], index: int, report: Connection
+) -> None:
+    """One extra ``--workers`` process: serve ``ports`` until SIGTERM, then drain."""
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    servers = await start(settings, worker_ports=ports)
+    report.send(servers.metrics_port)
+    report.close()
+    log.info({"event": "worker_listening", "worker": index, "ports": list(servers.ports)})
+    await stop.wait()
+    await servers.drain_and_stop()

@@ -26,7 +26,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import aiohttp
 from multidict import CIMultiDict
 
 from sidecar._json import dumps, loads
@@ -35,7 +34,7 @@ from sidecar.exchange import Exchange
 from sidecar.headers import TRACEPARENT
 from sidecar.metrics import Metrics
 from sidecar.routing import HostPort
-from sidecar.upstream import Upstream
+from sidecar.upstream import Retryable, StageErrors, Upstream
 
 __all__ = [
     "EC_CONNECTORS",
@@ -51,8 +50,12 @@ EC_CONNECTORS = ("ec-example", "ec-nixl")
 MULTIMODAL_PART_TYPES = frozenset({"image_url", "audio_url", "video_url", "input_audio"})
 ENCODE_PATH = "/v1/chat/completions"
 PARAMS_FIELD = "ec_transfer_params"
-_RETRY_STATUSES = frozenset({502, 503, 504})
 _MAX_ANSWER = 4 * 1024 * 1024
+_ENCODE_ERRORS = StageErrors(
+    timeout=lambda message: EncodeTimeout(message, "timeout"),
+    failed=EncodeError,
+    too_large_reason="too_large",
+)
 
 
 def _identity(part: Mapping[str, Any]) -> str:
@@ -115,12 +118,6 @@ class EncodePolicy:
     timeout: float = 300.0  # per encode request, all attempts
     max_retries: int = 3
     retry_backoff: float = 0.1
-
-
-class _Retry(Exception):
-    def __init__(self, error: EncodeError) -> None:
-        super().__init__(error.message)
-        self.error = error
 
 
 class EncoderStage:
@@ -190,7 +187,7 @@ class EncoderStage:
                     target = encoders[(slot + attempt) % len(encoders)]
                     try:
                         return await self._send(target, payload, headers, ex)
-                    except _Retry as exc:
+                    except Retryable as exc:
                         if attempt + 1 == attempts:
                             raise exc.error from None
                         self.metrics.encode_retries.labels(reason=exc.error.reason).inc()
@@ -207,24 +204,19 @@ class EncoderStage:
         leg_headers = headers.copy()
         leg_headers[TRACEPARENT] = ex.trace.leg_header()
         url = target.base_url + ENCODE_PATH
-        try:
-            response = await self.upstream.send("POST", url, leg_headers, payload)
-            try:
-                status = response.status
-                answer = await response.content.read(_MAX_ANSWER + 1)
-            finally:
-                response.release()
-        except aiohttp.ClientConnectionError as exc:
-            raise _Retry(EncodeError(f"encoder {target} unreachable: {exc!r}", "connect")) from None
-        except aiohttp.ClientError as exc:
-            raise EncodeError(f"encoder {target}: {exc!r}", "protocol") from None
-        if status in _RETRY_STATUSES:
-            raise _Retry(EncodeError(f"encoder {target} answered {status}", f"status_{status}"))
+        fetched = await self.upstream.fetch(
+            url,
+            leg_headers,
+            payload,
+            target=str(target),
+            errors=_ENCODE_ERRORS,
+            limit=_MAX_ANSWER,
+            timeout=None,  # the bound is over every attempt (see _encode)
+        )
+        status, answer = fetched.status, fetched.body
         if not 200 <= status < 300:
             detail = answer[:300].decode(errors="replace")
             raise EncodeError(f"encoder {target} answered {status}: {detail}", f"status_{status}")
-        if len(answer) > _MAX_ANSWER:
-            raise EncodeError(f"encoder {target} answer over {_MAX_ANSWER} bytes", "too_large")
         try:
             parsed = loads(answer)
         except ValueError:

@@ -29,7 +29,11 @@
 Before the first response byte, ``sidecar.app``'s error middleware turns any of these into
 a JSON answer ``{"error": {"message", "type", "code", "stage", "request_id"}}``. After the
 first byte, the stream relay ends the stream with the same object as an error event.
-``PrefillError.reason`` is the label used for retry and fallback counters.
+``reason`` is the label used for retry, failure and fallback counters.
+
+Where the errors come from: aiohttp, timeout and TLS failures of an upstream exchange
+are translated in ``sidecar.upstream`` (:class:`~sidecar.upstream.StageErrors` names the
+classes of each stage); the orchestrator, passthrough and encode stage raise the rest.
 """
 
 from __future__ import annotations
@@ -67,6 +71,7 @@ class SidecarError(Exception):
     status: int = 500
     stage: str = "sidecar"
     kind: str = "internal_error"
+    reason: str = "error"
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

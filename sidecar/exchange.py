@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,7 +17,7 @@ _MAX_CLIENT_ID = 256
 def new_request_id() -> str:
     """The id every leg of one client request carries: fresh, never the client's own
     (two clients may send the same id, and an engine keys its state by it)."""
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 def client_request_id(value: str | None) -> str | None:

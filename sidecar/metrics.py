@@ -140,8 +140,19 @@ class Metrics:
             ["outcome"],
             registry=r,
         )
+        # Labelled children of the per-request counter, looked up once per label set.
+        self._request_children: dict[tuple[str, str, int], Counter] = {}
         self.in_flight = Gauge(
             "pd_sidecar_in_flight_requests",
             "Requests being served right now.",
             registry=r,
         )
+
+    def count_request(self, path: str, mode: str, status: int) -> None:
+        """One answered request (the labelled child is cached: this runs per request)."""
+        key = (path_label(path), mode, status)
+        child = self._request_children.get(key)
+        if child is None:
+            child = self.requests.labels(path=key[0], mode=mode, status=str(status))
+            self._request_children[key] = child
+        child.inc()

@@ -1,7 +1,10 @@
 """The P/D orchestrator: sends the legs a connector describes, and owns everything else.
 
-Sending, retries, timeouts, cancellation, usage accounting, metrics and errors live here
-once; connectors (``sidecar.connectors``) only translate bodies. Per request:
+Retries, cancellation, usage accounting and metrics live here once; connectors
+(``sidecar.connectors``) only translate bodies, :mod:`sidecar.plan` has already decided
+the route, and every leg is sent through :mod:`sidecar.upstream` (sending, timeouts and
+the translation of client errors). One :class:`~sidecar.context.RequestContext` goes
+through the stages. Per request:
 
 1. read the body (bounded) and parse it once;
 2. [encode stage, when configured and the request names encoders]; without a prefill
@@ -41,12 +44,12 @@ from tenacity import (
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.client_fields import forbidden_field
-from sidecar.connectors import Connector, EncodeStage, LegContext, LegOrder, PrefillResult
+from sidecar.connectors import Connector, EncodeStage, LegContext, PrefillResult
+from sidecar.context import RequestContext
 from sidecar.decode_first import FinishScan, Verdict
 from sidecar.errors import (
     BodyTooLarge,
     DecodeError,
-    DecodeNotReady,
     DecodeTimeout,
     ForbiddenField,
     InvalidBody,
@@ -61,16 +64,17 @@ from sidecar.errors import (
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, TRACEPARENT, request_headers, response_headers
 from sidecar.metrics import Metrics
+from sidecar.plan import Failure, Plan, Route, on_prefill_failure, plan
 from sidecar.relay import error_event, is_event_stream, relay_body
-from sidecar.routing import ENCODER_HOSTS_PORTS, HostPort, parse_host_ports, pick
-from sidecar.upstream import Upstream
+from sidecar.routing import HostPort
+from sidecar.upstream import Retryable, StageErrors, Upstream, read_bounded
 from sidecar.usage import SseUsageRewriter, rewrite_json
 
 __all__ = ["FALLBACK_HEADER", "Orchestrator", "Policy"]
 
 FALLBACK_HEADER = "x-pd-prefill-fallback"
-_RETRY_STATUSES = frozenset({502, 503, 504})
 _MAX_PREFILL_ANSWER = 16 * 1024 * 1024
+_PREFILL_ERRORS = StageErrors(timeout=PrefillTimeout, failed=PrefillUnavailable)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,16 +92,17 @@ class Policy:
     allow_client_transfer_params: bool = False
 
 
-class _Retryable(Exception):
-    def __init__(self, error: PrefillUnavailable) -> None:
-        super().__init__(error.message)
-        self.error = error
-
-
 async def read_body(request: web.Request, limit: int, deadline_s: float) -> bytes:
     """The whole request body: at most ``limit`` bytes, arriving within ``deadline_s``."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)
+    content = request.content
+    if content.is_eof():
+        # The whole body already arrived (the usual case for small bodies): no timer.
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise BodyTooLarge(limit)
+        return whole
     chunks: list[bytes] = []
     size = 0
     try:
@@ -110,20 +115,6 @@ async def read_body(request: web.Request, limit: int, deadline_s: float) -> byte
     except TimeoutError:
         raise RequestBodyTimeout(deadline_s, size) from None
     return b"".join(chunks)
-
-
-async def _read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
-    """The whole body (read to the end so the connection can be reused), at most ``limit``."""
-    if response.content_length is not None and response.content_length > limit:
-        raise aiohttp.ClientPayloadError(f"answer of {response.content_length} bytes")
-    chunks: list[bytes] = []
-    size = 0
-    while chunk := await response.content.readany():
-        size += len(chunk)
-        if size > limit:
-            raise aiohttp.ClientPayloadError(f"answer over {limit} bytes")
-        chunks.append(chunk)
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def parse_json_object(raw: bytes) -> dict[str, Any]:
@@ -145,7 +136,6 @@ class Orchestrator:
         connector: Connector,
         prefill: Upstream,
         decode: Upstream,
-        decode_base_url: str,
         policy: Policy,
         metrics: Metrics,
         encode: EncodeStage | None = None,
@@ -153,7 +143,6 @@ class Orchestrator:
         self.connector = connector
         self.prefill = prefill
         self.decode = decode
-        self.decode_base_url = decode_base_url
         self.policy = policy
         self.metrics = metrics
         self.encode = encode
@@ -176,118 +165,133 @@ class Orchestrator:
                 raise ForbiddenField(field)
         return raw, body
 
+    def plan(self, prefill_header: str | None, encoders_header: str | None) -> Plan:
+        """The route of one request (see :mod:`sidecar.plan`)."""
+        return plan(
+            prefill_header,
+            encoders_header,
+            order=self.connector.order,
+            decode_first=self.connector.decline_reason is not None,
+            encode_stage=self.encode is not None,
+            sampling=self.policy.prefiller_sampling,
+        )
+
     async def serve(
         self,
         request: web.Request,
         shape: ApiShape,
-        header_value: str | None,
+        route: Plan,
         ex: Exchange,
-        encoders_value: str | None = None,
+        decode_base_url: str,
     ) -> web.StreamResponse:
-        """Serve one request with a prefill target, encoder targets, or both."""
-        ex.mode = "pd" if header_value is not None else "epd"
-        targets = parse_host_ports(header_value) if header_value is not None else None
-        encoders = None
-        if encoders_value is not None and self.encode is not None:
-            encoders = parse_host_ports(encoders_value, ENCODER_HOSTS_PORTS)
+        """Serve one request planned for an encode stage, a prefill, or both."""
+        ex.mode = route.mode
         raw, body = await self.client_body(request, ex)
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id
         headers["Content-Type"] = "application/json"
-        extra: Mapping[str, Any] = {}
-        if self.encode is not None and encoders is not None:
-            extra = await self.encode.run(body, encoders, headers, ex)
-        if targets is None:
+        ctx = RequestContext(
+            request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers
+        )
+        if self.encode is not None and route.encoders is not None:
+            ctx.extra = await self.encode.run(body, list(route.encoders), headers, ex)
+        if route.route is Route.ENCODE:
             # E/PD: no prefill, so the decode leg takes the encoder outputs.
-            payload = dumps({**body, **extra}) if extra else raw
-            return await self._decode(request, shape, payload, headers, None, ex, None)
-        first = pick(targets, self.policy.prefiller_sampling)
-        if self.connector.order is LegOrder.CONCURRENT:
-            return await self._concurrent(request, shape, body, targets, first, headers, extra, ex)
+            payload = dumps({**body, **ctx.extra}) if ctx.extra else raw
+            return await self._decode(ctx, payload)
+        if route.route is Route.CONCURRENT:
+            return await self._concurrent(ctx)
         declined = False
-        if self.connector.decline_reason is not None:
-            ctx = LegContext(shape, body, ex.request_id, targets[first], extra=extra)
-            first_body = self.connector.decode_first_body(ctx)
+        if route.route is Route.DECODE_FIRST and self.connector.decline_reason is not None:
+            first_body = self.connector.decode_first_body(self._leg(ctx, route.prefiller(0)))
             if first_body is not None:
                 answered = await self._decode_first(
-                    request, shape, dumps(first_body), headers, ex, self.connector.decline_reason
+                    ctx, dumps(first_body), self.connector.decline_reason
                 )
                 if answered is not None:
                     return answered
                 declined = True
         try:
-            ctx, result, cached = await self._prefill(
-                shape, body, targets, first, headers, extra, ex
-            )
-        except PrefillRejected:
-            self.metrics.prefill_failures.labels(reason=PrefillRejected.reason).inc()
-            raise
+            leg, result, cached = await self._prefill(ctx)
         except PrefillError as exc:
-            self.metrics.prefill_failures.labels(reason=exc.reason).inc()
-            if self.policy.prefill_fallback != "local":
-                raise
-            ex.mode = "fallback"
-            ex.fallback_reason = exc.reason
-            self.metrics.prefill_fallbacks.labels(reason=exc.reason).inc()
-            note = {FALLBACK_HEADER: exc.reason}
-            if extra or declined:
-                # The body as sent would lack the encoder outputs, or decline again.
-                local = LegContext(shape, body, ex.request_id, targets[first], extra=extra)
-                return await self._decode_without_kv(request, local, headers, ex, note)
-            fallback_headers = request_headers(request.headers, body_rewritten=False)
-            fallback_headers[REQUEST_ID] = ex.request_id
-            return await self._decode(request, shape, raw, fallback_headers, None, ex, note)
+            return await self._prefill_failed(ctx, exc, declined)
         if result.generation_finished:
-            return await self._generation_finished(request, ctx, headers, ex)
+            return await self._generation_finished(ctx, leg)
         ex.cached_tokens = cached
-        decode_body = dumps(self.connector.decode_body(ctx, result))
-        return await self._decode(request, shape, decode_body, headers, cached, ex, None)
+        decode_body = dumps(self.connector.decode_body(leg, result))
+        return await self._decode(ctx, decode_body, cached=cached)
+
+    async def _prefill_failed(
+        self, ctx: RequestContext, exc: PrefillError, declined: bool
+    ) -> web.StreamResponse:
+        """The prefill stage failed: the error, or a local decode (``--prefill-fallback``)."""
+        rejected = isinstance(exc, PrefillRejected)
+        self.metrics.prefill_failures.labels(reason=exc.reason).inc()
+        outcome = on_prefill_failure(
+            self.policy.prefill_fallback,
+            rejected=rejected,
+            extra=bool(ctx.extra),
+            declined=declined,
+        )
+        if outcome is Failure.ERROR:
+            raise exc
+        ex = ctx.ex
+        ex.mode = "fallback"
+        ex.fallback_reason = exc.reason
+        self.metrics.prefill_fallbacks.labels(reason=exc.reason).inc()
+        note = {FALLBACK_HEADER: exc.reason}
+        if outcome is Failure.LOCAL_REBUILT:
+            # The body as sent would lack the encoder outputs, or decline again.
+            leg = self._leg(ctx, ctx.plan.prefiller(0))
+            return await self._decode_without_kv(ctx, leg, note)
+        fallback_headers = request_headers(ctx.request.headers, body_rewritten=False)
+        fallback_headers[REQUEST_ID] = ex.request_id
+        return await self._decode(ctx, ctx.raw, headers=fallback_headers, note=note)
+
+    def _leg(
+        self, ctx: RequestContext, target: HostPort, prepared: object | None = None
+    ) -> LegContext:
+        return LegContext(
+            shape=ctx.shape,
+            body=ctx.body,
+            request_id=ctx.ex.request_id,
+            prefiller=target,
+            prepared=prepared,
+            extra=ctx.extra,
+        )
 
     async def _generation_finished(
-        self, request: web.Request, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
+        self, ctx: RequestContext, leg: LegContext
     ) -> web.StreamResponse:
         """The prefill's generation ended on its first token (EOS or a stop string), so it
         holds no KV to hand over. The answer a single engine gives is the decode engine's
         answer to the client's own body: a normal outcome, counted, never a 502."""
-        ex.prefill_finish = "stopped"
+        ctx.ex.prefill_finish = "stopped"
         self.metrics.prefill_finished.inc()
-        return await self._decode_without_kv(request, ctx, headers, ex, None)
+        return await self._decode_without_kv(ctx, leg, None)
 
     async def _decode_without_kv(
-        self,
-        request: web.Request,
-        ctx: LegContext,
-        headers: CIMultiDict[str],
-        ex: Exchange,
-        note: Mapping[str, str] | None,
+        self, ctx: RequestContext, leg: LegContext, note: Mapping[str, str] | None
     ) -> web.StreamResponse:
         """Decode the client's body (with the encode stage's output) on the local engine."""
-        payload = dumps(self.connector.local_body(ctx))
-        return await self._decode(request, ctx.shape, payload, headers, None, ex, note)
+        return await self._decode(ctx, dumps(self.connector.local_body(leg)), note=note)
 
     # -- prefill ---------------------------------------------------------------------
 
-    async def _prefill(
-        self,
-        shape: ApiShape,
-        body: dict[str, Any],
-        targets: list[HostPort],
-        first: int,
-        headers: CIMultiDict[str],
-        extra: Mapping[str, Any],
-        ex: Exchange,
-    ) -> tuple[LegContext, PrefillResult, int | None]:
+    async def _prefill(self, ctx: RequestContext) -> tuple[LegContext, PrefillResult, int | None]:
+        """The prefill stage: attempts along the prefiller list, retried while retryable."""
+        ex = ctx.ex
         loop = asyncio.get_running_loop()
         started = loop.time()
 
         def count_retry(state: RetryCallState) -> None:
             outcome = state.outcome
             failure = outcome.exception() if outcome is not None else None
-            reason = failure.error.reason if isinstance(failure, _Retryable) else "unknown"
+            reason = failure.error.reason if isinstance(failure, Retryable) else "unknown"
             self.metrics.prefill_retries.labels(reason=reason).inc()
 
         def next_target() -> HostPort:
-            target = targets[(first + ex.prefill_attempts) % len(targets)]
+            target = ctx.plan.prefiller(ex.prefill_attempts)
             ex.prefill_attempts += 1
             ex.prefiller = target.authority
             return target
@@ -295,8 +299,8 @@ class Orchestrator:
         try:
             # The first attempt runs without the retry machinery: it is the hot path.
             try:
-                return await self._prefill_once(shape, body, next_target(), headers, extra, ex)
-            except _Retryable as exc:
+                return await self._prefill_once(ctx, next_target())
+            except Retryable as exc:
                 if self.policy.prefill_max_retries == 0:
                     raise exc.error from None
                 self.metrics.prefill_retries.labels(reason=exc.error.reason).inc()
@@ -305,14 +309,14 @@ class Orchestrator:
             retrying = AsyncRetrying(
                 stop=stop_after_attempt(self.policy.prefill_max_retries),
                 wait=self._retry_wait,
-                retry=retry_if_exception_type(_Retryable),
+                retry=retry_if_exception_type(Retryable),
                 before_sleep=count_retry,
                 reraise=True,
             )
             async for attempt in retrying:
                 with attempt:
-                    return await self._prefill_once(shape, body, next_target(), headers, extra, ex)
-        except _Retryable as exc:
+                    return await self._prefill_once(ctx, next_target())
+        except Retryable as exc:
             raise exc.error from None
         finally:
             ex.prefill_s = loop.time() - started
@@ -337,61 +341,40 @@ class Orchestrator:
             raise PrepareError(f"preparing prefiller {target} failed: {exc!r}") from exc
 
     async def _prefill_once(
-        self,
-        shape: ApiShape,
-        body: dict[str, Any],
-        target: HostPort,
-        headers: CIMultiDict[str],
-        extra: Mapping[str, Any],
-        ex: Exchange,
-        paired: LegContext | None = None,
+        self, ctx: RequestContext, target: HostPort, paired: LegContext | None = None
     ) -> tuple[LegContext, PrefillResult, int | None]:
         """One prefill attempt; ``paired`` is the decode leg's context (concurrent legs)."""
-        if paired is not None:
-            ctx = paired  # the legs must agree on pairing and preparation
-        else:
-            ctx = LegContext(
-                shape=shape,
-                body=body,
-                request_id=ex.request_id,
-                prefiller=target,
-                prepared=await self._prepare(target),
-                extra=extra,
-            )
+        # Concurrent legs must agree on pairing and preparation: they share one context.
+        leg = paired if paired is not None else self._leg(ctx, target, await self._prepare(target))
+        result, cached = await self._prefill_leg(ctx, leg)
+        return leg, result, cached
+
+    async def _prefill_leg(
+        self, rctx: RequestContext, ctx: LegContext
+    ) -> tuple[PrefillResult, int | None]:
+        target = ctx.prefiller
+        shape = ctx.shape
         payload = dumps(self.connector.prefill_body(ctx))
-        leg_headers = headers.copy()
+        leg_headers = rctx.headers.copy()
         leg_headers.update(self.connector.prefill_headers(ctx))
-        leg_headers[TRACEPARENT] = ex.trace.leg_header()
+        leg_headers[TRACEPARENT] = rctx.ex.trace.leg_header()
         url = target.base_url + shape.path
         try:
-            async with asyncio.timeout(self.policy.prefill_timeout):
-                response = await self.prefill.send("POST", url, leg_headers, payload)
-                try:
-                    status = response.status
-                    content_type = response.headers.get("Content-Type")
-                    answer = await _read_bounded(response, _MAX_PREFILL_ANSWER)
-                finally:
-                    response.release()
-        except TimeoutError:
-            self._forget(target)
-            raise PrefillTimeout(
-                f"prefill at {target} gave no answer within {self.policy.prefill_timeout:g}s"
-            ) from None
-        except aiohttp.ClientConnectionError as exc:
-            self._forget(target)
-            raise _Retryable(
-                PrefillUnavailable(f"prefill at {target} unreachable: {exc!r}", "connect")
-            ) from None
-        except aiohttp.ClientError as exc:
-            self._forget(target)
-            raise PrefillUnavailable(f"prefill at {target}: {exc!r}", "protocol") from None
-        if status in _RETRY_STATUSES:
-            self._forget(target)
-            raise _Retryable(
-                PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
+            fetched = await self.prefill.fetch(
+                url,
+                leg_headers,
+                payload,
+                target=str(target),
+                errors=_PREFILL_ERRORS,
+                limit=_MAX_PREFILL_ANSWER,
+                timeout=self.policy.prefill_timeout,
             )
+        except (Retryable, PrefillError):
+            self._forget(target)
+            raise
+        status, answer = fetched.status, fetched.body
         if 400 <= status < 500:
-            raise PrefillRejected(status, answer, content_type)
+            raise PrefillRejected(status, answer, fetched.content_type)
         if not 200 <= status < 300:
             self._forget(target)
             raise PrefillUnavailable(f"prefill at {target} answered {status}", f"status_{status}")
@@ -405,7 +388,7 @@ class Orchestrator:
         # A prefill engine without --enable-prompt-tokens-details reports no count: it
         # found nothing it will own up to, and the client is billed for that view.
         cached = shape.read_cached(parsed)
-        return ctx, result, 0 if cached is None else cached
+        return result, 0 if cached is None else cached
 
     def _forget(self, target: HostPort) -> None:
         self._prepared.pop(target, None)
@@ -413,63 +396,44 @@ class Orchestrator:
     # -- decode ----------------------------------------------------------------------
 
     async def _open_decode(
-        self, request: web.Request, body: bytes, headers: CIMultiDict[str], ex: Exchange
+        self, ctx: RequestContext, body: bytes, headers: CIMultiDict[str] | None
     ) -> tuple[aiohttp.ClientResponse, bytes]:
         """Send the decode leg; return once its first body bytes (or its end) arrived."""
-        leg_headers = headers.copy()
-        leg_headers[TRACEPARENT] = ex.trace.leg_header()
-        url = self.decode_base_url + request.raw_path
+        leg_headers = (headers if headers is not None else ctx.headers).copy()
+        leg_headers[TRACEPARENT] = ctx.ex.trace.leg_header()
         loop = asyncio.get_running_loop()
         started = loop.time()
-        response: aiohttp.ClientResponse | None = None
-        try:
-            async with asyncio.timeout(self.policy.decode_first_byte_timeout):
-                response = await self.decode.send("POST", url, leg_headers, body)
-                first = await response.content.readany()
-        except TimeoutError:
-            if response is not None:
-                response.close()
-            raise DecodeTimeout(
-                f"decode gave no first byte within {self.policy.decode_first_byte_timeout:g}s"
-            ) from None
-        except aiohttp.ClientConnectorError:
-            raise DecodeNotReady() from None
-        except aiohttp.ClientError as exc:
-            if response is not None:
-                response.close()
-            raise DecodeError(f"decode leg failed: {exc!r}") from None
-        except BaseException:
-            if response is not None:
-                response.close()
-            raise
-        ex.decode_wait_s = loop.time() - started
-        self.metrics.decode_ttft_seconds.observe(ex.decode_wait_s)
+        response, first = await self.decode.open(
+            "POST",
+            ctx.decode_url,
+            leg_headers,
+            body,
+            first_byte_timeout=self.policy.decode_first_byte_timeout,
+            what="decode",
+        )
+        ctx.ex.decode_wait_s = loop.time() - started
+        self.metrics.decode_ttft_seconds.observe(ctx.ex.decode_wait_s)
         return response, first
 
     async def _decode(
         self,
-        request: web.Request,
-        shape: ApiShape,
+        ctx: RequestContext,
         body: bytes,
-        headers: CIMultiDict[str],
-        cached: int | None,
-        ex: Exchange,
-        extra_headers: Mapping[str, str] | None,
+        *,
+        cached: int | None = None,
+        headers: CIMultiDict[str] | None = None,
+        note: Mapping[str, str] | None = None,
     ) -> web.StreamResponse:
-        response, first = await self._open_decode(request, body, headers, ex)
-        return await self._relay(request, shape, response, first, cached, ex, extra_headers)
+        """The decode leg, relayed to the client; ``cached`` rewrites its usage, ``note``
+        adds response headers, ``headers`` replaces the rewritten-body leg headers."""
+        response, first = await self._open_decode(ctx, body, headers)
+        return await self._relay(ctx, response, first, cached, note)
 
     async def _decode_first(
-        self,
-        request: web.Request,
-        shape: ApiShape,
-        body: bytes,
-        headers: CIMultiDict[str],
-        ex: Exchange,
-        decline_reason: str,
+        self, ctx: RequestContext, body: bytes, decline_reason: str
     ) -> web.StreamResponse | None:
         """Try the decode before any prefill; None when it declined (nothing was sent)."""
-        response, first = await self._open_decode(request, body, headers, ex)
+        response, first = await self._open_decode(ctx, body, None)
         held = [first]
         verdict = Verdict.ACCEPTED  # an error answer is the client's answer
         try:
@@ -483,7 +447,7 @@ class Orchestrator:
                         verdict = scan.feed(chunk) if chunk else scan.end()
                     if verdict is Verdict.DECLINED:
                         # Read the (short) rest so the pooled connection stays usable.
-                        await _read_bounded(response, _MAX_PREFILL_ANSWER)
+                        await read_bounded(response, _MAX_PREFILL_ANSWER)
         except TimeoutError:
             response.close()
             raise DecodeTimeout(
@@ -495,22 +459,22 @@ class Orchestrator:
         except BaseException:
             response.close()
             raise
-        ex.decode_first = verdict.value
+        ctx.ex.decode_first = verdict.value
         if verdict is Verdict.DECLINED:
             response.release()
             return None
-        return await self._relay(request, shape, response, b"".join(held), None, ex, None)
+        return await self._relay(ctx, response, b"".join(held), None, None)
 
     async def _relay(
         self,
-        request: web.Request,
-        shape: ApiShape,
+        ctx: RequestContext,
         response: aiohttp.ClientResponse,
         first: bytes,
         cached: int | None,
-        ex: Exchange,
         extra_headers: Mapping[str, str] | None,
     ) -> web.StreamResponse:
+        ex = ctx.ex
+        shape = ctx.shape
         complete = False
         try:
             out_headers = response_headers(response.headers)
@@ -522,7 +486,7 @@ class Orchestrator:
                 out = web.StreamResponse(
                     status=response.status, reason=response.reason, headers=out_headers
                 )
-                await out.prepare(request)
+                await out.prepare(ctx.request)
                 ex.first_byte()
                 rewriter = (
                     SseUsageRewriter(shape, cached) if rewrite and cached is not None else None
@@ -572,11 +536,16 @@ class Orchestrator:
         await out.write_eof()
 
     async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
+        content = response.content
         chunks = [first]
         try:
+            if not first or content.is_eof():
+                # Everything arrived with the first read: no timer needed.
+                rest = content.read_nowait() if first else b""
+                return first + rest if rest else first
             async with asyncio.timeout(self.policy.stream_idle_timeout):
                 while chunks[-1]:
-                    chunks.append(await response.content.readany())
+                    chunks.append(await content.readany())
         except TimeoutError:
             raise DecodeTimeout(
                 f"decode answer stalled for more than {self.policy.stream_idle_timeout:g}s"
@@ -587,37 +556,21 @@ class Orchestrator:
 
     # -- concurrent legs -------------------------------------------------------------
 
-    async def _concurrent(
-        self,
-        request: web.Request,
-        shape: ApiShape,
-        body: dict[str, Any],
-        targets: list[HostPort],
-        first: int,
-        headers: CIMultiDict[str],
-        extra: Mapping[str, Any],
-        ex: Exchange,
-    ) -> web.StreamResponse:
+    async def _concurrent(self, ctx: RequestContext) -> web.StreamResponse:
         """Both legs at once, retried together on the next prefiller while nothing has
         reached the client; each attempt pairs the legs afresh (a new room, transfer id)."""
+        ex = ctx.ex
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
             while True:
-                target = targets[(first + ex.prefill_attempts) % len(targets)]
+                target = ctx.plan.prefiller(ex.prefill_attempts)
                 ex.prefill_attempts += 1
                 ex.prefiller = target.authority
-                ctx = LegContext(
-                    shape=shape,
-                    body=body,
-                    request_id=ex.request_id,
-                    prefiller=target,
-                    prepared=await self._prepare(target),
-                    extra=extra,
-                )
+                leg = self._leg(ctx, target, await self._prepare(target))
                 try:
-                    return await self._concurrent_once(request, ctx, headers, ex)
-                except _Retryable as exc:
+                    return await self._concurrent_once(ctx, leg)
+                except Retryable as exc:
                     if ex.response_started or ex.prefill_attempts > self.policy.prefill_max_retries:
                         self.metrics.prefill_failures.labels(reason=exc.error.reason).inc()
                         raise exc.error from None
@@ -628,25 +581,22 @@ class Orchestrator:
         finally:
             ex.prefill_s = loop.time() - started
 
-    async def _concurrent_once(
-        self, request: web.Request, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
-    ) -> web.StreamResponse:
-        """One paired attempt. A failed prefill ends the decode leg: with ``_Retryable``
+    async def _concurrent_once(self, ctx: RequestContext, leg: LegContext) -> web.StreamResponse:
+        """One paired attempt. A failed prefill ends the decode leg: with ``Retryable``
         (or the error) before the client saw a byte, with an error event after it. A
         prefill whose generation finished leaves nothing to pull: the decode is replaced
         by a local one when the client has seen nothing yet."""
-        prefill = asyncio.ensure_future(self._concurrent_prefill(ctx, headers, ex))
-        decode_body = dumps(self.connector.decode_body(ctx, None))
-        relay = asyncio.ensure_future(
-            self._decode(request, ctx.shape, decode_body, headers, None, ex, None)
-        )
+        ex = ctx.ex
+        prefill = asyncio.ensure_future(self._concurrent_prefill(ctx, leg))
+        decode_body = dumps(self.connector.decode_body(leg, None))
+        relay = asyncio.ensure_future(self._decode(ctx, decode_body))
 
         def stop_decode(task: asyncio.Future[PrefillResult]) -> None:
             if task.cancelled():
                 return
             failure = task.exception()
             if failure is not None:
-                ex.abort = failure.error if isinstance(failure, _Retryable) else failure
+                ex.abort = failure.error if isinstance(failure, Retryable) else failure
                 relay.cancel()
             elif task.result().generation_finished and not ex.response_started:
                 relay.cancel()
@@ -657,7 +607,7 @@ class Orchestrator:
             if answered.status >= 500:
                 # The decode could not use what prepare() learned (e.g. the prefiller
                 # restarted with a new engine id): ask again next time.
-                self._forget(ctx.prefiller)
+                self._forget(leg.prefiller)
             return answered
         except asyncio.CancelledError:
             # stop_decode cancels the relay (see above); anything else (the client left,
@@ -669,22 +619,18 @@ class Orchestrator:
             if failure is not None:
                 raise failure from None
             ex.abort = None
-            return await self._generation_finished(request, ctx, headers, ex)
+            return await self._generation_finished(ctx, leg)
         finally:
             prefill.remove_done_callback(stop_decode)
             if not prefill.done():
                 prefill.cancel()
             await asyncio.gather(prefill, return_exceptions=True)
 
-    async def _concurrent_prefill(
-        self, ctx: LegContext, headers: CIMultiDict[str], ex: Exchange
-    ) -> PrefillResult:
+    async def _concurrent_prefill(self, ctx: RequestContext, leg: LegContext) -> PrefillResult:
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            _, result, _ = await self._prefill_once(
-                ctx.shape, dict(ctx.body), ctx.prefiller, headers, ctx.extra, ex, paired=ctx
-            )
+            _, result, _ = await self._prefill_once(ctx, leg.prefiller, paired=leg)
             return result
         except PrefillError as exc:
             self.metrics.prefill_failures.labels(reason=exc.reason).inc()

@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
-from sidecar.errors import DecodeError, DecodeNotReady, DecodeTimeout
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, request_headers, response_headers
 from sidecar.relay import is_event_stream, relay_body
@@ -45,18 +44,9 @@ async def passthrough(
     response: aiohttp.ClientResponse | None = None
     complete = False
     try:
-        try:
-            async with asyncio.timeout(first_byte_timeout):
-                response = await upstream.send(request.method, url, headers, body)
-                first = await response.content.readany()
-        except TimeoutError:
-            raise DecodeTimeout(
-                f"model server gave no first byte within {first_byte_timeout:g}s"
-            ) from None
-        except aiohttp.ClientConnectorError:
-            raise DecodeNotReady() from None
-        except aiohttp.ClientError as exc:
-            raise DecodeError(f"model server request failed: {exc!r}") from None
+        response, first = await upstream.open(
+            request.method, url, headers, body, first_byte_timeout=first_byte_timeout
+        )
         ex.decode_wait_s = loop.time() - started
         out_headers = response_headers(response.headers)
         out_headers[REQUEST_ID] = ex.reply_id

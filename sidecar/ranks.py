@@ -9,7 +9,6 @@ paths read; its ``/ready`` probes its own engine. The metrics port stays one.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,25 +18,15 @@ from sidecar.errors import SidecarError
 from sidecar.health import Readiness
 from sidecar.orchestrator import Orchestrator
 
-__all__ = ["Rank", "Ranks", "rank_orchestrator"]
+__all__ = ["Rank", "Ranks"]
 
 
 @dataclass(frozen=True, slots=True)
 class Rank:
     index: int
-    base_url: str  # this rank's local vLLM
-    orchestrator: Orchestrator
+    base_url: str  # this rank's local vLLM: the decode target of its requests
+    orchestrator: Orchestrator  # shared by every rank
     readiness: Readiness
-
-
-def rank_orchestrator(base: Orchestrator, base_url: str) -> Orchestrator:
-    """``base`` for another rank: the same connector, sessions, encode stage and
-    per-prefiller preparation cache; only the decode target differs."""
-    if base.decode_base_url == base_url:
-        return base
-    other = copy.copy(base)
-    other.decode_base_url = base_url
-    return other
 
 
 class Ranks:

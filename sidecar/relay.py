@@ -54,6 +54,7 @@ async def relay_body(
     chunk = first
     failure: SidecarError | None = None
     framer = rewriter if rewriter is not None else (EventFramer() if sse else None)
+    content = upstream.content
     try:
         async with asyncio.timeout(None) as deadline:
             while chunk:
@@ -61,9 +62,13 @@ async def relay_body(
                 if data:
                     # Errors writing to our own client propagate: the client left.
                     await out.write(data)
-                deadline.reschedule(loop.time() + idle_timeout)
                 try:
-                    chunk = await upstream.content.readany()
+                    if content.is_eof():
+                        # The rest is already here: no idle timer to arm.
+                        chunk = content.read_nowait()
+                        continue
+                    deadline.reschedule(loop.time() + idle_timeout)
+                    chunk = await content.readany()
                 except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError) as exc:
                     failure = DecodeError(f"upstream stream broken: {exc!r}")
                     break

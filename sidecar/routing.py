@@ -101,8 +101,26 @@ def _parse_one(entry: str, header: str) -> HostPort:
     return HostPort(host, int(port_text))
 
 
+# Parsed headers by (value, header name): the EPP names the same few targets over and
+# over. Bounded: cleared when full (a value is cheap to parse again).
+_PARSED: dict[tuple[str, str], tuple[HostPort, ...]] = {}
+_PARSED_MAX = 4096
+
+
 def parse_host_ports(value: str, header: str = PREFILLER_HOST_PORT) -> list[HostPort]:
     """Parse a comma list of targets; empty entries are ignored, anything else must parse."""
+    key = (value, header)
+    known = _PARSED.get(key)
+    if known is not None:
+        return list(known)
+    targets = _parse_host_ports(value, header)
+    if len(_PARSED) >= _PARSED_MAX:
+        _PARSED.clear()
+    _PARSED[key] = tuple(targets)
+    return targets
+
+
+def _parse_host_ports(value: str, header: str) -> list[HostPort]:
     parts = [part for part in value.split(",") if part.strip()]
     if len(parts) > MAX_TARGETS:
         raise InvalidRoutingHeader(header, value, f"{len(parts)} targets, at most {MAX_TARGETS}")

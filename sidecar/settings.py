@@ -174,6 +174,8 @@ class Settings(BaseSettings):
     ] = 4.0
     pool_max_connections: Annotated[int, Field(ge=16)] = 1024
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Processes serving the same ports (SO_REUSEPORT); the metrics port sums them all.
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
     # SSRF protection: a static allowlist for clusters without an InferencePool, and
     # where to find the Kubernetes API (default: in-cluster, then the kubeconfig).
     ssrf_allowlist_file: str = ""

@@ -13,16 +13,89 @@ error naming the stage and TLS, translated here.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import ssl
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 
 import aiohttp
 from multidict import CIMultiDict
+from yarl import URL
 
-from sidecar.errors import DecodeError, PrefillUnavailable, SidecarError, UpstreamTLSError
+from sidecar.errors import (
+    DecodeError,
+    DecodeNotReady,
+    DecodeTimeout,
+    PrefillUnavailable,
+    SidecarError,
+    UpstreamTLSError,
+)
 
-__all__ = ["Upstream", "make_session"]
+__all__ = [
+    "RETRYABLE_STATUSES",
+    "Answer",
+    "AnswerTooLarge",
+    "Retryable",
+    "StageErrors",
+    "Upstream",
+    "make_session",
+    "read_bounded",
+]
+
+# Answers worth sending to the next target of a list (prefillers, encoders).
+RETRYABLE_STATUSES = frozenset({502, 503, 504})
+
+_MAX_URLS = 1024
+
+
+class Retryable(Exception):
+    """A failure worth one more attempt on the next target of a list; ``error`` is what
+    the client gets when no attempt is left."""
+
+    def __init__(self, error: SidecarError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+@dataclass(frozen=True, slots=True)
+class StageErrors:
+    """How one stage names what went wrong with a whole-answer exchange (:meth:`Upstream.fetch`)."""
+
+    timeout: Callable[[str], SidecarError]  # (message)
+    failed: Callable[[str, str], SidecarError]  # (message, reason)
+    too_large_reason: str = "protocol"
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    content_type: str | None
+    body: bytes
+
+
+class AnswerTooLarge(aiohttp.ClientPayloadError):
+    """An answer over the size a stage accepts."""
+
+
+async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+    """The whole body (read to the end so the connection can be reused), at most ``limit``."""
+    if response.content_length is not None and response.content_length > limit:
+        raise AnswerTooLarge(f"answer of {response.content_length} bytes")
+    content = response.content
+    if content.is_eof():
+        whole = content.read_nowait()
+        if len(whole) > limit:
+            raise AnswerTooLarge(f"answer over {limit} bytes")
+        return whole
+    chunks: list[bytes] = []
+    size = 0
+    while chunk := await content.readany():
+        size += len(chunk)
+        if size > limit:
+            raise AnswerTooLarge(f"answer over {limit} bytes")
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def make_session(
@@ -102,6 +175,16 @@ class Upstream:
         self.session = session
         self._on_stale = on_stale
         self.tls = tls
+        # Parsed URLs by their text: a proxy sends to the same few URLs over and over.
+        self._urls: dict[str, URL] = {}
+
+    def _url(self, url: str) -> URL:
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _MAX_URLS:
+                self._urls.clear()
+            parsed = self._urls[url] = URL(url)
+        return parsed
 
     async def send(
         self,
@@ -133,6 +216,80 @@ class Upstream:
                 ) from exc
             raise
 
+    async def fetch(
+        self,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes,
+        *,
+        target: str,
+        errors: StageErrors,
+        limit: int,
+        timeout: float | None,  # noqa: ASYNC109 - one bound over sending and reading
+    ) -> Answer:
+        """POST ``body`` and read the whole answer (at most ``limit`` bytes, within
+        ``timeout``). Connection failures and 502/503/504 raise :class:`Retryable`;
+        timeouts and broken answers the stage's errors; any other status is returned."""
+        who = f"{self.stage} at {target}"
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self.send("POST", url, headers, body)
+                try:
+                    status = response.status
+                    content_type = response.headers.get("Content-Type")
+                    answer = await read_bounded(response, limit)
+                finally:
+                    response.release()
+        except TimeoutError as exc:
+            if timeout is None:  # not our bound: aiohttp's connect timeout
+                raise Retryable(errors.failed(f"{who} unreachable: {exc!r}", "connect")) from None
+            raise errors.timeout(f"{who} gave no answer within {timeout:g}s") from None
+        except AnswerTooLarge as exc:
+            raise errors.failed(f"{who}: {exc}", errors.too_large_reason) from None
+        except aiohttp.ClientConnectionError as exc:
+            raise Retryable(errors.failed(f"{who} unreachable: {exc!r}", "connect")) from None
+        except aiohttp.ClientError as exc:
+            raise errors.failed(f"{who}: {exc!r}", "protocol") from None
+        if status in RETRYABLE_STATUSES:
+            raise Retryable(errors.failed(f"{who} answered {status}", f"status_{status}"))
+        return Answer(status, content_type, answer)
+
+    async def open(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+        *,
+        first_byte_timeout: float,
+        what: str = "model server",
+    ) -> tuple[aiohttp.ClientResponse, bytes]:
+        """Send a leg whose answer is relayed to the client; return once its first body
+        bytes (or its end) arrived. Failures become decode errors (``what`` names the
+        upstream in them); on success the caller releases the response."""
+        response: aiohttp.ClientResponse | None = None
+        try:
+            async with asyncio.timeout(first_byte_timeout):
+                response = await self.send(method, url, headers, body)
+                first = await response.content.readany()
+        except TimeoutError:
+            if response is not None:
+                response.close()
+            raise DecodeTimeout(
+                f"{what} gave no first byte within {first_byte_timeout:g}s"
+            ) from None
+        except aiohttp.ClientConnectorError:
+            raise DecodeNotReady() from None
+        except aiohttp.ClientError as exc:
+            if response is not None:
+                response.close()
+            raise DecodeError(f"{what} request failed: {exc!r}") from None
+        except BaseException:
+            if response is not None:
+                response.close()
+            raise
+        return response, first
+
     async def _send(
         self,
         method: str,
@@ -140,9 +297,10 @@ class Upstream:
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
     ) -> aiohttp.ClientResponse:
+        target = self._url(url)
         try:
             return await self.session.request(
-                method, url, data=body, headers=headers, allow_redirects=False
+                method, target, data=body, headers=headers, allow_redirects=False
             )
         except aiohttp.ClientError as exc:
             # A streamed body has been consumed: it cannot be sent twice.
@@ -150,5 +308,5 @@ class Upstream:
                 raise
         self._on_stale(self.stage)
         return await self.session.request(
-            method, url, data=body, headers=headers, allow_redirects=False
+            method, target, data=body, headers=headers, allow_redirects=False
         )
