@@ -61,13 +61,16 @@ async def _sidecar_settled(faults: FaultStack) -> None:
 
 
 async def _leave_once(faults: FaultStack, body: dict[str, Any], url: str, what: str,
-                      reached: Any) -> None:  # fmt: skip
+                      reached: Any, *also: tuple[str, str, Any]) -> None:  # fmt: skip
     """Send ``body`` on its own connection, wait until ``reached`` holds for the engine
-    at ``url``, then close the connection without reading the answer."""
+    at ``url`` (and each ``(url, what, reached)`` of ``also``), then close the connection
+    without reading the answer."""
     async with aiohttp.ClientSession() as own:
         request = asyncio.ensure_future(own.post(faults.gateway + PATH, json=body))
         try:
             await faults.wait_stats(url, what, reached)
+            for other_url, other_what, other_reached in also:
+                await faults.wait_stats(other_url, other_what, other_reached)
             assert not request.done(), "answered before the client left"
         finally:
             request.cancel()
@@ -166,8 +169,14 @@ async def test_client_leaving_with_both_legs_open_aborts_both(concurrent: FaultS
         faults,
         faults.chat(),
         faults.decode_url,
-        "both legs to arrive",
+        "the decode leg to arrive",
         lambda s: s["requests_by_role"]["decode"] == 1,
+        # Both legs are sent at once, but either may reach its engine first.
+        (
+            faults.prefill_url,
+            "the prefill leg to arrive",
+            lambda s: s["requests_by_role"]["prefill"] == 1,
+        ),
     )
     await faults.wait_stats(faults.prefill_url, "the prefill abort", lambda s: s["aborts"] == 1)
     decode = await faults.wait_stats(
