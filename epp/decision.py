@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from epp.flowcontrol.eviction import EvictionItem
 
 __all__ = [
     "DROPPED_REASONS",
@@ -110,6 +113,8 @@ class Decision:
     # when such plugins are configured.
     response_header_hook: Callable[[Mapping[str, Any] | None], Mapping[str, str]] | None = None
     served: str | None = field(default=None, repr=False)
+    # Set when flow control may evict the request in flight: its signal fires then.
+    eviction: EvictionItem | None = field(default=None, repr=False)
     _prefill_released: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)
 

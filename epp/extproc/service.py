@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ from epp._proto.disagg_extproc_pb2 import ProcessingRequest, ProcessingResponse
 from epp.extproc.context import RequestContext, StreamEnv
 from epp.extproc.handlers import HANDLERS, ProtocolViolation
 from epp.extproc.responses import immediate_response
+from epp.flowcontrol.eviction import EVICTED_REASON
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -65,8 +67,19 @@ class ExtProcService:
     ) -> AsyncIterator[ProcessingResponse]:
         ctx = RequestContext.new(self._env)
         record = self._env.telemetry.start()
+        stream = _Stream(requests)
         try:
-            async for request in requests:
+            while True:
+                request = await stream.next(ctx)
+                if request is None:
+                    return
+                if request is _EVICTED:
+                    ctx.ended = True
+                    response = evicted_response(ctx)
+                    record.sent(ctx, response)
+                    yield response
+                    return
+                assert isinstance(request, ProcessingRequest)
                 kind = request.WhichOneof("request")
                 handler = HANDLERS.get(kind or "")
                 if handler is None:
@@ -108,10 +121,53 @@ class ExtProcService:
             record.sent(ctx, response)
             yield response
         finally:
+            stream.close()
             if not ctx.ended and not ctx.response_ended:
                 _ended_early(ctx)
             ctx.finish()
             record.finish(ctx)
+
+
+_EVICTED = object()
+
+
+class _Stream:
+    """Envoy's messages, raced against the request's eviction signal once flow control
+    may evict it (other requests read the stream directly)."""
+
+    def __init__(self, requests: AsyncIterator[ProcessingRequest]) -> None:
+        self._it = aiter(requests)
+        self._evicted: asyncio.Task[bool] | None = None
+
+    async def next(self, ctx: RequestContext) -> ProcessingRequest | object | None:
+        item = ctx.decision.eviction if ctx.decision is not None else None
+        if item is None or ctx.response_ended:
+            return await anext(self._it, None)
+        if self._evicted is None:
+            self._evicted = asyncio.ensure_future(item.signal.wait())
+        message = asyncio.ensure_future(anext(self._it, None))
+        try:
+            await asyncio.wait((message, self._evicted), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            message.cancel()
+            raise
+        if message.done():
+            return message.result()
+        message.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await message
+        return _EVICTED
+
+    def close(self) -> None:
+        if self._evicted is not None:
+            self._evicted.cancel()
+
+
+def evicted_response(ctx: RequestContext) -> ProcessingResponse:
+    item = ctx.decision.eviction if ctx.decision is not None else None
+    reason = (item.reason if item is not None else "") or EVICTED_REASON
+    log.info("request %s: evicted by flow control (%s)", ctx.request_id, reason)
+    return immediate_response(429, reason, "request evicted by flow control")
 
 
 def _ended_early(ctx: RequestContext) -> None:

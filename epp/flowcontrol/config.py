@@ -31,6 +31,15 @@ from epp.flowcontrol.controller import (
     BandSpec,
     ControllerConfig,
 )
+from epp.flowcontrol.eviction import (
+    ENGINE_RECLAIM_BUDGET_S,
+    LEADING_SENSOR_GRACE_S,
+    EvictionFilterPolicy,
+    EvictionOrderingPolicy,
+    PriorityThenTimeEvictionOrdering,
+    RequestEvictor,
+    SheddableEvictionFilter,
+)
 from epp.flowcontrol.fairness import (
     FairnessPolicy,
     GlobalStrictFairness,
@@ -57,6 +66,7 @@ __all__ = [
     "FLOW_CONTROL_GATE",
     "FLOW_CONTROL_TYPES",
     "REFUSED_TYPES",
+    "EvictionSetup",
     "FlowControlSetup",
     "build_flow_control",
     "gate_enabled",
@@ -82,16 +92,17 @@ FLOW_CONTROL_TYPES: dict[str, type[Any]] = {
         PriorityHoldback,
         SoftReflectiveCeiling,
         ProbabilisticAdmitter,
+        SheddableEvictionFilter,
+        PriorityThenTimeEvictionOrdering,
     )
 }
+# The names llm-d's documentation uses for the eviction policies.
+FLOW_CONTROL_TYPES["eviction-sheddable-filter"] = SheddableEvictionFilter
+FLOW_CONTROL_TYPES["eviction-priority-then-time-ordering"] = PriorityThenTimeEvictionOrdering
 
 # Known llm-d request-management plugin types this EPP does not implement.
 REFUSED_TYPES: dict[str, str] = {
     "latency-slo-admitter": "needs a latency predictor, which this EPP does not have",
-    "eviction-sheddable-filter": "in-flight eviction is not implemented",
-    "eviction-priority-then-time-ordering": "in-flight eviction is not implemented",
-    "sheddable-eviction-filter": "in-flight eviction is not implemented",
-    "priority-then-time-eviction-order-policy": "in-flight eviction is not implemented",
 }
 
 
@@ -183,6 +194,23 @@ class FlowControlSetup:
     usage_limit: UsageLimitPolicy = field(default_factory=StaticUsageLimit)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     plugins: dict[str, Any] = field(default_factory=dict)
+    # flowControl.enableEviction: the evictor's policies and pacing grace (None: off).
+    eviction: EvictionSetup | None = None
+
+
+@dataclass(frozen=True)
+class EvictionSetup:
+    filter: EvictionFilterPolicy
+    ordering: EvictionOrderingPolicy
+    confirmation_grace_s: float
+
+    def build(self, on_revocations: Any = None) -> RequestEvictor:
+        return RequestEvictor(
+            self.ordering,
+            self.filter,
+            confirmation_grace_s=self.confirmation_grace_s,
+            on_revocations=on_revocations,
+        )
 
 
 def _fmt(exc: ValidationError, prefix: str) -> str:
@@ -271,10 +299,6 @@ def build_flow_control(
         legacy = PluginRef.model_validate(legacy_doc)
     except ValidationError as exc:
         raise ValueError(_fmt(exc, "saturationDetector")) from None
-    if section.enableEviction:
-        raise ValueError(
-            "flowControl.enableEviction: in-flight eviction is not supported by this EPP"
-        )
     detector_ref = (section.saturationDetector and section.saturationDetector.pluginRef) or (
         legacy.pluginRef
     )
@@ -340,6 +364,9 @@ def build_flow_control(
         default_band=default_band,
         default_negative_band=negative,
     )
+    eviction: EvictionSetup | None = None
+    if section.enableEviction:
+        eviction = _eviction(plugins, detector)
     ignored = {k for k in (flow_control or {}) if k != "saturationDetector"}
     if not enabled and ignored:
         log.warning(
@@ -355,4 +382,22 @@ def build_flow_control(
         usage_limit=usage_limit,
         controller=controller,
         plugins=dict(plugins),
+        eviction=eviction,
+    )
+
+
+def _eviction(plugins: Mapping[str, Any], detector: SaturationDetector) -> EvictionSetup:
+    """The eviction policies (a configured instance, else llm-d's defaults) and the
+    pacing grace, derived from how soon the detector sees freed capacity."""
+    filters = [p for p in plugins.values() if isinstance(p, EvictionFilterPolicy)]
+    orderings = [p for p in plugins.values() if isinstance(p, EvictionOrderingPolicy)]
+    if isinstance(detector, ConcurrencyDetector):
+        grace = LEADING_SENSOR_GRACE_S
+    else:
+        stale = getattr(detector.params, "metricsStalenessThreshold", 0.0)
+        grace = float(stale) + ENGINE_RECLAIM_BUDGET_S
+    return EvictionSetup(
+        filter=filters[0] if filters else SheddableEvictionFilter(),
+        ordering=orderings[0] if orderings else PriorityThenTimeEvictionOrdering(),
+        confirmation_grace_s=grace,
     )

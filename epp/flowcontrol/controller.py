@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 
 from epp.datastore import Endpoint
+from epp.flowcontrol.eviction import RequestEvictor
 from epp.flowcontrol.fairness import FairnessPolicy, GlobalStrictFairness
 from epp.flowcontrol.item import FlowItem, Outcome
 from epp.flowcontrol.ledger import InflightLedger
@@ -81,6 +82,7 @@ class FlowController:
         metrics: FlowControlMetrics | None = None,
         pool: str = "",
         clock: Callable[[], float] = time.monotonic,
+        evictor: RequestEvictor | None = None,
     ) -> None:
         self.config = config
         self.detector = detector
@@ -90,6 +92,8 @@ class FlowController:
         self.pool = pool
         self._endpoints = endpoints
         self._clock = clock
+        # In-flight eviction (flowControl.enableEviction); None when off.
+        self.evictor = evictor
         self._bands: dict[int, Band] = {}
         self._priorities: list[int] = []
         self._items: dict[int, FlowItem] = {}
@@ -302,6 +306,8 @@ class FlowController:
             if band.requests == 0:
                 continue
             if sat >= ceiling:
+                if self.evictor is not None:
+                    self.evictor.reclaim(sat, ceiling, priority)
                 return False  # this band and every lower one wait
             flow = band.fairness.select(band, now)
             item = flow.pop() if flow is not None else None

@@ -96,6 +96,18 @@ class FlowControlMetrics:
             ("inference_pool",),
             registry=r,
         )
+        self.revocations_issued = Counter(
+            _P + "flow_control_revocations_issued",
+            "In-flight evictions issued, by the waiting band's priority.",
+            ("priority", "inference_pool"),
+            registry=r,
+        )
+        self.revocations = Counter(
+            _P + "flow_control_revocations",
+            "In-flight evictions by terminal outcome (confirmed, timed_out).",
+            ("outcome", "inference_pool"),
+            registry=r,
+        )
 
 
 class RewriteMetrics:

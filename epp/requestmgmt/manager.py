@@ -27,6 +27,7 @@ from epp.decision import Decision
 from epp.flowcontrol.config import FlowControlSetup
 from epp.flowcontrol.controller import FlowController
 from epp.flowcontrol.errors import SaturatedDropped, error_for
+from epp.flowcontrol.eviction import RequestEvictor
 from epp.flowcontrol.item import FlowItem, FlowKey
 from epp.flowcontrol.ledger import InflightLedger
 from epp.flowcontrol.metrics import FlowControlMetrics, RewriteMetrics
@@ -91,6 +92,9 @@ class Admission:
     priority: int = 0
     on_usage: Callable[[int, int], None] = lambda _p, _c: None
     reserved: bool = False
+    # In-flight eviction: the request is tracked once placed, untracked when it ends.
+    evictor: RequestEvictor | None = None
+    request_id: str = ""
     _placed: bool = False
 
     def abandon(self) -> None:
@@ -113,6 +117,9 @@ class Admission:
         if prefill:
             ledger.add(prefill, tokens)
         inner_prefill, inner_all = decision.release_prefill, decision.release_all
+        evictor, request_id = self.evictor, self.request_id or f"untagged-{id(decision)}"
+        if evictor is not None:
+            decision.eviction = evictor.track(request_id, self.priority, decode)
         state = {"prefill": prefill is not None}
 
         def release_prefill() -> None:
@@ -123,6 +130,8 @@ class Admission:
             inner_prefill()
 
         def release_all() -> None:
+            if evictor is not None:
+                evictor.untrack(request_id)
             ledger.remove(decode, tokens)
             self.on_end()
             inner_all()
@@ -148,8 +157,11 @@ class RequestManager:
         self.rewrite_metrics = RewriteMetrics(self.registry)
         self.fc_metrics: FlowControlMetrics | None = None
         self.controller: FlowController | None = None
+        self.evictor: RequestEvictor | None = None
         if self.setup.enabled:
             self.fc_metrics = FlowControlMetrics(self.registry)
+            if self.setup.eviction is not None:
+                self.evictor = self.setup.eviction.build(self._count_revocations)
             self.controller = FlowController(
                 self.setup.controller,
                 self.setup.detector,
@@ -159,7 +171,18 @@ class RequestManager:
                 metrics=self.fc_metrics,
                 pool=self.pool,
                 clock=self.clock,
+                evictor=self.evictor,
             )
+
+    def _count_revocations(self, n: int, outcome: str) -> None:
+        m = self.fc_metrics
+        if m is None:
+            return
+        kind, _, priority = outcome.partition(":")
+        if kind == "issued":
+            m.revocations_issued.labels(priority, self.pool).inc(n)
+        else:
+            m.revocations.labels(outcome, self.pool).inc(n)
 
     async def start(self) -> None:
         for source in self.sources:
@@ -258,6 +281,8 @@ class RequestManager:
         if err is not None:
             raise err
         admission.reserved = True  # the controller reserved it in the ledger
+        admission.evictor = self.evictor
+        admission.request_id = request_id
         admission.on_end = lambda: controller.finished(item)
         admission.on_usage = lambda _prompt, completion: controller.usage(item, completion)
         return admission
