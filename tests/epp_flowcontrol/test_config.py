@@ -101,7 +101,7 @@ def test_no_endpoint_ttl_follows_the_default_ttl() -> None:
     ("body", "plugins", "message"),
     [
         ("", "- type: latency-slo-admitter\n", "latency-slo-admitter.*not supported"),
-        ("flowControl: {enableEviction: true}\n", "", "enableEviction"),
+        ("flowControl: {enableEviction: maybe}\n", "", "enableEviction"),
         ("flowControl: {usageLimitPolicyPluginRef: nope}\n", "", "usageLimitPolicyPluginRef.*nope"),
         ("flowControl: {defaultRequestTTL: soon}\n", "", "defaultRequestTTL"),
         ("flowControl: {maxRequests: many}\n", "", "maxRequests"),
