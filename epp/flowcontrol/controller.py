@@ -7,7 +7,8 @@ for each band's ceiling, and dispatch one request from the highest non-gated ban
 fairness policy picks the flow, the flow's ordering policy the request). Cycles run when
 a request arrives or finishes, and on a short tick while anything is queued, so the
 event loop is never blocked. A waiter that is cancelled (the client left) leaves the
-queue at once.
+queue at once. With eviction on, a band that waits on saturation asks the evictor to
+evict lower-priority requests in flight (``epp.flowcontrol.eviction``).
 """
 
 from __future__ import annotations
