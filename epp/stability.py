@@ -23,6 +23,8 @@ ALPHA_PLUGIN_TYPES = frozenset(
         "disaggregatedset-rollout-screener",
         "endpoint-attribute-filter",
         "endpoint-attribute-scorer",
+        "eviction-priority-then-time-ordering",  # the documented names of the two
+        "eviction-sheddable-filter",  # eviction policies, aliases here
         "header-label-affinity-scorer",
         "header-profile-handler",
         "multicluster-approx-prefix-cache-producer",
