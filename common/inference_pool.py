@@ -30,6 +30,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio.client.exceptions import ApiException
 
 from common.kube import api_client, read_json
+from common.roles import ROLE_LABEL
 
 __all__ = [
     "POOL_GROUP",
@@ -47,7 +48,7 @@ log = logging.getLogger(__name__)
 POOL_GROUP = "inference.networking.k8s.io"
 POOL_VERSION = "v1"
 POOL_PLURAL = "inferencepools"
-# The API version of each InferencePool group this EPP reads.
+# The API version of each InferencePool group read.
 _POOL_VERSIONS = {POOL_GROUP: POOL_VERSION, "inference.networking.x-k8s.io": "v1alpha2"}
 
 
@@ -83,9 +84,6 @@ class PoolSpec:
         pairs = sorted((str(k), str(v)) for k, v in labels.items())
         selector = ",".join(f"{k}={v}" for k, v in pairs)
         return cls(selector, ports)
-
-
-ROLE_LABEL = "llm-d.ai/role"
 
 
 @dataclass(frozen=True, slots=True)
