@@ -27,7 +27,6 @@ __all__ = [
     "split_address",
 ]
 
-
 # What a stale endpoint looks like to scorers: busy and full, so it never looks idle.
 _STALE_QUEUE = 1_000_000
 
