@@ -16,6 +16,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     VENV=/opt/disagg
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY common ./common
 COPY sidecar ./sidecar
 COPY epp ./epp
 COPY vllm_sim ./vllm_sim

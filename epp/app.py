@@ -38,6 +38,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common.tls import CERT_FILE, KEY_FILE, load_cert_dir, self_signed
 from epp.config import ConfigError
 from epp.director import Director, DirectorSettings, build_director
 from epp.extproc import EXTPROC_SERVICE, ExtProcConfig, ExtProcService
@@ -45,13 +46,12 @@ from epp.metrics import EppMetrics
 from epp.request_telemetry import RequestTelemetry
 from epp.settings import explicit_flags
 from epp.stability import check_plugin_stability
-from epp.tls import CERT_FILE, KEY_FILE, load_cert_dir, self_signed
 from epp.tracing import Tracing
 
 if TYPE_CHECKING:
+    from common.tls import CertificatePair
     from epp.leader import LeaderElector
     from epp.settings import EppSettings
-    from epp.tls import CertificatePair
 
 __all__ = [
     "INFERENCE_EXTENSION_SERVICE",
@@ -244,7 +244,7 @@ class EppApp:
         s = self.settings
         if not (s.ha_enable_leader_election or s.metrics_endpoint_auth):
             return
-        from epp.kube import api_client
+        from common.kube import api_client
 
         try:
             self._api = await api_client(self.kube_api_server, s.kubeconfig)

@@ -28,6 +28,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.errors import ConfigError
 from epp.datalayer.wiring import wire_data_layer
 from epp.flowcontrol import config as fc_config
 from epp.plugins.base import (
@@ -86,10 +87,6 @@ schedulingProfiles:
   - pluginRef: prefix-cache-scorer
   - pluginRef: max-score-picker
 """
-
-
-class ConfigError(ValueError):
-    """The EndpointPickerConfig is invalid; the message names the field and plugin."""
 
 
 class _Strict(BaseModel):

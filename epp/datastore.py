@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.roles import ROLE_LABEL
+
 __all__ = [
     "ROLE_LABEL",
     "STALE_METRICS",
@@ -24,8 +26,6 @@ __all__ = [
     "normalize_host",
     "split_address",
 ]
-
-ROLE_LABEL = "llm-d.ai/role"
 
 # What a stale endpoint looks like to scorers: busy and full, so it never looks idle.
 _STALE_QUEUE = 1_000_000

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.routing_headers import DESTINATION_ENDPOINT
+
 __all__ = [
     "EPP_UNAVAILABLE_STATUS",
     "POD_IDLE_TIMEOUT_S",
@@ -221,7 +223,7 @@ def gateway_config(
         },
         "original_dst_lb_config": {
             "use_http_header": True,
-            "http_header_name": "x-gateway-destination-endpoint",
+            "http_header_name": DESTINATION_ENDPOINT,
         },
     }
     return {

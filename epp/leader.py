@@ -30,7 +30,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from epp.kube import read_json
+from common.kube import read_json
 
 __all__ = ["LeaderElector", "LeaseTiming", "deployment_name", "lease_name", "new_identity"]
 

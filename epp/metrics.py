@@ -13,13 +13,14 @@ new value is reported as ``other``.
 
 from __future__ import annotations
 
-import asyncio
 import math
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from common.process_metrics import register_asyncio_tasks
 
 if TYPE_CHECKING:
     from epp.datastore import Endpoint
@@ -29,7 +30,6 @@ __all__ = [
     "EppMetrics",
     "LabelBound",
     "error_code",
-    "register_asyncio_tasks",
 ]
 
 _P = "llm_d_epp_"
@@ -108,21 +108,6 @@ class LabelBound:
             return "other"
         self._seen.add(value)
         return value
-
-
-def _asyncio_tasks() -> float:
-    try:
-        return float(len(asyncio.all_tasks()))
-    except RuntimeError:  # scraped outside the serving loop (tests collecting directly)
-        return 0.0
-
-
-def register_asyncio_tasks(registry: CollectorRegistry) -> None:
-    """``python_asyncio_tasks``: live tasks in the serving loop, the analogue of Go's
-    ``go_goroutines``; a count that keeps growing under steady load is a leak."""
-    Gauge(
-        "python_asyncio_tasks", "Asyncio tasks alive in the serving event loop.", registry=registry
-    ).set_function(_asyncio_tasks)
 
 
 def _build_ref() -> str:

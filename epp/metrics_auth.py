@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 from kubernetes_asyncio import client as k8s_client
 
-from epp.kube import read_json
+from common.kube import read_json
 
 __all__ = ["MetricsAuthorizer", "User"]
 

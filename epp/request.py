@@ -19,6 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.multimodal import INPUT_AUDIO, MULTIMODAL_PART_TYPES
 from epp.decision import BadRequest
 
 __all__ = [
@@ -35,9 +36,6 @@ __all__ = [
 
 # The usual rule of thumb for English text and BPE tokenisers; only used for estimates.
 CHARS_PER_TOKEN = 4
-
-_MM_PART_TYPES = ("image_url", "audio_url", "video_url", "input_audio")
-
 
 @dataclass(frozen=True, slots=True)
 class MultimodalItem:
@@ -112,7 +110,7 @@ def _str_field(body: Mapping[str, Any], name: str, *, required: bool) -> str:
 
 def _mm_key(kind: str, part: Mapping[str, Any], where: str) -> str:
     inner = part.get(kind)
-    if kind == "input_audio":
+    if kind == INPUT_AUDIO:
         if not isinstance(inner, Mapping) or not isinstance(inner.get("data"), str):
             raise _bad(f"{where}.input_audio.data must be a string")
         data: str = inner["data"]
@@ -145,7 +143,7 @@ def _chat_content(content: Any, out: _Prompt, where: str) -> None:
             if not isinstance(text, str):
                 raise _bad(f"{where}[{j}].text must be a string")
             out.parts.append(text)
-        elif ptype in _MM_PART_TYPES:
+        elif ptype in MULTIMODAL_PART_TYPES:
             out.add_mm(ptype, _mm_key(ptype, part, f"{where}[{j}]"))
         elif ptype == "input_image":
             # Responses API image part: image_url is a plain string there.

@@ -25,6 +25,7 @@ from typing import Any, Literal, NoReturn, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.durations import parse_go_duration
 from epp.discovery.selector import parse_selector
 from epp.engine_metrics import EngineMappings, MetricSpec
 
@@ -34,7 +35,6 @@ __all__ = [
     "EppSettings",
     "parse_args",
     "parse_go_bool",
-    "parse_go_duration",
     "parse_quantity",
 ]
 
@@ -45,43 +45,6 @@ DEFAULT_POOL_GROUP = "inference.networking.k8s.io"
 POOL_GROUPS = (DEFAULT_POOL_GROUP, "inference.networking.x-k8s.io")
 # llm-d clamps a shorter scrape interval to this.
 MIN_REFRESH_METRICS_INTERVAL = 0.05
-
-_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "\u00b5s": 1e-6,  # micro sign
-    "\u03bcs": 1e-6,  # Greek mu
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)([a-z\u00b5\u03bc]+)")
-
-
-def parse_go_duration(text: str) -> float:
-    """Seconds from a Go duration string such as ``50ms``, ``1.5s`` or ``1h2m``."""
-    s = text.strip()
-    sign = 1.0
-    if s and s[0] in "+-":
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        raise ValueError(f"invalid duration {text!r}")
-    total, pos = 0.0, 0
-    while pos < len(s):
-        match = _PART.match(s, pos)
-        if match is None:
-            raise ValueError(f"invalid duration {text!r} (expected e.g. 50ms, 2s, 1m30s)")
-        number, unit = match.groups()
-        if unit not in _UNITS:
-            raise ValueError(f"unknown unit {unit!r} in duration {text!r}")
-        total += float(number) * _UNITS[unit]
-        pos = match.end()
-    return sign * total
-
 
 _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}

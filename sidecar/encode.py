@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 from multidict import CIMultiDict
 
+from common.multimodal import MULTIMODAL_PART_TYPES
 from sidecar._json import dumps, loads
 from sidecar.errors import EncodeError, EncodeTimeout, SidecarError
 from sidecar.exchange import Exchange
@@ -38,7 +39,6 @@ from sidecar.upstream import Retryable, StageErrors, Upstream
 
 __all__ = [
     "EC_CONNECTORS",
-    "MULTIMODAL_PART_TYPES",
     "EncodePolicy",
     "EncoderStage",
     "encode_request_body",
@@ -47,7 +47,6 @@ __all__ = [
 ]
 
 EC_CONNECTORS = ("ec-example", "ec-nixl")
-MULTIMODAL_PART_TYPES = frozenset({"image_url", "audio_url", "video_url", "input_audio"})
 ENCODE_PATH = "/v1/chat/completions"
 PARAMS_FIELD = "ec_transfer_params"
 _MAX_ANSWER = 4 * 1024 * 1024

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from epp.metrics import register_asyncio_tasks
+from common.process_metrics import register_asyncio_tasks
 from sidecar.api_shapes import API_SHAPES
 
 __all__ = ["Metrics", "path_label"]

@@ -11,6 +11,15 @@ import random
 import re
 from dataclasses import dataclass
 
+from common import routing_headers
+from common.routing_headers import (
+    DATA_PARALLEL_HOST_PORT,
+    DATA_PARALLEL_RANK,
+    DESTINATION_ENDPOINT,
+    ENCODER_HOSTS_PORTS,
+    KV_CACHE_SOURCE_HOST_PORT,
+    PREFILLER_HOST_PORT,
+)
 from sidecar.errors import InvalidRoutingHeader
 
 __all__ = [
@@ -27,23 +36,7 @@ __all__ = [
     "pick",
 ]
 
-PREFILLER_HOST_PORT = "x-prefiller-host-port"
-ENCODER_HOSTS_PORTS = "x-encoder-hosts-ports"
-DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
-KV_CACHE_SOURCE_HOST_PORT = "x-kv-cache-source-host-port"
-DATA_PARALLEL_HOST_PORT = "x-data-parallel-host-port"
-DATA_PARALLEL_RANK = "x-data-parallel-rank"
-
-ROUTING_HEADERS: frozenset[str] = frozenset(
-    {
-        PREFILLER_HOST_PORT,
-        ENCODER_HOSTS_PORTS,
-        DESTINATION_ENDPOINT,
-        KV_CACHE_SOURCE_HOST_PORT,
-        DATA_PARALLEL_HOST_PORT,
-        DATA_PARALLEL_RANK,
-    }
-)
+ROUTING_HEADERS: frozenset[str] = frozenset(routing_headers.ROUTING_HEADERS)
 
 # More targets than any pool hands out in one header; past it the header is refused
 # (the EPP names one prefiller and a few encoders).

@@ -18,7 +18,6 @@ status 2 with the offending flag named.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,6 +34,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from common.durations import duration_value as parse_go_duration
+
 __all__ = [
     "Settings",
     "SettingsError",
@@ -45,18 +46,6 @@ __all__ = [
 
 _GO_TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _GO_FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
-
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "µs": 1e-6,  # Go accepts both micro signs
-    "μs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
 
 
 class SettingsError(Exception):
@@ -72,28 +61,6 @@ def parse_go_bool(value: object) -> object:
             return False
         raise ValueError(f"invalid boolean {value!r} (use true or false)")
     return value
-
-
-def parse_go_duration(value: object) -> object:
-    """Turn a Go duration string (or a number of seconds) into float seconds."""
-    if isinstance(value, bool):
-        raise ValueError("a duration is required, not a boolean")
-    if isinstance(value, int | float):
-        return float(value)
-    if not isinstance(value, str):
-        return value
-    text = value.strip()
-    if text in ("0", ""):
-        return 0.0
-    pos = 0
-    total = 0.0
-    while pos < len(text):
-        match = _DURATION_PART.match(text, pos)
-        if match is None:
-            raise ValueError(f"invalid duration {value!r} (examples: 200ms, 30s, 1m30s)")
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        pos = match.end()
-    return total
 
 
 def _comma_list(value: object) -> object:

@@ -17,6 +17,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import ValidationError
 
+from common.multimodal import MODALITY
+from common.routing_headers import DATA_PARALLEL_RANK
+
 from .config import SimConfig
 from .dcgm import DCGM_PATH, dcgm_handler
 from .engine import (
@@ -225,7 +228,7 @@ class _Generation:
 
 def _dp_rank(request: web.Request) -> int | None:
     """vLLM's ``X-data-parallel-rank`` header: pins the request to one rank."""
-    value = request.headers.get("x-data-parallel-rank")
+    value = request.headers.get(DATA_PARALLEL_RANK)
     if value is None:
         return None
     if not value.isdigit():
@@ -361,12 +364,7 @@ async def _embeddings(request: web.Request) -> web.Response:
     )
 
 
-_RENDER_MODALITY = {
-    "image_url": "image",
-    "video_url": "video",
-    "audio_url": "audio",
-    "input_audio": "audio",
-}
+_RENDER_MODALITY = MODALITY
 
 
 def _render_features(messages: list[Mapping[str, Any]], tokens: list[int]) -> dict[str, Any] | None:

@@ -12,6 +12,8 @@ import zlib
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from common.multimodal import MULTIMODAL_PART_TYPES
+
 __all__ = [
     "VOCAB_SIZE",
     "chat_prompt",
@@ -111,7 +113,7 @@ def _safe_kind(kind: str) -> str:
     return re.sub(r"[^a-z_]", "_", kind.lower()) or "item"
 
 
-MULTIMODAL_KINDS = ("image_url", "audio_url", "video_url", "input_audio")
+MULTIMODAL_KINDS = MULTIMODAL_PART_TYPES
 
 
 def _item_source(part: Mapping[str, Any]) -> str | None:

@@ -22,11 +22,11 @@ from typing import Literal
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 
+from common.durations import parse_duration
 from epp.datalayer.base import DataSource, ExtractorGuard
 from epp.datalayer.endpoint_loops import EndpointLoops
 from epp.datastore import Datastore, Endpoint, format_host_port
 from epp.plugins.base import Plugin, PluginParams
-from epp.plugins.durations import parse_duration
 
 __all__ = ["HttpSourceParams", "PollingSource", "client_ssl_context", "rounded_period"]
 

@@ -19,8 +19,8 @@ from collections.abc import Callable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.yaml_file import WatchedFile, parse_yaml_model
 from epp.datastore import Datastore, Endpoint
-from epp.yaml_file import WatchedFile, parse_yaml_model
 
 __all__ = ["EndpointEntry", "EndpointsFile", "FileWatcher", "parse_endpoints_file"]
 

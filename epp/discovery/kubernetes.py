@@ -1,34 +1,27 @@
-"""Endpoints from Kubernetes pods, kept current by watches.
+"""Endpoints from Kubernetes pods: the :mod:`common.inference_pool` watchers, feeding the
+EPP's datastore.
 
-Two sources, as llm-d's ``--pool-name`` and ``--endpoint-selector``:
-
-- ``InferencePoolDiscovery``: an InferencePool (``inference.networking.k8s.io/v1``, or
-  the older ``inference.networking.x-k8s.io/v1alpha2``) gives the pod selector
-  (``spec.selector.matchLabels``) and the engine ports (``spec.targetPorts[].number``).
-  Two loops run: one list+watch on the pool (its selector or ports may change), one
-  list+watch on the pods it selects (restarted when the pool changes).
-- ``PodSelectorDiscovery``: a fixed label selector (any Kubernetes selector syntax; the
-  API server evaluates it) and fixed ports; only the pod loop runs.
-
-Every ready pod contributes one endpoint per target port. A watch that ends is resumed
-from the last resourceVersion; a 410 Gone or any error relists after a short backoff.
+``InferencePoolDiscovery`` follows an InferencePool (``--pool-name``);
+``PodSelectorDiscovery`` a label selector on fixed ports (``--endpoint-selector``). Each
+ready pod's target port becomes one :class:`~epp.datastore.Endpoint`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
-import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
-from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio.client.exceptions import ApiException
-
+from common.inference_pool import (
+    POOL_GROUP,
+    InferencePoolWatcher,
+    PodPort,
+    PodSelectorWatcher,
+    PoolSpec,
+    pod_ports,
+    pool_version,
+)
 from epp.datastore import Datastore, Endpoint
-from epp.kube import api_client, read_json
 from epp.plugins.base import Discovery
 
 __all__ = [
@@ -39,88 +32,52 @@ __all__ = [
     "pool_version",
 ]
 
-log = logging.getLogger(__name__)
-
-POOL_GROUP = "inference.networking.k8s.io"
-POOL_VERSION = "v1"
-POOL_PLURAL = "inferencepools"
-# The API version of each InferencePool group this EPP reads.
-_POOL_VERSIONS = {POOL_GROUP: POOL_VERSION, "inference.networking.x-k8s.io": "v1alpha2"}
-
-
-def pool_version(group: str) -> str:
-    """The InferencePool API version read for ``group`` (``--pool-group``)."""
-    try:
-        return _POOL_VERSIONS[group]
-    except KeyError:
-        raise ValueError(f"unsupported InferencePool group {group!r}") from None
-
-
 # Server-side watch duration; a finished watch simply resumes.
 _WATCH_SECONDS = 60
-_BACKOFF_S = 0.5
 
 
-@dataclass(frozen=True, slots=True)
-class PoolSpec:
-    """Which pods (a label selector, as the API server takes it) and which of their ports."""
-
-    label_selector: str
-    ports: tuple[int, ...]
-
-    @classmethod
-    def from_object(cls, obj: Mapping[str, Any]) -> PoolSpec:
-        spec = obj.get("spec") or {}
-        selector = spec.get("selector") or {}
-        labels = selector.get("matchLabels") or {}
-        ports = tuple(int(p["number"]) for p in spec.get("targetPorts") or [] if "number" in p)
-        if not ports and spec.get("targetPortNumber"):
-            # v1alpha2 pools carry a single port under this name.
-            ports = (int(spec["targetPortNumber"]),)
-        pairs = sorted((str(k), str(v)) for k, v in labels.items())
-        selector = ",".join(f"{k}={v}" for k, v in pairs)
-        return cls(selector, ports)
-
-
-def _pod_ready(pod: Mapping[str, Any]) -> bool:
-    meta = pod.get("metadata") or {}
-    status = pod.get("status") or {}
-    if meta.get("deletionTimestamp") or not status.get("podIP"):
-        return False
-    if status.get("phase") not in (None, "Running"):
-        return False
-    return any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or []
+def _endpoint(pp: PodPort) -> Endpoint:
+    return Endpoint(
+        name=pp.name,
+        namespace=pp.namespace,
+        address=pp.address,
+        port=pp.port,
+        labels=pp.labels,
+        node_address=pp.node_address,
+        pod_hostname=pp.pod_hostname,
     )
 
 
 def pod_endpoints(pod: Mapping[str, Any], ports: tuple[int, ...]) -> list[Endpoint]:
     """The endpoints of one pod: one per target port when ready, none otherwise."""
-    if not _pod_ready(pod):
-        return []
-    meta = pod.get("metadata") or {}
-    name = str(meta.get("name", ""))
-    labels = {str(k): str(v) for k, v in (meta.get("labels") or {}).items()}
-    ip = str(pod["status"]["podIP"])
-    node_ip = str(pod["status"].get("hostIP") or "")
-    hostname = str((pod.get("spec") or {}).get("hostname") or "")
-    multi = len(ports) > 1
-    return [
-        Endpoint(
-            name=f"{name}-rank-{i}" if multi else name,
-            namespace=str(meta.get("namespace", "default")),
-            address=ip,
-            port=port,
-            labels=labels,
-            node_address=node_ip,
-            pod_hostname=hostname,
-        )
-        for i, port in enumerate(ports)
-    ]
+    return [_endpoint(pp) for pp in pod_ports(pod, ports)]
 
 
-class InferencePoolDiscovery(Discovery):
+class _WatcherDiscovery(Discovery):
+    """A watcher whose every listing replaces this source's endpoints in the datastore."""
+
+    def __init__(self, watcher: InferencePoolWatcher) -> None:
+        super().__init__(name=watcher.name)
+        self._watcher = watcher
+        self._datastore: Datastore | None = None
+
+    @property
+    def synced(self) -> asyncio.Event:
+        return self._watcher.synced
+
+    def _publish(self, pods: list[PodPort]) -> None:
+        if self._datastore is not None:
+            self._datastore.replace_source(self.name, [_endpoint(pp) for pp in pods])
+
+    async def start(self, datastore: Datastore) -> None:
+        self._datastore = datastore
+        await self._watcher.start()
+
+    async def stop(self) -> None:
+        await self._watcher.stop()
+
+
+class InferencePoolDiscovery(_WatcherDiscovery):
     """Not a configurable plugin: the Director creates it from --pool-name/namespace."""
 
     type_name = "kubernetes-inferencepool-discovery"
@@ -136,198 +93,21 @@ class InferencePoolDiscovery(Discovery):
         watch_timeout_s: int = _WATCH_SECONDS,
         sync_timeout_s: float = 5.0,
     ) -> None:
-        super().__init__(name=f"inferencepool:{namespace}/{pool_name}")
-        self.pool_name = pool_name
-        self.namespace = namespace
-        self.pool_group = pool_group
-        self.pool_version = pool_version(pool_group)
-        self.api_server = api_server
-        self.kubeconfig = kubeconfig
-        self.watch_timeout_s = watch_timeout_s
-        self.sync_timeout_s = sync_timeout_s
-        self._api: k8s_client.ApiClient | None = None
-        self._tasks: list[asyncio.Task[None]] = []
-        self._pool: PoolSpec | None = None
-        self._pool_changed = asyncio.Event()
-        self._pool_listed = False
-        self._pods: dict[str, dict[str, Any]] = {}
-        self._datastore: Datastore | None = None
-        self.synced = asyncio.Event()
-
-    async def start(self, datastore: Datastore) -> None:
-        self._datastore = datastore
-        self._api = await api_client(self.api_server, self.kubeconfig)
-        self._start_loops()
-        # Wait briefly for the first full sync so start() returns with endpoints known;
-        # if the API is slow the loops keep trying and readiness follows later.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(self.sync_timeout_s):
-                await self.synced.wait()
-
-    def _start_loops(self) -> None:
-        self._tasks.append(asyncio.create_task(self._pool_loop(), name=self.name + " pool"))
-        self._tasks.append(asyncio.create_task(self._pod_loop(), name=self.name + " pods"))
-
-    async def stop(self) -> None:
-        tasks, self._tasks = self._tasks, []
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._api is not None:
-            await self._api.close()
-            self._api = None
-
-    # -- the pool -----------------------------------------------------------------
-
-    def _set_pool(self, spec: PoolSpec | None) -> None:
-        first = not self._pool_listed
-        self._pool_listed = True
-        if first or spec != self._pool:
-            log.info("InferencePool %s/%s: %s", self.namespace, self.pool_name, spec)
-            self._pool = spec
-            self._pool_changed.set()
-
-    async def _pool_loop(self) -> None:
-        assert self._api is not None
-        api = k8s_client.CustomObjectsApi(self._api)
-        selector = f"metadata.name={self.pool_name}"
-        while True:
-            try:
-                listing = await read_json(
-                    await api.list_namespaced_custom_object(
-                        self.pool_group,
-                        self.pool_version,
-                        self.namespace,
-                        POOL_PLURAL,
-                        field_selector=selector,
-                        _preload_content=False,
-                    )
-                )
-                items = listing.get("items") or []
-                self._set_pool(PoolSpec.from_object(items[0]) if items else None)
-                rv = (listing.get("metadata") or {}).get("resourceVersion")
-                while True:
-                    resp = await api.list_namespaced_custom_object(
-                        self.pool_group,
-                        self.pool_version,
-                        self.namespace,
-                        POOL_PLURAL,
-                        field_selector=selector,
-                        watch=True,
-                        resource_version=rv or "",
-                        timeout_seconds=self.watch_timeout_s,
-                        allow_watch_bookmarks=True,
-                        _preload_content=False,
-                    )
-                    rv = await self._consume(resp, rv, self._on_pool_event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("InferencePool watch: %s; relisting", _describe(exc))
-                await asyncio.sleep(_BACKOFF_S)
-
-    def _on_pool_event(self, kind: str, obj: Mapping[str, Any]) -> None:
-        if kind == "DELETED":
-            self._set_pool(None)
-        elif kind in ("ADDED", "MODIFIED"):
-            self._set_pool(PoolSpec.from_object(obj))
-
-    # -- the pods -------------------------------------------------------------------
-
-    async def _pod_loop(self) -> None:
-        assert self._api is not None
-        core = k8s_client.CoreV1Api(self._api)
-        while True:
-            self._pool_changed.clear()
-            pool = self._pool
-            if pool is None:
-                if self._pool_listed:
-                    self._pods.clear()
-                    self._publish()
-                await self._pool_changed.wait()
-                continue
-            watcher = asyncio.create_task(self._watch_pods(core, pool))
-            changed = asyncio.create_task(self._pool_changed.wait())
-            try:
-                await asyncio.wait({watcher, changed}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for t in (watcher, changed):
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await t
-
-    async def _watch_pods(self, core: k8s_client.CoreV1Api, pool: PoolSpec) -> None:
-        selector = pool.label_selector
-        while True:
-            try:
-                listing = await read_json(
-                    await core.list_namespaced_pod(
-                        self.namespace, label_selector=selector, _preload_content=False
-                    )
-                )
-                self._pods = {str(p["metadata"]["name"]): p for p in listing.get("items") or []}
-                self._publish()
-                rv = (listing.get("metadata") or {}).get("resourceVersion")
-                while True:
-                    resp = await core.list_namespaced_pod(
-                        self.namespace,
-                        label_selector=selector,
-                        watch=True,
-                        resource_version=rv or "",
-                        timeout_seconds=self.watch_timeout_s,
-                        allow_watch_bookmarks=True,
-                        _preload_content=False,
-                    )
-                    rv = await self._consume(resp, rv, self._on_pod_event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("pod watch: %s; relisting", _describe(exc))
-                await asyncio.sleep(_BACKOFF_S)
-
-    def _on_pod_event(self, kind: str, obj: Mapping[str, Any]) -> None:
-        name = str((obj.get("metadata") or {}).get("name", ""))
-        if kind == "DELETED":
-            self._pods.pop(name, None)
-        elif kind in ("ADDED", "MODIFIED"):
-            self._pods[name] = dict(obj)
-        else:
-            return
-        self._publish()
-
-    def _publish(self) -> None:
-        if self._datastore is None:
-            return
-        ports = self._pool.ports if self._pool is not None else ()
-        endpoints = [ep for pod in self._pods.values() for ep in pod_endpoints(pod, ports)]
-        self._datastore.replace_source(self.name, endpoints)
-        self.synced.set()
-
-    async def _consume(self, resp: Any, rv: str | None, handle: Any) -> str | None:
-        """Read one watch stream to its end; returns the last resourceVersion seen."""
-        try:
-            while True:
-                line = await resp.content.readline()
-                if not line:
-                    return rv
-                event = json.loads(line)
-                kind = event.get("type")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    code = obj.get("code")
-                    raise ApiException(status=code, reason=obj.get("message", "watch error"))
-                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if new_rv:
-                    rv = new_rv
-                if kind != "BOOKMARK":
-                    handle(kind, obj)
-        finally:
-            resp.release()
+        super().__init__(
+            InferencePoolWatcher(
+                pool_name=pool_name,
+                on_change=lambda pods: self._publish(pods),
+                namespace=namespace,
+                pool_group=pool_group,
+                api_server=api_server,
+                kubeconfig=kubeconfig,
+                watch_timeout_s=watch_timeout_s,
+                sync_timeout_s=sync_timeout_s,
+            )
+        )
 
 
-class PodSelectorDiscovery(InferencePoolDiscovery):
+class PodSelectorDiscovery(_WatcherDiscovery):
     """The pods a label selector picks, on fixed ports: discovery without an InferencePool
     (``--endpoint-selector`` and ``--endpoint-target-ports``)."""
 
@@ -345,22 +125,14 @@ class PodSelectorDiscovery(InferencePoolDiscovery):
         sync_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(
-            pool_name=selector,
-            namespace=namespace,
-            api_server=api_server,
-            kubeconfig=kubeconfig,
-            watch_timeout_s=watch_timeout_s,
-            sync_timeout_s=sync_timeout_s,
+            PodSelectorWatcher(
+                selector=selector,
+                ports=ports,
+                on_change=lambda pods: self._publish(pods),
+                namespace=namespace,
+                api_server=api_server,
+                kubeconfig=kubeconfig,
+                watch_timeout_s=watch_timeout_s,
+                sync_timeout_s=sync_timeout_s,
+            )
         )
-        self.name = f"pods:{namespace}/{selector}"
-        self._pool = PoolSpec(selector, ports)
-        self._pool_listed = True
-
-    def _start_loops(self) -> None:
-        self._tasks.append(asyncio.create_task(self._pod_loop(), name=self.name + " pods"))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ApiException):
-        return f"API error {exc.status}: {exc.reason}"
-    return f"{type(exc).__name__}: {exc}"

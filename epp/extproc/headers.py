@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from common.routing_headers import DESTINATION_ENDPOINT as DESTINATION
+from common.routing_headers import ENCODER_HOSTS_PORTS as ENCODERS
+from common.routing_headers import PREFILLER_HOST_PORT as PREFILLER
+from common.routing_headers import ROUTING_HEADERS
+
 if TYPE_CHECKING:
     from epp._proto.disagg_extproc_pb2 import HeaderMap
 
@@ -22,23 +27,13 @@ __all__ = [
     "header_dict",
 ]
 
-DESTINATION = "x-gateway-destination-endpoint"
 # envoy.lb metadata key of the endpoint scores (--emit-endpoint-scores).
 DESTINATION_SCORES = "x-gateway-destination-endpoint-scores"
-PREFILLER = "x-prefiller-host-port"
-ENCODERS = "x-encoder-hosts-ports"
 DROPPED_REASON = "x-llm-d-request-dropped-reason"
 
-# Every header that steers a request to a pod. A client must never choose any of them, so
-# all client copies are dropped before the EPP writes its own.
-ROUTING_HEADERS: tuple[str, ...] = (
-    DESTINATION,
-    PREFILLER,
-    ENCODERS,
-    "x-kv-cache-source-host-port",
-    "x-data-parallel-host-port",
-    "x-data-parallel-rank",
-)
+# The routing headers (DESTINATION, PREFILLER, ENCODERS and the rest of ROUTING_HEADERS)
+# are the contract with the pd-sidecar, in common.routing_headers. A client must never
+# choose any of them, so all client copies are dropped before the EPP writes its own.
 
 LB_METADATA_NAMESPACE = "envoy.lb"
 SUBSET_HINT_NAMESPACE = "envoy.lb.subset_hint"

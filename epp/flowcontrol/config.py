@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from common.durations import parse_duration
 from epp.flowcontrol.admitters import Admitter, ProbabilisticAdmitter
 from epp.flowcontrol.controller import (
     DEFAULT_BAND_MAX_BYTES,
@@ -60,7 +61,6 @@ from epp.flowcontrol.usage_limits import (
     StaticUsageLimit,
     UsageLimitPolicy,
 )
-from epp.plugins.durations import parse_duration
 
 __all__ = [
     "FLOW_CONTROL_GATE",

@@ -16,9 +16,9 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from common.durations import parse_duration
 from epp.datastore import Endpoint
 from epp.flowcontrol.ledger import InflightLedger
-from epp.plugins.durations import parse_duration
 
 __all__ = [
     "ConcurrencyDetector",

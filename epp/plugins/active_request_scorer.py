@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 from pydantic import field_validator
 
+from common.durations import parse_duration
 from epp.datastore import Endpoint
 from epp.plugins.base import PluginParams, Release, RequestTracker, Scorer
-from epp.plugins.durations import parse_duration
 from epp.plugins.registry import register
 from epp.scheduling.cycle import CycleState
 from epp.scheduling.result import SchedulingResult

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 from pydantic import Field
 
+from common.routing_headers import DATA_PARALLEL_HOST_PORT as DATA_PARALLEL_HEADER
 from epp.datastore import format_host_port
 from epp.plugins.base import PluginParams
 from epp.plugins.profile_handlers import SingleProfileHandler
@@ -22,7 +23,6 @@ from epp.scheduling.result import ProfileResult, SchedulingResult
 
 __all__ = ["DATA_PARALLEL_HEADER", "DataParallelProfileHandler"]
 
-DATA_PARALLEL_HEADER = "x-data-parallel-host-port"
 
 
 @register

@@ -31,6 +31,7 @@ import aiohttp
 from prometheus_client import CollectorRegistry
 from pydantic import Field, model_validator
 
+from common.durations import parse_duration
 from epp.datastore import Endpoint
 from epp.kv_events.hashing import block_hashes, external_hash
 from epp.kv_events.index import KvBlockIndex, medium_bit
@@ -38,7 +39,6 @@ from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
 from epp.kv_events.tokenizer import LocalTokenizer, TokenizerError
 from epp.plugins.base import DataProducer, PluginParams, Release, RequestTracker
-from epp.plugins.durations import parse_duration
 from epp.plugins.prefix_producer import (
     PREFIX_MATCH,
     ApproxPrefixCacheProducer,

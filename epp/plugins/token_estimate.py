@@ -29,6 +29,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from common.multimodal import AUDIO_URL, IMAGE_URL, INPUT_AUDIO, VIDEO_URL
 from epp.plugins.base import PluginParams
 from epp.plugins.token_anthropic import anthropic_to_chat
 from epp.request import ParsedRequest
@@ -316,12 +317,12 @@ def _chat_bytes(body: Mapping[str, Any], assets: _Assets) -> bytes:
             kind = part.get("type")
             if kind == "text" and isinstance(part.get("text"), str):
                 out.extend(part["text"].encode("utf-8", "surrogatepass"))
-            elif kind == "image_url":
+            elif kind == IMAGE_URL:
                 url = _part_url(part, kind)
                 assets.append(out, "image", url, assets.image_tokens(url))
-            elif kind == "video_url":
+            elif kind == VIDEO_URL:
                 assets.append(out, "video", _part_url(part, kind), assets.video_tokens())
-            elif kind in ("input_audio", "audio_url"):
+            elif kind in (INPUT_AUDIO, AUDIO_URL):
                 data = _part_url(part, kind)
                 count = max(1, -(-len(data) // BYTES_PER_TOKEN))
                 assets.append(out, "audio", data, count)

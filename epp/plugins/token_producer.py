@@ -33,9 +33,9 @@ from typing import Any
 import aiohttp
 from pydantic import Field, field_validator, model_validator
 
+from common.durations import parse_duration
 from epp.datastore import Endpoint
 from epp.plugins.base import DataProducer, PluginParams
-from epp.plugins.durations import parse_duration
 from epp.plugins.registry import register
 from epp.plugins.token_anthropic import anthropic_to_chat
 from epp.plugins.token_estimate import (

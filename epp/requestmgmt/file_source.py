@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from common.yaml_file import WatchedFile
 from epp.requestmgmt.objects import ObjectiveSpec, ObjectStore, RewriteSpec, parse_object
-from epp.yaml_file import WatchedFile
 
 __all__ = ["ObjectsFile", "read_objects"]
 

@@ -13,7 +13,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from epp.kube import api_client, read_json
+from common.kube import api_client, read_json
 from epp.requestmgmt.objects import ObjectiveSpec, ObjectStore, RewriteSpec, parse_object
 
 __all__ = ["ObjectsWatch"]

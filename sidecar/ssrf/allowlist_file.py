@@ -22,7 +22,7 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from epp.yaml_file import WatchedFile, parse_yaml_model
+from common.yaml_file import WatchedFile, parse_yaml_model
 from sidecar.ssrf.rules import Member, Members
 
 __all__ = ["AllowlistEntry", "AllowlistFile", "AllowlistSource", "parse_allowlist"]

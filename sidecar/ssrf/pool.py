@@ -1,30 +1,28 @@
-"""Members from the InferencePool and its ready pods, through the EPP's watcher.
+"""Members from the InferencePool and its ready pods, through the shared pool watcher.
 
-The EPP's :class:`~epp.discovery.kubernetes.InferencePoolDiscovery` already lists and
-watches the pool and the pods it selects (resuming, relisting on 410 Gone); the sidecar
-feeds it a private :class:`~epp.datastore.Datastore` and reads that datastore's
-snapshot: every ready pod contributes its IP, the pool's target ports and its role.
-A pod that leaves the pool (deleted, relabelled out of the selector, no longer ready)
-drops out of the snapshot, and a relabelled role applies at the next request.
+:class:`~common.inference_pool.InferencePoolWatcher` lists and watches the pool and the
+pods it selects (resuming, relisting on 410 Gone) and hands over every ready pod's
+target ports after each change: every ready pod contributes its IP, the pool's target
+ports and its role. A pod that leaves the pool (deleted, relabelled out of the
+selector, no longer ready) drops out, and a relabelled role applies at the next request.
 """
 
 from __future__ import annotations
 
-from epp.datastore import Datastore, Endpoint
-from epp.discovery.kubernetes import InferencePoolDiscovery
+from common.inference_pool import InferencePoolWatcher, PodPort
 from sidecar.ssrf.rules import Member, Members
 
 __all__ = ["PoolSource"]
 
 
-def _members(endpoints: tuple[Endpoint, ...]) -> Members:
+def _members(pods: list[PodPort]) -> Members:
     return Members(
         Member(
-            ep.address,
-            frozenset({ep.port}),
-            frozenset({ep.role}) if ep.role else frozenset(),
+            pp.address,
+            frozenset({pp.port}),
+            frozenset({pp.role}) if pp.role else frozenset(),
         )
-        for ep in endpoints
+        for pp in pods
     )
 
 
@@ -42,31 +40,28 @@ class PoolSource:
         sync_timeout_s: float = 5.0,
     ) -> None:
         self.description = f"InferencePool {namespace}/{name}"
-        self._datastore = Datastore()
-        self._discovery = InferencePoolDiscovery(
+        self._watcher = InferencePoolWatcher(
             pool_name=name,
+            on_change=self._on_change,
             namespace=namespace,
             api_server=api_server,
             kubeconfig=kubeconfig,
             watch_timeout_s=watch_timeout_s,
             sync_timeout_s=sync_timeout_s,
         )
-        self._snapshot: tuple[Endpoint, ...] | None = None
         self._members = Members()
 
     async def start(self) -> None:
         # Waits (briefly) for the first listing; until then members() is None.
-        await self._discovery.start(self._datastore)
+        await self._watcher.start()
 
     async def stop(self) -> None:
-        await self._discovery.stop()
+        await self._watcher.stop()
+
+    def _on_change(self, pods: list[PodPort]) -> None:
+        self._members = _members(pods)
 
     def members(self) -> Members | None:
-        if not self._discovery.synced.is_set():
+        if not self._watcher.synced.is_set():
             return None
-        snapshot = self._datastore.snapshot()
-        # The datastore builds a new tuple on every change (labels included).
-        if snapshot is not self._snapshot:
-            self._snapshot = snapshot
-            self._members = _members(snapshot)
         return self._members

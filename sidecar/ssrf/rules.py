@@ -18,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from common.roles import ROLE_LABEL
 from sidecar.routing import HostPort
 
 __all__ = [
@@ -32,7 +33,6 @@ __all__ = [
     "normalize_host",
 ]
 
-ROLE_LABEL = "llm-d.ai/role"
 # The same role sets as the EPP's prefill-filter and encode-filter: a pod without a role
 # label is decode-only there, so it is no prefill or encode target here either.
 PREFILL_ROLES = frozenset(

@@ -23,7 +23,7 @@ import ssl
 from collections.abc import Callable
 from pathlib import Path
 
-from epp.tls import CERT_FILE, KEY_FILE, CertificatePair, self_signed
+from common.tls import CERT_FILE, KEY_FILE, CertificatePair, self_signed
 
 __all__ = ["ServingTLS", "host_address", "server_context"]
 

@@ -111,7 +111,7 @@ def test_builder_stage_replays_and_both_entry_points_run(tmp_path: Path) -> None
     (site,) = venv.glob("lib/python*/site-packages")
     for tool in ("pip", "pytest", "mypy", "ruff", "setuptools"):
         assert not (site / tool).exists(), tool
-    for package in ("sidecar", "epp", "vllm_sim"):
+    for package in ("common", "sidecar", "epp", "vllm_sim"):
         assert (site / package / "__init__.py").exists(), package
     for script, expected in (("pd-sidecar", "--model-server-port"), ("epp", "--pool-name")):
         result = subprocess.run(

@@ -14,6 +14,7 @@ from typing import Any
 import aiohttp
 import pytest
 
+from common.tls import self_signed
 from epp.config import ConfigError
 from epp.datalayer.attributes import read_scalar
 from epp.datalayer.base import PrometheusExtractor
@@ -21,7 +22,6 @@ from epp.datalayer.dcgm import GPU_UTILIZATION, DcgmDataSource, DcgmExtractor
 from epp.datalayer.models import ModelsDataSource, ModelsExtractorPlugin, served_models
 from epp.datalayer.prom_text import PrometheusPage
 from epp.datastore import Datastore, Endpoint
-from epp.tls import self_signed
 from tests.conftest import RunningSim, StartSim, eventually
 
 from .pool import HEAD, StartDirector

@@ -6,13 +6,13 @@ from pathlib import Path
 
 import pytest
 
+from common.tls import self_signed
 from epp.config import ConfigError, load_config
 from epp.datalayer.dcgm import DcgmDataSource, DcgmExtractor
 from epp.datalayer.metrics_source import CoreMetricsExtractor, MetricsDataSource
 from epp.datalayer.notifications import EndpointNotificationSource
 from epp.plugins import create_plugin
 from epp.plugins.endpoint_attribute import EndpointAttributeFilter
-from epp.tls import self_signed
 
 LLM_D = Path(__file__).resolve().parents[2] / ".." / "shared" / "llm-d" / "configs"
 

@@ -15,10 +15,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.tls import self_signed
 from epp.app import EXTPROC_SERVICE, EppApp
 from epp.director import Director
 from epp.settings import EppSettings
-from epp.tls import self_signed
 from examples.local_stack.processes import free_port
 from tests.epp_gateway.backends import RecordingBackend
 from tests.epp_gateway.fakes import ExtProcClient, request_body, request_headers

@@ -16,9 +16,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from common.tls import self_signed
 from epp.app import EppApp, StartupError
 from epp.settings import EppSettings
-from epp.tls import self_signed
 from examples.local_stack.processes import free_port
 from tests.conftest import eventually
 from tests.epp_gateway.backends import RecordingBackend

@@ -21,7 +21,6 @@ MODULES = {
         "EppSettings",
         "parse_args",
         "parse_go_bool",
-        "parse_go_duration",
         "parse_quantity",
     },
     "epp.app": {
@@ -32,7 +31,8 @@ MODULES = {
         "StartupError",
         "run",
     },
-    "epp.tls": {"CertificatePair", "grpc_cipher_suites", "load_cert_dir", "self_signed"},
+    "epp.tls": {"grpc_cipher_suites"},
+    "common.tls": {"CERT_FILE", "KEY_FILE", "CertificatePair", "load_cert_dir", "self_signed"},
 }
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from epp.settings import FLAGS, EppSettings, parse_args, parse_go_duration, parse_quantity
+from common.durations import parse_go_duration
+from epp.settings import FLAGS, EppSettings, parse_args, parse_quantity
 
 # The flags llm-d's EPP registers in pkg/epp/server/options.go (llm-d-router ebab687),
 # and the logging flags it binds: controller-runtime's zap flags and klog's -v.

@@ -23,7 +23,6 @@ MODULES = [
     "epp.plugins.base",
     "epp.plugins.registry",
     "epp.plugins.prefix_index",
-    "epp.plugins.durations",
     "epp.discovery",
     "epp.discovery.file",
     "epp.discovery.kubernetes",

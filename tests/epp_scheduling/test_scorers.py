@@ -143,7 +143,7 @@ def test_active_request_timeout_validation(bad: object) -> None:
 
 
 def test_parse_duration() -> None:
-    from epp.plugins.durations import parse_duration
+    from common.durations import parse_duration
 
     assert parse_duration("1h30m") == 5400.0
     assert parse_duration("500ms") == 0.5

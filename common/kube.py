@@ -9,7 +9,7 @@ from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio import config as k8s_config
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from epp.config import ConfigError
+from common.errors import ConfigError
 
 __all__ = ["api_client", "read_json"]
 
