@@ -151,7 +151,7 @@ class _Builder:
         elif session.turn > 0:
             session.context += ["assistant:", *_words(rng, self._n(100, 300), "r")]
         session.context += ["user:", *_words(rng, self._n(30, 200), "u")]
-        request = self._request(t, session, self._n(64, 160))
+        request = self._request(t, session, self.rng.randint(64, 160))
         self.finish_turn(session, t, think_s)
         return request
 
@@ -161,7 +161,7 @@ class _Builder:
         context = ["read", "the", "document", "and", "answer:", *self.documents[doc], "question:"]
         context += _words(rng, self._n(20, 60), "q")
         session = _Session(self._name("docqa"), "docqa", context, 1)
-        return self._request(t, session, self._n(32, 128))
+        return self._request(t, session, self.rng.randint(32, 128))
 
     def agentic(self, t: float, step_s: float) -> Request:
         rng = self.rng
@@ -175,7 +175,7 @@ class _Builder:
             self.active.append(session)
         else:
             session.context += ["tool:", *_words(rng, self._n(100, 600), "o")]
-        request = self._request(t, session, self._n(24, 96))
+        request = self._request(t, session, self.rng.randint(24, 96))
         self.finish_turn(session, t, step_s)
         return request
 
@@ -205,7 +205,7 @@ def generate(
     think_s: float = 4.0,
     step_s: float = 1.0,
 ) -> list[Request]:
-    """The requests of one run, in arrival order. ``scale`` multiplies every length."""
+    """The requests of one run, in arrival order. ``scale`` multiplies every prompt length."""
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r} (known: {', '.join(WORKLOADS)})")
     rng = random.Random(seed)
@@ -233,5 +233,5 @@ def generate(
 
 def mean_prompt_tokens(workload: str, *, seed: int = 0, scale: float = 1.0) -> float:
     """The mean prompt length of a workload (from a long sample at a moderate rate)."""
-    sample = generate(workload, rate=20.0, duration_s=200.0, seed=seed + 7919, scale=scale)
+    sample = generate(workload, rate=10.0, duration_s=100.0, seed=seed + 7919, scale=scale)
     return sum(r.prompt_tokens for r in sample) / len(sample)

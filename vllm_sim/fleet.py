@@ -108,6 +108,7 @@ class Fleet:
             "oracle_hit_tokens": 0,
             "queried_tokens": 0,
             "requests": 0,
+            "prefill_requests": 0,
         }
         for server in self.servers:
             e = server.engine
@@ -115,6 +116,7 @@ class Fleet:
                 "engine_id": e.config.engine_id,
                 "url": server.url,
                 "requests": e.stats.requests_total,
+                "prefill_requests": e.stats.requests_by_role.get("prefill", 0),
                 "prompt_tokens": e.prompt_tokens_total,
                 "computed_prompt_tokens": e.computed_queries_tokens,
                 "hit_tokens": e.cache.hits_tokens,
