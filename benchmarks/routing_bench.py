@@ -65,6 +65,7 @@ from examples.local_stack.processes import (
     free_port,
     wait_until,
 )
+from vllm_sim.tokens import tokenize
 
 CONFIGS = (
     "random",
@@ -313,24 +314,30 @@ class RunResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-async def _one(session: aiohttp.ClientSession, url: str, req: Request, t0: float,
-               timeout_s: float) -> Outcome | None:  # fmt: skip
+def request_body(req: Request, token_ids: bool = False) -> bytes:
+    """The completions body of ``req``: text, or the simulator's token ids for the text."""
+    prompt: str | list[int] = tokenize(req.prompt) if token_ids else req.prompt
     body = {
         "model": MODEL,
-        "prompt": req.prompt,
+        "prompt": prompt,
         "max_tokens": req.max_tokens,
         "stream": True,
         "stream_options": {"include_usage": True},
         "ignore_eos": True,
     }
-    headers = {"x-session-id": req.session}
+    return json.dumps(body).encode()
+
+
+async def _one(session: aiohttp.ClientSession, url: str, req: Request, body: bytes, t0: float,
+               timeout_s: float) -> Outcome | None:  # fmt: skip
+    headers = {"x-session-id": req.session, "content-type": "application/json"}
     start = time.monotonic()
     lag = start - (t0 + req.at)
     first = 0.0
     tail = b""
     try:
         async with session.post(
-            url, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout_s)
         ) as resp:
             if resp.status != 200:
                 await resp.read()
@@ -354,18 +361,19 @@ async def _one(session: aiohttp.ClientSession, url: str, req: Request, t0: float
 
 
 async def drive(
-    url: str, requests: list[Request], timeout_s: float = 120.0
+    url: str, requests: list[Request], timeout_s: float = 120.0, token_ids: bool = False
 ) -> list[Outcome | None]:
     """Send every request at its time (open loop) and wait for all of them."""
+    bodies = [request_body(req, token_ids) for req in requests]  # before the clock starts
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         t0 = time.monotonic() + 0.2
         tasks = []
-        for req in requests:
+        for req, body in zip(requests, bodies, strict=True):
             delay = t0 + req.at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, url, req, t0, timeout_s)))
+            tasks.append(asyncio.create_task(_one(session, url, req, body, t0, timeout_s)))
         return list(await asyncio.gather(*tasks))
 
 
@@ -396,8 +404,9 @@ class Bench:
     """A fleet, then per configuration an EPP and an Envoy in front of it."""
 
     def __init__(self, engines: int, model: EngineModel, workdir: Path, *, pd: bool = False,
-                 scrape_interval: str = "250ms") -> None:  # fmt: skip
+                 scrape_interval: str = "250ms", token_ids: bool = False) -> None:  # fmt: skip
         self.engines = engines
+        self.token_ids = token_ids
         self.model = model
         self.workdir = workdir
         self.pd = pd
@@ -510,7 +519,7 @@ class Bench:
             cpu0 = _proc_cpu_s(epp.pid)
             async with session.get(metrics_url) as resp:
                 before = await resp.text()
-            outcomes = await drive(url, requests)
+            outcomes = await drive(url, requests, token_ids=self.token_ids)
             cpu1 = _proc_cpu_s(epp.pid)
             async with session.get(metrics_url) as resp:
                 after = await resp.text()
@@ -642,7 +651,7 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
                   duration_s: float, seed: int, slo_s: float, model: EngineModel,
                   workdir: Path, *, scale: float = 1.0, arrival: str = "poisson",
                   scrape_interval: str = "250ms", rate: float | None = None,
-                  log: Any = print) -> list[RunResult]:  # fmt: skip
+                  token_ids: bool = False, log: Any = print) -> list[RunResult]:  # fmt: skip
     """Every configuration at every load on one fleet (and one P/D fleet if asked)."""
     if rate is None:
         mean_prompt = mean_prompt_tokens(workload, seed=seed, scale=scale)
@@ -658,7 +667,8 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
             names = [c for c in configs if (c == "pd") == pd]
             if not names:
                 continue
-            bench = Bench(engines, model, workdir, pd=pd, scrape_interval=scrape_interval)
+            bench = Bench(engines, model, workdir, pd=pd, scrape_interval=scrape_interval,
+                          token_ids=token_ids)  # fmt: skip
             try:
                 await bench.start(session)
                 for load in loads:
@@ -801,9 +811,16 @@ async def long_prompts(workdir: Path, duration_s: float) -> list[RunResult]:
     model = EngineModel(num_blocks=24_000, max_model_len=400_000, prefill_ms_per_token=0.01,
                         ttft_base_ms=20, max_num_seqs=8, time_scale=1.0)  # fmt: skip
     # docqa documents are 4-8K tokens: x40 makes 160K-320K-token prompts (mean ~240K).
-    results = await compare(96, "docqa", [1.0], ["precise-prefix"], duration_s, seed=3,
+    # Text prompts: the EPP has the engine tokenize them (/tokenize) before hashing; token
+    # ids: the EPP hashes what the client sent.
+    results: list[RunResult] = []
+    for token_ids in (False, True):
+        run = await compare(96, "docqa", [1.0], ["precise-prefix"], duration_s, seed=3,
                             slo_s=600.0, model=model, workdir=workdir, scale=40.0,
-                            scrape_interval="1s", rate=1.0)  # fmt: skip
+                            scrape_interval="1s", rate=1.0, token_ids=token_ids)  # fmt: skip
+        for r in run:
+            r.config += " (token ids)" if token_ids else " (text)"
+        results += run
     return results
 
 
