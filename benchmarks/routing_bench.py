@@ -45,6 +45,7 @@ import contextlib
 import json
 import math
 import os
+import random
 import sys
 import tempfile
 import time
@@ -508,10 +509,7 @@ class Bench:
             await _wait_epp_ready(health_port, epp)
             if config == "precise-prefix":
                 await self._wait_events(session, metrics_url, epp)
-            envoy = EnvoyProcess(gateway_config(grpc_port), self.workdir,
-                                 4000 + (os.getpid() + grpc_port) % 20_000)  # fmt: skip
-            await envoy.start()
-            await envoy.wait_ready(session, 60)
+            envoy = await _start_envoy(session, grpc_port, self.workdir)
             url = f"http://127.0.0.1:{envoy.port}/v1/completions"
             # The EPP has scraped every engine once and Envoy connected to it.
             await asyncio.sleep(1.0)
@@ -584,6 +582,24 @@ def _decision_figures(result: RunResult, before: str, after: str) -> None:
     _, s1, c1 = _parse_histogram(after, name)
     if c1 > c0:
         result.schedule_mean_ms = (s1 - s0) / (c1 - c0) * 1000
+
+
+async def _start_envoy(session: aiohttp.ClientSession, grpc_port: int,
+                       workdir: Path) -> EnvoyProcess:  # fmt: skip
+    """Envoy in front of the EPP; another base id if one is taken (other Envoys run here)."""
+    rng = random.Random()
+    for attempt in range(4):
+        envoy = EnvoyProcess(gateway_config(grpc_port), workdir, rng.randint(10_000, 60_000))
+        await envoy.start()
+        try:
+            await envoy.wait_ready(session, 60)
+        except RuntimeError:
+            await envoy.stop()
+            if attempt == 3:
+                raise
+            continue
+        return envoy
+    raise AssertionError("unreachable")
 
 
 def _entry(name: str, host: str, port: int, role: str) -> dict[str, Any]:
@@ -753,6 +769,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workload", default="chat")
     parser.add_argument("--arrival", default="poisson")
     parser.add_argument("--load", type=float, default=0.8)
+    parser.add_argument("--rate", type=float, default=None,
+                        help="requests/s at load 1.0 instead of the pool's capacity")  # fmt: skip
     parser.add_argument("--sweep", default="", help="comma-separated loads (fractions)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--duration", type=float, default=60.0)
@@ -789,7 +807,8 @@ def main(argv: list[str] | None = None) -> int:
         results += asyncio.run(compare(size, args.workload, loads, configs, args.duration,
                                        args.seed, args.slo, model, workdir,
                                        scale=args.prompt_scale, arrival=args.arrival,
-                                       scrape_interval=args.scrape_interval))  # fmt: skip
+                                       scrape_interval=args.scrape_interval,
+                                       rate=args.rate))  # fmt: skip
     stem = f"{args.workload}-{'-'.join(map(str, sizes))}"
     _write(results, out, stem, args.slo)
     print(markdown_table(results, args.slo))
