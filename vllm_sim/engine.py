@@ -289,8 +289,19 @@ class SimEngine:
         if not self.config.serial_prefill:
             await asyncio.sleep(seconds)
             return
-        async with self._compute:
+        # Not scheduled until its prompt's turn comes: vLLM counts such a request as
+        # waiting (its prompt does not fit in the step's token budget), not running.
+        self.running -= 1
+        self.waiting += 1
+        try:
+            await self._compute.acquire()
+        finally:
+            self.waiting -= 1
+            self.running += 1
+        try:
             await asyncio.sleep(seconds)
+        finally:
+            self._compute.release()
 
     # -- the request path ----------------------------------------------------------
     def role_of(self, params: GenerationParams) -> str:

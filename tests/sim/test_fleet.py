@@ -62,9 +62,11 @@ async def test_serial_prefill_queues_prompts_and_parallel_does_not() -> None:
         engine = SimEngine(
             SimConfig(serial_prefill=serial, ttft_base_ms=0, prefill_ms_per_token=0.5, itl_ms=0)
         )
-        firsts = sorted(
-            f for f, _ in await asyncio.gather(*(_run_one(engine, p, 1) for p in prompts))
-        )
+        runs = asyncio.gather(*(_run_one(engine, p, 1) for p in prompts))
+        await asyncio.sleep(0.1)
+        # While the first prompt computes, a serial engine reports the second as waiting.
+        assert (engine.running, engine.waiting) == ((1, 1) if serial else (2, 0))
+        firsts = sorted(f for f, _ in await runs)
         # Each prompt costs 200 ms; serial: the second one waits for the first.
         if serial:
             assert firsts[1] > 0.36, firsts
