@@ -17,6 +17,9 @@ Configurations (EPP configs in llm-d's vocabulary, see ``epp_config``):
   weights of llm-d's inference-scheduling guide;
 - ``precise-prefix``: the precise (KV-event) producer + prefix (2) + KV (1) + queue (1), as
   llm-d's epp-precise-prefix-cache-config.yaml;
+- ``approx-tuned`` / ``precise-tuned``: the same producers with the queue weighted above
+  the prefix (prefix 2, queue 3, KV 1): a conversation stays where its prefix is until a
+  queue forms there, then moves;
 - ``pd``: prefill/decode disaggregation (prefix-based P/D decider) as llm-d's
   pd-epp-config.yaml, with a quarter of the engines prefilling.
 
@@ -75,6 +78,8 @@ CONFIGS = (
     "llm-d-default",
     "approx-prefix",
     "precise-prefix",
+    "approx-tuned",
+    "precise-tuned",
     "pd",
 )
 MODEL = "sim-model"
@@ -159,6 +164,26 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
         ]
         refs += [("prefix-cache-scorer", 3), ("kv-cache-utilization-scorer", 2),
                  ("queue-scorer", 2)]  # fmt: skip
+    elif name == "approx-tuned":
+        plugins += [
+            {"type": "prefix-cache-scorer"},
+            {"type": "kv-cache-utilization-scorer"},
+            {"type": "queue-scorer"},
+        ]
+        refs += [("prefix-cache-scorer", 2), ("queue-scorer", 3),
+                 ("kv-cache-utilization-scorer", 1)]  # fmt: skip
+    elif name == "precise-tuned":
+        plugins += [
+            {
+                "type": "precise-prefix-cache-producer",
+                "parameters": {"kvEventsPort": kv_events_port, "blockSize": block_size},
+            },
+            {"type": "prefix-cache-scorer"},
+            {"type": "kv-cache-utilization-scorer"},
+            {"type": "queue-scorer"},
+        ]
+        refs += [("prefix-cache-scorer", 2), ("queue-scorer", 3),
+                 ("kv-cache-utilization-scorer", 1)]  # fmt: skip
     elif name == "precise-prefix":
         plugins += [
             {
@@ -507,7 +532,7 @@ class Bench:
             metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
             await wait_until(_http_ok(session, metrics_url), epp.name, 60, epp.check_alive)
             await _wait_epp_ready(health_port, epp)
-            if config == "precise-prefix":
+            if config.startswith("precise"):
                 await self._wait_events(session, metrics_url, epp)
             envoy = await _start_envoy(session, grpc_port, self.workdir)
             url = f"http://127.0.0.1:{envoy.port}/v1/completions"
