@@ -21,7 +21,9 @@ Configurations (EPP configs in llm-d's vocabulary, see ``epp_config``):
   the prefix (prefix 2, queue 3, KV 1): a conversation stays where its prefix is until a
   queue forms there, then moves;
 - ``pd``: prefill/decode disaggregation (prefix-based P/D decider) as llm-d's
-  pd-epp-config.yaml, with a quarter of the engines prefilling.
+  pd-epp-config.yaml, with a quarter of the engines prefilling; ``pd-tuned``: queue
+  weight 3 in both profiles and only prompts with 512 or more uncached tokens prefilled
+  remotely.
 
 Per configuration: TTFT p50/p90/p99, inter-token latency, the share of requests with TTFT
 under the SLO, the pool's prefix-cache hit rate against the oracle's (the best any
@@ -81,6 +83,7 @@ CONFIGS = (
     "approx-tuned",
     "precise-tuned",
     "pd",
+    "pd-tuned",
 )
 MODEL = "sim-model"
 ROLE_LABEL = "llm-d.ai/role"
@@ -196,7 +199,7 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
         ]
         refs += [("prefix-cache-scorer", 2), ("kv-cache-utilization-scorer", 1),
                  ("queue-scorer", 1)]  # fmt: skip
-    elif name == "pd":
+    elif name in ("pd", "pd-tuned"):
         plugins += [
             {"type": "prefill-filter"},
             {"type": "prefix-cache-scorer"},
@@ -204,14 +207,16 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
             {"type": "max-score-picker"},
             {
                 "type": "prefix-based-pd-decider",
-                "parameters": {"nonCachedTokens": non_cached_tokens},
+                "parameters": {"nonCachedTokens": 512 if name == "pd-tuned" else non_cached_tokens},
             },
             {
                 "type": "disagg-profile-handler",
                 "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
             },
         ]
-        scored = [("max-score-picker", None), ("prefix-cache-scorer", 2), ("queue-scorer", 1)]
+        queue_weight = 3 if name == "pd-tuned" else 1
+        scored = [("max-score-picker", None), ("prefix-cache-scorer", 2),
+                  ("queue-scorer", queue_weight)]  # fmt: skip
         return {
             "apiVersion": "llm-d.ai/v1alpha1",
             "kind": "EndpointPickerConfig",
@@ -705,7 +710,7 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
     timeout = aiohttp.ClientTimeout(total=30)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         for pd in (False, True):
-            names = [c for c in configs if (c == "pd") == pd]
+            names = [c for c in configs if c.startswith("pd") == pd]
             if not names:
                 continue
             bench = Bench(engines, model, workdir, pd=pd, scrape_interval=scrape_interval,
