@@ -23,7 +23,9 @@ async def test_smoke_runs_every_configuration(tmp_path: Path) -> None:
         assert r.errors == 0, r
         assert 0 < r.ttft_p50 <= r.ttft_p99 < 30, r
         assert r.itl_mean > 0, r
-        assert 0 <= r.hit_rate <= r.oracle_hit_rate + 1e-9, r
+        assert 0 <= r.hit_rate <= 1, r
+        if r.config != "pd":  # P/D's decode engines pull KV: the oracle covers prefills only
+            assert r.hit_rate <= r.oracle_hit_rate + 1e-9, r
         assert not math.isnan(r.decision_mean_ms), r
         assert r.epp_cpu_ms_per_request > 0, r
         assert "epp_log_alarms" not in r.extra, r.extra
