@@ -60,18 +60,18 @@ async def test_serial_prefill_queues_prompts_and_parallel_does_not() -> None:
     prompts = [[1000 * k + i for i in range(400)] for k in range(2)]  # no shared prefix
     for serial in (True, False):
         engine = SimEngine(
-            SimConfig(serial_prefill=serial, ttft_base_ms=0, prefill_ms_per_token=0.5, itl_ms=0)
+            SimConfig(serial_prefill=serial, ttft_base_ms=0, prefill_ms_per_token=1.0, itl_ms=0)
         )
         runs = asyncio.gather(*(_run_one(engine, p, 1) for p in prompts))
         await asyncio.sleep(0.1)
         # While the first prompt computes, a serial engine reports the second as waiting.
         assert (engine.running, engine.waiting) == ((1, 1) if serial else (2, 0))
         firsts = sorted(f for f, _ in await runs)
-        # Each prompt costs 200 ms; serial: the second one waits for the first.
+        # Each prompt costs 400 ms; serial: the second one waits for the first.
         if serial:
-            assert firsts[1] > 0.36, firsts
+            assert firsts[1] > 0.75, firsts
         else:
-            assert firsts[1] < 0.36, firsts
+            assert firsts[1] < 0.75, firsts
 
 
 async def test_stream_interval_keeps_the_timing() -> None:
