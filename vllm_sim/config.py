@@ -37,6 +37,28 @@ class SimConfig(BaseModel):
     ttft_base_ms: float = Field(default=5.0, ge=0)
     prefill_ms_per_token: float = Field(default=0.05, ge=0)
     itl_ms: float = Field(default=5.0, ge=0)
+    itl_ms_per_running: float = Field(
+        default=0.0,
+        ge=0,
+        description="Inter-token latency added per request in the running batch (a decode "
+        "step costs more as the batch grows).",
+    )
+    serial_prefill: bool = Field(
+        default=False,
+        description="Prompts are computed one at a time (the engine's compute is shared): a "
+        "prefill waits for the ones admitted before it.",
+    )
+    time_scale: float = Field(
+        default=1.0,
+        gt=0,
+        description="Run the latency model this many times faster (2: every delay halved).",
+    )
+    stream_interval_tokens: int = Field(
+        default=1,
+        ge=1,
+        description="Wake up once per this many output tokens (the sleep covers them all): "
+        "the same timing at a fraction of the CPU.",
+    )
     zero_latency: bool = False
 
     # Output length when neither max_tokens nor a stop string ends generation first.
@@ -128,4 +150,4 @@ class SimConfig(BaseModel):
         return self.engine_id if rank == 0 else f"{self.engine_id}-dp{rank}"
 
     def delay_s(self, ms: float) -> float:
-        return 0.0 if self.zero_latency else ms / 1000.0
+        return 0.0 if self.zero_latency else ms / 1000.0 / self.time_scale

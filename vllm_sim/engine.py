@@ -19,7 +19,7 @@ import base64
 import contextlib
 import logging
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,11 +141,15 @@ class Run:
         natural = None if p.ignore_eos else max(cfg.natural_output_tokens, p.min_tokens)
         limit = self.max_tokens if natural is None else min(self.max_tokens, natural)
         candidates = output_token_ids(p.prompt_ids, limit, p.seed)
-        itl = cfg.delay_s(cfg.itl_ms)
         core_end = "length" if limit == self.max_tokens else "stopped"
+        every = cfg.stream_interval_tokens
+        owed = 0.0  # model time of the tokens since the last wake-up
         for i, token_id in enumerate(candidates):
-            if i > 0 and itl:
-                await asyncio.sleep(itl)
+            if i > 0:
+                owed += self.engine.itl_s()
+                if owed and (i % every == 0 or i == len(candidates) - 1):
+                    await asyncio.sleep(owed)
+                    owed = 0.0
             piece = decode_token(token_id, first=not self.output_ids)
             if i >= p.min_tokens:
                 if any(s and s in self.text + piece for s in p.stop):
@@ -221,6 +225,11 @@ class SimEngine:
             "external_kv_transfer": 0,
         }
         self._slots = asyncio.Semaphore(config.max_num_seqs)
+        self._compute = asyncio.Lock()  # FIFO: one prompt computed at a time (serial_prefill)
+        # Set by a fleet: the most leading blocks of a prompt any engine of the pool holds.
+        self.oracle: Callable[[Sequence[bytes]], int] | None = None
+        self.oracle_hit_tokens = 0
+        self.computed_queries_tokens = 0
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -270,6 +279,29 @@ class SimEngine:
         return self.stats.as_dict(
             engine_id=self.config.engine_id, leases_active=len(self.leases) + len(self.transfers)
         )
+
+    def itl_s(self) -> float:
+        """One decode step at the current batch size, in seconds."""
+        cfg = self.config
+        return cfg.delay_s(cfg.itl_ms + cfg.itl_ms_per_running * self.running)
+
+    async def _compute_prompt(self, seconds: float) -> None:
+        if not self.config.serial_prefill:
+            await asyncio.sleep(seconds)
+            return
+        # Not scheduled until its prompt's turn comes: vLLM counts such a request as
+        # waiting (its prompt does not fit in the step's token budget), not running.
+        self.running -= 1
+        self.waiting += 1
+        try:
+            await self._compute.acquire()
+        finally:
+            self.waiting -= 1
+            self.running += 1
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self._compute.release()
 
     # -- the request path ----------------------------------------------------------
     def role_of(self, params: GenerationParams) -> str:
@@ -396,6 +428,10 @@ class SimEngine:
                 run.cached_tokens = reachable
                 self.stats.cache_threshold_rejections += 1
                 return
+        if self.oracle is not None:
+            self.computed_queries_tokens += len(prompt)
+            best = max(self.oracle(hashes), local_hits)
+            self.oracle_hit_tokens += min(best * cfg.block_size, len(prompt))
         alloc = self.cache.allocate(prompt)
         run.block_ids = alloc.block_ids
         self.stats.storage_hit_tokens += max(0, stored - alloc.hit_blocks) * cfg.block_size
@@ -403,7 +439,9 @@ class SimEngine:
         uncached = len(prompt) - run.cached_tokens
         self.tokens_by_source["local_cache_hit"] += run.cached_tokens
         self.tokens_by_source["local_compute"] += uncached
-        await asyncio.sleep(cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token))
+        await self._compute_prompt(
+            cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token)
+        )
         if self.storage is not None:
             await self.storage.store_blocks(hashes)
         await self._publish(run)

@@ -55,6 +55,7 @@ class PrefixCache:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self.queries_tokens = 0
         self.hits_tokens = 0
+        self._used = 0  # blocks with a reference (kept so that usage costs O(1))
 
     # -- queries ---------------------------------------------------------------
     def cached_prefix_blocks(self, hashes: Sequence[bytes]) -> int:
@@ -68,7 +69,7 @@ class PrefixCache:
 
     @property
     def used_blocks(self) -> int:
-        return sum(1 for b in self._blocks if b.ref_count > 0)
+        return self._used
 
     @property
     def usage(self) -> float:
@@ -120,6 +121,7 @@ class PrefixCache:
             block.ref_count -= 1
             if block.ref_count > 0:
                 continue
+            self._used -= 1
             if block.block_hash is None:
                 self._free.append(block_id)
             else:
@@ -155,6 +157,7 @@ class PrefixCache:
         block = self._blocks[block_id]
         if block.ref_count == 0:
             self._evictable.pop(block_id, None)
+            self._used += 1
         block.ref_count += 1
 
     def _take_block(self) -> int | None:

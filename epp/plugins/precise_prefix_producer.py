@@ -21,6 +21,7 @@ is used as is.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -280,9 +281,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             return
         t0 = time.perf_counter()
         p = self.params
-        hashes = block_hashes(
-            tokens, p.block_size, p.hash_seed, max_blocks=p.max_prefix_blocks_to_match
-        )
+        blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
+        hashes = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks)
         cycle.put(
             PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, [external_hash(h) for h in hashes])
         )
@@ -429,6 +429,19 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             )
             return None
         return tokens
+
+
+# Above this many blocks a prompt is hashed on a worker thread: the hashing releases the
+# event loop at every interpreter switch, so other requests keep being served meanwhile.
+OFF_LOOP_BLOCKS = 256
+
+
+async def _hash_blocks(
+    tokens: list[int], block_size: int, seed: str | None, blocks: int
+) -> list[bytes]:
+    if blocks <= OFF_LOOP_BLOCKS:
+        return block_hashes(tokens, block_size, seed, max_blocks=blocks)
+    return await asyncio.to_thread(block_hashes, tokens, block_size, seed, max_blocks=blocks)
 
 
 def _request_token_ids(body: Mapping[str, Any]) -> list[int] | None:

@@ -1,0 +1,62 @@
+"""A long prompt's block hashes are computed off the event loop, and are the same."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from epp.datastore import Endpoint
+from epp.kv_events.hashing import block_hashes
+from epp.plugins.precise_prefix_producer import (
+    OFF_LOOP_BLOCKS,
+    PRECISE_PROMPT,
+    PrecisePrefixCacheProducer,
+)
+from epp.request import parse_request
+from epp.scheduling.cycle import CycleState
+
+
+async def _prefetch(producer: PrecisePrefixCacheProducer, tokens: list[int]) -> CycleState:
+    ep = Endpoint("e", "127.0.0.1", 1)
+    producer.index.store(ep.key, [1])  # the endpoint has published: precise is used
+    body = json.dumps({"model": "m", "prompt": tokens, "max_tokens": 1}).encode()
+    cycle = CycleState(parse_request("/v1/completions", {}, body), 0.0, 1.0)
+    await producer.prefetch(cycle, [ep])
+    return cycle
+
+
+async def test_long_prompt_hashes_match_and_the_loop_keeps_running() -> None:
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        short = list(range(16 * 10 + 3))
+        cycle = await _prefetch(producer, short)
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None
+        assert prompt.hashes == block_hashes(short, 16)
+
+        long = [i % 31_000 for i in range(16 * 4096 * 2)]  # twice the match cap
+        ticks = 0
+        hashing = True
+
+        async def tick() -> None:
+            nonlocal ticks
+            while hashing:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        start = ticks
+        cycle = await _prefetch(producer, long)
+        during = ticks - start
+        hashing = False
+        await ticker
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None
+        assert len(prompt.hashes) == 4096 > OFF_LOOP_BLOCKS
+        assert prompt.hashes == block_hashes(long, 16, max_blocks=4096)
+        assert prompt.tokens == len(long)
+        # Other work ran on the loop while the 4096 blocks were hashed.
+        assert during > 2
+    finally:
+        await producer.aclose()
