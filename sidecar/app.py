@@ -115,6 +115,7 @@ def _target_guard(settings: Settings, metrics: Metrics) -> TargetGuard | None:
         source = PoolSource(
             namespace=pool[0],
             name=pool[1],
+            pool_group=settings.pool_group,
             api_server=settings.kube_api_server or None,
             kubeconfig=settings.kubeconfig or None,
             sync_timeout_s=settings.kube_sync_timeout,
@@ -158,6 +159,8 @@ async def _open_services(
     ) -> aiohttp.ClientSession:
         created = make_session(
             limit=settings.pool_max_connections,
+            # --max-idle-conns-per-host (llm-d's): 0 means its default, 1024.
+            limit_per_host=settings.max_idle_conns_per_host or 1024,
             keepalive_timeout=settings.pool_keepalive_timeout,
             connect_timeout=settings.connect_timeout,
             decompress=decompress,

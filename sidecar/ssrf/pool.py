@@ -11,7 +11,7 @@ drops out of the snapshot, and a relabelled role applies at the next request.
 from __future__ import annotations
 
 from epp.datastore import Datastore, Endpoint
-from epp.discovery.kubernetes import InferencePoolDiscovery
+from epp.discovery.kubernetes import POOL_GROUP, InferencePoolDiscovery
 from sidecar.ssrf.rules import Member, Members
 
 __all__ = ["PoolSource"]
@@ -36,6 +36,7 @@ class PoolSource:
         *,
         namespace: str,
         name: str,
+        pool_group: str = POOL_GROUP,
         api_server: str | None = None,
         kubeconfig: str | None = None,
         watch_timeout_s: int = 60,
@@ -46,6 +47,7 @@ class PoolSource:
         self._discovery = InferencePoolDiscovery(
             pool_name=name,
             namespace=namespace,
+            pool_group=pool_group,
             api_server=api_server,
             kubeconfig=kubeconfig,
             watch_timeout_s=watch_timeout_s,

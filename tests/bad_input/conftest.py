@@ -118,6 +118,7 @@ async def start_sidecar(decode_port: int, **overrides: Any) -> Servers:
         "request_body_timeout": BODY_DEADLINE_S,
         "prefill_retry_backoff": 0.001,
         "drain_timeout": 2.0,
+        "secure_proxy": False,
         **overrides,
     }
     return await start(Settings(**settings))
