@@ -152,8 +152,8 @@ class Settings(BaseSettings):
     )
     enable_tls: CommaList = Field(default_factory=list)
     tls_insecure_skip_verify: CommaList = Field(default_factory=list)
-    prefill_max_retries: Annotated[int, Field(ge=0, le=20)] = 3
-    prefill_retry_backoff: Duration = 0.1
+    prefill_max_retries: Annotated[int, Field(ge=0, le=20)] = 0  # llm-d's: no retries
+    prefill_retry_backoff: Duration = 0.2
     enable_prefiller_sampling: GoBool = False
     mooncake_bootstrap_port: Port = 8998
     # Ours as a flag: the prefillers' SGLang bootstrap server port (llm-d reads only its

@@ -66,6 +66,8 @@ def test_llmd_defaults() -> None:
     settings = load_settings([], env={})
     assert settings.secure_proxy is True  # HTTPS, self-signed when no --cert-path
     assert settings.cert_path == ""
+    assert settings.prefill_max_retries == 0
+    assert settings.prefill_retry_backoff == pytest.approx(0.2)
     assert settings.max_idle_conns_per_host == 1024
     assert settings.pool_group == "inference.networking.k8s.io"
     assert settings.p2p_connector_port == 7777
