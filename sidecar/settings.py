@@ -190,6 +190,12 @@ class Settings(BaseSettings):
     zap_log_level: str = ""
     zap_devel: GoBool = False
     zap_encoder: Literal["json"] = "json"
+    # Accepted for compatibility; our JSON log lines carry no stack traces and one time
+    # format, so these change nothing.
+    zap_stacktrace_level: Literal["", "info", "error", "panic"] = ""
+    zap_time_encoding: Literal[
+        "", "epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"
+    ] = ""
 
     # Ours (not in llm-d).
     listen_host: str = "0.0.0.0"

@@ -59,6 +59,8 @@ LLMD_DEFAULTS = [
     "--zap-log-level=info",
     "--zap-devel=false",
     "--zap-encoder=json",
+    "--zap-stacktrace-level=error",
+    "--zap-time-encoding=rfc3339",
 ]
 
 
