@@ -152,6 +152,7 @@ def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
                 f"--port={port}",
                 f"--metrics-port={metrics_port}",
                 "--listen-host=127.0.0.1",
+                "--secure-proxy=false",
                 f"--model-server-port={d_port}",
                 "--log-level=warning",
                 f"--max-body-bytes={4 << 20}",

@@ -28,6 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import ConnectorOptions, create_connector
+from sidecar.data_parallel import local_hosts, parse_rank_target, rank_base_url
 from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
 from sidecar.exchange import Exchange, client_request_id, new_request_id
@@ -40,7 +41,7 @@ from sidecar.passthrough import passthrough
 from sidecar.plan import Route
 from sidecar.ranks import Rank, Ranks
 from sidecar.relay import StreamBroken
-from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
+from sidecar.routing import DATA_PARALLEL_HOST_PORT, ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.tls import ServingTLS, stage_contexts
@@ -114,6 +115,7 @@ def _target_guard(settings: Settings, metrics: Metrics) -> TargetGuard | None:
         source = PoolSource(
             namespace=pool[0],
             name=pool[1],
+            pool_group=settings.pool_group,
             api_server=settings.kube_api_server or None,
             kubeconfig=settings.kubeconfig or None,
             sync_timeout_s=settings.kube_sync_timeout,
@@ -157,6 +159,8 @@ async def _open_services(
     ) -> aiohttp.ClientSession:
         created = make_session(
             limit=settings.pool_max_connections,
+            # --max-idle-conns-per-host (llm-d's): 0 means its default, 1024.
+            limit_per_host=settings.max_idle_conns_per_host or 1024,
             keepalive_timeout=settings.pool_keepalive_timeout,
             connect_timeout=settings.connect_timeout,
             decompress=decompress,
@@ -397,22 +401,39 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     except InvalidRoutingHeader:
         ex.mode = "pd" if prefill_header is not None else "epd"
         raise
+    decode_base_url = _decode_rank_url(request, rank)
     if route.route is not Route.LOCAL:
-        return await orchestrator.serve(request, shape, route, ex, rank.base_url)
+        return await orchestrator.serve(request, shape, route, ex, decode_base_url)
     # Decode-only: the body goes to the engine as sent, once checked like any other.
     ex.mode = "local"
     read, _ = await orchestrator.client_body(request, ex)
-    return await _passthrough(request, read)
+    return await _passthrough(request, read, decode_base_url)
 
 
-async def _passthrough(request: web.Request, read: bytes | None = None) -> web.StreamResponse:
+def _decode_rank_url(request: web.Request, rank: Rank) -> str:
+    """The engine of the decode leg: the rank ``x-data-parallel-host-port`` names, else
+    the rank of the port the request arrived on (see :mod:`sidecar.data_parallel`)."""
+    value = request.headers.get(DATA_PARALLEL_HOST_PORT)
+    if value is None:
+        return rank.base_url
+    target = parse_rank_target(value)
+    services = request.app[SERVICES]
+    settings = request.app[SETTINGS]
+    urls = services.ranks.engine_urls() if services.ranks is not None else {}
+    hosts = local_hosts(settings.pod_ip, settings.listen_host)
+    return rank_base_url(target, urls, hosts)
+
+
+async def _passthrough(
+    request: web.Request, read: bytes | None = None, base_url: str | None = None
+) -> web.StreamResponse:
     """Everything else: to the local engine untouched."""
     request = _origin_form(request)
     settings = request.app[SETTINGS]
     return await passthrough(
         request,
         request.app[SERVICES].local,
-        _rank(request).base_url,
+        base_url if base_url is not None else _rank(request).base_url,
         request[EXCHANGE],
         first_byte_timeout=settings.decode_first_byte_timeout,
         idle_timeout=settings.stream_idle_timeout,

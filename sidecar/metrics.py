@@ -130,7 +130,8 @@ class Metrics:
         )
         self.ssrf_decisions = Counter(
             "pd_sidecar_ssrf_decisions",
-            "SSRF target checks, by stage (prefill, encode, kv-source), decision and rule.",
+            "SSRF target checks, by stage (prefill, encode, kv-source, data-parallel),"
+            " decision and rule.",
             ["stage", "decision", "rule"],
             registry=r,
         )

@@ -40,6 +40,10 @@ class Ranks:
         """Rank ``index`` serves on local port ``port`` (as bound)."""
         self._by_port[port] = self.all[index]
 
+    def engine_urls(self) -> dict[int, str]:
+        """Each rank's engine URL by the sidecar port it serves on (as bound)."""
+        return {port: rank.base_url for port, rank in self._by_port.items()}
+
     def for_request(self, request: web.Request) -> Rank:
         if len(self.all) == 1:
             return self.all[0]

@@ -6,10 +6,16 @@ Sources, strongest first:
    boolean flag given bare means true and ``--flag=false`` turns it off);
 2. ``--configuration`` (inline YAML) then ``--configuration-file`` (a YAML file) whose
    keys are the flag names;
-3. environment variables, only where llm-d reads them (``INFERENCE_POOL_NAMESPACE``,
-   ``INFERENCE_POOL_NAME``), ``POD_IP`` (put into a self-signed serving certificate),
-   plus ``PD_SIDECAR_<FIELD>`` for every field;
+3. the environment variables llm-d's sidecar reads, read as it reads them: an unusable
+   value is ignored, not an error (``INFERENCE_POOL``, ``ENABLE_PREFILLER_SAMPLING``,
+   ``SGLANG_BOOTSTRAP_PORT``, ``MOONCAKE_BOOTSTRAP_PORT``, ``P2P_CONNECTOR_PORT``);
+   then ``INFERENCE_POOL_NAMESPACE``, ``INFERENCE_POOL_NAME``, ``POD_IP`` (put into a
+   self-signed serving certificate), plus ``PD_SIDECAR_<FIELD>`` for every field;
 4. the defaults below.
+
+llm-d flags whose feature is not implemented here (the offloading connector, P2P pulls,
+MoRI-IO, chunked decode, tracing) are accepted at their off values and refused with
+"not supported yet" at any value that would turn the feature on.
 
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
 Anything unknown or invalid raises :class:`SettingsError`, which ``main`` turns into exit
@@ -18,6 +24,8 @@ status 2 with the offending flag named.
 
 from __future__ import annotations
 
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,6 +47,7 @@ from common.durations import duration_value as parse_go_duration
 __all__ = [
     "Settings",
     "SettingsError",
+    "llmd_environment",
     "load_settings",
     "parse_go_bool",
     "parse_go_duration",
@@ -75,6 +84,9 @@ CommaList = Annotated[list[str], BeforeValidator(_comma_list)]
 Port = Annotated[int, Field(ge=0, le=65535)]
 
 _TLS_STAGES = frozenset({"prefiller", "decoder", "encoder"})
+# llm-d's --zap-log-level: a level name, or a verbosity (4 and up is debug).
+_ZAP_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
+_ZAP_LEVELS |= {name: "error" for name in ("dpanic", "panic", "fatal")}
 _EC_CONNECTORS = ("ec-example", "ec-nixl")
 
 
@@ -94,7 +106,7 @@ class Settings(BaseSettings):
     kv_connector: str = "nixlv2"
     ec_connector: str = ""
     data_parallel_size: Annotated[int, Field(ge=1)] = 1
-    secure_proxy: GoBool = False
+    secure_proxy: GoBool = True  # llm-d's default: HTTPS, self-signed without --cert-path
     cert_path: str = ""
     enable_ssrf_protection: GoBool = False
     inference_pool: str = ""
@@ -108,15 +120,50 @@ class Settings(BaseSettings):
     )
     enable_tls: CommaList = Field(default_factory=list)
     tls_insecure_skip_verify: CommaList = Field(default_factory=list)
-    prefill_max_retries: Annotated[int, Field(ge=0, le=20)] = 3
-    prefill_retry_backoff: Duration = 0.1
+    prefill_max_retries: Annotated[int, Field(ge=0, le=20)] = 0  # llm-d's: no retries
+    prefill_retry_backoff: Duration = 0.2
     enable_prefiller_sampling: GoBool = False
     mooncake_bootstrap_port: Port = 8998
-    # Ours: the prefillers' SGLang bootstrap server port (llm-d assumes SGLang's default).
+    # Ours as a flag: the prefillers' SGLang bootstrap server port (llm-d reads only its
+    # SGLANG_BOOTSTRAP_PORT environment variable).
     sglang_bootstrap_port: Port = 8998
+    # The InferencePool API group (--enable-ssrf-protection reads the pool through it).
+    pool_group: str = "inference.networking.k8s.io"
+    # Keep-alive connections per upstream host: the per-host limit of each upstream
+    # connection pool (0: llm-d's default, 1024).
+    max_idle_conns_per_host: Annotated[int, Field(ge=0)] = 1024
+    # The prefillers' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull).
+    p2p_connector_port: Annotated[int, Field(ge=1, le=65535)] = 7777
+    # llm-d flags of features not implemented here: accepted only at their off values.
+    enable_p2p_pull: GoBool = False
+    decode_chunk_size: Annotated[int, Field(ge=0)] = 0
+    tracing: GoBool = False
+    moriio_write_mode: GoBool = False
+    moriio_parallel_dispatch: GoBool = False
+    moriio_parallel_decode_wait_timeout: Duration = 30.0
+    moriio_local_pod_ip: str = ""
+    moriio_decode_notify_port: Port = 61005
+    moriio_decode_handshake_port: Port = 6301
+    moriio_prefill_notify_port: Port = 61005
+    moriio_prefill_handshake_port: Port = 6301
+    moriio_tp_size: Annotated[int, Field(ge=1)] = 1
+    moriio_dp_size: Annotated[int, Field(ge=1)] = 1
+    moriio_dp_size_local: Annotated[int, Field(ge=0)] = 0
+    moriio_remote_hosts: CommaList = Field(default_factory=list)
+    moriio_decode_hosts: CommaList = Field(default_factory=list)
     # klog verbosity of the Go sidecar (-v=N), accepted so manifests keep working:
     # 4 or more turns on debug logging.
     v: Annotated[int, Field(ge=0, le=10)] = 0
+    # llm-d's logging flags (controller-runtime's zap options).
+    zap_log_level: str = ""
+    zap_devel: GoBool = False
+    zap_encoder: Literal["json"] = "json"
+    # Accepted for compatibility; our JSON log lines carry no stack traces and one time
+    # format, so these change nothing.
+    zap_stacktrace_level: Literal["", "info", "error", "panic"] = ""
+    zap_time_encoding: Literal[
+        "", "epoch", "millis", "nano", "iso8601", "rfc3339", "rfc3339nano"
+    ] = ""
 
     # Ours (not in llm-d).
     listen_host: str = "0.0.0.0"
@@ -175,6 +222,10 @@ class Settings(BaseSettings):
     def _known_connector(cls, value: str) -> str:
         from sidecar.connectors import available_connectors
 
+        if value == "offloading":
+            raise ValueError(
+                "offloading (vLLM's OffloadingConnector with the P2P tier) is not supported yet"
+            )
         if value not in available_connectors():
             names = ", ".join(sorted(available_connectors()))
             raise ValueError(f"unknown KV connector {value!r} (available: {names})")
@@ -185,6 +236,21 @@ class Settings(BaseSettings):
     def _pool_ref(cls, value: str) -> str:
         if value and (value.count("/") > 1 or value.startswith("/") or value.endswith("/")):
             raise ValueError("expected namespace/name or name")
+        return value
+
+    @field_validator("pool_group")
+    @classmethod
+    def _known_pool_group(cls, value: str) -> str:
+        from epp.discovery.kubernetes import pool_version
+
+        pool_version(value)  # raises ValueError naming an unknown group
+        return value
+
+    @field_validator("zap_log_level")
+    @classmethod
+    def _zap_level(cls, value: str) -> str:
+        if value and value not in _ZAP_LEVELS and not (value.isascii() and value.isdigit()):
+            raise ValueError(f"expected {', '.join(_ZAP_LEVELS)} or a verbosity (0, 1, ...)")
         return value
 
     @field_validator("ec_connector")
@@ -226,7 +292,44 @@ class Settings(BaseSettings):
             )
         if bool(self.client_cert_file) != bool(self.client_key_file):
             raise ValueError("--client-cert-file and --client-key-file go together")
+        if self.p2p_connector_port + last > 65535:
+            raise ValueError(
+                f"--p2p-connector-port {self.p2p_connector_port} plus data-parallel rank"
+                f" {last} exceeds 65535"
+            )
+        if self.enable_p2p_pull and self.kv_connector != "nixlv2":
+            raise ValueError(
+                f"--enable-p2p-pull requires --kv-connector=nixlv2 (got {self.kv_connector!r})"
+            )
+        unsupported = self.unsupported_features()
+        if unsupported:
+            raise ValueError("; ".join(f"{flag} is not supported yet" for flag in unsupported))
         return self
+
+    def unsupported_features(self) -> list[str]:
+        """The llm-d flags set to values that turn on a feature not implemented here."""
+        out = []
+        if self.enable_p2p_pull:
+            out.append("--enable-p2p-pull (P2P prefix pulls)")
+        if self.decode_chunk_size:
+            out.append(f"--decode-chunk-size={self.decode_chunk_size} (chunked decode)")
+        if self.tracing:
+            out.append("--tracing (OpenTelemetry spans)")
+        moriio = [
+            name
+            for name, on in (
+                ("--moriio-write-mode", self.moriio_write_mode),
+                ("--moriio-parallel-dispatch", self.moriio_parallel_dispatch),
+                ("--moriio-dp-size", self.moriio_dp_size > 1),
+                ("--moriio-dp-size-local", self.moriio_dp_size_local > 0),
+                ("--moriio-remote-hosts", bool(self.moriio_remote_hosts)),
+                ("--moriio-decode-hosts", bool(self.moriio_decode_hosts)),
+            )
+            if on
+        ]
+        if moriio:
+            out.append(f"{', '.join(moriio)} (MoRI-IO)")
+        return out
 
     @property
     def pool_ref(self) -> tuple[str, str] | None:
@@ -239,7 +342,12 @@ class Settings(BaseSettings):
 
     @property
     def effective_log_level(self) -> str:
-        return "debug" if self.v >= 4 else self.log_level
+        if self.v >= 4 or self.zap_devel:
+            return "debug"
+        level = self.zap_log_level
+        if level.isdigit():
+            return "debug" if int(level) >= 4 else self.log_level
+        return _ZAP_LEVELS.get(level, self.log_level)
 
     @property
     def model_server_url(self) -> str:
@@ -332,10 +440,38 @@ def _describe(error: Mapping[str, Any]) -> str:
     return f"{_flag(field)}: {message}{shown}" if field else f"{message}{shown}"
 
 
-def load_settings(argv: Sequence[str] | None = None) -> Settings:
+_GO_INT = re.compile(r"[+-]?[0-9]+")
+# llm-d's environment variables: each sets a default, which YAML and flags override.
+_LLMD_PORT_ENV = (
+    ("MOONCAKE_BOOTSTRAP_PORT", "mooncake_bootstrap_port"),
+    ("SGLANG_BOOTSTRAP_PORT", "sglang_bootstrap_port"),
+    ("P2P_CONNECTOR_PORT", "p2p_connector_port"),
+)
+
+
+def llmd_environment(env: Mapping[str, str]) -> dict[str, Any]:
+    """The defaults llm-d's sidecar takes from its environment, read as it reads them:
+    a value Go's ParseBool or Atoi refuses is ignored (the built-in default stays)."""
+    out: dict[str, Any] = {}
+    pool = env.get("INFERENCE_POOL")
+    if pool:
+        out["inference_pool"] = pool
+    sampling = env.get("ENABLE_PREFILLER_SAMPLING")
+    if sampling in _GO_TRUE or sampling in _GO_FALSE:
+        out["enable_prefiller_sampling"] = sampling in _GO_TRUE
+    for var, field in _LLMD_PORT_ENV:
+        value = env.get(var, "")
+        if _GO_INT.fullmatch(value):
+            out[field] = int(value)
+    return out
+
+
+def load_settings(
+    argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
     """Merge flags, YAML and environment into one validated :class:`Settings`."""
     flags = _parse_flags(list(sys.argv[1:] if argv is None else argv))
-    merged: dict[str, Any] = {}
+    merged: dict[str, Any] = llmd_environment(os.environ if env is None else env)
     file_path = flags.pop("configuration_file", None)
     inline = flags.pop("configuration", None)
     if file_path:

@@ -105,10 +105,11 @@ def make_session(
     connect_timeout: float,
     decompress: bool,
     ssl_context: ssl.SSLContext | None = None,
+    limit_per_host: int = 0,
 ) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=limit,
-        limit_per_host=0,
+        limit_per_host=limit_per_host,  # 0: no per-host limit
         keepalive_timeout=keepalive_timeout,
         ttl_dns_cache=10,
         ssl=ssl_context if ssl_context is not None else True,

@@ -316,6 +316,9 @@ class LocalStack:
                 f"--model-server-port={engine_port}",
                 f"--metrics-port={metrics_port}",
                 "--listen-host=127.0.0.1",
+                "--secure-proxy=false",  # plain HTTP on loopback (llm-d's default is HTTPS)
+                "--prefill-max-retries=3",  # along the prefiller list (llm-d's default: 0)
+                "--prefill-retry-backoff=100ms",
                 *self._sidecar_flags(),
                 *self.options.sidecar_args,
             ]

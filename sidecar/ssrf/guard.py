@@ -18,7 +18,13 @@ from prometheus_client import Counter
 
 from sidecar.errors import TargetCheckUnavailable, TargetForbidden
 from sidecar.metrics import Metrics
-from sidecar.routing import ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT, HostPort, parse_host_ports
+from sidecar.routing import (
+    DATA_PARALLEL_HOST_PORT,
+    ENCODER_HOSTS_PORTS,
+    PREFILLER_HOST_PORT,
+    HostPort,
+    parse_host_ports,
+)
 from sidecar.ssrf.rules import Members, Stage, decide
 
 __all__ = ["MemberSource", "TargetGuard"]
@@ -28,6 +34,8 @@ log = logging.getLogger("pd_sidecar.ssrf")
 _HEADER_STAGES: tuple[tuple[str, Stage], ...] = (
     (PREFILLER_HOST_PORT, "prefill"),
     (ENCODER_HOSTS_PORTS, "encode"),
+    # The decode rank named by the EPP: no role rule, the pool's target ports apply.
+    (DATA_PARALLEL_HOST_PORT, "data-parallel"),
 )
 
 

@@ -9,7 +9,7 @@ selector, no longer ready) drops out, and a relabelled role applies at the next 
 
 from __future__ import annotations
 
-from common.inference_pool import InferencePoolWatcher, PodPort
+from common.inference_pool import POOL_GROUP, InferencePoolWatcher, PodPort
 from sidecar.ssrf.rules import Member, Members
 
 __all__ = ["PoolSource"]
@@ -34,6 +34,7 @@ class PoolSource:
         *,
         namespace: str,
         name: str,
+        pool_group: str = POOL_GROUP,
         api_server: str | None = None,
         kubeconfig: str | None = None,
         watch_timeout_s: int = 60,
@@ -44,6 +45,7 @@ class PoolSource:
             pool_name=name,
             on_change=self._on_change,
             namespace=namespace,
+            pool_group=pool_group,
             api_server=api_server,
             kubeconfig=kubeconfig,
             watch_timeout_s=watch_timeout_s,

@@ -40,7 +40,7 @@ PREFILL_ROLES = frozenset(
 )
 ENCODE_ROLES = frozenset({"encode", "encode-prefill", "encode-prefill-decode"})
 
-Stage = Literal["prefill", "encode", "kv-source"]
+Stage = Literal["prefill", "encode", "kv-source", "data-parallel"]
 _ROLE_RULES: Mapping[str, tuple[frozenset[str], str]] = {
     "prefill": (PREFILL_ROLES, "role-not-prefill"),
     "encode": (ENCODE_ROLES, "role-not-encode"),

@@ -116,8 +116,10 @@ async def start_sidecar(decode_port: int, **overrides: Any) -> Servers:
         "model_server_port": decode_port,
         "max_body_bytes": BODY_LIMIT,
         "request_body_timeout": BODY_DEADLINE_S,
+        "prefill_max_retries": 3,
         "prefill_retry_backoff": 0.001,
         "drain_timeout": 2.0,
+        "secure_proxy": False,
         **overrides,
     }
     return await start(Settings(**settings))

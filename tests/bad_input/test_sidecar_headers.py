@@ -120,7 +120,8 @@ async def test_routing_headers_never_reach_an_engine(pd: PD) -> None:
     spoofed = {
         "x-gateway-destination-endpoint": "169.254.169.254:80",
         "x-kv-cache-source-host-port": "169.254.169.254:80",
-        "x-data-parallel-host-port": "169.254.169.254:80",
+        # Honoured when it names a rank of this sidecar (see tests/sidecar_dp), then dropped.
+        "x-data-parallel-host-port": f"127.0.0.1:{pd.port}",
         "x-data-parallel-rank": "7",
         "x-encoder-hosts-ports": "169.254.169.254:80",  # no encode stage configured
     }

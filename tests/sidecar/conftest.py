@@ -44,8 +44,10 @@ async def start_sidecar() -> AsyncIterator[StartSidecar]:
         overrides.setdefault("port", 0)
         overrides.setdefault("metrics_port", 0)
         overrides.setdefault("listen_host", "127.0.0.1")
+        overrides.setdefault("prefill_max_retries", 3)
         overrides.setdefault("prefill_retry_backoff", 0.001)
         overrides.setdefault("drain_timeout", 5.0)
+        overrides.setdefault("secure_proxy", False)  # llm-d's default is HTTPS
         settings = Settings(**overrides)
         servers = await start(settings)
         started.append(servers)

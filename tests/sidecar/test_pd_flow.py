@@ -220,7 +220,8 @@ async def test_routing_headers_stripped_on_both_legs(pd: PD, client: aiohttp.Cli
         "x-encoder-hosts-ports": "10.9.9.9:1",
         "x-gateway-destination-endpoint": "10.9.9.9:2",
         "x-kv-cache-source-host-port": "10.9.9.9:3",
-        "x-data-parallel-host-port": "10.9.9.9:4",
+        # A rank of this sidecar (its own): honoured, then stripped like the rest.
+        "x-data-parallel-host-port": f"127.0.0.1:{pd.sidecar.servers.port}",
         "x-data-parallel-rank": "3",
     }
     headers = {**pd.headers, **routing, "x-custom": "kept"}

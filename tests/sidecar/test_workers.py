@@ -33,6 +33,7 @@ async def test_workers_share_the_port_and_one_metrics_endpoint(start_sim: Any) -
         "--listen-host=127.0.0.1",
         f"--model-server-port={decode.port}",
         "--workers=2",
+        "--secure-proxy=false",
         stderr=asyncio.subprocess.PIPE,
     )
     sidecar = Process(proc)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-BASE = ["--port=0", "--metrics-port=0", "--listen-host=127.0.0.1"]
+BASE = ["--port=0", "--metrics-port=0", "--listen-host=127.0.0.1", "--secure-proxy=false"]
 
 
 @pytest.mark.parametrize(
