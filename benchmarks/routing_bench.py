@@ -484,7 +484,8 @@ class Bench:
                 [sys.executable, "-m", "sidecar", f"--port={sidecar_base}",
                  f"--model-server-port={decodes[0]['port']}",
                  f"--data-parallel-size={len(decodes)}", f"--metrics-port={free_port()}",
-                 "--listen-host=127.0.0.1", "--kv-connector=nixlv2"],
+                 "--listen-host=127.0.0.1", "--kv-connector=nixlv2",
+                 "--secure-proxy=false"],
                 self.workdir,
             )  # fmt: skip
             self.processes.append(sidecar)

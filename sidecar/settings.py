@@ -241,7 +241,7 @@ class Settings(BaseSettings):
     @field_validator("pool_group")
     @classmethod
     def _known_pool_group(cls, value: str) -> str:
-        from epp.discovery.kubernetes import pool_version
+        from common.inference_pool import pool_version
 
         pool_version(value)  # raises ValueError naming an unknown group
         return value

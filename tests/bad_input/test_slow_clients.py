@@ -177,7 +177,7 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
         await runner.cleanup()
     assert line == b"", line  # closed, no answer and no handler
     assert handled == []
-    assert elapsed >= 0.5
+    assert elapsed >= 0.45  # the keep-alive timer fires at 0.5 s, to the loop's resolution
     assert client.sent < len(request)
     assert server_errors(caplog.records) == []
 

@@ -195,8 +195,8 @@ async def test_max_idle_conns_per_host_is_the_upstream_per_host_limit(
 def test_pool_group_reaches_the_pool_watch() -> None:
     settings = load_settings(["--pool-group=inference.networking.x-k8s.io"], env={})
     source = PoolSource(namespace="ns", name="pool", pool_group=settings.pool_group)
-    assert source._discovery.pool_group == "inference.networking.x-k8s.io"
-    assert source._discovery.pool_version == "v1alpha2"
+    assert source._watcher.pool_group == "inference.networking.x-k8s.io"
+    assert source._watcher.pool_version == "v1alpha2"
 
 
 async def test_llmd_flag_set_and_environment_serve_pd_over_https(
