@@ -12,6 +12,7 @@ when the request ends.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -80,6 +81,8 @@ def _slo_seconds(headers: Mapping[str, str]) -> float | None:
     return None
 
 
+_TRACKING = itertools.count(1)
+
 @dataclass
 class Admission:
     """One admitted request's hold on the in-flight ledger."""
@@ -117,7 +120,9 @@ class Admission:
         if prefill:
             ledger.add(prefill, tokens)
         inner_prefill, inner_all = decision.release_prefill, decision.release_all
-        evictor, request_id = self.evictor, self.request_id or f"untagged-{id(decision)}"
+        # Tracked under a key of our own: the request id is the client's header, and two
+        # requests carrying the same one must not share (or end) each other's entry.
+        evictor, request_id = self.evictor, f"{self.request_id or 'untagged'}#{next(_TRACKING)}"
         if evictor is not None:
             decision.eviction = evictor.track(request_id, self.priority, decode)
         state = {"prefill": prefill is not None}

@@ -205,3 +205,30 @@ def test_config_accepts_eviction_and_its_plugin_types() -> None:
     assert off.eviction is None
     with pytest.raises(ValueError, match="parameters"):
         build_plugin(0, "sheddable-eviction-filter", "x", {"bogus": 1})
+
+
+def test_requests_sharing_a_client_request_id_are_tracked_apart() -> None:
+    from epp.decision import Decision
+    from epp.flowcontrol.ledger import InflightLedger
+    from epp.requestmgmt.manager import Admission
+
+    ev = RequestEvictor(clock=Clock())
+    ledger = InflightLedger()
+
+    def admitted() -> Decision:
+        # The client chose the id: another client may send the same one.
+        admission = Admission(
+            ledger, 10, on_end=lambda: None, priority=-1, evictor=ev, request_id="same"
+        )
+        decision = Decision(decode="10.0.0.1:8000")
+        admission.place(decision)
+        return decision
+
+    first, second = admitted(), admitted()
+    assert first.eviction is not None and second.eviction is not None
+    assert first.eviction is not second.eviction
+    assert ev.queue.evictable == 2
+    second.release_all()  # the second request ends ...
+    assert ev.queue.evictable == 1  # ... and the first is still tracked, and evictable
+    first.release_all()
+    assert (ev.queue.in_flight, ev.queue.evictable) == (0, 0)
