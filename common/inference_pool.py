@@ -20,16 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from common.kube import api_client, read_json
+from common.kube import WATCH_SECONDS, api_client, keep_watching
 from common.roles import ROLE_LABEL
 
 __all__ = [
@@ -58,11 +57,6 @@ def pool_version(group: str) -> str:
         return _POOL_VERSIONS[group]
     except KeyError:
         raise ValueError(f"unsupported InferencePool group {group!r}") from None
-
-
-# Server-side watch duration; a finished watch simply resumes.
-_WATCH_SECONDS = 60
-_BACKOFF_S = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,7 +152,7 @@ class InferencePoolWatcher:
         pool_group: str = POOL_GROUP,
         api_server: str | None = None,
         kubeconfig: str | None = None,
-        watch_timeout_s: int = _WATCH_SECONDS,
+        watch_timeout_s: int = WATCH_SECONDS,
         sync_timeout_s: float = 5.0,
     ) -> None:
         self.name = f"inferencepool:{namespace}/{pool_name}"
@@ -216,41 +210,20 @@ class InferencePoolWatcher:
     async def _pool_loop(self) -> None:
         assert self._api is not None
         api = k8s_client.CustomObjectsApi(self._api)
-        selector = f"metadata.name={self.pool_name}"
-        while True:
-            try:
-                listing = await read_json(
-                    await api.list_namespaced_custom_object(
-                        self.pool_group,
-                        self.pool_version,
-                        self.namespace,
-                        POOL_PLURAL,
-                        field_selector=selector,
-                        _preload_content=False,
-                    )
-                )
-                items = listing.get("items") or []
-                self._set_pool(PoolSpec.from_object(items[0]) if items else None)
-                rv = (listing.get("metadata") or {}).get("resourceVersion")
-                while True:
-                    resp = await api.list_namespaced_custom_object(
-                        self.pool_group,
-                        self.pool_version,
-                        self.namespace,
-                        POOL_PLURAL,
-                        field_selector=selector,
-                        watch=True,
-                        resource_version=rv or "",
-                        timeout_seconds=self.watch_timeout_s,
-                        allow_watch_bookmarks=True,
-                        _preload_content=False,
-                    )
-                    rv = await self._consume(resp, rv, self._on_pool_event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("InferencePool watch: %s; relisting", _describe(exc))
-                await asyncio.sleep(_BACKOFF_S)
+        await keep_watching(
+            "InferencePool",
+            functools.partial(
+                api.list_namespaced_custom_object,
+                self.pool_group,
+                self.pool_version,
+                self.namespace,
+                POOL_PLURAL,
+            ),
+            on_list=lambda items: self._set_pool(PoolSpec.from_object(items[0]) if items else None),
+            on_event=self._on_pool_event,
+            watch_timeout_s=self.watch_timeout_s,
+            field_selector=f"metadata.name={self.pool_name}",
+        )
 
     def _on_pool_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         if kind == "DELETED":
@@ -283,33 +256,18 @@ class InferencePoolWatcher:
                         await t
 
     async def _watch_pods(self, core: k8s_client.CoreV1Api, pool: PoolSpec) -> None:
-        selector = pool.label_selector
-        while True:
-            try:
-                listing = await read_json(
-                    await core.list_namespaced_pod(
-                        self.namespace, label_selector=selector, _preload_content=False
-                    )
-                )
-                self._pods = {str(p["metadata"]["name"]): p for p in listing.get("items") or []}
-                self._publish()
-                rv = (listing.get("metadata") or {}).get("resourceVersion")
-                while True:
-                    resp = await core.list_namespaced_pod(
-                        self.namespace,
-                        label_selector=selector,
-                        watch=True,
-                        resource_version=rv or "",
-                        timeout_seconds=self.watch_timeout_s,
-                        allow_watch_bookmarks=True,
-                        _preload_content=False,
-                    )
-                    rv = await self._consume(resp, rv, self._on_pod_event)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("pod watch: %s; relisting", _describe(exc))
-                await asyncio.sleep(_BACKOFF_S)
+        await keep_watching(
+            "pod",
+            functools.partial(core.list_namespaced_pod, self.namespace),
+            on_list=self._on_pod_list,
+            on_event=self._on_pod_event,
+            watch_timeout_s=self.watch_timeout_s,
+            label_selector=pool.label_selector,
+        )
+
+    def _on_pod_list(self, items: list[dict[str, Any]]) -> None:
+        self._pods = {str(p["metadata"]["name"]): p for p in items}
+        self._publish()
 
     def _on_pod_event(self, kind: str, obj: Mapping[str, Any]) -> None:
         name = str((obj.get("metadata") or {}).get("name", ""))
@@ -326,27 +284,6 @@ class InferencePoolWatcher:
         self._on_change([pp for pod in self._pods.values() for pp in pod_ports(pod, ports)])
         self.synced.set()
 
-    async def _consume(self, resp: Any, rv: str | None, handle: Any) -> str | None:
-        """Read one watch stream to its end; returns the last resourceVersion seen."""
-        try:
-            while True:
-                line = await resp.content.readline()
-                if not line:
-                    return rv
-                event = json.loads(line)
-                kind = event.get("type")
-                obj = event.get("object") or {}
-                if kind == "ERROR":
-                    code = obj.get("code")
-                    raise ApiException(status=code, reason=obj.get("message", "watch error"))
-                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if new_rv:
-                    rv = new_rv
-                if kind != "BOOKMARK":
-                    handle(kind, obj)
-        finally:
-            resp.release()
-
 
 class PodSelectorWatcher(InferencePoolWatcher):
     """The pods a label selector picks, on fixed ports: no InferencePool
@@ -361,7 +298,7 @@ class PodSelectorWatcher(InferencePoolWatcher):
         namespace: str = "default",
         api_server: str | None = None,
         kubeconfig: str | None = None,
-        watch_timeout_s: int = _WATCH_SECONDS,
+        watch_timeout_s: int = WATCH_SECONDS,
         sync_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(
@@ -379,9 +316,3 @@ class PodSelectorWatcher(InferencePoolWatcher):
 
     def _start_loops(self) -> None:
         self._tasks.append(asyncio.create_task(self._pod_loop(), name=self.name + " pods"))
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ApiException):
-        return f"API error {exc.status}: {exc.reason}"
-    return f"{type(exc).__name__}: {exc}"

@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
+import functools
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 from kubernetes_asyncio import client as k8s_client
-from kubernetes_asyncio.client.exceptions import ApiException
 
-from common.kube import api_client, read_json
+from common.kube import WATCH_SECONDS, api_client, keep_watching
 from epp.requestmgmt.objects import ObjectiveSpec, ObjectStore, RewriteSpec, parse_object
 
 __all__ = ["ObjectsWatch"]
@@ -25,8 +25,6 @@ PLURALS = {
     "InferenceObjective": "inferenceobjectives",
     "InferenceModelRewrite": "inferencemodelrewrites",
 }
-_WATCH_SECONDS = 60
-_BACKOFF_S = 0.5
 _MISSING_BACKOFF_S = 30.0
 
 
@@ -40,7 +38,7 @@ class ObjectsWatch:
         namespace: str,
         api_server: str | None = None,
         kubeconfig: str | None = None,
-        watch_timeout_s: int = _WATCH_SECONDS,
+        watch_timeout_s: int = WATCH_SECONDS,
     ) -> None:
         self.store = store
         self.namespace = namespace
@@ -72,7 +70,7 @@ class ObjectsWatch:
         objects = [o for table in self._objects.values() for o in table.values()]
         self.store.replace(self.SOURCE, objects)
 
-    def _parse(self, obj: dict[str, Any]) -> ObjectiveSpec | RewriteSpec | None:
+    def _parse(self, obj: Mapping[str, Any]) -> ObjectiveSpec | RewriteSpec | None:
         try:
             return parse_object(obj)
         except ValueError as exc:
@@ -81,78 +79,37 @@ class ObjectsWatch:
 
     async def _loop(self, kind: str) -> None:
         api = k8s_client.CustomObjectsApi(self._api)
-        plural = PLURALS[kind]
-        missing_logged = False
-        while True:
-            try:
-                listing = await read_json(
-                    await api.list_namespaced_custom_object(
-                        GROUP, VERSION, self.namespace, plural, _preload_content=False
-                    )
-                )
-                table: dict[str, ObjectiveSpec | RewriteSpec] = {}
-                for item in listing.get("items") or []:
-                    item.setdefault("kind", kind)
-                    parsed = self._parse(item)
-                    if parsed is not None:
-                        table[parsed.name] = parsed
-                self._objects[kind] = table
-                self._publish()
-                self.synced[kind].set()
-                rv = (listing.get("metadata") or {}).get("resourceVersion")
-                while True:
-                    resp = await api.list_namespaced_custom_object(
-                        GROUP,
-                        VERSION,
-                        self.namespace,
-                        plural,
-                        watch=True,
-                        resource_version=rv or "",
-                        timeout_seconds=self.watch_timeout_s,
-                        allow_watch_bookmarks=True,
-                        _preload_content=False,
-                    )
-                    rv = await self._consume(kind, resp, rv)
-            except asyncio.CancelledError:
-                raise
-            except ApiException as exc:
-                if exc.status == 404:
-                    if not missing_logged:
-                        log.info("%s: not served by the API server (CRD not installed?)", kind)
-                        missing_logged = True
-                    await asyncio.sleep(_MISSING_BACKOFF_S)
-                    continue
-                log.warning("%s watch: %s; relisting", kind, exc.status)
-                await asyncio.sleep(_BACKOFF_S)
-            except Exception as exc:
-                log.warning("%s watch: %s; relisting", kind, type(exc).__name__)
-                await asyncio.sleep(_BACKOFF_S)
+        await keep_watching(
+            kind,
+            functools.partial(
+                api.list_namespaced_custom_object, GROUP, VERSION, self.namespace, PLURALS[kind]
+            ),
+            on_list=functools.partial(self._on_list, kind),
+            on_event=functools.partial(self._on_event, kind),
+            watch_timeout_s=self.watch_timeout_s,
+            missing_backoff_s=_MISSING_BACKOFF_S,
+        )
 
-    async def _consume(self, kind: str, resp: Any, rv: str | None) -> str | None:
-        try:
-            while True:
-                line = await resp.content.readline()
-                if not line:
-                    return rv
-                event = json.loads(line)
-                etype = event.get("type")
-                obj = event.get("object") or {}
-                if etype == "ERROR":
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                if new_rv:
-                    rv = new_rv
-                if etype == "BOOKMARK":
-                    continue
-                name = (obj.get("metadata") or {}).get("name", "")
-                if etype == "DELETED":
-                    self._objects[kind].pop(name, None)
-                else:
-                    obj.setdefault("kind", kind)
-                    parsed = self._parse(obj)
-                    if parsed is None:
-                        continue
-                    self._objects[kind][name] = parsed
-                self._publish()
-        finally:
-            resp.release()
+    def _on_list(self, kind: str, items: list[dict[str, Any]]) -> None:
+        table: dict[str, ObjectiveSpec | RewriteSpec] = {}
+        for item in items:
+            item.setdefault("kind", kind)
+            parsed = self._parse(item)
+            if parsed is not None:
+                table[parsed.name] = parsed
+        self._objects[kind] = table
+        self._publish()
+        self.synced[kind].set()
+
+    def _on_event(self, kind: str, etype: str, obj: Mapping[str, Any]) -> None:
+        name = (obj.get("metadata") or {}).get("name", "")
+        if etype == "DELETED":
+            self._objects[kind].pop(name, None)
+        elif etype in ("ADDED", "MODIFIED"):
+            parsed = self._parse({"kind": kind, **obj})
+            if parsed is None:
+                return
+            self._objects[kind][name] = parsed
+        else:
+            return
+        self._publish()
