@@ -146,4 +146,6 @@ def describe(exc: BaseException) -> str:
     """A short log text for an error of the API client."""
     if isinstance(exc, ApiException):
         return f"API error {exc.status}: {exc.reason}"
+    if isinstance(exc, TimeoutError):
+        return "the API server did not answer in time"
     return f"{type(exc).__name__}: {exc}"

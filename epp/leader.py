@@ -30,7 +30,7 @@ from typing import Any
 from kubernetes_asyncio import client as k8s_client
 from kubernetes_asyncio.client.exceptions import ApiException
 
-from common.kube import read_json
+from common.kube import describe, read_json
 
 __all__ = ["LeaderElector", "LeaseTiming", "deployment_name", "lease_name", "new_identity"]
 
@@ -141,7 +141,7 @@ class LeaderElector:
                     await self._release()
                 log.info("leader election: released lease %s/%s", self.namespace, self.name)
             except Exception as exc:
-                log.warning("leader election: releasing the lease failed: %s", _describe(exc))
+                log.warning("leader election: releasing the lease failed: %s", describe(exc))
         self._set_leader(False)
 
     # -- the loop -----------------------------------------------------------------------
@@ -176,7 +176,7 @@ class LeaderElector:
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.warning("leader election: %s", _describe(exc))
+            log.warning("leader election: %s", describe(exc))
             return False
 
     def _set_leader(self, leader: bool) -> None:
@@ -282,11 +282,3 @@ class LeaderElector:
             _GROUP, _VERSION, self.namespace, _PLURAL, self.name, body, _preload_content=False
         )
         await read_json(resp)
-
-
-def _describe(exc: BaseException) -> str:
-    if isinstance(exc, ApiException):
-        return f"API error {exc.status}: {exc.reason}"
-    if isinstance(exc, TimeoutError):
-        return "the API server did not answer in time"
-    return f"{type(exc).__name__}: {exc}"

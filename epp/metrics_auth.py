@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 from kubernetes_asyncio import client as k8s_client
 
-from common.kube import read_json
+from common.kube import describe, read_json
 
 __all__ = ["MetricsAuthorizer", "User"]
 
@@ -97,7 +97,7 @@ class MetricsAuthorizer:
         try:
             user = await self._authenticate(token)
         except Exception as exc:
-            log.error("metrics: authentication failed: %s", _describe(exc))
+            log.error("metrics: authentication failed: %s", describe(exc))
             return web.Response(status=401, text="Authentication failed\n")
         if user is None:
             return web.Response(status=401, text="Unauthorized\n")
@@ -106,7 +106,7 @@ class MetricsAuthorizer:
             allowed = await self._authorize(token, user, request.path, verb)
         except Exception as exc:
             message = f"Authorization for user {user.name} failed"
-            log.error("metrics: %s: %s", message, _describe(exc))
+            log.error("metrics: %s: %s", message, describe(exc))
             return web.Response(status=500, text=message + "\n")
         if not allowed:
             log.debug("metrics: %s %s denied for user %s", verb, request.path, user.name)
@@ -169,10 +169,3 @@ class MetricsAuthorizer:
         )
         review: dict[str, Any] = await read_json(resp)
         return review
-
-
-def _describe(exc: BaseException) -> str:
-    status = getattr(exc, "status", None)
-    if status is not None:
-        return f"API error {status}: {getattr(exc, 'reason', '')}"
-    return f"{type(exc).__name__}: {exc}"

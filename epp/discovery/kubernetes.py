@@ -21,6 +21,7 @@ from common.inference_pool import (
     pod_ports,
     pool_version,
 )
+from common.kube import WATCH_SECONDS
 from epp.datastore import Datastore, Endpoint
 from epp.plugins.base import Discovery
 
@@ -31,9 +32,6 @@ __all__ = [
     "pod_endpoints",
     "pool_version",
 ]
-
-# Server-side watch duration; a finished watch simply resumes.
-_WATCH_SECONDS = 60
 
 
 def _endpoint(pp: PodPort) -> Endpoint:
@@ -90,7 +88,7 @@ class InferencePoolDiscovery(_WatcherDiscovery):
         pool_group: str = POOL_GROUP,
         api_server: str | None = None,
         kubeconfig: str | None = None,
-        watch_timeout_s: int = _WATCH_SECONDS,
+        watch_timeout_s: int = WATCH_SECONDS,
         sync_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(
@@ -121,7 +119,7 @@ class PodSelectorDiscovery(_WatcherDiscovery):
         namespace: str = "default",
         api_server: str | None = None,
         kubeconfig: str | None = None,
-        watch_timeout_s: int = _WATCH_SECONDS,
+        watch_timeout_s: int = WATCH_SECONDS,
         sync_timeout_s: float = 5.0,
     ) -> None:
         super().__init__(
