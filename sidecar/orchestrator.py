@@ -475,8 +475,13 @@ class Orchestrator:
     ) -> web.StreamResponse:
         """The decode leg as a run of chunks (:mod:`sidecar.chunked_decode`)."""
 
+        state = ChunkedDecode(body, self.policy.decode_chunk_size)
+
         async def send(payload: bytes) -> ChunkAnswer:
+            waited = ctx.ex.decode_wait_s
             response, first = await self._open_decode(ctx, payload, None)
+            if state.chunks:  # the access log keeps the first chunk's wait
+                ctx.ex.decode_wait_s = waited
             complete = False
             try:
                 rest = await self._read_rest(response, first)
@@ -488,7 +493,6 @@ class Orchestrator:
                     response.close()
             return ChunkAnswer(response.status, response.headers, rest)
 
-        state = ChunkedDecode(body, self.policy.decode_chunk_size)
         return await run_chunked(
             ctx.request,
             ctx.ex,
