@@ -45,7 +45,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
-from sidecar.errors import BadRequest, DecodeError, SidecarError
+from sidecar.errors import DecodeError, NotChunkable, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, response_headers
 from sidecar.relay import error_event
@@ -66,22 +66,6 @@ CHAT_PATH = "/v1/chat/completions"
 # Dropped from chunk 2 on: they point the engine at the prefill's KV, already consumed.
 _KV_FIELDS = ("kv_transfer_params", "bootstrap_host", "bootstrap_port", "bootstrap_room")
 _GUIDED = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
-
-
-class NotChunkable(BadRequest):
-    """The request cannot be decoded in chunks without changing what it asks for."""
-
-    def __init__(self, field: str, why: str) -> None:
-        super().__init__(
-            f"request body field {field!r} cannot be served with chunked decode"
-            f" (--decode-chunk-size): {why}"
-        )
-        self.field = field
-
-    def payload(self, request_id: str | None) -> dict[str, Any]:
-        body = super().payload(request_id)
-        body["error"]["param"] = self.field
-        return body
 
 
 def _count(value: object) -> int | None:
