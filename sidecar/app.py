@@ -97,6 +97,7 @@ def _policy(settings: Settings) -> Policy:
         decode_first_byte_timeout=settings.decode_first_byte_timeout,
         stream_idle_timeout=settings.stream_idle_timeout,
         allow_client_transfer_params=settings.allow_client_transfer_params,
+        decode_chunk_size=settings.decode_chunk_size,
     )
 
 
@@ -406,7 +407,11 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         return await orchestrator.serve(request, shape, route, ex, decode_base_url)
     # Decode-only: the body goes to the engine as sent, once checked like any other.
     ex.mode = "local"
-    read, _ = await orchestrator.client_body(request, ex)
+    read, body = await orchestrator.client_body(request, ex)
+    if orchestrator.chunks(shape, body):
+        return await orchestrator.serve_local_chunked(
+            request, shape, route, ex, decode_base_url, (read, body)
+        )
     return await _passthrough(request, read, decode_base_url)
 
 

@@ -8,6 +8,8 @@
     │   ├── InvalidBody                 400     request   P/D path, body is not a JSON object
     │   ├── ForbiddenField              400     request   the body carries a field only the
     │   │                                                 sidecar may set (kv_transfer_params...)
+    │   ├── NotChunkable                400     request   chunked decode would change what the
+    │   │                                                 request asks for (n > 1, grammars...)
     │   ├── RequestBodyTimeout          408     request   P/D body not received in time
     │   └── BodyTooLarge                413     request   body over --max-body-bytes
     ├── TargetForbidden                 403     ssrf      a routing target is not in the pool
@@ -51,6 +53,7 @@ __all__ = [
     "ForbiddenField",
     "InvalidBody",
     "InvalidRoutingHeader",
+    "NotChunkable",
     "PrefillError",
     "PrefillIncomplete",
     "PrefillRejected",
@@ -117,6 +120,22 @@ class ForbiddenField(BadRequest):
         super().__init__(
             f"request body field {field!r} is set by the sidecar only: it would steer where "
             "an engine connects for KV or encoder outputs"
+        )
+        self.field = field
+
+    def payload(self, request_id: str | None) -> dict[str, Any]:
+        body = super().payload(request_id)
+        body["error"]["param"] = self.field
+        return body
+
+
+class NotChunkable(BadRequest):
+    """A field whose meaning chunked decode (``--decode-chunk-size``) would change."""
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(
+            f"request body field {field!r} cannot be served with chunked decode"
+            f" (--decode-chunk-size): {why}"
         )
         self.field = field
 

@@ -93,6 +93,11 @@ class Metrics:
             "leaving no KV: the decode ran the client's own body instead. Not a failure.",
             registry=r,
         )
+        self.decode_chunks = Counter(
+            "pd_sidecar_decode_chunks",
+            "Decode chunks sent to the local engine (--decode-chunk-size).",
+            registry=r,
+        )
         self.forbidden_fields = Counter(
             "pd_sidecar_forbidden_fields",
             "Requests refused (400) for a body field only the sidecar may set, by field.",

@@ -43,6 +43,14 @@ from tenacity import (
 
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
+from sidecar.chunked_decode import (
+    CHAT_PATH,
+    ChunkAnswer,
+    ChunkedDecode,
+    chunking_applies,
+    refuse_unchunkable,
+    run_chunked,
+)
 from sidecar.client_fields import forbidden_field
 from sidecar.connectors import Connector, EncodeStage, LegContext, PrefillResult
 from sidecar.context import RequestContext
@@ -90,6 +98,7 @@ class Policy:
     stream_idle_timeout: float = 120.0
     # Trusted clients only: let bodies carry kv_transfer_params & co (client_fields).
     allow_client_transfer_params: bool = False
+    decode_chunk_size: int = 0  # > 0: chat decodes in chunks of this many tokens
 
 
 async def read_body(request: web.Request, limit: int, deadline_s: float) -> bytes:
@@ -163,7 +172,31 @@ class Orchestrator:
             if field is not None:
                 self.metrics.forbidden_fields.labels(field=field).inc()
                 raise ForbiddenField(field)
+        refuse_unchunkable(request.path, body, self.policy.decode_chunk_size)
         return raw, body
+
+    def chunks(self, shape: ApiShape, body: dict[str, Any]) -> bool:
+        """Whether this request's decode runs in chunks (``--decode-chunk-size``)."""
+        return chunking_applies(shape.path, body, self.policy.decode_chunk_size)
+
+    async def serve_local_chunked(
+        self,
+        request: web.Request,
+        shape: ApiShape,
+        route: Plan,
+        ex: Exchange,
+        decode_base_url: str,
+        body: tuple[bytes, dict[str, Any]],
+    ) -> web.StreamResponse:
+        """A decode-only request whose decode runs in chunks (see :meth:`chunks`)."""
+        raw, parsed = body
+        headers = request_headers(request.headers, body_rewritten=True)
+        headers[REQUEST_ID] = ex.request_id
+        headers["Content-Type"] = "application/json"
+        ctx = RequestContext(
+            request, shape, route, ex, decode_base_url + request.raw_path, raw, parsed, headers
+        )
+        return await self._decode(ctx, raw)
 
     def plan(self, prefill_header: str | None, encoders_header: str | None) -> Plan:
         """The route of one request (see :mod:`sidecar.plan`)."""
@@ -426,8 +459,51 @@ class Orchestrator:
     ) -> web.StreamResponse:
         """The decode leg, relayed to the client; ``cached`` rewrites its usage, ``note``
         adds response headers, ``headers`` replaces the rewritten-body leg headers."""
+        if self.policy.decode_chunk_size and ctx.shape.path == CHAT_PATH:
+            decoded = parse_json_object(body)
+            if chunking_applies(CHAT_PATH, decoded, self.policy.decode_chunk_size):
+                return await self._decode_chunked(ctx, decoded, cached, note)
         response, first = await self._open_decode(ctx, body, headers)
         return await self._relay(ctx, response, first, cached, note)
+
+    async def _decode_chunked(
+        self,
+        ctx: RequestContext,
+        body: dict[str, Any],
+        cached: int | None,
+        note: Mapping[str, str] | None,
+    ) -> web.StreamResponse:
+        """The decode leg as a run of chunks (:mod:`sidecar.chunked_decode`)."""
+
+        state = ChunkedDecode(body, self.policy.decode_chunk_size)
+
+        async def send(payload: bytes) -> ChunkAnswer:
+            waited = ctx.ex.decode_wait_s
+            response, first = await self._open_decode(ctx, payload, None)
+            if state.chunks:  # the access log keeps the first chunk's wait
+                ctx.ex.decode_wait_s = waited
+            complete = False
+            try:
+                rest = await self._read_rest(response, first)
+                complete = True
+            finally:
+                if complete:
+                    response.release()
+                else:
+                    response.close()
+            return ChunkAnswer(response.status, response.headers, rest)
+
+        return await run_chunked(
+            ctx.request,
+            ctx.ex,
+            ctx.shape,
+            state,
+            send,
+            cached=cached,
+            note=note,
+            on_chunk=self.metrics.decode_chunks.inc,
+            on_abort=self._end_aborted_stream,
+        )
 
     async def _decode_first(
         self, ctx: RequestContext, body: bytes, decline_reason: str

@@ -89,6 +89,9 @@ class GenerationParams:
     # X-data-parallel-rank: the rank this request is pinned to (None: any rank).
     dp_rank: int | None = None
     return_token_ids: bool = False
+    # The output continues text already in the prompt (chat continue_final_message):
+    # its first piece is joined to that text like any later piece.
+    continuation: bool = False
 
 
 @dataclass
@@ -150,7 +153,7 @@ class Run:
                 if owed and (i % every == 0 or i == len(candidates) - 1):
                     await asyncio.sleep(owed)
                     owed = 0.0
-            piece = decode_token(token_id, first=not self.output_ids)
+            piece = decode_token(token_id, first=not self.output_ids and not p.continuation)
             if i >= p.min_tokens:
                 if any(s and s in self.text + piece for s in p.stop):
                     self.finish_reason = "stop"

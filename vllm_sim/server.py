@@ -289,9 +289,11 @@ async def _tokenize(request: web.Request) -> web.Response:
             messages = body["messages"]
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise EngineError("'messages' must be a list of message objects.")
-            text = chat_prompt(messages)
-            if body.get("add_generation_prompt", True) is False:
-                text = text.removesuffix("\n<|assistant|>")
+            text = chat_prompt(
+                messages,
+                add_generation_prompt=body.get("add_generation_prompt", True) is not False,
+                continue_final_message=body.get("continue_final_message") is True,
+            )
             tokens = tokenize(text)
         elif isinstance(body.get("prompt"), str):
             tokens = tokenize(body["prompt"])
@@ -410,9 +412,11 @@ async def _render(request: web.Request) -> web.Response:
             messages = body.get("messages")
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise EngineError("'messages' must be a list of message objects.")
-            text = chat_prompt(messages)
-            if body.get("add_generation_prompt", True) is False:
-                text = text.removesuffix("\n<|assistant|>")
+            text = chat_prompt(
+                messages,
+                add_generation_prompt=body.get("add_generation_prompt", True) is not False,
+                continue_final_message=body.get("continue_final_message") is True,
+            )
             tokens = tokenize(text)
             return web.json_response(
                 {

@@ -157,15 +157,28 @@ def multimodal_items(messages: Iterable[Mapping[str, Any]]) -> list[str]:
     return list(seen)
 
 
-def chat_prompt(messages: Iterable[Mapping[str, Any]], system: Any = None) -> str:
-    """Render chat messages with a fixed template, ending with the assistant turn."""
+def chat_prompt(
+    messages: Iterable[Mapping[str, Any]],
+    system: Any = None,
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+) -> str:
+    """Render chat messages with a fixed template, ending with the assistant turn.
+
+    ``continue_final_message`` leaves the last message open (no end marker) so the
+    output continues it; ``add_generation_prompt=False`` leaves the assistant turn out.
+    """
     lines: list[str] = []
     if system is not None:
         lines.append(f"<|system|> {_content_text(system)} <|end|>")
     for message in messages:
         role = _safe_kind(str(message.get("role", "user")))
         lines.append(f"<|{role}|> {_content_text(message.get('content', ''))} <|end|>")
-    lines.append("<|assistant|>")
+    if continue_final_message and lines:
+        lines[-1] = lines[-1].removesuffix(" <|end|>")
+    elif add_generation_prompt:
+        lines.append("<|assistant|>")
     return "\n".join(lines)
 
 

@@ -87,12 +87,15 @@ def test_every_llmd_flag_is_accepted_at_its_off_value() -> None:
     assert load_settings(["--vllm-port=8300"], env={}).model_server_port == 8300
 
 
+def test_decode_chunk_size_is_accepted() -> None:
+    assert load_settings(["--decode-chunk-size=256"], env={}).decode_chunk_size == 256
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
         (["--kv-connector=offloading"], "offloading"),
         (["--enable-p2p-pull"], "--enable-p2p-pull"),
-        (["--decode-chunk-size=256"], "--decode-chunk-size"),
         (["--tracing"], "--tracing"),
         (["--moriio-write-mode"], "--moriio-write-mode"),
         (["--moriio-parallel-dispatch=true"], "--moriio-parallel-dispatch"),
@@ -128,14 +131,14 @@ def test_invalid_llmd_values_name_the_flag(argv: list[str], needle: str) -> None
 
 def test_the_process_exits_2_for_a_feature_not_implemented() -> None:
     done = subprocess.run(
-        [SCRIPT, "--decode-chunk-size=256", "--tracing"],
+        [SCRIPT, "--enable-p2p-pull", "--tracing"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2
-    assert "--decode-chunk-size=256 (chunked decode) is not supported yet" in done.stderr
+    assert "--enable-p2p-pull (P2P prefix pulls) is not supported yet" in done.stderr
     assert "--tracing" in done.stderr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from ..engine import GenerationParams, Run
+from ..engine import EngineError, GenerationParams, Run
 from ..tokens import chat_prompt, multimodal_items, tokenize
 from .base import OpenAIChunkStream, common_params, optional_int, require_list
 
@@ -21,7 +21,24 @@ class ChatCompletions:
         max_tokens = optional_int(body, "max_completion_tokens", minimum=1)
         if max_tokens is None:
             max_tokens = optional_int(body, "max_tokens", minimum=1)
-        params = common_params(body, tokenize(chat_prompt(messages)), max_tokens)
+        add_prompt = body.get("add_generation_prompt", True)
+        continue_final = body.get("continue_final_message", False)
+        if not isinstance(add_prompt, bool) or not isinstance(continue_final, bool):
+            raise EngineError(
+                "'add_generation_prompt' and 'continue_final_message' must be booleans."
+            )
+        if add_prompt and continue_final:
+            raise EngineError(
+                "Cannot set both `continue_final_message` and `add_generation_prompt` to True."
+            )
+        last = messages[-1]
+        if continue_final and (not isinstance(last, Mapping) or last.get("role") != "assistant"):
+            raise EngineError("continue_final_message needs a final assistant message.")
+        text = chat_prompt(
+            messages, add_generation_prompt=add_prompt, continue_final_message=continue_final
+        )
+        params = common_params(body, tokenize(text), max_tokens)
+        params.continuation = continue_final and bool(last.get("content"))
         params.mm_items = multimodal_items(messages)
         return params
 
