@@ -27,7 +27,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from sidecar.api_shapes import API_SHAPES, shape_for
-from sidecar.connectors import ConnectorOptions, create_connector
+from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
 from sidecar.data_parallel import local_hosts, parse_rank_target, rank_base_url
 from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
@@ -184,13 +184,7 @@ async def _open_services(
         timeout=max(settings.connect_timeout, 1.0),
     )
     orchestrator = Orchestrator(
-        connector=create_connector(
-            settings.kv_connector,
-            ConnectorOptions(
-                mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
-                sglang_bootstrap_port=settings.sglang_bootstrap_port,
-            ),
-        ),
+        connector=_connector(settings),
         prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
         decode=local,
         policy=_policy(settings),
@@ -213,6 +207,34 @@ async def _open_services(
     for rank in ranks:
         opened.push_async_callback(rank.readiness.close)
     yield
+
+
+def _connector(settings: Settings) -> Connector:
+    options = ConnectorOptions(
+        mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
+        sglang_bootstrap_port=settings.sglang_bootstrap_port,
+        moriio=MoriioOptions(
+            write_mode=settings.moriio_write_mode,
+            parallel_dispatch=settings.moriio_parallel_dispatch,
+            parallel_decode_wait_timeout=settings.moriio_parallel_decode_wait_timeout,
+            local_pod_ip=settings.moriio_pod_ip,
+            decode_notify_port=settings.moriio_decode_notify_port,
+            decode_handshake_port=settings.moriio_decode_handshake_port,
+            prefill_notify_port=settings.moriio_prefill_notify_port,
+            prefill_handshake_port=settings.moriio_prefill_handshake_port,
+            tp_size=settings.moriio_tp_size,
+            dp_size=settings.moriio_dp_size,
+            dp_size_local=settings.moriio_dp_size_local,
+            remote_hosts=tuple(settings.moriio_remote_hosts),
+            decode_hosts=tuple(settings.moriio_decode_hosts),
+            dns_ttl=settings.moriio_dns_resolve_ttl,
+            dns_timeout=settings.moriio_dns_resolve_timeout,
+        ),
+    )
+    try:
+        return create_connector(settings.effective_kv_connector, options)
+    except ValueError as exc:
+        raise StartupError(f"--kv-connector={settings.kv_connector}: {exc}") from exc
 
 
 def _encode_stage(
