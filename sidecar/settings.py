@@ -531,6 +531,9 @@ def llmd_environment(env: Mapping[str, str]) -> dict[str, Any]:
         value = env.get(var, "")
         if _GO_INT.fullmatch(value):
             out[field] = int(value)
+    pod_ip = env.get("POD_IP")
+    if pod_ip:
+        out["pod_ip"] = pod_ip  # also MoRI-IO's decode pod address by default
     for var, field in _MORIIO_DNS_ENV:
         value = env.get(var, "")
         if _GO_INT.fullmatch(value) and int(value) > 0:
