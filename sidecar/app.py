@@ -21,6 +21,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
@@ -237,16 +238,24 @@ def _connector(settings: Settings) -> Connector:
         raise StartupError(f"--kv-connector={settings.kv_connector}: {exc}") from exc
 
 
+_EC_POLICIES: dict[str, Literal["ec-example", "ec-nixl", "ec-shared-storage"]] = {
+    "ec-example": "ec-example",
+    "ec-nixl": "ec-nixl",
+    "ec-shared-storage": "ec-shared-storage",
+}
+
+
 def _encode_stage(
     settings: Settings,
     metrics: Metrics,
     session: aiohttp.ClientSession | None,
     count_stale: Callable[[str], None],
 ) -> EncoderStage | None:
-    if session is None or settings.ec_connector not in ("ec-example", "ec-nixl"):
+    connector = _EC_POLICIES.get(settings.ec_connector)
+    if session is None or connector is None:
         return None
     policy = EncodePolicy(
-        connector="ec-nixl" if settings.ec_connector == "ec-nixl" else "ec-example",
+        connector=connector,
         timeout=settings.prefill_timeout,
         max_retries=settings.prefill_max_retries,
         retry_backoff=settings.prefill_retry_backoff,

@@ -88,7 +88,7 @@ _TLS_STAGES = frozenset({"prefiller", "decoder", "encoder"})
 # llm-d's --zap-log-level: a level name, or a verbosity (4 and up is debug).
 _ZAP_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
 _ZAP_LEVELS |= {name: "error" for name in ("dpanic", "panic", "fatal")}
-_EC_CONNECTORS = ("ec-example", "ec-nixl")
+_EC_CONNECTORS = ("ec-example", "ec-nixl", "ec-shared-storage")
 
 
 class Settings(BaseSettings):

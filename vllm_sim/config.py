@@ -115,7 +115,8 @@ class SimConfig(BaseModel):
     shared_storage_path: str | None = None
 
     # Encoder outputs: role "encode" produces them, other roles consume them.
-    ec_connector: Literal["", "ec-example", "ec-nixl"] = ""
+    # ec-shared-storage: as ec-example (outputs in the shared storage, keyed by mm_hash).
+    ec_connector: Literal["", "ec-example", "ec-nixl", "ec-shared-storage"] = ""
 
     # KV events (vLLM's --kv-events-config with the zmq publisher); off unless a port is set.
     kv_events_port: int | None = Field(

@@ -61,6 +61,8 @@ EC_PULL_PATH = "/sim/ec/pull"
 # Served by the bootstrap server (see server.py), not the engine's HTTP port.
 SGLANG_JOIN_PATH = "/sim/sglang/join"
 MOONCAKE_PULL_PATH = "/sim/mooncake/pull"
+# Encoder-output connectors that go through the shared storage.
+_STORAGE_EC = frozenset({"ec-example", "ec-shared-storage"})
 # MoRI-IO write mode, on the side channel (which stands in for both MoRI-IO ports).
 MORIIO_NOTIFY_PATH = "/sim/moriio/notify"
 MORIIO_WRITE_PATH = "/sim/moriio/write"
@@ -706,7 +708,7 @@ class SimEngine:
         size = 4096 + len(source) * 8
         self.encoded[key] = size
         self.stats.encodes += 1
-        if self.config.ec_connector == "ec-example" and self.storage is not None:
+        if self.config.ec_connector in _STORAGE_EC and self.storage is not None:
             await self.storage.store_item(key)
         elif self.config.ec_connector == "ec-nixl":
             metadata = base64.b64encode(f"{self.config.engine_id}:{key}".encode()).decode()
@@ -730,7 +732,7 @@ class SimEngine:
         given = run.params.ec_transfer_params or {}
         for source in run.params.mm_items:
             key = mm_hash(source)
-            if connector == "ec-example":
+            if connector in _STORAGE_EC:
                 ok = self.storage is not None and await self.storage.has_item(key)
             else:
                 desc = given.get(key)
