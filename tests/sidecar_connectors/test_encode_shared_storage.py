@@ -73,4 +73,3 @@ async def test_a_prefill_without_the_stored_outputs_fails(
     async with client.post(sidecar.url + PATH, json=chat(image(CAT)), headers=headers) as r:
         assert r.status >= 500
     assert (await p.stats())["ec_loads_failed"] == 1
-
