@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
+from sidecar.connectors.moriio import MoriioConnector
 from sidecar.data_parallel import local_hosts, parse_rank_target, rank_base_url
 from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
@@ -185,7 +186,7 @@ async def _open_services(
         timeout=max(settings.connect_timeout, 1.0),
     )
     orchestrator = Orchestrator(
-        connector=_connector(settings),
+        connector=_connector(settings, metrics),
         prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
         decode=local,
         policy=_policy(settings),
@@ -210,7 +211,7 @@ async def _open_services(
     yield
 
 
-def _connector(settings: Settings) -> Connector:
+def _connector(settings: Settings, metrics: Metrics) -> Connector:
     options = ConnectorOptions(
         mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
         sglang_bootstrap_port=settings.sglang_bootstrap_port,
@@ -233,9 +234,14 @@ def _connector(settings: Settings) -> Connector:
         ),
     )
     try:
-        return create_connector(settings.effective_kv_connector, options)
+        connector = create_connector(settings.effective_kv_connector, options)
     except ValueError as exc:
         raise StartupError(f"--kv-connector={settings.kv_connector}: {exc}") from exc
+    if isinstance(connector, MoriioConnector):
+        connector.peers.on_lookup = metrics.moriio_dns_reresolve.inc
+        connector.peers.on_change = metrics.moriio_dns_ip_changed.inc
+        connector.peers.on_failure = metrics.moriio_dns_lookup_failures.inc
+    return connector
 
 
 _EC_POLICIES: dict[str, Literal["ec-example", "ec-nixl", "ec-shared-storage"]] = {

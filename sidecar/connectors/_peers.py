@@ -21,6 +21,10 @@ __all__ = ["PeerResolver", "pick_address"]
 log = logging.getLogger("sidecar.moriio")
 
 
+def _nothing() -> None:
+    return None
+
+
 def _is_literal(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -55,6 +59,10 @@ class PeerResolver:
         self.lookups = 0
         self.changes = 0
         self.failures = 0
+        # Called per request-path lookup that succeeded, changed the address, failed.
+        self.on_lookup: Callable[[], None] = _nothing
+        self.on_change: Callable[[], None] = _nothing
+        self.on_failure: Callable[[], None] = _nothing
 
     def seed(self, hosts: Iterable[str]) -> None:
         """Resolve every name now (start-up); raises ``ValueError`` naming one that fails."""
@@ -95,11 +103,14 @@ class PeerResolver:
             address = pick_address(infos)
         except (OSError, TimeoutError) as exc:
             self.failures += 1
+            self.on_failure()
             log.warning("moriio: re-resolving %s failed (%s); keeping the last address", host, exc)
             return
         self.lookups += 1
+        self.on_lookup()
         previous = self._cache.get(host)
         if previous is not None and previous[0] != address:
             self.changes += 1
+            self.on_change()
             log.info("moriio: %s moved from %s to %s", host, previous[0], address)
         self._cache[host] = (address, self._clock())

@@ -274,9 +274,16 @@ async def test_data_parallel_ranks_pin_both_legs_and_wide_ep_hosts(
         moriio_dp_size_local=2,
         moriio_remote_hosts="127.0.0.1,localhost",
         moriio_decode_hosts="localhost,127.0.0.1",
+        moriio_dns_resolve_ttl=0.001,  # every request finds "localhost" stale
     )
     for _ in range(4):
         assert content(*await chat(client, sidecar, p), False)
+
+    async def re_resolved() -> bool:
+        return sidecar.sample("moriio_dns_reresolve_total") >= 1
+
+    await eventually(re_resolved, "a request-path re-resolution of localhost")
+    assert sidecar.sample("moriio_dns_ip_changed_total") == 0
     p_stats, d_stats = await p.stats(), await d.stats()
     assert d_stats["kv_pulls_ok"] == 4
     for p_rec, d_rec in zip(recorded(p_stats, "prefill"), recorded(d_stats, "decode"), strict=True):

@@ -193,6 +193,9 @@ async def test_peer_names_resolve_at_start_and_refresh_after_the_ttl() -> None:
     now = [0.0]
     resolver = PeerResolver(ttl=30.0, timeout=5.0, clock=lambda: now[0])
     resolver.seed(["localhost", "10.0.0.1", ""])
+    seen: list[str] = []
+    resolver.on_lookup = lambda: seen.append("lookup")
+    resolver.on_change = lambda: seen.append("change")
     assert resolver.current("10.0.0.1") == "10.0.0.1"  # literal IPs as they are
     assert resolver.current("localhost") == "127.0.0.1"
     assert resolver.lookups == 0  # fresh: no lookup
@@ -202,6 +205,7 @@ async def test_peer_names_resolve_at_start_and_refresh_after_the_ttl() -> None:
     await asyncio.gather(*resolver._refreshing.values())
     assert resolver.current("localhost") == "127.0.0.1"  # ...and replaced in the background
     assert (resolver.lookups, resolver.changes) == (1, 1)
+    assert seen == ["lookup", "change"]
     with pytest.raises(ValueError, match="cannot resolve"):
         resolver.seed(["no-such-host.invalid"])
 
