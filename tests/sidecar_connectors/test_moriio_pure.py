@@ -244,3 +244,8 @@ def test_moriio_settings_accepted() -> None:
     plain = load_settings([], env={})
     assert plain.effective_kv_connector == "nixlv2"
     assert load_settings(["--kv-connector=moriio"], env={}).effective_kv_connector == "moriio"
+
+
+def test_an_unresolvable_pod_address_stops_start_up() -> None:
+    with pytest.raises(ValueError, match=r"no-such-pod\.invalid"):
+        _connector(**{**WRITE, "local_pod_ip": "no-such-pod.invalid"})
