@@ -21,13 +21,15 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Literal
 
 import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from sidecar.api_shapes import API_SHAPES, shape_for
-from sidecar.connectors import ConnectorOptions, create_connector
+from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
+from sidecar.connectors.moriio import MoriioConnector
 from sidecar.data_parallel import local_hosts, parse_rank_target, rank_base_url
 from sidecar.encode import EncodePolicy, EncoderStage
 from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
@@ -185,13 +187,7 @@ async def _open_services(
         timeout=max(settings.connect_timeout, 1.0),
     )
     orchestrator = Orchestrator(
-        connector=create_connector(
-            settings.kv_connector,
-            ConnectorOptions(
-                mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
-                sglang_bootstrap_port=settings.sglang_bootstrap_port,
-            ),
-        ),
+        connector=_connector(settings, metrics),
         prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
         decode=local,
         policy=_policy(settings),
@@ -216,16 +212,57 @@ async def _open_services(
     yield
 
 
+def _connector(settings: Settings, metrics: Metrics) -> Connector:
+    options = ConnectorOptions(
+        mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
+        sglang_bootstrap_port=settings.sglang_bootstrap_port,
+        moriio=MoriioOptions(
+            write_mode=settings.moriio_write_mode,
+            parallel_dispatch=settings.moriio_parallel_dispatch,
+            parallel_decode_wait_timeout=settings.moriio_parallel_decode_wait_timeout,
+            local_pod_ip=settings.moriio_pod_ip,
+            decode_notify_port=settings.moriio_decode_notify_port,
+            decode_handshake_port=settings.moriio_decode_handshake_port,
+            prefill_notify_port=settings.moriio_prefill_notify_port,
+            prefill_handshake_port=settings.moriio_prefill_handshake_port,
+            tp_size=settings.moriio_tp_size,
+            dp_size=settings.moriio_dp_size,
+            dp_size_local=settings.moriio_dp_size_local,
+            remote_hosts=tuple(settings.moriio_remote_hosts),
+            decode_hosts=tuple(settings.moriio_decode_hosts),
+            dns_ttl=settings.moriio_dns_resolve_ttl,
+            dns_timeout=settings.moriio_dns_resolve_timeout,
+        ),
+    )
+    try:
+        connector = create_connector(settings.effective_kv_connector, options)
+    except ValueError as exc:
+        raise StartupError(f"--kv-connector={settings.kv_connector}: {exc}") from exc
+    if isinstance(connector, MoriioConnector):
+        connector.peers.on_lookup = metrics.moriio_dns_reresolve.inc
+        connector.peers.on_change = metrics.moriio_dns_ip_changed.inc
+        connector.peers.on_failure = metrics.moriio_dns_lookup_failures.inc
+    return connector
+
+
+_EC_POLICIES: dict[str, Literal["ec-example", "ec-nixl", "ec-shared-storage"]] = {
+    "ec-example": "ec-example",
+    "ec-nixl": "ec-nixl",
+    "ec-shared-storage": "ec-shared-storage",
+}
+
+
 def _encode_stage(
     settings: Settings,
     metrics: Metrics,
     session: aiohttp.ClientSession | None,
     count_stale: Callable[[str], None],
 ) -> EncoderStage | None:
-    if session is None or settings.ec_connector not in ("ec-example", "ec-nixl"):
+    connector = _EC_POLICIES.get(settings.ec_connector)
+    if session is None or connector is None:
         return None
     policy = EncodePolicy(
-        connector="ec-nixl" if settings.ec_connector == "ec-nixl" else "ec-example",
+        connector=connector,
         timeout=settings.prefill_timeout,
         max_retries=settings.prefill_max_retries,
         retry_backoff=settings.prefill_retry_backoff,

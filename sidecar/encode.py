@@ -13,8 +13,10 @@ Per request naming encoders (``x-encoder-hosts-ports``):
    ``encode``);
 4. ``ec-nixl``: every answer must carry ``ec_transfer_params`` (mm_hash -> descriptor);
    the maps are merged (two different descriptors for one hash are an error) and
-   returned as the top-level ``ec_transfer_params`` of the next leg. ``ec-example``:
-   encoders share outputs through storage, nothing goes on the wire.
+   returned as the top-level ``ec_transfer_params`` of the next leg. ``ec-example`` and
+   ``ec-shared-storage`` (llm-d's coordinator name for the same topology): encoders
+   write their outputs to storage the consumers share, keyed by mm_hash; their answers
+   are only checked for success and nothing goes on the wire.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from sidecar.upstream import Retryable, StageErrors, Upstream
 
 __all__ = [
     "EC_CONNECTORS",
+    "STORAGE_CONNECTORS",
     "EncodePolicy",
     "EncoderStage",
     "encode_request_body",
@@ -46,7 +49,9 @@ __all__ = [
     "multimodal_items",
 ]
 
-EC_CONNECTORS = ("ec-example", "ec-nixl")
+EC_CONNECTORS = ("ec-example", "ec-nixl", "ec-shared-storage")
+# Encoders share their outputs through storage: no ec_transfer_params on the wire.
+STORAGE_CONNECTORS = frozenset({"ec-example", "ec-shared-storage"})
 ENCODE_PATH = "/v1/chat/completions"
 PARAMS_FIELD = "ec_transfer_params"
 _MAX_ANSWER = 4 * 1024 * 1024
@@ -113,7 +118,7 @@ def merge_transfer_params(maps: list[Mapping[str, Any]]) -> dict[str, Any]:
 
 @dataclass(frozen=True, slots=True)
 class EncodePolicy:
-    connector: Literal["ec-example", "ec-nixl"]
+    connector: Literal["ec-example", "ec-nixl", "ec-shared-storage"]
     timeout: float = 300.0  # per encode request, all attempts
     max_retries: int = 3
     retry_backoff: float = 0.1
@@ -150,7 +155,7 @@ class EncoderStage:
                     for i, item in enumerate(items)
                 ]
             answers = [task.result() for task in tasks]
-            if self.policy.connector == "ec-example":
+            if self.policy.connector in STORAGE_CONNECTORS:
                 return {}
             return {PARAMS_FIELD: merge_transfer_params(answers)}
         except BaseExceptionGroup as group_error:
@@ -220,7 +225,7 @@ class EncoderStage:
             parsed = loads(answer)
         except ValueError:
             raise EncodeError(f"encoder {target} answered malformed JSON", "malformed") from None
-        if self.policy.connector == "ec-example":
+        if self.policy.connector in STORAGE_CONNECTORS:
             return {}
         params = parsed.get(PARAMS_FIELD) if isinstance(parsed, Mapping) else None
         if not isinstance(params, Mapping) or not params:

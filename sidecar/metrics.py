@@ -98,6 +98,22 @@ class Metrics:
             "Decode chunks sent to the local engine (--decode-chunk-size).",
             registry=r,
         )
+        # llm-d's MoRI-IO peer re-resolution counters, under llm-d's names.
+        self.moriio_dns_reresolve = Counter(
+            "moriio_dns_reresolve",
+            "Successful request-path DNS re-resolutions of MoRI-IO peers.",
+            registry=r,
+        )
+        self.moriio_dns_ip_changed = Counter(
+            "moriio_dns_ip_changed",
+            "Re-resolutions where a MoRI-IO peer had a different IP than the cached one.",
+            registry=r,
+        )
+        self.moriio_dns_lookup_failures = Counter(
+            "moriio_dns_lookup_failures",
+            "Failed request-path DNS lookups of MoRI-IO peers (the last address is kept).",
+            registry=r,
+        )
         self.forbidden_fields = Counter(
             "pd_sidecar_forbidden_fields",
             "Requests refused (400) for a body field only the sidecar may set, by field.",

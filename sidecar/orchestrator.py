@@ -252,7 +252,8 @@ class Orchestrator:
             return await self._generation_finished(ctx, leg)
         ex.cached_tokens = cached
         decode_body = dumps(self.connector.decode_body(leg, result))
-        return await self._decode(ctx, decode_body, cached=cached)
+        leg_headers = self._decode_headers(ctx, leg, result)
+        return await self._decode(ctx, decode_body, cached=cached, headers=leg_headers)
 
     async def _prefill_failed(
         self, ctx: RequestContext, exc: PrefillError, declined: bool
@@ -280,6 +281,17 @@ class Orchestrator:
         fallback_headers = request_headers(ctx.request.headers, body_rewritten=False)
         fallback_headers[REQUEST_ID] = ex.request_id
         return await self._decode(ctx, ctx.raw, headers=fallback_headers, note=note)
+
+    def _decode_headers(
+        self, ctx: RequestContext, leg: LegContext, result: PrefillResult | None
+    ) -> CIMultiDict[str] | None:
+        """The decode leg's headers when the connector adds some (else None: the usual)."""
+        extra = self.connector.decode_headers(leg, result)
+        if not extra:
+            return None
+        headers = ctx.headers.copy()
+        headers.update(extra)
+        return headers
 
     def _leg(
         self, ctx: RequestContext, target: HostPort, prepared: object | None = None
@@ -456,14 +468,26 @@ class Orchestrator:
         cached: int | None = None,
         headers: CIMultiDict[str] | None = None,
         note: Mapping[str, str] | None = None,
+        commit: asyncio.Future[PrefillResult] | None = None,
     ) -> web.StreamResponse:
         """The decode leg, relayed to the client; ``cached`` rewrites its usage, ``note``
-        adds response headers, ``headers`` replaces the rewritten-body leg headers."""
+        adds response headers, ``headers`` replaces the rewritten-body leg headers.
+        With ``commit`` (a concurrent prefill) nothing is relayed before it succeeded."""
         if self.policy.decode_chunk_size and ctx.shape.path == CHAT_PATH:
             decoded = parse_json_object(body)
             if chunking_applies(CHAT_PATH, decoded, self.policy.decode_chunk_size):
-                return await self._decode_chunked(ctx, decoded, cached, note)
+                return await self._decode_chunked(ctx, decoded, cached, note, headers, commit)
         response, first = await self._open_decode(ctx, body, headers)
+        if commit is not None:
+            try:
+                await asyncio.wait([commit])
+            except BaseException:
+                response.close()
+                raise
+            if commit.cancelled() or commit.exception() is not None:
+                response.close()
+                # The prefill failed: _concurrent_once reports its error.
+                raise asyncio.CancelledError
         return await self._relay(ctx, response, first, cached, note)
 
     async def _decode_chunked(
@@ -472,14 +496,18 @@ class Orchestrator:
         body: dict[str, Any],
         cached: int | None,
         note: Mapping[str, str] | None,
+        headers: CIMultiDict[str] | None,
+        commit: asyncio.Future[PrefillResult] | None,
     ) -> web.StreamResponse:
-        """The decode leg as a run of chunks (:mod:`sidecar.chunked_decode`)."""
+        """The decode leg as a run of chunks (:mod:`sidecar.chunked_decode`). Every chunk
+        carries the decode leg's ``headers``; with ``commit`` (a concurrent prefill) the
+        first chunk's answer is used only once the prefill succeeded."""
 
         state = ChunkedDecode(body, self.policy.decode_chunk_size)
 
         async def send(payload: bytes) -> ChunkAnswer:
             waited = ctx.ex.decode_wait_s
-            response, first = await self._open_decode(ctx, payload, None)
+            response, first = await self._open_decode(ctx, payload, headers)
             if state.chunks:  # the access log keeps the first chunk's wait
                 ctx.ex.decode_wait_s = waited
             complete = False
@@ -491,6 +519,11 @@ class Orchestrator:
                     response.release()
                 else:
                     response.close()
+            if commit is not None and not state.chunks:
+                await asyncio.wait([commit])
+                if commit.cancelled() or commit.exception() is not None:
+                    # The prefill failed: _concurrent_once reports its error.
+                    raise asyncio.CancelledError
             return ChunkAnswer(response.status, response.headers, rest)
 
         return await run_chunked(
@@ -663,9 +696,17 @@ class Orchestrator:
         prefill whose generation finished leaves nothing to pull: the decode is replaced
         by a local one when the client has seen nothing yet."""
         ex = ctx.ex
-        prefill = asyncio.ensure_future(self._concurrent_prefill(ctx, leg))
+        hold = self.connector.commit_timeout
+        prefill = asyncio.ensure_future(self._concurrent_prefill(ctx, leg, hold))
         decode_body = dumps(self.connector.decode_body(leg, None))
-        relay = asyncio.ensure_future(self._decode(ctx, decode_body))
+        relay = asyncio.ensure_future(
+            self._decode(
+                ctx,
+                decode_body,
+                headers=self._decode_headers(ctx, leg, None),
+                commit=prefill if hold is not None else None,
+            )
+        )
 
         def stop_decode(task: asyncio.Future[PrefillResult]) -> None:
             if task.cancelled():
@@ -702,11 +743,21 @@ class Orchestrator:
                 prefill.cancel()
             await asyncio.gather(prefill, return_exceptions=True)
 
-    async def _concurrent_prefill(self, ctx: RequestContext, leg: LegContext) -> PrefillResult:
+    async def _concurrent_prefill(
+        self, ctx: RequestContext, leg: LegContext, bound: float | None = None
+    ) -> PrefillResult:
+        """The prefill of concurrent legs; ``bound``: seconds the held decode waits for it."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         try:
-            _, result, _ = await self._prefill_once(ctx, leg.prefiller, paired=leg)
+            try:
+                async with asyncio.timeout(bound):
+                    _, result, _ = await self._prefill_once(ctx, leg.prefiller, paired=leg)
+            except TimeoutError:
+                raise PrefillTimeout(
+                    f"prefill at {leg.prefiller} did not complete within {bound:g}s while"
+                    " the decode waited for its KV"
+                ) from None
             return result
         except PrefillError as exc:
             self.metrics.prefill_failures.labels(reason=exc.reason).inc()

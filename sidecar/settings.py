@@ -8,13 +8,14 @@ Sources, strongest first:
    keys are the flag names;
 3. the environment variables llm-d's sidecar reads, read as it reads them: an unusable
    value is ignored, not an error (``INFERENCE_POOL``, ``ENABLE_PREFILLER_SAMPLING``,
-   ``SGLANG_BOOTSTRAP_PORT``, ``MOONCAKE_BOOTSTRAP_PORT``, ``P2P_CONNECTOR_PORT``);
+   ``SGLANG_BOOTSTRAP_PORT``, ``MOONCAKE_BOOTSTRAP_PORT``, ``P2P_CONNECTOR_PORT``,
+   ``MORIIO_DNS_RESOLVE_TTL_SECONDS``, ``MORIIO_DNS_RESOLVE_TIMEOUT_SECONDS``);
    then ``INFERENCE_POOL_NAMESPACE``, ``INFERENCE_POOL_NAME``, ``POD_IP`` (put into a
    self-signed serving certificate), plus ``PD_SIDECAR_<FIELD>`` for every field;
 4. the defaults below.
 
 llm-d flags whose feature is not implemented here (the offloading connector, P2P pulls,
-MoRI-IO, tracing) are accepted at their off values and refused with
+tracing) are accepted at their off values and refused with
 "not supported yet" at any value that would turn the feature on.
 
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
@@ -87,7 +88,7 @@ _TLS_STAGES = frozenset({"prefiller", "decoder", "encoder"})
 # llm-d's --zap-log-level: a level name, or a verbosity (4 and up is debug).
 _ZAP_LEVELS = {"debug": "debug", "info": "info", "warn": "warning", "error": "error"}
 _ZAP_LEVELS |= {name: "error" for name in ("dpanic", "panic", "fatal")}
-_EC_CONNECTORS = ("ec-example", "ec-nixl")
+_EC_CONNECTORS = ("ec-example", "ec-nixl", "ec-shared-storage")
 
 
 class Settings(BaseSettings):
@@ -139,6 +140,7 @@ class Settings(BaseSettings):
     # llm-d flags of features not implemented here: accepted only at their off values.
     enable_p2p_pull: GoBool = False
     tracing: GoBool = False
+    # MoRI-IO (--kv-connector=moriio, or llm-d's nixlv2 with these flags on).
     moriio_write_mode: GoBool = False
     moriio_parallel_dispatch: GoBool = False
     moriio_parallel_decode_wait_timeout: Duration = 30.0
@@ -152,6 +154,11 @@ class Settings(BaseSettings):
     moriio_dp_size_local: Annotated[int, Field(ge=0)] = 0
     moriio_remote_hosts: CommaList = Field(default_factory=list)
     moriio_decode_hosts: CommaList = Field(default_factory=list)
+    # llm-d reads these two from MORIIO_DNS_RESOLVE_TTL_SECONDS / _TIMEOUT_SECONDS.
+    moriio_dns_resolve_ttl: Annotated[float, BeforeValidator(parse_go_duration), Field(gt=0)] = 30.0
+    moriio_dns_resolve_timeout: Annotated[
+        float, BeforeValidator(parse_go_duration), Field(gt=0)
+    ] = 5.0
     # klog verbosity of the Go sidecar (-v=N), accepted so manifests keep working:
     # 4 or more turns on debug logging.
     v: Annotated[int, Field(ge=0, le=10)] = 0
@@ -302,6 +309,7 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"--enable-p2p-pull requires --kv-connector=nixlv2 (got {self.kv_connector!r})"
             )
+        self._check_moriio()
         unsupported = self.unsupported_features()
         if unsupported:
             raise ValueError("; ".join(f"{flag} is not supported yet" for flag in unsupported))
@@ -314,7 +322,11 @@ class Settings(BaseSettings):
             out.append("--enable-p2p-pull (P2P prefix pulls)")
         if self.tracing:
             out.append("--tracing (OpenTelemetry spans)")
-        moriio = [
+        return out
+
+    def moriio_flags_on(self) -> list[str]:
+        """The ``--moriio-*`` flags set to values that change the wire (llm-d's list)."""
+        return [
             name
             for name, on in (
                 ("--moriio-write-mode", self.moriio_write_mode),
@@ -326,9 +338,38 @@ class Settings(BaseSettings):
             )
             if on
         ]
-        if moriio:
-            out.append(f"{', '.join(moriio)} (MoRI-IO)")
-        return out
+
+    def _check_moriio(self) -> None:
+        on = self.moriio_flags_on()
+        if on and self.kv_connector not in ("nixlv2", "moriio"):
+            raise ValueError(
+                f"{', '.join(on)} (MoRI-IO) need --kv-connector=moriio or nixlv2"
+                f" (got {self.kv_connector!r})"
+            )
+        if self.moriio_write_mode and not self.moriio_pod_ip:
+            raise ValueError(
+                "--moriio-write-mode requires --moriio-local-pod-ip (or the POD_IP"
+                " environment variable): the decode pod's routable address"
+            )
+        if self.moriio_parallel_dispatch and not self.moriio_write_mode:
+            raise ValueError("--moriio-parallel-dispatch requires --moriio-write-mode")
+        for flag, hosts in (
+            ("--moriio-remote-hosts", self.moriio_remote_hosts),
+            ("--moriio-decode-hosts", self.moriio_decode_hosts),
+        ):
+            _check_wide_ep(flag, hosts, self.moriio_dp_size, self.moriio_dp_size_local)
+
+    @property
+    def moriio_pod_ip(self) -> str:
+        """The decode pod's address for MoRI-IO: the flag, else ``POD_IP``."""
+        return self.moriio_local_pod_ip or self.pod_ip
+
+    @property
+    def effective_kv_connector(self) -> str:
+        """The connector to run: llm-d's nixlv2 with MoRI-IO flags on is ``moriio``."""
+        if self.kv_connector == "nixlv2" and self.moriio_flags_on():
+            return "moriio"
+        return self.kv_connector
 
     @property
     def pool_ref(self) -> tuple[str, str] | None:
@@ -356,6 +397,28 @@ class Settings(BaseSettings):
         """The local vLLM of data-parallel rank ``rank`` (https when decoder TLS is on)."""
         scheme = "https" if "decoder" in self.enable_tls else "http"
         return f"{scheme}://127.0.0.1:{self.model_server_port + rank}"
+
+
+def _check_wide_ep(flag: str, hosts: list[str], dp_size: int, dp_local: int) -> None:
+    """Several pods: ``dp_local`` ranks each, one host per pod (vLLM indexes the list
+    by ``dp_rank // dp_size_local``). One host or none is the single-pod case."""
+    if len(hosts) <= 1:
+        return
+    if dp_local <= 0:
+        raise ValueError(
+            f"{flag} has {len(hosts)} entries but --moriio-dp-size-local is {dp_local};"
+            " Wide-EP over several pods needs it > 0"
+        )
+    if dp_size % dp_local:
+        raise ValueError(
+            f"--moriio-dp-size ({dp_size}) must be divisible by --moriio-dp-size-local"
+            f" ({dp_local}) for Wide-EP over several pods ({flag})"
+        )
+    if dp_size // dp_local != len(hosts):
+        raise ValueError(
+            f"{flag} has {len(hosts)} entries but --moriio-dp-size / --moriio-dp-size-local"
+            f" = {dp_size // dp_local}: one host per pod"
+        )
 
 
 # Deprecated llm-d spellings that still mean the same field.
@@ -446,6 +509,11 @@ _LLMD_PORT_ENV = (
     ("SGLANG_BOOTSTRAP_PORT", "sglang_bootstrap_port"),
     ("P2P_CONNECTOR_PORT", "p2p_connector_port"),
 )
+# Positive whole seconds; anything else keeps the default.
+_MORIIO_DNS_ENV = (
+    ("MORIIO_DNS_RESOLVE_TTL_SECONDS", "moriio_dns_resolve_ttl"),
+    ("MORIIO_DNS_RESOLVE_TIMEOUT_SECONDS", "moriio_dns_resolve_timeout"),
+)
 
 
 def llmd_environment(env: Mapping[str, str]) -> dict[str, Any]:
@@ -461,6 +529,13 @@ def llmd_environment(env: Mapping[str, str]) -> dict[str, Any]:
     for var, field in _LLMD_PORT_ENV:
         value = env.get(var, "")
         if _GO_INT.fullmatch(value):
+            out[field] = int(value)
+    pod_ip = env.get("POD_IP")
+    if pod_ip:
+        out["pod_ip"] = pod_ip  # also MoRI-IO's decode pod address by default
+    for var, field in _MORIIO_DNS_ENV:
+        value = env.get(var, "")
+        if _GO_INT.fullmatch(value) and int(value) > 0:
             out[field] = int(value)
     return out
 

@@ -91,6 +91,12 @@ class SimConfig(BaseModel):
         "hands its KV over, as vLLM 0.32 does; false: only one stopped at the length cap.",
     )
     kv_lease_seconds: float = Field(default=30.0, gt=0)
+    moriio_mode: Literal["", "read", "write"] = Field(
+        default="",
+        description="Run vLLM's MoRIIOConnector in this mode (read: the decode engine pulls; "
+        "write: the prefill engine writes into the decode engine). Its handshake and notify "
+        "ports are both the side channel port.",
+    )
     kv_load_failure_policy: Literal["fail", "recompute"] = "fail"
     kv_pull_timeout_seconds: float = Field(default=10.0, gt=0)
 
@@ -109,7 +115,8 @@ class SimConfig(BaseModel):
     shared_storage_path: str | None = None
 
     # Encoder outputs: role "encode" produces them, other roles consume them.
-    ec_connector: Literal["", "ec-example", "ec-nixl"] = ""
+    # ec-shared-storage: as ec-example (outputs in the shared storage, keyed by mm_hash).
+    ec_connector: Literal["", "ec-example", "ec-nixl", "ec-shared-storage"] = ""
 
     # KV events (vLLM's --kv-events-config with the zmq publisher); off unless a port is set.
     kv_events_port: int | None = Field(

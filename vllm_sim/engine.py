@@ -8,6 +8,9 @@ Where a request's KV comes from, by what its body carries:
 
 - ``kv_transfer_params.do_remote_prefill`` with ``remote_block_ids``: NIXL pull;
 - ``kv_transfer_params.do_remote_prefill`` with ``transfer_id``: Mooncake pull;
+- either of the two on an engine in ``--moriio-mode``: MoRI-IO (read: a pull from the
+  prefill engine's handshake port; write: a notify to the prefill engine, which then
+  writes the KV here, see ``moriio.py``);
 - ``bootstrap_room`` on an engine in ``--disaggregation-mode decode``: SGLang rendezvous;
 - otherwise computed here, helped by the local prefix cache and the shared storage.
 """
@@ -29,6 +32,7 @@ from .config import SimConfig
 from .faults import FaultTable
 from .kv_events import KvEventPublisher
 from .mooncake import TransferTable
+from .moriio import Outgoing, WriteTable
 from .nixl import LeaseTable, PullRejected, PullRequest
 from .prefix_cache import PrefixCache, block_hashes
 from .sglang import BootstrapTimeout, RoomTable
@@ -39,6 +43,8 @@ from .tokens import decode_token, mm_hash, output_token_ids
 __all__ = [
     "EC_PULL_PATH",
     "MOONCAKE_PULL_PATH",
+    "MORIIO_NOTIFY_PATH",
+    "MORIIO_WRITE_PATH",
     "PULL_PATH",
     "SGLANG_JOIN_PATH",
     "EngineError",
@@ -55,6 +61,11 @@ EC_PULL_PATH = "/sim/ec/pull"
 # Served by the bootstrap server (see server.py), not the engine's HTTP port.
 SGLANG_JOIN_PATH = "/sim/sglang/join"
 MOONCAKE_PULL_PATH = "/sim/mooncake/pull"
+# Encoder-output connectors that go through the shared storage.
+_STORAGE_EC = frozenset({"ec-example", "ec-shared-storage"})
+# MoRI-IO write mode, on the side channel (which stands in for both MoRI-IO ports).
+MORIIO_NOTIFY_PATH = "/sim/moriio/notify"
+MORIIO_WRITE_PATH = "/sim/moriio/write"
 
 
 class EngineError(Exception):
@@ -208,6 +219,8 @@ class SimEngine:
         self.leases = LeaseTable(self.cache, config.kv_lease_seconds)
         self.rooms = RoomTable(config.bootstrap_timeout_seconds)
         self.transfers = TransferTable(config.kv_lease_seconds, config.bootstrap_timeout_seconds)
+        self.writes = WriteTable(config.kv_lease_seconds, config.kv_pull_timeout_seconds)
+        self._writing: set[asyncio.Task[None]] = set()
         self.storage = (
             SharedStorage(config.shared_storage_path) if config.shared_storage_path else None
         )
@@ -261,6 +274,9 @@ class SimEngine:
         if self.kv_events is not None:
             self.cache.event_sink = None
             await self.kv_events.close()
+        for task in list(self._writing):
+            task.cancel()
+        await asyncio.gather(*self._writing, return_exceptions=True)
         if self._sweeper is not None:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -275,12 +291,15 @@ class SimEngine:
             self.expire_leases()
 
     def expire_leases(self) -> None:
-        self.stats.leases_expired += self.leases.expire() + self.transfers.expire()
+        self.stats.leases_expired += (
+            self.leases.expire() + self.transfers.expire() + self.writes.expire()
+        )
 
     def stats_dict(self) -> dict[str, Any]:
         self.expire_leases()
         return self.stats.as_dict(
-            engine_id=self.config.engine_id, leases_active=len(self.leases) + len(self.transfers)
+            engine_id=self.config.engine_id,
+            leases_active=len(self.leases) + len(self.transfers) + len(self.writes),
         )
 
     def itl_s(self) -> float:
@@ -348,7 +367,10 @@ class SimEngine:
         role = self.role_of(params)
         missing: list[str] = []
         if role == "decode" and params.bootstrap_room is None:
-            missing = _missing_remote_fields(params.kv_transfer_params or {})
+            missing = _missing_remote_fields(params.kv_transfer_params or {}, cfg.moriio_mode)
+        ktp = params.kv_transfer_params or {}
+        if cfg.moriio_mode == "write" and role == "prefill" and not ktp.get("transfer_id"):
+            raise EngineError("MoRI-IO write mode needs kv_transfer_params.transfer_id.")
         sglang = params.bootstrap_room is not None and role in ("prefill", "decode")
         if sglang and (params.bootstrap_host is None or params.bootstrap_port is None):
             raise EngineError("bootstrap_room needs bootstrap_host and bootstrap_port.")
@@ -472,6 +494,11 @@ class SimEngine:
         """
         if run.omit_kv_transfer_params:
             return
+        if self.config.moriio_mode:
+            # vLLM's MoRIIOConnector hands KV over only for a prefill capped at length.
+            if core_end == "length":
+                self.moriio_finished(run)
+            return
         transfer_id = (run.params.kv_transfer_params or {}).get("transfer_id")
         if transfer_id:
             if core_end == "length":
@@ -513,8 +540,11 @@ class SimEngine:
         }
 
     def serve_pull(self, pull: PullRequest) -> list[int]:
+        own = self.config.engine_id
+        if self.config.moriio_mode and pull.remote_engine_id == self.moriio_engine_id:
+            own = self.moriio_engine_id
         try:
-            lease = self.leases.claim(self.config.engine_id, pull)
+            lease = self.leases.claim(own, pull)
         except PullRejected as exc:
             self.stats.kv_pulls_rejected += 1
             if exc.reason == "lease expired":
@@ -523,10 +553,106 @@ class SimEngine:
         self.stats.kv_pulls_served += 1
         return lease.token_ids
 
+    # -- MoRI-IO -------------------------------------------------------------------
+    @property
+    def moriio_engine_id(self) -> str:
+        """vLLM's MoRI-IO engine id: "<host>:<handshake port>"."""
+        return f"{self.config.remote_host}:{self.side_channel_port}"
+
+    def moriio_finished(self, run: Run) -> None:
+        """Producer side: what vLLM's MoRIIOConnector returns for a finished prefill."""
+        ktp = run.params.kv_transfer_params or {}
+        if not ktp.get("do_remote_decode"):
+            return
+        transfer_id = ktp.get("transfer_id")
+        prompt = list(run.params.prompt_ids)
+        if self.config.moriio_mode == "read":
+            suffix = secrets.token_hex(4)
+            lease_id = str(transfer_id) if transfer_id else f"{run.request_id}-{suffix}"
+            self.leases.grant(lease_id, list(run.block_ids), prompt)
+            run._leased = True
+        else:
+            dest = _url(str(ktp.get("remote_host")), ktp.get("remote_handshake_port"), "")
+            self._write_if_due(self.writes.ready(str(transfer_id), prompt, dest), str(transfer_id))
+        run.kv_transfer_params = {
+            "do_remote_prefill": True,
+            "do_remote_decode": False,
+            "remote_block_ids": list(run.block_ids),
+            "remote_engine_id": self.moriio_engine_id,
+            "remote_host": self.config.remote_host,
+            "remote_handshake_port": self.side_channel_port,
+            "remote_notify_port": self.side_channel_port,
+            "remote_dp_size": self.config.data_parallel_size,
+            "tp_size": 1,
+            "transfer_id": transfer_id,
+            # The rank this prefill ran on (router-authoritative DP-rank routing).
+            "remote_dp_rank": run.dp_rank,
+            "remote_dp_rank_override": True,
+        }
+
+    def moriio_notify(self, transfer_id: str) -> None:
+        """Producer side: a decode engine's blocks for ``transfer_id`` are ready."""
+        self.stats.moriio_notifies += 1
+        self._write_if_due(self.writes.notified(transfer_id), transfer_id)
+
+    def moriio_received(self, transfer_id: str, token_ids: list[int]) -> bool:
+        """Consumer side: a prefill engine wrote KV here."""
+        ok = self.writes.received(transfer_id, token_ids)
+        if ok:
+            self.stats.moriio_writes_received += 1
+        return ok
+
+    def _write_if_due(self, due: Outgoing | None, transfer_id: str) -> None:
+        if due is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._moriio_write(due, transfer_id))
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+
+    async def _moriio_write(self, due: Outgoing, transfer_id: str) -> None:
+        body = {"transfer_id": transfer_id, "token_ids": due.token_ids}
+        answer = await self._post(f"{due.dest}{MORIIO_WRITE_PATH}", body)
+        if answer is None:
+            self.stats.moriio_writes_failed += 1
+            log.warning("MoRI-IO write of %s to %s failed", transfer_id, due.dest)
+        else:
+            self.stats.moriio_writes_sent += 1
+
+    async def _moriio_load(self, run: Run) -> list[int] | None:
+        """Consumer side: the prompt's KV from the prefill engine, or None."""
+        ktp = run.params.kv_transfer_params or {}
+        host = str(ktp["remote_host"])
+        if self.config.moriio_mode == "read":
+            body = {
+                "remote_engine_id": ktp["remote_engine_id"],
+                "remote_block_ids": ktp["remote_block_ids"],
+                "remote_request_id": ktp.get("transfer_id"),
+            }
+            payload = await self._post(_url(host, ktp["remote_handshake_port"], PULL_PATH), body)
+            tokens = None if payload is None else payload.get("token_ids")
+            return tokens if isinstance(tokens, list) else None
+        transfer_id = str(ktp["transfer_id"])
+        self.writes.expect(transfer_id)
+        notify = {"transfer_id": transfer_id, "decode_rank": run.dp_rank}
+        url = _url(host, ktp["remote_notify_port"], MORIIO_NOTIFY_PATH)
+        if await self._post(url, notify) is None:
+            self.writes.forget(transfer_id)
+            return None
+        return await self.writes.wait(transfer_id)
+
     # -- the decode side of every protocol -------------------------------------------
     async def _load_remote(self, run: Run) -> bool:
         p = run.params
         ktp = p.kv_transfer_params or {}
+        if self.config.moriio_mode and p.bootstrap_room is None:
+            tokens = await self._moriio_load(run)
+            ok = tokens == p.prompt_ids
+            if ok:
+                self.stats.kv_pulls_ok += 1
+            else:
+                self.stats.kv_pulls_failed += 1
+                self.nixl_failed_transfers += 1
+            return ok
         if p.bootstrap_room is not None:
             url = _url(str(p.bootstrap_host), p.bootstrap_port, SGLANG_JOIN_PATH)
             body: dict[str, Any] = {"room": p.bootstrap_room}
@@ -585,7 +711,7 @@ class SimEngine:
         size = 4096 + len(source) * 8
         self.encoded[key] = size
         self.stats.encodes += 1
-        if self.config.ec_connector == "ec-example" and self.storage is not None:
+        if self.config.ec_connector in _STORAGE_EC and self.storage is not None:
             await self.storage.store_item(key)
         elif self.config.ec_connector == "ec-nixl":
             metadata = base64.b64encode(f"{self.config.engine_id}:{key}".encode()).decode()
@@ -609,7 +735,7 @@ class SimEngine:
         given = run.params.ec_transfer_params or {}
         for source in run.params.mm_items:
             key = mm_hash(source)
-            if connector == "ec-example":
+            if connector in _STORAGE_EC:
                 ok = self.storage is not None and await self.storage.has_item(key)
             else:
                 desc = given.get(key)
@@ -625,10 +751,16 @@ class SimEngine:
         return payload is not None and payload.get("size_bytes") == desc.get("size_bytes")
 
 
-def _missing_remote_fields(ktp: dict[str, Any]) -> list[str]:
-    """The fields a decode needs to pull (NIXL protocol v2, or Mooncake) that are absent."""
+def _missing_remote_fields(ktp: dict[str, Any], moriio_mode: str = "") -> list[str]:
+    """The fields a decode needs to pull (NIXL protocol v2, Mooncake, MoRI-IO) that are
+    absent (for MoRI-IO: those vLLM cannot do without when the request id carries no
+    peer address, as it does not from a router)."""
     needed = (
-        ("transfer_id", "remote_bootstrap_addr", "remote_engine_id")
+        ("remote_engine_id", "remote_block_ids", "remote_host", "remote_handshake_port")
+        if moriio_mode == "read"
+        else ("transfer_id", "remote_host", "remote_notify_port")
+        if moriio_mode == "write"
+        else ("transfer_id", "remote_bootstrap_addr", "remote_engine_id")
         if ktp.get("transfer_id")
         else (
             "remote_engine_id",

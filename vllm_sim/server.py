@@ -25,6 +25,8 @@ from .dcgm import DCGM_PATH, dcgm_handler
 from .engine import (
     EC_PULL_PATH,
     MOONCAKE_PULL_PATH,
+    MORIIO_NOTIFY_PATH,
+    MORIIO_WRITE_PATH,
     PULL_PATH,
     SGLANG_JOIN_PATH,
     EngineError,
@@ -519,6 +521,34 @@ async def _ec_pull(request: web.Request) -> web.Response:
     return web.json_response({"mm_hash": key, "size_bytes": size})
 
 
+async def _moriio_body(request: web.Request) -> dict[str, Any] | None:
+    try:
+        body = await request.json()
+    except ValueError:
+        return None
+    if not isinstance(body, dict) or not isinstance(body.get("transfer_id"), str):
+        return None
+    return body
+
+
+async def _moriio_notify(request: web.Request) -> web.Response:
+    body = await _moriio_body(request)
+    if body is None:
+        return _error("expected a JSON object with transfer_id", 400)
+    request.app[ENGINE].moriio_notify(body["transfer_id"])
+    return web.json_response({})
+
+
+async def _moriio_write(request: web.Request) -> web.Response:
+    body = await _moriio_body(request)
+    tokens = None if body is None else body.get("token_ids")
+    if body is None or not isinstance(tokens, list):
+        return _error("expected a JSON object with transfer_id and token_ids", 400)
+    if not request.app[ENGINE].moriio_received(body["transfer_id"], tokens):
+        return _error(f"no decode waits for transfer {body['transfer_id']}", 404)
+    return web.json_response({})
+
+
 # -- the bootstrap server (SGLang rendezvous, Mooncake query and pulls) ---------------------
 
 
@@ -577,6 +607,8 @@ def create_side_channel_app(engine: SimEngine) -> web.Application:
     app[ENGINE] = engine
     app.router.add_post(PULL_PATH, _pull)
     app.router.add_post(EC_PULL_PATH, _ec_pull)
+    app.router.add_post(MORIIO_NOTIFY_PATH, _moriio_notify)
+    app.router.add_post(MORIIO_WRITE_PATH, _moriio_write)
     return app
 
 

@@ -51,6 +51,12 @@ class SimStats:
     encodes: int = 0
     ec_loads_ok: int = 0
     ec_loads_failed: int = 0
+    # MoRI-IO write mode: notifies served (prefill), writes sent / failed (prefill) and
+    # writes taken in (decode).
+    moriio_notifies: int = 0
+    moriio_writes_sent: int = 0
+    moriio_writes_failed: int = 0
+    moriio_writes_received: int = 0
     requests_by_dp_rank: dict[int, int] = field(default_factory=dict)
     recorded: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=_RECORDED_MAX))
 
@@ -81,6 +87,10 @@ class SimStats:
             "encodes": self.encodes,
             "ec_loads_ok": self.ec_loads_ok,
             "ec_loads_failed": self.ec_loads_failed,
+            "moriio_notifies": self.moriio_notifies,
+            "moriio_writes_sent": self.moriio_writes_sent,
+            "moriio_writes_failed": self.moriio_writes_failed,
+            "moriio_writes_received": self.moriio_writes_received,
             "requests_by_dp_rank": {str(k): v for k, v in sorted(self.requests_by_dp_rank.items())},
             "recorded": [r.as_dict() for r in self.recorded],
         }

@@ -11,9 +11,11 @@ from sidecar.connectors.base import (
     EncodeStage,
     LegContext,
     LegOrder,
+    MoriioOptions,
     PrefillResult,
 )
 from sidecar.connectors.mooncake import MooncakeConnector
+from sidecar.connectors.moriio import MoriioConnector
 from sidecar.connectors.nixlv2 import NixlV2Connector
 from sidecar.connectors.sglang import SGLangConnector
 from sidecar.connectors.shared_storage import SharedStorageConnector
@@ -24,6 +26,7 @@ __all__ = [
     "EncodeStage",
     "LegContext",
     "LegOrder",
+    "MoriioOptions",
     "PrefillResult",
     "available_connectors",
     "create_connector",
@@ -53,8 +56,14 @@ def create_connector(name: str, options: ConnectorOptions) -> Connector:
         cls = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown KV connector {name!r}") from None
-    return cls(options)
+    return cls.create(options)
 
 
-for _builtin in (NixlV2Connector, SharedStorageConnector, SGLangConnector, MooncakeConnector):
+for _builtin in (
+    NixlV2Connector,
+    SharedStorageConnector,
+    SGLangConnector,
+    MooncakeConnector,
+    MoriioConnector,
+):
     register(_builtin)

@@ -28,6 +28,11 @@ that attempt finishes with :attr:`Connector.decline_reason` as its finish reason
 producing output, it is dropped unseen and the usual prefill-then-decode order follows;
 otherwise it is the client's answer (shared-storage's ``cache_hit_threshold``).
 
+Held decode (optional, concurrent connectors): with :attr:`Connector.commit_timeout` set,
+the decode leg's answer is held back until the prefill succeeded, so a failed prefill
+is what the client sees (never a decode answer); a prefill not done within that many
+seconds fails the request with 504 (MoRI-IO parallel dispatch).
+
 The optional encode stage (E/P/D) is an :class:`EncodeStage`: it runs before prefill and
 returns extra top-level fields the orchestrator hands to the connector through
 :attr:`LegContext.extra` (connectors put them on the prefill leg).
@@ -56,6 +61,7 @@ __all__ = [
     "EncodeStage",
     "LegContext",
     "LegOrder",
+    "MoriioOptions",
     "PrefillResult",
 ]
 
@@ -66,11 +72,33 @@ class LegOrder(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class MoriioOptions:
+    """The ``--moriio-*`` flags (llm-d's names and defaults, vLLM's MoRI-IO ports)."""
+
+    write_mode: bool = False
+    parallel_dispatch: bool = False
+    parallel_decode_wait_timeout: float = 30.0
+    local_pod_ip: str = ""  # the decode pod's address: DNS name or IP
+    decode_notify_port: int = 61005
+    decode_handshake_port: int = 6301
+    prefill_notify_port: int = 61005
+    prefill_handshake_port: int = 6301
+    tp_size: int = 1
+    dp_size: int = 1
+    dp_size_local: int = 0
+    remote_hosts: tuple[str, ...] = ()  # prefill-side pods (Wide-EP fan-out)
+    decode_hosts: tuple[str, ...] = ()  # decode-side pods
+    dns_ttl: float = 30.0
+    dns_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
 class ConnectorOptions:
     """The settings a connector may read (kept apart from the full Settings on purpose)."""
 
     mooncake_bootstrap_port: int = 8998
     sglang_bootstrap_port: int = 8998
+    moriio: MoriioOptions = field(default_factory=MoriioOptions)
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,9 +133,17 @@ class Connector(ABC):
     order: ClassVar[LegOrder]
     # Finish reason by which a decode-first attempt declines (see the module docstring).
     decline_reason: ClassVar[str | None] = None
+    # Concurrent legs only: hold the decode answer until the prefill succeeded, and fail
+    # with 504 when the prefill takes longer than this many seconds (None: no hold).
+    commit_timeout: float | None = None
 
     def __init__(self, options: ConnectorOptions) -> None:
         self.options = options
+
+    @classmethod
+    def create(cls, options: ConnectorOptions) -> Connector:
+        """The connector for these options (a subclass may pick a variant of itself)."""
+        return cls(options)
 
     async def prepare(self, prefiller: HostPort, session: aiohttp.ClientSession) -> object | None:
         """Per-prefiller set-up, cached by the orchestrator. Raise to fail the request."""
@@ -136,6 +172,10 @@ class Connector(ABC):
 
     def prefill_headers(self, ctx: LegContext) -> Mapping[str, str]:
         """Extra headers of the prefill leg (e.g. a data-parallel rank to pin)."""
+        return {}
+
+    def decode_headers(self, ctx: LegContext, prefill: PrefillResult | None) -> Mapping[str, str]:
+        """Extra headers of the decode leg; ``prefill`` is None for concurrent connectors."""
         return {}
 
 

@@ -97,12 +97,6 @@ def test_decode_chunk_size_is_accepted() -> None:
         (["--kv-connector=offloading"], "offloading"),
         (["--enable-p2p-pull"], "--enable-p2p-pull"),
         (["--tracing"], "--tracing"),
-        (["--moriio-write-mode"], "--moriio-write-mode"),
-        (["--moriio-parallel-dispatch=true"], "--moriio-parallel-dispatch"),
-        (["--moriio-dp-size=8"], "--moriio-dp-size"),
-        (["--moriio-dp-size-local=4"], "--moriio-dp-size-local"),
-        (["--moriio-remote-hosts=a,b"], "--moriio-remote-hosts"),
-        (["--moriio-decode-hosts=a"], "--moriio-decode-hosts"),
     ],
 )
 def test_features_not_implemented_are_refused_when_turned_on(argv: list[str], named: str) -> None:
