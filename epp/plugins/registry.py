@@ -67,6 +67,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.prefix_cache_affinity_filter",
     "epp.plugins.deprecated_aliases",
     "epp.plugins.conformance",
+    "epp.plugins.predicted_latency",
     "epp.datalayer.metrics_source",
     "epp.datalayer.dcgm",
     "epp.datalayer.models",
