@@ -30,10 +30,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ConfigError
+from epp.datalayer.latency import DEFAULT_PREDICTION_PRODUCER
 from epp.datalayer.wiring import wire_data_layer
 from epp.flowcontrol import config as fc_config
 from epp.flowcontrol.admitters import Admitter
-from epp.flowcontrol.latency_admitter import LatencySloAdmitter
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -268,19 +268,20 @@ def _add_implicit_producer(plugins: PluginSet) -> None:
 
 
 def _add_implicit_latency_producer(plugins: PluginSet, fc_plugins: Mapping[str, Any]) -> None:
-    """A latency-slo-admitter reads a predicted-latency-producer's predictions: the one
-    it names, else the default, created when the configuration has none (llm-d)."""
-    for admitter in fc_plugins.values():
-        if not isinstance(admitter, LatencySloAdmitter):
+    """Plugins reading latency predictions (``prediction_producer``) read a
+    predicted-latency-producer's: the one they name, else the default, created when the
+    configuration has none (llm-d)."""
+    for reader in [*fc_plugins.values(), *plugins]:
+        producer = getattr(reader, "prediction_producer", None)
+        if not isinstance(producer, str):
             continue
-        named = admitter.params.latencyPredictionInfoProducerName
-        found = plugins.get(admitter.producer)
+        found = plugins.get(producer)
         if isinstance(found, PredictedLatencyProducer):
             continue
-        if named or found is not None:
+        if producer != DEFAULT_PREDICTION_PRODUCER or found is not None:
             raise ValueError(
-                f"plugin '{admitter.name}' (type '{admitter.type_name}'): "
-                f"parameters.latencyPredictionInfoProducerName: '{admitter.producer}' is not "
+                f"plugin '{reader.name}' (type '{reader.type_name}'): "
+                f"parameters.latencyPredictionInfoProducerName: '{producer}' is not "
                 "a predicted-latency-producer"
             )
         plugins.add(PredictedLatencyProducer())

@@ -100,7 +100,7 @@ class LatencySloAdmitter(Admitter):
     params: Params
 
     @property
-    def producer(self) -> str:
+    def prediction_producer(self) -> str:
         return self.params.latencyPredictionInfoProducerName or DEFAULT_PREDICTION_PRODUCER
 
     def admit(self, priority: int, endpoints: Sequence[Endpoint], now: float) -> str | None:
@@ -110,7 +110,7 @@ class LatencySloAdmitter(Admitter):
         self, priority: int, cycle: CycleState, endpoints: Sequence[Endpoint]
     ) -> str | None:
         headers: Mapping[str, str] = cycle.request.headers
-        predictions = read_predictions(cycle, self.producer)
+        predictions = read_predictions(cycle, self.prediction_producer)
         candidates = [
             Candidate(ep.metrics.kv_usage, ep.metrics.running, predictions.get(ep.key))
             for ep in endpoints

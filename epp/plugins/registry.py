@@ -68,6 +68,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.deprecated_aliases",
     "epp.plugins.conformance",
     "epp.plugins.predicted_latency",
+    "epp.plugins.latency_scorer",
     "epp.datalayer.metrics_source",
     "epp.datalayer.dcgm",
     "epp.datalayer.models",
