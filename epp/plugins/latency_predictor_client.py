@@ -19,7 +19,11 @@ Environment (llm-d's names and defaults): ``TRAINING_SERVER_URL``
 
 Every failure (connection refused, timeout, non-200 answer, malformed JSON, a request
 the server would refuse) raises ``PredictorError``; callers treat it as "no
-prediction". Nothing here blocks longer than the HTTP timeout.
+prediction". A request waits at most ``PREDICTION_TIMEOUT_S`` (1 s, or the HTTP
+timeout if lower) for its predictions: a slow answer is useless for routing and must
+not eat the decision's own deadline. After a failed call the client backs off (1 s,
+doubling up to 30 s): calls fail at once without touching the network, then one call
+probes the predictor again; a success ends the backoff.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import json
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +55,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MAX_BULK_SIZE_LIMIT = 100
+PREDICTION_TIMEOUT_S = 1.0
+MIN_BACKOFF_S = 1.0
+MAX_BACKOFF_S = 30.0
 
 
 class PredictorError(Exception):
@@ -207,9 +215,18 @@ class LatencyPredictorClient:
     """Bulk predictions and buffered training samples over HTTP. Started lazily on the
     event loop (the first call); ``aclose`` sends what is buffered and stops."""
 
-    def __init__(self, config: PredictorConfig, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        config: PredictorConfig,
+        rng: random.Random | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.config = config
         self.rng = rng or random.Random()
+        self.clock = clock
+        self.prediction_timeout_s = min(config.http_timeout_s, PREDICTION_TIMEOUT_S)
+        self._backoff_s = 0.0
+        self._retry_at = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._flusher: asyncio.Task[None] | None = None
         self._dispatch: asyncio.Semaphore | None = None
@@ -239,11 +256,23 @@ class LatencyPredictorClient:
         self, requests: Sequence[PredictionRequest]
     ) -> list[Prediction]:
         """One prediction per request, in order; ``PredictorError`` on any failure."""
+        now = self.clock()
+        if now < self._retry_at:
+            self.predictions_failed += 1
+            raise PredictorError(
+                f"predictor unavailable, next attempt in {self._retry_at - now:.1f}s"
+            )
+        if self._backoff_s:
+            self._retry_at = now + self._backoff_s  # this call probes; the others wait
         try:
-            return await self._predict(requests)
+            found = await self._predict(requests)
         except PredictorError:
             self.predictions_failed += 1
+            self._backoff_s = min(max(2 * self._backoff_s, MIN_BACKOFF_S), MAX_BACKOFF_S)
+            self._retry_at = self.clock() + self._backoff_s
             raise
+        self._backoff_s = self._retry_at = 0.0
+        return found
 
     async def _predict(self, requests: Sequence[PredictionRequest]) -> list[Prediction]:
         if self._closed:
@@ -263,7 +292,11 @@ class LatencyPredictorClient:
         url = self._prediction_url() + "/predict/bulk/strict"
         payload = {"requests": [r.to_json() for r in requests]}
         try:
-            async with self._dispatch, session.post(url, json=payload) as resp:
+            async with (
+                asyncio.timeout(self.prediction_timeout_s),
+                self._dispatch,
+                session.post(url, json=payload) as resp,
+            ):
                 text = await resp.text()
                 if resp.status != 200:
                     raise PredictorError(f"{url} answered {resp.status}: {text[:256]}")

@@ -283,3 +283,52 @@ async def test_a_stalled_predictor_is_cut_by_the_http_timeout(
     assert read_predictions(cyc, "predicted-latency-producer") == {}
     assert producer.client.predictions_failed == 1
     server.stall.set()
+
+
+async def test_after_a_failure_the_client_backs_off_then_probes_again(
+    server: PredictorServer,
+) -> None:
+    from epp.plugins.latency_predictor_client import (
+        LatencyPredictorClient,
+        PredictionRequest,
+        PredictorConfig,
+        PredictorError,
+    )
+
+    now = [100.0]
+    client = LatencyPredictorClient(
+        PredictorConfig(training_url=server.url, prediction_urls=(server.url,)),
+        clock=lambda: now[0],
+    )
+    row = [PredictionRequest(0.5, 10, 1, 1, 1, 0.0)]
+    try:
+        server.fail = True
+        with pytest.raises(PredictorError, match="500"):
+            await client.predict_bulk_strict(row)
+        server.fail = False
+        # Within the backoff: refused at once, the server is not asked.
+        with pytest.raises(PredictorError, match="unavailable"):
+            await client.predict_bulk_strict(row)
+        assert len(server.bulk_requests) == 1
+        now[0] += 1.5  # past the 1 s backoff: one probe, which succeeds
+        (pred,) = await client.predict_bulk_strict(row)
+        assert pred.ttft_ms == server.ttft(server.bulk_requests[-1][0])
+        assert len(server.bulk_requests) == 2
+        # Healthy again: no backoff left.
+        await client.predict_bulk_strict(row)
+        assert len(server.bulk_requests) == 3
+        assert (client.predictions_ok, client.predictions_failed) == (2, 2)
+        # A new failure backs off again; a failed probe doubles it (2 s).
+        server.fail = True
+        with pytest.raises(PredictorError, match="500"):
+            await client.predict_bulk_strict(row)
+        now[0] += 1.5
+        with pytest.raises(PredictorError, match="500"):
+            await client.predict_bulk_strict(row)
+        assert len(server.bulk_requests) == 5
+        now[0] += 1.5
+        with pytest.raises(PredictorError, match="unavailable"):
+            await client.predict_bulk_strict(row)
+        assert len(server.bulk_requests) == 5
+    finally:
+        await client.aclose()
