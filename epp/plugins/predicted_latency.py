@@ -20,7 +20,8 @@ The result, with the count of requests this producer tracks on the endpoint, is 
 request attribute ``LatencyPredictionInfoDataKey`` of this producer (see
 ``epp.datalayer.latency``), read by ``latency-slo-admitter`` and ``latency-scorer``.
 
-When the predictor fails (down, slow past ``LATENCY_HTTP_TIMEOUT_SEC``, a bad answer)
+When the predictor fails (down, slower than 1 s, a bad answer, or backing off after a
+failure; see ``epp.plugins.latency_predictor_client``)
 the request gets no predictions and goes on: the admitter then admits, the scorer
 falls back to its composite score. Failures are counted
 (``disagg_epp_latency_predictions_total{outcome="error"}``) and logged (at most one
