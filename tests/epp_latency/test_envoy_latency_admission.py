@@ -53,11 +53,12 @@ class BusyBackend(RecordingBackend):
         )
 
 
-def _config(endpoints: Path) -> str:
+def _config(endpoints: Path, gate: bool) -> str:
     return (
         "apiVersion: llm-d.ai/v1alpha1\n"
         "kind: EndpointPickerConfig\n"
-        "plugins:\n"
+        + ("featureGates: [flowControl]\n" if gate else "")
+        + "plugins:\n"
         "- type: file-discovery\n"
         f"  parameters: {{path: '{endpoints}', watchFile: false}}\n"
         "- type: latency-slo-admitter\n"
@@ -80,7 +81,9 @@ class Stack:
 
 
 @contextlib.asynccontextmanager
-async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Stack]:
+async def stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, gate: bool = False
+) -> AsyncIterator[Stack]:
     predictor = PredictorServer()
     await predictor.start()
     monkeypatch.setenv("PREDICTION_SERVER_URL", predictor.url)
@@ -96,7 +99,7 @@ async def stack(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterato
         grpc_health_port=0,
         metrics_port=0,
         bind_address="127.0.0.1",
-        config_text=_config(endpoints),
+        config_text=_config(endpoints, gate),
         shutdown_grace=1.0,
         metrics_endpoint_auth=False,
         tracing=False,
@@ -129,16 +132,22 @@ async def _post(
         return r.status, dict(r.headers), await r.text()
 
 
+@pytest.mark.parametrize("gate", [False, True], ids=["legacy-admission", "flow-control"])
 async def test_unmeetable_slo_refuses_sheddable_and_serves_critical(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, gate: bool
 ) -> None:
-    async with stack(tmp_path, monkeypatch) as s, aiohttp.ClientSession() as session:
+    async with stack(tmp_path, monkeypatch, gate=gate) as s, aiohttp.ClientSession() as session:
+        director = s.app.director
+        assert director is not None
+        assert (director.requests.controller is not None) == gate
         # Predicted TTFT: 20 + 4 waiting x 100 + the prompt's tokens > 10 ms.
         tight = {"x-llm-d-slo-ttft-ms": "10"}
         status, _, text = await _post(session, s, {**tight, "x-llm-d-inference-objective": "batch"})
         assert status == 500, text
         assert "request cannot be admitted: no valid endpoint available" in text
         assert s.backend.requests == []
+        # The refusal came after flow control admitted it: nothing stays charged.
+        assert director.requests.ledger.total_requests == 0
         assert len(s.predictor.bulk_requests) == 1
         assert s.predictor.bulk_requests[0][0]["num_request_waiting"] == 4
 
