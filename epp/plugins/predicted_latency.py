@@ -41,6 +41,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -180,7 +181,10 @@ class _Collector:
         yield samples
 
 
-_COLLECTORS: dict[int, _Collector] = {}
+# One collector per registry (several producers may share one).
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 @register
@@ -248,9 +252,9 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         )
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        collector = _COLLECTORS.get(id(registry))
+        collector = _COLLECTORS.get(registry)
         if collector is None:
-            collector = _COLLECTORS[id(registry)] = _Collector()
+            collector = _COLLECTORS[registry] = _Collector()
             registry.register(collector)
         collector.producers.append(self)
 
