@@ -22,6 +22,7 @@ all gives one default profile; a single profile with no handler gets
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -29,8 +30,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ConfigError
+from epp.datalayer.latency import DEFAULT_PREDICTION_PRODUCER
 from epp.datalayer.wiring import wire_data_layer
 from epp.flowcontrol import config as fc_config
+from epp.flowcontrol.admitters import Admitter
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -40,11 +43,13 @@ from epp.plugins.base import (
     PluginSet,
     ProfileHandler,
     RequestTracker,
+    ResponseBodyProcessor,
     ResponseHeaderProcessor,
     Scorer,
 )
 from epp.plugins.parsers import DEFAULT_PARSERS, Parser, ParserTable
 from epp.plugins.pickers import MaxScorePicker
+from epp.plugins.predicted_latency import PredictedLatencyProducer
 from epp.plugins.prefix_producer import ApproxPrefixCacheProducer, PrefixParams
 from epp.plugins.profile_handlers import SingleProfileHandler
 from epp.plugins.registry import create_plugin, load_entry_points, lookup, registered_types
@@ -262,6 +267,26 @@ def _add_implicit_producer(plugins: PluginSet) -> None:
     plugins.add(ApproxPrefixCacheProducer(params))
 
 
+def _add_implicit_latency_producer(plugins: PluginSet, fc_plugins: Mapping[str, Any]) -> None:
+    """Plugins reading latency predictions (``prediction_producer``) read a
+    predicted-latency-producer's: the one they name, else the default, created when the
+    configuration has none (llm-d)."""
+    for reader in [*fc_plugins.values(), *plugins]:
+        producer = getattr(reader, "prediction_producer", None)
+        if not isinstance(producer, str):
+            continue
+        found = plugins.get(producer)
+        if isinstance(found, PredictedLatencyProducer):
+            continue
+        if producer != DEFAULT_PREDICTION_PRODUCER or found is not None:
+            raise ValueError(
+                f"plugin '{reader.name}' (type '{reader.type_name}'): "
+                f"parameters.latencyPredictionInfoProducerName: '{producer}' is not "
+                "a predicted-latency-producer"
+            )
+        plugins.add(PredictedLatencyProducer())
+
+
 def _add_implicit_token_producer(plugins: PluginSet) -> None:
     if plugins.of_kind(TokenProducer):
         return
@@ -276,12 +301,16 @@ def _producer_order(plugin: DataProducer) -> int:
     return 0 if isinstance(plugin, TokenProducer) else 1
 
 
-def _build_profile(spec: SchedulingProfileSpec, plugins: PluginSet) -> Profile:
+def _build_profile(
+    spec: SchedulingProfileSpec, plugins: PluginSet, admitters: frozenset[str] = frozenset()
+) -> Profile:
     filters: list[Filter] = []
     scorers: list[WeightedScorer] = []
     picker: Picker | None = None
     for j, ref in enumerate(spec.plugins):
         where = f"schedulingProfiles '{spec.name}' plugins[{j}]"
+        if ref.pluginRef in admitters and ref.weight is None:
+            continue  # llm-d lets a profile name an admitter; it has no part in scoring
         plugin = plugins.get(ref.pluginRef)
         if plugin is None:
             raise ConfigError(f"{where}: pluginRef '{ref.pluginRef}' names no plugin")
@@ -305,7 +334,8 @@ def _build_profile(spec: SchedulingProfileSpec, plugins: PluginSet) -> Profile:
             picker = plugin
             used = True
         if not used and not isinstance(
-            plugin, DataProducer | RequestTracker | ResponseHeaderProcessor
+            plugin,
+            DataProducer | RequestTracker | ResponseHeaderProcessor | ResponseBodyProcessor,
         ):
             raise ConfigError(
                 f"{where}: plugin '{ref.pluginRef}' (type '{plugin.type_name}') is not a "
@@ -344,6 +374,10 @@ def build_scheduler_config(
                 f"plugins[{i}]: duplicate plugin name '{plugin.name}'; set distinct 'name's"
             )
         plugins.add(plugin)
+    try:
+        _add_implicit_latency_producer(plugins, fc_plugins)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     _add_implicit_producer(plugins)
     _add_implicit_token_producer(plugins)
     parsers = _build_parsers(doc, plugins)
@@ -365,7 +399,10 @@ def build_scheduler_config(
     dupes = {n for n in names if names.count(n) > 1}
     if dupes:
         raise ConfigError(f"schedulingProfiles: duplicate profile names {sorted(dupes)}")
-    profiles = {spec.name: _build_profile(spec, plugins) for spec in doc.schedulingProfiles}
+    admitters = frozenset(n for n, p in fc_plugins.items() if isinstance(p, Admitter))
+    profiles = {
+        spec.name: _build_profile(spec, plugins, admitters) for spec in doc.schedulingProfiles
+    }
 
     handlers: list[ProfileHandler] = plugins.of_kind(ProfileHandler)
     if len(handlers) > 1:
@@ -410,6 +447,7 @@ def build_scheduler_config(
         producers=tuple(sorted(plugins.of_kind(DataProducer), key=_producer_order)),
         trackers=tuple(plugins.of_kind(RequestTracker)),
         responders=tuple(plugins.of_kind(ResponseHeaderProcessor)),
+        body_processors=tuple(plugins.of_kind(ResponseBodyProcessor)),
     )
     return SchedulerConfig(doc, plugins, scheduler, discovery, parsers, flow_control)
 

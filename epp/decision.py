@@ -112,6 +112,9 @@ class Decision:
     # given the ``envoy.lb`` metadata sent with them (None: none); set by the scheduler
     # when such plugins are configured.
     response_header_hook: Callable[[Mapping[str, Any] | None], Mapping[str, str]] | None = None
+    # Called with each response body message's end_of_stream flag, for plugins that
+    # watch the response (set by the scheduler when such plugins are configured).
+    response_body_hook: Callable[[bool], None] | None = None
     served: str | None = field(default=None, repr=False)
     # Set when flow control may evict the request in flight: its signal fires then.
     eviction: EvictionItem | None = field(default=None, repr=False)

@@ -23,6 +23,7 @@ from epp.datalayer.metrics_source import scrape_settings
 from epp.datastore import Datastore, Endpoint, address_host, format_host_port
 from epp.decision import Decision, DecisionMaker, InternalError, NoEndpoints, SchedulingError
 from epp.engine_metrics import EngineMappings
+from epp.flowcontrol.errors import AdmissionDenied
 from epp.metrics import EppMetrics
 from epp.plugins.base import (
     DataProducer,
@@ -352,7 +353,7 @@ class Director(DecisionMaker):
                 received=received,
             )
             try:
-                decision = await self._schedule(request, subset, t0)
+                decision = await self._schedule(request, subset, t0, admission.priority)
             except BaseException:
                 admission.abandon()
                 raise
@@ -366,8 +367,19 @@ class Director(DecisionMaker):
             self.metrics.record_attempt(request.model, None)
             raise
 
+    def _admit_after_producers(
+        self, priority: int, cycle: CycleState, endpoints: Sequence[Endpoint]
+    ) -> None:
+        """The admitters llm-d runs once the data producers ran on the candidates."""
+        for admitter in self.config.flow_control.admitters:
+            if not admitter.after_producers:
+                continue
+            reason = admitter.admit_request(priority, cycle, endpoints)
+            if reason is not None:
+                raise AdmissionDenied(f"request cannot be admitted: {reason}")
+
     async def _schedule(
-        self, request: ParsedRequest, subset: Sequence[str] | None, t0: float
+        self, request: ParsedRequest, subset: Sequence[str] | None, t0: float, priority: int = 0
     ) -> Decision:
         endpoints: Sequence[Endpoint] = self.datastore.snapshot()
         if not endpoints:
@@ -384,7 +396,8 @@ class Director(DecisionMaker):
             )
         cycle = CycleState(request, time.monotonic(), self._threshold)
         try:
-            await self._scheduler.prefetch(cycle, endpoints)
+            await self._scheduler.produce(cycle, endpoints)
+            self._admit_after_producers(priority, cycle, destinations or endpoints)
             result = self._scheduler.schedule(cycle, endpoints, destinations)
             tracking = self._scheduler.track(cycle, result)
         except SchedulingError:
@@ -425,9 +438,11 @@ class Director(DecisionMaker):
             ),
             response_headers=_response_headers(cycle),
         )
-        if self._scheduler.responders:
-            scheduler = self._scheduler
+        scheduler = self._scheduler
+        if scheduler.responders:
             decision.response_header_hook = lambda lb: scheduler.response_headers(cycle, lb)
+        if scheduler.body_processors:
+            decision.response_body_hook = lambda end: scheduler.response_body(cycle, end)
         handler = self._scheduler.handler
         self.metrics.record_disagg(handler.name, handler.type_name, request.model, decision_type)
         self.metrics.record_attempt(request.model, decode[0])

@@ -212,6 +212,12 @@ async def on_response_body(
     message = request.response_body
     if message.end_of_stream:
         ctx.response_ended = True
+    body_hook = ctx.decision.response_body_hook if ctx.decision is not None else None
+    if body_hook is not None:
+        try:
+            body_hook(message.end_of_stream)
+        except Exception:
+            log.exception("request %s: response-body plugins failed", ctx.request_id)
     if ctx.response_body_mode != _FULL_DUPLEX:
         return [responses.passthrough_response_body()]
     return responses.streamed_response_body(

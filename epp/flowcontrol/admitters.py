@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from epp.datastore import Endpoint
 
+if TYPE_CHECKING:
+    from epp.scheduling.cycle import CycleState
+
 __all__ = ["Admitter", "ProbabilisticAdmitter", "shed_probability"]
 
 
 class Admitter:
+    """An admitter decides before the request is queued (``admit``), or, with
+    ``after_producers``, once flow control dispatched it and the data producers ran on
+    its candidates (``admit_request``), as llm-d orders its admission plugins."""
+
     type_name: ClassVar[str] = ""
     Params: ClassVar[type[BaseModel]] = BaseModel
+    after_producers: ClassVar[bool] = False
 
     def __init__(self, params: BaseModel | None = None, name: str | None = None) -> None:
         self.params = params if params is not None else self.Params()
@@ -24,6 +32,12 @@ class Admitter:
     def admit(self, priority: int, endpoints: Sequence[Endpoint], now: float) -> str | None:
         """None to admit, else the reason for the refusal."""
         raise NotImplementedError
+
+    def admit_request(
+        self, priority: int, cycle: CycleState, endpoints: Sequence[Endpoint]
+    ) -> str | None:
+        """With ``after_producers``: None to admit, else the reason for the refusal."""
+        return None
 
 
 class ProbabilisticParams(BaseModel):

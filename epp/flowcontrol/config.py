@@ -47,6 +47,7 @@ from epp.flowcontrol.fairness import (
     ProgramAwareFairness,
     RoundRobinFairness,
 )
+from epp.flowcontrol.latency_admitter import LatencySloAdmitter
 from epp.flowcontrol.ordering import (
     EdfOrdering,
     FcfsOrdering,
@@ -92,6 +93,7 @@ FLOW_CONTROL_TYPES: dict[str, type[Any]] = {
         PriorityHoldback,
         SoftReflectiveCeiling,
         ProbabilisticAdmitter,
+        LatencySloAdmitter,
         SheddableEvictionFilter,
         PriorityThenTimeEvictionOrdering,
     )
@@ -101,9 +103,7 @@ FLOW_CONTROL_TYPES["eviction-sheddable-filter"] = SheddableEvictionFilter
 FLOW_CONTROL_TYPES["eviction-priority-then-time-ordering"] = PriorityThenTimeEvictionOrdering
 
 # Known llm-d request-management plugin types this EPP does not implement.
-REFUSED_TYPES: dict[str, str] = {
-    "latency-slo-admitter": "needs a latency predictor, which this EPP does not have",
-}
+REFUSED_TYPES: dict[str, str] = {}
 
 
 def is_flow_control_type(type_name: str) -> bool:

@@ -3,10 +3,11 @@
 
 from __future__ import annotations
 
-from epp.decision import SchedulingError
+from epp.decision import InternalError, SchedulingError
 from epp.flowcontrol.item import Outcome
 
 __all__ = [
+    "AdmissionDenied",
     "Dropped",
     "NoEndpointsDropped",
     "SaturatedDropped",
@@ -39,6 +40,10 @@ class NoEndpointsDropped(Dropped):
 class ShuttingDown(Dropped):
     status = 503
     reason = "rejected-shutting-down"
+
+
+class AdmissionDenied(InternalError):
+    """An admission plugin refused the request after flow control: llm-d answers 500."""
 
 
 def error_for(outcome: str, pool_empty: bool) -> Dropped | None:

@@ -10,13 +10,16 @@ directly. A plugin implements one or more extension points by subclassing them:
 - ``ProfileHandler`` decides which profiles run and what the result is;
 - ``Decider.approve`` answers one yes/no question for a profile handler;
 - ``DataProducer.prepare`` computes per-request data before any profile runs (its
-  ``prefetch`` may first await I/O);
+  ``prefetch`` may first await I/O, its ``settle`` may then await I/O on what every
+  producer prepared);
 - ``RequestTracker.track`` sees the final result and returns release hooks (its
   ``reassign`` moves the decode's share when the gateway reports another endpoint
   served the request);
 - ``Discovery.start/stop`` feeds endpoints into the datastore;
 - ``ResponseHeaderProcessor.response_headers`` adds headers to the client's response
-  once the gateway has routed it, from what the gateway reports (``envoy.lb``).
+  once the gateway has routed it, from what the gateway reports (``envoy.lb``);
+- ``ResponseBodyProcessor.response_body`` sees each response body message the gateway
+  passes (when it sends the response body to the EPP), the last with ``end_of_stream``.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ __all__ = [
     "ProfileHandler",
     "Release",
     "RequestTracker",
+    "ResponseBodyProcessor",
     "ResponseHeaderProcessor",
     "ScoredEndpoint",
     "Scorer",
@@ -159,6 +163,11 @@ class DataProducer(Plugin, abc.ABC):
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         """Compute per-request data (into the cycle state) before profiles run."""
 
+    async def settle(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        """Optional I/O that needs the other producers' data (every ``prepare`` ran),
+        before admission and the profiles; bounded."""
+        return None
+
 
 Release = Callable[[], None]
 
@@ -219,6 +228,13 @@ class ResponseHeaderProcessor(Plugin, abc.ABC):
         """Headers to add to the client's response as its headers pass the gateway.
         ``lb_metadata`` is the ``envoy.lb`` metadata the gateway sent with them (None when
         it sent none)."""
+
+
+class ResponseBodyProcessor(Plugin, abc.ABC):
+    @abc.abstractmethod
+    def response_body(self, cycle: CycleState, end_of_stream: bool) -> None:
+        """One response body message of the request scheduled in ``cycle`` passed the
+        gateway; ``end_of_stream`` on the last. Must not block."""
 
 
 class Discovery(Plugin, abc.ABC):

@@ -67,6 +67,8 @@ _BUILTIN_MODULES = (
     "epp.plugins.prefix_cache_affinity_filter",
     "epp.plugins.deprecated_aliases",
     "epp.plugins.conformance",
+    "epp.plugins.predicted_latency",
+    "epp.plugins.latency_scorer",
     "epp.datalayer.metrics_source",
     "epp.datalayer.dcgm",
     "epp.datalayer.models",

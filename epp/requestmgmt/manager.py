@@ -260,6 +260,8 @@ class RequestManager:
         now = self.clock()
         endpoints = self.endpoints()
         for admitter in self.setup.admitters:
+            if admitter.after_producers:
+                continue
             reason = admitter.admit(priority, endpoints, now)
             if reason is not None:
                 raise SaturatedDropped(f"{admitter.name}: sheddable request dropped")

@@ -15,9 +15,10 @@ from epp.plugins.base import (
     ProfileHandler,
     Release,
     RequestTracker,
+    ResponseBodyProcessor,
     ResponseHeaderProcessor,
 )
-from epp.scheduling.cycle import CycleState
+from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.profile import Profile
 from epp.scheduling.result import ProfileResult, SchedulingResult
 from epp.tracing import run_profile
@@ -25,6 +26,9 @@ from epp.tracing import run_profile
 __all__ = ["Scheduler", "Tracking"]
 
 log = logging.getLogger(__name__)
+
+# Set once ``produce`` ran the producers' ``prepare`` for the cycle.
+_PREPARED: StateKey[bool] = StateKey("producers-prepared")
 
 # A handler that keeps asking for profiles is a bug; stop it rather than spin.
 _MAX_ROUNDS = 16
@@ -66,11 +70,27 @@ class Scheduler:
     producers: tuple[DataProducer, ...] = ()
     trackers: tuple[RequestTracker, ...] = ()
     responders: tuple[ResponseHeaderProcessor, ...] = ()
+    body_processors: tuple[ResponseBodyProcessor, ...] = ()
 
     async def prefetch(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         """Let producers do their I/O before the (synchronous) scheduling cycle."""
         for producer in self.producers:
             await producer.prefetch(cycle, endpoints)
+
+    async def produce(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        """Every producer's work for the request, before admission and scheduling: their
+        I/O, their per-request data, then what needs the others' data (``settle``)."""
+        await self.prefetch(cycle, endpoints)
+        self._prepare(cycle, endpoints)
+        cycle.put(_PREPARED, True)
+        for producer in self.producers:
+            await producer.settle(cycle, endpoints)
+
+    def _prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
+        for producer in self.producers:
+            t0 = perf_counter()
+            producer.prepare(cycle, endpoints)
+            producer.observe(perf_counter() - t0)
 
     def schedule(
         self,
@@ -82,10 +102,8 @@ class Scheduler:
         endpoints the request may be sent to (the gateway's subset hint): they scope the
         profile whose pick is the destination, while the prefill and encode stages still
         choose among all endpoints."""
-        for producer in self.producers:
-            t0 = perf_counter()
-            producer.prepare(cycle, endpoints)
-            producer.observe(perf_counter() - t0)
+        if not cycle.get(_PREPARED):
+            self._prepare(cycle, endpoints)
         scoped: str | None = None
         if destinations is not None:
             scoped = self.handler.destination_profile(cycle, self.profiles)
@@ -139,3 +157,15 @@ class Scheduler:
                     cycle.request.request_id or "-", responder.name,
                 )  # fmt: skip
         return out
+
+    def response_body(self, cycle: CycleState, end_of_stream: bool) -> None:
+        """Hand one response body message to every body processor; one that fails is
+        logged and the response goes on."""
+        for processor in self.body_processors:
+            try:
+                processor.response_body(cycle, end_of_stream)
+            except Exception:
+                log.exception(
+                    "request %s: response-body plugin %s failed",
+                    cycle.request.request_id or "-", processor.name,
+                )  # fmt: skip

@@ -100,7 +100,11 @@ def test_no_endpoint_ttl_follows_the_default_ttl() -> None:
 @pytest.mark.parametrize(
     ("body", "plugins", "message"),
     [
-        ("", "- type: latency-slo-admitter\n", "latency-slo-admitter.*not supported"),
+        (
+            "",
+            "- type: latency-slo-admitter\n  parameters: {latencyPredictionInfoProducerName: x}\n",
+            "latencyPredictionInfoProducerName: 'x' is not a predicted-latency-producer",
+        ),
         ("flowControl: {enableEviction: maybe}\n", "", "enableEviction"),
         ("flowControl: {usageLimitPolicyPluginRef: nope}\n", "", "usageLimitPolicyPluginRef.*nope"),
         ("flowControl: {defaultRequestTTL: soon}\n", "", "defaultRequestTTL"),
