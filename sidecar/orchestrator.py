@@ -41,6 +41,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from sidecar import tracing
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.client_fields import forbidden_field
@@ -67,6 +68,7 @@ from sidecar.metrics import Metrics
 from sidecar.plan import Failure, Plan, Route, on_prefill_failure, plan
 from sidecar.relay import error_event, is_event_stream, relay_body
 from sidecar.routing import HostPort
+from sidecar.tracing import Stage, traced
 from sidecar.upstream import Retryable, StageErrors, Upstream, read_bounded
 from sidecar.usage import SseUsageRewriter, rewrite_json
 
@@ -158,6 +160,7 @@ class Orchestrator:
         """The client's body, bounded and parsed; refused if it carries a sidecar-only field."""
         raw = await read_body(request, self.policy.max_body_bytes, self.policy.request_body_timeout)
         body = parse_json_object(raw)
+        tracing.note_request_body(body)
         if not self.policy.allow_client_transfer_params:
             field = forbidden_field(body)
             if field is not None:
@@ -194,7 +197,7 @@ class Orchestrator:
             request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers
         )
         if self.encode is not None and route.encoders is not None:
-            ctx.extra = await self.encode.run(body, list(route.encoders), headers, ex)
+            ctx.extra = await self._encode(ctx, self.encode, route.encoders)
         if route.route is Route.ENCODE:
             # E/PD: no prefill, so the decode leg takes the encoder outputs.
             payload = dumps({**body, **ctx.extra}) if ctx.extra else raw
@@ -220,6 +223,13 @@ class Orchestrator:
         ex.cached_tokens = cached
         decode_body = dumps(self.connector.decode_body(leg, result))
         return await self._decode(ctx, decode_body, cached=cached)
+
+    @traced(Stage.ENCODE)
+    async def _encode(
+        self, ctx: RequestContext, stage: EncodeStage, encoders: tuple[HostPort, ...]
+    ) -> Mapping[str, Any]:
+        """The encode stage, as one (traced) step."""
+        return await stage.run(ctx.body, list(encoders), ctx.headers, ctx.ex)
 
     async def _prefill_failed(
         self, ctx: RequestContext, exc: PrefillError, declined: bool
@@ -340,6 +350,7 @@ class Orchestrator:
             self._forget(target)
             raise PrepareError(f"preparing prefiller {target} failed: {exc!r}") from exc
 
+    @traced(Stage.PREFILL)
     async def _prefill_once(
         self, ctx: RequestContext, target: HostPort, paired: LegContext | None = None
     ) -> tuple[LegContext, PrefillResult, int | None]:
@@ -373,6 +384,7 @@ class Orchestrator:
             self._forget(target)
             raise
         status, answer = fetched.status, fetched.body
+        tracing.note("llm_d.pd_proxy.prefill.status_code", status)
         if 400 <= status < 500:
             raise PrefillRejected(status, answer, fetched.content_type)
         if not 200 <= status < 300:
@@ -384,6 +396,7 @@ class Orchestrator:
             raise PrefillUnavailable(
                 f"prefill at {target} answered with malformed JSON", "malformed_answer"
             ) from None
+        tracing.note_usage(parsed)
         result = self.connector.read_prefill(ctx, parsed)
         # A prefill engine without --enable-prompt-tokens-details reports no count: it
         # found nothing it will own up to, and the client is billed for that view.
@@ -415,6 +428,7 @@ class Orchestrator:
         self.metrics.decode_ttft_seconds.observe(ctx.ex.decode_wait_s)
         return response, first
 
+    @traced(Stage.DECODE)
     async def _decode(
         self,
         ctx: RequestContext,
@@ -429,6 +443,7 @@ class Orchestrator:
         response, first = await self._open_decode(ctx, body, headers)
         return await self._relay(ctx, response, first, cached, note)
 
+    @traced(Stage.DECODE_FIRST)
     async def _decode_first(
         self, ctx: RequestContext, body: bytes, decline_reason: str
     ) -> web.StreamResponse | None:

@@ -14,7 +14,7 @@ Sources, strongest first:
 4. the defaults below.
 
 llm-d flags whose feature is not implemented here (the offloading connector, P2P pulls,
-MoRI-IO, chunked decode, tracing) are accepted at their off values and refused with
+MoRI-IO, chunked decode) are accepted at their off values and refused with
 "not supported yet" at any value that would turn the feature on.
 
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
@@ -132,12 +132,13 @@ class Settings(BaseSettings):
     # Keep-alive connections per upstream host: the per-host limit of each upstream
     # connection pool (0: llm-d's default, 1024).
     max_idle_conns_per_host: Annotated[int, Field(ge=0)] = 1024
+    # OpenTelemetry spans per request (sidecar.tracing); OTEL_* variables configure them.
+    tracing: GoBool = False
     # The prefillers' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull).
     p2p_connector_port: Annotated[int, Field(ge=1, le=65535)] = 7777
     # llm-d flags of features not implemented here: accepted only at their off values.
     enable_p2p_pull: GoBool = False
     decode_chunk_size: Annotated[int, Field(ge=0)] = 0
-    tracing: GoBool = False
     moriio_write_mode: GoBool = False
     moriio_parallel_dispatch: GoBool = False
     moriio_parallel_decode_wait_timeout: Duration = 30.0
@@ -313,8 +314,6 @@ class Settings(BaseSettings):
             out.append("--enable-p2p-pull (P2P prefix pulls)")
         if self.decode_chunk_size:
             out.append(f"--decode-chunk-size={self.decode_chunk_size} (chunked decode)")
-        if self.tracing:
-            out.append("--tracing (OpenTelemetry spans)")
         moriio = [
             name
             for name, on in (
