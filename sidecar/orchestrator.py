@@ -525,6 +525,7 @@ class Orchestrator:
             complete = True
             if rewrite and cached is not None and response.content_type == "application/json":
                 rest = rewrite_json(shape, rest, cached)
+            tracing.note_answer(rest, response.content_type)
             ex.first_byte()
             return web.Response(
                 status=response.status, reason=response.reason, headers=out_headers, body=rest

@@ -29,7 +29,7 @@ import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 from urllib.parse import urlsplit
 
@@ -40,6 +40,7 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from common.tracing import PROPAGATOR, provider_from_environment
+from sidecar._json import loads
 from sidecar.headers import CURRENT_SPAN_TRACEPARENT, TRACEPARENT, TraceContext
 
 if TYPE_CHECKING:
@@ -54,6 +55,7 @@ __all__ = [
     "SidecarTracing",
     "Stage",
     "note",
+    "note_answer",
     "note_request_body",
     "note_usage",
     "traced",
@@ -137,7 +139,7 @@ class _Request:
 
     tracing: SidecarTracing
     span: Span
-    input_tokens: int | None = None
+    usage: dict[str, int] = field(default_factory=dict)  # token counts seen on the legs
 
 
 _ACTIVE: ContextVar[_Request | None] = ContextVar("sidecar_traced_request", default=None)
@@ -164,15 +166,33 @@ def note_request_body(body: Mapping[str, Any]) -> None:
 
 
 def note_usage(payload: object) -> None:
-    """An upstream's parsed answer: its token counts on the current span."""
+    """An upstream's parsed answer: its token counts on the current span (and the
+    request's: the prompt as the prefill counted it, the output as the decode did)."""
     active = _ACTIVE.get()
     if active is None:
         return
     counts = usage_attributes(payload)
     if counts:
         trace.get_current_span().set_attributes(counts)
-        if "gen_ai.usage.input_tokens" in counts:
-            active.input_tokens = counts["gen_ai.usage.input_tokens"]
+        active.usage.update(counts)
+
+
+def note_answer(body: bytes, content_type: str) -> None:
+    """A whole JSON answer relayed to the client: its token counts, when traced."""
+    active = _ACTIVE.get()
+    if active is None or content_type != "application/json" or b'"usage"' not in body:
+        return
+    if not trace.get_current_span().is_recording():
+        return
+    try:
+        payload = loads(body)
+    except ValueError:
+        return
+    counts = usage_attributes(payload)
+    counts.pop("gen_ai.usage.input_tokens", None)  # the prefill's count is the one kept
+    if counts:
+        trace.get_current_span().set_attributes(counts)
+        active.usage.update(counts)
 
 
 @contextlib.contextmanager
@@ -285,7 +305,7 @@ class SidecarTracing:
                 "llm_d.pd_proxy.true_ttft_ms": _ms(ex.ttft_s),
                 "llm_d.pd_proxy.prefill_duration_ms": _ms(ex.prefill_s),
                 "llm_d.pd_proxy.coordinator_overhead_ms": _ms(ex.overhead_s),
-                "gen_ai.usage.input_tokens": active.input_tokens,
+                **active.usage,
                 "gen_ai.usage.cache_read.input_tokens": ex.cached_tokens,
                 "http.response.status_code": status or None,
             },

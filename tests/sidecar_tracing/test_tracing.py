@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import aiohttp
+import pytest
 from opentelemetry.proto.trace.v1 import trace_pb2
 
 from sidecar.app import TRACING
@@ -119,6 +120,8 @@ async def test_a_pd_request_is_one_span_with_prefill_and_decode_children(
     assert d_attrs["llm_d.pd_proxy.decode.target"] == f"127.0.0.1:{decode.port}"
     assert d_attrs["llm_d.pd_proxy.decode.streaming"] is False
     assert d_attrs["http.response.status_code"] == 200
+    assert d_attrs["gen_ai.usage.output_tokens"] == BODY["max_tokens"]
+    assert attrs["gen_ai.usage.output_tokens"] == BODY["max_tokens"]
 
     # Each engine saw the trace, with the span of its own leg as the parent.
     assert parent_of(p_leg["headers"]["traceparent"]) == (TRACE_ID, p_span.span_id.hex())
@@ -277,3 +280,34 @@ async def test_without_tracing_nothing_is_exported(
     d_trace, d_parent = parent_of(d_leg["headers"]["traceparent"])
     assert p_trace == d_trace == TRACE_ID
     assert len({p_parent, d_parent, PARENT_ID}) == 3
+
+
+async def test_a_trace_the_caller_did_not_sample_is_continued_but_not_exported(
+    otlp_env: Collector,
+    monkeypatch: pytest.MonkeyPatch,
+    start_sim: Any,
+    start_sidecar: StartSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    sink = otlp_env
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")  # llm-d's default
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER_ARG", "1.0")
+    prefill = await start_sim(role="prefill", zero_latency=True)
+    decode = await start_sim(role="decode", zero_latency=True)
+    sidecar = await start_sidecar(model_server_port=decode.port, tracing=True)
+    unsampled = f"00-{TRACE_ID}-{PARENT_ID}-00"
+    headers = {"x-prefiller-host-port": prefill.host_port, "traceparent": unsampled}
+    assert await post(client, sidecar.url, headers) == 200
+    # A sampled request afterwards: its spans arriving means the first one's would have.
+    sampled = {"x-prefiller-host-port": prefill.host_port, "traceparent": CALLER}
+    assert await post(client, sidecar.url, sampled) == 200
+    await sink.wait_for(lambda: len(sink.named("forward_request")) == 1, "the sampled request")
+    await sidecar.servers.drain_and_stop()
+
+    assert {s.trace_id.hex() for s in sink.spans} == {TRACE_ID}
+    assert len(sink.named("prefill")) == len(sink.named("decode")) == 1
+    # The unsampled request's legs still carry its trace, marked unsampled.
+    p_leg = (await _recorded(prefill))[0]
+    _, trace_id, span_id, flags = p_leg["headers"]["traceparent"].split("-")
+    assert (trace_id, flags) == (TRACE_ID, "00")
+    assert span_id not in {PARENT_ID, *(s.span_id.hex() for s in sink.spans)}
