@@ -165,16 +165,21 @@ def note_request_body(body: Mapping[str, Any]) -> None:
             active.span.set_attribute("gen_ai.request.model", model)
 
 
+_INPUT = "gen_ai.usage.input_tokens"
+_OUTPUT = "gen_ai.usage.output_tokens"
+
+
 def note_usage(payload: object) -> None:
-    """An upstream's parsed answer: its token counts on the current span (and the
-    request's: the prompt as the prefill counted it, the output as the decode did)."""
+    """The prefill's parsed answer: its token counts on its span, and its prompt count
+    (the one the client is billed for) on the request's."""
     active = _ACTIVE.get()
     if active is None:
         return
     counts = usage_attributes(payload)
     if counts:
         trace.get_current_span().set_attributes(counts)
-        active.usage.update(counts)
+        if _INPUT in counts:
+            active.usage[_INPUT] = counts[_INPUT]
 
 
 def note_answer(body: bytes, content_type: str) -> None:
@@ -189,10 +194,12 @@ def note_answer(body: bytes, content_type: str) -> None:
     except ValueError:
         return
     counts = usage_attributes(payload)
-    counts.pop("gen_ai.usage.input_tokens", None)  # the prefill's count is the one kept
     if counts:
         trace.get_current_span().set_attributes(counts)
-        active.usage.update(counts)
+        if _OUTPUT in counts:
+            active.usage[_OUTPUT] = counts[_OUTPUT]
+        if _INPUT in counts:
+            active.usage.setdefault(_INPUT, counts[_INPUT])  # the prefill's count first
 
 
 @contextlib.contextmanager
