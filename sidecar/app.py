@@ -8,7 +8,8 @@ else. Metrics port: ``GET /metrics``.
 Two middlewares (:data:`_MIDDLEWARES`), one concern each: :func:`_record` owns the
 request's :class:`~sidecar.exchange.Exchange` and emits its metrics and access log line;
 inside it, :func:`_errors` is the one error boundary, turning :class:`SidecarError` into
-JSON answers.
+JSON answers. With ``--tracing``, :func:`_trace` inside that serves each generation
+request under its span.
 """
 
 from __future__ import annotations
@@ -325,7 +326,7 @@ async def _trace(request: web.Request, handler: _Handler) -> web.StreamResponse:
 
 # The middleware stack, outermost first.
 _MIDDLEWARES = (_record, _errors)
-_TRACED_MIDDLEWARES = (_record, _trace, _errors)
+_TRACED_MIDDLEWARES = (_record, _errors, _trace)
 
 
 def _client_gone(request: web.Request) -> bool:

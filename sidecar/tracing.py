@@ -41,6 +41,7 @@ from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
 from common.tracing import PROPAGATOR, provider_from_environment
 from sidecar._json import loads
+from sidecar.errors import SidecarError, TargetForbidden
 from sidecar.headers import CURRENT_SPAN_TRACEPARENT, TRACEPARENT, TraceContext
 
 if TYPE_CHECKING:
@@ -224,6 +225,20 @@ def _fail(span: Span, failure: BaseException) -> None:
     _set(span, {"llm_d.pd_proxy.error": getattr(error, "reason", None) or type(error).__name__})
 
 
+def _refused(span: Span, error: SidecarError) -> bool:
+    """The request ended with the sidecar's own error answer: an ERROR when it is a 5xx,
+    or SSRF protection refusing a target (as llm-d marks it); a client's 4xx is not."""
+    if isinstance(error, TargetForbidden) and error.status == 403:
+        _set(span, {"llm_d.pd_proxy.error": "ssrf_protection_denied"})
+        span.set_status(Status(StatusCode.ERROR, error.message))
+        return True
+    _set(span, {"llm_d.pd_proxy.error": error.reason})
+    if error.status >= 500:
+        span.set_status(Status(StatusCode.ERROR, error.message))
+        return True
+    return False
+
+
 class SidecarTracing:
     """The tracer provider of one sidecar process and its request and stage spans."""
 
@@ -280,20 +295,28 @@ class SidecarTracing:
         active = _Request(self, span)
         active_token = _ACTIVE.set(active)
         status = 0
+        failed = False
         try:
             with _current(span, parent):
                 response = await handler(request.clone(headers=headers))
             status = ex.status or response.status
             return response
+        except SidecarError as error:  # answered by the error middleware, outside this one
+            status = error.status
+            failed = _refused(span, error)
+            raise
         except BaseException as failure:
             _fail(span, failure)
+            failed = True
             raise
         finally:
             _ACTIVE.reset(active_token)
-            self._finish_request(span, ex, status or ex.status, active)
+            self._finish_request(span, ex, status or ex.status, active, failed)
             span.end()
 
-    def _finish_request(self, span: Span, ex: Exchange, status: int, active: _Request) -> None:
+    def _finish_request(
+        self, span: Span, ex: Exchange, status: int, active: _Request, failed: bool
+    ) -> None:
         if not span.is_recording():
             return
         used = ex.prefill_attempts > 0
@@ -317,10 +340,8 @@ class SidecarTracing:
                 "http.response.status_code": status or None,
             },
         )
-        if status >= 500:
+        if status >= 500 and not failed:
             span.set_status(Status(StatusCode.ERROR, ex.error or f"answered {status}"))
-            if ex.error:
-                span.set_attribute("llm_d.pd_proxy.error", ex.error)
 
     @contextlib.contextmanager
     def stage(self, stage: Stage, ctx: RequestContext) -> Iterator[Span]:

@@ -11,11 +11,14 @@ decode engines, the sidecar in between:
   a prefill that never succeeds leaves every attempt and the request in error;
 - the mooncake connector's legs run concurrently under llm-d's prefixed span names;
 - a request without a ``traceparent`` starts a trace that its legs continue;
-- without ``--tracing`` nothing is exported and the legs keep the caller's trace id.
+- without ``--tracing`` nothing is exported and the legs keep the caller's trace id;
+- an SSRF refusal is an error (as llm-d marks it), a client's bad body is not.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -311,3 +314,36 @@ async def test_a_trace_the_caller_did_not_sample_is_continued_but_not_exported(
     _, trace_id, span_id, flags = p_leg["headers"]["traceparent"].split("-")
     assert (trace_id, flags) == (TRACE_ID, "00")
     assert span_id not in {PARENT_ID, *(s.span_id.hex() for s in sink.spans)}
+
+
+async def test_refusals_ssrf_in_error_a_clients_bad_body_not(
+    otlp_env: Collector,
+    tmp_path: Path,
+    start_sim: Any,
+    start_sidecar: StartSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    sink = otlp_env
+    prefill = await start_sim(role="prefill", zero_latency=True)
+    decode = await start_sim(role="decode", zero_latency=True)
+    allow = tmp_path / "allow.json"
+    allow.write_text(json.dumps({"allow": [{"host": "127.0.0.1", "ports": [1]}]}))
+    sidecar = await start_sidecar(
+        model_server_port=decode.port,
+        tracing=True,
+        enable_ssrf_protection=True,
+        ssrf_allowlist_file=str(allow),
+    )
+    headers = {"x-prefiller-host-port": prefill.host_port, "traceparent": CALLER}
+    assert await post(client, sidecar.url, headers) == 403
+    assert await post(client, sidecar.url, {}, body=[1, 2]) == 400  # not a JSON object
+
+    await sink.wait_for(lambda: len(sink.named("forward_request")) == 2, "both request spans")
+    by_status = {
+        attributes(s)["http.response.status_code"]: s for s in sink.named("forward_request")
+    }
+    denied, bad = by_status[403], by_status[400]
+    assert denied.status.code == ERROR
+    assert attributes(denied)["llm_d.pd_proxy.error"] == "ssrf_protection_denied"
+    assert bad.status.code != ERROR
+    assert (await _recorded(prefill)) == []  # the refused target was never sent anything
