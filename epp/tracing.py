@@ -6,15 +6,8 @@ child ``run_scheduler_profile`` per profile run. The EPP sets ``traceparent`` (a
 ``tracestate``/``baggage`` when present) on the request it routes, so the pd-sidecar and
 the engines continue the same trace.
 
-The standard variables decide the rest, with llm-d's defaults:
-
-- ``OTEL_TRACES_EXPORTER``: ``otlp`` (OTLP over gRPC; endpoint, TLS, headers and
-  timeout from ``OTEL_EXPORTER_OTLP_*``, plaintext ``localhost:4317`` when none is
-  set), ``console`` (the default, as llm-d: spans on stdout) or ``none``;
-- ``OTEL_TRACES_SAMPLER`` / ``OTEL_TRACES_SAMPLER_ARG``: default
-  ``parentbased_traceidratio`` at ``0.1``;
-- ``OTEL_SERVICE_NAME`` / ``OTEL_RESOURCE_ATTRIBUTES``: default service name
-  ``llm-d-epp``.
+The standard variables decide the rest, with llm-d's defaults (``common.tracing``); the
+default service name is ``llm-d-epp``.
 
 The provider belongs to one ``Tracing`` object (not the process-global one), so several
 EPPs in one process (tests) do not share exporters.
@@ -23,21 +16,16 @@ EPPs in one process (tests) do not share exporters.
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import context as otel_context
 from opentelemetry import trace
-from opentelemetry.baggage.propagation import W3CBaggagePropagator
-from opentelemetry.propagators.composite import CompositePropagator
-from opentelemetry.sdk.resources import OTELResourceDetector, Resource
-from opentelemetry.sdk.trace import TracerProvider, sampling
-from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SpanExporter
+from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.trace import SpanKind, Status, StatusCode
-from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from common.tracing import PROPAGATOR, provider_from_environment
 
 if TYPE_CHECKING:
     from epp.datastore import Endpoint
@@ -47,59 +35,11 @@ if TYPE_CHECKING:
 
 __all__ = ["RequestSpan", "Tracing", "inject_current", "run_profile"]
 
-log = logging.getLogger("epp.tracing")
-
 SERVICE_NAME = "llm-d-epp"
 INSTRUMENTATION = "llm-d-router"
-_DEFAULT_RATIO = 0.1
-_PROPAGATOR = CompositePropagator([TraceContextTextMapPropagator(), W3CBaggagePropagator()])
+_PROPAGATOR = PROPAGATOR
 # The tracer of the request being handled in this task (None: tracing is off for it).
 _ACTIVE: ContextVar[trace.Tracer | None] = ContextVar("epp_active_tracer", default=None)
-
-
-def _sampler(environ: Mapping[str, str]) -> sampling.Sampler:
-    name = environ.get("OTEL_TRACES_SAMPLER", "parentbased_traceidratio")
-    arg = environ.get("OTEL_TRACES_SAMPLER_ARG")
-    try:
-        ratio = float(arg) if arg is not None else _DEFAULT_RATIO
-    except ValueError:
-        log.warning("OTEL_TRACES_SAMPLER_ARG=%r is not a number; using %s", arg, _DEFAULT_RATIO)
-        ratio = _DEFAULT_RATIO
-    samplers: dict[str, sampling.Sampler] = {
-        "always_on": sampling.ALWAYS_ON,
-        "always_off": sampling.ALWAYS_OFF,
-        "traceidratio": sampling.TraceIdRatioBased(ratio),
-        "parentbased_always_on": sampling.ParentBased(sampling.ALWAYS_ON),
-        "parentbased_always_off": sampling.ParentBased(sampling.ALWAYS_OFF),
-        "parentbased_traceidratio": sampling.ParentBased(sampling.TraceIdRatioBased(ratio)),
-    }
-    chosen = samplers.get(name)
-    if chosen is None:
-        log.warning(
-            "OTEL_TRACES_SAMPLER=%r is not supported; using parentbased_traceidratio %s",
-            name,
-            _DEFAULT_RATIO,
-        )
-        return sampling.ParentBased(sampling.TraceIdRatioBased(_DEFAULT_RATIO))
-    return chosen
-
-
-def _exporter(environ: Mapping[str, str]) -> SpanExporter | None:
-    kind = environ.get("OTEL_TRACES_EXPORTER", "console").strip().lower()
-    if kind == "none":
-        return None
-    if kind == "otlp":
-        protocol = environ.get(
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
-        )
-        if protocol != "grpc":
-            log.warning("OTLP protocol %r is not supported; exporting over grpc", protocol)
-        from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-        return OTLPSpanExporter()
-    if kind != "console":
-        log.warning("OTEL_TRACES_EXPORTER=%r is not supported; exporting to the console", kind)
-    return ConsoleSpanExporter()
 
 
 class RequestSpan:
@@ -146,18 +86,7 @@ class Tracing:
 
     @classmethod
     def from_environment(cls, environ: Mapping[str, str] | None = None) -> Tracing:
-        env = os.environ if environ is None else environ
-        resource = Resource({"service.name": SERVICE_NAME}).merge(OTELResourceDetector().detect())
-        provider = TracerProvider(sampler=_sampler(env), resource=resource)
-        exporter = _exporter(env)
-        if exporter is not None:
-            provider.add_span_processor(BatchSpanProcessor(exporter))
-        log.info(
-            "tracing: exporter %s, sampler %s",
-            type(exporter).__name__ if exporter is not None else "none",
-            provider.sampler.get_description(),
-        )
-        return cls(provider)
+        return cls(provider_from_environment(SERVICE_NAME, environ))
 
     def start_request(self, headers: Mapping[str, str]) -> RequestSpan | None:
         if self.tracer is None:

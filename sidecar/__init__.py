@@ -16,6 +16,7 @@ Modules, one concept each:
 - ``usage``         cached-token rewrite for JSON bodies and SSE streams
 - ``upstream``      per-stage client sessions, stale pooled connection resend, TLS errors
 - ``headers``       hop-by-hop filtering, W3C trace context
+- ``tracing``       ``--tracing``: OpenTelemetry request and stage spans
 - ``errors``        the error tree (drawn in its docstring)
 - ``exchange``      per-request record behind the access log line
 - ``health``        readiness probe of the local vLLM

@@ -8,7 +8,8 @@ else. Metrics port: ``GET /metrics``.
 Two middlewares (:data:`_MIDDLEWARES`), one concern each: :func:`_record` owns the
 request's :class:`~sidecar.exchange.Exchange` and emits its metrics and access log line;
 inside it, :func:`_errors` is the one error boundary, turning :class:`SidecarError` into
-JSON answers.
+JSON answers. With ``--tracing``, :func:`_trace` inside that serves each generation
+request under its span.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from sidecar.routing import DATA_PARALLEL_HOST_PORT, ENCODER_HOSTS_PORTS, PREFIL
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.tls import ServingTLS, stage_contexts
+from sidecar.tracing import SidecarTracing
 from sidecar.upstream import Upstream, make_session
 from sidecar.workers import WorkerError, Workers, merged_collector
 
@@ -83,6 +85,7 @@ SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", Services)
 EXCHANGE = web.RequestKey("exchange", Exchange)
+TRACING = web.AppKey("tracing", SidecarTracing)
 
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -353,8 +356,15 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
         return _internal_error(exc, ex)
 
 
+@web.middleware
+async def _trace(request: web.Request, handler: _Handler) -> web.StreamResponse:
+    """``--tracing`` only: a generation request is served under its span."""
+    return await request.app[TRACING].serve(request, request[EXCHANGE], handler)
+
+
 # The middleware stack, outermost first.
 _MIDDLEWARES = (_record, _errors)
+_TRACED_MIDDLEWARES = (_record, _errors, _trace)
 
 
 def _client_gone(request: web.Request) -> bool:
@@ -493,12 +503,22 @@ def _add_routes(router: web.UrlDispatcher) -> None:
 
 
 def build_app(settings: Settings, metrics: Metrics) -> web.Application:
-    app = web.Application(middlewares=_MIDDLEWARES, client_max_size=settings.max_body_bytes)
+    middlewares = _TRACED_MIDDLEWARES if settings.tracing else _MIDDLEWARES
+    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
     app[SETTINGS] = settings
     app[METRICS] = metrics
+    if settings.tracing:
+        app[TRACING] = SidecarTracing.from_environment(
+            kv_connector=settings.kv_connector, ec_connector=settings.ec_connector
+        )
+        app.on_cleanup.append(_stop_tracing)
     app.cleanup_ctx.append(_services)
     _add_routes(app.router)
     return app
+
+
+async def _stop_tracing(app: web.Application) -> None:
+    await asyncio.to_thread(app[TRACING].shutdown)  # flushes the spans still batched
 
 
 WORKERS = web.AppKey("workers", Workers)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -16,6 +17,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.routing import ROUTING_HEADERS
 
 __all__ = [
+    "CURRENT_SPAN_TRACEPARENT",
     "REQUEST_ID",
     "TRACEPARENT",
     "TraceContext",
@@ -43,6 +45,10 @@ _HOP_BY_HOP = frozenset(
 )
 # Dropped on legs whose body the sidecar rewrites: length changes and we parse replies.
 _REWRITTEN_BODY = frozenset({"content-length", "accept-encoding", "content-encoding"})
+# The traceparent of the exported span legs are sent under (``--tracing``), else None.
+CURRENT_SPAN_TRACEPARENT: ContextVar[str | None] = ContextVar(
+    "current_span_traceparent", default=None
+)
 _TRACEPARENT = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 
 
@@ -97,5 +103,9 @@ class TraceContext:
         return cls(os.urandom(16).hex(), "01")
 
     def leg_header(self) -> str:
-        """A traceparent for one upstream leg: this trace, a fresh span id."""
+        """A traceparent for one upstream leg: this trace, and as parent the exported span
+        the leg is sent under (``--tracing``), else a fresh span id."""
+        current = CURRENT_SPAN_TRACEPARENT.get()
+        if current is not None:
+            return current
         return f"00-{self.trace_id}-{os.urandom(8).hex()}-{self.flags}"

@@ -41,6 +41,7 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from sidecar import tracing
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.chunked_decode import (
@@ -75,6 +76,7 @@ from sidecar.metrics import Metrics
 from sidecar.plan import Failure, Plan, Route, on_prefill_failure, plan
 from sidecar.relay import error_event, is_event_stream, relay_body
 from sidecar.routing import HostPort
+from sidecar.tracing import Stage, traced
 from sidecar.upstream import Retryable, StageErrors, Upstream, read_bounded
 from sidecar.usage import SseUsageRewriter, rewrite_json
 
@@ -167,6 +169,7 @@ class Orchestrator:
         """The client's body, bounded and parsed; refused if it carries a sidecar-only field."""
         raw = await read_body(request, self.policy.max_body_bytes, self.policy.request_body_timeout)
         body = parse_json_object(raw)
+        tracing.note_request_body(body)
         if not self.policy.allow_client_transfer_params:
             field = forbidden_field(body)
             if field is not None:
@@ -227,7 +230,7 @@ class Orchestrator:
             request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers
         )
         if self.encode is not None and route.encoders is not None:
-            ctx.extra = await self.encode.run(body, list(route.encoders), headers, ex)
+            ctx.extra = await self._encode(ctx, self.encode, route.encoders)
         if route.route is Route.ENCODE:
             # E/PD: no prefill, so the decode leg takes the encoder outputs.
             payload = dumps({**body, **ctx.extra}) if ctx.extra else raw
@@ -254,6 +257,13 @@ class Orchestrator:
         decode_body = dumps(self.connector.decode_body(leg, result))
         leg_headers = self._decode_headers(ctx, leg, result)
         return await self._decode(ctx, decode_body, cached=cached, headers=leg_headers)
+
+    @traced(Stage.ENCODE)
+    async def _encode(
+        self, ctx: RequestContext, stage: EncodeStage, encoders: tuple[HostPort, ...]
+    ) -> Mapping[str, Any]:
+        """The encode stage, as one (traced) step."""
+        return await stage.run(ctx.body, list(encoders), ctx.headers, ctx.ex)
 
     async def _prefill_failed(
         self, ctx: RequestContext, exc: PrefillError, declined: bool
@@ -385,6 +395,7 @@ class Orchestrator:
             self._forget(target)
             raise PrepareError(f"preparing prefiller {target} failed: {exc!r}") from exc
 
+    @traced(Stage.PREFILL)
     async def _prefill_once(
         self, ctx: RequestContext, target: HostPort, paired: LegContext | None = None
     ) -> tuple[LegContext, PrefillResult, int | None]:
@@ -418,6 +429,7 @@ class Orchestrator:
             self._forget(target)
             raise
         status, answer = fetched.status, fetched.body
+        tracing.note("llm_d.pd_proxy.prefill.status_code", status)
         if 400 <= status < 500:
             raise PrefillRejected(status, answer, fetched.content_type)
         if not 200 <= status < 300:
@@ -429,6 +441,7 @@ class Orchestrator:
             raise PrefillUnavailable(
                 f"prefill at {target} answered with malformed JSON", "malformed_answer"
             ) from None
+        tracing.note_usage(parsed)
         result = self.connector.read_prefill(ctx, parsed)
         # A prefill engine without --enable-prompt-tokens-details reports no count: it
         # found nothing it will own up to, and the client is billed for that view.
@@ -460,6 +473,7 @@ class Orchestrator:
         self.metrics.decode_ttft_seconds.observe(ctx.ex.decode_wait_s)
         return response, first
 
+    @traced(Stage.DECODE)
     async def _decode(
         self,
         ctx: RequestContext,
@@ -538,6 +552,7 @@ class Orchestrator:
             on_abort=self._end_aborted_stream,
         )
 
+    @traced(Stage.DECODE_FIRST)
     async def _decode_first(
         self, ctx: RequestContext, body: bytes, decline_reason: str
     ) -> web.StreamResponse | None:
@@ -619,6 +634,7 @@ class Orchestrator:
             complete = True
             if rewrite and cached is not None and response.content_type == "application/json":
                 rest = rewrite_json(shape, rest, cached)
+            tracing.note_answer(rest, response.content_type)
             ex.first_byte()
             return web.Response(
                 status=response.status, reason=response.reason, headers=out_headers, body=rest

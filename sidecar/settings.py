@@ -14,8 +14,8 @@ Sources, strongest first:
    self-signed serving certificate), plus ``PD_SIDECAR_<FIELD>`` for every field;
 4. the defaults below.
 
-llm-d flags whose feature is not implemented here (the offloading connector, P2P pulls,
-tracing) are accepted at their off values and refused with
+llm-d flags whose feature is not implemented here (the offloading connector, P2P
+pulls) are accepted at their off values and refused with
 "not supported yet" at any value that would turn the feature on.
 
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
@@ -133,13 +133,14 @@ class Settings(BaseSettings):
     # Keep-alive connections per upstream host: the per-host limit of each upstream
     # connection pool (0: llm-d's default, 1024).
     max_idle_conns_per_host: Annotated[int, Field(ge=0)] = 1024
+    # OpenTelemetry spans per request (sidecar.tracing); OTEL_* variables configure them.
+    tracing: GoBool = False
     # The prefillers' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull).
     p2p_connector_port: Annotated[int, Field(ge=1, le=65535)] = 7777
     # Chat decodes in chunks of at most this many tokens (0: off; sidecar.chunked_decode).
     decode_chunk_size: Annotated[int, Field(ge=0)] = 0
     # llm-d flags of features not implemented here: accepted only at their off values.
     enable_p2p_pull: GoBool = False
-    tracing: GoBool = False
     # MoRI-IO (--kv-connector=moriio, or llm-d's nixlv2 with these flags on).
     moriio_write_mode: GoBool = False
     moriio_parallel_dispatch: GoBool = False
@@ -320,8 +321,6 @@ class Settings(BaseSettings):
         out = []
         if self.enable_p2p_pull:
             out.append("--enable-p2p-pull (P2P prefix pulls)")
-        if self.tracing:
-            out.append("--tracing (OpenTelemetry spans)")
         return out
 
     def moriio_flags_on(self) -> list[str]:

@@ -96,7 +96,6 @@ def test_decode_chunk_size_is_accepted() -> None:
     [
         (["--kv-connector=offloading"], "offloading"),
         (["--enable-p2p-pull"], "--enable-p2p-pull"),
-        (["--tracing"], "--tracing"),
     ],
 )
 def test_features_not_implemented_are_refused_when_turned_on(argv: list[str], named: str) -> None:
@@ -125,7 +124,7 @@ def test_invalid_llmd_values_name_the_flag(argv: list[str], needle: str) -> None
 
 def test_the_process_exits_2_for_a_feature_not_implemented() -> None:
     done = subprocess.run(
-        [SCRIPT, "--enable-p2p-pull", "--tracing"],
+        [SCRIPT, "--enable-p2p-pull"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -133,7 +132,6 @@ def test_the_process_exits_2_for_a_feature_not_implemented() -> None:
     )
     assert done.returncode == 2
     assert "--enable-p2p-pull (P2P prefix pulls) is not supported yet" in done.stderr
-    assert "--tracing" in done.stderr
 
 
 def test_llmd_environment_variables() -> None:

@@ -1,0 +1,429 @@
+"""OpenTelemetry tracing of the sidecar (``--tracing``), with llm-d's span and attribute names.
+
+Per generation request (the API paths of :mod:`sidecar.api_shapes`):
+
+- one SERVER span ``forward_request``, a child of the trace the request arrived with
+  (W3C ``traceparent``, ``baggage``), or the root of a new trace; the access log's
+  ``trace_id`` is its trace;
+- INTERNAL children, one per stage: ``encode``; ``prefill`` once per attempt, so retries
+  show as siblings; ``decode``; ``decode_first`` for a decode tried before any prefill.
+  The mooncake connector names its legs ``llm_d.pd_proxy.prefill`` and
+  ``llm_d.pd_proxy.decode``, as llm-d's does;
+- every leg sent under a span carries that span as its ``traceparent`` parent, so the
+  engines' own spans join the trace (:data:`sidecar.headers.CURRENT_SPAN_TRACEPARENT`).
+
+Attributes are llm-d's (``llm_d.pd_proxy.*``, ``llm_d.ec_proxy.*``, ``llm_d.openai.api``)
+plus the GenAI conventions' ``gen_ai.request.model`` and ``gen_ai.usage.*`` where the
+sidecar sees them. A failed stage, or a request answered 5xx, has status ERROR.
+
+Exporter, sampler and resource come from the ``OTEL_*`` environment
+(:mod:`common.tracing`), default service name ``llm-d-disagg-sidecar``. Without
+``--tracing`` none of this is installed: the stage hooks cost one context-variable read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import functools
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from urllib.parse import urlsplit
+
+from aiohttp import web
+from multidict import CIMultiDict
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
+
+from common.tracing import PROPAGATOR, provider_from_environment
+from sidecar._json import loads
+from sidecar.errors import SidecarError, TargetForbidden
+from sidecar.headers import CURRENT_SPAN_TRACEPARENT, TRACEPARENT, TraceContext
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from sidecar.context import RequestContext
+    from sidecar.exchange import Exchange
+
+__all__ = [
+    "REQUEST_SPAN",
+    "SERVICE_NAME",
+    "SidecarTracing",
+    "Stage",
+    "note",
+    "note_answer",
+    "note_request_body",
+    "note_usage",
+    "traced",
+]
+
+SERVICE_NAME = "llm-d-disagg-sidecar"
+SCOPE = "llm-d-router/pkg/sidecar/proxy"
+REQUEST_SPAN = "forward_request"
+
+# llm-d's names for the API a path belongs to (llm_d.openai.api).
+_API_TYPES = {
+    "/v1/chat/completions": "chat_completions",
+    "/v1/completions": "chat_completions",
+    "/v1/messages": "chat_completions",
+    "/v1/responses": "responses",
+    "/inference/v1/generate": "generate",
+}
+
+
+class Stage(enum.Enum):
+    ENCODE = "encode"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    DECODE_FIRST = "decode_first"
+
+
+# Connectors whose legs llm-d names with its attribute prefix.
+_PREFIXED_LEG_NAMES = frozenset({"mooncake"})
+
+
+def span_names(kv_connector: str) -> dict[Stage, str]:
+    names = {stage: stage.value for stage in Stage}
+    if kv_connector in _PREFIXED_LEG_NAMES:
+        names[Stage.PREFILL] = "llm_d.pd_proxy.prefill"
+        names[Stage.DECODE] = "llm_d.pd_proxy.decode"
+    return names
+
+
+def traceparent(span: Span) -> str:
+    """The W3C traceparent naming ``span`` as the parent."""
+    sc = span.get_span_context()
+    return f"00-{sc.trace_id:032x}-{sc.span_id:016x}-{int(sc.trace_flags):02x}"
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 3)
+
+
+def _usage(payload: object) -> Mapping[str, Any] | None:
+    """The usage object of an answer: at the top, or in a Responses/Anthropic envelope."""
+    if not isinstance(payload, Mapping):
+        return None
+    for holder in (payload, payload.get("response"), payload.get("message")):
+        usage = holder.get("usage") if isinstance(holder, Mapping) else None
+        if isinstance(usage, Mapping):
+            return usage
+    return None
+
+
+def usage_attributes(payload: object) -> dict[str, int]:
+    """``gen_ai.usage.input_tokens`` / ``output_tokens`` from an answer's usage, if any."""
+    usage = _usage(payload)
+    out: dict[str, int] = {}
+    if usage is None:
+        return out
+    for names, key in (
+        (("prompt_tokens", "input_tokens"), "gen_ai.usage.input_tokens"),
+        (("completion_tokens", "output_tokens"), "gen_ai.usage.output_tokens"),
+    ):
+        for name in names:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                out[key] = value
+                break
+    return out
+
+
+@dataclass(slots=True)
+class _Request:
+    """The traced request being served in this task."""
+
+    tracing: SidecarTracing
+    span: Span
+    usage: dict[str, int] = field(default_factory=dict)  # token counts seen on the legs
+
+
+_ACTIVE: ContextVar[_Request | None] = ContextVar("sidecar_traced_request", default=None)
+
+
+def _set(span: Span, attributes: Mapping[str, Any]) -> None:
+    if span.is_recording():
+        span.set_attributes({k: v for k, v in attributes.items() if v is not None})
+
+
+def note(key: str, value: Any) -> None:
+    """Set an attribute on the span current in this task (a stage's, else the request's)."""
+    if _ACTIVE.get() is not None and value is not None:
+        trace.get_current_span().set_attribute(key, value)
+
+
+def note_request_body(body: Mapping[str, Any]) -> None:
+    """The client's parsed body: the request span gets ``gen_ai.request.model``."""
+    active = _ACTIVE.get()
+    if active is not None:
+        model = body.get("model")
+        if isinstance(model, str):
+            active.span.set_attribute("gen_ai.request.model", model)
+
+
+_INPUT = "gen_ai.usage.input_tokens"
+_OUTPUT = "gen_ai.usage.output_tokens"
+
+
+def note_usage(payload: object) -> None:
+    """The prefill's parsed answer: its token counts on its span, and its prompt count
+    (the one the client is billed for) on the request's."""
+    active = _ACTIVE.get()
+    if active is None:
+        return
+    counts = usage_attributes(payload)
+    if counts:
+        trace.get_current_span().set_attributes(counts)
+        if _INPUT in counts:
+            active.usage[_INPUT] = counts[_INPUT]
+
+
+def note_answer(body: bytes, content_type: str) -> None:
+    """A whole JSON answer relayed to the client: its token counts, when traced."""
+    active = _ACTIVE.get()
+    if active is None or content_type != "application/json" or b'"usage"' not in body:
+        return
+    if not trace.get_current_span().is_recording():
+        return
+    try:
+        payload = loads(body)
+    except ValueError:
+        return
+    counts = usage_attributes(payload)
+    if counts:
+        trace.get_current_span().set_attributes(counts)
+        if _OUTPUT in counts:
+            active.usage[_OUTPUT] = counts[_OUTPUT]
+        if _INPUT in counts:
+            active.usage.setdefault(_INPUT, counts[_INPUT])  # the prefill's count first
+
+
+@contextlib.contextmanager
+def _current(span: Span, parent: otel_context.Context | None = None) -> Iterator[None]:
+    """Make ``span`` current in this task: the parent of later spans and of the legs."""
+    token = otel_context.attach(trace.set_span_in_context(span, parent))
+    leg_token = CURRENT_SPAN_TRACEPARENT.set(traceparent(span))
+    try:
+        yield
+    finally:
+        CURRENT_SPAN_TRACEPARENT.reset(leg_token)
+        otel_context.detach(token)
+
+
+def _fail(span: Span, failure: BaseException) -> None:
+    if not isinstance(failure, Exception):  # cancelled: the client left, or a leg was stopped
+        span.set_status(Status(StatusCode.ERROR, "cancelled"))
+        return
+    error = getattr(failure, "error", failure)  # a Retryable carries the stage's error
+    message = getattr(error, "message", None) or str(error) or type(error).__name__
+    span.set_status(Status(StatusCode.ERROR, message))
+    _set(span, {"llm_d.pd_proxy.error": getattr(error, "reason", None) or type(error).__name__})
+
+
+def _refused(span: Span, error: SidecarError) -> bool:
+    """The request ended with the sidecar's own error answer: an ERROR when it is a 5xx,
+    or SSRF protection refusing a target (as llm-d marks it); a client's 4xx is not."""
+    if isinstance(error, TargetForbidden) and error.status == 403:
+        _set(span, {"llm_d.pd_proxy.error": "ssrf_protection_denied"})
+        span.set_status(Status(StatusCode.ERROR, error.message))
+        return True
+    _set(span, {"llm_d.pd_proxy.error": error.reason})
+    if error.status >= 500:
+        span.set_status(Status(StatusCode.ERROR, error.message))
+        return True
+    return False
+
+
+class SidecarTracing:
+    """The tracer provider of one sidecar process and its request and stage spans."""
+
+    def __init__(self, provider: TracerProvider, *, kv_connector: str, ec_connector: str) -> None:
+        self._provider = provider
+        self.tracer = provider.get_tracer(SCOPE)
+        self.kv_connector = kv_connector
+        self.ec_connector = ec_connector
+        self._names = span_names(kv_connector)
+
+    @classmethod
+    def from_environment(
+        cls, *, kv_connector: str, ec_connector: str, environ: Mapping[str, str] | None = None
+    ) -> SidecarTracing:
+        return cls(
+            provider_from_environment(SERVICE_NAME, environ),
+            kv_connector=kv_connector,
+            ec_connector=ec_connector,
+        )
+
+    def shutdown(self) -> None:
+        """Flush and close the exporter (blocking: call from a thread)."""
+        self._provider.shutdown()
+
+    async def serve(
+        self,
+        request: web.Request,
+        ex: Exchange,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    ) -> web.StreamResponse:
+        """Serve ``request`` under its ``forward_request`` span (generation paths only)."""
+        api = _API_TYPES.get(request.path)
+        if api is None or request.method != "POST":
+            return await handler(request)
+        parent = PROPAGATOR.extract(request.headers)
+        span = self.tracer.start_span(
+            REQUEST_SPAN,
+            context=parent,
+            kind=SpanKind.SERVER,
+            attributes={
+                "llm_d.pd_proxy.connector": self.kv_connector,
+                "llm_d.pd_proxy.kv_connector": self.kv_connector,
+                "llm_d.pd_proxy.ec_connector": self.ec_connector,
+                "llm_d.pd_proxy.request_path": request.path,
+                "llm_d.openai.api": api,
+                "llm_d.pd_proxy.request_id": ex.request_id,
+            },
+        )
+        sc = span.get_span_context()
+        ex.trace = TraceContext(f"{sc.trace_id:032x}", f"{int(sc.trace_flags):02x}")
+        # What goes to the engine as sent (decode-only) names this span as its parent.
+        headers = CIMultiDict(request.headers)
+        headers[TRACEPARENT] = traceparent(span)
+        active = _Request(self, span)
+        active_token = _ACTIVE.set(active)
+        status = 0
+        failed = False
+        try:
+            with _current(span, parent):
+                response = await handler(request.clone(headers=headers))
+            status = ex.status or response.status
+            return response
+        except SidecarError as error:  # answered by the error middleware, outside this one
+            status = error.status
+            failed = _refused(span, error)
+            raise
+        except BaseException as failure:
+            _fail(span, failure)
+            failed = True
+            raise
+        finally:
+            _ACTIVE.reset(active_token)
+            self._finish_request(span, ex, status or ex.status, active, failed)
+            span.end()
+
+    def _finish_request(
+        self, span: Span, ex: Exchange, status: int, active: _Request, failed: bool
+    ) -> None:
+        if not span.is_recording():
+            return
+        used = ex.prefill_attempts > 0
+        _set(
+            span,
+            {
+                "llm_d.pd_proxy.disaggregation_used": used,
+                "llm_d.pd_proxy.prefill_target": ex.prefiller,
+                "llm_d.pd_proxy.prefill_attempts": ex.prefill_attempts if used else None,
+                "llm_d.pd_proxy.reason": None if used else "no_prefill_header",
+                "llm_d.pd_proxy.mode": ex.mode,
+                "llm_d.pd_proxy.fallback_reason": ex.fallback_reason,
+                "llm_d.ec_proxy.encode_disaggregation_used": ex.encode_s is not None,
+                "llm_d.ec_proxy.encode_items": ex.encode_items if ex.encode_s is not None else None,
+                "llm_d.pd_proxy.total_duration_ms": _ms(time.perf_counter() - ex.start),
+                "llm_d.pd_proxy.true_ttft_ms": _ms(ex.ttft_s),
+                "llm_d.pd_proxy.prefill_duration_ms": _ms(ex.prefill_s),
+                "llm_d.pd_proxy.coordinator_overhead_ms": _ms(ex.overhead_s),
+                **active.usage,
+                "gen_ai.usage.cache_read.input_tokens": ex.cached_tokens,
+                "http.response.status_code": status or None,
+            },
+        )
+        if status >= 500 and not failed:
+            span.set_status(Status(StatusCode.ERROR, ex.error or f"answered {status}"))
+
+    @contextlib.contextmanager
+    def stage(self, stage: Stage, ctx: RequestContext) -> Iterator[Span]:
+        """One stage's span, current (and the legs' parent) while the stage runs."""
+        ex = ctx.ex
+        concurrent = ctx.plan.route.value == "concurrent"
+        attributes: dict[str, Any] = {"llm_d.pd_proxy.request_id": ex.request_id}
+        if stage is Stage.ENCODE:
+            attributes["llm_d.pd_proxy.ec_connector"] = self.ec_connector
+            attributes["llm_d.ec_proxy.encoder_count"] = len(ctx.plan.encoders or ())
+        else:
+            attributes["llm_d.pd_proxy.connector"] = self.kv_connector
+        if stage is Stage.PREFILL:
+            attributes["llm_d.pd_proxy.prefill_target"] = ex.prefiller
+            attributes["llm_d.pd_proxy.prefill.attempt"] = ex.prefill_attempts
+            attributes["llm_d.pd_proxy.prefill.async"] = concurrent
+        elif stage is not Stage.ENCODE:
+            attributes["llm_d.pd_proxy.decode.target"] = urlsplit(ctx.decode_url).netloc
+            attributes["llm_d.pd_proxy.decode.streaming"] = ctx.body.get("stream") is True
+            if stage is Stage.DECODE:
+                attributes["llm_d.pd_proxy.decode.concurrent_with_prefill"] = concurrent
+        span = self.tracer.start_span(
+            self._names[stage],
+            kind=SpanKind.INTERNAL,
+            attributes={k: v for k, v in attributes.items() if v is not None},
+        )
+        started = time.perf_counter()
+        try:
+            with _current(span):
+                yield span
+        except BaseException as failure:
+            _fail(span, failure)
+            reason = getattr(getattr(failure, "error", failure), "reason", "")
+            if stage is Stage.PREFILL and str(reason)[7:].isdigit():
+                # A retryable answer (502/503/504): the status is only in the reason.
+                _set(span, {"llm_d.pd_proxy.prefill.status_code": int(reason[7:])})
+            raise
+        finally:
+            elapsed = _ms(time.perf_counter() - started)
+            if stage is Stage.PREFILL:
+                _set(span, {"llm_d.pd_proxy.prefill.duration_ms": elapsed})
+            elif stage is Stage.ENCODE:
+                _set(span, {"llm_d.ec_proxy.duration_ms": elapsed,
+                            "llm_d.ec_proxy.encode_items": ex.encode_items})  # fmt: skip
+            else:
+                _set(span, {"llm_d.pd_proxy.decode.duration_ms": elapsed,
+                            "llm_d.pd_proxy.decode_first.verdict": ex.decode_first})  # fmt: skip
+            span.end()
+
+
+def _stage_result(span: Span, stage: Stage, result: object) -> None:
+    if stage is Stage.PREFILL and isinstance(result, tuple) and len(result) == 3:
+        _set(span, {"gen_ai.usage.cache_read.input_tokens": result[2]})
+    elif isinstance(result, web.StreamResponse):
+        _set(span, {"http.response.status_code": result.status})
+        if result.status >= 500:
+            span.set_status(Status(StatusCode.ERROR, f"answered {result.status}"))
+
+
+S = TypeVar("S")
+P = ParamSpec("P")
+R = TypeVar("R")
+_StageMethod = Callable[Concatenate[S, "RequestContext", P], Awaitable[R]]
+
+
+def traced(
+    stage: Stage,
+) -> Callable[[_StageMethod[S, P, R]], _StageMethod[S, P, R]]:
+    """Run an orchestrator stage method (``(self, ctx: RequestContext, ...)``) inside its
+    span when the request is traced; otherwise call it as it is."""
+
+    def decorate(method: _StageMethod[S, P, R]) -> _StageMethod[S, P, R]:
+        @functools.wraps(method)
+        async def wrapper(self: S, ctx: RequestContext, /, *args: P.args, **kwargs: P.kwargs) -> R:
+            active = _ACTIVE.get()
+            if active is None:
+                return await method(self, ctx, *args, **kwargs)
+            with active.tracing.stage(stage, ctx) as span:
+                result = await method(self, ctx, *args, **kwargs)
+                _stage_result(span, stage, result)
+                return result
+
+        return wrapper
+
+    return decorate
