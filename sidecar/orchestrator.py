@@ -183,16 +183,20 @@ class Orchestrator:
         route: Plan,
         ex: Exchange,
         decode_base_url: str,
+        kv_source: HostPort | None = None,
     ) -> web.StreamResponse:
-        """Serve one request planned for an encode stage, a prefill, or both."""
+        """Serve one request planned for an encode stage, a prefill, or both.
+
+        ``kv_source``: a checked peer the prefill leg pulls the cached prefix from."""
         ex.mode = route.mode
         raw, body = await self.client_body(request, ex)
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id
         headers["Content-Type"] = "application/json"
         ctx = RequestContext(
-            request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers
-        )
+            request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers,
+            kv_source=kv_source,
+        )  # fmt: skip
         if self.encode is not None and route.encoders is not None:
             ctx.extra = await self.encode.run(body, list(route.encoders), headers, ex)
         if route.route is Route.ENCODE:
@@ -258,6 +262,7 @@ class Orchestrator:
             prefiller=target,
             prepared=prepared,
             extra=ctx.extra,
+            kv_source=ctx.kv_source,
         )
 
     async def _generation_finished(

@@ -13,8 +13,8 @@ Sources, strongest first:
    self-signed serving certificate), plus ``PD_SIDECAR_<FIELD>`` for every field;
 4. the defaults below.
 
-llm-d flags whose feature is not implemented here (the offloading connector, P2P pulls,
-MoRI-IO, chunked decode, tracing) are accepted at their off values and refused with
+llm-d flags whose feature is not implemented here (MoRI-IO, chunked decode, tracing) are
+accepted at their off values and refused with
 "not supported yet" at any value that would turn the feature on.
 
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
@@ -132,10 +132,13 @@ class Settings(BaseSettings):
     # Keep-alive connections per upstream host: the per-host limit of each upstream
     # connection pool (0: llm-d's default, 1024).
     max_idle_conns_per_host: Annotated[int, Field(ge=0)] = 1024
-    # The prefillers' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull).
+    # The engines' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull);
+    # rank r of --data-parallel-size serves it on this port + r.
     p2p_connector_port: Annotated[int, Field(ge=1, le=65535)] = 7777
-    # llm-d flags of features not implemented here: accepted only at their off values.
+    # nixlv2 engines also run the OffloadingConnector P2P tier (MultiConnector): honour
+    # x-kv-cache-source-host-port with a remote_kv_source pull on the prefill leg.
     enable_p2p_pull: GoBool = False
+    # llm-d flags of features not implemented here: accepted only at their off values.
     decode_chunk_size: Annotated[int, Field(ge=0)] = 0
     tracing: GoBool = False
     moriio_write_mode: GoBool = False
@@ -222,10 +225,6 @@ class Settings(BaseSettings):
     def _known_connector(cls, value: str) -> str:
         from sidecar.connectors import available_connectors
 
-        if value == "offloading":
-            raise ValueError(
-                "offloading (vLLM's OffloadingConnector with the P2P tier) is not supported yet"
-            )
         if value not in available_connectors():
             names = ", ".join(sorted(available_connectors()))
             raise ValueError(f"unknown KV connector {value!r} (available: {names})")
@@ -309,8 +308,6 @@ class Settings(BaseSettings):
     def unsupported_features(self) -> list[str]:
         """The llm-d flags set to values that turn on a feature not implemented here."""
         out = []
-        if self.enable_p2p_pull:
-            out.append("--enable-p2p-pull (P2P prefix pulls)")
         if self.decode_chunk_size:
             out.append(f"--decode-chunk-size={self.decode_chunk_size} (chunked decode)")
         if self.tracing:
@@ -339,6 +336,14 @@ class Settings(BaseSettings):
             return None
         namespace, _, name = ref.rpartition("/")
         return (namespace or self.inference_pool_namespace or "default", name)
+
+    @property
+    def p2p_pull_available(self) -> bool:
+        """Whether the engines can pull a cached prefix over the P2P tier: always with
+        the offloading connector, with nixlv2 only under --enable-p2p-pull."""
+        return self.kv_connector == "offloading" or (
+            self.enable_p2p_pull and self.kv_connector == "nixlv2"
+        )
 
     @property
     def effective_log_level(self) -> str:

@@ -15,6 +15,7 @@ from sidecar.connectors.base import (
 )
 from sidecar.connectors.mooncake import MooncakeConnector
 from sidecar.connectors.nixlv2 import NixlV2Connector
+from sidecar.connectors.offloading import OffloadingConnector
 from sidecar.connectors.sglang import SGLangConnector
 from sidecar.connectors.shared_storage import SharedStorageConnector
 
@@ -56,5 +57,11 @@ def create_connector(name: str, options: ConnectorOptions) -> Connector:
     return cls(options)
 
 
-for _builtin in (NixlV2Connector, SharedStorageConnector, SGLangConnector, MooncakeConnector):
+for _builtin in (
+    NixlV2Connector,
+    SharedStorageConnector,
+    SGLangConnector,
+    MooncakeConnector,
+    OffloadingConnector,
+):
     register(_builtin)

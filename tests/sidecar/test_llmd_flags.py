@@ -87,11 +87,17 @@ def test_every_llmd_flag_is_accepted_at_its_off_value() -> None:
     assert load_settings(["--vllm-port=8300"], env={}).model_server_port == 8300
 
 
+def test_offloading_and_p2p_pull_are_accepted() -> None:
+    offloading = load_settings(["--kv-connector=offloading"], env={"P2P_CONNECTOR_PORT": "7800"})
+    assert offloading.p2p_connector_port == 7800 and offloading.p2p_pull_available
+    pull = load_settings(["--enable-p2p-pull"], env={})
+    assert pull.kv_connector == "nixlv2" and pull.p2p_pull_available
+    assert not load_settings([], env={}).p2p_pull_available
+
+
 @pytest.mark.parametrize(
     ("argv", "named"),
     [
-        (["--kv-connector=offloading"], "offloading"),
-        (["--enable-p2p-pull"], "--enable-p2p-pull"),
         (["--decode-chunk-size=256"], "--decode-chunk-size"),
         (["--tracing"], "--tracing"),
         (["--moriio-write-mode"], "--moriio-write-mode"),
