@@ -237,3 +237,40 @@ async def test_ssrf_protection_refuses_a_source_outside_the_allowlist(
         )
         == 1
     )
+
+
+def _free_port(host: str) -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+async def test_offloading_pd_prefill_pulls_from_the_source_then_hands_over(
+    start_sim: Any, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    # Every engine's tier listens on --p2p-connector-port: the prefill engine and the
+    # source get their own loopback address and share that port number.
+    tier = _free_port("127.0.0.2")
+    p = await start_sim(zero_latency=True, host="127.0.0.2", nixl_side_channel_port=tier)
+    source = await start_sim(zero_latency=True, host="127.0.0.3", nixl_side_channel_port=tier)
+    d = await start_sim(zero_latency=True)
+    await _warm(client, source)
+    sidecar = await start_sidecar(
+        model_server_port=d.port, kv_connector="offloading", p2p_connector_port=tier
+    )
+    headers = {"x-prefiller-host-port": p.host_port, HEADER: source.host_port}
+    async with client.post(sidecar.url + "/v1/completions", json=_body(), headers=headers) as r:
+        assert r.status == 200
+    p_stats, d_stats, s_stats = await p.stats(), await d.stats(), await source.stats()
+    [p_rec], [d_rec] = p_stats["recorded"], d_stats["recorded"]
+    p_params = p_rec["body"]["kv_transfer_params"]
+    assert set(p_params) == {"remote_decoder", "remote_kv_source"}
+    assert p_params["remote_kv_source"]["remote_host"] == "127.0.0.3"
+    assert list(d_rec["body"]["kv_transfer_params"]) == ["remote_prefiller"]
+    assert d_rec["body"]["kv_transfer_params"]["remote_prefiller"]["remote_host"] == "127.0.0.2"
+    # The prefill pulled the prefix from the source; the decode took the prefill's KV.
+    assert p_stats["p2p_blocks_pulled"] > 0
+    assert s_stats["p2p_blocks_served"] == p_stats["p2p_blocks_pulled"]
+    assert (p_stats["kv_pulls_served"], d_stats["kv_pulls_ok"]) == (1, 1)
