@@ -147,6 +147,8 @@ class Orchestrator:
         self.metrics = metrics
         self.encode = encode
         self._prepared: dict[HostPort, asyncio.Task[object | None]] = {}
+        # Prefill legs left to finish after their decode answered (see Connector).
+        self._detached: set[asyncio.Future[PrefillResult]] = set()
         self._needs_prepare = type(connector).prepare is not Connector.prepare
         backoff = policy.prefill_retry_backoff
         # Attempts after the first retry: exponential from twice the backoff, with jitter.
@@ -607,6 +609,7 @@ class Orchestrator:
                 relay.cancel()
 
         prefill.add_done_callback(stop_decode)
+        answered: web.StreamResponse | None = None
         try:
             answered = await relay
             if answered.status >= 500:
@@ -627,9 +630,28 @@ class Orchestrator:
             return await self._generation_finished(ctx, leg)
         finally:
             prefill.remove_done_callback(stop_decode)
-            if not prefill.done():
-                prefill.cancel()
-            await asyncio.gather(prefill, return_exceptions=True)
+            if (
+                answered is not None
+                and not prefill.done()
+                and self.connector.prefill_outlives_decode
+            ):
+                self._detach(prefill)
+            else:
+                if not prefill.done():
+                    prefill.cancel()
+                await asyncio.gather(prefill, return_exceptions=True)
+
+    def _detach(self, prefill: asyncio.Future[PrefillResult]) -> None:
+        """Let a prefill leg run on after its request answered; its outcome is counted by
+        :meth:`_concurrent_prefill` and otherwise dropped."""
+        self._detached.add(prefill)
+
+        def done(task: asyncio.Future[PrefillResult]) -> None:
+            self._detached.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure is already counted
+
+        prefill.add_done_callback(done)
 
     async def _concurrent_prefill(self, ctx: RequestContext, leg: LegContext) -> PrefillResult:
         loop = asyncio.get_running_loop()

@@ -122,6 +122,9 @@ class Connector(ABC):
     order: ClassVar[LegOrder]
     # Finish reason by which a decode-first attempt declines (see the module docstring).
     decline_reason: ClassVar[str | None] = None
+    # Concurrent legs: a prefill still running when the decode answered completely is
+    # left to finish (bounded by --prefill-timeout) instead of being cancelled.
+    prefill_outlives_decode: ClassVar[bool] = False
 
     def __init__(self, options: ConnectorOptions) -> None:
         self.options = options

@@ -7,7 +7,8 @@ under ``id``, no peer address. Decode leg, sent at the same time: the client bod
 "remote_port": <P's tier port>}}``; the tier port is ``--p2p-connector-port``, offset by
 the prefiller's data-parallel rank (:class:`sidecar.p2p.P2PTier`). The connector parks
 blocks stored before the decode binds the session, so the legs need no ordering. The
-prefill's answer is only checked for errors.
+prefill's answer is only checked for errors; a prefill still running when the decode
+has answered is left to finish rather than aborted.
 
 With ``x-kv-cache-source-host-port`` the prefill leg also carries ``remote_kv_source``
 (a pull of the cached prefix from that peer), unless the source is the prefiller.
@@ -28,6 +29,8 @@ __all__ = ["OffloadingConnector"]
 class OffloadingConnector(Connector):
     name: ClassVar[str] = "offloading"
     order: ClassVar[LegOrder] = LegOrder.CONCURRENT
+    # The prefill's stored KV must not be aborted because the decode finished first.
+    prefill_outlives_decode: ClassVar[bool] = True
 
     @staticmethod
     def kv_request_id(ctx: LegContext) -> str:

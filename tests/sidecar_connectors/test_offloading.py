@@ -7,11 +7,13 @@ prefill engine's side-channel port.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 from sidecar.api_shapes import shape_for
 from sidecar.connectors import ConnectorOptions, LegContext, create_connector
@@ -185,3 +187,72 @@ def test_prefill_leg_pulls_from_another_rank_of_the_same_pod() -> None:
         assert "remote_kv_source" not in body["kv_transfer_params"]
     v6 = connector.prefill_body(_leg(HostPort("fd00::1", 8000), HostPort("fd00:0::1", 8000)))
     assert "remote_kv_source" not in v6["kv_transfer_params"]
+
+
+class HeldPrefill:
+    """A prefill engine stand-in whose answer waits for ``release``; it notes whether its
+    request was abandoned (the sidecar closed the connection) or answered."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.received = asyncio.Event()
+        self.outcome = ""
+        self.runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        await request.read()
+        self.received.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.outcome = "abandoned"
+            raise
+        self.outcome = "answered"
+        return web.json_response(
+            {"id": "cmpl-1", "object": "text_completion", "model": "sim-model",
+             "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+             "usage": {"prompt_tokens": 8, "completion_tokens": 1, "total_tokens": 9}}
+        )  # fmt: skip
+
+    async def start(self) -> HeldPrefill:
+        app = web.Application()
+        app.router.add_post("/v1/completions", self._handle)
+        self.runner = web.AppRunner(app, handler_cancellation=True)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+        self.port = int(self.runner.addresses[0][1])
+        return self
+
+    async def stop(self) -> None:
+        self.release.set()
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+
+async def test_a_prefill_still_running_when_the_decode_answered_is_not_aborted(
+    start_sim: Any, start_sidecar: StartSidecar, client: aiohttp.ClientSession
+) -> None:
+    prefill = await HeldPrefill().start()
+    try:
+        # The decode engine cannot reach any tier (port 1): it computes the prompt itself
+        # and answers while the prefill is still held.
+        d = await start_sim(zero_latency=True, kv_load_failure_policy="recompute")
+        sidecar = await start_sidecar(
+            model_server_port=d.port, kv_connector="offloading", p2p_connector_port=1
+        )
+        body = {"model": "sim-model", "prompt": PROMPT, "max_tokens": 2}
+        headers = {"x-prefiller-host-port": f"127.0.0.1:{prefill.port}"}
+        async with client.post(sidecar.url + "/v1/completions", json=body, headers=headers) as r:
+            assert r.status == 200
+            assert (await r.json())["choices"][0]["finish_reason"] == "length"
+        assert prefill.received.is_set() and prefill.outcome == ""
+        prefill.release.set()
+
+        async def answered() -> bool:
+            return prefill.outcome != ""
+
+        await eventually(answered, what="the held prefill to finish")
+        assert prefill.outcome == "answered"
+    finally:
+        await prefill.stop()
