@@ -403,8 +403,9 @@ class SimEngine:
         self.prompt_tokens_total += len(prompt)
         await self._check_encoder_outputs(run)
         hashes = block_hashes(prompt, cfg.block_size, cfg.hash_seed)
-        if run.role != "decode":
-            await self._pull_from_source(run, hashes)
+        # Blocks pulled from a remote_kv_source peer cost no prefill time and land in the
+        # prefix cache; like NIXL's, usage reports them nowhere (external counters only).
+        pulled = await self._pull_from_source(run, hashes) if run.role != "decode" else 0
         local_hits = self.cache.cached_prefix_blocks(hashes)
         if run.role == "decode" and run.invalid_kv_params:
             # vLLM logs "Got invalid KVTransferParams ... will not utilize KVTransfer"
@@ -453,8 +454,10 @@ class SimEngine:
         run.block_ids = alloc.block_ids
         self.stats.storage_hit_tokens += max(0, stored - alloc.hit_blocks) * cfg.block_size
         run.cached_tokens = min(max(alloc.hit_blocks, stored) * cfg.block_size, len(prompt))
-        uncached = len(prompt) - run.cached_tokens
+        pulled = max(0, min(pulled, len(prompt) - run.cached_tokens))
+        uncached = len(prompt) - run.cached_tokens - pulled
         self.tokens_by_source["local_cache_hit"] += run.cached_tokens
+        self.tokens_by_source["external_kv_transfer"] += pulled
         self.tokens_by_source["local_compute"] += uncached
         await self._compute_prompt(
             cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token)
@@ -587,30 +590,32 @@ class SimEngine:
         return payload if resp.status == 200 and isinstance(payload, dict) else None
 
     # -- the OffloadingConnector P2P tier ----------------------------------------------
-    async def _pull_from_source(self, run: Run, hashes: list[bytes]) -> None:
-        """``remote_kv_source``: take the leading blocks the peer holds beyond ours."""
+    async def _pull_from_source(self, run: Run, hashes: list[bytes]) -> int:
+        """``remote_kv_source``: the prompt tokens pulled from the peer (the leading blocks
+        it holds beyond ours); 0 when there is nothing to pull or the pull failed."""
         source = peer_block(run.params.kv_transfer_params, REMOTE_KV_SOURCE)
         if source is None:
-            return
+            return 0
         if missing_peer_fields(source):
             self.stats.kv_params_invalid += 1
-            return
+            return 0
         have = self.cache.cached_prefix_blocks(hashes)
         if have >= len(hashes):
-            return
+            return 0
         url = _url(str(source["remote_host"]), source["remote_port"], P2P_LOOKUP_PATH)
         payload = await self._post(url, {"block_hashes": [h.hex() for h in hashes]})
         blocks = payload.get("blocks") if payload is not None else None
         if not isinstance(blocks, int) or not 0 <= blocks <= len(hashes):
             self.stats.p2p_source_pulls_failed += 1
-            return
+            return 0
         self.stats.p2p_source_pulls += 1
-        if blocks > have:
-            size = self.config.block_size
-            self.cache.insert_computed(run.params.prompt_ids[: blocks * size])
-            self.stats.p2p_blocks_pulled += blocks - have
-            self.external_queries_tokens += (len(hashes) - have) * size
-            self.external_hits_tokens += (blocks - have) * size
+        size = self.config.block_size
+        self.external_queries_tokens += (len(hashes) - have) * size
+        if blocks <= have:
+            return 0
+        self.stats.p2p_blocks_pulled += blocks - have
+        self.external_hits_tokens += (blocks - have) * size
+        return (blocks - have) * size
 
     def serve_lookup(self, hex_hashes: list[str]) -> int:
         """How many leading blocks of these hashes this engine's tier can serve."""

@@ -112,8 +112,10 @@ async def test_decode_only_request_pulls_the_prefix_from_the_source(
     d_stats, s_stats = await d.stats(), await source.stats()
     assert d_stats["p2p_source_pulls"] == 1 and d_stats["p2p_blocks_pulled"] > 0
     assert s_stats["p2p_blocks_served"] == d_stats["p2p_blocks_pulled"]
-    # The pulled prefix counts as cached for the decode engine.
-    assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+    # The pulled tokens were not computed: the engine counts them as an external transfer.
+    pulled = d_stats["p2p_blocks_pulled"] * d.engine.config.block_size
+    assert d.engine.tokens_by_source["external_kv_transfer"] == pulled
+    assert d.engine.tokens_by_source["local_compute"] == usage["prompt_tokens"] - pulled
 
 
 async def test_a_source_naming_this_endpoint_is_not_pulled_from(

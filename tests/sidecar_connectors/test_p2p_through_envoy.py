@@ -106,7 +106,9 @@ async def test_second_pod_pulls_the_prefix_the_first_one_computed(
         )
         assert b_stats["p2p_blocks_pulled"] > 0
         assert a_stats["p2p_blocks_served"] == b_stats["p2p_blocks_pulled"]
-        assert usage["prompt_tokens_details"]["cached_tokens"] > 0
+        pulled = b_stats["p2p_blocks_pulled"] * sim_b.engine.config.block_size
+        assert sim_b.engine.tokens_by_source["external_kv_transfer"] == pulled
+        assert sim_b.engine.tokens_by_source["local_compute"] == usage["prompt_tokens"] - pulled
     finally:
         if envoy is not None:
             await envoy.stop()
