@@ -24,7 +24,8 @@ DESTINATION_ENDPOINT = "x-gateway-destination-endpoint"
 PREFILLER_HOST_PORT = "x-prefiller-host-port"
 # The encoders of a multimodal request (E/P/D).
 ENCODER_HOSTS_PORTS = "x-encoder-hosts-ports"
-# Where the KV cache can be pulled from.
+# A peer holding more of the prompt's prefix (the EPP's p2p-source-producer): the
+# sidecar has the engine pull it over the OffloadingConnector P2P tier.
 KV_CACHE_SOURCE_HOST_PORT = "x-kv-cache-source-host-port"
 # The data-parallel rank's own port (data-parallel-profile-handler), and vLLM's rank pin.
 DATA_PARALLEL_HOST_PORT = "x-data-parallel-host-port"

@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sidecar._json import dumps
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
 from sidecar.connectors.moriio import MoriioConnector
@@ -40,13 +41,22 @@ from sidecar.health import Readiness
 from sidecar.log import access_log, http_log, log
 from sidecar.metrics import Metrics
 from sidecar.orchestrator import Orchestrator, Policy
+from sidecar.p2p import REMOTE_KV_SOURCE, P2PTier
 from sidecar.passthrough import passthrough
 from sidecar.plan import Route
 from sidecar.ranks import Rank, Ranks
 from sidecar.relay import StreamBroken
-from sidecar.routing import DATA_PARALLEL_HOST_PORT, ENCODER_HOSTS_PORTS, PREFILLER_HOST_PORT
+from sidecar.routing import (
+    DATA_PARALLEL_HOST_PORT,
+    ENCODER_HOSTS_PORTS,
+    KV_CACHE_SOURCE_HOST_PORT,
+    PREFILLER_HOST_PORT,
+    HostPort,
+    parse_host_ports,
+)
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
+from sidecar.ssrf.rules import normalize_host
 from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.tracing import SidecarTracing
 from sidecar.upstream import Upstream, make_session
@@ -219,6 +229,11 @@ def _connector(settings: Settings, metrics: Metrics) -> Connector:
     options = ConnectorOptions(
         mooncake_bootstrap_port=settings.mooncake_bootstrap_port,
         sglang_bootstrap_port=settings.sglang_bootstrap_port,
+        p2p=P2PTier(
+            port=settings.p2p_connector_port,
+            data_parallel_size=settings.data_parallel_size,
+            base_port=settings.port,
+        ),
         moriio=MoriioOptions(
             write_mode=settings.moriio_write_mode,
             parallel_dispatch=settings.moriio_parallel_dispatch,
@@ -442,6 +457,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     rank = _rank(request)
     if services.guard is not None:
         services.guard.check_headers(request.headers, ex.log_ids())
+    kv_source = _kv_source(request, ex)
     orchestrator = rank.orchestrator
     prefill_header = request.headers.get(PREFILLER_HOST_PORT)
     try:
@@ -451,15 +467,62 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         raise
     decode_base_url = _decode_rank_url(request, rank)
     if route.route is not Route.LOCAL:
-        return await orchestrator.serve(request, shape, route, ex, decode_base_url)
+        return await orchestrator.serve(request, shape, route, ex, decode_base_url, kv_source)
     # Decode-only: the body goes to the engine as sent, once checked like any other.
     ex.mode = "local"
     read, body = await orchestrator.client_body(request, ex)
+    if kv_source is not None and not _is_this_endpoint(request, kv_source):
+        # The engine pulls the cached prefix from the peer; the sidecar owns the field.
+        pull = orchestrator.connector.options.p2p.source_params(kv_source)
+        body = {**body, "kv_transfer_params": {REMOTE_KV_SOURCE: pull}}
+        read = dumps(body)
+        if not orchestrator.chunks(shape, body):
+            return await _passthrough(request, read, decode_base_url, rewritten=True)
     if orchestrator.chunks(shape, body):
         return await orchestrator.serve_local_chunked(
             request, shape, route, ex, decode_base_url, (read, body)
         )
     return await _passthrough(request, read, decode_base_url)
+
+
+def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
+    """The peer of ``x-kv-cache-source-host-port`` to pull the cached prefix from.
+
+    Ignored (never forwarded either) unless the engines have the P2P tier
+    (offloading, or nixlv2 with --enable-p2p-pull). Otherwise the value must be one
+    ``host:port`` (else 400) and, with --enable-ssrf-protection, a member of the pool
+    (else 403, counted under stage ``kv-source``), like every other target."""
+    value = request.headers.get(KV_CACHE_SOURCE_HOST_PORT)
+    if value is None or not value.strip():
+        return None
+    settings = request.app[SETTINGS]
+    if not settings.p2p_pull_available:
+        log.debug(
+            {
+                "event": "kv_source_ignored",
+                **ex.log_ids(),
+                "reason": f"--kv-connector={settings.kv_connector} has no P2P tier",
+            }
+        )
+        return None
+    targets = parse_host_ports(value, KV_CACHE_SOURCE_HOST_PORT)
+    if len(targets) != 1:
+        raise InvalidRoutingHeader(KV_CACHE_SOURCE_HOST_PORT, value, "expected one host:port")
+    guard = request.app[SERVICES].guard
+    if guard is not None:
+        guard.check(targets, "kv-source", ex.log_ids())
+    return targets[0]
+
+
+def _is_this_endpoint(request: web.Request, target: HostPort) -> bool:
+    """Whether ``target`` is the endpoint this request arrived on (its own engine)."""
+    transport = request.transport
+    sockname = transport.get_extra_info("sockname") if transport is not None else None
+    if not sockname or target.port != sockname[1]:
+        return False
+    settings = request.app[SETTINGS]
+    hosts = local_hosts(settings.pod_ip, settings.listen_host, "127.0.0.1", "localhost", "::1")
+    return normalize_host(target.host) in hosts
 
 
 def _decode_rank_url(request: web.Request, rank: Rank) -> str:
@@ -477,7 +540,11 @@ def _decode_rank_url(request: web.Request, rank: Rank) -> str:
 
 
 async def _passthrough(
-    request: web.Request, read: bytes | None = None, base_url: str | None = None
+    request: web.Request,
+    read: bytes | None = None,
+    base_url: str | None = None,
+    *,
+    rewritten: bool = False,
 ) -> web.StreamResponse:
     """Everything else: to the local engine untouched."""
     request = _origin_form(request)
@@ -490,6 +557,7 @@ async def _passthrough(
         first_byte_timeout=settings.decode_first_byte_timeout,
         idle_timeout=settings.stream_idle_timeout,
         read=read,
+        rewritten=rewritten,
     )
 
 

@@ -17,6 +17,7 @@ from multidict import CIMultiDict
 from sidecar.api_shapes import ApiShape
 from sidecar.exchange import Exchange
 from sidecar.plan import Plan
+from sidecar.routing import HostPort
 
 __all__ = ["RequestContext"]
 
@@ -32,3 +33,4 @@ class RequestContext:
     body: dict[str, Any]  # ... parsed: read it, never mutate it
     headers: CIMultiDict[str]  # headers of the legs whose body is rewritten
     extra: Mapping[str, Any] = field(default_factory=dict)  # the encode stage's output
+    kv_source: HostPort | None = None  # a checked P2P pull source (x-kv-cache-source-...)

@@ -158,6 +158,8 @@ class Orchestrator:
         self.metrics = metrics
         self.encode = encode
         self._prepared: dict[HostPort, asyncio.Task[object | None]] = {}
+        # Prefill legs left to finish after their decode answered (see Connector).
+        self._detached: set[asyncio.Future[PrefillResult]] = set()
         self._needs_prepare = type(connector).prepare is not Connector.prepare
         backoff = policy.prefill_retry_backoff
         # Attempts after the first retry: exponential from twice the backoff, with jitter.
@@ -219,16 +221,20 @@ class Orchestrator:
         route: Plan,
         ex: Exchange,
         decode_base_url: str,
+        kv_source: HostPort | None = None,
     ) -> web.StreamResponse:
-        """Serve one request planned for an encode stage, a prefill, or both."""
+        """Serve one request planned for an encode stage, a prefill, or both.
+
+        ``kv_source``: a checked peer the prefill leg pulls the cached prefix from."""
         ex.mode = route.mode
         raw, body = await self.client_body(request, ex)
         headers = request_headers(request.headers, body_rewritten=True)
         headers[REQUEST_ID] = ex.request_id
         headers["Content-Type"] = "application/json"
         ctx = RequestContext(
-            request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers
-        )
+            request, shape, route, ex, decode_base_url + request.raw_path, raw, body, headers,
+            kv_source=kv_source,
+        )  # fmt: skip
         if self.encode is not None and route.encoders is not None:
             ctx.extra = await self._encode(ctx, self.encode, route.encoders)
         if route.route is Route.ENCODE:
@@ -313,6 +319,7 @@ class Orchestrator:
             prefiller=target,
             prepared=prepared,
             extra=ctx.extra,
+            kv_source=ctx.kv_source,
         )
 
     async def _generation_finished(
@@ -735,6 +742,7 @@ class Orchestrator:
                 relay.cancel()
 
         prefill.add_done_callback(stop_decode)
+        answered: web.StreamResponse | None = None
         try:
             answered = await relay
             if answered.status >= 500:
@@ -755,9 +763,28 @@ class Orchestrator:
             return await self._generation_finished(ctx, leg)
         finally:
             prefill.remove_done_callback(stop_decode)
-            if not prefill.done():
-                prefill.cancel()
-            await asyncio.gather(prefill, return_exceptions=True)
+            if (
+                answered is not None
+                and not prefill.done()
+                and self.connector.prefill_outlives_decode
+            ):
+                self._detach(prefill)
+            else:
+                if not prefill.done():
+                    prefill.cancel()
+                await asyncio.gather(prefill, return_exceptions=True)
+
+    def _detach(self, prefill: asyncio.Future[PrefillResult]) -> None:
+        """Let a prefill leg run on after its request answered; its outcome is counted by
+        :meth:`_concurrent_prefill` and otherwise dropped."""
+        self._detached.add(prefill)
+
+        def done(task: asyncio.Future[PrefillResult]) -> None:
+            self._detached.discard(task)
+            if not task.cancelled():
+                task.exception()  # retrieved: a failure is already counted
+
+        prefill.add_done_callback(done)
 
     async def _concurrent_prefill(
         self, ctx: RequestContext, leg: LegContext, bound: float | None = None

@@ -31,9 +31,13 @@ async def passthrough(
     first_byte_timeout: float,
     idle_timeout: float,
     read: bytes | None = None,
+    rewritten: bool = False,
 ) -> web.StreamResponse:
-    """Forward ``request``; ``read`` is its body when the caller has already read it."""
-    headers = request_headers(request.headers, body_rewritten=False)
+    """Forward ``request``; ``read`` is its body when the caller has already read it
+    (``rewritten``: a JSON body the caller changed, so its length and encoding differ)."""
+    headers = request_headers(request.headers, body_rewritten=rewritten)
+    if rewritten:
+        headers["Content-Type"] = "application/json"
     headers[REQUEST_ID] = ex.request_id  # the engine's id: ours, never the client's
     body: AsyncIterator[bytes] | bytes | None = read
     if body is None and request.body_exists:

@@ -14,10 +14,6 @@ Sources, strongest first:
    self-signed serving certificate), plus ``PD_SIDECAR_<FIELD>`` for every field;
 4. the defaults below.
 
-llm-d flags whose feature is not implemented here (the offloading connector, P2P
-pulls) are accepted at their off values and refused with
-"not supported yet" at any value that would turn the feature on.
-
 Durations accept Go syntax (``200ms``, ``1m30s``, ``1.5h``) or a plain number of seconds.
 Anything unknown or invalid raises :class:`SettingsError`, which ``main`` turns into exit
 status 2 with the offending flag named.
@@ -135,12 +131,14 @@ class Settings(BaseSettings):
     max_idle_conns_per_host: Annotated[int, Field(ge=0)] = 1024
     # OpenTelemetry spans per request (sidecar.tracing); OTEL_* variables configure them.
     tracing: GoBool = False
-    # The prefillers' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull).
+    # The engines' OffloadingConnector P2P tier port (offloading, --enable-p2p-pull);
+    # rank r of --data-parallel-size serves it on this port + r.
     p2p_connector_port: Annotated[int, Field(ge=1, le=65535)] = 7777
+    # nixlv2 engines also run the OffloadingConnector P2P tier (MultiConnector): honour
+    # x-kv-cache-source-host-port with a remote_kv_source pull on the prefill leg.
+    enable_p2p_pull: GoBool = False
     # Chat decodes in chunks of at most this many tokens (0: off; sidecar.chunked_decode).
     decode_chunk_size: Annotated[int, Field(ge=0)] = 0
-    # llm-d flags of features not implemented here: accepted only at their off values.
-    enable_p2p_pull: GoBool = False
     # MoRI-IO (--kv-connector=moriio, or llm-d's nixlv2 with these flags on).
     moriio_write_mode: GoBool = False
     moriio_parallel_dispatch: GoBool = False
@@ -231,10 +229,6 @@ class Settings(BaseSettings):
     def _known_connector(cls, value: str) -> str:
         from sidecar.connectors import available_connectors
 
-        if value == "offloading":
-            raise ValueError(
-                "offloading (vLLM's OffloadingConnector with the P2P tier) is not supported yet"
-            )
         if value not in available_connectors():
             names = ", ".join(sorted(available_connectors()))
             raise ValueError(f"unknown KV connector {value!r} (available: {names})")
@@ -311,17 +305,7 @@ class Settings(BaseSettings):
                 f"--enable-p2p-pull requires --kv-connector=nixlv2 (got {self.kv_connector!r})"
             )
         self._check_moriio()
-        unsupported = self.unsupported_features()
-        if unsupported:
-            raise ValueError("; ".join(f"{flag} is not supported yet" for flag in unsupported))
         return self
-
-    def unsupported_features(self) -> list[str]:
-        """The llm-d flags set to values that turn on a feature not implemented here."""
-        out = []
-        if self.enable_p2p_pull:
-            out.append("--enable-p2p-pull (P2P prefix pulls)")
-        return out
 
     def moriio_flags_on(self) -> list[str]:
         """The ``--moriio-*`` flags set to values that change the wire (llm-d's list)."""
@@ -378,6 +362,14 @@ class Settings(BaseSettings):
             return None
         namespace, _, name = ref.rpartition("/")
         return (namespace or self.inference_pool_namespace or "default", name)
+
+    @property
+    def p2p_pull_available(self) -> bool:
+        """Whether the engines can pull a cached prefix over the P2P tier: always with
+        the offloading connector, with nixlv2 only under --enable-p2p-pull."""
+        return self.kv_connector == "offloading" or (
+            self.enable_p2p_pull and self.kv_connector == "nixlv2"
+        )
 
     @property
     def effective_log_level(self) -> str:

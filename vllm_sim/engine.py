@@ -11,6 +11,8 @@ Where a request's KV comes from, by what its body carries:
 - either of the two on an engine in ``--moriio-mode``: MoRI-IO (read: a pull from the
   prefill engine's handshake port; write: a notify to the prefill engine, which then
   writes the KV here, see ``moriio.py``);
+- ``kv_transfer_params.remote_prefiller``: OffloadingConnector P2P take (``p2p.py``);
+- ``kv_transfer_params.remote_kv_source`` (any role): the peer's cached prefix first;
 - ``bootstrap_room`` on an engine in ``--disaggregation-mode decode``: SGLang rendezvous;
 - otherwise computed here, helped by the local prefix cache and the shared storage.
 """
@@ -34,6 +36,15 @@ from .kv_events import KvEventPublisher
 from .mooncake import TransferTable
 from .moriio import Outgoing, WriteTable
 from .nixl import LeaseTable, PullRejected, PullRequest
+from .p2p import (
+    P2P_LOOKUP_PATH,
+    P2P_TAKE_PATH,
+    REMOTE_DECODER,
+    REMOTE_KV_SOURCE,
+    REMOTE_PREFILLER,
+    missing_peer_fields,
+    peer_block,
+)
 from .prefix_cache import PrefixCache, block_hashes
 from .sglang import BootstrapTimeout, RoomTable
 from .shared_storage import SharedStorage
@@ -221,6 +232,8 @@ class SimEngine:
         self.transfers = TransferTable(config.kv_lease_seconds, config.bootstrap_timeout_seconds)
         self.writes = WriteTable(config.kv_lease_seconds, config.kv_pull_timeout_seconds)
         self._writing: set[asyncio.Task[None]] = set()
+        # The OffloadingConnector P2P tier: KV stored under kv_request_id for a decode.
+        self.p2p_store = TransferTable(config.kv_lease_seconds, config.bootstrap_timeout_seconds)
         self.storage = (
             SharedStorage(config.shared_storage_path) if config.shared_storage_path else None
         )
@@ -291,15 +304,22 @@ class SimEngine:
             self.expire_leases()
 
     def expire_leases(self) -> None:
-        self.stats.leases_expired += (
-            self.leases.expire() + self.transfers.expire() + self.writes.expire()
+        expired = (
+            self.leases.expire()
+            + self.transfers.expire()
+            + self.writes.expire()
+            + self.p2p_store.expire()
         )
+        self.stats.leases_expired += expired
 
     def stats_dict(self) -> dict[str, Any]:
         self.expire_leases()
         return self.stats.as_dict(
             engine_id=self.config.engine_id,
-            leases_active=len(self.leases) + len(self.transfers) + len(self.writes),
+            leases_active=len(self.leases)
+            + len(self.transfers)
+            + len(self.writes)
+            + len(self.p2p_store),
         )
 
     def itl_s(self) -> float:
@@ -330,9 +350,9 @@ class SimEngine:
         if self.config.role == "encode":
             return "encode"
         ktp = params.kv_transfer_params or {}
-        if ktp.get("do_remote_decode"):
+        if ktp.get("do_remote_decode") or REMOTE_DECODER in ktp:
             return "prefill"
-        if ktp.get("do_remote_prefill"):
+        if ktp.get("do_remote_prefill") or REMOTE_PREFILLER in ktp:
             return "decode"
         if params.bootstrap_room is not None and self.config.disaggregation_mode != "null":
             return self.config.disaggregation_mode
@@ -413,6 +433,9 @@ class SimEngine:
         self.prompt_tokens_total += len(prompt)
         await self._check_encoder_outputs(run)
         hashes = block_hashes(prompt, cfg.block_size, cfg.hash_seed)
+        # Blocks pulled from a remote_kv_source peer cost no prefill time and land in the
+        # prefix cache; like NIXL's, usage reports them nowhere (external counters only).
+        pulled = await self._pull_from_source(run, hashes) if run.role != "decode" else 0
         local_hits = self.cache.cached_prefix_blocks(hashes)
         if run.role == "decode" and run.invalid_kv_params:
             # vLLM logs "Got invalid KVTransferParams ... will not utilize KVTransfer"
@@ -461,8 +484,10 @@ class SimEngine:
         run.block_ids = alloc.block_ids
         self.stats.storage_hit_tokens += max(0, stored - alloc.hit_blocks) * cfg.block_size
         run.cached_tokens = min(max(alloc.hit_blocks, stored) * cfg.block_size, len(prompt))
-        uncached = len(prompt) - run.cached_tokens
+        pulled = max(0, min(pulled, len(prompt) - run.cached_tokens))
+        uncached = len(prompt) - run.cached_tokens - pulled
         self.tokens_by_source["local_cache_hit"] += run.cached_tokens
+        self.tokens_by_source["external_kv_transfer"] += pulled
         self.tokens_by_source["local_compute"] += uncached
         await self._compute_prompt(
             cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token)
@@ -477,6 +502,10 @@ class SimEngine:
         prompt = list(p.prompt_ids)
         if run.role == "encode":
             await self._encode(run)
+        elif run.role == "prefill" and peer_block(p.kv_transfer_params, REMOTE_DECODER):
+            stored = peer_block(p.kv_transfer_params, REMOTE_DECODER) or {}
+            engine_id = self.config.rank_engine_id(run.dp_rank)
+            self.p2p_store.publish(str(stored.get("kv_request_id")), prompt, engine_id)
         elif run.role == "prefill" and p.bootstrap_room is not None:
             try:
                 await self.rooms.wait_for_decode(p.bootstrap_room)
@@ -498,6 +527,12 @@ class SimEngine:
             # vLLM's MoRIIOConnector hands KV over only for a prefill capped at length.
             if core_end == "length":
                 self.moriio_finished(run)
+            return
+        stored = peer_block(run.params.kv_transfer_params, REMOTE_DECODER)
+        if stored is not None:
+            # Stored once the prompt was computed (_publish); a prefill that failed
+            # before that tells a waiting decode at once.
+            self.p2p_store.refuse(str(stored.get("kv_request_id")))
             return
         transfer_id = (run.params.kv_transfer_params or {}).get("transfer_id")
         if transfer_id:
@@ -653,9 +688,13 @@ class SimEngine:
                 self.stats.kv_pulls_failed += 1
                 self.nixl_failed_transfers += 1
             return ok
+        prefiller = peer_block(ktp, REMOTE_PREFILLER)
         if p.bootstrap_room is not None:
             url = _url(str(p.bootstrap_host), p.bootstrap_port, SGLANG_JOIN_PATH)
             body: dict[str, Any] = {"room": p.bootstrap_room}
+        elif prefiller is not None:
+            url = _url(str(prefiller["remote_host"]), prefiller["remote_port"], P2P_TAKE_PATH)
+            body = {"kv_request_id": prefiller["kv_request_id"]}
         elif ktp.get("transfer_id"):
             url = f"{str(ktp.get('remote_bootstrap_addr', '')).rstrip('/')}{MOONCAKE_PULL_PATH}"
             body = {"transfer_id": ktp["transfer_id"], "engine_id": ktp.get("remote_engine_id")}
@@ -683,6 +722,50 @@ class SimEngine:
         except (TimeoutError, aiohttp.ClientError, ValueError):
             return None
         return payload if resp.status == 200 and isinstance(payload, dict) else None
+
+    # -- the OffloadingConnector P2P tier ----------------------------------------------
+    async def _pull_from_source(self, run: Run, hashes: list[bytes]) -> int:
+        """``remote_kv_source``: the prompt tokens pulled from the peer (the leading blocks
+        it holds beyond ours); 0 when there is nothing to pull or the pull failed."""
+        source = peer_block(run.params.kv_transfer_params, REMOTE_KV_SOURCE)
+        if source is None:
+            return 0
+        if missing_peer_fields(source):
+            self.stats.kv_params_invalid += 1
+            return 0
+        have = self.cache.cached_prefix_blocks(hashes)
+        if have >= len(hashes):
+            return 0
+        url = _url(str(source["remote_host"]), source["remote_port"], P2P_LOOKUP_PATH)
+        payload = await self._post(url, {"block_hashes": [h.hex() for h in hashes]})
+        blocks = payload.get("blocks") if payload is not None else None
+        if not isinstance(blocks, int) or not 0 <= blocks <= len(hashes):
+            self.stats.p2p_source_pulls_failed += 1
+            return 0
+        self.stats.p2p_source_pulls += 1
+        size = self.config.block_size
+        self.external_queries_tokens += (len(hashes) - have) * size
+        if blocks <= have:
+            return 0
+        self.stats.p2p_blocks_pulled += blocks - have
+        self.external_hits_tokens += (blocks - have) * size
+        return (blocks - have) * size
+
+    def serve_lookup(self, hex_hashes: list[str]) -> int:
+        """How many leading blocks of these hashes this engine's tier can serve."""
+        hashes = [bytes.fromhex(h) for h in hex_hashes]
+        blocks = self.cache.cached_prefix_blocks(hashes)
+        self.stats.p2p_blocks_served += blocks
+        return blocks
+
+    async def p2p_take(self, kv_request_id: str) -> list[int] | None:
+        """The KV a prefill stored under ``kv_request_id`` (waits for it), taken once."""
+        taken = await self.p2p_store.take(kv_request_id)
+        if taken is None:
+            self.stats.kv_pulls_rejected += 1
+            return None
+        self.stats.kv_pulls_served += 1
+        return taken[0]
 
     # -- bootstrap server handlers (prefill engine) --------------------------------------
     async def sglang_join(self, room: int) -> list[int]:
@@ -752,9 +835,13 @@ class SimEngine:
 
 
 def _missing_remote_fields(ktp: dict[str, Any], moriio_mode: str = "") -> list[str]:
-    """The fields a decode needs to pull (NIXL protocol v2, Mooncake, MoRI-IO) that are
-    absent (for MoRI-IO: those vLLM cannot do without when the request id carries no
+    """The fields a decode needs to pull (NIXL protocol v2, Mooncake, P2P, MoRI-IO) that
+    are absent (for MoRI-IO: those vLLM cannot do without when the request id carries no
     peer address, as it does not from a router)."""
+    prefiller = peer_block(ktp, REMOTE_PREFILLER)
+    if REMOTE_PREFILLER in ktp:
+        missing = missing_peer_fields(prefiller or {})
+        return [f"{REMOTE_PREFILLER}.{name}" for name in missing]
     needed = (
         ("remote_engine_id", "remote_block_ids", "remote_host", "remote_handshake_port")
         if moriio_mode == "read"

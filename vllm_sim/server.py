@@ -37,6 +37,7 @@ from .engine import (
 from .faults import Fault, FaultKind
 from .metrics import engine_registry
 from .nixl import PullRejected, PullRequest
+from .p2p import P2P_LOOKUP_PATH, P2P_TAKE_PATH
 from .sglang import BootstrapTimeout
 from .shapes import SHAPES, ApiShape
 from .shapes.base import error_info
@@ -601,6 +602,26 @@ def create_bootstrap_app(engine: SimEngine) -> web.Application:
     return app
 
 
+async def _p2p_take(request: web.Request) -> web.Response:
+    body = await _bootstrap_json(request)
+    tokens = await request.app[ENGINE].p2p_take(str(body.get("kv_request_id")))
+    if tokens is None:
+        return _error("no KV stored under this kv_request_id (unknown, expired or taken)", 404)
+    return web.json_response({"token_ids": tokens})
+
+
+async def _p2p_lookup(request: web.Request) -> web.Response:
+    body = await _bootstrap_json(request)
+    hashes = body.get("block_hashes")
+    if not isinstance(hashes, list) or not all(isinstance(h, str) for h in hashes):
+        return _error("'block_hashes' must be a list of hex strings", 400)
+    try:
+        blocks = request.app[ENGINE].serve_lookup(hashes)
+    except ValueError:
+        return _error("'block_hashes' must be hex strings", 400)
+    return web.json_response({"blocks": blocks})
+
+
 def create_side_channel_app(engine: SimEngine) -> web.Application:
     """The KV / encoder-output side channel: its own port, as NIXL's is in vLLM."""
     app = web.Application()
@@ -609,6 +630,8 @@ def create_side_channel_app(engine: SimEngine) -> web.Application:
     app.router.add_post(EC_PULL_PATH, _ec_pull)
     app.router.add_post(MORIIO_NOTIFY_PATH, _moriio_notify)
     app.router.add_post(MORIIO_WRITE_PATH, _moriio_write)
+    app.router.add_post(P2P_TAKE_PATH, _p2p_take)
+    app.router.add_post(P2P_LOOKUP_PATH, _p2p_lookup)
     return app
 
 

@@ -57,6 +57,11 @@ class SimStats:
     moriio_writes_sent: int = 0
     moriio_writes_failed: int = 0
     moriio_writes_received: int = 0
+    # OffloadingConnector P2P tier: remote_kv_source pulls made, failed, blocks moved.
+    p2p_source_pulls: int = 0
+    p2p_source_pulls_failed: int = 0
+    p2p_blocks_pulled: int = 0
+    p2p_blocks_served: int = 0
     requests_by_dp_rank: dict[int, int] = field(default_factory=dict)
     recorded: deque[RecordedRequest] = field(default_factory=lambda: deque(maxlen=_RECORDED_MAX))
 
@@ -91,6 +96,10 @@ class SimStats:
             "moriio_writes_sent": self.moriio_writes_sent,
             "moriio_writes_failed": self.moriio_writes_failed,
             "moriio_writes_received": self.moriio_writes_received,
+            "p2p_source_pulls": self.p2p_source_pulls,
+            "p2p_source_pulls_failed": self.p2p_source_pulls_failed,
+            "p2p_blocks_pulled": self.p2p_blocks_pulled,
+            "p2p_blocks_served": self.p2p_blocks_served,
             "requests_by_dp_rank": {str(k): v for k, v in sorted(self.requests_by_dp_rank.items())},
             "recorded": [r.as_dict() for r in self.recorded],
         }

@@ -65,6 +65,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.header_profile_handler",
     "epp.plugins.context_length_aware",
     "epp.plugins.prefix_cache_affinity_filter",
+    "epp.plugins.p2p_source_producer",
     "epp.plugins.deprecated_aliases",
     "epp.plugins.conformance",
     "epp.plugins.predicted_latency",

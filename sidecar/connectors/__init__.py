@@ -17,6 +17,7 @@ from sidecar.connectors.base import (
 from sidecar.connectors.mooncake import MooncakeConnector
 from sidecar.connectors.moriio import MoriioConnector
 from sidecar.connectors.nixlv2 import NixlV2Connector
+from sidecar.connectors.offloading import OffloadingConnector
 from sidecar.connectors.sglang import SGLangConnector
 from sidecar.connectors.shared_storage import SharedStorageConnector
 
@@ -65,5 +66,6 @@ for _builtin in (
     SGLangConnector,
     MooncakeConnector,
     MoriioConnector,
+    OffloadingConnector,
 ):
     register(_builtin)

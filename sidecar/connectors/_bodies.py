@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from sidecar.connectors.base import LegContext
+from sidecar.p2p import REMOTE_KV_SOURCE, P2PTier
 
-__all__ = ["one_token_prefill"]
+__all__ = ["add_pull_source", "one_token_prefill"]
 
 _MIN_FIELDS = ("min_tokens", "min_completion_tokens")
 
@@ -28,3 +29,12 @@ def one_token_prefill(ctx: LegContext) -> dict[str, Any]:
         for name in _MIN_FIELDS:
             holder.pop(name, None)
     return body
+
+
+def add_pull_source(params: dict[str, Any], ctx: LegContext, tier: P2PTier) -> dict[str, Any]:
+    """``params`` (a prefill leg's ``kv_transfer_params``) plus ``remote_kv_source`` when
+    the leg has a pull source other than the prefiller."""
+    source = ctx.pull_source()
+    if source is not None:
+        params[REMOTE_KV_SOURCE] = tier.source_params(source)
+    return params

@@ -17,6 +17,10 @@ Leg order (:attr:`Connector.order`):
     ends the decode leg with an error (sglang, mooncake). Values both legs must agree on
     (a rendezvous room, a transfer id) derive from :attr:`LegContext.pairing`.
 
+A pull source (:attr:`LegContext.kv_source`, from ``x-kv-cache-source-host-port``) goes on
+the prefill leg as ``kv_transfer_params.remote_kv_source`` (connectors that speak the
+OffloadingConnector P2P tier: offloading, and nixlv2 with ``--enable-p2p-pull``).
+
 A prefill whose generation already ended on its first token (``Finish.STOPPED``) holds
 no KV; :meth:`Connector.read_prefill` says so with ``generation_finished`` and the
 orchestrator decodes :meth:`Connector.local_body` instead: the answer a single engine
@@ -46,6 +50,8 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from sidecar.p2p import P2PTier, same_endpoint
 
 if TYPE_CHECKING:
     import aiohttp
@@ -99,6 +105,7 @@ class ConnectorOptions:
     mooncake_bootstrap_port: int = 8998
     sglang_bootstrap_port: int = 8998
     moriio: MoriioOptions = field(default_factory=MoriioOptions)
+    p2p: P2PTier = field(default_factory=P2PTier)  # OffloadingConnector P2P tier ports
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +120,16 @@ class LegContext:
     extra: Mapping[str, Any] = field(default_factory=dict)  # e.g. encode-stage params
     # Random bits drawn once per request, the same for every leg built from this context.
     pairing: int = field(default_factory=lambda: random.getrandbits(128))
+    # A peer to pull the prompt's cached prefix from over the P2P tier
+    # (x-kv-cache-source-host-port, already checked); None: no pull.
+    kv_source: HostPort | None = None
+
+    def pull_source(self) -> HostPort | None:
+        """The prefill leg's pull source: none when it names the prefiller itself."""
+        source = self.kv_source
+        if source is None or same_endpoint(source, self.prefiller):
+            return None
+        return source
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +153,9 @@ class Connector(ABC):
     # Concurrent legs only: hold the decode answer until the prefill succeeded, and fail
     # with 504 when the prefill takes longer than this many seconds (None: no hold).
     commit_timeout: float | None = None
+    # Concurrent legs: a prefill still running when the decode answered completely is
+    # left to finish (bounded by --prefill-timeout) instead of being cancelled.
+    prefill_outlives_decode: ClassVar[bool] = False
 
     def __init__(self, options: ConnectorOptions) -> None:
         self.options = options

@@ -1,7 +1,8 @@
 """vLLM NixlConnector, protocol v2 (reference section 2): prefill, then decode.
 
 Prefill leg: the client body, non-streaming, output capped to one token, ``min_tokens``
-removed, and ``kv_transfer_params`` asking for a remote decode. Decode leg: the client
+removed, and ``kv_transfer_params`` asking for a remote decode (plus ``remote_kv_source``
+with ``--enable-p2p-pull`` and a pull source). Decode leg: the client
 body as sent, with ``kv_transfer_params`` replaced by the prefill's answer, verbatim.
 """
 
@@ -11,7 +12,7 @@ from collections.abc import Mapping
 from typing import Any, ClassVar
 
 from sidecar.api_shapes import Finish
-from sidecar.connectors._bodies import one_token_prefill
+from sidecar.connectors._bodies import add_pull_source, one_token_prefill
 from sidecar.connectors.base import Connector, LegContext, LegOrder, PrefillResult
 from sidecar.errors import PrefillIncomplete
 
@@ -35,7 +36,11 @@ class NixlV2Connector(Connector):
 
     def prefill_body(self, ctx: LegContext) -> dict[str, Any]:
         body = one_token_prefill(ctx)
-        body["kv_transfer_params"] = _request_remote_decode()
+        # With --enable-p2p-pull the engines run MultiConnector(Nixl + Offloading): the
+        # remote_kv_source key reaches the OffloadingConnector, the rest the NixlConnector.
+        body["kv_transfer_params"] = add_pull_source(
+            _request_remote_decode(), ctx, self.options.p2p
+        )
         return body
 
     def read_prefill(self, ctx: LegContext, payload: object) -> PrefillResult:

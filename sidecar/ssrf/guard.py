@@ -3,9 +3,9 @@
 Until the source knows its members (the first pool listing has not arrived, e.g. the
 API server is unreachable or RBAC is missing) every checked request is answered 503
 ``pool-not-synced``: the answer is retryable and says what is wrong, where a 403 would
-blame the request. ``x-kv-cache-source-host-port`` is never connected to by this
-sidecar (it is stripped like every routing header), so it is not checked; a future
-user of that header calls :meth:`TargetGuard.check` with stage ``kv-source``.
+blame the request. ``x-kv-cache-source-host-port`` is checked only where it is used
+(the engines have the P2P tier): the app calls :meth:`TargetGuard.check` with stage
+``kv-source``; elsewhere it is stripped like every routing header.
 """
 
 from __future__ import annotations

@@ -82,7 +82,6 @@ def test_every_llmd_flag_is_accepted_at_its_off_value() -> None:
     settings = load_settings(LLMD_DEFAULTS, env={})
     assert settings.max_idle_conns_per_host == 100
     assert settings.prefill_retry_backoff == pytest.approx(0.2)
-    assert settings.unsupported_features() == []
     # The deprecated spelling of --model-server-port too.
     assert load_settings(["--vllm-port=8300"], env={}).model_server_port == 8300
 
@@ -91,17 +90,27 @@ def test_decode_chunk_size_is_accepted() -> None:
     assert load_settings(["--decode-chunk-size=256"], env={}).decode_chunk_size == 256
 
 
+def test_offloading_and_p2p_pull_are_accepted() -> None:
+    offloading = load_settings(["--kv-connector=offloading"], env={"P2P_CONNECTOR_PORT": "7800"})
+    assert offloading.p2p_connector_port == 7800 and offloading.p2p_pull_available
+    pull = load_settings(["--enable-p2p-pull"], env={})
+    assert pull.kv_connector == "nixlv2" and pull.p2p_pull_available
+    assert not load_settings([], env={}).p2p_pull_available
+
+
 @pytest.mark.parametrize(
-    ("argv", "named"),
+    "argv",
     [
-        (["--kv-connector=offloading"], "offloading"),
-        (["--enable-p2p-pull"], "--enable-p2p-pull"),
+        ["--kv-connector=offloading"],
+        ["--enable-p2p-pull"],
+        ["--decode-chunk-size=256"],
+        ["--tracing"],
+        ["--moriio-write-mode", "--moriio-local-pod-ip=10.0.0.3"],
+        ["--moriio-dp-size=8", "--moriio-dp-size-local=8"],
     ],
 )
-def test_features_not_implemented_are_refused_when_turned_on(argv: list[str], named: str) -> None:
-    with pytest.raises(SettingsError, match="not supported yet") as caught:
-        load_settings(argv, env={})
-    assert named in str(caught.value)
+def test_every_llmd_feature_can_be_turned_on(argv: list[str]) -> None:
+    load_settings(argv, env={})
 
 
 @pytest.mark.parametrize(
@@ -122,16 +131,16 @@ def test_invalid_llmd_values_name_the_flag(argv: list[str], needle: str) -> None
         load_settings(argv, env={})
 
 
-def test_the_process_exits_2_for_a_feature_not_implemented() -> None:
+def test_the_process_exits_2_naming_an_inconsistent_flag() -> None:
     done = subprocess.run(
-        [SCRIPT, "--enable-p2p-pull"],
+        [SCRIPT, "--enable-p2p-pull", "--kv-connector=sglang"],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert done.returncode == 2
-    assert "--enable-p2p-pull (P2P prefix pulls) is not supported yet" in done.stderr
+    assert "--enable-p2p-pull requires --kv-connector=nixlv2" in done.stderr
 
 
 def test_llmd_environment_variables() -> None:

@@ -240,7 +240,6 @@ def test_moriio_settings_accepted() -> None:
     assert llmd.moriio_pod_ip == "10.0.0.3"  # from POD_IP
     assert llmd.moriio_parallel_decode_wait_timeout == 2.0
     assert (llmd.moriio_dns_resolve_ttl, llmd.moriio_dns_resolve_timeout) == (7, 5.0)
-    assert llmd.unsupported_features() == []
     plain = load_settings([], env={})
     assert plain.effective_kv_connector == "nixlv2"
     assert load_settings(["--kv-connector=moriio"], env={}).effective_kv_connector == "moriio"

@@ -12,7 +12,14 @@ from sidecar.settings import SettingsError, load_settings
 
 
 def test_builtin_connectors() -> None:
-    assert available_connectors() == {"nixlv2", "shared-storage", "sglang", "mooncake", "moriio"}
+    assert available_connectors() == {
+        "nixlv2",
+        "shared-storage",
+        "sglang",
+        "mooncake",
+        "moriio",
+        "offloading",
+    }
     for name in available_connectors():
         assert load_settings([f"--kv-connector={name}"]).kv_connector == name
     for name in ("ec-example", "ec-nixl", ""):

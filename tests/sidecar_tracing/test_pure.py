@@ -10,7 +10,6 @@ def test_the_flag_is_accepted_and_off_by_default() -> None:
     assert load_settings(["--tracing"], env={}).tracing is True
     assert load_settings(["--tracing=false"], env={}).tracing is False
     assert load_settings([], env={}).tracing is False
-    assert load_settings(["--tracing"], env={}).unsupported_features() == []
 
 
 def test_span_names_follow_llm_ds_connectors() -> None:
