@@ -7,11 +7,13 @@ otherwise they are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -19,7 +21,7 @@ import pytest_asyncio
 
 from examples.local_stack import LocalStack, StackOptions
 
-from .engines import VllmEngine
+from .engines import KV_TRANSFER_CONFIG, VllmEngine
 
 PYTHON_ENV = "DISAGG_VLLM_PYTHON"
 MODEL_CACHE_ENV = "DISAGG_MODEL_CACHE"
@@ -78,16 +80,27 @@ class RealPd:
     session: aiohttp.ClientSession
 
 
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def real_pd(
-    vllm_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+@contextlib.asynccontextmanager
+async def running_pd(
+    vllm_python: str,
+    tiny_model: Path,
+    workdir: Path,
+    *,
+    kv_transfer_config: Mapping[str, Any] = KV_TRANSFER_CONFIG,
+    kv_connector: str = "nixlv2",
 ) -> AsyncIterator[RealPd]:
-    workdir = tmp_path_factory.mktemp("real-pd")
+    """A prefill and a decode engine with ``kv_transfer_config``, and the stack in front
+    whose sidecar speaks ``kv_connector``; everything is stopped on exit."""
     print(f"engine, sidecar, EPP and Envoy logs: {workdir}")  # shown when a test fails
     cpus = sorted(os.sched_getaffinity(0))
     binds = [str(cpus[0]), str(cpus[1])] if len(cpus) >= 2 else ["auto", "auto"]
-    prefill = VllmEngine("vllm-prefill", vllm_python, tiny_model, workdir, binds[0])
-    decode = VllmEngine("vllm-decode", vllm_python, tiny_model, workdir, binds[1])
+    engines = [
+        VllmEngine(
+            name, vllm_python, tiny_model, workdir, bind, kv_transfer_config=kv_transfer_config
+        )
+        for name, bind in (("vllm-prefill", binds[0]), ("vllm-decode", binds[1]))
+    ]
+    prefill, decode = engines
     stack: LocalStack | None = None
     session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, sock_connect=2))
     try:
@@ -95,11 +108,13 @@ async def real_pd(
         await decode.start()
         for engine in (prefill, decode):
             await engine.wait_healthy(session)
-        await decode.warm_up_nixl(prefill, session)
+        if kv_transfer_config["kv_connector"] == "NixlConnector":
+            await decode.warm_up_nixl(prefill, session)
         stack = LocalStack(
             StackOptions(
                 model="tiny",
                 gateway_port=0,
+                kv_connector=kv_connector,
                 prefill_engines=[prefill.host_port],
                 decode_engine_ports=[decode.port],
                 non_cached_tokens=NON_CACHED_TOKENS,
@@ -116,3 +131,12 @@ async def real_pd(
         await decode.stop()
         await prefill.stop()
         await session.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def real_pd(
+    vllm_python: str, tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[RealPd]:
+    """NIXL between the engines, ``nixlv2`` in the sidecar."""
+    async with running_pd(vllm_python, tiny_model, tmp_path_factory.mktemp("real-pd")) as pd:
+        yield pd

@@ -1,4 +1,5 @@
-"""Real vLLM CPU engines with the NIXL connector, as child process groups, and their metrics."""
+"""Real vLLM CPU engines (NIXL connector unless told otherwise), as child process groups,
+and their metrics."""
 
 from __future__ import annotations
 
@@ -10,18 +11,27 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
 from examples.local_stack.processes import ManagedProcess, free_port, wait_until
 
-__all__ = ["READY_DEADLINE_S", "SERVED_MODEL", "Metrics", "VllmEngine", "scrape"]
+__all__ = [
+    "KV_TRANSFER_CONFIG",
+    "READY_DEADLINE_S",
+    "SERVED_MODEL",
+    "Metrics",
+    "VllmEngine",
+    "by_source",
+    "scrape",
+]
 
 SERVED_MODEL = "tiny"
 # Two engines start in about 90 s on an idle machine; CI machines are shared and slower.
 READY_DEADLINE_S = 600.0
-KV_TRANSFER_CONFIG = {
+KV_TRANSFER_CONFIG: Mapping[str, Any] = {
     "kv_connector": "NixlConnector",
     "kv_role": "kv_both",
     "kv_buffer_device": "cpu",
@@ -38,7 +48,8 @@ PREFILL_PARAMS = {
 
 
 class VllmEngine(ManagedProcess):
-    """``vllm.entrypoints.openai.api_server`` for the tiny model, NIXL-enabled.
+    """``vllm.entrypoints.openai.api_server`` for the tiny model, NIXL-enabled unless
+    ``kv_transfer_config`` names another connector.
 
     The API server forks an engine-core process (and a worker); they share the process
     group the child starts in, which :meth:`stop` kills last, so nothing outlives the test.
@@ -53,6 +64,7 @@ class VllmEngine(ManagedProcess):
         cpus: str = "auto",
         extra_args: Sequence[str] = (),
         extra_env: Mapping[str, str] | None = None,
+        kv_transfer_config: Mapping[str, Any] = KV_TRANSFER_CONFIG,
     ) -> None:
         self.port = free_port()
         self.side_channel_port = free_port()
@@ -65,7 +77,7 @@ class VllmEngine(ManagedProcess):
             "--dtype", "bfloat16",
             "--host", "127.0.0.1",
             "--port", str(self.port),
-            "--kv-transfer-config", json.dumps(KV_TRANSFER_CONFIG),
+            "--kv-transfer-config", json.dumps(kv_transfer_config),
             # Without it usage has no prompt_tokens_details, and there is no cached-token
             # count for the sidecar to correct.
             "--enable-prompt-tokens-details",
@@ -153,7 +165,11 @@ class VllmEngine(ManagedProcess):
 
 @dataclass(frozen=True)
 class Metrics:
-    """One scrape: sample name -> value summed over label sets."""
+    """One scrape: sample name -> value summed over label sets.
+
+    Samples with a ``source`` label (``vllm:prompt_tokens_by_source``) are also summed
+    per source, under ``name{source="<value>"}`` (see :func:`by_source`).
+    """
 
     values: Mapping[str, float]
 
@@ -167,6 +183,11 @@ class Metrics:
         return sorted(n for n in self.values if n.startswith(prefix))
 
 
+def by_source(name: str, source: str) -> str:
+    """The :class:`Metrics` key of ``name``'s samples labelled ``source``."""
+    return f'{name}{{source="{source}"}}'
+
+
 async def scrape(session: aiohttp.ClientSession, url: str) -> Metrics:
     async with session.get(f"{url}/metrics") as resp:
         resp.raise_for_status()
@@ -175,4 +196,8 @@ async def scrape(session: aiohttp.ClientSession, url: str) -> Metrics:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             totals[sample.name] = totals.get(sample.name, 0.0) + sample.value
+            source = sample.labels.get("source")
+            if source is not None:
+                key = by_source(sample.name, source)
+                totals[key] = totals.get(key, 0.0) + sample.value
     return Metrics(totals)
