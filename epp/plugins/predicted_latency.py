@@ -182,9 +182,7 @@ class _Collector:
 
 
 # One collector per registry (several producers may share one).
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = (
-    weakref.WeakKeyDictionary()
-)
+_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = weakref.WeakKeyDictionary()
 
 
 @register
@@ -428,25 +426,7 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
             e2e_ms = (now - state.dispatched_at) * 1000.0
             avg_tpot = (e2e_ms - state.ttft_ms) / (state.chunks - 1)
         if avg_tpot > 0:
-            target = state.target
-            tokens, requests = state.inflight.get(target.key, (0, 0))
-            m = target.metrics
-            self.client.add_training(
-                [
-                    TrainingEntry(
-                        kv_cache_percentage=m.kv_usage,
-                        input_token_length=state.input_tokens,
-                        num_request_waiting=int(m.waiting),
-                        num_request_running=requests,
-                        num_tokens_generated=0,
-                        actual_ttft_ms=0.0,
-                        actual_tpot_ms=avg_tpot,
-                        prefix_cache_score=0.0,
-                        pod_type=self._pod_type(target),
-                        prefill_tokens_in_flight=tokens,
-                    )
-                ]
-            )
+            self._train(state, state.target, tpot_ms=avg_tpot)
         self._untrack(state.target.key, state.token)
 
     def _first_token(self, state: _Request, now: float) -> None:
@@ -456,6 +436,23 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         state.ttft_ms = (now - state.dispatched_at) * 1000.0
         state.chunks = 1
         where = state.prefill or state.target
+        self._train(
+            state,
+            where,
+            ttft_ms=state.ttft_ms,
+            prefix_score=state.prefix_scores.get(where.key, 0.0),
+        )
+
+    def _train(
+        self,
+        state: _Request,
+        where: Endpoint,
+        *,
+        ttft_ms: float = 0.0,
+        tpot_ms: float = 0.0,
+        prefix_score: float = 0.0,
+    ) -> None:
+        """One training sample observed on ``where`` (a TTFT or a TPOT, the other 0)."""
         tokens, requests = state.inflight.get(where.key, (0, 0))
         m = where.metrics
         self.client.add_training(
@@ -466,9 +463,9 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
                     num_request_waiting=int(m.waiting),
                     num_request_running=requests,
                     num_tokens_generated=0,
-                    actual_ttft_ms=state.ttft_ms,
-                    actual_tpot_ms=0.0,
-                    prefix_cache_score=state.prefix_scores.get(where.key, 0.0),
+                    actual_ttft_ms=ttft_ms,
+                    actual_tpot_ms=tpot_ms,
+                    prefix_cache_score=prefix_score,
                     pod_type=self._pod_type(where),
                     prefill_tokens_in_flight=tokens,
                 )
@@ -478,4 +475,3 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
 
 def _noop() -> None:
     return None
-
