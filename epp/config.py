@@ -31,6 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.errors import ConfigError
 from epp.datalayer.wiring import wire_data_layer
 from epp.flowcontrol import config as fc_config
+from epp.flowcontrol.detector_filter import DetectorFilter
+from epp.flowcontrol.saturation import ConcurrencyDetector
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -344,6 +346,10 @@ def build_scheduler_config(
                 f"plugins[{i}]: duplicate plugin name '{plugin.name}'; set distinct 'name's"
             )
         plugins.add(plugin)
+    for fc_name, fc_plugin in fc_plugins.items():
+        # A concurrency detector is also a scheduling filter a profile may reference.
+        if isinstance(fc_plugin, ConcurrencyDetector) and plugins.get(fc_name) is None:
+            plugins.add(DetectorFilter(fc_plugin))
     _add_implicit_producer(plugins)
     _add_implicit_token_producer(plugins)
     parsers = _build_parsers(doc, plugins)
