@@ -89,6 +89,12 @@ def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> P
     )
     if flow_control:
         config["featureGates"] = ["flowControl"]
+        # The detector as a scheduling filter too: a dispatched request goes to an engine
+        # with a free batch slot, never into one engine's queue while the other has room
+        # (the scorers read scraped metrics, which lag the dispatches of the last scrape
+        # interval). Not with flow control off: there every request goes straight to
+        # scheduling, and the filter would leave none when all engines are full.
+        config["schedulingProfiles"][0]["plugins"].insert(1, {"pluginRef": "concurrency-detector"})
         config["plugins"].append({"type": "round-robin-fairness-policy"})
         if min_ceiling:
             # Lower bands stop dispatching earlier, keeping batch slots for critical work.
@@ -128,6 +134,38 @@ class Run:
     shots: list[Shot] = field(default_factory=list)
     duration: float = 0.0
     epp_cpu_s: float = 0.0
+    # Flow control on: per class, the EPP queue wait of dispatched requests at p50 and
+    # p99, as the upper bounds of the EPP histogram's buckets (seconds).
+    queue_wait: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+
+# The EPP's flow-control queue wait, by the labels that tell the classes apart.
+_CLASS_OF_FLOW = {"c": "critical", "tenant-a": "standard/flood", "tenant-b": "standard/quiet",
+                  "s": "sheddable"}  # fmt: skip
+
+
+async def epp_queue_waits(metrics_port: int) -> dict[str, tuple[float, float]]:
+    """p50 and p99 bucket bounds of each class's queue wait (dispatched requests)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        text = await r.text()
+    buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    name = "llm_d_epp_flow_control_request_queue_duration_seconds_bucket{"
+    for line in text.splitlines():
+        if not line.startswith(name) or 'outcome="Dispatched"' not in line:
+            continue
+        labels, _, value = line[len(name) :].rpartition("} ")
+        fields = dict(part.split("=", 1) for part in labels.split(","))
+        cls = _CLASS_OF_FLOW.get(fields.get("fairness_id", "").strip('"'))
+        if cls is not None:
+            buckets[cls].append((float(fields["le"].strip('"')), float(value)))
+    out = {}
+    for cls, rows in buckets.items():
+        rows.sort()
+        total = rows[-1][1]
+        if total:
+            out[cls] = tuple(next(le for le, n in rows if n >= q * total) for q in (0.5, 0.99))
+    return out  # type: ignore[return-value]
 
 
 def pick_class(draw: float) -> tuple[str, str, str]:
@@ -259,6 +297,8 @@ async def run_mode(
         t0 = time.perf_counter()
         shots = await offered_load(url, rate, args.duration, args.seed)
         run = Run(mode, shots, time.perf_counter() - t0, sum(epp.cpu_times()[:2]) - cpu0)
+        if flow_control:
+            run.queue_wait = await epp_queue_waits(stack.epp_metrics_port)
     finally:
         await stack.stop()
     return run, rate, base_ttft
@@ -316,6 +356,10 @@ def decision_overhead(queued: int = 1000, samples: int = 2000) -> dict[str, floa
     return asyncio.run(measure())
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
     by_cls: dict[str, list[Shot]] = defaultdict(list)
     for s in run.shots:
@@ -329,6 +373,8 @@ def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
             "ttft_p50_ms": percentile(ttfts, 50) * 1000 if ttfts else None,
             "ttft_p99_ms": percentile(ttfts, 99) * 1000 if ttfts else None,
             "p99_over_unloaded": percentile(ttfts, 99) / base_ttft if ttfts else None,
+            "epp_queue_p50_le_ms": _ms(run.queue_wait.get(name, (None, None))[0]),
+            "epp_queue_p99_le_ms": _ms(run.queue_wait.get(name, (None, None))[1]),
             "shed": dict(
                 Counter(f"{s.status} {s.reason}".strip() for s in shots if s.status != 200)
             ),
@@ -347,8 +393,9 @@ def render(
     results: list[dict[str, Any]], base: dict[str, float], overhead: dict[str, float]
 ) -> str:
     lines = [
-        "| mode | class | sent | ok | TTFT p50 ms | TTFT p99 ms | p99 / unloaded | refused |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | class | sent | ok | TTFT p50 ms | TTFT p99 ms | p99 / unloaded "
+        "| EPP queue p50 / p99 ms | refused |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for name, c in sorted(r["classes"].items()):
@@ -358,9 +405,12 @@ def render(
 
             ratio = "-" if c["p99_over_unloaded"] is None else f"{c['p99_over_unloaded']:.1f}x"
             shed = ", ".join(f"{k}: {v}" for k, v in sorted(c["shed"].items())) or "-"
+            wait = "-"
+            if c["epp_queue_p99_le_ms"] is not None:
+                wait = f"≤ {c['epp_queue_p50_le_ms']:g} / ≤ {c['epp_queue_p99_le_ms']:g}"
             lines.append(
                 f"| {r['mode']} | {name} | {c['sent']} | {c['ok']} | "
-                f"{f(c['ttft_p50_ms'])} | {f(c['ttft_p99_ms'])} | {ratio} | {shed} |"
+                f"{f(c['ttft_p50_ms'])} | {f(c['ttft_p99_ms'])} | {ratio} | {wait} | {shed} |"
             )
     lines.append("")
     lines.append("| mode | goodput req/s | EPP CPU ms/request | unloaded TTFT ms |")
@@ -435,7 +485,7 @@ def main() -> int:
     parser.add_argument(
         "--min-ceiling",
         type=float,
-        default=0.75,
+        default=0.5,
         help="priority-holdback-policy minCeiling with flow control on (0: no usage limit)",
     )
     parser.add_argument("--json", type=Path)
