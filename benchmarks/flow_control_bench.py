@@ -13,10 +13,21 @@ load is ``--load`` times the pool's capacity, measured first from unloaded reque
 Off: the legacy admission path (sheddable requests refused while the concurrency
 detector says saturated; everything else queues in the engines). On: ``featureGates:
 [flowControl]`` with a round-robin standard band; requests wait in the EPP and dispatch
-by priority as the engines' batch slots free.
+by priority as the engines' batch slots free. The configuration a serving engineer would
+pick for this pool: the concurrency detector's ``maxConcurrency`` is the engines' batch
+(so the pool is saturated exactly when every slot is busy and nothing queues inside an
+engine), the same detector filters the decode profile (a dispatched request goes to the
+engine with the free slot, not by metrics scraped before the last dispatches), and
+``priority-holdback-policy`` with ``minCeiling`` 0.5 stops the standard band at 6 of the
+8 slots and the sheddable band at 4: critical work is a fifth of the pool's capacity
+(about 1.6 slots busy on average), so two slots kept for it mean a critical request
+rarely waits for a slot to free. The price is goodput: those slots idle while no
+critical request needs them (``--min-ceiling 0.75`` keeps one slot instead).
 
-Reported per mode: TTFT p50/p99 per class and tenant, goodput, refusals by dropped
-reason, EPP CPU per request; and, in process, the cost of one flow-control decision
+Reported per mode: TTFT p50/p99 per class and tenant, the EPP queue wait per class
+(flow control on; bucket bounds of the EPP's own histogram, which separates the wait
+flow control imposes from the rest of the path), goodput, refusals by dropped reason,
+EPP CPU per request; and, in process, the cost of one flow-control decision
 (enqueue, dispatch cycle) with 1,000 requests queued. ``--svg PATH`` draws TTFT over time
 per class for both modes.
 """
