@@ -148,6 +148,7 @@ class Run:
     # Flow control on: per class, the EPP queue wait of dispatched requests at p50 and
     # p99, as the upper bounds of the EPP histogram's buckets (seconds).
     queue_wait: dict[str, tuple[float, float]] = field(default_factory=dict)
+    client_lag_p99: float = 0.0  # the load generator's event-loop lag, seconds
 
 
 # The EPP's flow-control queue wait, by the labels that tell the classes apart.
@@ -237,6 +238,15 @@ async def unloaded_ttft(url: str, n: int = 8) -> float:
     return statistics.median(ttfts)
 
 
+async def loop_lag(out: list[float], period: float = 0.01) -> None:
+    """How late the load generator's own event loop wakes: its TTFT readings are late
+    by as much (the machine's other load shows here)."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(period)
+        out.append(time.perf_counter() - t0 - period)
+
+
 async def offered_load(url: str, rate: float, duration: float, seed: int) -> list[Shot]:
     rng = random.Random(seed)
     shots: list[Shot] = []
@@ -306,8 +316,14 @@ async def run_mode(
             file=sys.stderr,
         )
         t0 = time.perf_counter()
-        shots = await offered_load(url, rate, args.duration, args.seed)
+        lags: list[float] = []
+        monitor = asyncio.create_task(loop_lag(lags))
+        try:
+            shots = await offered_load(url, rate, args.duration, args.seed)
+        finally:
+            monitor.cancel()
         run = Run(mode, shots, time.perf_counter() - t0, sum(epp.cpu_times()[:2]) - cpu0)
+        run.client_lag_p99 = percentile(sorted(lags), 99) if lags else 0.0
         if flow_control:
             run.queue_wait = await epp_queue_waits(stack.epp_metrics_port)
     finally:
@@ -396,6 +412,7 @@ def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
         "sent": len(run.shots),
         "goodput_rps": ok / run.duration,
         "epp_cpu_ms_per_request": run.epp_cpu_s / max(1, len(run.shots)) * 1000,
+        "client_loop_lag_p99_ms": run.client_lag_p99 * 1000,
         "classes": classes,
     }
 
@@ -424,12 +441,16 @@ def render(
                 f"{f(c['ttft_p50_ms'])} | {f(c['ttft_p99_ms'])} | {ratio} | {wait} | {shed} |"
             )
     lines.append("")
-    lines.append("| mode | goodput req/s | EPP CPU ms/request | unloaded TTFT ms |")
-    lines.append("|---|---|---|---|")
+    lines.append(
+        "| mode | goodput req/s | EPP CPU ms/request | unloaded TTFT ms "
+        "| load generator loop lag p99 ms |"
+    )
+    lines.append("|---|---|---|---|---|")
     for r in results:
         lines.append(
             f"| {r['mode']} | {r['goodput_rps']:.1f} | "
-            f"{r['epp_cpu_ms_per_request']:.2f} | {base[r['mode']] * 1000:.0f} |"
+            f"{r['epp_cpu_ms_per_request']:.2f} | {base[r['mode']] * 1000:.0f} | "
+            f"{r['client_loop_lag_p99_ms']:.0f} |"
         )
     lines.append("")
     lines.append(
