@@ -12,8 +12,10 @@ load is ``--load`` times the pool's capacity, measured first from unloaded reque
 
 Off: the legacy admission path (sheddable requests refused while the concurrency
 detector says saturated; everything else queues in the engines). On: ``featureGates:
-[flowControl]`` with a round-robin standard band; requests wait in the EPP and dispatch
-by priority as the engines' batch slots free. The configuration a serving engineer would
+[flowControl]``; requests wait in the EPP and dispatch by priority as the engines'
+batch slots free, and within the standard band by ``program-aware-fairness`` (least
+attained service first: the quiet tenant's requests go before the flood's backlog;
+``--fairness round-robin-fairness-policy`` alternates the tenants instead). The configuration a serving engineer would
 pick for this pool: the concurrency detector's ``maxConcurrency`` is the engines' batch
 (so the pool is saturated exactly when every slot is busy and nothing queues inside an
 engine), the same detector filters the decode profile (a dispatched request goes to the
@@ -95,7 +97,12 @@ spec: {priority: -10, poolRef: {name: local}}
 """
 
 
-def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> Path:
+def epp_config(
+    workdir: Path,
+    flow_control: bool,
+    min_ceiling: float = 0.0,
+    fairness: str = "program-aware-fairness",
+) -> Path:
     config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
     config["plugins"].append(
         {"type": "concurrency-detector", "parameters": {"maxConcurrency": BATCH}}
@@ -108,7 +115,7 @@ def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> P
         # interval). Not with flow control off: there every request goes straight to
         # scheduling, and the filter would leave none when all engines are full.
         config["schedulingProfiles"][0]["plugins"].insert(1, {"pluginRef": "concurrency-detector"})
-        config["plugins"].append({"type": "round-robin-fairness-policy"})
+        config["plugins"].append({"type": fairness})
         if min_ceiling:
             # Lower bands stop dispatching earlier, keeping batch slots for critical work.
             config["plugins"].append(
@@ -123,7 +130,7 @@ def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> P
             **({"usageLimitPolicyPluginRef": "holdback"} if min_ceiling else {}),
             "priorityBands": [
                 {"priority": 100},
-                {"priority": 0, "fairnessPolicyRef": "round-robin-fairness-policy"},
+                {"priority": 0, "fairnessPolicyRef": fairness},
                 {"priority": -10, "maxRequests": 50},
             ],
         }
@@ -298,7 +305,7 @@ async def run_mode(
         workdir=workdir,
         sim_args=SIM_ARGS,
         epp_args=[f"--api-objects-file={objects}", "--allow-experimental-plugins"],
-        epp_config=epp_config(workdir, flow_control, args.min_ceiling),
+        epp_config=epp_config(workdir, flow_control, args.min_ceiling, args.fairness),
     )
     stack = LocalStack(options)
     await stack.start()
@@ -334,18 +341,27 @@ async def run_mode(
     return run, rate, base_ttft
 
 
-def decision_overhead(queued: int = 1000, samples: int = 2000) -> dict[str, float]:
+def decision_overhead(
+    queued: int = 1000, samples: int = 2000, fairness: str = "program-aware-fairness"
+) -> dict[str, float]:
     """In process: enqueue and dispatch-cycle cost with ``queued`` requests waiting."""
     from epp.datastore import Endpoint
     from epp.flowcontrol.controller import BandSpec, ControllerConfig, FlowController
-    from epp.flowcontrol.fairness import RoundRobinFairness
+    from epp.flowcontrol.fairness import (
+        FairnessPolicy,
+        ProgramAwareFairness,
+        RoundRobinFairness,
+    )
     from epp.flowcontrol.item import FlowItem, FlowKey
     from epp.flowcontrol.saturation import ConcurrencyDetector, ConcurrencyParams
 
     async def measure() -> dict[str, float]:
+        policy: FairnessPolicy = (
+            ProgramAwareFairness() if fairness == "program-aware-fairness" else RoundRobinFairness()
+        )
         pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(ENGINES)]
         cfg = ControllerConfig(
-            bands={100: BandSpec(), 0: BandSpec(fairness=RoundRobinFairness()), -10: BandSpec()}
+            bands={100: BandSpec(), 0: BandSpec(fairness=policy), -10: BandSpec()}
         )
         ctl = FlowController(
             cfg, ConcurrencyDetector(ConcurrencyParams(maxConcurrency=1)), lambda: pool
@@ -523,6 +539,12 @@ def main() -> int:
         default=0.5,
         help="priority-holdback-policy minCeiling with flow control on (0: no usage limit)",
     )
+    parser.add_argument(
+        "--fairness",
+        choices=("round-robin-fairness-policy", "program-aware-fairness"),
+        default="program-aware-fairness",
+        help="the standard band's fairness policy with flow control on",
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--svg", type=Path)
     args = parser.parse_args()
@@ -533,7 +555,7 @@ def main() -> int:
         runs.append(run)
         base[run.mode] = base_ttft
         results.append(summarize(run, base_ttft))
-    overhead = decision_overhead()
+    overhead = decision_overhead(fairness=args.fairness)
     print(render(results, base, overhead))
     if args.json:
         args.json.write_text(
