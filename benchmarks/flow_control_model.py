@@ -1,7 +1,7 @@
 """The flow control benchmark's workload against the real flow controller, in virtual time.
 
     .venv/bin/python -m benchmarks.flow_control_model [--slots 8] [--min-ceiling 0.5]
-        [--fairness round-robin|program-aware] [--seconds 400]
+        [--fairness program-aware|round-robin] [--seconds 400]
 
 No processes and no host noise: Poisson arrivals of the benchmark's class mix at 2x the
 pool's capacity, ``--slots`` batch slots that each serve a request in 0.55 s, and the
@@ -125,7 +125,7 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--min-ceiling", type=float, default=0.5)
     parser.add_argument(
-        "--fairness", choices=("round-robin", "program-aware"), default="round-robin"
+        "--fairness", choices=("round-robin", "program-aware"), default="program-aware"
     )
     parser.add_argument("--seconds", type=float, default=400.0)
     parser.add_argument("--seed", type=int, default=5)
