@@ -18,3 +18,10 @@ async def test_critical_work_and_the_quiet_tenant_pass_the_flooding_tenants_back
     assert percentile(flood, 50) > 5.0, "the flood's backlog waits for seconds"
     assert percentile(quiet, 50) < 0.5, "the quiet tenant does not wait behind it"
     assert len(waits["sheddable"]) < 0.05 * len(critical), "sheddable work is held back"
+
+
+async def test_program_aware_fairness_lets_the_quiet_tenants_bursts_go_first() -> None:
+    rr = sorted((await model(8, 0.5, "round-robin", 120.0, 5))["standard/quiet"])
+    las = sorted((await model(8, 0.5, "program-aware", 120.0, 5))["standard/quiet"])
+    assert percentile(las, 50) < percentile(rr, 50)
+    assert percentile(las, 99) < percentile(rr, 99)
