@@ -12,11 +12,26 @@ load is ``--load`` times the pool's capacity, measured first from unloaded reque
 
 Off: the legacy admission path (sheddable requests refused while the concurrency
 detector says saturated; everything else queues in the engines). On: ``featureGates:
-[flowControl]`` with a round-robin standard band; requests wait in the EPP and dispatch
-by priority as the engines' batch slots free.
+[flowControl]``; requests wait in the EPP and dispatch by priority as the engines'
+batch slots free, and within the standard band by ``program-aware-fairness`` (least
+attained service first: the quiet tenant's requests go before the flood's backlog;
+``--fairness round-robin-fairness-policy`` alternates the tenants instead). The configuration a serving engineer would
+pick for this pool: the concurrency detector's ``maxConcurrency`` is the engines' batch
+(so the pool is saturated exactly when every slot is busy and nothing queues inside an
+engine), the same detector filters the decode profile (a dispatched request goes to the
+engine with the free slot, not by metrics scraped before the last dispatches), and
+``priority-holdback-policy`` with ``minCeiling`` 0.5 stops the standard band at 6 of the
+8 slots and the sheddable band at 4: critical work is a fifth of the pool's capacity
+(about 1.6 slots busy on average), so two slots kept for it mean a critical request
+rarely waits for a slot to free. The price is goodput: those slots idle while no
+critical request needs them (``--min-ceiling 0.75`` keeps one slot instead).
+``benchmarks.flow_control_model`` runs the same workload against the same controller in
+virtual time, for p99s over thousands of requests.
 
-Reported per mode: TTFT p50/p99 per class and tenant, goodput, refusals by dropped
-reason, EPP CPU per request; and, in process, the cost of one flow-control decision
+Reported per mode: TTFT p50/p99 per class and tenant, the EPP queue wait per class
+(flow control on; bucket bounds of the EPP's own histogram, which separates the wait
+flow control imposes from the rest of the path), goodput, refusals by dropped reason,
+EPP CPU per request; and, in process, the cost of one flow-control decision
 (enqueue, dispatch cycle) with 1,000 requests queued. ``--svg PATH`` draws TTFT over time
 per class for both modes.
 """
@@ -82,14 +97,25 @@ spec: {priority: -10, poolRef: {name: local}}
 """
 
 
-def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> Path:
+def epp_config(
+    workdir: Path,
+    flow_control: bool,
+    min_ceiling: float = 0.0,
+    fairness: str = "program-aware-fairness",
+) -> Path:
     config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
     config["plugins"].append(
         {"type": "concurrency-detector", "parameters": {"maxConcurrency": BATCH}}
     )
     if flow_control:
         config["featureGates"] = ["flowControl"]
-        config["plugins"].append({"type": "round-robin-fairness-policy"})
+        # The detector as a scheduling filter too: a dispatched request goes to an engine
+        # with a free batch slot, never into one engine's queue while the other has room
+        # (the scorers read scraped metrics, which lag the dispatches of the last scrape
+        # interval). Not with flow control off: there every request goes straight to
+        # scheduling, and the filter would leave none when all engines are full.
+        config["schedulingProfiles"][0]["plugins"].insert(1, {"pluginRef": "concurrency-detector"})
+        config["plugins"].append({"type": fairness})
         if min_ceiling:
             # Lower bands stop dispatching earlier, keeping batch slots for critical work.
             config["plugins"].append(
@@ -104,7 +130,7 @@ def epp_config(workdir: Path, flow_control: bool, min_ceiling: float = 0.0) -> P
             **({"usageLimitPolicyPluginRef": "holdback"} if min_ceiling else {}),
             "priorityBands": [
                 {"priority": 100},
-                {"priority": 0, "fairnessPolicyRef": "round-robin-fairness-policy"},
+                {"priority": 0, "fairnessPolicyRef": fairness},
                 {"priority": -10, "maxRequests": 50},
             ],
         }
@@ -128,6 +154,40 @@ class Run:
     shots: list[Shot] = field(default_factory=list)
     duration: float = 0.0
     epp_cpu_s: float = 0.0
+    # Flow control on: per class, the EPP queue wait of dispatched requests at p50 and
+    # p99, as the upper bounds of the EPP histogram's buckets (seconds).
+    queue_wait: dict[str, tuple[float, float]] = field(default_factory=dict)
+    client_lag_p99: float = 0.0  # the load generator's event-loop lag, seconds
+
+
+# The EPP's flow-control queue wait, by the labels that tell the classes apart.
+_CLASS_OF_FLOW = {tenant: name for name, _, tenant, _ in CLASSES}
+
+
+async def epp_queue_waits(metrics_port: int) -> dict[str, tuple[float, float]]:
+    """p50 and p99 bucket bounds of each class's queue wait (dispatched requests)."""
+    url = f"http://127.0.0.1:{metrics_port}/metrics"
+    async with aiohttp.ClientSession() as session, session.get(url) as r:
+        text = await r.text()
+    buckets: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    name = "llm_d_epp_flow_control_request_queue_duration_seconds_bucket{"
+    for line in text.splitlines():
+        if not line.startswith(name) or 'outcome="Dispatched"' not in line:
+            continue
+        labels, _, value = line[len(name) :].rpartition("} ")
+        fields = dict(part.split("=", 1) for part in labels.split(","))
+        cls = _CLASS_OF_FLOW.get(fields.get("fairness_id", "").strip('"'))
+        if cls is not None:
+            buckets[cls].append((float(fields["le"].strip('"')), float(value)))
+    out: dict[str, tuple[float, float]] = {}
+    for cls, rows in buckets.items():
+        rows.sort()
+        total = rows[-1][1]
+        if total:
+            p50 = next(le for le, n in rows if n >= 0.5 * total)
+            p99 = next(le for le, n in rows if n >= 0.99 * total)
+            out[cls] = (p50, p99)
+    return out
 
 
 def pick_class(draw: float) -> tuple[str, str, str]:
@@ -188,6 +248,15 @@ async def unloaded_ttft(url: str, n: int = 8) -> float:
     return statistics.median(ttfts)
 
 
+async def loop_lag(out: list[float], period: float = 0.01) -> None:
+    """How late the load generator's own event loop wakes: its TTFT readings are late
+    by as much (the machine's other load shows here)."""
+    while True:
+        t0 = time.perf_counter()
+        await asyncio.sleep(period)
+        out.append(time.perf_counter() - t0 - period)
+
+
 async def offered_load(url: str, rate: float, duration: float, seed: int) -> list[Shot]:
     rng = random.Random(seed)
     shots: list[Shot] = []
@@ -236,7 +305,7 @@ async def run_mode(
         workdir=workdir,
         sim_args=SIM_ARGS,
         epp_args=[f"--api-objects-file={objects}", "--allow-experimental-plugins"],
-        epp_config=epp_config(workdir, flow_control, args.min_ceiling),
+        epp_config=epp_config(workdir, flow_control, args.min_ceiling, args.fairness),
     )
     stack = LocalStack(options)
     await stack.start()
@@ -257,25 +326,42 @@ async def run_mode(
             file=sys.stderr,
         )
         t0 = time.perf_counter()
-        shots = await offered_load(url, rate, args.duration, args.seed)
+        lags: list[float] = []
+        monitor = asyncio.create_task(loop_lag(lags))
+        try:
+            shots = await offered_load(url, rate, args.duration, args.seed)
+        finally:
+            monitor.cancel()
         run = Run(mode, shots, time.perf_counter() - t0, sum(epp.cpu_times()[:2]) - cpu0)
+        run.client_lag_p99 = percentile(sorted(lags), 99) if lags else 0.0
+        if flow_control:
+            run.queue_wait = await epp_queue_waits(stack.epp_metrics_port)
     finally:
         await stack.stop()
     return run, rate, base_ttft
 
 
-def decision_overhead(queued: int = 1000, samples: int = 2000) -> dict[str, float]:
+def decision_overhead(
+    queued: int = 1000, samples: int = 2000, fairness: str = "program-aware-fairness"
+) -> dict[str, float]:
     """In process: enqueue and dispatch-cycle cost with ``queued`` requests waiting."""
     from epp.datastore import Endpoint
     from epp.flowcontrol.controller import BandSpec, ControllerConfig, FlowController
-    from epp.flowcontrol.fairness import RoundRobinFairness
+    from epp.flowcontrol.fairness import (
+        FairnessPolicy,
+        ProgramAwareFairness,
+        RoundRobinFairness,
+    )
     from epp.flowcontrol.item import FlowItem, FlowKey
     from epp.flowcontrol.saturation import ConcurrencyDetector, ConcurrencyParams
 
     async def measure() -> dict[str, float]:
+        policy: FairnessPolicy = (
+            ProgramAwareFairness() if fairness == "program-aware-fairness" else RoundRobinFairness()
+        )
         pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(ENGINES)]
         cfg = ControllerConfig(
-            bands={100: BandSpec(), 0: BandSpec(fairness=RoundRobinFairness()), -10: BandSpec()}
+            bands={100: BandSpec(), 0: BandSpec(fairness=policy), -10: BandSpec()}
         )
         ctl = FlowController(
             cfg, ConcurrencyDetector(ConcurrencyParams(maxConcurrency=1)), lambda: pool
@@ -316,6 +402,10 @@ def decision_overhead(queued: int = 1000, samples: int = 2000) -> dict[str, floa
     return asyncio.run(measure())
 
 
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
 def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
     by_cls: dict[str, list[Shot]] = defaultdict(list)
     for s in run.shots:
@@ -329,6 +419,8 @@ def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
             "ttft_p50_ms": percentile(ttfts, 50) * 1000 if ttfts else None,
             "ttft_p99_ms": percentile(ttfts, 99) * 1000 if ttfts else None,
             "p99_over_unloaded": percentile(ttfts, 99) / base_ttft if ttfts else None,
+            "epp_queue_p50_le_ms": _ms(run.queue_wait.get(name, (None, None))[0]),
+            "epp_queue_p99_le_ms": _ms(run.queue_wait.get(name, (None, None))[1]),
             "shed": dict(
                 Counter(f"{s.status} {s.reason}".strip() for s in shots if s.status != 200)
             ),
@@ -339,6 +431,7 @@ def summarize(run: Run, base_ttft: float) -> dict[str, Any]:
         "sent": len(run.shots),
         "goodput_rps": ok / run.duration,
         "epp_cpu_ms_per_request": run.epp_cpu_s / max(1, len(run.shots)) * 1000,
+        "client_loop_lag_p99_ms": run.client_lag_p99 * 1000,
         "classes": classes,
     }
 
@@ -347,8 +440,9 @@ def render(
     results: list[dict[str, Any]], base: dict[str, float], overhead: dict[str, float]
 ) -> str:
     lines = [
-        "| mode | class | sent | ok | TTFT p50 ms | TTFT p99 ms | p99 / unloaded | refused |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mode | class | sent | ok | TTFT p50 ms | TTFT p99 ms | p99 / unloaded "
+        "| EPP queue p50 / p99 ms | refused |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         for name, c in sorted(r["classes"].items()):
@@ -358,17 +452,24 @@ def render(
 
             ratio = "-" if c["p99_over_unloaded"] is None else f"{c['p99_over_unloaded']:.1f}x"
             shed = ", ".join(f"{k}: {v}" for k, v in sorted(c["shed"].items())) or "-"
+            wait = "-"
+            if c["epp_queue_p99_le_ms"] is not None:
+                wait = f"≤ {c['epp_queue_p50_le_ms']:g} / ≤ {c['epp_queue_p99_le_ms']:g}"
             lines.append(
                 f"| {r['mode']} | {name} | {c['sent']} | {c['ok']} | "
-                f"{f(c['ttft_p50_ms'])} | {f(c['ttft_p99_ms'])} | {ratio} | {shed} |"
+                f"{f(c['ttft_p50_ms'])} | {f(c['ttft_p99_ms'])} | {ratio} | {wait} | {shed} |"
             )
     lines.append("")
-    lines.append("| mode | goodput req/s | EPP CPU ms/request | unloaded TTFT ms |")
-    lines.append("|---|---|---|---|")
+    lines.append(
+        "| mode | goodput req/s | EPP CPU ms/request | unloaded TTFT ms "
+        "| load generator loop lag p99 ms |"
+    )
+    lines.append("|---|---|---|---|---|")
     for r in results:
         lines.append(
             f"| {r['mode']} | {r['goodput_rps']:.1f} | "
-            f"{r['epp_cpu_ms_per_request']:.2f} | {base[r['mode']] * 1000:.0f} |"
+            f"{r['epp_cpu_ms_per_request']:.2f} | {base[r['mode']] * 1000:.0f} | "
+            f"{r['client_loop_lag_p99_ms']:.0f} |"
         )
     lines.append("")
     lines.append(
@@ -435,8 +536,14 @@ def main() -> int:
     parser.add_argument(
         "--min-ceiling",
         type=float,
-        default=0.75,
+        default=0.5,
         help="priority-holdback-policy minCeiling with flow control on (0: no usage limit)",
+    )
+    parser.add_argument(
+        "--fairness",
+        choices=("round-robin-fairness-policy", "program-aware-fairness"),
+        default="program-aware-fairness",
+        help="the standard band's fairness policy with flow control on",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--svg", type=Path)
@@ -448,7 +555,7 @@ def main() -> int:
         runs.append(run)
         base[run.mode] = base_ttft
         results.append(summarize(run, base_ttft))
-    overhead = decision_overhead()
+    overhead = decision_overhead(fairness=args.fairness)
     print(render(results, base, overhead))
     if args.json:
         args.json.write_text(

@@ -34,6 +34,8 @@ from epp.datalayer.latency import DEFAULT_PREDICTION_PRODUCER
 from epp.datalayer.wiring import wire_data_layer
 from epp.flowcontrol import config as fc_config
 from epp.flowcontrol.admitters import Admitter
+from epp.flowcontrol.detector_filter import DetectorFilter
+from epp.flowcontrol.saturation import ConcurrencyDetector
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -374,6 +376,10 @@ def build_scheduler_config(
                 f"plugins[{i}]: duplicate plugin name '{plugin.name}'; set distinct 'name's"
             )
         plugins.add(plugin)
+    for fc_name, fc_plugin in fc_plugins.items():
+        # A concurrency detector is also a scheduling filter a profile may reference.
+        if isinstance(fc_plugin, ConcurrencyDetector) and plugins.get(fc_name) is None:
+            plugins.add(DetectorFilter(fc_plugin))
     try:
         _add_implicit_latency_producer(plugins, fc_plugins)
     except ValueError as exc:

@@ -2,10 +2,17 @@
 
 ``utilization-detector`` (from scraped metrics: the roofline of queue depth and KV-cache
 usage, stale or missing metrics count as fully saturated) and ``concurrency-detector``
-(from the EPP's own in-flight accounting). Both are P/D-aware through ``stage_saturation``:
+(from the EPP's own in-flight accounting, including requests dispatched but not yet
+placed). Both are P/D-aware through ``stage_saturation``:
 the prefill stage is the prefill-capable endpoints of a pool that has dedicated prefill
 pods; the decode stage is every endpoint that decodes. The value used for gating is the
 larger of the two (``effective``).
+
+The concurrency detector also has llm-d's scheduling-filter role: referenced from a
+scheduling profile, it keeps only the endpoints whose own in-flight load is under
+``maxConcurrency x (1 + headroom)`` (``maxTokenConcurrency`` likewise in token and hybrid
+modes), so a request leaves the EPP for an engine with a free batch slot rather than
+for one whose slots are full while another's are free (``epp.flowcontrol.detector_filter``).
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from common.durations import parse_duration
 from epp.datastore import Endpoint
-from epp.flowcontrol.ledger import InflightLedger
+from epp.flowcontrol.ledger import EndpointLoad, InflightLedger
 
 __all__ = [
     "ConcurrencyDetector",
     "SaturationDetector",
     "StageSaturation",
     "UtilizationDetector",
+    "concurrency_admits",
     "stage_saturation",
 ]
 
@@ -68,9 +76,8 @@ class ConcurrencyParams(_Params):
     concurrencyMode: Literal["requests", "tokens", "hybrid"] = "requests"  # noqa: N815
     maxConcurrency: int = Field(100, gt=0)  # noqa: N815
     maxTokenConcurrency: int = Field(1_000_000, gt=0)  # noqa: N815
+    # Burst allowance of the scheduling-filter role over the per-endpoint limits.
     headroom: float = Field(0.0, ge=0.0)
-
-    _headroom = field_validator("headroom")(_no_headroom)
 
 
 class SaturationDetector:
@@ -118,10 +125,36 @@ class UtilizationDetector(SaturationDetector):
         return sum(self.endpoint_score(ep, now) for ep in endpoints) / len(endpoints)
 
 
+def concurrency_admits(load: EndpointLoad, params: ConcurrencyParams) -> bool:
+    """Whether an endpoint with this in-flight ``load`` is under the filter's limits."""
+    scale = 1.0 + params.headroom
+    req_ok = load.requests < int(params.maxConcurrency * scale)
+    tok_ok = load.tokens < int(params.maxTokenConcurrency * scale)
+    if params.concurrencyMode == "tokens":
+        return tok_ok
+    if params.concurrencyMode == "hybrid":
+        return req_ok and tok_ok
+    return req_ok
+
+
 class ConcurrencyDetector(SaturationDetector):
     type_name = "concurrency-detector"
     Params = ConcurrencyParams
     params: ConcurrencyParams
+
+    def __init__(self, params: _Params | None = None, name: str | None = None) -> None:
+        super().__init__(params, name)
+        # The admission path's ledger, bound when the request manager starts; the
+        # scheduling filter reads it.
+        self.ledger: InflightLedger | None = None
+
+    def admitting(self, endpoints: Sequence[Endpoint]) -> list[Endpoint]:
+        """The scheduling-filter role: the endpoints under their in-flight limit (all of
+        them while no ledger is bound)."""
+        ledger, p = self.ledger, self.params
+        if ledger is None:
+            return list(endpoints)
+        return [ep for ep in endpoints if concurrency_admits(ledger.load(ep.key), p)]
 
     def saturation(
         self, endpoints: Sequence[Endpoint], now: float, ledger: InflightLedger, *, pending: bool

@@ -32,7 +32,7 @@ from epp.flowcontrol.eviction import RequestEvictor
 from epp.flowcontrol.item import FlowItem, FlowKey
 from epp.flowcontrol.ledger import InflightLedger
 from epp.flowcontrol.metrics import FlowControlMetrics, RewriteMetrics
-from epp.flowcontrol.saturation import stage_saturation
+from epp.flowcontrol.saturation import ConcurrencyDetector, stage_saturation
 from epp.requestmgmt.objects import ObjectStore
 
 __all__ = [
@@ -159,6 +159,9 @@ class RequestManager:
     ledger: InflightLedger = field(default_factory=InflightLedger)
 
     def __post_init__(self) -> None:
+        if isinstance(self.setup.detector, ConcurrencyDetector):
+            # Its scheduling-filter role reads the same in-flight accounting it gates on.
+            self.setup.detector.ledger = self.ledger
         self.rewrite_metrics = RewriteMetrics(self.registry)
         self.fc_metrics: FlowControlMetrics | None = None
         self.controller: FlowController | None = None

@@ -19,8 +19,10 @@ from epp.flowcontrol.item import FlowItem, FlowKey, Outcome
 from epp.flowcontrol.ordering import EdfOrdering
 from epp.flowcontrol.saturation import ConcurrencyDetector, UtilizationDetector
 from epp.flowcontrol.usage_limits import PriorityHoldback, SoftReflectiveCeiling
+from epp.request import parse_request
 from epp.requestmgmt.manager import RequestManager
 from epp.requestmgmt.objects import ObjectStore, parse_object
+from epp.scheduling.cycle import CycleState
 
 CONFIGS = Path("/work/shared/llm-d/configs/llm-d-router")
 if not CONFIGS.exists():  # the checkout's copy
@@ -124,7 +126,7 @@ def test_no_endpoint_ttl_follows_the_default_ttl() -> None:
         ("featureGates: ['flowControl=maybe']\n", "", "true or false"),
         (
             "",
-            "- type: concurrency-detector\n  parameters: {headroom: 0.2}\n",
+            "- type: utilization-detector\n  parameters: {headroom: 0.2}\n",
             "headroom is not supported",
         ),
     ],
@@ -230,3 +232,36 @@ async def test_program_aware_config_serves_the_least_served_program_first() -> N
     assert light.outcome == Outcome.DISPATCHED and heavy.outcome is None
     await ctl.stop()
     await asyncio.gather(*tasks)
+
+
+FILTER_PROFILE = """\
+plugins:
+- type: max-score-picker
+- type: concurrency-detector
+  parameters: {maxConcurrency: 2, headroom: 0.5}
+schedulingProfiles:
+- name: default
+  plugins: [{pluginRef: concurrency-detector}, {pluginRef: max-score-picker}]
+featureGates: [flowControl]
+"""
+
+
+async def test_a_profile_uses_the_concurrency_detector_as_a_filter_on_the_admission_ledger() -> (
+    None
+):
+    c = load_config("apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\n" + FILTER_PROFILE)
+    fc = c.flow_control
+    assert isinstance(fc.detector, ConcurrencyDetector)
+    (flt,) = c.scheduler.profiles["default"].filters
+    pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(2)]
+    cycle = CycleState(parse_request("/v1/completions", {}, b'{"model":"m","prompt":"p"}'), 0.0, 1.0)
+    assert list(flt.filter(cycle, pool)) == pool  # no ledger bound yet: nothing removed
+    manager = RequestManager(fc, ObjectStore(), lambda: pool)
+    assert fc.detector.ledger is manager.ledger
+    # Limit: 2 x (1 + 0.5) = 3 in flight per endpoint.
+    for _ in range(3):
+        manager.ledger.add(pool[0].key, 0)
+    manager.ledger.add(pool[1].key, 0)
+    assert list(flt.filter(cycle, pool)) == [pool[1]], "the full endpoint is filtered out"
+    manager.ledger.remove(pool[0].key, 0)
+    assert list(flt.filter(cycle, pool)) == pool

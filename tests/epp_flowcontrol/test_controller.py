@@ -236,3 +236,30 @@ async def test_a_flood_of_cancellations_leaves_nothing_behind() -> None:
         assert await asyncio.wait_for(rig.submit(), 5) == Outcome.DISPATCHED
     finally:
         await rig.fc.stop()
+
+
+async def test_critical_work_keeps_the_slots_held_back_from_a_flooded_standard_band() -> None:
+    # The benchmark's shape: 8 slots, bands 100/0/-10, holdback minCeiling 0.5 (ceilings
+    # 1.0, 0.75, 0.5): standard stops at 6 in flight, critical uses the last two, and a
+    # critical request waiting for a slot gets the next one before the standard backlog.
+    cfg = ControllerConfig(bands={100: BandSpec(), 0: BandSpec(), -10: BandSpec()})
+    holdback = PriorityHoldback(HoldbackParams(minCeiling=0.5))
+    rig = Rig(cfg, capacity=8, usage_limit=holdback)
+    await rig.fc.start()
+    try:
+        flood = [rig.submit("flood") for _ in range(20)]
+        await wait_until(lambda: sum(t.done() for t in flood) == 6 and rig.fc.queued == 14)
+        for _ in range(6):
+            rig.place()
+        for _ in range(2):
+            assert await asyncio.wait_for(rig.submit("c", 100), 5) == Outcome.DISPATCHED
+            rig.place()
+        late = rig.submit("c", 100)
+        await wait_until(lambda: rig.fc.queued == 15)
+        rig.finish()  # one slot frees: 7 in flight, over standard's ceiling anyway
+        assert await asyncio.wait_for(late, 5) == Outcome.DISPATCHED
+        assert sum(t.done() for t in flood) == 6, "the standard backlog still waits"
+        for t in flood:
+            t.cancel()
+    finally:
+        await rig.fc.stop()

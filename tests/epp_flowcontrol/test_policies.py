@@ -16,7 +16,7 @@ from epp.flowcontrol.fairness import (
     las_pick,
 )
 from epp.flowcontrol.item import FlowItem, FlowKey
-from epp.flowcontrol.ledger import InflightLedger
+from epp.flowcontrol.ledger import EndpointLoad, InflightLedger
 from epp.flowcontrol.ordering import EdfOrdering, FcfsOrdering, SloDeadlineOrdering
 from epp.flowcontrol.quantity import parse_quantity
 from epp.flowcontrol.queues import Band
@@ -25,6 +25,7 @@ from epp.flowcontrol.saturation import (
     ConcurrencyParams,
     UtilizationDetector,
     UtilizationParams,
+    concurrency_admits,
     stage_saturation,
 )
 from epp.flowcontrol.usage_limits import (
@@ -117,6 +118,23 @@ def test_concurrency_modes() -> None:
     ledger.reserve(0)
     ledger.reserve(0)
     assert req.saturation([a, b], NOW, ledger, pending=True) == 1.0  # admitted, not yet placed
+
+
+def test_concurrency_filter_role_keeps_endpoints_under_their_limit() -> None:
+    load = EndpointLoad(requests=4, tokens=900)
+    assert not concurrency_admits(load, ConcurrencyParams(maxConcurrency=4))
+    assert concurrency_admits(load, ConcurrencyParams(maxConcurrency=4, headroom=0.25))  # 5
+    tokens = ConcurrencyParams(concurrencyMode="tokens", maxConcurrency=1, maxTokenConcurrency=1000)
+    assert concurrency_admits(load, tokens)  # requests ignored in token mode
+    hybrid = ConcurrencyParams(concurrencyMode="hybrid", maxConcurrency=8, maxTokenConcurrency=900)
+    assert not concurrency_admits(load, hybrid)  # the token limit is reached
+    a, b = ep("a"), ep("b")
+    det = ConcurrencyDetector(ConcurrencyParams(maxConcurrency=2))
+    det.ledger = InflightLedger()
+    det.ledger.add(a.key, 0)
+    det.ledger.add(a.key, 0)
+    det.ledger.reserve(0)  # dispatched, not placed: on no endpoint yet
+    assert det.admitting([a, b]) == [b]
 
 
 def test_pd_pool_is_saturated_when_its_prefill_stage_is() -> None:
