@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sidecar import tracing
 from sidecar._json import dumps
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
@@ -477,12 +478,18 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         body = {**body, "kv_transfer_params": {REMOTE_KV_SOURCE: pull}}
         read = dumps(body)
         if not orchestrator.chunks(shape, body):
-            return await _passthrough(request, read, decode_base_url, rewritten=True)
+            return await tracing.decode_only(
+                request, ex, decode_base_url, body.get("stream") is True,
+                lambda: _passthrough(request, read, decode_base_url, rewritten=True),
+            )  # fmt: skip
     if orchestrator.chunks(shape, body):
         return await orchestrator.serve_local_chunked(
             request, shape, route, ex, decode_base_url, (read, body)
         )
-    return await _passthrough(request, read, decode_base_url)
+    return await tracing.decode_only(
+        request, ex, decode_base_url, body.get("stream") is True,
+        lambda: _passthrough(request, read, decode_base_url),
+    )  # fmt: skip
 
 
 def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
@@ -511,6 +518,7 @@ def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
     guard = request.app[SERVICES].guard
     if guard is not None:
         guard.check(targets, "kv-source", ex.log_ids())
+    tracing.note("llm_d.pd_proxy.kv_cache_source", targets[0].authority)
     return targets[0]
 
 

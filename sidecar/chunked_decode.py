@@ -43,6 +43,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar import tracing
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.errors import DecodeError, NotChunkable, SidecarError
@@ -404,6 +405,7 @@ async def run_chunked(
             raise
         await on_abort(out, ex)  # re-raises unless a concurrent leg's failure ended it
         return out
+    tracing.note_final_usage({"usage": state.usage()})
     if out is not None:
         closing = state.usage_event()
         if closing is not None:
