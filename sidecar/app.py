@@ -466,6 +466,10 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     except InvalidRoutingHeader:
         ex.mode = "pd" if prefill_header is not None else "epd"
         raise
+    if route.prefillers:
+        tracing.note("llm_d.pd_proxy.prefill_candidates", len(route.prefillers))
+    if route.encoders:
+        tracing.note("llm_d.ec_proxy.encoder_candidates", len(route.encoders))
     decode_base_url = _decode_rank_url(request, rank)
     if route.route is not Route.LOCAL:
         return await orchestrator.serve(request, shape, route, ex, decode_base_url, kv_source)

@@ -348,6 +348,37 @@ async def run_chunked(
     on_chunk: Callable[[], None] | None = None,
     on_abort: AbortStream | None = None,
 ) -> web.StreamResponse:
+    """:func:`_run_chunked`, under llm-d's ``chunked_decode`` span when traced."""
+
+    def run() -> Awaitable[web.StreamResponse]:
+        return _run_chunked(
+            request, ex, shape, state, send,
+            cached=cached, note=note, on_chunk=on_chunk, on_abort=on_abort,
+        )  # fmt: skip
+
+    if not tracing.is_traced():
+        return await run()
+    try:
+        return await tracing.chunked_decode(
+            state.chunk_size, state.streaming, run, lambda: (state.chunks, state.generated)
+        )
+    finally:
+        if state.chunks:
+            tracing.note_final_usage({"usage": state.usage()})
+
+
+async def _run_chunked(
+    request: web.Request,
+    ex: Exchange,
+    shape: ApiShape,
+    state: ChunkedDecode,
+    send: SendChunk,
+    *,
+    cached: int | None = None,
+    note: Mapping[str, str] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+    on_abort: AbortStream | None = None,
+) -> web.StreamResponse:
     """Send the chunks one after the other and answer the client: one JSON answer, or one
     SSE stream started after the first chunk succeeded.
 
@@ -405,7 +436,6 @@ async def run_chunked(
             raise
         await on_abort(out, ex)  # re-raises unless a concurrent leg's failure ended it
         return out
-    tracing.note_final_usage({"usage": state.usage()})
     if out is not None:
         closing = state.usage_event()
         if closing is not None:

@@ -282,6 +282,49 @@ def usage_watcher(sse: bool, content_type: str) -> UsageWatcher | None:
     return UsageWatcher(sse)
 
 
+def is_traced() -> bool:
+    """Whether the request served in this task is a traced generation request."""
+    active = _ACTIVE.get()
+    return active is not None and active.span is not None
+
+
+async def chunked_decode(
+    chunk_size: int,
+    streaming: bool,
+    run: Callable[[], Awaitable[web.StreamResponse]],
+    progress: Callable[[], tuple[int, int]],
+) -> web.StreamResponse:
+    """Run a chunked decode under llm-d's ``chunked_decode`` span (a child of the decode
+    span); ``progress`` gives (chunks sent, tokens generated) at the end."""
+    active = _ACTIVE.get()
+    assert active is not None
+    span = active.tracing.tracer.start_span(
+        "chunked_decode",
+        kind=SpanKind.INTERNAL,
+        attributes={
+            "llm_d.pd_proxy.chunked_decode.chunk_size": chunk_size,
+            "llm_d.pd_proxy.chunked_decode.streaming": streaming,
+        },
+    )
+    started = time.perf_counter()
+    try:
+        with _current(span):
+            response = await run()
+        if response.status >= 400:
+            span.set_status(Status(StatusCode.ERROR, "chunk decode failed"))
+        return response
+    except BaseException as failure:
+        _fail(span, failure, reason=False)
+        raise
+    finally:
+        chunks, tokens = progress()
+        _set(span, {"llm_d.pd_proxy.chunked_decode.chunks": chunks,
+                    "llm_d.pd_proxy.chunked_decode.total_tokens": tokens,
+                    "llm_d.pd_proxy.chunked_decode.duration_ms":
+                        _ms(time.perf_counter() - started)})  # fmt: skip
+        span.end()
+
+
 @contextlib.contextmanager
 def _current(span: Span, parent: otel_context.Context | None = None) -> Iterator[None]:
     """Make ``span`` current in this task: the parent of later spans and of the legs."""

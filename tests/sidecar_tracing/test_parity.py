@@ -3,8 +3,8 @@
 - a request that is not a generation (``GET /v1/models``) has llm-d's server span and
   one client span, and no ``forward_request``;
 - an SSE answer's token counts come from its usage event, P/D and decode-only alike;
-- a chunked decode is one decode span with one client span per chunk, and the total
-  token counts;
+- a chunked decode is one decode span holding llm-d's ``chunked_decode`` span, with one
+  client span per chunk under it, and the total token counts;
 - ``x-data-parallel-host-port`` sets ``llm_d.pd_proxy.decode.data_parallel``;
 - ``x-kv-cache-source-host-port`` sets ``llm_d.pd_proxy.kv_cache_source``;
 - a client span of a leg that could not connect is in error, with ``error.type``.
@@ -135,7 +135,15 @@ async def test_a_chunked_decode_is_one_decode_span_with_a_client_span_per_chunk(
     )
     (d_span,) = sink.named("decode")
     (request,) = sink.named("forward_request")
-    chunks = sink.children(d_span, "HTTP POST")
+    # llm-d's chunked_decode span, under the decode span, holds the chunks' client spans.
+    (chunked,) = sink.children(d_span, "chunked_decode")
+    c_attrs = attributes(chunked)
+    assert c_attrs["llm_d.pd_proxy.chunked_decode.chunk_size"] == 2
+    assert c_attrs["llm_d.pd_proxy.chunked_decode.streaming"] is False
+    assert c_attrs["llm_d.pd_proxy.chunked_decode.chunks"] == 3
+    assert c_attrs["llm_d.pd_proxy.chunked_decode.total_tokens"] == 5
+    assert c_attrs["llm_d.pd_proxy.chunked_decode.duration_ms"] >= 0  # type: ignore[operator]
+    chunks = sink.children(chunked, "HTTP POST")
     assert len(chunks) == 3
     assert all(attributes(c)["http.response.status_code"] == 200 for c in chunks)
     assert attributes(d_span)["gen_ai.usage.output_tokens"] == 5

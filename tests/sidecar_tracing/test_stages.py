@@ -70,6 +70,7 @@ async def test_the_encode_stage_is_one_span_and_its_legs_name_it(
     assert e_attrs["llm_d.ec_proxy.encode_items"] == 2
     attrs = attributes(request)
     assert attrs["llm_d.ec_proxy.encode_disaggregation_used"] is True
+    assert attrs["llm_d.ec_proxy.encoder_candidates"] == 2
     assert attrs["llm_d.pd_proxy.ec_connector"] == "ec-nixl"
     assert attrs["llm_d.openai.api"] == "chat_completions"
     assert attributes(decode_span)["llm_d.pd_proxy.decode.streaming"] is True

@@ -120,6 +120,7 @@ async def test_a_pd_request_is_one_span_with_prefill_and_decode_children(
     assert attrs["llm_d.openai.api"] == "chat_completions"
     assert attrs["llm_d.pd_proxy.disaggregation_used"] is True
     assert attrs["llm_d.pd_proxy.prefill_target"] == prefill.host_port
+    assert attrs["llm_d.pd_proxy.prefill_candidates"] == 1
     assert attrs["gen_ai.request.model"] == "sim-model"
     assert isinstance(attrs["gen_ai.usage.input_tokens"], int)
     assert attrs["gen_ai.usage.input_tokens"] > 0
