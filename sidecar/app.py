@@ -589,7 +589,9 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
     app[METRICS] = metrics
     if settings.tracing:
         app[TRACING] = SidecarTracing.from_environment(
-            kv_connector=settings.kv_connector, ec_connector=settings.ec_connector
+            kv_connector=settings.kv_connector,
+            ec_connector=settings.ec_connector,
+            parallel_dispatch=settings.moriio_write_mode and settings.moriio_parallel_dispatch,
         )
         app.on_cleanup.append(_stop_tracing)
     app.cleanup_ctx.append(_services)

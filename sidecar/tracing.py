@@ -90,9 +90,9 @@ class Stage(enum.Enum):
 _PREFIXED_LEG_NAMES = frozenset({"mooncake", "offloading"})
 
 
-def span_names(kv_connector: str) -> dict[Stage, str]:
+def span_names(kv_connector: str, parallel_dispatch: bool = False) -> dict[Stage, str]:
     names = {stage: stage.value for stage in Stage}
-    if kv_connector in _PREFIXED_LEG_NAMES:
+    if kv_connector in _PREFIXED_LEG_NAMES or parallel_dispatch:
         names[Stage.PREFILL] = "llm_d.pd_proxy.prefill"
         names[Stage.DECODE] = "llm_d.pd_proxy.decode"
     return names
@@ -487,21 +487,36 @@ def _refused(span: Span, error: SidecarError) -> bool:
 class SidecarTracing:
     """The tracer provider of one sidecar process and its request and stage spans."""
 
-    def __init__(self, provider: TracerProvider, *, kv_connector: str, ec_connector: str) -> None:
+    def __init__(
+        self,
+        provider: TracerProvider,
+        *,
+        kv_connector: str,
+        ec_connector: str,
+        parallel_dispatch: bool = False,
+    ) -> None:
         self._provider = provider
         self.tracer = provider.get_tracer(SCOPE)
         self.kv_connector = kv_connector
         self.ec_connector = ec_connector
-        self._names = span_names(kv_connector)
+        # MoRI-IO write mode dispatching both legs at once: sibling legs, llm-d's names.
+        self.parallel_dispatch = parallel_dispatch
+        self._names = span_names(kv_connector, parallel_dispatch)
 
     @classmethod
     def from_environment(
-        cls, *, kv_connector: str, ec_connector: str, environ: Mapping[str, str] | None = None
+        cls,
+        *,
+        kv_connector: str,
+        ec_connector: str,
+        parallel_dispatch: bool = False,
+        environ: Mapping[str, str] | None = None,
     ) -> SidecarTracing:
         return cls(
             provider_from_environment(SERVICE_NAME, environ),
             kv_connector=kv_connector,
             ec_connector=ec_connector,
+            parallel_dispatch=parallel_dispatch,
         )
 
     def shutdown(self) -> None:
@@ -602,9 +617,13 @@ class SidecarTracing:
         if not span.is_recording():
             return
         used = ex.prefill_attempts > 0
+        total = _ms(time.perf_counter() - ex.start)
+        parallel = self.parallel_dispatch and used
         _set(
             span,
             {
+                "llm_d.pd_proxy.parallel_dispatch": True if parallel else None,
+                "llm_d.pd_proxy.parallel_window_ms": total if parallel else None,
                 "llm_d.pd_proxy.disaggregation_used": used,
                 "llm_d.pd_proxy.prefill_target": ex.prefiller,
                 "llm_d.pd_proxy.prefill_attempts": ex.prefill_attempts if used else None,
@@ -613,7 +632,7 @@ class SidecarTracing:
                 "llm_d.pd_proxy.fallback_reason": ex.fallback_reason,
                 "llm_d.ec_proxy.encode_disaggregation_used": ex.encode_s is not None,
                 "llm_d.ec_proxy.encode_items": ex.encode_items if ex.encode_s is not None else None,
-                "llm_d.pd_proxy.total_duration_ms": _ms(time.perf_counter() - ex.start),
+                "llm_d.pd_proxy.total_duration_ms": total,
                 "llm_d.pd_proxy.true_ttft_ms": _ms(ex.ttft_s),
                 "llm_d.pd_proxy.prefill_duration_ms": _ms(ex.prefill_s),
                 "llm_d.pd_proxy.decode_duration_ms": active.decode_ms,
@@ -639,6 +658,8 @@ class SidecarTracing:
         else:
             attributes["llm_d.pd_proxy.connector"] = self.kv_connector
         parent: otel_context.Context | None = None
+        if self.parallel_dispatch and stage in (Stage.PREFILL, Stage.DECODE):
+            attributes["llm_d.pd_proxy.parallel_dispatch"] = True
         if stage is Stage.PREFILL:
             attributes["llm_d.pd_proxy.prefill_target"] = ex.prefiller
             attributes["llm_d.pd_proxy.prefill.attempt"] = ex.prefill_attempts
@@ -651,7 +672,7 @@ class SidecarTracing:
             )
             if stage is Stage.DECODE:
                 attributes["llm_d.pd_proxy.decode.concurrent_with_prefill"] = concurrent
-                if active.prefill is not None:
+                if active.prefill is not None and not self.parallel_dispatch:
                     parent = trace.set_span_in_context(active.prefill)
         span = self.tracer.start_span(
             self._names[stage],

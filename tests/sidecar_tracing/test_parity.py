@@ -7,7 +7,9 @@
   client span per chunk under it, and the total token counts;
 - ``x-data-parallel-host-port`` sets ``llm_d.pd_proxy.decode.data_parallel``;
 - ``x-kv-cache-source-host-port`` sets ``llm_d.pd_proxy.kv_cache_source``;
-- a client span of a leg that could not connect is in error, with ``error.type``.
+- a client span of a leg that could not connect is in error, with ``error.type``;
+- MoRI-IO parallel dispatch: sibling legs under llm-d's prefixed names, marked
+  ``llm_d.pd_proxy.parallel_dispatch``.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from aiohttp import web
 
 from tests.sidecar.conftest import StartSidecar
 from tests.sidecar.test_failures import closed_port
+from tests.sidecar_connectors.test_moriio import chat as moriio_chat
+from tests.sidecar_connectors.test_moriio import moriio_pd
 from tests.sidecar_dp.conftest import contiguous
 from tests.sidecar_tracing.conftest import Collector, attributes
 from tests.sidecar_tracing.test_tracing import CALLER, ERROR, TRACE_ID, parent_of
@@ -230,3 +234,35 @@ async def test_a_leg_that_cannot_connect_is_a_client_span_in_error(
     assert attributes(http)["error.type"]
     assert attributes(http)["server.port"] == int(dead.rsplit(":", 1)[1])
     assert "http.response.status_code" not in attributes(http)
+
+
+async def test_parallel_dispatch_legs_are_siblings_under_llm_ds_names(
+    otlp_env: Collector,
+    start_sim: Any,
+    start_sidecar: StartSidecar,
+    client: aiohttp.ClientSession,
+) -> None:
+    sink = otlp_env
+    p, _d, sidecar = await moriio_pd(
+        start_sim, start_sidecar, "write", moriio_parallel_dispatch=True, tracing=True
+    )
+    status, _ = await moriio_chat(client, sidecar, p)
+    assert status == 200
+
+    await sink.wait_for(
+        lambda: (
+            len(sink.named("forward_request")) == 1
+            and len(sink.named("llm_d.pd_proxy.prefill")) == 1
+            and len(sink.named("llm_d.pd_proxy.decode")) == 1
+        ),
+        "the parallel legs' spans",
+    )
+    (request,) = sink.named("forward_request")
+    (p_span,) = sink.named("llm_d.pd_proxy.prefill")
+    (d_span,) = sink.named("llm_d.pd_proxy.decode")
+    assert p_span.parent_span_id == d_span.parent_span_id == request.span_id
+    assert attributes(p_span)["llm_d.pd_proxy.parallel_dispatch"] is True
+    assert attributes(d_span)["llm_d.pd_proxy.parallel_dispatch"] is True
+    attrs = attributes(request)
+    assert attrs["llm_d.pd_proxy.parallel_dispatch"] is True
+    assert attrs["llm_d.pd_proxy.parallel_window_ms"] > 0  # type: ignore[operator]
