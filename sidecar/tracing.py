@@ -1,24 +1,30 @@
-"""OpenTelemetry tracing of the sidecar (``--tracing``), with llm-d's span and attribute names.
+"""OpenTelemetry tracing of the sidecar (``--tracing``), with llm-d's span tree and names.
 
-Per generation request (the API paths of :mod:`sidecar.api_shapes`):
-
-- one SERVER span ``forward_request``, a child of the trace the request arrived with
-  (W3C ``traceparent``, ``baggage``), or the root of a new trace; the access log's
-  ``trace_id`` is its trace;
-- INTERNAL children, one per stage: ``encode``; ``prefill`` once per attempt, so retries
-  show as siblings; ``decode``; ``decode_first`` for a decode tried before any prefill.
-  The mooncake connector names its legs ``llm_d.pd_proxy.prefill`` and
-  ``llm_d.pd_proxy.decode``, as llm-d's does;
-- every leg sent under a span carries that span as its ``traceparent`` parent, so the
-  engines' own spans join the trace (:data:`sidecar.headers.CURRENT_SPAN_TRACEPARENT`).
+- every request: a SERVER span ``llm_d.pd_proxy.<METHOD> <path>`` (what Go's otelhttp
+  handler makes in llm-d, with its HTTP semantic-convention attributes), a child of the
+  trace the request arrived with (W3C ``traceparent``, ``baggage``) or the root of a new
+  trace;
+- a generation request (the API paths of :mod:`sidecar.api_shapes`): its child SERVER
+  span ``forward_request`` (the access log's ``trace_id`` is its trace), holding the
+  INTERNAL stage spans ``encode``, ``prefill`` (once per attempt, so retries show as
+  siblings), ``decode_first`` (a decode tried before any prefill) and ``decode``, which,
+  as in llm-d, is a child of the latest prefill span (siblings under MoRI-IO parallel
+  dispatch); a chunked decode adds ``chunked_decode`` under ``decode``; a decode-only
+  request has its ``decode`` span too. Mooncake, offloading and parallel dispatch name
+  the legs ``llm_d.pd_proxy.prefill`` and ``llm_d.pd_proxy.decode``, as llm-d does;
+- every HTTP request sent upstream: a CLIENT span ``HTTP <METHOD>`` under the span
+  current when it is sent (otelhttp's transport in llm-d), ended with the answer's body;
+  its context is the ``traceparent`` sent, so the engines' own spans join the trace
+  (:func:`send_traced`, called by :class:`sidecar.upstream.Upstream`).
 
 Attributes are llm-d's (``llm_d.pd_proxy.*``, ``llm_d.ec_proxy.*``, ``llm_d.openai.api``)
-plus the GenAI conventions' ``gen_ai.request.model`` and ``gen_ai.usage.*`` where the
-sidecar sees them. A failed stage, or a request answered 5xx, has status ERROR.
+plus a few of ours where llm-d has none (listed in the README) and the GenAI conventions'
+``gen_ai.request.model`` and ``gen_ai.usage.*`` where the sidecar sees them (JSON answers,
+SSE usage events). A failed stage, or a request answered 5xx, has status ERROR.
 
 Exporter, sampler and resource come from the ``OTEL_*`` environment
 (:mod:`common.tracing`), default service name ``llm-d-disagg-sidecar``. Without
-``--tracing`` none of this is installed: the stage hooks cost one context-variable read.
+``--tracing`` none of this is installed: each hook costs one context-variable read.
 """
 
 from __future__ import annotations
