@@ -55,7 +55,7 @@ async def relay_body(
     chunk = first
     failure: SidecarError | None = None
     framer = rewriter if rewriter is not None else (EventFramer() if sse else None)
-    watch = usage_watcher(sse, upstream.content_type)  # None unless traced
+    watch = usage_watcher(sse, upstream)  # None unless traced
     content = upstream.content
     try:
         async with asyncio.timeout(None) as deadline:

@@ -277,13 +277,13 @@ class UsageWatcher:
             self._held = None
 
 
-def usage_watcher(sse: bool, content_type: str) -> UsageWatcher | None:
+def usage_watcher(sse: bool, response: aiohttp.ClientResponse) -> UsageWatcher | None:
     """For a traced generation request, what reads the usage of the answer relayed (SSE
     in whole events, or JSON); None otherwise."""
     active = _ACTIVE.get()
     if active is None or active.span is None or not trace.get_current_span().is_recording():
         return None
-    if not sse and content_type != "application/json":
+    if not sse and response.content_type != "application/json":
         return None
     return UsageWatcher(sse)
 
