@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from sidecar import tracing
 from sidecar._json import dumps
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
@@ -465,6 +466,10 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     except InvalidRoutingHeader:
         ex.mode = "pd" if prefill_header is not None else "epd"
         raise
+    if route.prefillers:
+        tracing.note("llm_d.pd_proxy.prefill_candidates", len(route.prefillers))
+    if route.encoders:
+        tracing.note("llm_d.ec_proxy.encoder_candidates", len(route.encoders))
     decode_base_url = _decode_rank_url(request, rank)
     if route.route is not Route.LOCAL:
         return await orchestrator.serve(request, shape, route, ex, decode_base_url, kv_source)
@@ -477,12 +482,18 @@ async def _generate(request: web.Request) -> web.StreamResponse:
         body = {**body, "kv_transfer_params": {REMOTE_KV_SOURCE: pull}}
         read = dumps(body)
         if not orchestrator.chunks(shape, body):
-            return await _passthrough(request, read, decode_base_url, rewritten=True)
+            return await tracing.decode_only(
+                request, ex, decode_base_url, body.get("stream") is True,
+                lambda: _passthrough(request, read, decode_base_url, rewritten=True),
+            )  # fmt: skip
     if orchestrator.chunks(shape, body):
         return await orchestrator.serve_local_chunked(
             request, shape, route, ex, decode_base_url, (read, body)
         )
-    return await _passthrough(request, read, decode_base_url)
+    return await tracing.decode_only(
+        request, ex, decode_base_url, body.get("stream") is True,
+        lambda: _passthrough(request, read, decode_base_url),
+    )  # fmt: skip
 
 
 def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
@@ -511,6 +522,7 @@ def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
     guard = request.app[SERVICES].guard
     if guard is not None:
         guard.check(targets, "kv-source", ex.log_ids())
+    tracing.note("llm_d.pd_proxy.kv_cache_source", targets[0].authority)
     return targets[0]
 
 
@@ -577,7 +589,9 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
     app[METRICS] = metrics
     if settings.tracing:
         app[TRACING] = SidecarTracing.from_environment(
-            kv_connector=settings.kv_connector, ec_connector=settings.ec_connector
+            kv_connector=settings.kv_connector,
+            ec_connector=settings.ec_connector,
+            parallel_dispatch=settings.moriio_write_mode and settings.moriio_parallel_dispatch,
         )
         app.on_cleanup.append(_stop_tracing)
     app.cleanup_ctx.append(_services)

@@ -15,6 +15,16 @@ whole budget. As llm-d's sidecar does:
 * it stops on a finish reason other than ``length``, when the budget is used up, or on a
   chunk that produced nothing.
 
+Near the model's context length: a request with no budget is one unchunked vLLM would
+let run to the end of the context and finish with ``length``. A chunk the engine refuses
+because prompt, text so far and chunk exceed the context (a 400 saying "maximum context
+length is L tokens" and how many input tokens the request has) is sent once more with
+``max_tokens`` capped to the room left; a capped chunk that ends on ``length`` ends the
+answer there. When no room is left, or the refusal does not say the numbers, the answer
+ends with the text so far and ``finish_reason: "length"`` (JSON and SSE alike) instead of
+an error. Only the first chunk's refusal, with no room at all (the prompt alone is over
+the context), is relayed as the engine's error, as unchunked vLLM answers it.
+
 Unlike llm-d, the text generated so far is one assistant message (appended to the
 client's own final assistant message when the client itself continues it), not one
 message per chunk; the answer has one id (the first chunk's) and intermediate chunks'
@@ -36,6 +46,7 @@ how one chunk is sent.
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +54,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar import tracing
 from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.errors import DecodeError, NotChunkable, SidecarError
@@ -126,6 +138,25 @@ def refuse_unchunkable(path: str, body: Mapping[str, Any], chunk_size: int) -> N
         raise NotChunkable("tools", "a tool call cut between chunks cannot be parsed")
 
 
+_CONTEXT_LIMIT = re.compile(rb"maximum context length is (\d+)")
+_INPUT_TOKENS = re.compile(rb"\((\d+) in the messages|request has (\d+) input tokens")
+
+
+def is_context_refusal(status: int, body: bytes) -> bool:
+    """Whether an engine's answer refuses a request for exceeding the model's context."""
+    return status == 400 and b"context length" in body.lower()
+
+
+def context_room(body: bytes) -> int | None:
+    """The output tokens that fit, by the numbers of an engine's context-length refusal
+    (vLLM's, or the simulator's), or None when it does not say them."""
+    limit = _CONTEXT_LIMIT.search(body)
+    inputs = _INPUT_TOKENS.search(body)
+    if limit is None or inputs is None:
+        return None
+    return int(limit.group(1)) - int(inputs.group(1) or inputs.group(2))
+
+
 @dataclass(frozen=True, slots=True)
 class Piece:
     """What one chunk adds to the answer."""
@@ -157,6 +188,9 @@ class ChunkedDecode:
     logprobs: list[Any] | None = None
     first: dict[str, Any] | None = None
     last: dict[str, Any] | None = None
+    cap: int | None = None  # max_tokens that fit the context, once the engine said so
+    capped_chunk: int = -1  # the chunk sent capped
+    events: int = 0  # SSE events made
 
     def __post_init__(self) -> None:
         self.budget = output_budget(self.base)
@@ -177,6 +211,8 @@ class ChunkedDecode:
         size = self.chunk_size
         if self.budget is not None:
             size = min(size, self.budget - self.generated)
+        if self.cap is not None:
+            size = min(size, self.cap)
         body = dict(self.base)
         body["max_tokens"] = size
         if "max_completion_tokens" in body:
@@ -249,11 +285,35 @@ class ChunkedDecode:
             finish != "length"
             or (self.budget is not None and self.generated >= self.budget)
             or (tokens == 0 and not text)
+            or self.cap is not None  # capped to the context: nothing more fits
         )
         if not self.done:
             return Piece(text, entries, None)
         return Piece(text, entries, finish if isinstance(finish, str) else None,
                      choice.get("stop_reason"))  # fmt: skip
+
+    def refused(self, status: int, body: bytes) -> str | None:
+        """A chunk's error answer at the context limit, for a request with no budget:
+        ``"retry"`` (send the chunk again, capped to the room left) or ``"end"`` (the
+        answer ends with the text so far); None for any other failure."""
+        if self.budget is not None or not is_context_refusal(status, body):
+            return None
+        room = context_room(body)
+        if room is not None and room >= 1 and self.capped_chunk != self.chunks:
+            self.cap = room
+            self.capped_chunk = self.chunks
+            return "retry"
+        return "end" if self.chunks else None
+
+    def end_at_limit(self) -> Piece:
+        """End the answer at the context limit, as unchunked vLLM does (``length``)."""
+        self.done = True
+        if self.last is not None:
+            choice = dict(self.last["choices"][0])
+            choice["finish_reason"] = "length"
+            choice.pop("stop_reason", None)
+            self.last = {**self.last, "choices": [choice]}
+        return Piece("", None, "length")
 
     def usage(self) -> dict[str, Any]:
         """The answer's usage: the first chunk's prompt, every chunk's completion tokens."""
@@ -299,8 +359,9 @@ class ChunkedDecode:
     def event(self, piece: Piece) -> bytes:
         """One SSE event carrying a chunk's text (the first one also the role)."""
         delta: dict[str, Any] = {"content": piece.text}
-        if self.chunks == 1:
+        if self.events == 0:
             delta = {"role": "assistant", **delta}
+        self.events += 1
         choice: dict[str, Any] = {
             "index": 0,
             "delta": delta,
@@ -347,6 +408,37 @@ async def run_chunked(
     on_chunk: Callable[[], None] | None = None,
     on_abort: AbortStream | None = None,
 ) -> web.StreamResponse:
+    """:func:`_run_chunked`, under llm-d's ``chunked_decode`` span when traced."""
+
+    def run() -> Awaitable[web.StreamResponse]:
+        return _run_chunked(
+            request, ex, shape, state, send,
+            cached=cached, note=note, on_chunk=on_chunk, on_abort=on_abort,
+        )  # fmt: skip
+
+    if not tracing.is_traced():
+        return await run()
+    try:
+        return await tracing.chunked_decode(
+            state.chunk_size, state.streaming, run, lambda: (state.chunks, state.generated)
+        )
+    finally:
+        if state.chunks:
+            tracing.note_final_usage({"usage": state.usage()})
+
+
+async def _run_chunked(
+    request: web.Request,
+    ex: Exchange,
+    shape: ApiShape,
+    state: ChunkedDecode,
+    send: SendChunk,
+    *,
+    cached: int | None = None,
+    note: Mapping[str, str] | None = None,
+    on_chunk: Callable[[], None] | None = None,
+    on_abort: AbortStream | None = None,
+) -> web.StreamResponse:
     """Send the chunks one after the other and answer the client: one JSON answer, or one
     SSE stream started after the first chunk succeeded.
 
@@ -367,7 +459,14 @@ async def run_chunked(
                 answer = await send(dumps(body))
                 if on_chunk is not None:
                     on_chunk()
+                verdict = None
                 if not 200 <= answer.status < 300:
+                    verdict = state.refused(answer.status, answer.body)
+                    if verdict == "retry":
+                        continue
+                if verdict == "end":
+                    piece = state.end_at_limit()
+                elif not 200 <= answer.status < 300:
                     if out is None:
                         relayed = response_headers(answer.headers)
                         relayed.update(headers)
@@ -377,12 +476,13 @@ async def run_chunked(
                         f"decode chunk {state.chunks + 1} answered {answer.status}: "
                         + answer.body[:512].decode("utf-8", "replace")
                     )
-                try:
-                    piece = state.take(loads(answer.body))
-                except (ValueError, ChunkAnswerError) as exc:
-                    raise DecodeError(
-                        f"decode chunk {state.chunks + 1} answer unusable: {exc}"
-                    ) from None
+                else:
+                    try:
+                        piece = state.take(loads(answer.body))
+                    except (ValueError, ChunkAnswerError) as exc:
+                        raise DecodeError(
+                            f"decode chunk {state.chunks + 1} answer unusable: {exc}"
+                        ) from None
             except SidecarError as failure:
                 if out is None:
                     raise

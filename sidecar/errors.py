@@ -169,9 +169,10 @@ class TargetForbidden(SidecarError):
     stage = "ssrf"
     kind = "forbidden"
 
-    def __init__(self, message: str, rule: str) -> None:
+    def __init__(self, message: str, rule: str, target: str | None = None) -> None:
         super().__init__(message)
         self.rule = rule
+        self.target = target  # the refused host:port
 
     def payload(self, request_id: str | None) -> dict[str, Any]:
         body = super().payload(request_id)

@@ -22,6 +22,7 @@ from aiohttp import web
 from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.sse import EventFramer
+from sidecar.tracing import usage_watcher
 
 __all__ = ["StreamBroken", "error_event", "is_event_stream", "relay_body"]
 
@@ -54,12 +55,15 @@ async def relay_body(
     chunk = first
     failure: SidecarError | None = None
     framer = rewriter if rewriter is not None else (EventFramer() if sse else None)
+    watch = usage_watcher(sse, upstream)  # None unless traced
     content = upstream.content
     try:
         async with asyncio.timeout(None) as deadline:
             while chunk:
                 data = framer.feed(chunk) if framer is not None else chunk
                 if data:
+                    if watch is not None:
+                        watch.feed(data)
                     # Errors writing to our own client propagate: the client left.
                     await out.write(data)
                 try:
@@ -79,7 +83,11 @@ async def relay_body(
         if framer is not None:
             tail = framer.flush()
             if tail:
+                if watch is not None:
+                    watch.feed(tail)
                 await out.write(tail)
+        if watch is not None:
+            watch.close()
         await out.write_eof()
         return
     ex.error = failure.message

@@ -5,6 +5,9 @@ less; a pooled connection the server closed anyway is detected on use
 (``ServerDisconnectedError`` before any response byte) and the request is sent once more
 on a fresh connection. Only whole in-memory bodies are resent.
 
+With ``--tracing`` each request is sent under a CLIENT span (:func:`sidecar.tracing.send_traced`),
+the ``traceparent`` it carries on the wire.
+
 A stage reached over TLS (``--enable-tls``) has its session's context and turns the
 ``http://`` URLs the rest of the sidecar builds into ``https://``; a failed handshake
 (untrusted certificate, a client certificate the upstream refuses) becomes one clear
@@ -31,6 +34,7 @@ from sidecar.errors import (
     SidecarError,
     UpstreamTLSError,
 )
+from sidecar.tracing import client_tracing, send_traced
 
 __all__ = [
     "RETRYABLE_STATUSES",
@@ -197,6 +201,17 @@ class Upstream:
         """Send and return once response headers arrived; the caller releases the response."""
         if self.tls and url.startswith("http://"):
             url = "https://" + url[len("http://") :]
+        if client_tracing() is not None:  # --tracing: under a CLIENT span
+            return await send_traced(self._send_checked, method, url, headers, body)
+        return await self._send_checked(method, url, headers, body)
+
+    async def _send_checked(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> aiohttp.ClientResponse:
         if not self.tls:
             return await self._send(method, url, headers, body)
         try:

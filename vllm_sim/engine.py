@@ -368,16 +368,17 @@ class SimEngine:
         if room < 1:
             raise EngineError(
                 f"This model's maximum context length is {cfg.max_model_len} tokens. However, "
-                f"your request has {n_prompt} input tokens."
+                f"your request has {n_prompt} input tokens. Please reduce the length of the "
+                "input messages."
             )
         max_tokens = params.max_tokens if params.max_tokens is not None else room
         if max_tokens < 1:
             raise EngineError(f"max_tokens must be at least 1, got {max_tokens}.")
         if max_tokens > room:
             raise EngineError(
-                f"This model's maximum context length is {cfg.max_model_len} tokens. However, "
-                f"you requested {n_prompt + max_tokens} tokens ({n_prompt} in the messages, "
-                f"{max_tokens} in the completion)."
+                f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This "
+                f"model's maximum context length is {cfg.max_model_len} tokens and your request "
+                f"has {n_prompt} input tokens ({max_tokens} > {cfg.max_model_len} - {n_prompt})."
             )
         if params.min_tokens > max_tokens:
             raise EngineError(

@@ -104,7 +104,9 @@ class TargetGuard:
                 log.debug(record)
                 continue
             log.warning(record)
-            raise TargetForbidden(f"{stage} target refused: {decision.reason}", decision.rule)
+            raise TargetForbidden(
+                f"{stage} target refused: {decision.reason}", decision.rule, target.authority
+            )
 
     def _count(self, stage: str, decision: str, rule: str) -> None:
         key = (stage, decision, rule)

@@ -48,6 +48,16 @@ class Collector(trace_service_pb2_grpc.TraceServiceServicer):
     def named(self, name: str) -> list[trace_pb2.Span]:
         return [s for s in self.spans if s.name == name]
 
+    def children(self, parent: trace_pb2.Span, name: str | None = None) -> list[trace_pb2.Span]:
+        """The spans whose parent is ``parent`` (named ``name``), oldest first."""
+        found = [
+            s
+            for s in self.spans
+            if s.parent_span_id == parent.span_id and s.trace_id == parent.trace_id
+            and (name is None or s.name == name)
+        ]  # fmt: skip
+        return sorted(found, key=lambda s: s.start_time_unix_nano)
+
     async def wait_for(self, check: Callable[[], bool], what: str) -> None:
         async def holds() -> bool:
             return check()

@@ -57,9 +57,11 @@ async def test_spans_batched_until_sigterm_are_flushed_on_exit(
             proc.kill()
             await proc.wait()
 
+    (server,) = collector.named("llm_d.pd_proxy.POST /v1/completions")
     (request,) = collector.named("forward_request")
     assert request.trace_id.hex() == TRACE_ID
-    assert request.parent_span_id.hex() == PARENT_ID
+    assert server.parent_span_id.hex() == PARENT_ID
+    assert request.parent_span_id == server.span_id
     assert attributes(request)["llm_d.pd_proxy.prefill_target"] == prefill.host_port
     assert len(collector.named("prefill")) == len(collector.named("decode")) == 1
     assert collector.services == {"pd-sidecar-under-test"}

@@ -70,14 +70,17 @@ async def test_the_encode_stage_is_one_span_and_its_legs_name_it(
     assert e_attrs["llm_d.ec_proxy.encode_items"] == 2
     attrs = attributes(request)
     assert attrs["llm_d.ec_proxy.encode_disaggregation_used"] is True
+    assert attrs["llm_d.ec_proxy.encoder_candidates"] == 2
     assert attrs["llm_d.pd_proxy.ec_connector"] == "ec-nixl"
     assert attrs["llm_d.openai.api"] == "chat_completions"
     assert attributes(decode_span)["llm_d.pd_proxy.decode.streaming"] is True
-    # Every encoder leg names the encode span as its parent.
+    # Every encoder leg is a client span of the encode span.
+    await sink.wait_for(lambda: len(sink.children(encode, "HTTP POST")) == 2, "encode legs")
     legs = [rec for e in encoders for rec in (await e.stats())["recorded"]]
     assert len(legs) == 2
-    for leg in legs:
-        assert parent_of(leg["headers"]["traceparent"]) == (TRACE_ID, encode.span_id.hex())
+    assert {parent_of(leg["headers"]["traceparent"]) for leg in legs} == {
+        (TRACE_ID, c.span_id.hex()) for c in sink.children(encode, "HTTP POST")
+    }
 
 
 async def test_a_decode_first_attempt_is_a_span_declined_then_accepted(
@@ -118,13 +121,16 @@ async def test_a_decode_first_attempt_is_a_span_declined_then_accepted(
     assert attributes(first)["llm_d.pd_proxy.decode_first.verdict"] == "declined"
     assert first.status.code != ERROR_CODE
     (request,) = sink.named("forward_request")
-    assert {s.parent_span_id for s in sink.spans if s.name != "forward_request"} == {
-        request.span_id
-    }
-    d_legs = (await decode.stats())["recorded"]
-    assert parent_of(d_legs[0]["headers"]["traceparent"]) == (TRACE_ID, first.span_id.hex())
+    (prefill_span,) = sink.named("prefill")
     (decode_span,) = sink.named("decode")
-    assert parent_of(d_legs[1]["headers"]["traceparent"]) == (TRACE_ID, decode_span.span_id.hex())
+    assert first.parent_span_id == prefill_span.parent_span_id == request.span_id
+    assert decode_span.parent_span_id == prefill_span.span_id
+    await sink.wait_for(lambda: len(sink.named("HTTP POST")) == 3, "the three legs")
+    d_legs = (await decode.stats())["recorded"]
+    (first_http,) = sink.children(first, "HTTP POST")
+    (decode_http,) = sink.children(decode_span, "HTTP POST")
+    assert parent_of(d_legs[0]["headers"]["traceparent"]) == (TRACE_ID, first_http.span_id.hex())
+    assert parent_of(d_legs[1]["headers"]["traceparent"]) == (TRACE_ID, decode_http.span_id.hex())
 
     await ask()  # stored now: the decode-first attempt is the answer
     await sink.wait_for(lambda: len(sink.named("forward_request")) == 2, "the second request")

@@ -3,10 +3,11 @@
 A real collector (the OTLP TraceService over gRPC on loopback), simulated prefill and
 decode engines, the sidecar in between:
 
-- a P/D request sent with a ``traceparent`` gives a ``forward_request`` SERVER span that
-  is a child of the caller's span, with ``prefill`` and ``decode`` children carrying
-  llm-d's attributes; each leg reached its engine with a ``traceparent`` naming the
-  span it was sent under;
+- a P/D request sent with a ``traceparent`` gives llm-d's span tree: the server span
+  ``llm_d.pd_proxy.POST <path>`` (a child of the caller's span, with the HTTP semantic
+  conventions' attributes), its ``forward_request`` child, ``prefill`` under that and
+  ``decode`` under the prefill, each carrying llm-d's attributes, and under each stage
+  one CLIENT span ``HTTP POST`` per leg, the ``traceparent`` its engine received;
 - a prefill retried after a 503 shows one span per attempt, the failed one in error;
   a prefill that never succeeds leaves every attempt and the request in error;
 - the mooncake connector's legs run concurrently under llm-d's prefixed span names;
@@ -34,6 +35,7 @@ PARENT_ID = "00f067aa0ba902b7"
 CALLER = f"00-{TRACE_ID}-{PARENT_ID}-01"
 BODY = {"model": "sim-model", "prompt": "hello world " * 20, "max_tokens": 5}
 ERROR = trace_pb2.Status.STATUS_CODE_ERROR
+SERVER_SPAN = "llm_d.pd_proxy.POST /v1/completions"
 
 
 async def post(
@@ -71,19 +73,40 @@ async def test_a_pd_request_is_one_span_with_prefill_and_decode_children(
 
     await sink.wait_for(
         lambda: (
-            len(sink.named("forward_request")) == 1
+            len(sink.named(SERVER_SPAN)) == 1
+            and len(sink.named("forward_request")) == 1
             and len(sink.named("prefill")) == 1
             and len(sink.named("decode")) == 1
+            and len(sink.named("HTTP POST")) == 2
         ),
-        "the request span and its prefill and decode spans",
+        "the server, request, prefill, decode and client spans",
     )
+    (server,) = sink.named(SERVER_SPAN)
     (request,) = sink.named("forward_request")
     (p_span,) = sink.named("prefill")
     (d_span,) = sink.named("decode")
     assert sink.services == {"llm-d-disagg-sidecar"}
 
+    # The server span: a child of the caller's, with otelhttp's attributes.
+    assert server.trace_id.hex() == TRACE_ID
+    assert server.parent_span_id.hex() == PARENT_ID
+    assert server.kind == trace_pb2.Span.SPAN_KIND_SERVER
+    assert server.status.code != ERROR
+    s_attrs = attributes(server)
+    assert s_attrs["http.request.method"] == "POST"
+    assert s_attrs["url.path"] == "/v1/completions"
+    assert s_attrs["url.scheme"] == "http"
+    assert s_attrs["server.address"] == "127.0.0.1"
+    assert s_attrs["server.port"] == sidecar.servers.port
+    assert s_attrs["network.peer.address"] == "127.0.0.1"
+    assert s_attrs["client.address"] == "127.0.0.1"
+    assert s_attrs["network.protocol.version"] == "1.1"
+    assert s_attrs["http.response.status_code"] == 200
+    assert s_attrs["http.request.body.size"] == len(json.dumps(BODY))
+    assert s_attrs["http.response.body.size"] > 0  # type: ignore[operator]
+
     assert request.trace_id.hex() == TRACE_ID
-    assert request.parent_span_id.hex() == PARENT_ID  # a child of the caller's span
+    assert request.parent_span_id == server.span_id
     assert request.kind == trace_pb2.Span.SPAN_KIND_SERVER
     assert request.status.code != ERROR
     (p_leg,) = await _recorded(prefill)
@@ -97,16 +120,21 @@ async def test_a_pd_request_is_one_span_with_prefill_and_decode_children(
     assert attrs["llm_d.openai.api"] == "chat_completions"
     assert attrs["llm_d.pd_proxy.disaggregation_used"] is True
     assert attrs["llm_d.pd_proxy.prefill_target"] == prefill.host_port
+    assert attrs["llm_d.pd_proxy.prefill_candidates"] == 1
     assert attrs["gen_ai.request.model"] == "sim-model"
     assert isinstance(attrs["gen_ai.usage.input_tokens"], int)
     assert attrs["gen_ai.usage.input_tokens"] > 0
-    assert attrs["http.response.status_code"] == 200
+    assert "http.response.status_code" not in attrs  # the server span's
     assert attrs["llm_d.pd_proxy.true_ttft_ms"] > 0  # type: ignore[operator]
     assert attrs["llm_d.pd_proxy.total_duration_ms"] >= attrs["llm_d.pd_proxy.true_ttft_ms"]  # type: ignore[operator]
+    assert attrs["llm_d.pd_proxy.decode_duration_ms"] > 0  # type: ignore[operator]
+    assert attrs["llm_d.pd_proxy.decode_duration_ms"] <= attrs["llm_d.pd_proxy.total_duration_ms"]  # type: ignore[operator]
 
+    # As in llm-d, the decode span is a child of the prefill span.
+    assert p_span.parent_span_id == request.span_id
+    assert d_span.parent_span_id == p_span.span_id
     for child in (p_span, d_span):
         assert child.trace_id == request.trace_id
-        assert child.parent_span_id == request.span_id
         assert child.kind == trace_pb2.Span.SPAN_KIND_INTERNAL
         assert child.status.code != ERROR
         assert attributes(child)["llm_d.pd_proxy.request_id"] == leg_id
@@ -122,13 +150,27 @@ async def test_a_pd_request_is_one_span_with_prefill_and_decode_children(
     d_attrs = attributes(d_span)
     assert d_attrs["llm_d.pd_proxy.decode.target"] == f"127.0.0.1:{decode.port}"
     assert d_attrs["llm_d.pd_proxy.decode.streaming"] is False
-    assert d_attrs["http.response.status_code"] == 200
+    assert d_attrs["llm_d.pd_proxy.decode.data_parallel"] is False
+    assert "http.response.status_code" not in d_attrs  # its client span's
     assert d_attrs["gen_ai.usage.output_tokens"] == BODY["max_tokens"]
     assert attrs["gen_ai.usage.output_tokens"] == BODY["max_tokens"]
 
-    # Each engine saw the trace, with the span of its own leg as the parent.
-    assert parent_of(p_leg["headers"]["traceparent"]) == (TRACE_ID, p_span.span_id.hex())
-    assert parent_of(d_leg["headers"]["traceparent"]) == (TRACE_ID, d_span.span_id.hex())
+    # One client span per leg, under its stage; its context is what the engine received.
+    for stage, engine, leg in ((p_span, prefill, p_leg), (d_span, decode, d_leg)):
+        (http,) = sink.children(stage, "HTTP POST")
+        assert http.kind == trace_pb2.Span.SPAN_KIND_CLIENT
+        assert http.status.code != ERROR
+        assert attributes(http) == {
+            "http.request.method": "POST",
+            "url.full": f"http://127.0.0.1:{engine.port}/v1/completions",
+            "server.address": "127.0.0.1",
+            "server.port": engine.port,
+            "network.protocol.version": "1.1",
+            "http.response.status_code": 200,
+        }
+        assert parent_of(leg["headers"]["traceparent"]) == (TRACE_ID, http.span_id.hex())
+        assert stage.start_time_unix_nano <= http.start_time_unix_nano
+        assert http.end_time_unix_nano <= stage.end_time_unix_nano
 
 
 async def test_a_retried_prefill_shows_one_span_per_attempt(
@@ -146,7 +188,11 @@ async def test_a_retried_prefill_shows_one_span_per_attempt(
     assert await post(client, sidecar.url, headers) == 200
 
     await sink.wait_for(
-        lambda: len(sink.named("forward_request")) == 1 and len(sink.named("prefill")) == 2,
+        lambda: (
+            len(sink.named("forward_request")) == 1
+            and len(sink.named("prefill")) == 2
+            and len(sink.named("HTTP POST")) == 3
+        ),
         "two prefill attempts",
     )
     (request,) = sink.named("forward_request")
@@ -159,10 +205,16 @@ async def test_a_retried_prefill_shows_one_span_per_attempt(
     assert all(s.parent_span_id == request.span_id for s in attempts)
     assert request.status.code != ERROR
     assert attributes(request)["llm_d.pd_proxy.prefill_attempts"] == 2
-    # Each attempt's leg names its own span.
+    # Each attempt's leg is a client span of its own, the failed one in error.
+    sent = [sink.children(s, "HTTP POST") for s in attempts]
+    assert [len(c) for c in sent] == [1, 1]
+    assert attributes(sent[0][0])["http.response.status_code"] == 503
+    assert attributes(sent[0][0])["error.type"] == "503"
+    assert sent[0][0].status.code == ERROR
+    assert sent[1][0].status.code != ERROR
     legs = await _recorded(prefill)
     assert [parent_of(r["headers"]["traceparent"]) for r in legs] == [
-        (TRACE_ID, s.span_id.hex()) for s in attempts
+        (TRACE_ID, c[0].span_id.hex()) for c in sent
     ]
 
 
@@ -183,9 +235,14 @@ async def test_a_prefill_that_never_succeeds_leaves_every_attempt_in_error(
     assert await post(client, sidecar.url, headers) == 502
 
     await sink.wait_for(
-        lambda: len(sink.named("forward_request")) == 1 and len(sink.named("prefill")) == 3,
+        lambda: (
+            len(sink.named(SERVER_SPAN)) == 1
+            and len(sink.named("forward_request")) == 1
+            and len(sink.named("prefill")) == 3
+        ),
         "three failed prefill attempts",
     )
+    (server,) = sink.named(SERVER_SPAN)
     (request,) = sink.named("forward_request")
     attempts = sink.named("prefill")
     assert all(s.status.code == ERROR for s in attempts)
@@ -193,7 +250,8 @@ async def test_a_prefill_that_never_succeeds_leaves_every_attempt_in_error(
     assert sink.named("decode") == []
     assert request.status.code == ERROR
     assert "503" in request.status.message
-    assert attributes(request)["http.response.status_code"] == 502
+    assert attributes(server)["http.response.status_code"] == 502
+    assert server.status.code == ERROR
 
 
 async def test_mooncake_legs_run_concurrently_under_llm_ds_prefixed_names(
@@ -225,14 +283,20 @@ async def test_mooncake_legs_run_concurrently_under_llm_ds_prefixed_names(
     (request,) = sink.named("forward_request")
     (p_span,) = sink.named("llm_d.pd_proxy.prefill")
     (d_span,) = sink.named("llm_d.pd_proxy.decode")
-    assert p_span.parent_span_id == d_span.parent_span_id == request.span_id
+    assert p_span.parent_span_id == request.span_id
+    assert d_span.parent_span_id == p_span.span_id  # as llm-d nests them
+    assert attributes(request)["llm_d.pd_proxy.concurrent_pd"] is True
     assert attributes(p_span)["llm_d.pd_proxy.prefill.async"] is True
     assert attributes(d_span)["llm_d.pd_proxy.decode.concurrent_with_prefill"] is True
     assert attributes(d_span)["llm_d.pd_proxy.connector"] == "mooncake"
+    await sink.wait_for(lambda: len(sink.named("HTTP POST")) >= 2, "the client spans")
     (p_leg,) = await _recorded(prefill)
     (d_leg,) = await _recorded(decode)
-    assert parent_of(p_leg["headers"]["traceparent"]) == (TRACE_ID, p_span.span_id.hex())
-    assert parent_of(d_leg["headers"]["traceparent"]) == (TRACE_ID, d_span.span_id.hex())
+    (p_http,) = [c for c in sink.children(p_span, "HTTP POST")
+                 if attributes(c)["server.port"] == prefill.port]  # fmt: skip
+    (d_http,) = sink.children(d_span, "HTTP POST")
+    assert parent_of(p_leg["headers"]["traceparent"]) == (TRACE_ID, p_http.span_id.hex())
+    assert parent_of(d_leg["headers"]["traceparent"]) == (TRACE_ID, d_http.span_id.hex())
 
 
 async def test_a_request_without_traceparent_starts_a_trace_its_legs_continue(
@@ -247,16 +311,28 @@ async def test_a_request_without_traceparent_starts_a_trace_its_legs_continue(
     # Decode-only: the body goes to the engine as sent, under the request span.
     assert await post(client, sidecar.url, {}) == 200
 
-    await sink.wait_for(lambda: len(sink.named("forward_request")) == 1, "the request span")
+    await sink.wait_for(
+        lambda: len(sink.named(SERVER_SPAN)) == 1 and len(sink.named("HTTP POST")) == 1,
+        "the server and client spans",
+    )
+    (server,) = sink.named(SERVER_SPAN)
     (request,) = sink.named("forward_request")
-    assert request.parent_span_id == b""  # a root span
+    assert server.parent_span_id == b""  # a root span
+    assert request.parent_span_id == server.span_id
     attrs = attributes(request)
     assert attrs["llm_d.pd_proxy.disaggregation_used"] is False
     assert attrs["llm_d.pd_proxy.reason"] == "no_prefill_header"
+    # Decode-only has its decode span too, with the answer's token counts.
+    (d_span,) = sink.children(request, "decode")
+    assert attributes(d_span)["gen_ai.usage.output_tokens"] == BODY["max_tokens"]
+    assert attributes(d_span)["llm_d.pd_proxy.decode.data_parallel"] is False
+    assert attrs["gen_ai.usage.output_tokens"] == BODY["max_tokens"]
+    assert attrs["llm_d.pd_proxy.decode_duration_ms"] > 0  # type: ignore[operator]
+    (http,) = sink.children(d_span, "HTTP POST")
     (leg,) = await _recorded(decode)
     assert parent_of(leg["headers"]["traceparent"]) == (
         request.trace_id.hex(),
-        request.span_id.hex(),
+        http.span_id.hex(),
     )
 
 
@@ -338,12 +414,18 @@ async def test_refusals_ssrf_in_error_a_clients_bad_body_not(
     assert await post(client, sidecar.url, headers) == 403
     assert await post(client, sidecar.url, {}, body=[1, 2]) == 400  # not a JSON object
 
-    await sink.wait_for(lambda: len(sink.named("forward_request")) == 2, "both request spans")
-    by_status = {
-        attributes(s)["http.response.status_code"]: s for s in sink.named("forward_request")
-    }
-    denied, bad = by_status[403], by_status[400]
+    await sink.wait_for(
+        lambda: len(sink.named("forward_request")) == len(sink.named(SERVER_SPAN)) == 2,
+        "both request spans",
+    )
+    by_status = {attributes(s)["http.response.status_code"]: s for s in sink.named(SERVER_SPAN)}
+    (denied,) = sink.children(by_status[403], "forward_request")
+    (bad,) = sink.children(by_status[400], "forward_request")
     assert denied.status.code == ERROR
     assert attributes(denied)["llm_d.pd_proxy.error"] == "ssrf_protection_denied"
+    assert attributes(denied)["llm_d.pd_proxy.denied_target"] == prefill.host_port
     assert bad.status.code != ERROR
+    # A 4xx leaves the server spans unset, as otelhttp's handler does.
+    assert by_status[403].status.code != ERROR
+    assert by_status[400].status.code != ERROR
     assert (await _recorded(prefill)) == []  # the refused target was never sent anything
