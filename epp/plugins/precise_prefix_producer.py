@@ -48,6 +48,7 @@ from epp.plugins.prefix_producer import (
     match_key,
 )
 from epp.plugins.registry import register
+from epp.plugins.token_estimate import TokenizedPrompt
 from epp.plugins.token_producer import TOKENIZED_PROMPT
 from epp.request import is_token_ids, loads
 from epp.scheduling.cycle import CycleState, StateKey
@@ -272,6 +273,10 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         req = cycle.request
         tokens = _request_token_ids(req.body)
         produced = cycle.get(TOKENIZED_PROMPT)
+        if tokens is not None and produced is None:
+            # What any token producer (or the fallback's estimate) makes of client ids:
+            # the list is checked once per request, not again by each of them.
+            cycle.put(TOKENIZED_PROMPT, TokenizedPrompt(tokens, "request"))
         if tokens is None and produced is not None and produced.real:
             tokens = list(produced.token_ids)  # a token producer's render of the prompt
         if tokens is None and self._local is not None:
