@@ -20,6 +20,10 @@ Configurations (EPP configs in llm-d's vocabulary, see ``epp_config``):
 - ``approx-tuned`` / ``precise-tuned``: the same producers with the queue weighted above
   the prefix (prefix 2, queue 3, KV 1): a conversation stays where its prefix is until a
   queue forms there, then moves;
+- ``approx-backlog`` / ``precise-backlog``: the approximate or precise producer and this
+  EPP's ``disagg-prefill-backlog-scorer`` alone (the endpoint that would compute the
+  uncached prompt soonest, counting the uncached prompt tokens in flight before it);
+  ``approx-backlog-prefix`` adds the prefix-cache scorer (backlog 3, prefix 1);
 - ``pd``: prefill/decode disaggregation (prefix-based P/D decider) as llm-d's
   pd-epp-config.yaml, with a quarter of the engines prefilling; ``pd-tuned``: queue
   weight 3 in both profiles and only prompts with 512 or more uncached tokens prefilled
@@ -82,6 +86,9 @@ CONFIGS = (
     "precise-prefix",
     "approx-tuned",
     "precise-tuned",
+    "approx-backlog",
+    "approx-backlog-prefix",
+    "precise-backlog",
     "pd",
     "pd-tuned",
 )
@@ -187,6 +194,19 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
         ]
         refs += [("prefix-cache-scorer", 2), ("queue-scorer", 3),
                  ("kv-cache-utilization-scorer", 1)]  # fmt: skip
+    elif name in ("approx-backlog", "approx-backlog-prefix", "precise-backlog"):
+        if name.startswith("precise"):
+            plugins.append({
+                "type": "precise-prefix-cache-producer",
+                "parameters": {"kvEventsPort": kv_events_port, "blockSize": block_size},
+            })  # fmt: skip
+        else:
+            plugins.append({"type": "approx-prefix-cache-producer"})
+        plugins.append({"type": "disagg-prefill-backlog-scorer"})
+        refs.append(("disagg-prefill-backlog-scorer", 3))
+        if name == "approx-backlog-prefix":
+            plugins.append({"type": "prefix-cache-scorer"})
+            refs.append(("prefix-cache-scorer", 1))
     elif name == "precise-prefix":
         plugins += [
             {

@@ -105,6 +105,8 @@ class Decision:
     # In-flight bookkeeping hooks, set by the scheduler.
     release_prefill: Callable[[], None] = _noop
     release_all: Callable[[], None] = _noop
+    # Runs once, when the response's first token passes the gateway; set by the scheduler.
+    release_first_token: Callable[[], None] = _noop
     # Moves the decode bookkeeping to the endpoint the gateway reports as having served
     # the request (``host:port``), when that is not ``decode``; set by the scheduler.
     reassign: Callable[[str], None] = _noop_reassign
@@ -119,6 +121,7 @@ class Decision:
     # Set when flow control may evict the request in flight: its signal fires then.
     eviction: EvictionItem | None = field(default=None, repr=False)
     _prefill_released: bool = field(default=False, repr=False)
+    _first_token_seen: bool = field(default=False, repr=False)
     _released: bool = field(default=False, repr=False)
 
     @property
@@ -141,9 +144,17 @@ class Decision:
             self._prefill_released = True
             self.release_prefill()
 
+    def on_first_token(self) -> None:
+        """The response's first token (its first body bytes) passed the gateway: the
+        decode endpoint has computed the prompt. Idempotent."""
+        if not self._first_token_seen:
+            self._first_token_seen = True
+            self.release_first_token()
+
     def on_finished(self) -> None:
         """The request ended (any way). Idempotent."""
         self.on_response_started()
+        self.on_first_token()
         if not self._released:
             self._released = True
             self.release_all()

@@ -428,6 +428,7 @@ class Director(DecisionMaker):
             decode_fallbacks=addresses[1:],
             release_prefill=tracking.release_stages,
             release_all=tracking.release_all,
+            release_first_token=tracking.first_token,
             reassign=lambda served: self._reassign(tracking, request.request_id, served),
             model=request.model,
             headers={**_request_headers(cycle), **tracing.inject_current()},

@@ -17,7 +17,9 @@ import json
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
+
+import orjson
 
 from common.multimodal import INPUT_AUDIO, MULTIMODAL_PART_TYPES
 from epp.decision import BadRequest
@@ -27,6 +29,7 @@ __all__ = [
     "CHARS_PER_TOKEN",
     "MultimodalItem",
     "ParsedRequest",
+    "is_token_ids",
     "parse_api",
     "parse_request",
     "passthrough_request",
@@ -374,11 +377,41 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
     return parse_api(spec, route, headers, body)
 
 
+# Bodies from this size are parsed by orjson (about twice as fast as ``json``) when its
+# result is provably the one ``json.loads`` gives; smaller ones by ``json`` directly.
+FAST_JSON_BYTES = 64 * 1024
+# orjson turns integers beyond 64 bits into floats where ``json`` keeps them exact: a
+# body with a run of 19 digits anywhere (numbers or not) goes to ``json``.
+_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
+_LONG_DIGIT_RUN = b"0" * 19
+
+
+def loads(body: bytes | bytearray | str) -> Any:
+    """``json.loads(body)``, faster for large bodies (same result, same errors)."""
+    if len(body) >= FAST_JSON_BYTES:
+        data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
+        if _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZERO):
+            try:
+                return orjson.loads(data)
+            except orjson.JSONDecodeError:
+                pass  # json decides: it accepts more (NaN, lone surrogates, a BOM) or fails
+    return json.loads(body)
+
+
+def is_token_ids(value: object) -> TypeGuard[list[int]]:
+    """A non-empty list of ints (bools excluded), checked in C when every item is an int."""
+    if not isinstance(value, list) or not value:
+        return False
+    if set(map(type, value)) == {int}:
+        return True
+    return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
 def _json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise _bad("empty request body")
     try:
-        doc = json.loads(body)
+        doc = loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
     except RecursionError:

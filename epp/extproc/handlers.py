@@ -192,6 +192,8 @@ async def on_response_headers(
         ctx.decision.on_response_started()
     if request.response_headers.end_of_stream or ctx.response_body_mode == ProcessingMode.NONE:
         ctx.response_ended = True  # no more of the response comes this way
+        if ctx.decision is not None:
+            ctx.decision.on_first_token()  # the body's first bytes will not be seen
     add = ctx.decision.response_headers if ctx.decision is not None else None
     hook = ctx.decision.response_header_hook if ctx.decision is not None else None
     if hook is not None:
@@ -210,6 +212,8 @@ async def on_response_body(
 ) -> list[ProcessingResponse]:
     ctx.observe_served(request)
     message = request.response_body
+    if ctx.decision is not None and (message.body or message.end_of_stream):
+        ctx.decision.on_first_token()
     if message.end_of_stream:
         ctx.response_ended = True
     body_hook = ctx.decision.response_body_hook if ctx.decision is not None else None

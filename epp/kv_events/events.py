@@ -18,6 +18,8 @@ import msgpack
 
 from epp.kv_events.hashing import external_hash
 
+_MASK64 = (1 << 64) - 1
+
 __all__ = [
     "MEDIUM_GPU",
     "AllBlocksCleared",
@@ -85,6 +87,11 @@ class EventBatch:
 def _hashes(value: Any, what: str) -> tuple[int, ...]:
     if not isinstance(value, list | tuple):
         raise EventDecodeError(f"{what}: block_hashes must be a list")
+    kinds = set(map(type, value))
+    if kinds <= {int}:  # the usual (int hashes): the masking runs in C
+        return tuple(map(_MASK64.__and__, value))
+    if kinds == {bytes}:
+        return tuple(int.from_bytes(h[-8:], "big") for h in value)
     try:
         return tuple(external_hash(h) for h in value)
     except (TypeError, AttributeError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from itertools import accumulate
 from typing import Any
 
 __all__ = [
@@ -99,13 +100,6 @@ def _token_cbor(t: int) -> bytes:
     return enc
 
 
-def _token_array(tokens: Sequence[int]) -> bytes:
-    out = bytearray()
-    _head(4, len(tokens), out)
-    get = _TOKEN_CBOR.get
-    return bytes(out) + b"".join([get(t) or _token_cbor(t) for t in tokens])
-
-
 def none_hash(seed: str | None = None) -> bytes:
     """The parent hash of every first block, for the engines' ``PYTHONHASHSEED``."""
     return hashlib.sha256(cbor_encode(DEFAULT_HASH_SEED if seed is None else seed)).digest()
@@ -130,13 +124,31 @@ def block_hashes(
     n = len(token_ids) // block_size
     if max_blocks is not None:
         n = min(n, max_blocks)
+    if n <= 0:
+        return []
     parent = none_hash(seed)
     sha = hashlib.sha256
+    join = b"".join
+    # Every token's CBOR once (the memo in C), then per block: its 32-byte parent, the
+    # array head and the block's encoded tokens, in one 3-array (prefix bytes fixed).
+    used = token_ids[: n * block_size]
+    encoded: list[bytes | None] = list(map(_TOKEN_CBOR.get, used))
+    if None in encoded:
+        pairs = zip(encoded, used, strict=True)
+        encoded = [e if e is not None else _token_cbor(t) for e, t in pairs]
+    head = bytearray()
+    _head(4, block_size, head)
+    lead = b"\x83\x58\x20"
+    array_head = bytes(head)
+    no_extra = cbor_encode(None)
+    stream = join(encoded)  # type: ignore[arg-type]
+    # Byte offset of every block boundary in the encoded stream.
+    ends = list(accumulate(map(len, encoded)))  # type: ignore[arg-type]
+    bounds = [0, *ends[block_size - 1 :: block_size]]
     out: list[bytes] = []
-    # Every triple is a 3-array: (parent bytes(32), tokens, extra) -> fixed prefix bytes.
     for i in range(n):
-        chunk = token_ids[i * block_size : (i + 1) * block_size]
-        extra = extra_keys[i] if extra_keys is not None else None
-        parent = sha(b"\x83\x58\x20" + parent + _token_array(chunk) + cbor_encode(extra)).digest()
+        extra = no_extra if extra_keys is None else cbor_encode(extra_keys[i])
+        tokens = stream[bounds[i] : bounds[i + 1]]
+        parent = sha(lead + parent + array_head + tokens + extra).digest()
         out.append(parent)
     return out

@@ -88,16 +88,15 @@ class KvBlockIndex:
         out: dict[str, int] = {}
         if not hashes:
             return out
+        first = hashes[0]
         for engine in engines:
             blocks = self._engines.get(engine)
             if not blocks:
                 continue
-            n = 0
-            for h in hashes:
-                mask = blocks.get(h)
-                if mask is None or not mask & media:
-                    break
-                n += 1
+            mask = blocks.get(first)
+            if mask is None or not mask & media:
+                continue
+            n = _leading_run(blocks, hashes, media)
             if n:
                 out[engine] = n
         return out
@@ -114,3 +113,20 @@ class KvBlockIndex:
 
     def engines(self) -> list[str]:
         return list(self._engines)
+
+
+def _leading_run(blocks: dict[int, int], hashes: Sequence[int], media: int) -> int:
+    """How many leading ``hashes`` ``blocks`` holds on one of ``media``: the lookups and
+    the search for the first miss run in C; a run whose masks lack ``media`` is walked."""
+    masks = list(map(blocks.get, hashes))
+    try:
+        n = masks.index(None)
+    except ValueError:
+        n = len(masks)
+    if all(m & media for m in set(masks[:n])):  # type: ignore[operator]
+        return n
+    for i in range(n):
+        if not masks[i] & media:  # type: ignore[operator]
+            return i
+    return n
+

@@ -14,7 +14,7 @@ directly. A plugin implements one or more extension points by subclassing them:
   producer prepared);
 - ``RequestTracker.track`` sees the final result and returns release hooks (its
   ``reassign`` moves the decode's share when the gateway reports another endpoint
-  served the request);
+  served the request; ``first_token`` hears that the response's first token passed);
 - ``Discovery.start/stop`` feeds endpoints into the datastore;
 - ``ResponseHeaderProcessor.response_headers`` adds headers to the client's response
   once the gateway has routed it, from what the gateway reports (``envoy.lb``);
@@ -191,6 +191,10 @@ class RequestTracker(Plugin, abc.ABC):
         release_stages, release_served = self.track(cycle, served)
         release_stages()  # ``served`` holds no prefill or encode stage
         return release_served
+
+    def first_token(self, cycle: CycleState) -> None:
+        """The response's first token went through the gateway: the decode endpoint has
+        computed the prompt. ``cycle`` is the one ``track`` saw. Default: nothing."""
 
 
 class ProfileHandler(Plugin, abc.ABC):

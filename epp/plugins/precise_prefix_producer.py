@@ -48,7 +48,9 @@ from epp.plugins.prefix_producer import (
     match_key,
 )
 from epp.plugins.registry import register
+from epp.plugins.token_estimate import TokenizedPrompt
 from epp.plugins.token_producer import TOKENIZED_PROMPT
+from epp.request import is_token_ids, loads
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
@@ -271,6 +273,10 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         req = cycle.request
         tokens = _request_token_ids(req.body)
         produced = cycle.get(TOKENIZED_PROMPT)
+        if tokens is not None and produced is None:
+            # What any token producer (or the fallback's estimate) makes of client ids:
+            # the list is checked once per request, not again by each of them.
+            cycle.put(TOKENIZED_PROMPT, TokenizedPrompt(tokens, "request"))
         if tokens is None and produced is not None and produced.real:
             tokens = list(produced.token_ids)  # a token producer's render of the prompt
         if tokens is None and self._local is not None:
@@ -416,9 +422,11 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             async with self._session.post(f"{ep.url}/tokenize", json=doc) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                answer = await resp.json()
+                answer = await resp.json(loads=loads)
             tokens = answer["tokens"]
-            if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+            if not isinstance(tokens, list) or not (
+                set(map(type, tokens)) <= {int, bool} or all(isinstance(t, int) for t in tokens)
+            ):
                 raise ValueError("'tokens' is not a list of integers")
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:
             log.warning(
@@ -447,13 +455,7 @@ async def _hash_blocks(
 def _request_token_ids(body: Mapping[str, Any]) -> list[int] | None:
     """A completions prompt given as token ids is already what the engine hashes."""
     prompt = body.get("prompt")
-    if (
-        isinstance(prompt, list)
-        and prompt
-        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
-    ):
-        return prompt
-    return None
+    return prompt if is_token_ids(prompt) else None
 
 
 def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:

@@ -57,6 +57,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.header_label_affinity_scorer",
     "epp.plugins.inflight_load",
     "epp.plugins.token_load_scorer",
+    "epp.plugins.prefill_backlog_scorer",
     "epp.plugins.utilization_filter",
     "epp.plugins.session_id_producer",
     "epp.plugins.session_affinity_filter",

@@ -32,7 +32,7 @@ from pydantic import Field
 from common.multimodal import AUDIO_URL, IMAGE_URL, INPUT_AUDIO, VIDEO_URL
 from epp.plugins.base import PluginParams
 from epp.plugins.token_anthropic import anthropic_to_chat
-from epp.request import ParsedRequest
+from epp.request import ParsedRequest, is_token_ids
 
 __all__ = [
     "BYTES_PER_TOKEN",
@@ -333,11 +333,7 @@ def request_token_ids(body: Mapping[str, Any]) -> list[int] | None:
     """Token ids the client sent itself (completions or generate): already real."""
     for name in ("prompt", "token_ids"):
         ids = body.get(name)
-        if (
-            isinstance(ids, list)
-            and ids
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in ids)
-        ):
+        if is_token_ids(ids):
             return ids
     return None
 

@@ -239,9 +239,13 @@ class TokenProducer(DataProducer):
 
 
 def _token_list(value: Any) -> list[int]:
-    if not isinstance(value, list) or not all(
-        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value
-    ):
+    if not isinstance(value, list):
+        raise ValueError("'token_ids' is not a list of non-negative integers")
+    if value and set(map(type, value)) == {int}:
+        ok = min(value) >= 0  # in C: every item is an int
+    else:
+        ok = all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+    if not ok:
         raise ValueError("'token_ids' is not a list of non-negative integers")
     return value
 

@@ -57,6 +57,10 @@ class Tracking:
         for hook in self.decode_hooks:
             hook()
 
+    def first_token(self) -> None:
+        for tracker in self.trackers:
+            tracker.first_token(self.cycle)
+
     def reassign(self, served: Endpoint) -> None:
         served_result = self.result.served_by(served)
         for i, tracker in enumerate(self.trackers):

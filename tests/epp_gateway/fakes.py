@@ -40,6 +40,8 @@ class FakeDecisionMaker:
     calls: list[Call] = field(default_factory=list)
     decided: int = 0
     prefill_released: int = 0
+    # First-token reports, with how many decisions had then finished.
+    first_tokens: list[int] = field(default_factory=list)
     finished: int = 0
     finished_event: asyncio.Event = field(default_factory=asyncio.Event)
     # Served-endpoint reports that moved a decision, with how many prefills were then
@@ -77,6 +79,7 @@ class FakeDecisionMaker:
             decode_fallbacks=list(self.fallbacks),
             release_prefill=self._release_prefill,
             release_all=self._release_all,
+            release_first_token=self._first_token,
             reassign=self._reassign,
         )
 
@@ -90,6 +93,9 @@ class FakeDecisionMaker:
 
     def _reassign(self, served: str) -> None:
         self.reassigned.append((served, self.prefill_released))
+
+    def _first_token(self) -> None:
+        self.first_tokens.append(self.finished)
 
     def _release_prefill(self) -> None:
         self.prefill_released += 1

@@ -512,6 +512,45 @@ async def test_served_report_moves_the_decision_before_the_prefill_release(
     assert extproc.fake.prefill_released == 1
 
 
+async def test_first_token_is_the_first_response_body_bytes(extproc: ExtProcHarness) -> None:
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.send(response_headers())
+    await client.recv()
+    # Headers alone (an engine sends them before computing the prompt) are no token.
+    assert extproc.fake.first_tokens == []
+    await client.send(response_body(b"", end_of_stream=False))
+    await client.recv()
+    assert extproc.fake.first_tokens == []
+    await client.send(response_body(b"data: {}\n\n", end_of_stream=False))
+    await client.recv()
+    assert extproc.fake.first_tokens == [0]  # before the request ended
+    await client.send(response_body(b"data: [DONE]\n\n", end_of_stream=True))
+    await client.recv()
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+    assert extproc.fake.first_tokens == [0]  # once
+
+
+async def test_a_response_without_body_reports_its_first_token_at_the_headers(
+    extproc: ExtProcHarness,
+) -> None:
+    client = extproc.client()
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+    await client.send(response_headers(end_of_stream=True))
+    await client.recv()
+    assert extproc.fake.first_tokens == [0]
+    await client.close()
+    await client.expect_end()
+    await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
+    assert extproc.fake.first_tokens == [0]
+
+
 async def test_no_served_report_leaves_the_decision_alone(extproc: ExtProcHarness) -> None:
     client = extproc.client()
     await client.send(request_headers(), request_body(b"{}", end_of_stream=True))

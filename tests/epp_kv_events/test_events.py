@@ -107,3 +107,18 @@ def test_unknown_event_type_is_skipped_not_fatal() -> None:
 def test_malformed_payloads_raise_decode_error(payload: bytes) -> None:
     with pytest.raises(EventDecodeError):
         decode_batch(payload)
+
+
+def test_hash_lists_of_every_kind_decode_as_external_hash_does() -> None:
+    from epp.kv_events.events import _hashes
+    from epp.kv_events.hashing import external_hash
+
+    digest = bytes(range(32))
+    for value in (
+        [1, 2**64 + 5, -1, 0],
+        [digest, b"\x01" * 32],
+        [digest, 7, True],
+        [],
+        (3, 4),
+    ):
+        assert _hashes(value, "x") == tuple(external_hash(h) for h in value)

@@ -67,3 +67,27 @@ def test_cbor_subset(value: object, encoded: str) -> None:
 def test_cbor_rejects_other_types() -> None:
     with pytest.raises(TypeError):
         cbor_encode(1.5)
+
+
+def test_block_hashes_equal_the_triples_hashed_one_by_one() -> None:
+    """The one-stream encoding equals CBOR of (parent, block tokens, extra) per block,
+    whatever the tokens' CBOR widths (1, 2, 3, 5 and 9 bytes) and block sizes."""
+    import hashlib
+    import random
+
+    rng = random.Random(5)
+    for trial in range(40):
+        widths = [24, 256, 65_536, 2**32, 2**40]
+        tokens = [rng.randrange(rng.choice(widths)) for _ in range(rng.randrange(0, 600))]
+        size = rng.choice([1, 3, 16, 17])
+        extra = [rng.choice([None, ("lora", 7)]) for _ in tokens] if trial % 3 == 0 else None
+        seed = rng.choice([None, "0"])
+        parent = none_hash(seed)
+        want = []
+        for i in range(len(tokens) // size):
+            key = extra[i] if extra is not None else None
+            triple = (parent, tokens[i * size : (i + 1) * size], key)
+            parent = hashlib.sha256(cbor_encode(triple)).digest()
+            want.append(parent)
+        assert block_hashes(tokens, size, seed, extra_keys=extra) == want
+        assert block_hashes(tokens, size, seed, max_blocks=2, extra_keys=extra) == want[:2]

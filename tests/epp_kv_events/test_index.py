@@ -71,3 +71,27 @@ def test_drop_engine_and_totals() -> None:
 def test_capacity_must_be_positive() -> None:
     with pytest.raises(ValueError):
         KvBlockIndex(0)
+
+
+def test_leading_runs_equal_a_block_by_block_walk() -> None:
+    import random
+
+    rng = random.Random(9)
+    idx = KvBlockIndex(10_000)
+    engines = [f"e{i}" for i in range(12)]
+    prompt = list(range(1, 400))
+    for e in engines:
+        idx.store(e, prompt[: rng.randrange(0, 400)], rng.choice(["GPU", "CPU"]))
+        idx.store(e, rng.sample(prompt, 50), rng.choice(["GPU", "CPU"]))
+        idx.remove(e, rng.sample(prompt, 3), rng.choice(["GPU", "CPU"]))
+    for media in (GPU, CPU, GPU | CPU):
+        want = {}
+        for e in engines:
+            n = 0
+            for h in prompt:
+                if not idx._engines[e].get(h, 0) & media:
+                    break
+                n += 1
+            if n:
+                want[e] = n
+        assert idx.match(prompt, engines, media) == want

@@ -278,3 +278,30 @@ def test_deeply_nested_body_is_a_bad_request() -> None:
     body = b"[" * 200_000 + b"]" * 200_000
     with pytest.raises(BadRequest, match="nests too deeply"):
         parse_request("/v1/chat/completions", {}, body)
+
+
+def test_large_bodies_parse_as_json_loads_does() -> None:
+    import math
+
+    from epp.request import FAST_JSON_BYTES, is_token_ids, loads
+
+    pad = "x" * FAST_JSON_BYTES
+    cases = [
+        '{"a": 1, "a": 2, "p": "%s"}',
+        '{"big": [1, 123456789012345678901234567890], "p": "%s"}',
+        '{"neg": -9223372036854775809, "p": "%s"}',
+        '{"f": [0.1, 1e19, 5e-324], "p": "%s"}',
+        '{"s": "\\ud800", "p": "%s"}',
+        '{"n": NaN, "p": "%s"}',
+        '{"deep": {"x": [[{"y": 18446744073709551616}]]}, "p": "%s"}',
+    ]
+    for case in cases:
+        body = (case % pad).encode()
+        got, want = loads(body), json.loads(body)
+        assert repr(got) == repr(want), case  # same values and types (repr: NaN != NaN)
+    assert math.isnan(loads(b'{"n": NaN, "p": "' + pad.encode() + b'"}')["n"])
+    with pytest.raises(ValueError):
+        loads(b"{" + pad.encode())
+    assert is_token_ids([1, 2, 3])
+    assert not is_token_ids([]) and not is_token_ids([1, True]) and not is_token_ids("12")
+    assert not is_token_ids([1, 2.0])

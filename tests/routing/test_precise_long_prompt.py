@@ -60,3 +60,20 @@ async def test_long_prompt_hashes_match_and_the_loop_keeps_running() -> None:
         assert during > 2
     finally:
         await producer.aclose()
+
+
+async def test_client_token_ids_are_shared_with_the_fallback_as_is() -> None:
+    from epp.plugins.token_producer import TOKENIZED_PROMPT, tokenized_prompt
+
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        tokens = [i % 500 for i in range(16 * 20)]
+        cycle = await _prefetch(producer, tokens)
+        shared = cycle.get(TOKENIZED_PROMPT)
+        assert shared is not None and shared.backend == "request"
+        assert shared.token_ids is cycle.request.body["prompt"]
+        assert list(shared.token_ids) == tokens
+        assert tokenized_prompt(cycle) is shared  # the fallback's estimate reuses it
+        assert cycle.request.token_estimate == len(tokens)
+    finally:
+        await producer.aclose()

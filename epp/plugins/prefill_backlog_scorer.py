@@ -1,0 +1,170 @@
+"""disagg-prefill-backlog-scorer (this EPP's own, not an llm-d type): the endpoint that
+would compute this request's prompt soonest is best.
+
+An endpoint's backlog is the prompt tokens this EPP sent it that it has not yet
+computed, plus the tokens this request would add there: each request counts its
+uncached prompt tokens (the prompt's token estimate less the prefix match's cached
+tokens on that endpoint, when a prefix producer runs) from the decision until its
+response's first token passes the gateway (or the request ends, or ``requestTimeout``
+passes). The score is ``(least backlog + smoothingTokens) / (backlog +
+smoothingTokens)``: 1 for the endpoint that would start the prompt first, half for one
+with twice the work ahead of it. Unlike a min-max normalised request count it still
+separates endpoints when every one of them has a queue, and it weighs a request by its
+work rather than by one, so a cached prefix (less to compute) and a short queue trade
+off in one unit. Only the decode (primary) endpoint is charged; the prefill stage of a
+P/D request is not counted.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from pydantic import Field, field_validator
+
+from common.durations import parse_duration
+from epp.datastore import Endpoint
+from epp.plugins.base import PluginParams, Release, RequestTracker, Scorer
+from epp.plugins.prefix_producer import PREFIX_MATCH
+from epp.plugins.registry import register
+from epp.scheduling.cycle import CycleState, StateKey
+from epp.scheduling.result import SchedulingResult
+
+__all__ = ["PrefillBacklogScorer", "backlog_scores"]
+
+
+@dataclass(slots=True)
+class _Charge:
+    """One request's uncached prompt tokens on one endpoint (0 once released)."""
+
+    key: str
+    tokens: int
+    expires: float
+
+
+def backlog_scores(backlogs: Sequence[int], smoothing: float) -> list[float]:
+    """``(min + smoothing) / (b + smoothing)`` for each backlog ``b``."""
+    if not backlogs:
+        return []
+    least = min(backlogs) + smoothing
+    if least <= 0:
+        return [1.0 if b <= 0 else 0.0 for b in backlogs]
+    return [least / (b + smoothing) for b in backlogs]
+
+
+def uncached_tokens(cycle: CycleState, endpoint: Endpoint) -> int:
+    """The request's prompt tokens ``endpoint`` would have to compute."""
+    prompt = max(0, cycle.request.token_estimate)
+    match = cycle.get(PREFIX_MATCH)
+    if match is None:
+        return prompt
+    return max(0, prompt - match.cached_tokens(endpoint))
+
+
+@register
+class PrefillBacklogScorer(Scorer, RequestTracker):
+    type_name = "disagg-prefill-backlog-scorer"
+
+    class Params(PluginParams):
+        smoothing_tokens: int = Field(default=256, ge=0)
+        # Seconds, or a duration string like "2m".
+        request_timeout: float = 120.0
+
+        @field_validator("request_timeout", mode="before")
+        @classmethod
+        def _duration(cls, value: object) -> float:
+            if not isinstance(value, str | int | float) or isinstance(value, bool):
+                raise ValueError("requestTimeout must be a duration like '2m' or seconds")
+            seconds = parse_duration(value)
+            if seconds <= 0:
+                raise ValueError("requestTimeout must be positive")
+            return seconds
+
+    params: Params
+
+    def __init__(
+        self,
+        params: Params | None = None,
+        name: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__(params, name)
+        self._clock = clock
+        self.backlog: dict[str, int] = {}
+        # Charges in expiry order (one timeout for all): expiry pops from the front.
+        self._charges: OrderedDict[int, _Charge] = OrderedDict()
+        self._next_id = 0
+        self._key: StateKey[int] = StateKey(f"prefill-backlog/{self.name}")
+
+    def score(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
+        self._expire()
+        get = self.backlog.get
+        loads = [get(ep.key, 0) + uncached_tokens(cycle, ep) for ep in endpoints]
+        return backlog_scores(loads, float(self.params.smoothing_tokens))
+
+    def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
+        self._expire()
+        targets = result.targets(result.primary)
+        if not targets:
+            return _noop, _noop
+        ep = targets[0]
+        expires = self._clock() + self.params.request_timeout
+        charge = _Charge(ep.key, uncached_tokens(cycle, ep), expires)
+        rid = self._next_id
+        self._next_id += 1
+        self._charges[rid] = charge
+        self._add(charge.key, charge.tokens)
+        cycle.put(self._key, rid)
+
+        def release() -> None:
+            self._release(rid)
+
+        return _noop, release
+
+    def first_token(self, cycle: CycleState) -> None:
+        rid = cycle.get(self._key)
+        if rid is not None:
+            self._release(rid)
+
+    def _add(self, key: str, tokens: int) -> None:
+        if tokens > 0:
+            self.backlog[key] = self.backlog.get(key, 0) + tokens
+
+    def _release(self, rid: int) -> None:
+        charge = self._charges.pop(rid, None)
+        if charge is None or charge.tokens <= 0:
+            return  # released already
+        left = self.backlog.get(charge.key, 0) - charge.tokens
+        charge.tokens = 0
+        if left > 0:
+            self.backlog[charge.key] = left
+        else:
+            self.backlog.pop(charge.key, None)
+
+    def _expire(self) -> None:
+        now = self._clock()
+        charges = self._charges
+        while charges:
+            rid, charge = next(iter(charges.items()))
+            if charge.expires > now:
+                break
+            self._release(rid)
+
+    def outstanding(self) -> int:
+        """Requests still charged (for tests and debugging)."""
+        return len(self._charges)
+
+    def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
+        gone = {ep.key for ep in removed}
+        for key in gone:
+            self.backlog.pop(key, None)
+        if gone:
+            for charge in self._charges.values():
+                if charge.key in gone:
+                    charge.tokens = 0
+
+
+def _noop() -> None:
+    return None
