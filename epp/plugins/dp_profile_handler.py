@@ -24,7 +24,6 @@ from epp.scheduling.result import ProfileResult, SchedulingResult
 __all__ = ["DATA_PARALLEL_HEADER", "DataParallelProfileHandler"]
 
 
-
 @register
 class DataParallelProfileHandler(SingleProfileHandler):
     """Exactly one scheduling profile; routes to ``primaryPort`` of the picked pod."""

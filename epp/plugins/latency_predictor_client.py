@@ -104,9 +104,7 @@ class PredictorConfig:
             flush_interval_s=float(
                 _int_env(env, "LATENCY_FLUSH_INTERVAL_SEC", int(d.flush_interval_s))
             ),
-            http_timeout_s=float(
-                _int_env(env, "LATENCY_HTTP_TIMEOUT_SEC", int(d.http_timeout_s))
-            ),
+            http_timeout_s=float(_int_env(env, "LATENCY_HTTP_TIMEOUT_SEC", int(d.http_timeout_s))),
             max_bulk_size=bulk if bulk <= MAX_BULK_SIZE_LIMIT else d.max_bulk_size,
             max_concurrent_dispatches=_int_env(
                 env, "LATENCY_MAX_CONCURRENT_DISPATCHES", d.max_concurrent_dispatches
@@ -252,9 +250,7 @@ class LatencyPredictorClient:
             return self.config.training_url
         return urls[0] if len(urls) == 1 else self.rng.choice(urls)
 
-    async def predict_bulk_strict(
-        self, requests: Sequence[PredictionRequest]
-    ) -> list[Prediction]:
+    async def predict_bulk_strict(self, requests: Sequence[PredictionRequest]) -> list[Prediction]:
         """One prediction per request, in order; ``PredictorError`` on any failure."""
         now = self.clock()
         if now < self._retry_at:

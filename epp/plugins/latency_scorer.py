@@ -34,7 +34,10 @@ from epp.datalayer.latency import (
 )
 from epp.datastore import Endpoint
 from epp.plugins.base import PluginParams, Scorer
-from epp.plugins.prefix_producer import PREFIX_MATCH, PrefixMatch, match_key
+from epp.plugins.prefix_producer import (
+    PrefixMatch,
+    match_source,
+)
 from epp.plugins.registry import register
 from epp.scheduling.cycle import CycleState, StateKey
 
@@ -130,11 +133,7 @@ class LatencyScorer(Scorer):
     def __init__(self, params: Params | None = None, name: str | None = None) -> None:
         super().__init__(params, name)
         p = self.params
-        self._match: StateKey[PrefixMatch] = (
-            match_key(p.prefix_match_info_producer_name)
-            if p.prefix_match_info_producer_name
-            else PREFIX_MATCH
-        )
+        self._match: StateKey[PrefixMatch] = match_source(p.prefix_match_info_producer_name)
 
     @property
     def prediction_producer(self) -> str:

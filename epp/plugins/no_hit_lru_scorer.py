@@ -23,7 +23,11 @@ from pydantic import Field
 
 from epp.datastore import Endpoint
 from epp.plugins.base import PluginParams, PluginSet, Release, RequestTracker, Scorer
-from epp.plugins.prefix_producer import PREFIX_MATCH, PrefixMatch, match_key
+from epp.plugins.prefix_producer import (
+    PrefixMatch,
+    check_match_producer,
+    match_source,
+)
 from epp.plugins.registry import register
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
@@ -69,7 +73,7 @@ class NoHitLruScorer(Scorer, RequestTracker):
         # endpoint key -> None; least recently used first.
         self.lru: OrderedDict[str, None] = OrderedDict()
         producer = self.params.prefix_match_info_producer_name
-        self._match: StateKey[PrefixMatch] = match_key(producer) if producer else PREFIX_MATCH
+        self._match: StateKey[PrefixMatch] = match_source(producer)
         self._cold: StateKey[bool] = StateKey(f"{self.name}-cold")
 
     @property
@@ -77,9 +81,7 @@ class NoHitLruScorer(Scorer, RequestTracker):
         return not self.params.prefix_match_info_producer_name
 
     def bind(self, plugins: PluginSet) -> None:
-        producer = self.params.prefix_match_info_producer_name
-        if producer and plugins.get(producer) is None:
-            raise ValueError(f"prefixMatchInfoProducerName: no plugin named '{producer}'")
+        check_match_producer(self.params.prefix_match_info_producer_name, plugins)
 
     def score(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
         match = cycle.get(self._match)

@@ -28,7 +28,11 @@ from pydantic import Field
 from common.routing_headers import KV_CACHE_SOURCE_HOST_PORT
 from epp.datastore import Endpoint
 from epp.plugins.base import DataProducer, PluginParams, PluginSet, Release, RequestTracker
-from epp.plugins.prefix_producer import PREFIX_MATCH, PrefixMatch, match_key
+from epp.plugins.prefix_producer import (
+    PrefixMatch,
+    check_match_producer,
+    match_source,
+)
 from epp.plugins.registry import register
 from epp.scheduling.cycle import REQUEST_HEADERS, CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
@@ -95,7 +99,7 @@ class P2PSourceProducer(DataProducer, RequestTracker):
     def __init__(self, params: P2PSourceParams | None = None, name: str | None = None) -> None:
         super().__init__(params, name)
         producer = self.params.prefix_match_info_producer_name
-        self._match: StateKey[PrefixMatch] = match_key(producer) if producer else PREFIX_MATCH
+        self._match: StateKey[PrefixMatch] = match_source(producer)
         self._candidates: StateKey[list[SourceCandidate]] = StateKey(f"{self.name}-candidates")
 
     @property
@@ -103,12 +107,7 @@ class P2PSourceProducer(DataProducer, RequestTracker):
         return not self.params.prefix_match_info_producer_name
 
     def bind(self, plugins: PluginSet) -> None:
-        producer = self.params.prefix_match_info_producer_name
-        if producer and plugins.get(producer) is None:
-            raise ValueError(
-                f"prefixMatchInfoProducerName: no plugin named '{producer}' "
-                "(declare the producer in plugins)"
-            )
+        check_match_producer(self.params.prefix_match_info_producer_name, plugins)
 
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
         # The prefix match may be produced after this producer runs: keep the

@@ -74,7 +74,10 @@ from epp.plugins.latency_predictor_client import (
     PredictorError,
     TrainingEntry,
 )
-from epp.plugins.prefix_producer import PREFIX_MATCH, PrefixMatch, match_key
+from epp.plugins.prefix_producer import (
+    PrefixMatch,
+    match_source,
+)
 from epp.plugins.registry import register
 from epp.plugins.token_producer import tokenized_prompt
 from epp.scheduling.cycle import CycleState, StateKey
@@ -232,10 +235,8 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         super().__init__(params, name)
         self.client = client or LatencyPredictorClient(PredictorConfig.from_env())
         self._state: StateKey[_Request] = StateKey(f"{self.name}-latency")
-        self._match: StateKey[PrefixMatch] = (
-            match_key(self.params.prefix_match_info_producer_name)
-            if self.params.prefix_match_info_producer_name
-            else PREFIX_MATCH
+        self._match: StateKey[PrefixMatch] = match_source(
+            self.params.prefix_match_info_producer_name
         )
         self._inflight: InFlightLoadProducer | None = None
         # endpoint key -> request token -> its TPOT SLO and dispatch time

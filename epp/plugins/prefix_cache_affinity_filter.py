@@ -26,7 +26,7 @@ from pydantic import Field, model_validator
 from epp.datastore import Endpoint
 from epp.plugins.base import Filter, PluginParams, PluginSet
 from epp.plugins.inflight_load import InFlightLoadProducer, bind_inflight_producer
-from epp.plugins.prefix_producer import PREFIX_MATCH
+from epp.plugins.prefix_producer import PREFIX_MATCH, check_match_producer
 from epp.plugins.registry import register
 from epp.scheduling.cycle import CycleState
 
@@ -82,9 +82,7 @@ class PrefixCacheAffinityFilter(Filter):
         return p.max_ttft_penalty_ms > 0 and p.ttft_source == "prefillThroughput"
 
     def bind(self, plugins: PluginSet) -> None:
-        ref = self.params.prefix_match_info_producer_name
-        if ref and plugins.get(ref) is None:
-            raise ValueError(f"prefixMatchInfoProducerName: no plugin named '{ref}'")
+        check_match_producer(self.params.prefix_match_info_producer_name, plugins)
         if self._gated_by_load:
             self.producer = bind_inflight_producer(
                 plugins, self.params.in_flight_load_producer_name, self.name

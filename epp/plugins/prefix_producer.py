@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from pydantic import Field, model_validator
 
 from epp.datastore import Endpoint
-from epp.plugins.base import DataProducer, PluginParams, Release, RequestTracker
+from epp.plugins.base import DataProducer, PluginParams, PluginSet, Release, RequestTracker
 from epp.plugins.prefix_index import PrefixIndex, block_hashes, token_block_hashes
 from epp.plugins.registry import register
 from epp.plugins.token_producer import tokenized_prompt
@@ -44,7 +44,9 @@ __all__ = [
     "PrefixIndexerMetrics",
     "PrefixMatch",
     "PrefixParams",
+    "check_match_producer",
     "match_key",
+    "match_source",
     "max_blocks",
 ]
 
@@ -96,6 +98,21 @@ def match_key(producer: str) -> StateKey[PrefixMatch]:
     if key is None:
         key = _MATCH_KEYS[producer] = StateKey(f"prefix-match/{producer}")
     return key
+
+
+def match_source(producer: str) -> StateKey[PrefixMatch]:
+    """The match a consumer reads: the producer its ``prefixMatchInfoProducerName``
+    names, or the default (``PREFIX_MATCH``) when it names none."""
+    return match_key(producer) if producer else PREFIX_MATCH
+
+
+def check_match_producer(producer: str, plugins: PluginSet) -> None:
+    """A consumer's ``prefixMatchInfoProducerName`` must name a declared plugin."""
+    if producer and plugins.get(producer) is None:
+        raise ValueError(
+            f"prefixMatchInfoProducerName: no plugin named '{producer}'"
+            " (declare the producer in plugins)"
+        )
 
 
 class PrefixParams(PluginParams):

@@ -21,7 +21,12 @@ from pydantic import Field
 
 from epp.datastore import Endpoint
 from epp.plugins.base import PluginSet, Scorer
-from epp.plugins.prefix_producer import PREFIX_MATCH, PrefixMatch, PrefixParams, match_key
+from epp.plugins.prefix_producer import (
+    PrefixMatch,
+    PrefixParams,
+    check_match_producer,
+    match_source,
+)
 from epp.plugins.registry import register
 from epp.scheduling.cycle import CycleState, StateKey
 
@@ -65,19 +70,14 @@ class PrefixCacheScorer(Scorer):
     def __init__(self, params: PrefixScorerParams | None = None, name: str | None = None) -> None:
         super().__init__(params, name)
         producer = self.params.prefix_match_info_producer_name
-        self._key: StateKey[PrefixMatch] = match_key(producer) if producer else PREFIX_MATCH
+        self._key: StateKey[PrefixMatch] = match_source(producer)
 
     @property
     def needs_prefix_producer(self) -> bool:
         return not self.params.prefix_match_info_producer_name
 
     def bind(self, plugins: PluginSet) -> None:
-        producer = self.params.prefix_match_info_producer_name
-        if producer and plugins.get(producer) is None:
-            raise ValueError(
-                f"prefixMatchInfoProducerName: no plugin named '{producer}' "
-                "(declare the producer in plugins)"
-            )
+        check_match_producer(self.params.prefix_match_info_producer_name, plugins)
 
     def score(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
         p = self.params
