@@ -22,6 +22,7 @@ from aiohttp import web
 from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.sse import EventFramer
+from sidecar.upstream import Response
 
 __all__ = ["StreamBroken", "error_event", "is_event_stream", "relay_body"]
 
@@ -30,7 +31,7 @@ class StreamBroken(ConnectionError):
     """A non-SSE body failed midway; the client connection must be dropped."""
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+def is_event_stream(response: Response) -> bool:
     return response.content_type == "text/event-stream"
 
 
@@ -41,7 +42,7 @@ def error_event(error: SidecarError, request_id: str) -> bytes:
 
 async def relay_body(
     out: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     first: bytes,
     *,
     ex: Exchange,
