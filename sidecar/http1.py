@@ -218,7 +218,7 @@ class _Connection(asyncio.Protocol):
         self._drain: asyncio.Future[None] | None = None
         self._paused = False
         self.closed = False
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.idle_since = 0.0
         self.decompress = client.decompress
         self.head = False
 
@@ -447,6 +447,7 @@ class Http1Client:
         self._in_use_by_host: dict[_Key, int] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._open: set[_Connection] = set()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
 
     def _target(self, url: str) -> _Target:
@@ -494,12 +495,15 @@ class Http1Client:
         self._in_use += 1
         self._in_use_by_host[key] = self._in_use_by_host.get(key, 0) + 1
         idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if conn.idle_timer is not None:
-                conn.idle_timer.cancel()
-                conn.idle_timer = None
-            if not conn.closed:
+        if idle:
+            expired = asyncio.get_running_loop().time() - self.keepalive_timeout
+            while idle:
+                conn = idle.pop()  # the most recently used: the least likely to be stale
+                if conn.closed:
+                    continue
+                if conn.idle_since < expired:
+                    conn.abort()
+                    continue
                 return conn
         try:
             return await self._connect(target)
@@ -550,17 +554,42 @@ class Http1Client:
             if not conn.closed:
                 conn.abort()
             return
+        loop = asyncio.get_running_loop()
+        conn.idle_since = loop.time()
         self._idle.setdefault(conn.key, []).append(conn)
-        conn.idle_timer = asyncio.get_running_loop().call_later(self.keepalive_timeout, conn.abort)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close the connections idle for longer than the keep-alive timeout (one timer
+        per client, every half timeout, rather than one per idle connection)."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        expired = loop.time() - self.keepalive_timeout
+        for key, idle in list(self._idle.items()):
+            kept = []
+            for conn in idle:
+                if conn.closed:
+                    continue
+                if conn.idle_since < expired:
+                    conn.abort()
+                else:
+                    kept.append(conn)
+            if kept:
+                self._idle[key] = kept
+            else:
+                del self._idle[key]
+        if self._idle and not self.closed:
+            self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
 
     def _forget(self, conn: _Connection) -> None:
         self._open.discard(conn)
-        if conn.idle_timer is not None:
-            conn.idle_timer.cancel()
-            conn.idle_timer = None
 
     async def close(self) -> None:
         self.closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in list(self._open):
             conn.abort()
         self._idle.clear()
