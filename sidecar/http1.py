@@ -209,7 +209,7 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: CIMultiDict[str] = CIMultiDict()
-        self._name = b""
+        self._reason = ""
         self._waiter: asyncio.Future[Http1Response] | None = None
         self._response: Http1Response | None = None
         self._until_close = False
@@ -279,6 +279,9 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools callbacks --------------------------------------------------------
 
+    def on_status(self, reason: bytes) -> None:
+        self._reason = reason.decode("latin-1")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
 
@@ -289,7 +292,7 @@ class _Connection(asyncio.Protocol):
             self._headers = CIMultiDict()
             return
         headers, self._headers = self._headers, CIMultiDict()
-        response = Http1Response(self, status, _reason(status), headers)
+        response = Http1Response(self, status, self._reason, headers)
         self._keep_alive = parser.should_keep_alive()
         self._until_close = (
             "Content-Length" not in headers
@@ -411,15 +414,6 @@ class _Connection(asyncio.Protocol):
         else:
             self.abort()
             self._client._give_back(self, reuse=False)
-
-
-def _reason(status: int) -> str:
-    try:
-        from http import HTTPStatus
-
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return ""
 
 
 class Http1Client:

@@ -231,3 +231,18 @@ async def test_cancelling_a_request_closes_its_connection() -> None:
         await http.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_the_reason_phrase_is_the_servers(serve: Callable[..., Awaitable[str]]) -> None:
+    async def teapot(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=418, reason="Short And Stout", text="no")
+
+    base = await serve(teapot)
+    http = client()
+    try:
+        response = await http.request("GET", base + "/", CIMultiDict(), None)
+        assert (response.status, response.reason) == (418, "Short And Stout")
+        assert await response.read() == b"no"
+        response.release()
+    finally:
+        await http.close()
