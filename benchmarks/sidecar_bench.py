@@ -144,6 +144,10 @@ def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     for name, (source, workers) in variants.items():
         port, metrics_port = free_port(), free_port()
         env = os.environ | ({"PYTHONPATH": str(source)} if source else {})
+        # ``-m`` puts the working directory first on sys.path, ahead of PYTHONPATH: the
+        # baseline runs from its own tree (else a run from a checkout measured the
+        # checkout twice), the others from a directory without a sidecar package.
+        cwd = str(source) if source else str(HERE)
         sidecar = subprocess.Popen(
             [
                 sys.executable,
@@ -160,6 +164,7 @@ def processes(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             ],
             stderr=quiet,
             env=env,
+            cwd=cwd,
         )
         procs.append(sidecar)
         ports["sidecars"][name] = port

@@ -39,6 +39,7 @@ from sidecar.errors import InvalidRoutingHeader, PrefillRejected, SidecarError
 from sidecar.exchange import Exchange, client_request_id, new_request_id
 from sidecar.headers import REQUEST_ID, TRACEPARENT, TraceContext
 from sidecar.health import Readiness
+from sidecar.http1 import Http1Client
 from sidecar.log import access_log, http_log, log
 from sidecar.metrics import Metrics
 from sidecar.orchestrator import Orchestrator, Policy
@@ -60,7 +61,7 @@ from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.ssrf.rules import normalize_host
 from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.tracing import SidecarTracing
-from sidecar.upstream import Upstream, make_session
+from sidecar.upstream import Upstream, make_client, make_session
 from sidecar.workers import WorkerError, Workers, merged_collector
 
 __all__ = [
@@ -186,6 +187,18 @@ async def _open_services(
         opened.push_async_callback(created.close)
         return created
 
+    def client(decompress: bool, ssl_context: ssl.SSLContext | None = None) -> Http1Client:
+        created = make_client(
+            limit=settings.pool_max_connections,
+            limit_per_host=settings.max_idle_conns_per_host or 1024,
+            keepalive_timeout=settings.pool_keepalive_timeout,
+            connect_timeout=settings.connect_timeout,
+            decompress=decompress,
+            ssl_context=ssl_context,
+        )
+        opened.push_async_callback(created.close)
+        return created
+
     prefill_session = session(decompress=True, ssl_context=tls_contexts.get("prefill"))
     local_session = session(decompress=False, ssl_context=tls_contexts.get("decode"))
     encode_session = (
@@ -193,7 +206,13 @@ async def _open_services(
         if settings.ec_connector
         else None
     )
-    local = Upstream("decode", local_session, count_stale, tls="decode" in tls_contexts)
+    local = Upstream(
+        "decode",
+        local_session,
+        count_stale,
+        tls="decode" in tls_contexts,
+        client=client(decompress=False, ssl_context=tls_contexts.get("decode")),
+    )
     readiness = Readiness(
         local_session,
         settings.model_server_url + "/health",
@@ -202,7 +221,13 @@ async def _open_services(
     )
     orchestrator = Orchestrator(
         connector=_connector(settings, metrics),
-        prefill=Upstream("prefill", prefill_session, count_stale, tls="prefill" in tls_contexts),
+        prefill=Upstream(
+            "prefill",
+            prefill_session,
+            count_stale,
+            tls="prefill" in tls_contexts,
+            client=client(decompress=True, ssl_context=tls_contexts.get("prefill")),
+        ),
         decode=local,
         policy=_policy(settings),
         metrics=metrics,

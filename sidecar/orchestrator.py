@@ -77,7 +77,7 @@ from sidecar.plan import Failure, Plan, Route, on_prefill_failure, plan
 from sidecar.relay import error_event, is_event_stream, relay_body
 from sidecar.routing import HostPort
 from sidecar.tracing import Stage, traced
-from sidecar.upstream import Retryable, StageErrors, Upstream, read_bounded
+from sidecar.upstream import Response, Retryable, StageErrors, Upstream, read_bounded
 from sidecar.usage import SseUsageRewriter, rewrite_json
 
 __all__ = ["FALLBACK_HEADER", "Orchestrator", "Policy"]
@@ -462,7 +462,7 @@ class Orchestrator:
 
     async def _open_decode(
         self, ctx: RequestContext, body: bytes, headers: CIMultiDict[str] | None
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
+    ) -> tuple[Response, bytes]:
         """Send the decode leg; return once its first body bytes (or its end) arrived."""
         leg_headers = (headers if headers is not None else ctx.headers).copy()
         leg_headers[TRACEPARENT] = ctx.ex.trace.leg_header()
@@ -599,7 +599,7 @@ class Orchestrator:
     async def _relay(
         self,
         ctx: RequestContext,
-        response: aiohttp.ClientResponse,
+        response: Response,
         first: bytes,
         cached: int | None,
         extra_headers: Mapping[str, str] | None,
@@ -667,7 +667,7 @@ class Orchestrator:
         await out.write(b"\n\n" + error_event(failure, ex.reply_id))
         await out.write_eof()
 
-    async def _read_rest(self, response: aiohttp.ClientResponse, first: bytes) -> bytes:
+    async def _read_rest(self, response: Response, first: bytes) -> bytes:
         content = response.content
         chunks = [first]
         try:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiohttp
 from aiohttp import web
 
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, request_headers, response_headers
 from sidecar.relay import is_event_stream, relay_body
-from sidecar.upstream import Upstream
+from sidecar.upstream import Response, Upstream
 
 __all__ = ["passthrough"]
 
@@ -45,7 +44,7 @@ async def passthrough(
     url = base_url + request.raw_path
     loop = asyncio.get_running_loop()
     started = loop.time()
-    response: aiohttp.ClientResponse | None = None
+    response: Response | None = None
     complete = False
     try:
         response, first = await upstream.open(

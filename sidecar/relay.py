@@ -23,6 +23,7 @@ from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.sse import EventFramer
 from sidecar.tracing import usage_watcher
+from sidecar.upstream import Response
 
 __all__ = ["StreamBroken", "error_event", "is_event_stream", "relay_body"]
 
@@ -31,7 +32,7 @@ class StreamBroken(ConnectionError):
     """A non-SSE body failed midway; the client connection must be dropped."""
 
 
-def is_event_stream(response: aiohttp.ClientResponse) -> bool:
+def is_event_stream(response: Response) -> bool:
     return response.content_type == "text/event-stream"
 
 
@@ -42,7 +43,7 @@ def error_event(error: SidecarError, request_id: str) -> bytes:
 
 async def relay_body(
     out: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    upstream: Response,
     first: bytes,
     *,
     ex: Exchange,
@@ -55,7 +56,7 @@ async def relay_body(
     chunk = first
     failure: SidecarError | None = None
     framer = rewriter if rewriter is not None else (EventFramer() if sse else None)
-    watch = usage_watcher(sse, upstream)  # None unless traced
+    watch = usage_watcher(sse, upstream.content_type)  # None unless traced
     content = upstream.content
     try:
         async with asyncio.timeout(None) as deadline:

@@ -36,10 +36,9 @@ import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import context as otel_context
@@ -277,13 +276,13 @@ class UsageWatcher:
             self._held = None
 
 
-def usage_watcher(sse: bool, response: aiohttp.ClientResponse) -> UsageWatcher | None:
+def usage_watcher(sse: bool, content_type: str) -> UsageWatcher | None:
     """For a traced generation request, what reads the usage of the answer relayed (SSE
-    in whole events, or JSON); None otherwise."""
+    in whole events, or JSON, by the answer's ``content_type``); None otherwise."""
     active = _ACTIVE.get()
     if active is None or active.span is None or not trace.get_current_span().is_recording():
         return None
-    if not sse and response.content_type != "application/json":
+    if not sse and content_type != "application/json":
         return None
     return UsageWatcher(sse)
 
@@ -438,12 +437,26 @@ def client_tracing() -> SidecarTracing | None:
     return None if active is None else active.tracing
 
 
-_Send = Callable[[str, str, CIMultiDict[str], Any], Awaitable["aiohttp.ClientResponse"]]
+class _Answer(Protocol):
+    """What :func:`send_traced` reads of an answer (aiohttp's or the HTTP/1.1 client's)."""
+
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def content(self) -> Any: ...
+
+
+_A = TypeVar("_A", bound=_Answer)
 
 
 async def send_traced(
-    send: _Send, method: str, url: str, headers: CIMultiDict[str], body: Any
-) -> aiohttp.ClientResponse:
+    send: Callable[[str, str, CIMultiDict[str], Any], Awaitable[_A]],
+    method: str,
+    url: str,
+    headers: CIMultiDict[str],
+    body: Any,
+) -> _A:
     """Send one HTTP request under a CLIENT span ``HTTP <METHOD>``, a child of the span
     current in this task; the span is the ``traceparent`` sent, and ends with the answer's
     body (or at the latest with the request)."""

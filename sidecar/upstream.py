@@ -34,15 +34,18 @@ from sidecar.errors import (
     SidecarError,
     UpstreamTLSError,
 )
+from sidecar.http1 import Http1Client, Http1Response
 from sidecar.tracing import client_tracing, send_traced
 
 __all__ = [
     "RETRYABLE_STATUSES",
     "Answer",
     "AnswerTooLarge",
+    "Response",
     "Retryable",
     "StageErrors",
     "Upstream",
+    "make_client",
     "make_session",
     "read_bounded",
 ]
@@ -51,6 +54,10 @@ __all__ = [
 RETRYABLE_STATUSES = frozenset({502, 503, 504})
 
 _MAX_URLS = 1024
+
+
+# An engine leg's answer: the lean client's, or aiohttp's (the same reading interface).
+Response = Http1Response | aiohttp.ClientResponse
 
 
 class Retryable(Exception):
@@ -82,7 +89,7 @@ class AnswerTooLarge(aiohttp.ClientPayloadError):
     """An answer over the size a stage accepts."""
 
 
-async def read_bounded(response: aiohttp.ClientResponse, limit: int) -> bytes:
+async def read_bounded(response: Response, limit: int) -> bytes:
     """The whole body (read to the end so the connection can be reused), at most ``limit``."""
     if response.content_length is not None and response.content_length > limit:
         raise AnswerTooLarge(f"answer of {response.content_length} bytes")
@@ -127,6 +134,26 @@ def make_session(
     )
 
 
+def make_client(
+    *,
+    limit: int,
+    keepalive_timeout: float,
+    connect_timeout: float,
+    decompress: bool,
+    ssl_context: ssl.SSLContext | None = None,
+    limit_per_host: int = 0,
+) -> Http1Client:
+    """The engine legs' client (:mod:`sidecar.http1`), pooled like :func:`make_session`."""
+    return Http1Client(
+        limit=limit,
+        limit_per_host=limit_per_host,
+        keepalive_timeout=keepalive_timeout,
+        connect_timeout=connect_timeout,
+        decompress=decompress,
+        ssl_context=ssl_context,
+    )
+
+
 def _is_stale(exc: BaseException) -> bool:
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return True
@@ -166,7 +193,10 @@ def tls_error(stage: str, target: str, failure: BaseException) -> SidecarError:
 
 
 class Upstream:
-    """One stage's session plus the one transparent resend on a stale pooled connection."""
+    """One stage's client plus the one transparent resend on a stale pooled connection.
+
+    The legs go through ``client`` (:mod:`sidecar.http1`) when there is one, else through
+    ``session``, which also serves what connectors ask of the stage (``prepare``)."""
 
     def __init__(
         self,
@@ -175,9 +205,11 @@ class Upstream:
         on_stale: Callable[[str], None],
         *,
         tls: bool = False,
+        client: Http1Client | None = None,
     ) -> None:
         self.stage = stage
         self.session = session
+        self.client = client
         self._on_stale = on_stale
         self.tls = tls
         # Parsed URLs by their text: a proxy sends to the same few URLs over and over.
@@ -197,7 +229,7 @@ class Upstream:
         url: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         """Send and return once response headers arrived; the caller releases the response."""
         if self.tls and url.startswith("http://"):
             url = "https://" + url[len("http://") :]
@@ -211,7 +243,7 @@ class Upstream:
         url: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
+    ) -> Response:
         if not self.tls:
             return await self._send(method, url, headers, body)
         try:
@@ -279,11 +311,11 @@ class Upstream:
         *,
         first_byte_timeout: float,
         what: str = "model server",
-    ) -> tuple[aiohttp.ClientResponse, bytes]:
+    ) -> tuple[Response, bytes]:
         """Send a leg whose answer is relayed to the client; return once its first body
         bytes (or its end) arrived. Failures become decode errors (``what`` names the
         upstream in them); on success the caller releases the response."""
-        response: aiohttp.ClientResponse | None = None
+        response: Response | None = None
         try:
             async with asyncio.timeout(first_byte_timeout):
                 response = await self.send(method, url, headers, body)
@@ -312,17 +344,26 @@ class Upstream:
         url: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> aiohttp.ClientResponse:
-        target = self._url(url)
+    ) -> Response:
         try:
-            return await self.session.request(
-                method, target, data=body, headers=headers, allow_redirects=False
-            )
+            return await self._request(method, url, headers, body)
         except aiohttp.ClientError as exc:
             # A streamed body has been consumed: it cannot be sent twice.
             if not _is_stale(exc) or not (body is None or isinstance(body, bytes)):
                 raise
         self._on_stale(self.stage)
+        return await self._request(method, url, headers, body)
+
+    async def _request(
+        self,
+        method: str,
+        url: str,
+        headers: CIMultiDict[str],
+        body: bytes | AsyncIterator[bytes] | None,
+    ) -> Response:
+        """The one place a request goes out; returns once the answer's headers arrived."""
+        if self.client is not None:
+            return await self.client.request(method, url, headers, body)
         return await self.session.request(
-            method, target, data=body, headers=headers, allow_redirects=False
+            method, self._url(url), data=body, headers=headers, allow_redirects=False
         )
