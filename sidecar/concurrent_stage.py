@@ -26,6 +26,8 @@ __all__ = ["ConcurrentStage"]
 
 
 class ConcurrentStage:
+    """Paired prefill and decode legs, over the prefill and decode stages."""
+
     def __init__(
         self,
         *,

@@ -43,6 +43,8 @@ __all__ = ["DecodeStage"]
 
 
 class DecodeStage:
+    """Decode legs on the local engine and the relay of their answers to the client."""
+
     def __init__(
         self, *, connector: Connector, upstream: Upstream, metrics: Metrics, policy: Policy
     ) -> None:

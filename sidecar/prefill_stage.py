@@ -59,6 +59,8 @@ def leg_context(
 
 
 class PrefillStage:
+    """Prefill legs to the prefillers of a plan, and the per-prefiller preparations."""
+
     def __init__(
         self, *, connector: Connector, upstream: Upstream, metrics: Metrics, policy: Policy
     ) -> None:
