@@ -9,14 +9,18 @@ are not.
 - :func:`parse_go_duration`: a string, signed, in seconds (flags and settings).
 - :func:`parse_duration`: a string or a number of seconds, never negative (plugin
   parameters in configuration files).
-- :func:`duration_value`: a pydantic ``BeforeValidator`` for a field in seconds.
+- :func:`duration_value`: a pydantic ``BeforeValidator`` for a field in seconds;
+  :data:`PositiveSeconds` is such a field that must be above zero.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Annotated
 
-__all__ = ["duration_value", "parse_duration", "parse_go_duration"]
+from pydantic import BeforeValidator, Field
+
+__all__ = ["PositiveSeconds", "duration_value", "parse_duration", "parse_go_duration"]
 
 _UNITS = {
     "ns": 1e-9,
@@ -75,3 +79,7 @@ def duration_value(value: object) -> object:
     if isinstance(value, str | int | float):
         return parse_duration(value)
     return value
+
+
+# A configuration field in seconds, given as a Go duration string or a number; above 0.
+PositiveSeconds = Annotated[float, BeforeValidator(duration_value), Field(gt=0)]

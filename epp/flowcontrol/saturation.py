@@ -23,7 +23,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.durations import parse_duration
+from common.durations import PositiveSeconds
 from epp.datastore import Endpoint
 from epp.flowcontrol.ledger import EndpointLoad, InflightLedger
 
@@ -58,18 +58,10 @@ def _no_headroom(v: float) -> float:
 class UtilizationParams(_Params):
     queueDepthThreshold: int = Field(5, gt=0)  # noqa: N815
     kvCacheUtilThreshold: float = Field(0.8, gt=0.0, le=1.0)  # noqa: N815
-    metricsStalenessThreshold: float = 0.2  # noqa: N815 - seconds, from a duration string
+    metricsStalenessThreshold: PositiveSeconds = 0.2  # noqa: N815
     headroom: float = Field(0.0, ge=0.0, le=1.0)
 
     _headroom = field_validator("headroom")(_no_headroom)
-
-    @field_validator("metricsStalenessThreshold", mode="before")
-    @classmethod
-    def _duration(cls, v: object) -> float:
-        seconds = parse_duration(v)  # type: ignore[arg-type]
-        if seconds <= 0:
-            raise ValueError("must be > 0")
-        return seconds
 
 
 class ConcurrencyParams(_Params):

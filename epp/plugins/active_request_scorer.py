@@ -13,9 +13,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from pydantic import field_validator
-
-from common.durations import parse_duration
+from common.durations import PositiveSeconds
 from epp.datastore import Endpoint
 from epp.plugins.base import PluginParams, Release, RequestTracker, Scorer
 from epp.plugins.registry import register
@@ -41,17 +39,7 @@ class ActiveRequestScorer(Scorer, RequestTracker):
 
     class Params(PluginParams):
         # Seconds, or a duration string like "2m".
-        request_timeout: float = 120.0
-
-        @field_validator("request_timeout", mode="before")
-        @classmethod
-        def _duration(cls, value: object) -> float:
-            if not isinstance(value, str | int | float) or isinstance(value, bool):
-                raise ValueError("requestTimeout must be a duration like '2m' or seconds")
-            seconds = parse_duration(value)
-            if seconds <= 0:
-                raise ValueError("requestTimeout must be positive")
-            return seconds
+        request_timeout: PositiveSeconds = 120.0
 
     params: Params
 

@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field, field_validator
 
-from common.durations import parse_duration
+from common.durations import PositiveSeconds
 from epp.datalayer.latency import (
     TPOT_SLO_HEADERS,
     TTFT_SLO_HEADERS,
@@ -200,7 +200,7 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         sampling_mean: float = 1000.0
         max_decode_token_samples_for_prediction: int = 0
         slo_buffer_factor: float = Field(default=1.0, gt=0)
-        context_ttl: float = Field(default=300.0, alias="contextTTL")
+        context_ttl: PositiveSeconds = Field(default=300.0, alias="contextTTL")
         streaming_mode: bool = False
         endpoint_role_label: str = ""
         predict_in_produce: bool = True
@@ -208,14 +208,6 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         in_flight_load_producer_name: str = ""
         use_encoder_cache_features: bool = False
         encoder_cache_match_info_producer_name: str = ""
-
-        @field_validator("context_ttl", mode="before")
-        @classmethod
-        def _ttl(cls, v: object) -> float:
-            seconds = parse_duration(v)  # type: ignore[arg-type]
-            if seconds <= 0:
-                raise ValueError("contextTTL must be positive")
-            return seconds
 
         @field_validator("use_encoder_cache_features")
         @classmethod
