@@ -22,7 +22,7 @@ import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
-from typing import Literal
+from typing import Literal, TypedDict
 
 import aiohttp
 from aiohttp import web
@@ -61,7 +61,7 @@ from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
 from sidecar.ssrf.rules import normalize_host
 from sidecar.tls import ServingTLS, stage_contexts
 from sidecar.tracing import SidecarTracing
-from sidecar.upstream import Upstream, make_client, make_session
+from sidecar.upstream import Upstream, make_session
 from sidecar.workers import WorkerError, Workers, merged_collector
 
 __all__ = [
@@ -172,30 +172,24 @@ async def _open_services(
     def count_stale(stage: str) -> None:
         metrics.stale_connection_retries.labels(stage=stage).inc()
 
+    # One pool shape for every upstream (--max-idle-conns-per-host, llm-d's: 0 means
+    # its default, 1024).
+    pool: _PoolShape = {
+        "limit": settings.pool_max_connections,
+        "limit_per_host": settings.max_idle_conns_per_host or 1024,
+        "keepalive_timeout": settings.pool_keepalive_timeout,
+        "connect_timeout": settings.connect_timeout,
+    }
+
     def session(
         decompress: bool, ssl_context: ssl.SSLContext | None = None
     ) -> aiohttp.ClientSession:
-        created = make_session(
-            limit=settings.pool_max_connections,
-            # --max-idle-conns-per-host (llm-d's): 0 means its default, 1024.
-            limit_per_host=settings.max_idle_conns_per_host or 1024,
-            keepalive_timeout=settings.pool_keepalive_timeout,
-            connect_timeout=settings.connect_timeout,
-            decompress=decompress,
-            ssl_context=ssl_context,
-        )
+        created = make_session(**pool, decompress=decompress, ssl_context=ssl_context)
         opened.push_async_callback(created.close)
         return created
 
     def client(decompress: bool, ssl_context: ssl.SSLContext | None = None) -> Http1Client:
-        created = make_client(
-            limit=settings.pool_max_connections,
-            limit_per_host=settings.max_idle_conns_per_host or 1024,
-            keepalive_timeout=settings.pool_keepalive_timeout,
-            connect_timeout=settings.connect_timeout,
-            decompress=decompress,
-            ssl_context=ssl_context,
-        )
+        created = Http1Client(**pool, decompress=decompress, ssl_context=ssl_context)
         opened.push_async_callback(created.close)
         return created
 
@@ -249,6 +243,15 @@ async def _open_services(
     for rank in ranks:
         opened.push_async_callback(rank.readiness.close)
     yield
+
+
+class _PoolShape(TypedDict):
+    """The connection-pool settings every upstream client shares."""
+
+    limit: int
+    limit_per_host: int
+    keepalive_timeout: float
+    connect_timeout: float
 
 
 def _connector(settings: Settings, metrics: Metrics) -> Connector:

@@ -45,7 +45,6 @@ __all__ = [
     "Retryable",
     "StageErrors",
     "Upstream",
-    "make_client",
     "make_session",
     "read_bounded",
 ]
@@ -131,26 +130,6 @@ def make_session(
         auto_decompress=decompress,
         cookie_jar=aiohttp.DummyCookieJar(),  # never share cookies between clients
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
-    )
-
-
-def make_client(
-    *,
-    limit: int,
-    keepalive_timeout: float,
-    connect_timeout: float,
-    decompress: bool,
-    ssl_context: ssl.SSLContext | None = None,
-    limit_per_host: int = 0,
-) -> Http1Client:
-    """The engine legs' client (:mod:`sidecar.http1`), pooled like :func:`make_session`."""
-    return Http1Client(
-        limit=limit,
-        limit_per_host=limit_per_host,
-        keepalive_timeout=keepalive_timeout,
-        connect_timeout=connect_timeout,
-        decompress=decompress,
-        ssl_context=ssl_context,
     )
 
 
