@@ -207,13 +207,7 @@ def note_answer(body: bytes, content_type: str) -> None:
         payload = loads(body)
     except ValueError:
         return
-    counts = usage_attributes(payload)
-    if counts:
-        trace.get_current_span().set_attributes(counts)
-        if _OUTPUT in counts:
-            active.usage[_OUTPUT] = counts[_OUTPUT]
-        if _INPUT in counts:
-            active.usage.setdefault(_INPUT, counts[_INPUT])  # the prefill's count first
+    note_final_usage(payload)
 
 
 def note_final_usage(payload: object) -> None:
