@@ -23,11 +23,43 @@ ENVOY_BIN = Path(sys.executable).parent / "envoy"
 LOG_ALARMS = ("Traceback", "Error handling request", "Unhandled exception", "Task was destroyed")
 
 
+# Ports handed out by free_port in this process, never handed out twice.
+_GIVEN: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    """The lowest port the kernel picks for outgoing connections (Linux), else 32768."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A port the OS just handed out on loopback (free unless someone races us)."""
+    """A loopback port nobody listens on, below the kernel's ephemeral range.
+
+    A port the OS hands out for port 0 comes from the range it also uses for outgoing
+    connections, so between this call and the child's own bind any process's connect
+    may take it (a vLLM engine once lost its NIXL side-channel port that way). Below
+    that range only an explicit bind can race us.
+    """
+    import random
     import socket
 
-    with socket.socket() as sock:
+    high = min(_ephemeral_low(), 65536)
+    low = 20000 if high > 21024 else 1024
+    for _ in range(200):
+        port = random.randrange(low, high)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as sock:  # a crowded range: the OS's choice
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
