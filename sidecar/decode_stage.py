@@ -19,7 +19,6 @@ from multidict import CIMultiDict
 from sidecar import tracing
 from sidecar._json import dumps
 from sidecar.chunked_decode import (
-    CHAT_PATH,
     ChunkAnswer,
     ChunkedDecode,
     chunking_applies,
@@ -112,10 +111,11 @@ class DecodeStage:
         """The decode leg, relayed to the client; ``cached`` rewrites its usage, ``note``
         adds response headers, ``headers`` replaces the rewritten-body leg headers.
         With ``commit`` (a concurrent prefill) nothing is relayed before it succeeded."""
-        if self.policy.decode_chunk_size and ctx.shape.path == CHAT_PATH:
+        # Every leg body keeps the client's budget: decided on the client's parsed body,
+        # the leg's own is parsed only for a chunked decode.
+        if chunking_applies(ctx.shape.path, ctx.body, self.policy.decode_chunk_size):
             decoded = parse_json_object(body)
-            if chunking_applies(CHAT_PATH, decoded, self.policy.decode_chunk_size):
-                return await self._run_chunked(ctx, decoded, cached, note, headers, commit)
+            return await self._run_chunked(ctx, decoded, cached, note, headers, commit)
         response, first = await self.open(ctx, body, headers)
         if commit is not None:
             try:
