@@ -27,6 +27,7 @@ translates failures the same way):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import ssl
 import zlib
@@ -455,7 +456,8 @@ class Http1Client:
         self._idle: dict[_Key, list[_Connection]] = {}
         self._in_use = 0
         self._in_use_by_host: dict[_Key, int] = {}
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Requests waiting for room, each with the host it is for, in arrival order.
+        self._waiters: deque[tuple[_Key, asyncio.Future[None]]] = deque()
         self._open: set[_Connection] = set()
         self._sweeper: asyncio.TimerHandle | None = None
         self.closed = False
@@ -495,12 +497,15 @@ class Http1Client:
         key = target.key
         while not self._has_room(key):
             waiter = asyncio.get_running_loop().create_future()
-            self._waiters.append(waiter)
+            self._waiters.append((key, waiter))
             try:
                 await waiter
             except BaseException:
                 if waiter.done() and not waiter.cancelled():
                     self._wake_one()  # pass the turn on
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove((key, waiter))
                 raise
         self._in_use += 1
         self._in_use_by_host[key] = self._in_use_by_host.get(key, 0) + 1
@@ -552,9 +557,13 @@ class Http1Client:
         self._wake_one()
 
     def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
+        """Wake the first waiter that now has room: with a per-host limit, one waiting
+        for a host still at its limit must not take the turn of one whose host is free."""
+        for i, (key, waiter) in enumerate(self._waiters):
+            if waiter.done():
+                continue
+            if self._has_room(key):
+                del self._waiters[i]
                 waiter.set_result(None)
                 return
 

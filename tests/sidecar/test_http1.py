@@ -246,3 +246,53 @@ async def test_the_reason_phrase_is_the_servers(serve: Callable[..., Awaitable[s
         response.release()
     finally:
         await http.close()
+
+
+async def test_a_freed_host_is_not_kept_waiting_behind_a_busy_one(
+    serve: Callable[..., Awaitable[str]],
+) -> None:
+    """Per-host limit 1, hosts A and B both busy, a request for A queued before one for
+    B: when B's connection is given back, the request for B goes, not stays asleep
+    because the turn went to A's (still full)."""
+    release_a = asyncio.Event()
+    release_b = asyncio.Event()
+    arrived: dict[str, asyncio.Event] = {"a": asyncio.Event(), "b": asyncio.Event()}
+
+    def held(name: str, gate: asyncio.Event) -> Handler:
+        async def handler(request: web.Request) -> web.StreamResponse:
+            arrived[name].set()
+            await gate.wait()
+            return web.Response(text=name)
+
+        return handler
+
+    base_a = await serve(held("a", release_a))
+    base_b = await serve(held("b", release_b))
+    http = client(limit_per_host=1)
+
+    async def get(base: str) -> bytes:
+        response = await http.request("GET", base + "/", CIMultiDict(), None)
+        try:
+            return await response.read()
+        finally:
+            response.release()
+
+    try:
+        first_a = asyncio.create_task(get(base_a))
+        first_b = asyncio.create_task(get(base_b))
+        await arrived["a"].wait()
+        await arrived["b"].wait()
+        second_a = asyncio.create_task(get(base_a))  # waits: A is at its limit
+        await asyncio.sleep(0)
+        second_b = asyncio.create_task(get(base_b))  # waits behind it: B too
+        await asyncio.sleep(0)
+        release_b.set()  # B's first answer ends: its slot frees
+        assert await first_b == b"b"
+        assert await asyncio.wait_for(second_b, 10) == b"b"  # not stuck behind A's waiter
+        assert not second_a.done()
+        release_a.set()
+        assert await first_a == b"a" and await second_a == b"a"
+    finally:
+        release_a.set()
+        release_b.set()
+        await http.close()
