@@ -59,19 +59,35 @@ from benchmarks._loadgen import percentile
 from examples.local_stack import LocalStack, StackOptions
 from examples.local_stack.stack import default_epp_config
 
-BATCH = 4  # --max-num-seqs of each engine
-ENGINES = 2
-MAX_TOKENS = 24
-SIM_ARGS = [
-    "--max-num-seqs",
-    str(BATCH),
-    "--ttft-base-ms",
-    "150",
-    "--itl-ms",
-    "15",
-    "--prefill-ms-per-token",
-    "0.2",
-]
+
+@dataclass(frozen=True)
+class Shape:
+    """The pool and the requests: ``engines`` simulated engines of ``batch`` slots each
+    (150 ms base time to first token, 0.2 ms per prompt token, 15 ms per output token),
+    serving prompts of about ``prompt_words`` tokens and ``max_tokens`` output tokens."""
+
+    engines: int = 2
+    batch: int = 8
+    prompt_words: int = 1000
+    max_tokens: int = 12
+
+    @property
+    def slots(self) -> int:
+        return self.engines * self.batch
+
+    def sim_args(self) -> list[str]:
+        return [
+            "--max-num-seqs",
+            str(self.batch),
+            "--ttft-base-ms",
+            "150",
+            "--itl-ms",
+            "15",
+            "--prefill-ms-per-token",
+            "0.2",
+        ]
+
+
 # (class, objective, tenant, share of the offered load)
 CLASSES = [
     ("critical", "critical", "c", 0.10),
@@ -102,10 +118,11 @@ def epp_config(
     flow_control: bool,
     min_ceiling: float = 0.0,
     fairness: str = "program-aware-fairness",
+    batch: int = Shape.batch,
 ) -> Path:
     config = yaml.safe_load(default_epp_config(workdir / "endpoints.yaml", 16))
     config["plugins"].append(
-        {"type": "concurrency-detector", "parameters": {"maxConcurrency": BATCH}}
+        {"type": "concurrency-detector", "parameters": {"maxConcurrency": batch}}
     )
     if flow_control:
         config["featureGates"] = ["flowControl"]
@@ -199,12 +216,12 @@ def pick_class(draw: float) -> tuple[str, str, str]:
     return CLASSES[-1][0], CLASSES[-1][1], CLASSES[-1][2]
 
 
-def _body(rng: random.Random) -> dict[str, Any]:
-    words = " ".join(rng.choice(("alpha", "beta", "gamma", "delta")) for _ in range(40))
+def _body(rng: random.Random, shape: Shape) -> dict[str, Any]:
+    words = " ".join(rng.choices(("alpha", "beta", "gamma", "delta"), k=shape.prompt_words))
     return {
         "model": "sim-model",
         "messages": [{"role": "user", "content": f"{rng.random()} {words}"}],
-        "max_tokens": MAX_TOKENS,
+        "max_tokens": shape.max_tokens,
         "stream": True,
     }
 
@@ -224,24 +241,24 @@ async def _one(
         return 200, ttft, ""
 
 
-async def service_time(url: str, n: int = 6) -> float:
+async def service_time(url: str, shape: Shape, n: int = 6) -> float:
     rng = random.Random(1)
     async with aiohttp.ClientSession() as session:
         times = []
         for _ in range(n):
             t0 = time.perf_counter()
-            await _one(session, url, {}, _body(rng))
+            await _one(session, url, {}, _body(rng, shape))
             times.append(time.perf_counter() - t0)
     return statistics.median(times[1:])
 
 
-async def unloaded_ttft(url: str, n: int = 8) -> float:
+async def unloaded_ttft(url: str, shape: Shape, n: int = 8) -> float:
     rng = random.Random(2)
     async with aiohttp.ClientSession() as session:
         ttfts = []
         for _ in range(n):
             _, ttft, _ = await _one(
-                session, url, {"x-llm-d-inference-objective": "critical"}, _body(rng)
+                session, url, {"x-llm-d-inference-objective": "critical"}, _body(rng, shape)
             )
             if ttft is not None:
                 ttfts.append(ttft)
@@ -257,7 +274,9 @@ async def loop_lag(out: list[float], period: float = 0.01) -> None:
         out.append(time.perf_counter() - t0 - period)
 
 
-async def offered_load(url: str, rate: float, duration: float, seed: int) -> list[Shot]:
+async def offered_load(
+    url: str, rate: float, duration: float, seed: int, shape: Shape
+) -> list[Shot]:
     rng = random.Random(seed)
     shots: list[Shot] = []
     tasks: list[asyncio.Task[None]] = []
@@ -287,7 +306,7 @@ async def offered_load(url: str, rate: float, duration: float, seed: int) -> lis
                 "x-llm-d-inference-objective": objective,
                 "x-llm-d-inference-fairness-id": tenant,
             }
-            tasks.append(asyncio.create_task(fire(shot, headers, _body(rng))))
+            tasks.append(asyncio.create_task(fire(shot, headers, _body(rng, shape))))
         await asyncio.gather(*tasks)
     return shots
 
@@ -295,26 +314,27 @@ async def offered_load(url: str, rate: float, duration: float, seed: int) -> lis
 async def run_mode(
     flow_control: bool, args: argparse.Namespace, rate: float | None
 ) -> tuple[Run, float, float]:
+    shape: Shape = args.shape
     workdir = Path(tempfile.mkdtemp(prefix="disagg-fc-bench-"))
     objects = workdir / "objects.yaml"
     objects.write_text(OBJECTS)
     options = StackOptions(
         prefill=0,
-        decode=ENGINES,
+        decode=shape.engines,
         gateway_port=0,
         workdir=workdir,
-        sim_args=SIM_ARGS,
+        sim_args=shape.sim_args(),
         epp_args=[f"--api-objects-file={objects}", "--allow-experimental-plugins"],
-        epp_config=epp_config(workdir, flow_control, args.min_ceiling, args.fairness),
+        epp_config=epp_config(workdir, flow_control, args.min_ceiling, args.fairness, shape.batch),
     )
     stack = LocalStack(options)
     await stack.start()
     try:
         url = f"{stack.gateway_url}/v1/chat/completions"
-        service = await service_time(url)
-        base_ttft = await unloaded_ttft(url)
+        service = await service_time(url, shape)
+        base_ttft = await unloaded_ttft(url, shape)
         if rate is None:
-            rate = args.load * ENGINES * BATCH / service
+            rate = args.load * shape.slots / service
         assert stack.epp is not None
         assert stack.epp.pid is not None
         epp = psutil.Process(stack.epp.pid)
@@ -329,7 +349,7 @@ async def run_mode(
         lags: list[float] = []
         monitor = asyncio.create_task(loop_lag(lags))
         try:
-            shots = await offered_load(url, rate, args.duration, args.seed)
+            shots = await offered_load(url, rate, args.duration, args.seed, shape)
         finally:
             monitor.cancel()
         run = Run(mode, shots, time.perf_counter() - t0, sum(epp.cpu_times()[:2]) - cpu0)
@@ -342,7 +362,10 @@ async def run_mode(
 
 
 def decision_overhead(
-    queued: int = 1000, samples: int = 2000, fairness: str = "program-aware-fairness"
+    queued: int = 1000,
+    samples: int = 2000,
+    fairness: str = "program-aware-fairness",
+    engines: int = Shape.engines,
 ) -> dict[str, float]:
     """In process: enqueue and dispatch-cycle cost with ``queued`` requests waiting."""
     from epp.datastore import Endpoint
@@ -359,7 +382,7 @@ def decision_overhead(
         policy: FairnessPolicy = (
             ProgramAwareFairness() if fairness == "program-aware-fairness" else RoundRobinFairness()
         )
-        pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(ENGINES)]
+        pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(engines)]
         cfg = ControllerConfig(
             bands={100: BandSpec(), 0: BandSpec(fairness=policy), -10: BandSpec()}
         )
@@ -367,7 +390,7 @@ def decision_overhead(
             cfg, ConcurrencyDetector(ConcurrencyParams(maxConcurrency=1)), lambda: pool
         )
         ctl._running = True
-        for _ in range(ENGINES):
+        for _ in range(engines):
             ctl.ledger.add(pool[_].key, 0)  # saturated: everything queues
         rng = random.Random(3)
         keys = [FlowKey(f"t{rng.randrange(10)}", rng.choice((100, 0, -10))) for _ in range(queued)]
@@ -536,7 +559,7 @@ def main() -> int:
     parser.add_argument(
         "--min-ceiling",
         type=float,
-        default=0.5,
+        default=0.625,
         help="priority-holdback-policy minCeiling with flow control on (0: no usage limit)",
     )
     parser.add_argument(
@@ -545,9 +568,17 @@ def main() -> int:
         default="program-aware-fairness",
         help="the standard band's fairness policy with flow control on",
     )
+    defaults = Shape()
+    parser.add_argument("--engines", type=int, default=defaults.engines)
+    parser.add_argument("--batch", type=int, default=defaults.batch, help="batch slots per engine")
+    parser.add_argument(
+        "--prompt-words", type=int, default=defaults.prompt_words, help="prompt tokens"
+    )
+    parser.add_argument("--max-tokens", type=int, default=defaults.max_tokens)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--svg", type=Path)
     args = parser.parse_args()
+    args.shape = Shape(args.engines, args.batch, args.prompt_words, args.max_tokens)
     runs, results, base = [], [], {}
     rate = None
     for on in (False, True):
@@ -555,7 +586,7 @@ def main() -> int:
         runs.append(run)
         base[run.mode] = base_ttft
         results.append(summarize(run, base_ttft))
-    overhead = decision_overhead(fairness=args.fairness)
+    overhead = decision_overhead(fairness=args.fairness, engines=args.shape.engines)
     print(render(results, base, overhead))
     if args.json:
         args.json.write_text(

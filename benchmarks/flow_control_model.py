@@ -27,8 +27,8 @@ from epp.flowcontrol.item import FlowItem, FlowKey, Outcome
 from epp.flowcontrol.saturation import ConcurrencyDetector, ConcurrencyParams
 from epp.flowcontrol.usage_limits import HoldbackParams, PriorityHoldback
 
-SERVICE_S = 0.55
-PER_SLOT_RATE = 2 * 1 / SERVICE_S  # offered load: 2x capacity
+SERVICE_S = 0.55  # the live benchmark's service time with its default shape
+LOAD = 2.0  # offered load / capacity
 # (class, fairness id, priority, share), as in benchmarks.flow_control_bench
 CLASSES = [
     ("critical", "c", 100, 0.10),
@@ -47,7 +47,12 @@ class Waiting:
 
 
 async def model(
-    slots: int, min_ceiling: float, fairness: str, seconds: float, seed: int
+    slots: int,
+    min_ceiling: float,
+    fairness: str,
+    seconds: float,
+    seed: int,
+    service_s: float = SERVICE_S,
 ) -> dict[str, list[float]]:
     now = [0.0]
     pool = [Endpoint("e", "10.0.0.1", 8000)]
@@ -79,7 +84,7 @@ async def model(
     events: list[tuple[float, int, int]] = []  # (time, 0 arrival / 1 completion, class index)
     t = 0.0
     while True:
-        t += rng.expovariate(PER_SLOT_RATE * slots)
+        t += rng.expovariate(LOAD * slots / service_s)
         if t >= seconds:
             break
         draw, acc, index = rng.random(), 0.0, len(CLASSES) - 1
@@ -113,7 +118,7 @@ async def model(
                 ctl.ledger.unreserve(w.item.tokens)
                 ctl.ledger.add(key, 0)
                 waits[w.cls].append(t - w.arrived)
-                heapq.heappush(events, (t + SERVICE_S, 1, 0))
+                heapq.heappush(events, (t + service_s, 1, 0))
         waiting = still
     await ctl.stop()
     await asyncio.gather(*(w.task for w in waiting), return_exceptions=True)
@@ -129,8 +134,18 @@ def main() -> int:
     )
     parser.add_argument("--seconds", type=float, default=400.0)
     parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--service-ms", type=float, default=SERVICE_S * 1000)
     args = parser.parse_args()
-    waits = asyncio.run(model(args.slots, args.min_ceiling, args.fairness, args.seconds, args.seed))
+    waits = asyncio.run(
+        model(
+            args.slots,
+            args.min_ceiling,
+            args.fairness,
+            args.seconds,
+            args.seed,
+            args.service_ms / 1000,
+        )
+    )
     print("| class | dispatched | queue wait p50 ms | queue wait p99 ms |")
     print("|---|---|---|---|")
     for cls, w in waits.items():

@@ -303,7 +303,9 @@ async def measure(
         open_work = (
             scraped.get("pd_sidecar_in_flight_requests", 0)
             + scraped.get("llm_d_epp_extproc_streams_inflight", 0)
-            + sum(v for k, v in scraped.items() if k.startswith("llm_d_epp_flow_control_queue_size"))
+            + sum(
+                v for k, v in scraped.items() if k.startswith("llm_d_epp_flow_control_queue_size")
+            )
         )
         levels[proc.name] = Level(
             **held, tasks=int(scraped["python_asyncio_tasks"]), open_work=int(open_work)
