@@ -34,8 +34,8 @@ from epp.datalayer.latency import DEFAULT_PREDICTION_PRODUCER
 from epp.datalayer.wiring import wire_data_layer
 from epp.flowcontrol import config as fc_config
 from epp.flowcontrol.admitters import Admitter
-from epp.flowcontrol.detector_filter import DetectorFilter
-from epp.flowcontrol.saturation import ConcurrencyDetector
+from epp.flowcontrol.detector_filter import as_filter
+from epp.flowcontrol.saturation import SaturationDetector
 from epp.plugins.base import (
     DataProducer,
     Discovery,
@@ -376,10 +376,24 @@ def build_scheduler_config(
                 f"plugins[{i}]: duplicate plugin name '{plugin.name}'; set distinct 'name's"
             )
         plugins.add(plugin)
-    for fc_name, fc_plugin in fc_plugins.items():
-        # A concurrency detector is also a scheduling filter a profile may reference.
-        if isinstance(fc_plugin, ConcurrencyDetector) and plugins.get(fc_name) is None:
-            plugins.add(DetectorFilter(fc_plugin))
+    try:
+        flow_control = fc_config.build_flow_control(
+            doc.featureGates, doc.flowControl, doc.saturationDetector, fc_plugins
+        )
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    # A saturation detector is also a scheduling filter a profile may reference by name:
+    # each declared one, and the one in use when it was created with its defaults (llm-d
+    # injects a utilization-detector when none is named).
+    detectors = dict(fc_plugins)
+    in_use = flow_control.detector
+    if any(r.pluginRef == in_use.name for s in doc.schedulingProfiles for r in s.plugins):
+        detectors.setdefault(in_use.name, in_use)
+    for fc_name, fc_plugin in detectors.items():
+        if isinstance(fc_plugin, SaturationDetector) and plugins.get(fc_name) is None:
+            as_plugin = as_filter(fc_plugin)
+            if as_plugin is not None:
+                plugins.add(as_plugin)
     try:
         _add_implicit_latency_producer(plugins, fc_plugins)
     except ValueError as exc:
@@ -439,13 +453,6 @@ def build_scheduler_config(
         raise ConfigError(
             f"both --pool-name and the discovery plugin '{discovery.name}' are set; use one"
         )
-
-    try:
-        flow_control = fc_config.build_flow_control(
-            doc.featureGates, doc.flowControl, doc.saturationDetector, fc_plugins
-        )
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
 
     scheduler = Scheduler(
         handler=handler,

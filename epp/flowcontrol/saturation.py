@@ -8,20 +8,26 @@ the prefill stage is the prefill-capable endpoints of a pool that has dedicated 
 pods; the decode stage is every endpoint that decodes. The value used for gating is the
 larger of the two (``effective``).
 
-The concurrency detector also has llm-d's scheduling-filter role: referenced from a
-scheduling profile, it keeps only the endpoints whose own in-flight load is under
-``maxConcurrency x (1 + headroom)`` (``maxTokenConcurrency`` likewise in token and hybrid
-modes), so a request leaves the EPP for an engine with a free batch slot rather than
-for one whose slots are full while another's are free (``epp.flowcontrol.detector_filter``).
+Both detectors also have llm-d's scheduling-filter role (``epp.flowcontrol.detector_filter``):
+referenced from a scheduling profile, the concurrency detector keeps only the endpoints
+whose own in-flight load is under ``maxConcurrency x (1 + headroom)``
+(``maxTokenConcurrency`` likewise in token and hybrid modes), so a request leaves the
+EPP for an engine with a free batch slot rather than for one whose slots are full while
+another's are free; the utilization detector keeps the endpoints whose metrics are fresh,
+whose waiting queue is under ``queueDepthThreshold x (1 + headroom)`` and whose KV-cache
+usage is under ``min(1, kvCacheUtilThreshold x (1 + headroom))``, and keeps every
+candidate when none passes. ``headroom`` sizes only the filter role: the saturation
+gradient always uses the thresholds themselves.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from common.durations import PositiveSeconds
 from epp.datastore import Endpoint
@@ -34,7 +40,10 @@ __all__ = [
     "UtilizationDetector",
     "concurrency_admits",
     "stage_saturation",
+    "utilization_admits",
 ]
+
+log = logging.getLogger(__name__)
 
 _PREFILL_ONLY = frozenset({"prefill", "encode-prefill"})
 _PREFILL_CAPABLE = _PREFILL_ONLY | {"prefill-decode", "both", "encode-prefill-decode"}
@@ -45,23 +54,12 @@ class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _no_headroom(v: float) -> float:
-    # headroom sizes the detector's scheduling-filter role, which this EPP does not have.
-    if v:
-        raise ValueError(
-            "headroom is not supported: the detector's scheduling-filter role is not "
-            "implemented here (leave it 0)"
-        )
-    return v
-
-
 class UtilizationParams(_Params):
     queueDepthThreshold: int = Field(5, gt=0)  # noqa: N815
     kvCacheUtilThreshold: float = Field(0.8, gt=0.0, le=1.0)  # noqa: N815
     metricsStalenessThreshold: PositiveSeconds = 0.2  # noqa: N815
-    headroom: float = Field(0.0, ge=0.0, le=1.0)
-
-    _headroom = field_validator("headroom")(_no_headroom)
+    # Burst allowance of the scheduling-filter role over the thresholds (a fraction).
+    headroom: float = Field(0.0, ge=0.0)
 
 
 class ConcurrencyParams(_Params):
@@ -93,10 +91,41 @@ def _ratio(num: float, den: float) -> float:
     return num / den if den > 0 else 1.0
 
 
+def utilization_admits(ep: Endpoint, now: float, params: UtilizationParams) -> bool:
+    """Whether the utilization filter keeps ``ep``: fresh metrics, a waiting queue under
+    ``queueDepthThreshold x (1 + headroom)`` and KV-cache usage under
+    ``min(1, kvCacheUtilThreshold x (1 + headroom))``."""
+    if not ep.is_fresh(now, params.metricsStalenessThreshold):
+        return False
+    scale = 1.0 + params.headroom
+    m = ep.metrics
+    return m.waiting < params.queueDepthThreshold * scale and m.kv_usage < min(
+        1.0, params.kvCacheUtilThreshold * scale
+    )
+
+
 class UtilizationDetector(SaturationDetector):
     type_name = "utilization-detector"
     Params = UtilizationParams
     params: UtilizationParams
+
+    def __init__(self, params: _Params | None = None, name: str | None = None) -> None:
+        super().__init__(params, name)
+        if self.params.headroom > 1.0:
+            log.warning(
+                "%s: headroom %s allows a %.0f%% burst over the thresholds; headroom is a "
+                "fraction, not a percentage",
+                self.name,
+                self.params.headroom,
+                self.params.headroom * 100,
+            )
+
+    def admitting(self, endpoints: Sequence[Endpoint], now: float) -> list[Endpoint]:
+        """The scheduling-filter role: the endpoints within their limits, or every
+        candidate when none is (fail-open, so the scorers pick the least loaded)."""
+        p = self.params
+        kept = [ep for ep in endpoints if utilization_admits(ep, now, p)]
+        return kept if kept else list(endpoints)
 
     def endpoint_score(self, ep: Endpoint, now: float) -> float:
         p = self.params

@@ -71,6 +71,7 @@ _BUILTIN_MODULES = (
     "epp.plugins.conformance",
     "epp.plugins.predicted_latency",
     "epp.plugins.latency_scorer",
+    "epp.plugins.slo_headroom_tier_filter",
     "epp.datalayer.metrics_source",
     "epp.datalayer.dcgm",
     "epp.datalayer.models",

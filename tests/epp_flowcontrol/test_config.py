@@ -126,8 +126,8 @@ def test_no_endpoint_ttl_follows_the_default_ttl() -> None:
         ("featureGates: ['flowControl=maybe']\n", "", "true or false"),
         (
             "",
-            "- type: utilization-detector\n  parameters: {headroom: 0.2}\n",
-            "headroom is not supported",
+            "- type: utilization-detector\n  parameters: {headroom: -0.2}\n",
+            "parameters.headroom",
         ),
     ],
 )
