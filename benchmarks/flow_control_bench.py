@@ -2,31 +2,33 @@
 
     .venv/bin/python -m benchmarks.flow_control_bench [--duration 20] [--load 2.0]
 
-The local stack (two simulated decode engines with a small batch and a per-token latency
-model, a sidecar each, the EPP, real Envoy) serves streaming chat requests from three
-classes, chosen by InferenceObjective (``--api-objects-file``): critical (priority 100),
-standard (0) and sheddable (-10); the standard class is two tenants
-(``x-llm-d-inference-fairness-id``), one sending ten times the other's rate. The offered
-load is ``--load`` times the pool's capacity, measured first from unloaded requests
-(capacity = engines x batch / service time).
+The local stack (``--engines`` simulated decode engines of ``--batch`` slots, a sidecar
+each, the EPP, real Envoy) serves streaming chat requests from three classes, chosen by
+InferenceObjective (``--api-objects-file``): critical (priority 100), standard (0) and
+sheddable (-10); the standard class is two tenants (``x-llm-d-inference-fairness-id``),
+one sending ten times the other's rate. The offered load is ``--load`` times the pool's
+capacity, measured first from unloaded requests (capacity = slots / service time). The
+default shape: two engines of 8 slots, prompts of about 1,000 tokens and 12 output
+tokens, so the time to first token (about 0.37 s) is most of a request's time in the
+engine (about 0.55 s).
 
 Off: the legacy admission path (sheddable requests refused while the concurrency
 detector says saturated; everything else queues in the engines). On: ``featureGates:
 [flowControl]``; requests wait in the EPP and dispatch by priority as the engines'
 batch slots free, and within the standard band by ``program-aware-fairness`` (least
 attained service first: the quiet tenant's requests go before the flood's backlog;
-``--fairness round-robin-fairness-policy`` alternates the tenants instead). The configuration a serving engineer would
-pick for this pool: the concurrency detector's ``maxConcurrency`` is the engines' batch
-(so the pool is saturated exactly when every slot is busy and nothing queues inside an
-engine), the same detector filters the decode profile (a dispatched request goes to the
-engine with the free slot, not by metrics scraped before the last dispatches), and
-``priority-holdback-policy`` with ``minCeiling`` 0.5 stops the standard band at 6 of the
-8 slots and the sheddable band at 4: critical work is a fifth of the pool's capacity
-(about 1.6 slots busy on average), so two slots kept for it mean a critical request
-rarely waits for a slot to free. The price is goodput: those slots idle while no
-critical request needs them (``--min-ceiling 0.75`` keeps one slot instead).
-``benchmarks.flow_control_model`` runs the same workload against the same controller in
-virtual time, for p99s over thousands of requests.
+``--fairness round-robin-fairness-policy`` alternates the tenants instead). The
+configuration a serving engineer would pick for this pool: the concurrency detector's
+``maxConcurrency`` is the engines' batch (so the pool is saturated exactly when every
+slot is busy and nothing queues inside an engine), the same detector filters the decode
+profile (a dispatched request goes to the engine with the free slot, not by metrics
+scraped before the last dispatches), and ``priority-holdback-policy`` with ``minCeiling``
+0.625 (ceilings 1.0 / 0.8125 / 0.625) stops the standard band at 13 of the 16 slots and
+the sheddable band at 10: critical work is a fifth of the pool's capacity, so the slots
+kept for it mean a critical request rarely waits for one to free. The price is goodput:
+those slots idle while no critical request needs them. ``benchmarks.flow_control_model``
+runs the same workload against the same controller in virtual time, for p99s over
+thousands of requests.
 
 Reported per mode: TTFT p50/p99 per class and tenant, the EPP queue wait per class
 (flow control on; bucket bounds of the EPP's own histogram, which separates the wait

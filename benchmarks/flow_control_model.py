@@ -1,14 +1,16 @@
 """The flow control benchmark's workload against the real flow controller, in virtual time.
 
-    .venv/bin/python -m benchmarks.flow_control_model [--slots 8] [--min-ceiling 0.5]
-        [--fairness program-aware|round-robin] [--seconds 400]
+    .venv/bin/python -m benchmarks.flow_control_model [--slots 16] [--min-ceiling 0.625]
+        [--fairness program-aware|round-robin] [--service-ms 550] [--seconds 400]
 
 No processes and no host noise: Poisson arrivals of the benchmark's class mix at 2x the
-pool's capacity, ``--slots`` batch slots that each serve a request in 0.55 s, and the
-``FlowController`` (concurrency detector at the slot count, priority holdback, the
-standard band's fairness policy, a 10 s TTL, a 50-request sheddable band) deciding who
-takes each freed slot. Prints each class's queue wait at p50/p99, enough samples for a
-real p99 (the live benchmark sends about 50 critical and 30 quiet-tenant requests).
+pool's capacity, ``--slots`` batch slots that each serve a request in ``--service-ms``,
+and the ``FlowController`` (concurrency detector at the slot count, priority holdback,
+the standard band's fairness policy, a 10 s TTL, a 50-request sheddable band) deciding
+who takes each freed slot. Prints each class's queue wait at p50/p99, enough samples for
+a real p99 (a 30 s live run sends about 180 critical and 90 quiet-tenant requests).
+Waits scale with the service time: they are what flow control adds to a request's
+unloaded time to first token.
 """
 
 from __future__ import annotations
@@ -127,8 +129,8 @@ async def model(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--slots", type=int, default=8)
-    parser.add_argument("--min-ceiling", type=float, default=0.5)
+    parser.add_argument("--slots", type=int, default=16)
+    parser.add_argument("--min-ceiling", type=float, default=0.625)
     parser.add_argument(
         "--fairness", choices=("round-robin", "program-aware"), default="program-aware"
     )

@@ -25,3 +25,16 @@ async def test_program_aware_fairness_lets_the_quiet_tenants_bursts_go_first() -
     las = sorted((await model(8, 0.5, "program-aware", 120.0, 5))["standard/quiet"])
     assert percentile(las, 50) < percentile(rr, 50)
     assert percentile(las, 99) < percentile(rr, 99)
+
+
+async def test_the_benchmarks_pool_keeps_critical_and_quiet_waits_short() -> None:
+    """16 slots, holdback minCeiling 0.625 (the benchmark's default): a critical request
+    almost never waits for a slot, and the quiet tenant's p99 wait is about half a
+    request's service time (virtual time: deterministic)."""
+    waits = await model(16, 0.625, "program-aware", 120.0, 5, service_s=0.55)
+    critical = sorted(waits["critical"])
+    quiet = sorted(waits["standard/quiet"])
+    assert len(critical) > 500 and len(quiet) > 250
+    assert percentile(critical, 99) < 0.05
+    assert percentile(quiet, 99) < 0.6 * 0.55
+    assert percentile(sorted(waits["standard/flood"]), 50) > 5.0
