@@ -15,15 +15,24 @@ Environment (llm-d's names and defaults): ``TRAINING_SERVER_URL``
 (http://localhost:8000), ``PREDICTION_SERVER_URL`` (http://localhost:8001),
 ``LATENCY_MAX_SAMPLE_SIZE`` (1000), ``LATENCY_FLUSH_INTERVAL_SEC`` (1),
 ``LATENCY_HTTP_TIMEOUT_SEC`` (10), ``LATENCY_MAX_BULK_SIZE`` (100, at most 100),
-``LATENCY_MAX_CONCURRENT_DISPATCHES`` (36). Invalid values keep the default.
+``LATENCY_MAX_CONCURRENT_DISPATCHES`` (36), ``LATENCY_COALESCE_WINDOW_MS`` (1; 0 turns
+coalescing off), ``LATENCY_MAX_COALESCED_ROWS`` (0: no cap). Invalid values keep the
+default.
+
+Concurrent prediction calls are coalesced as llm-d's client does (``epp.plugins.
+latency_coalescer``): the calls made within the window of a batch's first call go out
+as one bulk request, at most ``LATENCY_MAX_COALESCED_ROWS`` rows when set (each call is
+still at most ``LATENCY_MAX_BULK_SIZE``); each caller gets its own predictions, and a
+failed batch fails each of its callers as a lone call would fail.
 
 Every failure (connection refused, timeout, non-200 answer, malformed JSON, a request
 the server would refuse) raises ``PredictorError``; callers treat it as "no
 prediction". A request waits at most ``PREDICTION_TIMEOUT_S`` (1 s, or the HTTP
 timeout if lower) for its predictions: a slow answer is useless for routing and must
-not eat the decision's own deadline. After a failed call the client backs off (1 s,
-doubling up to 30 s): calls fail at once without touching the network, then one call
-probes the predictor again; a success ends the backoff.
+not eat the decision's own deadline. After a failed request to the server (a call
+refused before sending is not one) the client backs off (1 s, doubling up to 30 s):
+calls fail at once without touching the network, then one call probes the predictor
+again; a success ends the backoff.
 """
 
 from __future__ import annotations
@@ -41,6 +50,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
+
+from epp.plugins.latency_coalescer import Coalescer
 
 __all__ = [
     "LatencyPredictorClient",
@@ -88,6 +99,8 @@ class PredictorConfig:
     http_timeout_s: float = 10.0
     max_bulk_size: int = MAX_BULK_SIZE_LIMIT
     max_concurrent_dispatches: int = 36
+    coalesce_window_s: float = 0.001
+    max_coalesced_rows: int = 0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> PredictorConfig:
@@ -108,6 +121,13 @@ class PredictorConfig:
             max_bulk_size=bulk if bulk <= MAX_BULK_SIZE_LIMIT else d.max_bulk_size,
             max_concurrent_dispatches=_int_env(
                 env, "LATENCY_MAX_CONCURRENT_DISPATCHES", d.max_concurrent_dispatches
+            ),
+            coalesce_window_s=_int_env(
+                env, "LATENCY_COALESCE_WINDOW_MS", round(d.coalesce_window_s * 1000), low=0
+            )
+            / 1000.0,
+            max_coalesced_rows=_int_env(
+                env, "LATENCY_MAX_COALESCED_ROWS", d.max_coalesced_rows, low=0
             ),
         )
 
@@ -230,9 +250,20 @@ class LatencyPredictorClient:
         self._dispatch: asyncio.Semaphore | None = None
         self._pending: list[TrainingEntry] = []
         self._closed = False
-        # Counters (also exported as metrics by the producer).
+        self._coalescer: Coalescer[PredictionRequest, Prediction] | None = None
+        if config.coalesce_window_s > 0:
+            self._coalescer = Coalescer(
+                self._send,
+                config.coalesce_window_s,
+                config.max_coalesced_rows,
+                error=lambda why: PredictorError(f"coalesced prediction: {why}"),
+            )
+        # Counters (also exported as metrics by the producer): prediction calls, and the
+        # HTTP requests they took (fewer when coalesced).
         self.predictions_ok = 0
         self.predictions_failed = 0
+        self.requests_ok = 0
+        self.requests_failed = 0
         self.training_sent = 0
         self.training_dropped = 0
 
@@ -252,25 +283,34 @@ class LatencyPredictorClient:
 
     async def predict_bulk_strict(self, requests: Sequence[PredictionRequest]) -> list[Prediction]:
         """One prediction per request, in order; ``PredictorError`` on any failure."""
-        now = self.clock()
-        if now < self._retry_at:
-            self.predictions_failed += 1
-            raise PredictorError(
-                f"predictor unavailable, next attempt in {self._retry_at - now:.1f}s"
-            )
-        if self._backoff_s:
-            self._retry_at = now + self._backoff_s  # this call probes; the others wait
         try:
-            found = await self._predict(requests)
+            self._check(requests)
+            now = self.clock()
+            if now < self._retry_at:
+                raise PredictorError(
+                    f"predictor unavailable, next attempt in {self._retry_at - now:.1f}s"
+                )
+            if self._backoff_s:
+                self._retry_at = now + self._backoff_s  # this call probes; the others wait
+            if self._coalescer is None:
+                found = await self._send(requests)
+            else:
+                # The batch's own request is bounded by the prediction timeout; this
+                # bound only guards the caller should that ever not hold.
+                wait_s = self.prediction_timeout_s + self.config.coalesce_window_s + 0.5
+                try:
+                    async with asyncio.timeout(wait_s):
+                        found = await self._coalescer.submit(requests)
+                except TimeoutError:
+                    raise PredictorError(f"no coalesced prediction within {wait_s:.1f}s") from None
         except PredictorError:
             self.predictions_failed += 1
-            self._backoff_s = min(max(2 * self._backoff_s, MIN_BACKOFF_S), MAX_BACKOFF_S)
-            self._retry_at = self.clock() + self._backoff_s
             raise
-        self._backoff_s = self._retry_at = 0.0
+        self.predictions_ok += 1
         return found
 
-    async def _predict(self, requests: Sequence[PredictionRequest]) -> list[Prediction]:
+    def _check(self, requests: Sequence[PredictionRequest]) -> None:
+        """Refuse, before any network call, what the server would refuse."""
         if self._closed:
             raise PredictorError("predictor client closed")
         if not requests:
@@ -283,6 +323,23 @@ class LatencyPredictorClient:
             problem = req.problem()
             if problem is not None:
                 raise PredictorError(f"request {i}: {problem}")
+
+    async def _send(self, requests: Sequence[PredictionRequest]) -> list[Prediction]:
+        """One HTTP request; a failure backs the client off, a success ends the backoff."""
+        try:
+            found = await self._post(requests)
+        except PredictorError:
+            self.requests_failed += 1
+            self._backoff_s = min(max(2 * self._backoff_s, MIN_BACKOFF_S), MAX_BACKOFF_S)
+            self._retry_at = self.clock() + self._backoff_s
+            raise
+        self.requests_ok += 1
+        self._backoff_s = self._retry_at = 0.0
+        return found
+
+    async def _post(self, requests: Sequence[PredictionRequest]) -> list[Prediction]:
+        if self._closed:
+            raise PredictorError("predictor client closed")
         session = self._ensure_started()
         assert self._dispatch is not None
         url = self._prediction_url() + "/predict/bulk/strict"
@@ -308,7 +365,6 @@ class LatencyPredictorClient:
                 out.append(Prediction(float(p["ttft_ms"]), float(p["tpot_ms"])))
             except (TypeError, KeyError, ValueError):
                 raise PredictorError(f"{url}: malformed prediction {p!r:.128}") from None
-        self.predictions_ok += 1
         return out
 
     def add_training(self, entries: Sequence[TrainingEntry]) -> None:
@@ -353,6 +409,8 @@ class LatencyPredictorClient:
         if self._closed:
             return
         self._closed = True
+        if self._coalescer is not None:
+            await self._coalescer.aclose()
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
