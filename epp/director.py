@@ -342,6 +342,7 @@ class Director(DecisionMaker):
             if target is not None and target != model and not headers_only:
                 sent_body = rewrite_body(body, target)
                 request = self.config.parsers.parse(path, headers, sent_body)
+                request.requested_model = model
             # Flow control: the request may wait here (or be refused) before scheduling.
             admission = await self.requests.admit(
                 headers,

@@ -67,6 +67,8 @@ class ParsedRequest:
     # False for requests that generate nothing (embeddings, token counts, requests no
     # parser claimed): they are scheduled to one endpoint, never split into stages.
     generation: bool = True
+    # The model the client asked for when ``model`` is the name it was rewritten to.
+    requested_model: str = ""
 
 
 class _Prompt:

@@ -33,6 +33,12 @@ the TTFT at the first response chunk and, at the end, the mean time per later ch
 as ``actual_tpot_ms``. Samples are buffered and sent once a second. A request that
 does not complete (cancelled, failed stream) yields no sample.
 
+Metrics (llm-d's, see ``epp.plugins.predicted_latency_metrics``): the prediction
+call's duration, and when the response ends the prediction for the endpoint it went to,
+the actual TTFT/TPOT and the SLO violations (``llm_d_epp_request_slo_violation_total``:
+TTFT above ``x-llm-d-slo-ttft-ms``, or with ``streamingMode`` the mean TPOT above
+``x-llm-d-slo-tpot-ms``). A request routed without a prediction has none observed.
+
 ``useEncoderCacheFeatures`` is not supported (refused at load).
 """
 
@@ -74,6 +80,7 @@ from epp.plugins.latency_predictor_client import (
     PredictorError,
     TrainingEntry,
 )
+from epp.plugins.predicted_latency_metrics import PredictedLatencyMetrics
 from epp.plugins.prefix_producer import (
     PrefixMatch,
     match_source,
@@ -146,6 +153,8 @@ class _Request:
     ttft_ms: float = 0.0
     chunks: int = 0
     finished: bool = False
+    model: str = ""
+    target_model: str = ""
 
 
 @dataclass(slots=True)
@@ -168,6 +177,12 @@ class _Collector:
             "Bulk prediction calls to the latency predictor, by outcome (success, error).",
             labels=["producer", "outcome"],
         )
+        http = CounterMetricFamily(
+            "disagg_epp_latency_prediction_requests",
+            "HTTP requests to the prediction server, by outcome (success, error); "
+            "concurrent calls coalesced into one request count once.",
+            labels=["producer", "outcome"],
+        )
         samples = CounterMetricFamily(
             "disagg_epp_latency_training_samples",
             "Training samples for the latency predictor: sent, or dropped (sampled "
@@ -178,9 +193,12 @@ class _Collector:
             c = p.client
             preds.add_metric([p.name, "success"], c.predictions_ok)
             preds.add_metric([p.name, "error"], c.predictions_failed)
+            http.add_metric([p.name, "success"], c.requests_ok)
+            http.add_metric([p.name, "error"], c.requests_failed)
             samples.add_metric([p.name, "sent"], c.training_sent)
             samples.add_metric([p.name, "dropped"], c.training_dropped)
         yield preds
+        yield http
         yield samples
 
 
@@ -236,6 +254,7 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         self._tokens = itertools.count(1)
         self._last_failure_log = float("-inf")
         self._failures_since_log = 0
+        self.metrics: PredictedLatencyMetrics | None = None
 
     def bind(self, plugins: PluginSet) -> None:
         self._inflight = bind_inflight_producer(
@@ -248,6 +267,7 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
             collector = _COLLECTORS[registry] = _Collector()
             registry.register(collector)
         collector.producers.append(self)
+        self.metrics = PredictedLatencyMetrics.of(registry)
 
     async def aclose(self) -> None:
         await self.client.aclose()
@@ -297,11 +317,14 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         return None  # the work is in ``settle``: it reads the prefix match, then awaits
 
     async def settle(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
-        headers = cycle.request.headers
+        request = cycle.request
+        headers = request.headers
         state = _Request(
             ttft_slo_ms=slo_ms(headers, TTFT_SLO_HEADERS),
             tpot_slo_ms=slo_ms(headers, TPOT_SLO_HEADERS),
             input_tokens=len(tokenized_prompt(cycle).token_ids),
+            model=request.requested_model or request.model,
+            target_model=request.model,
         )
         match = cycle.get(self._match)
         for ep in endpoints:
@@ -326,11 +349,19 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
             )
             for ep in endpoints
         ]
+        started = time.perf_counter()
         try:
             predictions = await self.client.predict_bulk_strict(requests)
         except PredictorError as exc:
             self._log_failure(cycle, exc)
             return
+        if self.metrics is not None:
+            self.metrics.record_prediction_duration(
+                (self.name, self.type_name),
+                state.model,
+                state.target_model,
+                time.perf_counter() - started,
+            )
         p = self.params
         for ep, pred in zip(endpoints, predictions, strict=True):
             state.predictions[ep.key] = validate_prediction(
@@ -420,7 +451,37 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
             avg_tpot = (e2e_ms - state.ttft_ms) / (state.chunks - 1)
         if avg_tpot > 0:
             self._train(state, state.target, tpot_ms=avg_tpot)
+        self._record(state, avg_tpot)
         self._untrack(state.target.key, state.token)
+
+    def _record(self, state: _Request, avg_tpot_ms: float) -> None:
+        """The finished response's metrics: TTFT (the prediction of the prefill endpoint
+        when there was one), and with a TPOT the prediction of the decode endpoint."""
+        if self.metrics is None or state.target is None or state.ttft_ms <= 0:
+            return
+        plugin = (self.name, self.type_name)
+        first = state.predictions.get((state.prefill or state.target).key)
+        self.metrics.record_latency(
+            "ttft",
+            plugin,
+            state.model,
+            state.target_model,
+            actual_ms=state.ttft_ms,
+            predicted_ms=first.ttft if first is not None else None,
+            slo_ms=state.ttft_slo_ms,
+        )
+        if avg_tpot_ms <= 0:
+            return
+        decode = state.predictions.get(state.target.key)
+        self.metrics.record_latency(
+            "tpot",
+            plugin,
+            state.model,
+            state.target_model,
+            actual_ms=avg_tpot_ms,
+            predicted_ms=decode.tpot if decode is not None else None,
+            slo_ms=state.tpot_slo_ms,
+        )
 
     def _first_token(self, state: _Request, now: float) -> None:
         """The TTFT sample (without streaming: the end-to-end latency), taken on the

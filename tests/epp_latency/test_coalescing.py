@@ -6,33 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 
 import pytest
 
+from epp.datalayer.latency import read_predictions
 from epp.plugins.latency_predictor_client import (
     LatencyPredictorClient,
     PredictionRequest,
     PredictorConfig,
     PredictorError,
 )
-from epp.plugins.predicted_latency import PredictedLatencyProducer
 from tests.conftest import eventually
 from tests.epp_scheduling.helpers import cycle
 
+from .conftest import Loader
 from .predictor_server import PredictorServer
 from .test_producer import pool
 
 # Wide enough that every call started in one loop turn joins the same batch.
 WINDOW_S = 0.2
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[PredictorServer]:
-    s = PredictorServer()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 def _async(check: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
@@ -217,28 +210,16 @@ def test_the_window_and_the_row_cap_come_from_the_environment() -> None:
 
 
 async def test_concurrent_scheduling_cycles_share_one_bulk_request(
-    server: PredictorServer, monkeypatch: pytest.MonkeyPatch
+    server: PredictorServer, loader: Loader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from epp.config import load_config
-    from epp.datalayer.latency import read_predictions
-
-    from .test_producer import CONFIG
-
-    monkeypatch.setenv("PREDICTION_SERVER_URL", server.url)
-    monkeypatch.setenv("TRAINING_SERVER_URL", server.url)
     monkeypatch.setenv("LATENCY_COALESCE_WINDOW_MS", "200")
-    c = load_config(CONFIG.format(params="{}"))
-    producer = c.plugins.get("predicted-latency-producer")
-    assert isinstance(producer, PredictedLatencyProducer)
-    try:
-        eps = pool()
-        cycles = [cycle(f"prompt {i}", headers={"x-llm-d-slo-ttft-ms": "5000"}) for i in range(4)]
-        await asyncio.gather(*(c.scheduler.produce(cyc, eps) for cyc in cycles))
-        (sent,) = server.bulk_requests
-        assert len(sent) == 4 * len(eps)
-        for cyc in cycles:
-            infos = read_predictions(cyc, "predicted-latency-producer")
-            assert set(infos) == {ep.key for ep in eps}
-            assert infos[eps[2].key].ttft > infos[eps[0].key].ttft  # c waits longer than a
-    finally:
-        await producer.aclose()
+    c, _ = loader(server.url)
+    eps = pool()
+    cycles = [cycle(f"prompt {i}", headers={"x-llm-d-slo-ttft-ms": "5000"}) for i in range(4)]
+    await asyncio.gather(*(c.scheduler.produce(cyc, eps) for cyc in cycles))
+    (sent,) = server.bulk_requests
+    assert len(sent) == 4 * len(eps)
+    for cyc in cycles:
+        infos = read_predictions(cyc, "predicted-latency-producer")
+        assert set(infos) == {ep.key for ep in eps}
+        assert infos[eps[2].key].ttft > infos[eps[0].key].ttft  # c waits longer than a

@@ -117,7 +117,9 @@ async def stack(
         director = app.director
         assert director is not None
         # Predictions use the scraped load: wait for the first scrape.
-        await wait_until(lambda: all(ep.metrics.running == 2 for ep in director.datastore.snapshot()))
+        await wait_until(
+            lambda: all(ep.metrics.running == 2 for ep in director.datastore.snapshot())
+        )
         yield Stack(app, envoy, backend, predictor)
     finally:
         if envoy is not None:
