@@ -47,8 +47,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -92,7 +91,6 @@ from epp.scheduling.result import SchedulingResult
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
-    from prometheus_client.core import Metric
 
 __all__ = ["PredictedLatencyProducer", "validate_prediction"]
 
@@ -163,49 +161,6 @@ class _Running:
     since: float
 
 
-class _Collector:
-    """The prediction and training counters of every producer on one registry."""
-
-    def __init__(self) -> None:
-        self.producers: list[PredictedLatencyProducer] = []
-
-    def collect(self) -> Iterator[Metric]:
-        from prometheus_client.core import CounterMetricFamily
-
-        preds = CounterMetricFamily(
-            "disagg_epp_latency_predictions",
-            "Bulk prediction calls to the latency predictor, by outcome (success, error).",
-            labels=["producer", "outcome"],
-        )
-        http = CounterMetricFamily(
-            "disagg_epp_latency_prediction_requests",
-            "HTTP requests to the prediction server, by outcome (success, error); "
-            "concurrent calls coalesced into one request count once.",
-            labels=["producer", "outcome"],
-        )
-        samples = CounterMetricFamily(
-            "disagg_epp_latency_training_samples",
-            "Training samples for the latency predictor: sent, or dropped (sampled "
-            "away or not delivered).",
-            labels=["producer", "outcome"],
-        )
-        for p in self.producers:
-            c = p.client
-            preds.add_metric([p.name, "success"], c.predictions_ok)
-            preds.add_metric([p.name, "error"], c.predictions_failed)
-            http.add_metric([p.name, "success"], c.requests_ok)
-            http.add_metric([p.name, "error"], c.requests_failed)
-            samples.add_metric([p.name, "sent"], c.training_sent)
-            samples.add_metric([p.name, "dropped"], c.training_dropped)
-        yield preds
-        yield http
-        yield samples
-
-
-# One collector per registry (several producers may share one).
-_COLLECTORS: weakref.WeakKeyDictionary[CollectorRegistry, _Collector] = weakref.WeakKeyDictionary()
-
-
 @register
 class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcessor):
     type_name = "predicted-latency-producer"
@@ -262,12 +217,8 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         )
 
     def register_metrics(self, registry: CollectorRegistry) -> None:
-        collector = _COLLECTORS.get(registry)
-        if collector is None:
-            collector = _COLLECTORS[registry] = _Collector()
-            registry.register(collector)
-        collector.producers.append(self)
         self.metrics = PredictedLatencyMetrics.of(registry)
+        self.metrics.add_client(self.name, self.client)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -20,15 +20,23 @@ The actual TTFT and TPOT are ``llm_d_epp_request_ttft_seconds`` and
 ``llm_d_epp_request_streaming_tpot_seconds`` of every request (``epp.metrics``); the
 producer adds their deprecated twins from its own measurement, as llm-d's does:
 ``inference_objective_request_ttft_seconds`` and ``inference_objective_request_tpot_seconds``.
+
+This project's own counters of the predictor client, by producer and outcome:
+``disagg_epp_latency_predictions_total`` (prediction calls: success, error),
+``disagg_epp_latency_prediction_requests_total`` (the HTTP requests they took, fewer
+when coalesced) and ``disagg_epp_latency_training_samples_total`` (sent, dropped).
 """
 
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from epp.metrics import GENERAL_LATENCY, LabelBound
+from epp.plugins.latency_predictor_client import LatencyPredictorClient
 
 __all__ = ["PREDICTION_DURATION", "PREDICTOR_TPOT", "PredictedLatencyMetrics", "slo_violated"]
 
@@ -65,6 +73,8 @@ class PredictedLatencyMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
         self.models = LabelBound()
+        self._clients = _ClientCounters()
+        r.register(self._clients)
 
         def pair(name: str, doc: str, buckets: tuple[float, ...]) -> tuple[Histogram, Histogram]:
             return (
@@ -149,6 +159,10 @@ class PredictedLatencyMetrics:
             found = cls._by_registry[registry] = cls(registry)
         return found
 
+    def add_client(self, producer: str, client: LatencyPredictorClient) -> None:
+        """Export ``client``'s counters under the producer's name."""
+        self._clients.clients.append((producer, client))
+
     def _set(self, plugin: tuple[str, str], model: tuple[str, str], kind: str, v: float) -> None:
         self.gauge.labels(*plugin, *model, kind).set(v)
         self.legacy_gauge.labels(*model, kind).set(v)
@@ -202,3 +216,39 @@ class PredictedLatencyMetrics:
         if violated:
             self.slo_violations.labels(*plugin, *m, kind).inc()
             self.legacy_slo_violations.labels(*m, kind).inc()
+
+
+class _ClientCounters:
+    """The predictor clients' own counters, read at each scrape."""
+
+    def __init__(self) -> None:
+        self.clients: list[tuple[str, LatencyPredictorClient]] = []
+
+    def collect(self) -> Iterator[Metric]:
+        preds = CounterMetricFamily(
+            "disagg_epp_latency_predictions",
+            "Bulk prediction calls to the latency predictor, by outcome (success, error).",
+            labels=["producer", "outcome"],
+        )
+        http = CounterMetricFamily(
+            "disagg_epp_latency_prediction_requests",
+            "HTTP requests to the prediction server, by outcome (success, error); "
+            "concurrent calls coalesced into one request count once.",
+            labels=["producer", "outcome"],
+        )
+        samples = CounterMetricFamily(
+            "disagg_epp_latency_training_samples",
+            "Training samples for the latency predictor: sent, or dropped (sampled "
+            "away or not delivered).",
+            labels=["producer", "outcome"],
+        )
+        for name, c in self.clients:
+            preds.add_metric([name, "success"], c.predictions_ok)
+            preds.add_metric([name, "error"], c.predictions_failed)
+            http.add_metric([name, "success"], c.requests_ok)
+            http.add_metric([name, "error"], c.requests_failed)
+            samples.add_metric([name, "sent"], c.training_sent)
+            samples.add_metric([name, "dropped"], c.training_dropped)
+        yield preds
+        yield http
+        yield samples

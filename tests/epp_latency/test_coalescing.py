@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 
 import pytest
+from prometheus_client import CollectorRegistry
 
 from epp.datalayer.latency import read_predictions
 from epp.plugins.latency_predictor_client import (
@@ -17,7 +18,7 @@ from epp.plugins.latency_predictor_client import (
     PredictorConfig,
     PredictorError,
 )
-from tests.conftest import eventually
+from tests.conftest import eventually, sample_sum
 from tests.epp_scheduling.helpers import cycle
 
 from .conftest import Loader
@@ -213,7 +214,9 @@ async def test_concurrent_scheduling_cycles_share_one_bulk_request(
     server: PredictorServer, loader: Loader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("LATENCY_COALESCE_WINDOW_MS", "200")
-    c, _ = loader(server.url)
+    c, producer = loader(server.url)
+    registry = CollectorRegistry()
+    producer.register_metrics(registry)
     eps = pool()
     cycles = [cycle(f"prompt {i}", headers={"x-llm-d-slo-ttft-ms": "5000"}) for i in range(4)]
     await asyncio.gather(*(c.scheduler.produce(cyc, eps) for cyc in cycles))
@@ -223,3 +226,8 @@ async def test_concurrent_scheduling_cycles_share_one_bulk_request(
         infos = read_predictions(cyc, "predicted-latency-producer")
         assert set(infos) == {ep.key for ep in eps}
         assert infos[eps[2].key].ttft > infos[eps[0].key].ttft  # c waits longer than a
+    # Four prediction calls, one HTTP request.
+    assert sample_sum(registry, "disagg_epp_latency_predictions_total", outcome="success") == 4
+    requests = "disagg_epp_latency_prediction_requests_total"
+    assert sample_sum(registry, requests, outcome="success") == 1
+    assert sample_sum(registry, requests, outcome="error") == 0
