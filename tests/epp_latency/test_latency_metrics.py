@@ -12,6 +12,9 @@ import aiohttp
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from epp.config import load_config
+from epp.datalayer.latency import read_predictions
+from epp.plugins.predicted_latency import PredictedLatencyProducer
 from epp.plugins.predicted_latency_metrics import (
     PREDICTION_DURATION,
     PREDICTOR_TPOT,
@@ -20,7 +23,7 @@ from epp.plugins.predicted_latency_metrics import (
 from tests.conftest import sample_sum
 from tests.epp_gateway.envoy_gateway import ENVOY_BIN
 from tests.epp_gateway.pool import wait_until
-from tests.epp_scheduling.helpers import cycle
+from tests.epp_scheduling.helpers import cycle, endpoint
 
 from .conftest import Loader
 from .predictor_server import PredictorServer
@@ -216,3 +219,50 @@ async def test_a_request_routed_without_a_prediction_observes_none(
     # The actual TTFT and its SLO check do not need a prediction.
     assert sample_sum(registry, "inference_objective_request_ttft_seconds_count") == 1
     assert sample_sum(registry, "llm_d_epp_request_slo_violation_total", type="ttft") == 1
+
+
+PD_CONFIG = """\
+apiVersion: llm-d.ai/v1alpha1
+kind: EndpointPickerConfig
+plugins:
+- type: predicted-latency-producer
+- type: decode-filter
+- type: prefill-filter
+- type: queue-scorer
+- type: max-score-picker
+- type: always-disagg-pd-decider
+- type: disagg-profile-handler
+  parameters:
+    deciders: {prefill: always-disagg-pd-decider}
+schedulingProfiles:
+- name: decode
+  plugins: [{pluginRef: decode-filter}, {pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+- name: prefill
+  plugins: [{pluginRef: prefill-filter}, {pluginRef: queue-scorer}, {pluginRef: max-score-picker}]
+"""
+
+
+async def test_a_disaggregated_request_observes_the_prefill_endpoints_predicted_ttft(
+    server: PredictorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PREDICTION_SERVER_URL", server.url)
+    monkeypatch.setenv("TRAINING_SERVER_URL", server.url)
+    c = load_config(PD_CONFIG)
+    producer = c.plugins.get("predicted-latency-producer")
+    assert isinstance(producer, PredictedLatencyProducer)
+    registry = CollectorRegistry()
+    producer.register_metrics(registry)
+    try:
+        # The prefill endpoint's queue makes its predicted TTFT differ from the decode one's.
+        eps = [endpoint("p", 8000, "prefill", waiting=3), endpoint("d", 8001, "decode")]
+        cyc = cycle("a long enough prompt", headers={"x-llm-d-slo-ttft-ms": "100000"})
+        tracking = await route(c, cyc, eps)
+        assert tracking.result.targets(tracking.result.prefill_profile)[0].key == eps[0].key
+        infos = read_predictions(cyc, "predicted-latency-producer")
+        c.scheduler.response_body(cyc, True)
+        tracking.release_all()
+        got = sample_sum(registry, "llm_d_epp_request_predicted_ttft_seconds_sum", **PLUGIN)
+        assert got == pytest.approx(infos[eps[0].key].ttft / 1000)
+        assert infos[eps[0].key].ttft != infos[eps[1].key].ttft
+    finally:
+        await producer.aclose()
