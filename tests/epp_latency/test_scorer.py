@@ -4,8 +4,6 @@ the predictor stand-in."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from epp.config import ConfigError, load_config
@@ -79,14 +77,6 @@ schedulingProfiles:
 - name: default
   plugins: [{{pluginRef: latency-scorer}}, {{pluginRef: max-score-picker}}]
 """
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[PredictorServer]:
-    s = PredictorServer()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,6 @@ with the producer's predictions from the predictor stand-in."""
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -155,14 +154,6 @@ def test_the_config_loads_with_a_producer_created_for_it() -> None:
 def test_a_bad_parameter_fails_at_load_naming_the_field(params: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(CONFIG.format(params=params))
-
-
-@pytest.fixture
-async def server() -> AsyncIterator[PredictorServer]:
-    s = PredictorServer()
-    await s.start()
-    yield s
-    await s.stop()
 
 
 @pytest.mark.parametrize(
