@@ -14,9 +14,10 @@ new value is reported as ``other``.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -108,6 +109,27 @@ class LabelBound:
             return "other"
         self._seen.add(value)
         return value
+
+
+class PerRegistry:
+    """Metric families declared once per registry: ``of(registry)`` builds them the
+    first time and hands the same set to every plugin on that registry after."""
+
+    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, Any]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._by_registry = weakref.WeakKeyDictionary()
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        pass
+
+    @classmethod
+    def of(cls, registry: CollectorRegistry) -> Self:
+        found = cls._by_registry.get(registry)
+        if found is None:
+            found = cls._by_registry[registry] = cls(registry)
+        return found
 
 
 def _build_ref() -> str:

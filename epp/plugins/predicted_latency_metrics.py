@@ -29,13 +29,12 @@ when coalesced) and ``disagg_epp_latency_training_samples_total`` (sent, dropped
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 
-from epp.metrics import GENERAL_LATENCY, LabelBound
+from epp.metrics import GENERAL_LATENCY, LabelBound, PerRegistry
 from epp.plugins.latency_predictor_client import LatencyPredictorClient
 
 __all__ = ["PREDICTION_DURATION", "PREDICTOR_TPOT", "PredictedLatencyMetrics", "slo_violated"]
@@ -63,12 +62,9 @@ def slo_violated(actual_ms: float, slo_ms: float) -> bool | None:
     return actual_ms > slo_ms
 
 
-class PredictedLatencyMetrics:
+class PredictedLatencyMetrics(PerRegistry):
     """The families, one set per registry, shared by every producer on it."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, PredictedLatencyMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
@@ -151,13 +147,6 @@ class PredictedLatencyMetrics:
             buckets=PREDICTOR_TPOT,
             registry=r,
         )
-
-    @classmethod
-    def of(cls, registry: CollectorRegistry) -> PredictedLatencyMetrics:
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
     def add_client(self, producer: str, client: LatencyPredictorClient) -> None:
         """Export ``client``'s counters under the producer's name."""

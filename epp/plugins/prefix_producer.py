@@ -22,7 +22,6 @@ EPP's older byte-block hashing of the prompt text (full blocks only, at most
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -30,6 +29,7 @@ from prometheus_client import CollectorRegistry, Gauge, Histogram
 from pydantic import Field, model_validator
 
 from epp.datastore import Endpoint
+from epp.metrics import PerRegistry
 from epp.plugins.base import DataProducer, PluginParams, PluginSet, Release, RequestTracker
 from epp.plugins.prefix_index import PrefixIndex, block_hashes, token_block_hashes
 from epp.plugins.registry import register
@@ -158,14 +158,11 @@ _BYTES_BUCKETS = (0, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 3
 _BYTES_PER_TOKEN = 4
 
 
-class PrefixIndexerMetrics:
+class PrefixIndexerMetrics(PerRegistry):
     """llm-d's prefix indexer families (``llm_d_epp_prefix_indexer_*`` by plugin, and
     the deprecated unlabelled ``inference_extension_prefix_indexer_*``); one set per
     registry, shared by every approximate producer."""
 
-    _by_registry: weakref.WeakKeyDictionary[CollectorRegistry, PrefixIndexerMetrics] = (
-        weakref.WeakKeyDictionary()
-    )
 
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["plugin_name", "plugin_type"]
@@ -208,13 +205,6 @@ class PrefixIndexerMetrics:
             buckets=_BYTES_BUCKETS,
             registry=registry,
         )
-
-    @classmethod
-    def of(cls, registry: CollectorRegistry) -> PrefixIndexerMetrics:
-        found = cls._by_registry.get(registry)
-        if found is None:
-            found = cls._by_registry[registry] = cls(registry)
-        return found
 
     def record(self, plugin: str, plugin_type: str, match: PrefixMatch, held: int) -> None:
         """One routed request: ``held`` of its blocks were on the pick."""
