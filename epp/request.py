@@ -17,7 +17,7 @@ import json
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
 
 import orjson
 
@@ -40,6 +40,7 @@ __all__ = [
 # The usual rule of thumb for English text and BPE tokenisers; only used for estimates.
 CHARS_PER_TOKEN = 4
 
+
 @dataclass(frozen=True, slots=True)
 class MultimodalItem:
     """One multimodal part of a request. ``key`` identifies it (URL, or a data hash)."""
@@ -55,8 +56,9 @@ class ParsedRequest:
     path: str
     api: str
     model: str
-    # Bytes hashed by the prefix index: the prompt as the engine would see its prefix.
-    prompt: bytes
+    # The prompt's bytes (``prompt``), or for token ids their 64-bit packing, turned into
+    # those bytes on first use: most configurations never read them for token ids.
+    prompt_source: bytes | array[int]
     token_estimate: int
     multimodal: list[MultimodalItem] = field(default_factory=list)
     stream: bool = False
@@ -67,16 +69,38 @@ class ParsedRequest:
     # False for requests that generate nothing (embeddings, token counts, requests no
     # parser claimed): they are scheduled to one endpoint, never split into stages.
     generation: bool = True
+    # ``client_token_ids()``'s answer once asked (False: not asked yet).
+    client_ids: list[int] | Literal[False] | None = field(default=False, repr=False, compare=False)
+
+    def client_token_ids(self) -> list[int] | None:
+        """``body["prompt"]`` when it is token ids (``is_token_ids``), else None; checked
+        once per request (a 240K-token list takes milliseconds), whoever asks."""
+        ids = self.client_ids
+        if ids is False:
+            prompt = self.body.get("prompt")
+            ids = self.client_ids = prompt if is_token_ids(prompt) else None
+        return ids
+
+    @property
+    def prompt(self) -> bytes:
+        """Bytes hashed by the prefix index: the prompt as the engine would see its
+        prefix (token ids: the hex of their little-endian 64-bit packing)."""
+        source = self.prompt_source
+        if isinstance(source, array):
+            source = self.prompt_source = source.tobytes().hex().encode("ascii")
+        return source
 
 
 class _Prompt:
     """Collects prompt text pieces; joined once at the end."""
 
-    __slots__ = ("items", "parts")
+    __slots__ = ("items", "packed", "parts")
 
     def __init__(self) -> None:
         self.parts: list[str] = []
         self.items: dict[str, MultimodalItem] = {}
+        # A prompt of token ids: their 64-bit packing.
+        self.packed: array[int] | None = None
 
     def add_mm(self, kind: str, key: str) -> None:
         # Identical items are encoded once, so they count once.
@@ -216,8 +240,8 @@ def _token_ids(ids: list[Any], out: _Prompt, name: str) -> int:
         packed = array("q", flat)
     except (TypeError, OverflowError):
         raise _bad(f"field '{name}' must be a list of token ids") from None
-    # Token ids hash as their little-endian bytes; hex keeps the prompt a str.
-    out.parts.append(packed.tobytes().hex())
+    # Token ids hash as the hex of their little-endian bytes (made when first read).
+    out.packed = packed
     return len(packed)
 
 
@@ -428,8 +452,13 @@ def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> 
     model = _str_field(doc, "model", required=model_required)
     out = _Prompt()
     token_count = extract(doc, out)
-    text = "".join(out.parts)
-    prompt = text.encode("utf-8", "surrogatepass")
+    prompt: bytes | array[int]
+    if out.packed is not None and not out.parts:
+        prompt = out.packed
+    else:
+        if out.packed is not None:
+            out.parts.append(out.packed.tobytes().hex())
+        prompt = "".join(out.parts).encode("utf-8", "surrogatepass")
     if token_count is None:
         token_count = -(-len(prompt) // CHARS_PER_TOKEN)
     stream = doc.get("stream", False)
@@ -437,7 +466,7 @@ def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> 
         path=route,
         api=api,
         model=model,
-        prompt=prompt,
+        prompt_source=prompt,
         token_estimate=token_count,
         multimodal=list(out.items.values()),
         stream=stream is True,
@@ -456,7 +485,7 @@ def passthrough_request(
         path=route_of(path),
         api=api,
         model="",
-        prompt=b"",
+        prompt_source=b"",
         token_estimate=0,
         headers=headers,
         request_id=headers.get("x-request-id", ""),

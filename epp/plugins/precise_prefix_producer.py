@@ -50,7 +50,7 @@ from epp.plugins.prefix_producer import (
 from epp.plugins.registry import register
 from epp.plugins.token_estimate import TokenizedPrompt
 from epp.plugins.token_producer import TOKENIZED_PROMPT
-from epp.request import is_token_ids, loads
+from epp.request import loads
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
@@ -271,7 +271,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         if not live:
             return
         req = cycle.request
-        tokens = _request_token_ids(req.body)
+        tokens = req.client_token_ids()
         produced = cycle.get(TOKENIZED_PROMPT)
         if tokens is not None and produced is None:
             # What any token producer (or the fallback's estimate) makes of client ids:
@@ -450,12 +450,6 @@ async def _hash_blocks(
     if blocks <= OFF_LOOP_BLOCKS:
         return block_hashes(tokens, block_size, seed, max_blocks=blocks)
     return await asyncio.to_thread(block_hashes, tokens, block_size, seed, max_blocks=blocks)
-
-
-def _request_token_ids(body: Mapping[str, Any]) -> list[int] | None:
-    """A completions prompt given as token ids is already what the engine hashes."""
-    prompt = body.get("prompt")
-    return prompt if is_token_ids(prompt) else None
 
 
 def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:

@@ -305,3 +305,31 @@ def test_large_bodies_parse_as_json_loads_does() -> None:
     assert is_token_ids([1, 2, 3])
     assert not is_token_ids([]) and not is_token_ids([1, True]) and not is_token_ids("12")
     assert not is_token_ids([1, 2.0])
+
+
+def test_token_id_prompt_bytes_are_made_on_first_read_and_unchanged() -> None:
+    from array import array
+
+    ids = [1, 2, 70_000, 2**40, -3]
+    req = parse("/v1/completions", {"model": "m", "prompt": ids})
+    assert isinstance(req.prompt_source, array)  # not built at parse time
+    expected = array("q", ids).tobytes().hex().encode()
+    assert req.prompt == expected
+    assert req.prompt_source == expected and req.prompt is req.prompt  # built once
+    generate = parse("/inference/v1/generate", {"token_ids": ids})
+    assert generate.prompt == expected
+    # Text prompts are bytes from the start.
+    assert parse("/v1/completions", {"model": "m", "prompt": "abc"}).prompt_source == b"abc"
+
+
+def test_client_token_ids_are_checked_once() -> None:
+    ids = list(range(100))
+    req = parse("/v1/completions", {"model": "m", "prompt": ids})
+    got = req.client_token_ids()
+    assert got == ids and got is req.body["prompt"]
+    req.body["prompt"].append(True)  # a second check would now refuse the list
+    assert req.client_token_ids() is got
+    with_bool = parse("/v1/completions", {"model": "m", "prompt": [1, True]})
+    assert with_bool.client_token_ids() is None and with_bool.token_estimate == 2
+    assert parse("/v1/completions", {"model": "m", "prompt": "abc"}).client_token_ids() is None
+    assert parse("/v1/chat/completions", {"model": "m", "messages": []}).client_token_ids() is None
