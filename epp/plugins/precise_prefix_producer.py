@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from common.durations import parse_duration
 from epp.datastore import Endpoint
-from epp.kv_events.hashing import block_hashes, external_hash
+from epp.kv_events.hashing import block_hashes, hash_keys
 from epp.kv_events.index import KvBlockIndex, medium_bit
 from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
@@ -288,10 +288,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         t0 = time.perf_counter()
         p = self.params
         blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
-        hashes = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks)
-        cycle.put(
-            PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, [external_hash(h) for h in hashes])
-        )
+        hashes, keys = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks)
+        cycle.put(PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, keys))
         # The decider compares token counts: the engine's count beats the estimate.
         req.token_estimate = len(tokens)
         if self.metrics is not None:
@@ -446,10 +444,18 @@ OFF_LOOP_BLOCKS = 256
 
 async def _hash_blocks(
     tokens: list[int], block_size: int, seed: str | None, blocks: int
-) -> list[bytes]:
+) -> tuple[list[bytes], list[int]]:
+    """The prompt's first ``blocks`` block hashes and their index keys."""
     if blocks <= OFF_LOOP_BLOCKS:
-        return block_hashes(tokens, block_size, seed, max_blocks=blocks)
-    return await asyncio.to_thread(block_hashes, tokens, block_size, seed, max_blocks=blocks)
+        return _hashes_and_keys(tokens, block_size, seed, blocks)
+    return await asyncio.to_thread(_hashes_and_keys, tokens, block_size, seed, blocks)
+
+
+def _hashes_and_keys(
+    tokens: list[int], block_size: int, seed: str | None, blocks: int
+) -> tuple[list[bytes], list[int]]:
+    hashes = block_hashes(tokens, block_size, seed, max_blocks=blocks)
+    return hashes, hash_keys(hashes)
 
 
 def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:
