@@ -333,3 +333,27 @@ def test_client_token_ids_are_checked_once() -> None:
     assert with_bool.client_token_ids() is None and with_bool.token_estimate == 2
     assert parse("/v1/completions", {"model": "m", "prompt": "abc"}).client_token_ids() is None
     assert parse("/v1/chat/completions", {"model": "m", "messages": []}).client_token_ids() is None
+
+
+def test_large_token_id_bodies_are_checked_once_and_packed_on_first_read() -> None:
+    from array import array
+
+    from epp.request import FAST_JSON_BYTES
+
+    ids = [i * 7 % 150_000 for i in range(FAST_JSON_BYTES // 3)]
+    ids[5] = 10**18 - 1  # 18 digits: fits 64 bits
+    ids[6] = -(10**17)
+    req = parse("/v1/completions", {"model": "m", "prompt": ids, "stream": True})
+    assert req.token_estimate == len(ids)
+    assert req.prompt_source is req.body["prompt"]  # nothing packed yet
+    assert req.client_token_ids() is req.body["prompt"]  # known from the parse
+    assert req.prompt == array("q", ids).tobytes().hex().encode()
+    # 19 digits and more, or bools, take the checking path (and are refused or kept).
+    for big in (2**63, 2**64, -(2**63) - 1):
+        with pytest.raises(BadRequest, match="token ids"):
+            parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], big]})
+    with_bool = parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], True]})
+    assert with_bool.client_token_ids() is None
+    assert with_bool.prompt == array("q", [*ids[:-1], 1]).tobytes().hex().encode()
+    nested = parse("/v1/completions", {"model": "m", "prompt": [ids[:100], ids[100:]]})
+    assert nested.prompt == req.prompt and nested.client_token_ids() is None
