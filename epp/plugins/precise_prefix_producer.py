@@ -296,17 +296,17 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             self.metrics.lookup.observe(time.perf_counter() - t0)
 
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
-        self.fallback.prepare(cycle, endpoints)
-        approx = cycle.get(PREFIX_MATCH)
-        if approx is not None:
-            cycle.put(_APPROX_MATCH, approx)
-            cycle.put(self.key, approx)
         prompt = cycle.get(PRECISE_PROMPT)
-        if prompt is None:
+        live = [] if prompt is None else [ep.key for ep in endpoints if self.index.knows(ep.key)]
+        if prompt is None or not live:
+            self.fallback.prepare(cycle, endpoints)  # the approximate producer serves
+            approx = cycle.get(PREFIX_MATCH)
+            if approx is not None:
+                cycle.put(_APPROX_MATCH, approx)
+                cycle.put(self.key, approx)
             return
-        live = [ep.key for ep in endpoints if self.index.knows(ep.key)]
-        if not live:
-            return
+        # The events serve: the fallback needs only the prompt's blocks, to stay warm.
+        cycle.put(_APPROX_MATCH, self.fallback.compute(cycle, endpoints, match=False))
         p = self.params
         matched = self.index.match(prompt.keys, live, self._media)
         if p.speculative_indexing:
