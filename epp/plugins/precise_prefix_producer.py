@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -79,6 +79,8 @@ class PrecisePrompt:
 
 PRECISE_PROMPT: StateKey[PrecisePrompt] = StateKey("precise-prompt")
 _APPROX_MATCH: StateKey[PrefixMatch] = StateKey("approx-prefix-match")
+# The candidates, when the fallback's blocks are to be computed after the decision.
+_APPROX_LATER: StateKey[Sequence[Endpoint]] = StateKey("approx-prefix-later")
 
 
 class TokenProcessorConfig(PluginParams):
@@ -305,8 +307,9 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
                 cycle.put(_APPROX_MATCH, approx)
                 cycle.put(self.key, approx)
             return
-        # The events serve: the fallback needs only the prompt's blocks, to stay warm.
-        cycle.put(_APPROX_MATCH, self.fallback.compute(cycle, endpoints, match=False))
+        # The events serve: the fallback needs only the prompt's blocks, to stay warm,
+        # and they are computed once the decision is made (see ``track``).
+        cycle.put(_APPROX_LATER, endpoints)
         p = self.params
         matched = self.index.match(prompt.keys, live, self._media)
         if p.speculative_indexing:
@@ -359,13 +362,17 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             for profile in (result.primary, result.prefill_profile):
                 for target in result.targets(profile)[:1]:
                     self._predict(target.key, prompt.keys, cycle.now)
-        approx = cycle.get(_APPROX_MATCH)
-        if approx is not None and approx.hashes:
-            # Keep the fallback warm: it must be useful the moment events stop.
-            for target in result.targets(result.primary)[:1]:
-                self.fallback.index.record(target.key, approx.hashes)
-            for target in result.targets(result.prefill_profile)[:1]:
-                self.fallback.index.record(target.key, approx.hashes)
+        # Keep the fallback warm: it must be useful the moment events stop. When the
+        # events served, hashing the prompt for it waits until the decision is out.
+        picked = [
+            target.key
+            for profile in (result.primary, result.prefill_profile)
+            for target in result.targets(profile)[:1]
+        ]
+        if picked and cycle.get(_APPROX_MATCH) is None:
+            _after_decision(self._warm, cycle, picked)
+        elif picked:
+            self._warm(cycle, picked)
         match = cycle.get(PREFIX_MATCH)
         source = match.source if match is not None else "approximate"
         self.served[source] = self.served.get(source, 0) + 1
@@ -383,11 +390,21 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
     ) -> Release:
         """The engines' KV events report where the blocks really are; only the warm
         fallback index learns the endpoint that served the request."""
-        approx = cycle.get(_APPROX_MATCH)
-        if approx is not None and approx.hashes:
-            for target in served.targets(served.primary)[:1]:
-                self.fallback.index.record(target.key, approx.hashes)
+        self._warm(cycle, [target.key for target in served.targets(served.primary)[:1]])
         return release_decode
+
+    def _warm(self, cycle: CycleState, picked: Sequence[str]) -> None:
+        """Record the prompt's blocks in the fallback's index for the picked endpoints."""
+        approx = cycle.get(_APPROX_MATCH)
+        if approx is None:
+            endpoints = cycle.get(_APPROX_LATER)
+            if endpoints is None:
+                return
+            approx = self.fallback.compute(cycle, endpoints, match=False)
+            cycle.put(_APPROX_MATCH, approx)
+        if approx.hashes:
+            for key in picked:
+                self.fallback.index.record(key, approx.hashes)
 
     async def _local_tokens(
         self, body: Mapping[str, Any], api: str, request_id: str
@@ -474,3 +491,14 @@ def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:
 
 def _noop() -> None:
     return None
+
+
+def _after_decision(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn`` on the event loop's next turn (the decision is sent first), or now
+    when no loop runs."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        fn(*args)
+        return
+    loop.call_soon(fn, *args)
