@@ -494,8 +494,8 @@ def _noop() -> None:
 
 
 def _after_decision(fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn`` on the event loop's next turn (the decision is sent first), or now
-    when no loop runs."""
+    """Run ``fn`` on the event loop's next turn (after the decision is returned), or
+    now when no loop runs."""
     try:
         loop = asyncio.get_running_loop()
     except RuntimeError:

@@ -280,8 +280,8 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
     def compute(
         self, cycle: CycleState, endpoints: Sequence[Endpoint], *, match: bool = True
     ) -> PrefixMatch:
-        """The request's blocks and (unless not to ``match``) the leading run each
-        endpoint holds."""
+        """The request's blocks and, with ``match``, the leading run each endpoint
+        holds (without: none, and the index is not read)."""
         req = cycle.request
         p = self.params
         if p.byte_blocks:
