@@ -17,7 +17,7 @@ import json
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
 
 import orjson
 
@@ -40,6 +40,7 @@ __all__ = [
 # The usual rule of thumb for English text and BPE tokenisers; only used for estimates.
 CHARS_PER_TOKEN = 4
 
+
 @dataclass(frozen=True, slots=True)
 class MultimodalItem:
     """One multimodal part of a request. ``key`` identifies it (URL, or a data hash)."""
@@ -55,8 +56,9 @@ class ParsedRequest:
     path: str
     api: str
     model: str
-    # Bytes hashed by the prefix index: the prompt as the engine would see its prefix.
-    prompt: bytes
+    # The prompt's bytes (``prompt``), or for token ids the ids or their 64-bit packing,
+    # turned into those bytes on first use: most configurations never read them then.
+    prompt_source: bytes | array[int] | list[int]
     token_estimate: int
     multimodal: list[MultimodalItem] = field(default_factory=list)
     stream: bool = False
@@ -69,16 +71,50 @@ class ParsedRequest:
     generation: bool = True
     # The model the client asked for when ``model`` is the name it was rewritten to.
     requested_model: str = ""
+    # ``client_token_ids()``'s answer once asked (False: not asked yet).
+    client_ids: list[int] | Literal[False] | None = field(default=False, repr=False, compare=False)
+
+    def client_token_ids(self) -> list[int] | None:
+        """``body["prompt"]`` when it is token ids (``is_token_ids``), else None; checked
+        once per request (a 240K-token list takes milliseconds), whoever asks."""
+        ids = self.client_ids
+        if ids is False:
+            prompt = self.body.get("prompt")
+            ids = self.client_ids = prompt if is_token_ids(prompt) else None
+        return ids
+
+    @property
+    def prompt(self) -> bytes:
+        """Bytes hashed by the prefix index: the prompt as the engine would see its
+        prefix (token ids: the hex of their little-endian 64-bit packing)."""
+        source = self.prompt_source
+        if not isinstance(source, bytes):
+            source = self.prompt_source = _hex(source)
+        return source
+
+
+def _hex(ids: array[int] | list[int]) -> bytes:
+    """Token ids as the prefix index hashes them: the hex of their little-endian 64-bit
+    packing."""
+    packed = ids if isinstance(ids, array) else array("q", ids)
+    return packed.tobytes().hex().encode("ascii")
 
 
 class _Prompt:
     """Collects prompt text pieces; joined once at the end."""
 
-    __slots__ = ("items", "parts")
+    __slots__ = ("client_ids", "items", "packed", "parts", "short_ints")
 
-    def __init__(self) -> None:
+    def __init__(self, short_ints: bool = False) -> None:
         self.parts: list[str] = []
         self.items: dict[str, MultimodalItem] = {}
+        # A prompt of token ids: their 64-bit packing, or the ids when they are known to
+        # fit it (packed when first read).
+        self.packed: array[int] | list[int] | None = None
+        # The body's integers are known to fit 64 bits (no run of 19 digits).
+        self.short_ints = short_ints
+        # ``body["prompt"]`` once it passed ``is_token_ids`` here.
+        self.client_ids: list[int] | None = None
 
     def add_mm(self, kind: str, key: str) -> None:
         # Identical items are encoded once, so they count once.
@@ -211,6 +247,12 @@ def _completions(body: Mapping[str, Any], out: _Prompt) -> int | None:
 
 
 def _token_ids(ids: list[Any], out: _Prompt, name: str) -> int:
+    if out.short_ints and is_token_ids(ids):
+        # Ints of at most 18 digits: packing them cannot fail, so it waits for a reader.
+        out.packed = ids
+        if name == "prompt":
+            out.client_ids = ids
+        return len(ids)
     flat: list[Any] = ids
     if ids and isinstance(ids[0], list):
         flat = [t for seq in ids if isinstance(seq, list) for t in seq]
@@ -218,8 +260,8 @@ def _token_ids(ids: list[Any], out: _Prompt, name: str) -> int:
         packed = array("q", flat)
     except (TypeError, OverflowError):
         raise _bad(f"field '{name}' must be a list of token ids") from None
-    # Token ids hash as their little-endian bytes; hex keeps the prompt a str.
-    out.parts.append(packed.tobytes().hex())
+    # Token ids hash as the hex of their little-endian bytes (made when first read).
+    out.packed = packed
     return len(packed)
 
 
@@ -390,14 +432,21 @@ _LONG_DIGIT_RUN = b"0" * 19
 
 def loads(body: bytes | bytearray | str) -> Any:
     """``json.loads(body)``, faster for large bodies (same result, same errors)."""
+    return _loads(body)[0]
+
+
+def _loads(body: bytes | bytearray | str) -> tuple[Any, bool]:
+    """``loads(body)``, and True when the text is known to hold no run of 19 digits (so
+    every integer in it fits 64 bits signed); False when not known or not so."""
     if len(body) >= FAST_JSON_BYTES:
         data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
         if _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZERO):
             try:
-                return orjson.loads(data)
+                return orjson.loads(data), True
             except orjson.JSONDecodeError:
-                pass  # json decides: it accepts more (NaN, lone surrogates, a BOM) or fails
-    return json.loads(body)
+                # json decides: it accepts more (NaN, lone surrogates, a BOM) or fails
+                return json.loads(body), True
+    return json.loads(body), False
 
 
 def is_token_ids(value: object) -> TypeGuard[list[int]]:
@@ -409,29 +458,35 @@ def is_token_ids(value: object) -> TypeGuard[list[int]]:
     return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def _json_object(body: bytes) -> tuple[dict[str, Any], bool]:
+    """The body's object, and whether its integers are known to fit 64 bits."""
     if not body:
         raise _bad("empty request body")
     try:
-        doc = loads(body)
+        doc, short_ints = _loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise _bad("request body nests too deeply") from None
     if not isinstance(doc, dict):
         raise _bad("request body must be a JSON object")
-    return doc
+    return doc, short_ints
 
 
 def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> ParsedRequest:
     """Parse a body as API ``api`` (a key of ``API_EXTRACTORS``)."""
     extract, model_required, generation = API_EXTRACTORS[api]
-    doc = _json_object(body)
+    doc, short_ints = _json_object(body)
     model = _str_field(doc, "model", required=model_required)
-    out = _Prompt()
+    out = _Prompt(short_ints)
     token_count = extract(doc, out)
-    text = "".join(out.parts)
-    prompt = text.encode("utf-8", "surrogatepass")
+    prompt: bytes | array[int] | list[int]
+    if out.packed is not None and not out.parts:
+        prompt = out.packed
+    else:
+        if out.packed is not None:
+            out.parts.append(_hex(out.packed).decode("ascii"))
+        prompt = "".join(out.parts).encode("utf-8", "surrogatepass")
     if token_count is None:
         token_count = -(-len(prompt) // CHARS_PER_TOKEN)
     stream = doc.get("stream", False)
@@ -439,7 +494,7 @@ def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> 
         path=route,
         api=api,
         model=model,
-        prompt=prompt,
+        prompt_source=prompt,
         token_estimate=token_count,
         multimodal=list(out.items.values()),
         stream=stream is True,
@@ -447,6 +502,7 @@ def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> 
         request_id=headers.get("x-request-id", ""),
         body=doc,
         generation=generation,
+        client_ids=False if out.client_ids is None else out.client_ids,
     )
 
 
@@ -458,7 +514,7 @@ def passthrough_request(
         path=route_of(path),
         api=api,
         model="",
-        prompt=b"",
+        prompt_source=b"",
         token_estimate=0,
         headers=headers,
         request_id=headers.get("x-request-id", ""),

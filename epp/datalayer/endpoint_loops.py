@@ -11,11 +11,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import zlib
 from collections.abc import Awaitable, Callable, Sequence
 
 from epp.datastore import Datastore, Endpoint
 
-__all__ = ["EndpointLoops"]
+__all__ = ["EndpointLoops", "phase_of"]
 
 
 class EndpointLoops:
@@ -78,9 +79,21 @@ class EndpointLoops:
 
     async def _loop(self, endpoint: Endpoint) -> None:
         me = asyncio.current_task()
+        # Loops started together (a pool discovered at once) would poll in step, a burst
+        # of every endpoint's poll holding the event loop each period (96 scrapes at
+        # once); after its first poll, each loop moves to its own phase of the period.
+        phase: float | None = phase_of(endpoint.key)
         while True:
             started = time.monotonic()
             await self._once(endpoint)
             if self._tasks.get(endpoint.key) is not me:
                 return
-            await asyncio.sleep(max(0.0, self._period_s() - (time.monotonic() - started)))
+            period = self._period_s()
+            if phase is not None:
+                period, phase = period * phase, None
+            await asyncio.sleep(max(0.0, period - (time.monotonic() - started)))
+
+
+def phase_of(key: str) -> float:
+    """An endpoint's fixed share of the period, in (0, 1], spread evenly over keys."""
+    return (zlib.crc32(key.encode()) + 1) / 2**32

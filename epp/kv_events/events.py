@@ -6,6 +6,14 @@ block_size, lora_id, medium, ...]``, trailing defaults omitted) and as maps tagg
 ``"type"`` key. Both decode to the same dataclasses; anything malformed raises
 ``EventDecodeError`` naming what was wrong, and unknown event types are skipped so a
 newer engine does not stop the stream.
+
+The index needs a BlockStored's hashes, not its token ids (16 per block: a 15,000-block
+event carries 240,000 of them). ``decode_batch(payload, token_ids=False)`` reads the
+batch with a streaming unpacker that checks the token-id field is an array and steps
+over it in C without building its integers; the event's ``token_ids`` is then empty.
+Whatever that reader does not expect (or any error) is decoded again in full, so the
+result and the errors are the full decoder's; the one difference is that what is inside
+the token-id array is not looked at.
 """
 
 from __future__ import annotations
@@ -145,8 +153,14 @@ def _event(raw: Any) -> KvEvent | None:
     raise EventDecodeError(f"event tag must be a string, got {type(tag).__name__}")
 
 
-def decode_batch(payload: bytes) -> EventBatch:
-    """Decode one message's msgpack payload."""
+def decode_batch(payload: bytes, *, token_ids: bool = True) -> EventBatch:
+    """Decode one message's msgpack payload; without ``token_ids`` BlockStored events
+    carry none (``token_ids == ()``), and the payload's token ids are not decoded."""
+    if not token_ids:
+        try:
+            return _decode_skipping_tokens(payload)
+        except Exception:  # the full decoder below says what is wrong
+            pass
     try:
         doc = msgpack.unpackb(payload, raw=False, strict_map_key=False)
     except Exception as exc:  # msgpack raises several unrelated types
@@ -171,3 +185,71 @@ def decode_batch(payload: bytes) -> EventBatch:
         dp_rank=dp_rank if isinstance(dp_rank, int) else None,
         skipped=skipped,
     )
+
+
+# msgpack's first byte of an array (fixarray, array 16, array 32) and of a map.
+_ARRAY_HEADS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+_MAP_HEADS = frozenset([*range(0x80, 0x90), 0xDE, 0xDF])
+_TOKEN_IDS_AT = 1 + _STORED_FIELDS.index("token_ids")  # in the array encoding
+
+
+def _decode_skipping_tokens(payload: bytes) -> EventBatch:
+    """``decode_batch`` for the usual shapes, token-id arrays skipped; raises on
+    anything else (the caller then decodes in full)."""
+    up = msgpack.Unpacker(raw=False, strict_map_key=False, max_buffer_size=len(payload))
+    up.feed(payload)
+    if payload[0] not in _ARRAY_HEADS:
+        raise ValueError("not an array")
+    size = up.read_array_header()
+    if size not in (2, 3):
+        raise ValueError("not a batch")
+    ts = up.unpack()
+    if not isinstance(ts, int | float) or payload[up.tell()] not in _ARRAY_HEADS:
+        raise ValueError("not a batch")
+    events: list[KvEvent] = []
+    skipped = 0
+    for _ in range(up.read_array_header()):
+        ev = _event(_raw_event(up, payload))
+        if ev is None:
+            skipped += 1
+        else:
+            events.append(ev)
+    dp_rank = up.unpack() if size == 3 else None
+    if up.tell() != len(payload):
+        raise ValueError("extra data")
+    return EventBatch(
+        ts=float(ts),
+        events=tuple(events),
+        dp_rank=dp_rank if isinstance(dp_rank, int) else None,
+        skipped=skipped,
+    )
+
+
+def _raw_event(up: msgpack.Unpacker, payload: bytes) -> Any:
+    """One event as ``unpackb`` would give it, but an array in its token-id place
+    replaced by an empty list."""
+    head = payload[up.tell()]
+    if head in _ARRAY_HEADS:
+        n = up.read_array_header()
+        if n == 0:
+            return []
+        tag = up.unpack()
+        raw: list[Any] = [tag]
+        for i in range(1, n):
+            if i == _TOKEN_IDS_AT and tag == "BlockStored" and payload[up.tell()] in _ARRAY_HEADS:
+                up.skip()
+                raw.append([])
+            else:
+                raw.append(up.unpack())
+        return raw
+    if head in _MAP_HEADS:
+        doc: dict[Any, Any] = {}
+        for _ in range(up.read_map_header()):
+            key = up.unpack()
+            if key == "token_ids" and payload[up.tell()] in _ARRAY_HEADS:
+                up.skip()
+                doc[key] = []
+            else:
+                doc[key] = up.unpack()
+        return doc
+    return up.unpack()

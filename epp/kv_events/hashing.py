@@ -13,15 +13,18 @@ publishes with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` and keeps the index small
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections.abc import Sequence
-from itertools import accumulate
-from typing import Any
+from itertools import repeat
+from operator import itemgetter
+from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_HASH_SEED",
     "block_hashes",
     "cbor_encode",
     "external_hash",
+    "hash_keys",
     "none_hash",
 ]
 
@@ -84,20 +87,48 @@ def cbor_encode(value: Any) -> bytes:
     return bytes(out)
 
 
-# Encoded token ids, memoised: a vocabulary is small and prompts repeat tokens a lot.
-_TOKEN_CBOR: dict[int, bytes] = {}
-_TOKEN_CBOR_MAX = 1 << 20
+# The CBOR of every token id below the table's length, by id (grown to the largest id
+# seen, up to _TABLE_MAX: a vocabulary): a prompt's tokens are encoded by one C call.
+_TOKEN_TABLE: list[bytes] = []
+_TABLE_MAX = 1 << 18
+_TABLE_LOCK = threading.Lock()
 
 
 def _token_cbor(t: int) -> bytes:
-    enc = _TOKEN_CBOR.get(t)
-    if enc is None:
-        out = bytearray()
+    out = bytearray()
+    if t >= 0:
         _head(0, t, out)
-        enc = bytes(out)
-        if len(_TOKEN_CBOR) < _TOKEN_CBOR_MAX:
-            _TOKEN_CBOR[t] = enc
-    return enc
+    else:
+        _head(1, -1 - t, out)
+    return bytes(out)
+
+
+def _encode_tokens(tokens: Sequence[int]) -> Sequence[bytes]:
+    """The CBOR of each token id (negative ids and ids beyond 64 bits as ``cbor_encode``
+    makes or refuses them)."""
+    if len(tokens) < 2:
+        return [_token_cbor(t) for t in tokens]
+    table = _TOKEN_TABLE
+    if min(tokens) >= 0:  # a negative id would index the table from its end
+        getter = itemgetter(*tokens)
+        try:
+            return getter(table)  # type: ignore[no-any-return]
+        except IndexError:
+            top = max(tokens)
+            if top < _TABLE_MAX:
+                with _TABLE_LOCK:  # prompts are hashed on worker threads
+                    table.extend([_token_cbor(t) for t in range(len(table), top + 1)])
+                return getter(table)  # type: ignore[no-any-return]
+    return [_token_cbor(t) for t in tokens]
+
+
+def hash_keys(hashes: Sequence[bytes]) -> list[int]:
+    """``external_hash`` of each full 32-byte block hash: the index's keys."""
+    big: Literal["big"] = "big"
+    return list(map(int.from_bytes, map(_LOW8, hashes), repeat(big)))
+
+
+_LOW8 = itemgetter(slice(-8, None))
 
 
 def none_hash(seed: str | None = None) -> bytes:
@@ -128,27 +159,19 @@ def block_hashes(
         return []
     parent = none_hash(seed)
     sha = hashlib.sha256
-    join = b"".join
-    # Every token's CBOR once (the memo in C), then per block: its 32-byte parent, the
-    # array head and the block's encoded tokens, in one 3-array (prefix bytes fixed).
-    used = token_ids[: n * block_size]
-    encoded: list[bytes | None] = list(map(_TOKEN_CBOR.get, used))
-    if None in encoded:
-        pairs = zip(encoded, used, strict=True)
-        encoded = [e if e is not None else _token_cbor(t) for e, t in pairs]
+    # Per block, one 3-array: the parent's 32-byte string (its head is fixed), the
+    # block's array head and encoded tokens, the extra keys.
+    encoded = _encode_tokens(token_ids[: n * block_size])
     head = bytearray()
     _head(4, block_size, head)
     lead = b"\x83\x58\x20"
     array_head = bytes(head)
     no_extra = cbor_encode(None)
-    stream = join(encoded)  # type: ignore[arg-type]
-    # Byte offset of every block boundary in the encoded stream.
-    ends = list(accumulate(map(len, encoded)))  # type: ignore[arg-type]
-    bounds = [0, *ends[block_size - 1 :: block_size]]
+    join = b"".join
     out: list[bytes] = []
     for i in range(n):
         extra = no_extra if extra_keys is None else cbor_encode(extra_keys[i])
-        tokens = stream[bounds[i] : bounds[i + 1]]
+        tokens = join(encoded[i * block_size : (i + 1) * block_size])
         parent = sha(lead + parent + array_head + tokens + extra).digest()
         out.append(parent)
     return out

@@ -121,7 +121,7 @@ class EngineSubscriber:
         self._counters.messages += 1
         self.seq.accept(seq)
         try:
-            batch = decode_batch(payload)
+            batch = decode_batch(payload, token_ids=False)
         except EventDecodeError as exc:
             self._counters.decode_errors += 1
             log.warning("kv events from %s seq %d: %s; entries dropped", self.engine, seq, exc)

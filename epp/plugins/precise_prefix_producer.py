@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 
 from common.durations import parse_duration
 from epp.datastore import Endpoint
-from epp.kv_events.hashing import block_hashes, external_hash
+from epp.kv_events.hashing import block_hashes, hash_keys
 from epp.kv_events.index import KvBlockIndex, medium_bit
 from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
@@ -50,7 +50,7 @@ from epp.plugins.prefix_producer import (
 from epp.plugins.registry import register
 from epp.plugins.token_estimate import TokenizedPrompt
 from epp.plugins.token_producer import TOKENIZED_PROMPT
-from epp.request import is_token_ids, loads
+from epp.request import loads
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
@@ -79,6 +79,8 @@ class PrecisePrompt:
 
 PRECISE_PROMPT: StateKey[PrecisePrompt] = StateKey("precise-prompt")
 _APPROX_MATCH: StateKey[PrefixMatch] = StateKey("approx-prefix-match")
+# The candidates, when the fallback's blocks are to be computed after the decision.
+_APPROX_LATER: StateKey[Sequence[Endpoint]] = StateKey("approx-prefix-later")
 
 
 class TokenProcessorConfig(PluginParams):
@@ -271,7 +273,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         if not live:
             return
         req = cycle.request
-        tokens = _request_token_ids(req.body)
+        tokens = req.client_token_ids()
         produced = cycle.get(TOKENIZED_PROMPT)
         if tokens is not None and produced is None:
             # What any token producer (or the fallback's estimate) makes of client ids:
@@ -288,27 +290,26 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         t0 = time.perf_counter()
         p = self.params
         blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
-        hashes = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks)
-        cycle.put(
-            PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, [external_hash(h) for h in hashes])
-        )
+        hashes, keys = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks)
+        cycle.put(PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, keys))
         # The decider compares token counts: the engine's count beats the estimate.
         req.token_estimate = len(tokens)
         if self.metrics is not None:
             self.metrics.lookup.observe(time.perf_counter() - t0)
 
     def prepare(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> None:
-        self.fallback.prepare(cycle, endpoints)
-        approx = cycle.get(PREFIX_MATCH)
-        if approx is not None:
-            cycle.put(_APPROX_MATCH, approx)
-            cycle.put(self.key, approx)
         prompt = cycle.get(PRECISE_PROMPT)
-        if prompt is None:
+        live = [] if prompt is None else [ep.key for ep in endpoints if self.index.knows(ep.key)]
+        if prompt is None or not live:
+            self.fallback.prepare(cycle, endpoints)  # the approximate producer serves
+            approx = cycle.get(PREFIX_MATCH)
+            if approx is not None:
+                cycle.put(_APPROX_MATCH, approx)
+                cycle.put(self.key, approx)
             return
-        live = [ep.key for ep in endpoints if self.index.knows(ep.key)]
-        if not live:
-            return
+        # The events serve: the fallback needs only the prompt's blocks, to stay warm,
+        # and they are computed once the decision is made (see ``track``).
+        cycle.put(_APPROX_LATER, endpoints)
         p = self.params
         matched = self.index.match(prompt.keys, live, self._media)
         if p.speculative_indexing:
@@ -361,13 +362,17 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             for profile in (result.primary, result.prefill_profile):
                 for target in result.targets(profile)[:1]:
                     self._predict(target.key, prompt.keys, cycle.now)
-        approx = cycle.get(_APPROX_MATCH)
-        if approx is not None and approx.hashes:
-            # Keep the fallback warm: it must be useful the moment events stop.
-            for target in result.targets(result.primary)[:1]:
-                self.fallback.index.record(target.key, approx.hashes)
-            for target in result.targets(result.prefill_profile)[:1]:
-                self.fallback.index.record(target.key, approx.hashes)
+        # Keep the fallback warm: it must be useful the moment events stop. When the
+        # events served, hashing the prompt for it waits until the decision is out.
+        picked = [
+            target.key
+            for profile in (result.primary, result.prefill_profile)
+            for target in result.targets(profile)[:1]
+        ]
+        if picked and cycle.get(_APPROX_MATCH) is None:
+            _after_decision(self._warm, cycle, picked)
+        elif picked:
+            self._warm(cycle, picked)
         match = cycle.get(PREFIX_MATCH)
         source = match.source if match is not None else "approximate"
         self.served[source] = self.served.get(source, 0) + 1
@@ -385,11 +390,21 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
     ) -> Release:
         """The engines' KV events report where the blocks really are; only the warm
         fallback index learns the endpoint that served the request."""
-        approx = cycle.get(_APPROX_MATCH)
-        if approx is not None and approx.hashes:
-            for target in served.targets(served.primary)[:1]:
-                self.fallback.index.record(target.key, approx.hashes)
+        self._warm(cycle, [target.key for target in served.targets(served.primary)[:1]])
         return release_decode
+
+    def _warm(self, cycle: CycleState, picked: Sequence[str]) -> None:
+        """Record the prompt's blocks in the fallback's index for the picked endpoints."""
+        approx = cycle.get(_APPROX_MATCH)
+        if approx is None:
+            endpoints = cycle.get(_APPROX_LATER)
+            if endpoints is None:
+                return
+            approx = self.fallback.compute(cycle, endpoints, match=False)
+            cycle.put(_APPROX_MATCH, approx)
+        if approx.hashes:
+            for key in picked:
+                self.fallback.index.record(key, approx.hashes)
 
     async def _local_tokens(
         self, body: Mapping[str, Any], api: str, request_id: str
@@ -446,16 +461,18 @@ OFF_LOOP_BLOCKS = 256
 
 async def _hash_blocks(
     tokens: list[int], block_size: int, seed: str | None, blocks: int
-) -> list[bytes]:
+) -> tuple[list[bytes], list[int]]:
+    """The prompt's first ``blocks`` block hashes and their index keys."""
     if blocks <= OFF_LOOP_BLOCKS:
-        return block_hashes(tokens, block_size, seed, max_blocks=blocks)
-    return await asyncio.to_thread(block_hashes, tokens, block_size, seed, max_blocks=blocks)
+        return _hashes_and_keys(tokens, block_size, seed, blocks)
+    return await asyncio.to_thread(_hashes_and_keys, tokens, block_size, seed, blocks)
 
 
-def _request_token_ids(body: Mapping[str, Any]) -> list[int] | None:
-    """A completions prompt given as token ids is already what the engine hashes."""
-    prompt = body.get("prompt")
-    return prompt if is_token_ids(prompt) else None
+def _hashes_and_keys(
+    tokens: list[int], block_size: int, seed: str | None, blocks: int
+) -> tuple[list[bytes], list[int]]:
+    hashes = block_hashes(tokens, block_size, seed, max_blocks=blocks)
+    return hashes, hash_keys(hashes)
 
 
 def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:
@@ -474,3 +491,14 @@ def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:
 
 def _noop() -> None:
     return None
+
+
+def _after_decision(fn: Callable[..., None], *args: Any) -> None:
+    """Run ``fn`` on the event loop's next turn (after the decision is returned), or
+    now when no loop runs."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:
+        fn(*args)
+        return
+    loop.call_soon(fn, *args)

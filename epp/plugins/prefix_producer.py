@@ -267,8 +267,11 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
                     break
         return max(size, MIN_BLOCK_SIZE_TOKENS)
 
-    def compute(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> PrefixMatch:
-        """The request's blocks and the leading run each endpoint holds."""
+    def compute(
+        self, cycle: CycleState, endpoints: Sequence[Endpoint], *, match: bool = True
+    ) -> PrefixMatch:
+        """The request's blocks and, with ``match``, the leading run each endpoint
+        holds (without: none, and the index is not read)."""
         req = cycle.request
         p = self.params
         if p.byte_blocks:
@@ -281,7 +284,7 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
             hashes = block_hashes(req.prompt, p.block_bytes, cap)
             return PrefixMatch(
                 hashes=hashes,
-                matched=self.index.match(hashes),
+                matched=self.index.match(hashes) if match else {},
                 block_bytes=p.block_bytes,
                 prompt_bytes=len(req.prompt),
                 prompt_tokens=req.token_estimate,
@@ -292,7 +295,7 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         hashes = token_block_hashes(tokens, size, max_blocks(p, size), req.model)
         return PrefixMatch(
             hashes=hashes,
-            matched=self.index.match(hashes),
+            matched=self.index.match(hashes) if match else {},
             block_bytes=size,
             prompt_bytes=len(tokens),
             prompt_tokens=req.token_estimate,

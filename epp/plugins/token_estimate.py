@@ -329,20 +329,21 @@ def _chat_bytes(body: Mapping[str, Any], assets: _Assets) -> bytes:
     return bytes(out)
 
 
-def request_token_ids(body: Mapping[str, Any]) -> list[int] | None:
+def request_token_ids(request: ParsedRequest) -> list[int] | None:
     """Token ids the client sent itself (completions or generate): already real."""
-    for name in ("prompt", "token_ids"):
-        ids = body.get(name)
-        if is_token_ids(ids):
-            return ids
-    return None
+    ids = request.client_token_ids()  # the prompt's, checked once per request
+    if ids is None:
+        other = request.body.get("token_ids")
+        if is_token_ids(other):
+            return other
+    return ids
 
 
 def estimate_prompt(
     request: ParsedRequest, params: EstimateParams | None = None
 ) -> TokenizedPrompt:
     """The tokenizer-free tokenization of one request."""
-    ids = request_token_ids(request.body)
+    ids = request_token_ids(request)
     if ids is not None:
         return TokenizedPrompt(ids, "request")
     body: Mapping[str, Any] | None = None

@@ -173,7 +173,7 @@ class TokenProducer(DataProducer):
         if cycle.get(TOKENIZED_PROMPT) is not None:
             return
         req = cycle.request
-        ids = request_token_ids(req.body)
+        ids = request_token_ids(req)
         if ids is not None:
             found: TokenizedPrompt | None = TokenizedPrompt(ids, "request")
         elif self.backend == "vllm":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import msgpack
@@ -12,8 +13,10 @@ from epp.kv_events import (
     BlockRemoved,
     BlockStored,
     EventDecodeError,
+    KvBlockIndex,
     decode_batch,
 )
+from epp.kv_events.events import EventBatch
 
 H1 = bytes([1]) * 32
 H2 = bytes([2]) * 32
@@ -122,3 +125,80 @@ def test_hash_lists_of_every_kind_decode_as_external_hash_does() -> None:
         (3, 4),
     ):
         assert _hashes(value, "x") == tuple(external_hash(h) for h in value)
+
+
+def _without_tokens(batch: EventBatch) -> EventBatch:
+    events = tuple(
+        replace(ev, token_ids=()) if isinstance(ev, BlockStored) else ev for ev in batch.events
+    )
+    return replace(batch, events=events)
+
+
+_LONG = ["BlockStored", list(range(1, 15_001)), None, [i % 32_000 for i in range(240_000)], 16]
+_VALID = [
+    _pack([1.5, [_stored_map()]]),
+    _pack([2, [["BlockStored", [7, 8], 6, [1, 2], 1]], 3]),
+    _pack([2, [["BlockStored", [7, 8], H1, [1, 2], 16, 5, "CPU", "lora", [["x"]]]], None]),
+    _pack([0, [_stored_map(block_hashes=[1, -2], medium="CPU"), ["AllBlocksCleared"]]]),
+    # token_ids ahead of the tag; an event without token ids; an empty event list
+    _pack(
+        [0, [{"token_ids": [1, 2], "type": "BlockStored", "block_hashes": [3], "block_size": 1}]]
+    ),
+    _pack([0, [{"type": "BlockRemoved", "block_hashes": [H1], "token_ids": [9]}]]),
+    _pack([0, [{"type": "SomethingNew", "token_ids": [1]}, ["Other", [1], None, [2]]]]),
+    _pack([0.5, []]),
+    _pack([3, [_LONG, ["BlockRemoved", [5]], _LONG]]),
+]
+
+
+@pytest.mark.parametrize("payload", _VALID)
+def test_decoding_without_token_ids_gives_the_same_events(payload: bytes) -> None:
+    from epp.kv_events.events import _decode_skipping_tokens
+
+    full = decode_batch(payload)
+    assert decode_batch(payload, token_ids=False) == _without_tokens(full)
+    # The streaming reader handled it (not the full decoder as a fallback).
+    assert _decode_skipping_tokens(payload) == _without_tokens(full)
+    # ... and so the same index entries.
+    a, b = KvBlockIndex(100_000), KvBlockIndex(100_000)
+    a.apply("e", full.events)
+    b.apply("e", decode_batch(payload, token_ids=False).events)
+    assert a.engine_blocks("e") == b.engine_blocks("e")
+    for ev in full.events:
+        if isinstance(ev, BlockStored):
+            assert b.match(ev.block_hashes, ["e"], 1 | 2) == a.match(ev.block_hashes, ["e"], 1 | 2)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"",
+        b"\x92\x01",  # truncated
+        _pack([0, [], 1]) + b"\x01",  # extra data
+        _pack([0, [_stored_map(token_ids=5)]]),
+        _pack([0, [["BlockStored", [1], None]]]),  # no token ids at all
+        _pack([0, [["BlockStored", [1], None, [1], "16"]]]),
+        _pack([0, [{"type": "BlockStored", "block_hashes": [1], "token_ids": {}}]]),
+        _pack([[], [_stored_map()]]),
+        _pack([0, {"a": 1}]),
+        _pack([0, [_stored_map()], 1, 2]),
+    ],
+)
+def test_malformed_payloads_fail_the_same_without_token_ids(payload: bytes) -> None:
+    with pytest.raises(EventDecodeError) as full:
+        decode_batch(payload)
+    with pytest.raises(EventDecodeError) as fast:
+        decode_batch(payload, token_ids=False)
+    assert str(fast.value) == str(full.value)
+
+
+def test_token_ids_are_stepped_over_not_decoded() -> None:
+    # A string in the token ids that is not UTF-8 fails the full decoder; the token-id
+    # array is skipped whole, so its content is never built (nor checked).
+    bad = b"\xa1\xff"  # msgpack fixstr of one byte, invalid UTF-8
+    packed = _pack([0, [["BlockStored", [1, 2], None, [0], 16]]])
+    payload = packed.replace(b"\x91\x00", b"\x91" + bad)
+    with pytest.raises(EventDecodeError):
+        decode_batch(payload)
+    (ev,) = decode_batch(payload, token_ids=False).events
+    assert ev == BlockStored((1, 2), None, (), 16)

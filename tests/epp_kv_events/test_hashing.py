@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from epp.kv_events import block_hashes, external_hash, none_hash
-from epp.kv_events.hashing import cbor_encode
+from epp.kv_events.hashing import cbor_encode, hash_keys
 from vllm_sim.block_hash import chain_hashes
 
 NONE_HASH_DEFAULT = "9bd96a485ad84efdafb72ee48a1d7a69bcead0f8f0433173941b276b9581eef0"
@@ -91,3 +91,52 @@ def test_block_hashes_equal_the_triples_hashed_one_by_one() -> None:
             want.append(parent)
         assert block_hashes(tokens, size, seed, extra_keys=extra) == want
         assert block_hashes(tokens, size, seed, max_blocks=2, extra_keys=extra) == want[:2]
+
+
+def _one_by_one(tokens: list[int], size: int, blocks: int) -> list[bytes]:
+    import hashlib
+
+    parent = none_hash()
+    want = []
+    for i in range(min(len(tokens) // size, blocks)):
+        parent = hashlib.sha256(cbor_encode((parent, tokens[i * size : (i + 1) * size], None)))
+        parent = parent.digest()
+        want.append(parent)
+    return want
+
+
+def test_a_long_prompt_hashes_as_block_by_block_up_to_the_cap() -> None:
+    import random
+
+    rng = random.Random(7)
+    # Ids of every CBOR width, ones beyond the encoding table, some repeated.
+    pool = [0, 23, 24, 255, 256, 65_535, 65_536, 2**18 + 3, 2**32, 2**40]
+    tokens = [rng.choice(pool) if i % 7 == 0 else rng.randrange(150_000) for i in range(40_000)]
+    hashes = block_hashes(tokens, 16, max_blocks=2048)
+    assert len(hashes) == 2048
+    assert hashes == _one_by_one(tokens, 16, 2048)
+    assert hash_keys(hashes) == [external_hash(h) for h in hashes]
+
+
+def test_negative_ids_encode_as_cbor_does() -> None:
+    tokens = [-1, -25, 3, 70_000] * 8
+    assert block_hashes(tokens, 16) == _one_by_one(tokens, 16, 10)
+
+
+def test_ids_beyond_64_bits_are_refused() -> None:
+    with pytest.raises(ValueError):
+        block_hashes([1, 2**64, 3, 4], 2)
+
+
+def test_threads_growing_the_encoding_table_agree() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from epp.kv_events import hashing
+
+    hashing._TOKEN_TABLE.clear()
+    prompts = [list(range(40_000 + 20_000 * i, 40_200 + 20_000 * i)) * 4 for i in range(8)]
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(lambda p: block_hashes(p, 16), prompts))
+    assert got == [_one_by_one(p, 16, 10**6) for p in prompts]
+    table = hashing._TOKEN_TABLE
+    assert all(table[t] == cbor_encode(t) for t in range(0, len(table), 997))

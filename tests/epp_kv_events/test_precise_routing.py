@@ -114,8 +114,9 @@ async def test_precise_routing_follows_the_engines_cache(
         assert first.decision_type == "prefill-decode"
         a = next(n for n in ("a", "b") if key[n] == first.decode)
         b = "b" if a == "a" else "a"
-        # The approximate index now believes ``a`` holds the prompt; nobody really does.
-        assert producer.fallback.index.size(key[a]) > 0
+        # The approximate index now believes ``a`` holds the prompt (recorded once the
+        # decision is out); nobody really does.
+        await wait_until(lambda: producer.fallback.index.size(key[a]) > 0)
         assert producer.fallback.index.size(key[b]) == 0
 
         await _send(sims[b], LONG)  # cached on b behind the EPP's back

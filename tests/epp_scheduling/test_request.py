@@ -305,3 +305,55 @@ def test_large_bodies_parse_as_json_loads_does() -> None:
     assert is_token_ids([1, 2, 3])
     assert not is_token_ids([]) and not is_token_ids([1, True]) and not is_token_ids("12")
     assert not is_token_ids([1, 2.0])
+
+
+def test_token_id_prompt_bytes_are_made_on_first_read_and_unchanged() -> None:
+    from array import array
+
+    ids = [1, 2, 70_000, 2**40, -3]
+    req = parse("/v1/completions", {"model": "m", "prompt": ids})
+    assert isinstance(req.prompt_source, array)  # not built at parse time
+    expected = array("q", ids).tobytes().hex().encode()
+    assert req.prompt == expected
+    assert req.prompt_source == expected and req.prompt is req.prompt  # built once
+    generate = parse("/inference/v1/generate", {"token_ids": ids})
+    assert generate.prompt == expected
+    # Text prompts are bytes from the start.
+    assert parse("/v1/completions", {"model": "m", "prompt": "abc"}).prompt_source == b"abc"
+
+
+def test_client_token_ids_are_checked_once() -> None:
+    ids = list(range(100))
+    req = parse("/v1/completions", {"model": "m", "prompt": ids})
+    got = req.client_token_ids()
+    assert got == ids and got is req.body["prompt"]
+    req.body["prompt"].append(True)  # a second check would now refuse the list
+    assert req.client_token_ids() is got
+    with_bool = parse("/v1/completions", {"model": "m", "prompt": [1, True]})
+    assert with_bool.client_token_ids() is None and with_bool.token_estimate == 2
+    assert parse("/v1/completions", {"model": "m", "prompt": "abc"}).client_token_ids() is None
+    assert parse("/v1/chat/completions", {"model": "m", "messages": []}).client_token_ids() is None
+
+
+def test_large_token_id_bodies_are_checked_once_and_packed_on_first_read() -> None:
+    from array import array
+
+    from epp.request import FAST_JSON_BYTES
+
+    ids = [i * 7 % 150_000 for i in range(FAST_JSON_BYTES // 3)]
+    ids[5] = 10**18 - 1  # 18 digits: fits 64 bits
+    ids[6] = -(10**17)
+    req = parse("/v1/completions", {"model": "m", "prompt": ids, "stream": True})
+    assert req.token_estimate == len(ids)
+    assert req.prompt_source is req.body["prompt"]  # nothing packed yet
+    assert req.client_token_ids() is req.body["prompt"]  # known from the parse
+    assert req.prompt == array("q", ids).tobytes().hex().encode()
+    # 19 digits and more, or bools, take the checking path (and are refused or kept).
+    for big in (2**63, 2**64, -(2**63) - 1):
+        with pytest.raises(BadRequest, match="token ids"):
+            parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], big]})
+    with_bool = parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], True]})
+    assert with_bool.client_token_ids() is None
+    assert with_bool.prompt == array("q", [*ids[:-1], 1]).tobytes().hex().encode()
+    nested = parse("/v1/completions", {"model": "m", "prompt": [ids[:100], ids[100:]]})
+    assert nested.prompt == req.prompt and nested.client_token_ids() is None

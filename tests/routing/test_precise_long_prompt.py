@@ -77,3 +77,43 @@ async def test_client_token_ids_are_shared_with_the_fallback_as_is() -> None:
         assert cycle.request.token_estimate == len(tokens)
     finally:
         await producer.aclose()
+
+
+async def test_with_events_serving_the_fallback_hashes_the_prompt_after_the_decision() -> None:
+    from epp.plugins.precise_prefix_producer import _APPROX_MATCH
+    from epp.plugins.prefix_producer import PREFIX_MATCH
+    from epp.scheduling.result import ProfileResult, SchedulingResult
+
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        ep = Endpoint("e", "127.0.0.1", 1)
+        tokens = [i % 900 for i in range(16 * 300)]
+        cycle = await _prefetch(producer, tokens)
+        expected = producer.fallback.compute(cycle, [ep])
+        assert expected.hashes and expected.matched == {}
+        producer.prepare(cycle, [ep])
+        match = cycle.get(PREFIX_MATCH)
+        assert match is not None and match.source == "precise"
+        assert cycle.get(_APPROX_MATCH) is None  # nothing done for the fallback yet
+        producer.track(cycle, SchedulingResult({"d": ProfileResult([ep])}, "d"))
+        assert producer.fallback.index.match(expected.hashes) == {}  # not before the loop turns
+        await asyncio.sleep(0)
+        approx = cycle.get(_APPROX_MATCH)
+        assert approx is not None and approx.hashes == expected.hashes
+        assert approx.matched == {}  # the fallback was not looked up
+        assert producer.fallback.index.match(expected.hashes) == {ep.key: len(expected.hashes)}
+
+        # Without events for the candidates the fallback serves, and is looked up.
+        other = Endpoint("o", "127.0.0.2", 1)
+        fresh = await _prefetch(producer, tokens)
+        producer.prepare(fresh, [other])
+        served = fresh.get(PREFIX_MATCH)
+        assert served is not None and served.source == "approximate"
+        assert served.matched == {ep.key: len(expected.hashes)}
+        producer.track(fresh, SchedulingResult({"d": ProfileResult([other])}, "d"))
+        assert producer.fallback.index.match(expected.hashes) == {
+            ep.key: len(expected.hashes),
+            other.key: len(expected.hashes),
+        }  # recorded at once: the blocks were there
+    finally:
+        await producer.aclose()
