@@ -275,7 +275,9 @@ async def test_usage_is_counted_from_the_end_of_a_long_response_split_anywhere(
             await client.recv()
             await client.recv()
             sse = response_headers()
-            sse.response_headers.headers.headers.add(key="content-type", raw_value=b"text/event-stream")
+            sse.response_headers.headers.headers.add(
+                key="content-type", raw_value=b"text/event-stream"
+            )
             await client.send(sse)
             await client.recv()
             for chunk in chunks:
