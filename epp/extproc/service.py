@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -139,13 +138,20 @@ _EVICTED = object()
 
 class _Stream:
     """Envoy's messages, raced against the request's eviction signal once flow control
-    may evict it (other requests read the stream directly), and the EPP's answers."""
+    may evict it (other requests read the stream directly), and the EPP's answers.
 
-    __slots__ = ("_context", "_evicted", "write_failed")
+    The race costs no task per message: the signal's one waiter cancels the read in
+    flight when it fires, and that cancellation (only that one) becomes ``_EVICTED``.
+    """
+
+    __slots__ = ("_context", "_evicted", "_interrupted", "_reader", "write_failed")
 
     def __init__(self, context: grpc.aio.ServicerContext) -> None:
         self._context = context
         self._evicted: asyncio.Task[bool] | None = None
+        # The task blocked in a read that the eviction signal may interrupt.
+        self._reader: asyncio.Task[Any] | None = None
+        self._interrupted = False
         # Set when sending an answer failed (the RPC is over).
         self.write_failed = False
 
@@ -154,20 +160,28 @@ class _Stream:
         item = ctx.decision.eviction if ctx.decision is not None else None
         if item is None or ctx.response_ended:
             return _message(await self._context.read())
+        if item.signal.is_set():
+            return _EVICTED
         if self._evicted is None:
             self._evicted = asyncio.ensure_future(item.signal.wait())
-        message = asyncio.ensure_future(self._context.read())
+            self._evicted.add_done_callback(self._interrupt)
+        task = asyncio.current_task()
+        self._reader = task
         try:
-            await asyncio.wait((message, self._evicted), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            message.cancel()
+            return _message(await self._context.read())
+        except asyncio.CancelledError:
+            # Ours alone (the gateway's reset cancels too): the stream is evicted.
+            if self._interrupted and task is not None and task.uncancel() == 0:
+                return _EVICTED
             raise
-        if message.done():
-            return _message(message.result())
-        message.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await message
-        return _EVICTED
+        finally:
+            self._reader = None
+
+    def _interrupt(self, signal: asyncio.Future[Any]) -> None:
+        if signal.cancelled() or self._reader is None:
+            return  # not reading: the next read sees the signal set
+        self._interrupted = True
+        self._reader.cancel()
 
     async def write(self, response: ProcessingResponse) -> None:
         try:
