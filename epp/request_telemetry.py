@@ -23,6 +23,8 @@ from epp.metrics import MODEL_SERVER_ERROR, error_code
 from epp.tracing import Tracing
 
 if TYPE_CHECKING:
+    from prometheus_client import Histogram
+
     from epp._proto.disagg_extproc_pb2 import ProcessingRequest, ProcessingResponse
     from epp.extproc.context import RequestContext
     from epp.metrics import EppMetrics
@@ -99,6 +101,7 @@ class RequestRecord:
     __slots__ = (
         "_admitted",
         "_first_chunk",
+        "_itl",
         "_labels_value",
         "_last_chunk",
         "_model_counted",
@@ -129,6 +132,8 @@ class RequestRecord:
         self._response_size = 0
         self._response_processing = 0.0
         self._tail = bytearray()
+        # The inter-token latency series of this request, once its labels are known.
+        self._itl: Histogram | None = None
         self._labels_value = ("", "", DEFAULT_FAIRNESS_ID, DEFAULT_PRIORITY)
         # The gRPC status the stream ends with (for the stream metrics).
         self.code = "OK"
@@ -139,10 +144,15 @@ class RequestRecord:
 
     # -- the gateway's messages -----------------------------------------------------------
 
-    def received(self, ctx: RequestContext, request: ProcessingRequest) -> None:
-        kind = request.WhichOneof("request")
+    def received(
+        self, ctx: RequestContext, request: ProcessingRequest, kind: str | None = None
+    ) -> None:
+        """``kind``: the message's ``request`` field, when the caller has it already."""
+        if kind is None:
+            kind = request.WhichOneof("request")
         if kind == "response_body":
-            self._response_chunk(request.response_body.body, request.response_body.end_of_stream)
+            body = request.response_body
+            self._response_chunk(body.body, body.end_of_stream)
         elif kind == "request_headers":
             tracing = self._telemetry.tracing
             if tracing.enabled and self._span is None:
@@ -164,13 +174,19 @@ class RequestRecord:
             if not self._first_chunk:
                 self._first_chunk = now
             elif self._streaming and self._admitted:
-                self._telemetry.metrics.itl.labels(*self._labels).observe(now - self._last_chunk)
+                itl = self._itl
+                if itl is None:
+                    # The labels are fixed once the request is admitted.
+                    itl = self._itl = self._telemetry.metrics.itl.labels(*self._labels)
+                itl.observe(now - self._last_chunk)
             self._last_chunk = now
             self._response_size += len(body)
             tail = self._tail
             tail += body
-            if len(tail) > _TAIL_BYTES:
-                del tail[: len(tail) - _TAIL_BYTES]
+            # Trimmed to the last _TAIL_BYTES only when twice that accumulated, so a long
+            # response does not move the whole window on every chunk.
+            if len(tail) > 2 * _TAIL_BYTES:
+                del tail[:-_TAIL_BYTES]
         if end:
             self._response_done = now
         self._response_processing += perf_counter() - now
@@ -282,7 +298,7 @@ class RequestRecord:
         if self._first_chunk:
             streaming = "true" if self._streaming else "false"
             m.ttft.labels(*labels, streaming).observe(self._first_chunk - self._started)
-        usage = parse_usage(bytes(self._tail)) if self._tail else None
+        usage = parse_usage(bytes(memoryview(self._tail)[-_TAIL_BYTES:])) if self._tail else None
         if usage is None:
             return None
         if usage.prompt:

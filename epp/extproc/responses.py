@@ -50,6 +50,7 @@ __all__ = [
     "routing_mutation",
     "streamed_request_body",
     "streamed_response_body",
+    "streamed_response_chunk",
 ]
 
 _OVERWRITE = HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD
@@ -169,10 +170,23 @@ def streamed_request_body(
     ]
 
 
+def streamed_response_chunk(body: bytes, end_of_stream: bool) -> ProcessingResponse:
+    """One response body mutation carrying ``body``, built in place (the response path
+    sends one per chunk of every response)."""
+    response = ProcessingResponse()
+    streamed = response.response_body.response.body_mutation.streamed_response
+    streamed.body = body
+    streamed.end_of_stream = end_of_stream
+    return response
+
+
 def streamed_response_body(
     body: bytes, *, end_of_stream: bool, chunk_bytes: int
 ) -> list[ProcessingResponse]:
-    """FULL_DUPLEX_STREAMED: one response chunk passed straight back."""
+    """FULL_DUPLEX_STREAMED: one response chunk passed straight back (split if larger
+    than ``chunk_bytes``)."""
+    if len(body) <= chunk_bytes:
+        return [streamed_response_chunk(body, end_of_stream)]
     return [
         ProcessingResponse(
             response_body=BodyResponse(response=_streamed(chunk, last and end_of_stream))

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -64,10 +63,12 @@ class ExtProcService:
 
     async def process(
         self, requests: AsyncIterator[ProcessingRequest], context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[ProcessingResponse]:
+    ) -> None:
+        """One stream, read and answered through ``context`` (gRPC's reader/writer API:
+        no async generator between a message and its answer). ``requests`` is unused."""
         ctx = RequestContext.new(self._env)
         record = self._env.telemetry.start()
-        stream = _Stream(requests)
+        stream = _Stream(context)
         try:
             while True:
                 request = await stream.next(ctx)
@@ -77,7 +78,7 @@ class ExtProcService:
                     ctx.ended = True
                     response = evicted_response(ctx)
                     record.sent(ctx, response)
-                    yield response
+                    await stream.write(response)
                     return
                 assert isinstance(request, ProcessingRequest)
                 kind = request.WhichOneof("request")
@@ -85,10 +86,10 @@ class ExtProcService:
                 if handler is None:
                     raise ProtocolViolation(f"message without a known kind ({kind})")
                 ctx.observe(request)
-                record.received(ctx, request)
+                record.received(ctx, request, kind)
                 for response in await handler(ctx, request):
                     record.sent(ctx, response)
-                    yield response
+                    await stream.write(response)
                 if ctx.ended:
                     return
         except asyncio.CancelledError:
@@ -102,6 +103,10 @@ class ExtProcService:
             record.code = "InvalidArgument"
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except grpc.aio.BaseError as err:
+            if stream.write_failed:
+                # The gateway is gone while an answer was going out: it ended the stream
+                # early, and gRPC ends the RPC.
+                raise
             # The RPC itself is over (the server is stopping, or the stream broke): nothing
             # can be sent on it any more, so this is not a handler failure. gRPC ends it.
             log.info(
@@ -119,7 +124,7 @@ class ExtProcService:
                 500, "internal_error", "internal error in the endpoint picker"
             )
             record.sent(ctx, response)
-            yield response
+            await stream.write(response)
         finally:
             stream.close()
             if not ctx.ended and not ctx.response_ended:
@@ -133,34 +138,65 @@ _EVICTED = object()
 
 class _Stream:
     """Envoy's messages, raced against the request's eviction signal once flow control
-    may evict it (other requests read the stream directly)."""
+    may evict it (other requests read the stream directly), and the EPP's answers.
 
-    def __init__(self, requests: AsyncIterator[ProcessingRequest]) -> None:
-        self._it = aiter(requests)
+    The race costs no task per message: the signal's one waiter cancels the read in
+    flight when it fires, and that cancellation (only that one) becomes ``_EVICTED``.
+    """
+
+    __slots__ = ("_context", "_evicted", "_interrupted", "_reader", "write_failed")
+
+    def __init__(self, context: grpc.aio.ServicerContext) -> None:
+        self._context = context
         self._evicted: asyncio.Task[bool] | None = None
+        # The task blocked in a read that the eviction signal may interrupt.
+        self._reader: asyncio.Task[Any] | None = None
+        self._interrupted = False
+        # Set when sending an answer failed (the RPC is over).
+        self.write_failed = False
 
     async def next(self, ctx: RequestContext) -> ProcessingRequest | object | None:
+        """The next message; None once the gateway closed its side."""
         item = ctx.decision.eviction if ctx.decision is not None else None
         if item is None or ctx.response_ended:
-            return await anext(self._it, None)
+            return _message(await self._context.read())
+        if item.signal.is_set():
+            return _EVICTED
         if self._evicted is None:
             self._evicted = asyncio.ensure_future(item.signal.wait())
-        message = asyncio.ensure_future(anext(self._it, None))
+            self._evicted.add_done_callback(self._interrupt)
+        task = asyncio.current_task()
+        self._reader = task
         try:
-            await asyncio.wait((message, self._evicted), return_when=asyncio.FIRST_COMPLETED)
-        except BaseException:
-            message.cancel()
+            return _message(await self._context.read())
+        except asyncio.CancelledError:
+            # Ours alone (the gateway's reset cancels too): the stream is evicted.
+            if self._interrupted and task is not None and task.uncancel() == 0:
+                return _EVICTED
             raise
-        if message.done():
-            return message.result()
-        message.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await message
-        return _EVICTED
+        finally:
+            self._reader = None
+
+    def _interrupt(self, signal: asyncio.Future[Any]) -> None:
+        if signal.cancelled() or self._reader is None:
+            return  # not reading: the next read sees the signal set
+        self._interrupted = True
+        self._reader.cancel()
+
+    async def write(self, response: ProcessingResponse) -> None:
+        try:
+            await self._context.write(response)
+        except grpc.aio.BaseError:
+            self.write_failed = True
+            raise
 
     def close(self) -> None:
         if self._evicted is not None:
             self._evicted.cancel()
+
+
+def _message(message: object) -> ProcessingRequest | None:
+    return None if message is grpc.aio.EOF else message  # type: ignore[return-value]
 
 
 def evicted_response(ctx: RequestContext) -> ProcessingResponse:

@@ -1,14 +1,27 @@
-"""The pure message builders: chunking and the routing mutation."""
+"""The pure message builders: chunking, response chunks and the routing mutation."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
+from epp._proto.disagg_extproc_pb2 import (
+    BodyMutation,
+    BodyResponse,
+    CommonResponse,
+    ProcessingResponse,
+    StreamedBodyResponse,
+)
 from epp.decision import Decision
 from epp.extproc import MAX_CHUNK_BYTES, ROUTING_HEADERS
 from epp.extproc.headers import GATEWAY_HEADERS
-from epp.extproc.responses import destination_value, routing_mutation, streamed_request_body
+from epp.extproc.responses import (
+    destination_value,
+    routing_mutation,
+    streamed_request_body,
+    streamed_response_body,
+    streamed_response_chunk,
+)
 
 
 @given(
@@ -30,6 +43,36 @@ def test_a_200kb_body_uses_62kb_chunks() -> None:
     messages = streamed_request_body(body, end_of_stream=True, chunk_bytes=MAX_CHUNK_BYTES)
     sizes = [len(m.request_body.response.body_mutation.streamed_response.body) for m in messages]
     assert sizes == [MAX_CHUNK_BYTES] * 3 + [200 * 1024 - 3 * MAX_CHUNK_BYTES]
+
+
+@given(body=st.binary(max_size=2048), end=st.booleans())
+def test_a_response_chunk_is_the_same_message_on_the_wire(body: bytes, end: bool) -> None:
+    # Built field by field; it must be exactly the nested message, down to an empty body
+    # without end_of_stream (which still carries the streamed_response mutation).
+    nested = ProcessingResponse(
+        response_body=BodyResponse(
+            response=CommonResponse(
+                body_mutation=BodyMutation(
+                    streamed_response=StreamedBodyResponse(body=body, end_of_stream=end)
+                )
+            )
+        )
+    )
+    built = streamed_response_chunk(body, end)
+    assert built == nested
+    assert built.SerializeToString() == nested.SerializeToString()
+    assert built.response_body.response.body_mutation.HasField("streamed_response")
+    (one,) = streamed_response_body(body, end_of_stream=end, chunk_bytes=MAX_CHUNK_BYTES)
+    assert one == nested
+
+
+def test_a_response_chunk_above_the_limit_is_split() -> None:
+    body = bytes(range(256)) * 3
+    messages = streamed_response_body(body, end_of_stream=True, chunk_bytes=300)
+    parts = [m.response_body.response.body_mutation.streamed_response for m in messages]
+    assert [len(p.body) for p in parts] == [300, 300, 168]
+    assert b"".join(p.body for p in parts) == body
+    assert [p.end_of_stream for p in parts] == [False, False, True]
 
 
 @given(

@@ -245,6 +245,69 @@ async def test_a_streamed_response_gives_llm_ds_request_metrics(
         await app.stop()
 
 
+async def test_usage_is_counted_from_the_end_of_a_long_response_split_anywhere(
+    tmp_path: Path, pods: tuple[RecordingBackend, RecordingBackend]
+) -> None:
+    # Past 128 KB of response (the kept tail is trimmed along the way) and with the usage
+    # block cut across the last two messages, the counts still come from it; every chunk
+    # after the first is one inter-token latency sample.
+    endpoints = tmp_path / "endpoints.yaml"
+    write_endpoints(endpoints, [(pods[0], "decode"), (pods[1], "prefill")])
+    app = EppApp(_settings(endpoints))
+    await app.start()
+    reg = app.metrics.registry
+    token = b'data: {"choices":[{"delta":{"content":"' + b"x" * 900 + b'"}}]}\n\n'
+    tail = (
+        b'data: {"choices":[],"usage":{"prompt_tokens":7,"completion_tokens":150,'
+        b'"prompt_tokens_details":{"cached_tokens":0}}}\n\ndata: [DONE]\n\n'
+    )
+    cut = tail.index(b"completion_tokens") + 5
+    chunks = [token] * 150 + [tail[:cut], tail[cut:]]
+    assert sum(len(c) for c in chunks) > 128 * 1024
+    labels = {"model_name": "m", "target_model_name": "m", "fairness_id": "default-flow",
+              "priority": "0"}  # fmt: skip
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{app.grpc_port}") as channel:
+            client = ExtProcClient(channel)
+            await client.send(
+                request_headers("/v1/chat/completions"), request_body(CHAT, end_of_stream=True)
+            )
+            await client.recv()
+            await client.recv()
+            sse = response_headers()
+            sse.response_headers.headers.headers.add(
+                key="content-type", raw_value=b"text/event-stream"
+            )
+            await client.send(sse)
+            await client.recv()
+            for chunk in chunks:
+                await client.send(response_body(chunk, end_of_stream=False))
+                answer = await client.recv()
+                assert answer.response_body.response.body_mutation.streamed_response.body == chunk
+            await client.send(response_body(b"", end_of_stream=True))
+            last = await client.recv()
+            assert last.response_body.response.body_mutation.streamed_response.end_of_stream
+            await client.close()
+            await client.expect_end()
+
+        async def finished() -> bool:
+            return reg.get_sample_value("llm_d_epp_request_running", labels) == 0
+
+        await eventually(finished, "the request counted as finished")
+        assert reg.get_sample_value("llm_d_epp_request_input_tokens_sum", labels) == 7
+        assert reg.get_sample_value("llm_d_epp_request_output_tokens_sum", labels) == 150
+        assert reg.get_sample_value("llm_d_epp_request_cached_tokens_sum", labels) == 0
+        assert (
+            reg.get_sample_value("llm_d_epp_request_streaming_itl_seconds_count", labels)
+            == len(chunks) - 1
+        )
+        assert reg.get_sample_value("llm_d_epp_response_size_bytes_sum", labels) == sum(
+            len(c) for c in chunks
+        )
+    finally:
+        await app.stop()
+
+
 async def test_endpoint_scores_and_the_subset_filter(
     tmp_path: Path, pods: tuple[RecordingBackend, RecordingBackend]
 ) -> None:
