@@ -1,6 +1,6 @@
 """Flow control under overload: the same open-loop load with flow control off and on.
 
-    .venv/bin/python -m benchmarks.flow_control_bench [--duration 20] [--load 2.0]
+    .venv/bin/python -m benchmarks.flow_control_bench [--duration 60] [--load 2.0]
 
 The local stack (``--engines`` simulated decode engines of ``--batch`` slots, a sidecar
 each, the EPP, real Envoy) serves streaming chat requests from three classes, chosen by
@@ -8,9 +8,9 @@ InferenceObjective (``--api-objects-file``): critical (priority 100), standard (
 sheddable (-10); the standard class is two tenants (``x-llm-d-inference-fairness-id``),
 one sending ten times the other's rate. The offered load is ``--load`` times the pool's
 capacity, measured first from unloaded requests (capacity = slots / service time). The
-default shape: two engines of 8 slots, prompts of about 1,000 tokens and 12 output
-tokens, so the time to first token (about 0.37 s) is most of a request's time in the
-engine (about 0.55 s).
+default shape: two engines of 8 slots, prompts of about 2,000 tokens and 12 output
+tokens, so the time to first token (about 0.56 s) is most of a request's time in the
+engine (about 0.74 s).
 
 Off: the legacy admission path (sheddable requests refused while the concurrency
 detector says saturated; everything else queues in the engines). On: ``featureGates:
@@ -70,7 +70,7 @@ class Shape:
 
     engines: int = 2
     batch: int = 8
-    prompt_words: int = 1000
+    prompt_words: int = 2000
     max_tokens: int = 12
 
     @property
@@ -555,7 +555,7 @@ def svg(runs: list[Run], path: Path) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=20.0)
+    parser.add_argument("--duration", type=float, default=60.0)
     parser.add_argument("--load", type=float, default=2.0, help="offered load / capacity")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument(

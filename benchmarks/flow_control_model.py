@@ -8,7 +8,7 @@ pool's capacity, ``--slots`` batch slots that each serve a request in ``--servic
 and the ``FlowController`` (concurrency detector at the slot count, priority holdback,
 the standard band's fairness policy, a 10 s TTL, a 50-request sheddable band) deciding
 who takes each freed slot. Prints each class's queue wait at p50/p99, enough samples for
-a real p99 (a 30 s live run sends about 180 critical and 90 quiet-tenant requests).
+a real p99 (a 60 s live run sends about 280 critical and 130 quiet-tenant requests).
 Waits scale with the service time: they are what flow control adds to a request's
 unloaded time to first token.
 """
