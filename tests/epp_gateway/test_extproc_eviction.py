@@ -40,14 +40,26 @@ def _header(response: Any, name: str) -> str | None:
     return None
 
 
+async def _routed(client: Any) -> None:
+    """The request sent and routed (headers and body answered)."""
+    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
+    await client.recv()
+    await client.recv()
+
+
+async def _response_started(client: Any) -> None:
+    """Routed, and the response's headers answered."""
+    await _routed(client)
+    await client.send(response_headers())
+    assert (await client.recv()).WhichOneof("response") == "response_headers"
+
+
 async def test_eviction_while_waiting_for_the_response_ends_with_429(
     extproc: ExtProcHarness,
 ) -> None:
     item = _evictable(extproc)
     client = extproc.client()
-    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
-    await client.recv()
-    await client.recv()
+    await _routed(client)
     item.reason = EVICTED_REASON
     item.signal.set()
     answer = await client.recv()
@@ -62,11 +74,7 @@ async def test_eviction_while_waiting_for_the_response_ends_with_429(
 async def test_a_signal_after_the_response_ended_is_ignored(extproc: ExtProcHarness) -> None:
     item = _evictable(extproc)
     client = extproc.client()
-    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
-    await client.recv()
-    await client.recv()
-    await client.send(response_headers())
-    assert (await client.recv()).WhichOneof("response") == "response_headers"
+    await _response_started(client)
     await client.send(response_body(b"done", end_of_stream=True))
     assert (await client.recv()).WhichOneof("response") == "response_body"
     item.signal.set()
@@ -80,11 +88,7 @@ async def test_unevicted_stream_flows_normally_and_cancels_cleanly(
 ) -> None:
     item = _evictable(extproc)
     client = extproc.client()
-    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
-    await client.recv()
-    await client.recv()
-    await client.send(response_headers())
-    assert (await client.recv()).WhichOneof("response") == "response_headers"
+    await _response_started(client)
     client.call.cancel()
     await asyncio.wait_for(extproc.fake.finished_event.wait(), 5)
     assert not item.signal.is_set()
@@ -96,11 +100,7 @@ async def test_eviction_in_the_middle_of_a_streamed_response_ends_with_429(
 ) -> None:
     item = _evictable(extproc)
     client = extproc.client()
-    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
-    await client.recv()
-    await client.recv()
-    await client.send(response_headers())
-    assert (await client.recv()).WhichOneof("response") == "response_headers"
+    await _response_started(client)
     for i in range(5):
         chunk = f"data: {i}\n\n".encode()
         await client.send(response_body(chunk, end_of_stream=False))
@@ -131,11 +131,7 @@ async def test_a_signal_raised_while_a_chunk_is_handled_evicts_at_the_next_read(
 
     extproc.fake.decide = with_hook  # type: ignore[method-assign]
     client = extproc.client()
-    await client.send(request_headers(), request_body(b"{}", end_of_stream=True))
-    await client.recv()
-    await client.recv()
-    await client.send(response_headers())
-    await client.recv()
+    await _response_started(client)
     await client.send(response_body(b"data: 0\n\n", end_of_stream=False))
     answer = await client.recv()
     assert answer.response_body.response.body_mutation.streamed_response.body == b"data: 0\n\n"
