@@ -129,4 +129,3 @@ def _leading_run(blocks: dict[int, int], hashes: Sequence[int], media: int) -> i
         if not masks[i] & media:  # type: ignore[operator]
             return i
     return n
-

@@ -65,7 +65,6 @@ def slo_violated(actual_ms: float, slo_ms: float) -> bool | None:
 class PredictedLatencyMetrics(PerRegistry):
     """The families, one set per registry, shared by every producer on it."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
         self.models = LabelBound()

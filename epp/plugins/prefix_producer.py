@@ -163,7 +163,6 @@ class PrefixIndexerMetrics(PerRegistry):
     the deprecated unlabelled ``inference_extension_prefix_indexer_*``); one set per
     registry, shared by every approximate producer."""
 
-
     def __init__(self, registry: CollectorRegistry) -> None:
         labels = ["plugin_name", "plugin_type"]
         self.size = Gauge(

@@ -83,6 +83,7 @@ def _slo_seconds(headers: Mapping[str, str]) -> float | None:
 
 _TRACKING = itertools.count(1)
 
+
 @dataclass
 class Admission:
     """One admitted request's hold on the in-flight ledger."""

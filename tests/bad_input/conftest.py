@@ -132,7 +132,9 @@ async def pd_module() -> AsyncIterator[PD]:
         session = await stack.enter_async_context(aiohttp.ClientSession())
         sims = []
         for role in ("prefill", "decode"):
-            server = await SimServer(SimConfig(port=0, role=role, zero_latency=True, enable_prompt_tokens_details=True)).start()
+            server = await SimServer(
+                SimConfig(port=0, role=role, zero_latency=True, enable_prompt_tokens_details=True)
+            ).start()
             stack.push_async_callback(server.stop)
             sims.append(RunningSim(server, session))
         servers = await start_sidecar(sims[1].port)

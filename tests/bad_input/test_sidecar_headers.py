@@ -294,7 +294,9 @@ async def test_spoofed_prefill_target_is_refused_before_any_connection(
     assert guarded.trap_hits == []
     assert (await guarded.pd.prefill.stats())["requests_total"] == 0
     assert any(
-        isinstance(r.msg, dict) and r.msg.get("client_request_id") == "spoof-1" and r.msg.get("rule")
+        isinstance(r.msg, dict)
+        and r.msg.get("client_request_id") == "spoof-1"
+        and r.msg.get("rule")
         for r in caplog.records
     )
     assert server_errors(caplog.records) == []

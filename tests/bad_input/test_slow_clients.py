@@ -113,7 +113,8 @@ async def test_pd_body_a_byte_at_a_time_is_408_after_the_body_deadline(
     assert client.sent < len(_BODY)
     assert (await pd.prefill.stats())["requests_total"] == 0
     assert any(
-        isinstance(r.msg, dict) and r.msg.get("client_request_id") == "slow-body" for r in caplog.records
+        isinstance(r.msg, dict) and r.msg.get("client_request_id") == "slow-body"
+        for r in caplog.records
     )
     assert server_errors(caplog.records) == []
     await pd.healthy()

@@ -254,7 +254,9 @@ async def test_a_profile_uses_the_concurrency_detector_as_a_filter_on_the_admiss
     assert isinstance(fc.detector, ConcurrencyDetector)
     (flt,) = c.scheduler.profiles["default"].filters
     pool = [Endpoint(f"e{i}", f"10.0.0.{i + 1}", 8000) for i in range(2)]
-    cycle = CycleState(parse_request("/v1/completions", {}, b'{"model":"m","prompt":"p"}'), 0.0, 1.0)
+    cycle = CycleState(
+        parse_request("/v1/completions", {}, b'{"model":"m","prompt":"p"}'), 0.0, 1.0
+    )
     assert list(flt.filter(cycle, pool)) == pool  # no ledger bound yet: nothing removed
     manager = RequestManager(fc, ObjectStore(), lambda: pool)
     assert fc.detector.ledger is manager.ledger

@@ -317,7 +317,10 @@ async def test_refusals_end_with_a_json_immediate_response(
     headers = {o.header.key: o.header.raw_value.decode() for o in immediate.headers.set_headers}
     # llm-d's values where llm-d names the drop (rejected-saturated, -no-endpoints).
     dropped = DROPPED_REASONS.get(reason, reason)
-    assert headers == {"content-type": "application/json", "x-llm-d-request-dropped-reason": dropped}
+    assert headers == {
+        "content-type": "application/json",
+        "x-llm-d-request-dropped-reason": dropped,
+    }
     payload = json.loads(immediate.body)
     assert payload["error"]["type"] == reason
     assert payload["error"]["code"] == status

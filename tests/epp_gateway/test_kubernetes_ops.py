@@ -134,9 +134,7 @@ async def test_one_replica_leads_and_the_other_takes_over_when_the_lease_lapses(
         assert not await _serving(leader)
 
 
-async def test_a_draining_leader_releases_the_lease_at_once(
-    kube: FakeKube, tmp_path: Path
-) -> None:
+async def test_a_draining_leader_releases_the_lease_at_once(kube: FakeKube, tmp_path: Path) -> None:
     _pool(kube)
     config = kube.kubeconfig(tmp_path / "kubeconfig")
     timing = {"leader_lease_duration": 15.0, "leader_renew_deadline": 10.0,

@@ -201,7 +201,9 @@ async def test_a_streamed_response_gives_llm_ds_request_metrics(
                       "priority": "0"}  # fmt: skip
             assert reg.get_sample_value("llm_d_epp_request_running", labels) == 1
             sse = response_headers()
-            sse.response_headers.headers.headers.add(key="content-type", raw_value=b"text/event-stream")
+            sse.response_headers.headers.headers.add(
+                key="content-type", raw_value=b"text/event-stream"
+            )
             await client.send(sse)
             await client.recv()
             chunks = [
@@ -227,9 +229,12 @@ async def test_a_streamed_response_gives_llm_ds_request_metrics(
         assert reg.get_sample_value("llm_d_epp_request_input_tokens_sum", labels) == 12
         assert reg.get_sample_value("llm_d_epp_request_output_tokens_sum", labels) == 5
         assert reg.get_sample_value("llm_d_epp_request_cached_tokens_sum", labels) == 8
-        assert reg.get_sample_value(
-            "llm_d_epp_request_ttft_seconds_count", {**labels, "streaming": "true"}
-        ) == 1
+        assert (
+            reg.get_sample_value(
+                "llm_d_epp_request_ttft_seconds_count", {**labels, "streaming": "true"}
+            )
+            == 1
+        )
         assert reg.get_sample_value("llm_d_epp_request_streaming_tpot_seconds_count", labels) == 1
         assert reg.get_sample_value("llm_d_epp_request_streaming_itl_seconds_count", labels) == 2
         assert reg.get_sample_value("llm_d_epp_request_ntpot_seconds_count", labels) == 1
@@ -358,7 +363,9 @@ def test_validate_config_prints_the_resolved_configuration(tmp_path: Path) -> No
     config = tmp_path / "config.yaml"
     config.write_text(always_disagg_config(endpoints))
     out = io.StringIO()
-    assert validate_config(parse_args(["--validate-config", "--config-file", str(config)]), out) == 0
+    assert (
+        validate_config(parse_args(["--validate-config", "--config-file", str(config)]), out) == 0
+    )
     text = out.getvalue()
     assert f"configuration: {config}" in text
     assert "profile handler: disagg-profile-handler" in text
@@ -419,4 +426,3 @@ def test_zap_console_encoder_and_levels() -> None:
     assert "test_telemetry.py" in json.loads(warned)["stacktrace"]
     plain = _log_line(["--zap-encoder", "json", "--zap-devel=false"], logging.WARNING)
     assert "stacktrace" not in json.loads(plain)
-

@@ -402,7 +402,9 @@ EARLY_ENDS = {
 
 async def test_extproc_stream_ends_early(env: EppStack) -> None:
     async def ended_early(stage: str) -> float:
-        return await env.epp_metric("disagg_epp_extproc_streams_ended_early_total", {"stage": stage})
+        return await env.epp_metric(
+            "disagg_epp_extproc_streams_ended_early_total", {"stage": stage}
+        )
 
     async def no_open_streams() -> bool:
         return await env.epp_metric("llm_d_epp_extproc_streams_inflight") == 0

@@ -58,7 +58,10 @@ async def test_prefill_whose_generation_finished_is_answered_like_one_engine(
     assert d_rec["body"] == body
     assert d_stats["kv_pulls_ok"] == d_stats["kv_pulls_failed"] == 0
     assert sidecar.sample("pd_sidecar_prefill_finished_total") == 1
-    assert sidecar.sample("pd_sidecar_prefill_failures_total", reason="missing_kv_transfer_params") == 0
+    assert (
+        sidecar.sample("pd_sidecar_prefill_failures_total", reason="missing_kv_transfer_params")
+        == 0
+    )
 
 
 async def test_prefill_at_the_cap_without_params_is_still_a_502(

@@ -94,7 +94,9 @@ async def test_mooncake_pins_a_data_parallel_rank_and_names_its_engine(
     headers = {"x-prefiller-host-port": p.host_port}
     for i in range(16):
         body = {**BODY, "messages": [{"role": "user", "content": f"{i} {PROMPT}"}]}
-        async with client.post(sidecar.url + "/v1/chat/completions", json=body, headers=headers) as r:
+        async with client.post(
+            sidecar.url + "/v1/chat/completions", json=body, headers=headers
+        ) as r:
             assert r.status == 200, await r.text()
     p_stats, d_stats = await p.stats(), await d.stats()
     assert d_stats["kv_pulls_ok"] == 16 and d_stats["kv_pulls_failed"] == 0
