@@ -18,30 +18,20 @@ P/D request is not counted.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from pydantic import Field
 
 from common.durations import PositiveSeconds
 from epp.datastore import Endpoint
 from epp.plugins.base import PluginParams, Release, RequestTracker, Scorer
+from epp.plugins.charges import Charges
 from epp.plugins.prefix_producer import PREFIX_MATCH
 from epp.plugins.registry import register
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
 __all__ = ["PrefillBacklogScorer", "backlog_scores"]
-
-
-@dataclass(slots=True)
-class _Charge:
-    """One request's uncached prompt tokens on one endpoint (0 once released)."""
-
-    key: str
-    tokens: int
-    expires: float
 
 
 def backlog_scores(backlogs: Sequence[int], smoothing: float) -> list[float]:
@@ -81,79 +71,41 @@ class PrefillBacklogScorer(Scorer, RequestTracker):
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         super().__init__(params, name)
-        self._clock = clock
-        self.backlog: dict[str, int] = {}
-        # Charges in expiry order (one timeout for all): expiry pops from the front.
-        self._charges: OrderedDict[int, _Charge] = OrderedDict()
-        self._next_id = 0
+        self._charges = Charges(self.params.request_timeout, clock)
         self._key: StateKey[int] = StateKey(f"prefill-backlog/{self.name}")
 
+    @property
+    def backlog(self) -> dict[str, int]:
+        """Endpoint key -> uncached prompt tokens charged there (absent: none)."""
+        return self._charges.totals
+
     def score(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> Sequence[float]:
-        self._expire()
+        self._charges.expire()
         get = self.backlog.get
         loads = [get(ep.key, 0) + uncached_tokens(cycle, ep) for ep in endpoints]
         return backlog_scores(loads, float(self.params.smoothing_tokens))
 
     def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
-        self._expire()
         targets = result.targets(result.primary)
         if not targets:
             return _noop, _noop
         ep = targets[0]
-        expires = self._clock() + self.params.request_timeout
-        charge = _Charge(ep.key, uncached_tokens(cycle, ep), expires)
-        rid = self._next_id
-        self._next_id += 1
-        self._charges[rid] = charge
-        self._add(charge.key, charge.tokens)
-        cycle.put(self._key, rid)
-
-        def release() -> None:
-            self._release(rid)
-
-        return _noop, release
+        charges = self._charges
+        cid = charges.charge([ep.key], uncached_tokens(cycle, ep))
+        cycle.put(self._key, cid)
+        return _noop, lambda: charges.release(cid)
 
     def first_token(self, cycle: CycleState) -> None:
-        rid = cycle.get(self._key)
-        if rid is not None:
-            self._release(rid)
-
-    def _add(self, key: str, tokens: int) -> None:
-        if tokens > 0:
-            self.backlog[key] = self.backlog.get(key, 0) + tokens
-
-    def _release(self, rid: int) -> None:
-        charge = self._charges.pop(rid, None)
-        if charge is None or charge.tokens <= 0:
-            return  # released already
-        left = self.backlog.get(charge.key, 0) - charge.tokens
-        charge.tokens = 0
-        if left > 0:
-            self.backlog[charge.key] = left
-        else:
-            self.backlog.pop(charge.key, None)
-
-    def _expire(self) -> None:
-        now = self._clock()
-        charges = self._charges
-        while charges:
-            rid, charge = next(iter(charges.items()))
-            if charge.expires > now:
-                break
-            self._release(rid)
+        cid = cycle.get(self._key)
+        if cid is not None:
+            self._charges.release(cid)
 
     def outstanding(self) -> int:
         """Requests still charged (for tests and debugging)."""
         return len(self._charges)
 
     def endpoints_changed(self, added: Sequence[Endpoint], removed: Sequence[Endpoint]) -> None:
-        gone = {ep.key for ep in removed}
-        for key in gone:
-            self.backlog.pop(key, None)
-        if gone:
-            for charge in self._charges.values():
-                if charge.key in gone:
-                    charge.tokens = 0
+        self._charges.forget({ep.key for ep in removed})
 
 
 def _noop() -> None:
