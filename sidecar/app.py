@@ -193,45 +193,39 @@ async def _open_services(
         opened.push_async_callback(created.close)
         return created
 
-    prefill_session = session(decompress=True, ssl_context=tls_contexts.get("prefill"))
-    local_session = session(decompress=False, ssl_context=tls_contexts.get("decode"))
-    encode_session = (
-        session(decompress=True, ssl_context=tls_contexts.get("encode"))
-        if settings.ec_connector
-        else None
-    )
-    local = Upstream(
-        "decode",
-        local_session,
-        count_stale,
-        tls="decode" in tls_contexts,
-        client=client(decompress=False, ssl_context=tls_contexts.get("decode")),
-    )
+    def upstream(stage: str, decompress: bool, *, http1: bool = True) -> Upstream:
+        """A stage's upstream: an aiohttp session, and for the engine legs (``http1``)
+        the lean HTTP/1.1 client they send through, TLS when the stage has a context."""
+        ctx = tls_contexts.get(stage)
+        return Upstream(
+            stage,
+            session(decompress, ctx),
+            count_stale,
+            tls=ctx is not None,
+            client=client(decompress, ctx) if http1 else None,
+        )
+
+    local = upstream("decode", decompress=False)
     readiness = Readiness(
-        local_session,
+        local.session,
         settings.model_server_url + "/health",
         ttl=settings.ready_cache_ttl,
         timeout=max(settings.connect_timeout, 1.0),
     )
+    encode = upstream("encode", decompress=True, http1=False) if settings.ec_connector else None
     orchestrator = Orchestrator(
         connector=_connector(settings, metrics),
-        prefill=Upstream(
-            "prefill",
-            prefill_session,
-            count_stale,
-            tls="prefill" in tls_contexts,
-            client=client(decompress=True, ssl_context=tls_contexts.get("prefill")),
-        ),
+        prefill=upstream("prefill", decompress=True),
         decode=local,
         policy=_policy(settings),
         metrics=metrics,
-        encode=_encode_stage(settings, metrics, encode_session, count_stale),
+        encode=_encode_stage(settings, metrics, encode),
     )
     ranks = [Rank(0, settings.model_server_url, orchestrator, readiness)]
     for index in range(1, settings.data_parallel_size):
         base_url = settings.rank_model_server_url(index)
         rank_readiness = Readiness(
-            local_session,
+            local.session,
             base_url + "/health",
             ttl=settings.ready_cache_ttl,
             timeout=max(settings.connect_timeout, 1.0),
@@ -300,13 +294,10 @@ _EC_POLICIES: dict[str, Literal["ec-example", "ec-nixl", "ec-shared-storage"]] =
 
 
 def _encode_stage(
-    settings: Settings,
-    metrics: Metrics,
-    session: aiohttp.ClientSession | None,
-    count_stale: Callable[[str], None],
+    settings: Settings, metrics: Metrics, encode: Upstream | None
 ) -> EncoderStage | None:
     connector = _EC_POLICIES.get(settings.ec_connector)
-    if session is None or connector is None:
+    if encode is None or connector is None:
         return None
     policy = EncodePolicy(
         connector=connector,
@@ -314,7 +305,6 @@ def _encode_stage(
         max_retries=settings.prefill_max_retries,
         retry_backoff=settings.prefill_retry_backoff,
     )
-    encode = Upstream("encode", session, count_stale, tls="encoder" in settings.enable_tls)
     return EncoderStage(encode, policy, metrics)
 
 
