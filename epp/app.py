@@ -38,6 +38,7 @@ from aiohttp import web
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from common import heap
 from common.tls import CERT_FILE, KEY_FILE, load_cert_dir, self_signed
 from epp.config import ConfigError
 from epp.director import Director, DirectorSettings, build_director
@@ -505,6 +506,7 @@ async def run(settings: EppSettings) -> None:
         loop.add_signal_handler(sig, stop.set)
     app = EppApp(settings)
     await app.start()
+    heap.settle()
     try:
         await stop.wait()
         log.info(

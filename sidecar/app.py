@@ -28,6 +28,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from common import heap
 from sidecar import tracing
 from sidecar._json import dumps
 from sidecar.api_shapes import API_SHAPES, shape_for
@@ -758,6 +759,7 @@ async def run(settings: Settings, stop: asyncio.Event | None = None) -> None:
         except ValueError as exc:
             # Unusable start-up material (certificates, allowlist, Kubernetes config).
             raise StartupError(str(exc)) from exc
+        heap.settle()
         if settings.workers > 1:
             try:
                 servers.workers = await Workers.spawn(settings, servers.ports)
@@ -794,6 +796,7 @@ async def run_worker(
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
     servers = await start(settings, worker_ports=ports)
+    heap.settle()
     report.send(servers.metrics_port)
     report.close()
     log.info({"event": "worker_listening", "worker": index, "ports": list(servers.ports)})

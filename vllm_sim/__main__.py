@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
+from common import heap
+
 from .config import SimConfig
 from .fleet import Fleet, FleetOptions
 from .server import SimServer
@@ -144,6 +146,7 @@ async def _serve_fleet(config: SimConfig, options: FleetOptions) -> None:
             + (f"; control on port {fleet.control_port}" if fleet.control_port else ""),
             flush=True,
         )
+        heap.settle()
         await stop.wait()
 
 
@@ -157,6 +160,7 @@ async def _serve(config: SimConfig) -> None:
             f"vllm-sim {config.engine_id} serving {config.served_model_name!r} on {sim.url}",
             flush=True,
         )
+        heap.settle()
         await stop.wait()
 
 
