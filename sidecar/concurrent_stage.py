@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 from aiohttp import web
 
@@ -49,8 +50,7 @@ class ConcurrentStage:
         """Both legs at once, retried together on the next prefiller while nothing has
         reached the client; each attempt pairs the legs afresh (a new room, transfer id)."""
         ex = ctx.ex
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         try:
             while True:
                 target = ctx.plan.prefiller(ex.prefill_attempts)
@@ -68,7 +68,7 @@ class ConcurrentStage:
                     backoff = self.policy.prefill_retry_backoff * ex.prefill_attempts
                     await asyncio.sleep(backoff + random.uniform(0, backoff))
         finally:
-            ex.prefill_s = loop.time() - started
+            ex.prefill_s = time.perf_counter() - started
 
     async def _once(self, ctx: RequestContext, leg: LegContext) -> web.StreamResponse:
         """One paired attempt. A failed prefill ends the decode leg: with ``Retryable``
@@ -147,8 +147,7 @@ class ConcurrentStage:
         self, ctx: RequestContext, leg: LegContext, bound: float | None = None
     ) -> PrefillResult:
         """The prefill of concurrent legs; ``bound``: seconds the held decode waits for it."""
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         try:
             try:
                 async with asyncio.timeout(bound):
@@ -163,4 +162,4 @@ class ConcurrentStage:
             self.metrics.prefill_failures.labels(reason=exc.reason).inc()
             raise
         finally:
-            self.metrics.prefill_seconds.observe(loop.time() - started)
+            self.metrics.prefill_seconds.observe(time.perf_counter() - started)

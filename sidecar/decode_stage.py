@@ -9,6 +9,7 @@ decline before any prefill. Nothing is retried once a byte went to the client.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -83,8 +84,7 @@ class DecodeStage:
         """Send the decode leg; return once its first body bytes (or its end) arrived."""
         leg_headers = (headers if headers is not None else ctx.headers).copy()
         leg_headers[TRACEPARENT] = ctx.ex.trace.leg_header()
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
         response, first = await self.upstream.open(
             "POST",
             ctx.decode_url,
@@ -93,7 +93,7 @@ class DecodeStage:
             first_byte_timeout=self.policy.decode_first_byte_timeout,
             what="decode",
         )
-        ctx.ex.decode_wait_s = loop.time() - started
+        ctx.ex.decode_wait_s = time.perf_counter() - started
         self.metrics.decode_ttft_seconds.observe(ctx.ex.decode_wait_s)
         return response, first
 

@@ -6,7 +6,7 @@ routing headers stop here; everything else is forwarded as the client sent it.
 
 from __future__ import annotations
 
-import os
+import random
 import re
 from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
@@ -100,7 +100,9 @@ class TraceContext:
             match = _TRACEPARENT.match(incoming.strip().lower())
             if match and match.group(1) != "ff" and set(match.group(2)) != {"0"}:
                 return cls(match.group(2), match.group(4))
-        return cls(os.urandom(16).hex(), "01")
+        # Trace and span ids need to be unique, not secret: drawn like OpenTelemetry's
+        # own generator does (no system call per id); never all zeros (invalid).
+        return cls(f"{random.getrandbits(128) or 1:032x}", "01")
 
     def leg_header(self) -> str:
         """A traceparent for one upstream leg: this trace, and as parent the exported span
@@ -108,4 +110,4 @@ class TraceContext:
         current = CURRENT_SPAN_TRACEPARENT.get()
         if current is not None:
             return current
-        return f"00-{self.trace_id}-{os.urandom(8).hex()}-{self.flags}"
+        return f"00-{self.trace_id}-{random.getrandbits(64) or 1:016x}-{self.flags}"

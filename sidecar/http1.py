@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import errno
 import ssl
+import time
 import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -152,7 +153,7 @@ class _Body:
                 raise self._exc
             if self._eof:
                 return b""
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._conn.loop.create_future()
             await self._waiter
         return self.read_nowait()
 
@@ -220,9 +221,10 @@ class Http1Response:
 class _Connection(asyncio.Protocol):
     """One pooled connection and the answer it is reading."""
 
-    def __init__(self, client: Http1Client, key: _Key) -> None:
+    def __init__(self, client: Http1Client, key: _Key, loop: asyncio.AbstractEventLoop) -> None:
         self._client = client
         self.key = key
+        self.loop = loop
         self.transport: asyncio.Transport | None = None
         self._parser = httptools.HttpResponseParser(self)
         self._headers: CIMultiDict[str] = CIMultiDict()
@@ -277,7 +279,7 @@ class _Connection(asyncio.Protocol):
                 )
 
     def pause_writing(self) -> None:
-        self._drain = asyncio.get_running_loop().create_future()
+        self._drain = self.loop.create_future()
 
     def resume_writing(self) -> None:
         drain, self._drain = self._drain, None
@@ -390,7 +392,7 @@ class _Connection(asyncio.Protocol):
                     given_length = value
                 continue
             lines.append(f"{name}: {value}\r\n".encode("latin-1"))
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self.loop.create_future()
         if body is None or isinstance(body, bytes):
             if body or method in _BODY_METHODS:
                 lines.append(b"Content-Length: %d\r\n\r\n" % len(body or b""))
@@ -511,7 +513,7 @@ class Http1Client:
         self._in_use_by_host[key] = self._in_use_by_host.get(key, 0) + 1
         idle = self._idle.get(key)
         if idle:
-            expired = asyncio.get_running_loop().time() - self.keepalive_timeout
+            expired = time.monotonic() - self.keepalive_timeout
             while idle:
                 conn = idle.pop()  # the most recently used: the least likely to be stale
                 if conn.closed:
@@ -532,7 +534,7 @@ class Http1Client:
         try:
             async with asyncio.timeout(self.connect_timeout):
                 _, conn = await loop.create_connection(
-                    lambda: _Connection(self, key),
+                    lambda: _Connection(self, key, loop),
                     key.host,
                     key.port,
                     ssl=key.ssl or None,
@@ -573,18 +575,16 @@ class Http1Client:
             if not conn.closed:
                 conn.abort()
             return
-        loop = asyncio.get_running_loop()
-        conn.idle_since = loop.time()
+        conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
         if self._sweeper is None:
-            self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
+            self._sweeper = conn.loop.call_later(self.keepalive_timeout / 2, self._sweep)
 
     def _sweep(self) -> None:
         """Close the connections idle for longer than the keep-alive timeout (one timer
         per client, every half timeout, rather than one per idle connection)."""
         self._sweeper = None
-        loop = asyncio.get_running_loop()
-        expired = loop.time() - self.keepalive_timeout
+        expired = time.monotonic() - self.keepalive_timeout
         for key, idle in list(self._idle.items()):
             kept = []
             for conn in idle:
@@ -599,7 +599,9 @@ class Http1Client:
             else:
                 del self._idle[key]
         if self._idle and not self.closed:
-            self._sweeper = loop.call_later(self.keepalive_timeout / 2, self._sweep)
+            self._sweeper = asyncio.get_running_loop().call_later(
+                self.keepalive_timeout / 2, self._sweep
+            )
 
     def _forget(self, conn: _Connection) -> None:
         self._open.discard(conn)

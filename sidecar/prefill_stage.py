@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 
 from tenacity import (
     AsyncRetrying,
@@ -79,8 +80,7 @@ class PrefillStage:
     async def run(self, ctx: RequestContext) -> tuple[LegContext, PrefillResult, int | None]:
         """The prefill stage: attempts along the prefiller list, retried while retryable."""
         ex = ctx.ex
-        loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = time.perf_counter()
 
         def count_retry(state: RetryCallState) -> None:
             outcome = state.outcome
@@ -117,7 +117,7 @@ class PrefillStage:
         except Retryable as exc:
             raise exc.error from None
         finally:
-            ex.prefill_s = loop.time() - started
+            ex.prefill_s = time.perf_counter() - started
             self.metrics.prefill_seconds.observe(ex.prefill_s)
         raise AssertionError("unreachable: tenacity either returns or raises")
 
