@@ -37,6 +37,7 @@ import yaml
 sys.path.insert(0, os.getcwd())  # the tree this is run from (for before/after runs)
 
 from benchmarks.routing_bench import epp_config
+from common import heap
 from epp.director import DirectorSettings, build_director
 from epp.kv_events import block_hashes, decode_batch, external_hash
 from epp.metrics import EppMetrics
@@ -53,7 +54,7 @@ def quantile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def bench_decide(requests: int, workdir: Path) -> dict[str, float]:
+async def bench_decide(requests: int, workdir: Path, *, settle: bool = True) -> dict[str, float]:
     endpoints_file = workdir / "endpoints.yaml"
     entries = [
         {
@@ -75,6 +76,8 @@ async def bench_decide(requests: int, workdir: Path) -> dict[str, float]:
     director = await build_director(settings, EppMetrics())
     producer = next(p for p in director.config.plugins if isinstance(p, PrecisePrefixCacheProducer))
     await director.start()
+    if settle:
+        heap.settle()  # as the EPP process does once started
     try:
         for _ in range(200):
             if len(director.datastore) == ENDPOINTS:
@@ -148,11 +151,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=40)
     parser.add_argument("--event-repeats", type=int, default=15)
+    parser.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="leave the garbage collector as CPython sets it (the EPP settles it once started)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     results = bench_event(args.event_repeats)
     with tempfile.TemporaryDirectory(prefix="long-prompt-bench-") as tmp:
-        results.update(asyncio.run(bench_decide(args.requests, Path(tmp))))
+        decide = bench_decide(args.requests, Path(tmp), settle=not args.no_settle)
+        results.update(asyncio.run(decide))
     for name, value in results.items():
         print(f"{name:36s} {value:8.2f}")
     return 0
