@@ -37,7 +37,7 @@ import grpc
 import psutil
 
 from benchmarks.epp_bench import FixedDecision, _headers
-from benchmarks.flow_control_bench import ENGINES, OBJECTS, SIM_ARGS, _body, epp_config
+from benchmarks.flow_control_bench import OBJECTS, Shape, _body, epp_config
 from epp._proto.disagg_extproc_pb2 import (
     BodyResponse,
     CommonResponse,
@@ -54,6 +54,9 @@ from epp.flowcontrol.eviction import EvictionItem
 from epp.metrics import EppMetrics
 from examples.local_stack import LocalStack, StackOptions
 
+# Short prompts and 24 output tokens: about 26 SSE chunks per response, each one gRPC
+# round trip through the EPP.
+SHAPE = Shape(prompt_words=40, max_tokens=24)
 _TOKEN = (
     b'data: {"id":"chatcmpl-1","object":"chat.completion.chunk","created":1,'
     b'"model":"sim-model","choices":[{"index":0,"delta":{"content":"word "},'
@@ -92,7 +95,7 @@ async def _load(url: str, requests: int, concurrency: int) -> tuple[int, int, fl
                     "x-llm-d-inference-objective": "standard",
                     "x-llm-d-inference-fairness-id": f"tenant-{rng.randrange(2)}",
                 }
-                async with session.post(url, json=_body(rng), headers=headers) as r:
+                async with session.post(url, json=_body(rng, SHAPE), headers=headers) as r:
                     data = await r.read()
                 if r.status == 200:
                     ok += 1
@@ -109,12 +112,12 @@ async def measure(args: argparse.Namespace) -> dict[str, float]:
     objects.write_text(OBJECTS)
     options = StackOptions(
         prefill=0,
-        decode=ENGINES,
+        decode=SHAPE.engines,
         gateway_port=0,
         workdir=workdir,
-        sim_args=SIM_ARGS,
+        sim_args=SHAPE.sim_args(),
         epp_args=[f"--api-objects-file={objects}", "--allow-experimental-plugins"],
-        epp_config=epp_config(workdir, not args.flow_control_off, 0.5),
+        epp_config=epp_config(workdir, not args.flow_control_off, 0.5, batch=SHAPE.batch),
     )
     stack = LocalStack(options)
     await stack.start()
