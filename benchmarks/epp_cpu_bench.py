@@ -17,7 +17,8 @@ decision (``benchmarks.epp_bench.FixedDecision``) in a child process, driven ove
 loopback gRPC the way Envoy drives it (headers, body, response headers, 27 SSE chunks,
 the end of the response); ``--evictable`` gives every decision an eviction handle, and
 ``--echo`` swaps in a handler that answers every message with one constant message (the
-cost of gRPC alone).
+cost of gRPC alone), and ``--loop asyncio`` serves on asyncio's own loop instead of
+uvloop (which the EPP process runs on).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 import aiohttp
 import grpc
 import psutil
+import uvloop
 
 from benchmarks.epp_bench import FixedDecision, _headers
 from benchmarks.flow_control_bench import OBJECTS, Shape, _body, epp_config
@@ -209,7 +211,11 @@ async def _one_stream(channel: grpc.aio.Channel) -> None:
 async def measure_extproc(args: argparse.Namespace) -> dict[str, float]:
     workdir = Path(tempfile.mkdtemp(prefix="disagg-extproc-cpu-"))
     port_file = workdir / "port"
-    flags = [*(["--evictable"] if args.evictable else []), *(["--echo"] if args.echo else [])]
+    flags = [
+        *(["--evictable"] if args.evictable else []),
+        *(["--echo"] if args.echo else []),
+        f"--loop={args.loop}",
+    ]
     child = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "benchmarks.epp_cpu_bench", "--serve", str(port_file), *flags
     )
@@ -256,10 +262,17 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=1200, help="with --extproc-only")
     parser.add_argument("--evictable", action="store_true", help="with --extproc-only")
     parser.add_argument("--echo", action="store_true", help="with --extproc-only")
+    parser.add_argument(
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="with --extproc-only: the server's event loop (the EPP runs on uvloop)",
+    )
     parser.add_argument("--serve", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve is not None:
-        asyncio.run(serve(args.serve, args.evictable, args.echo))
+        runner = uvloop.run if args.loop == "uvloop" else asyncio.run
+        runner(serve(args.serve, args.evictable, args.echo))
         return
     for _ in range(args.repeat):
         run = measure_extproc if args.extproc_only else measure

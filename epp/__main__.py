@@ -81,7 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from epp.app import StartupError, run
 
     try:
-        asyncio.run(run(settings))
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        runner = asyncio.run
+    else:
+        # grpc.aio serves on uvloop too; its messages cost about 10% less CPU there.
+        runner = uvloop.run
+    try:
+        runner(run(settings))
     except StartupError as err:
         print(f"epp: error: {err}", file=sys.stderr)
         return err.exit_code
