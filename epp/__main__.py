@@ -7,13 +7,13 @@ and exits 0; a bad configuration exits 2 with the message naming the field.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
+from common import event_loop
 from epp.config import ConfigError, SchedulerConfig, load_config
 from epp.logs import configure_logging
 from epp.settings import EppSettings, parse_args
@@ -81,14 +81,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from epp.app import StartupError, run
 
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    else:
-        # grpc.aio serves on uvloop too; its messages cost about 10% less CPU there.
-        runner = uvloop.run
-    try:
-        runner(run(settings))
+        event_loop.run(run(settings))  # grpc.aio serves on uvloop too
     except StartupError as err:
         print(f"epp: error: {err}", file=sys.stderr)
         return err.exit_code

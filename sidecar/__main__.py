@@ -6,10 +6,10 @@ unusable (the message names the flag).
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from collections.abc import Sequence
 
+from common import event_loop
 from sidecar.app import StartupError, run
 from sidecar.log import configure_logging
 from sidecar.settings import Settings, SettingsError, load_settings
@@ -46,13 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(settings.effective_log_level)
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        runner = asyncio.run
-    else:
-        runner = uvloop.run
-    try:
-        runner(run(settings))
+        event_loop.run(run(settings))
     except StartupError as exc:
         print(f"pd-sidecar: cannot start: {exc}", file=sys.stderr)
         return 2

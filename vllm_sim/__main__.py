@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
 import signal
 import sys
@@ -13,7 +12,7 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import ValidationError
 
-from common import heap
+from common import event_loop, heap
 
 from .config import SimConfig
 from .fleet import Fleet, FleetOptions
@@ -167,15 +166,11 @@ async def _serve(config: SimConfig) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config, fleet = parse_command(argv)
-    with contextlib.suppress(ImportError):
-        import uvloop
-
-        uvloop.install()
     if fleet is not None:
         logging.getLogger().setLevel(logging.WARNING)  # a line per engine is noise
-        asyncio.run(_serve_fleet(config, fleet))
+        event_loop.run(_serve_fleet(config, fleet))
     else:
-        asyncio.run(_serve(config))
+        event_loop.run(_serve(config))
     sys.exit(0)
 
 
