@@ -6,21 +6,20 @@ has one small extractor; all of them produce a ``ParsedRequest``. Anything that 
 a JSON object of the expected shape raises ``BadRequest`` naming the offending field.
 Which extractor a path gets is the parser plugins' business (``epp.plugins.parsers``).
 
-The hot path is ``json.loads`` (C) plus list joins and one ``str.encode`` (C); no loop
-over characters happens in Python, so a 200 KB body costs about a millisecond.
+The hot path is parsing (``common.json_codec``, in C) plus list joins and one
+``str.encode`` (C); no loop over characters happens in Python, so a 200 KB body costs
+about a millisecond.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 from array import array
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
-import orjson
-
+from common.json_codec import loads_checked
 from common.multimodal import INPUT_AUDIO, MULTIMODAL_PART_TYPES
 from epp.decision import BadRequest
 
@@ -421,34 +420,6 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
     return parse_api(spec, route, headers, body)
 
 
-# Bodies from this size are parsed by orjson (about twice as fast as ``json``) when its
-# result is provably the one ``json.loads`` gives; smaller ones by ``json`` directly.
-FAST_JSON_BYTES = 64 * 1024
-# orjson turns integers beyond 64 bits into floats where ``json`` keeps them exact: a
-# body with a run of 19 digits anywhere (numbers or not) goes to ``json``.
-_DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
-_LONG_DIGIT_RUN = b"0" * 19
-
-
-def loads(body: bytes | bytearray | str) -> Any:
-    """``json.loads(body)``, faster for large bodies (same result, same errors)."""
-    return _loads(body)[0]
-
-
-def _loads(body: bytes | bytearray | str) -> tuple[Any, bool]:
-    """``loads(body)``, and True when the text is known to hold no run of 19 digits (so
-    every integer in it fits 64 bits signed); False when not known or not so."""
-    if len(body) >= FAST_JSON_BYTES:
-        data = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else bytes(body)
-        if _LONG_DIGIT_RUN not in data.translate(_DIGITS_AS_ZERO):
-            try:
-                return orjson.loads(data), True
-            except orjson.JSONDecodeError:
-                # json decides: it accepts more (NaN, lone surrogates, a BOM) or fails
-                return json.loads(body), True
-    return json.loads(body), False
-
-
 def is_token_ids(value: object) -> TypeGuard[list[int]]:
     """A non-empty list of ints (bools excluded), checked in C when every item is an int."""
     if not isinstance(value, list) or not value:
@@ -463,7 +434,7 @@ def _json_object(body: bytes) -> tuple[dict[str, Any], bool]:
     if not body:
         raise _bad("empty request body")
     try:
-        doc, short_ints = _loads(body)
+        doc, short_ints = loads_checked(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
     except RecursionError:

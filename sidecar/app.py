@@ -29,8 +29,8 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from common import heap
+from common.json_codec import dumps
 from sidecar import tracing
-from sidecar._json import dumps
 from sidecar.api_shapes import API_SHAPES, shape_for
 from sidecar.connectors import Connector, ConnectorOptions, MoriioOptions, create_connector
 from sidecar.connectors.moriio import MoriioConnector

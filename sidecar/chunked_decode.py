@@ -54,8 +54,8 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from common.json_codec import dumps, loads
 from sidecar import tracing
-from sidecar._json import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.errors import DecodeError, NotChunkable, SidecarError
 from sidecar.exchange import Exchange

@@ -13,7 +13,7 @@ import time
 
 from aiohttp import web
 
-from sidecar._json import dumps
+from common.json_codec import dumps
 from sidecar.connectors import Connector, LegContext, PrefillResult
 from sidecar.context import RequestContext
 from sidecar.decode_stage import DecodeStage

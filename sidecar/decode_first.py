@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 
-from sidecar._json import loads
+from common.json_codec import loads
 
 __all__ = ["FinishScan", "Verdict"]
 

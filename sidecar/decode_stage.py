@@ -17,8 +17,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from common.json_codec import dumps
 from sidecar import tracing
-from sidecar._json import dumps
 from sidecar.chunked_decode import (
     ChunkAnswer,
     ChunkedDecode,

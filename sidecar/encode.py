@@ -31,8 +31,8 @@ from typing import Any, Literal
 
 from multidict import CIMultiDict
 
+from common.json_codec import dumps, loads
 from common.multimodal import MULTIMODAL_PART_TYPES
-from sidecar._json import dumps, loads
 from sidecar.errors import EncodeError, EncodeTimeout, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.headers import TRACEPARENT

@@ -31,8 +31,8 @@ from typing import Any
 
 from aiohttp import web
 
+from common.json_codec import dumps
 from sidecar import tracing
-from sidecar._json import dumps
 from sidecar.api_shapes import ApiShape
 from sidecar.chunked_decode import chunking_applies, refuse_unchunkable
 from sidecar.client_fields import forbidden_field

@@ -20,8 +20,8 @@ from tenacity import (
     wait_exponential_jitter,
 )
 
+from common.json_codec import dumps, loads
 from sidecar import tracing
-from sidecar._json import dumps, loads
 from sidecar.connectors import Connector, LegContext, PrefillResult
 from sidecar.context import RequestContext
 from sidecar.errors import (

@@ -7,7 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar._json import loads
+from common.json_codec import loads
 from sidecar.errors import BodyTooLarge, InvalidBody, RequestBodyTimeout
 
 __all__ = ["parse_json_object", "read_body"]

@@ -46,8 +46,8 @@ from opentelemetry import trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from yarl import URL
 
+from common.json_codec import loads
 from common.tracing import PROPAGATOR, provider_from_environment
-from sidecar._json import loads
 from sidecar.errors import SidecarError, TargetForbidden
 from sidecar.headers import CURRENT_SPAN_TRACEPARENT, TRACEPARENT, TraceContext
 from sidecar.routing import DATA_PARALLEL_HOST_PORT

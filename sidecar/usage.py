@@ -10,7 +10,7 @@ forwarded as the very bytes that arrived.
 
 from __future__ import annotations
 
-from sidecar._json import dumps, loads
+from common.json_codec import dumps, loads
 from sidecar.api_shapes import ApiShape
 from sidecar.sse import EventFramer, first_event_end
 

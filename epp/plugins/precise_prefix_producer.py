@@ -33,6 +33,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field, model_validator
 
 from common.durations import parse_duration
+from common.json_codec import loads
 from epp.datastore import Endpoint
 from epp.kv_events.hashing import block_hashes, hash_keys
 from epp.kv_events.index import KvBlockIndex, medium_bit
@@ -50,7 +51,6 @@ from epp.plugins.prefix_producer import (
 from epp.plugins.registry import register
 from epp.plugins.token_estimate import TokenizedPrompt
 from epp.plugins.token_producer import TOKENIZED_PROMPT
-from epp.request import loads
 from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 

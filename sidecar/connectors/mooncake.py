@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import aiohttp
 
-from sidecar._json import loads
+from common.json_codec import loads
 from sidecar.api_shapes import Finish
 from sidecar.connectors._bodies import one_token_prefill
 from sidecar.connectors.base import Connector, LegContext, LegOrder, PrefillResult

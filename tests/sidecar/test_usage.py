@@ -158,7 +158,7 @@ def test_oversized_event_is_relayed_raw() -> None:
 
 
 def test_json_codec_accepts_what_the_standard_library_accepts() -> None:
-    from sidecar._json import dumps, loads
+    from common.json_codec import dumps, loads
 
     huge = {"seed": 2**70, "text": "héllo"}
     assert loads(dumps(huge)) == huge
