@@ -7,7 +7,10 @@ every few thousand requests and walks every object alive, and young collections 
 every 700 allocations, a few times per request. :func:`settle` moves what start-up built
 out of the collector's reach (``gc.freeze``) and lets the young generation grow before
 it is collected. Reference counting still frees nearly everything a request allocates;
-only garbage in cycles waits longer, bounded by the thresholds.
+garbage in cycles waits longer, bounded by the thresholds. The price: a start-up object
+that later becomes part of an unreachable cycle (say, an endpoint discovered at start-up
+and removed since, if its objects referred to each other) is never collected, a one-time
+amount bounded by what start-up built.
 """
 
 from __future__ import annotations
