@@ -4,12 +4,13 @@ Writing uses orjson (about 70x faster than the standard library for a 64 KB prom
 falling back to the standard library for what orjson refuses: integers beyond 64 bits,
 lone surrogates (a client may send ``"\\ud800"``) and nesting deeper than 255 levels.
 
-Reading gives exactly what ``json.loads`` gives, values and errors alike, 1.6-4x
-faster. orjson parses a text only when its answer is provably the same: orjson turns
-integers beyond 64 bits into floats where ``json`` keeps them exact, so a text with a
-run of 19 digits anywhere (in a number or not) goes to ``json``; and whatever orjson
-refuses (NaN, lone surrogates, a byte order mark, UTF-16, nesting, malformed text) goes
-to ``json`` too, which accepts it or raises its own error.
+Reading gives exactly what ``json.loads`` gives, values and errors alike, faster
+(1.6-2.4x for the sidecar's 0.5-1 KB bodies, about 2x for large ones). orjson parses a
+text only when its answer is provably the same: orjson turns integers beyond 64 bits
+into floats where ``json`` keeps them exact, so a text with a run of 19 digits anywhere
+(in a number or not) goes to ``json``; and whatever orjson refuses (NaN, lone
+surrogates, a byte order mark, UTF-16, nesting, malformed text) goes to ``json`` too,
+which accepts it or raises its own error.
 """
 
 from __future__ import annotations
