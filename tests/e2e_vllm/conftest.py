@@ -21,7 +21,7 @@ import pytest_asyncio
 
 from examples.local_stack import LocalStack, StackOptions
 
-from .engines import KV_TRANSFER_CONFIG, VllmEngine
+from .engines import KV_TRANSFER_CONFIG, VllmEngine, client_session
 
 PYTHON_ENV = "DISAGG_VLLM_PYTHON"
 MODEL_CACHE_ENV = "DISAGG_MODEL_CACHE"
@@ -102,7 +102,7 @@ async def running_pd(
     ]
     prefill, decode = engines
     stack: LocalStack | None = None
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, sock_connect=2))
+    session = client_session()
     try:
         await prefill.start()
         await decode.start()

@@ -25,6 +25,7 @@ __all__ = [
     "Metrics",
     "VllmEngine",
     "by_source",
+    "client_session",
     "scrape",
 ]
 
@@ -45,6 +46,20 @@ PREFILL_PARAMS = {
     "remote_host": None,
     "remote_port": None,
 }
+
+
+# vLLM closes a keep-alive connection idle for 5 s (VLLM_HTTP_TIMEOUT_KEEP_ALIVE). A
+# client keeping it longer may send a request just as the engine closes it, and fail
+# with "Cannot write to closing transport": the tests' clients let go first.
+CLIENT_KEEPALIVE_S = 2.0
+
+
+def client_session() -> aiohttp.ClientSession:
+    """The tests' client for the engines and the stack (60 s per request)."""
+    return aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=60, sock_connect=2),
+        connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S),
+    )
 
 
 class VllmEngine(ManagedProcess):

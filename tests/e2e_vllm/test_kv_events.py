@@ -33,7 +33,7 @@ from examples.local_stack.processes import free_port
 from tests.epp_scheduling.fixtures import all_fresh, pd_config, wait_until, write_endpoints
 from vllm_sim import SimConfig, SimServer
 
-from .engines import SERVED_MODEL, VllmEngine
+from .engines import SERVED_MODEL, VllmEngine, client_session
 
 pytestmark = [
     pytest.mark.vllm_e2e,
@@ -99,7 +99,7 @@ async def published(
                 extra_env={"VLLM_SERVER_DEV_MODE": "1"},
             )
         )  # fmt: skip
-    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60, sock_connect=2))
+    session = client_session()
     try:
         for engine in engines:
             await engine.start()
