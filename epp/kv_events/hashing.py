@@ -116,7 +116,7 @@ def _encode_tokens(tokens: Sequence[int]) -> Sequence[bytes]:
         except IndexError:
             top = max(tokens)
             if top < _TABLE_MAX:
-                with _TABLE_LOCK:  # prompts are hashed on worker threads
+                with _TABLE_LOCK:  # callers may hash on several threads
                     table.extend([_token_cbor(t) for t in range(len(table), top + 1)])
                 return getter(table)  # type: ignore[no-any-return]
     return [_token_cbor(t) for t in tokens]
@@ -150,14 +150,19 @@ def block_hashes(
     *,
     max_blocks: int | None = None,
     extra_keys: Sequence[tuple[Any, ...] | None] | None = None,
+    parent: bytes | None = None,
 ) -> list[bytes]:
-    """The full 32-byte hashes of the full blocks of ``token_ids``, as the engine makes them."""
+    """The full 32-byte hashes of the full blocks of ``token_ids``, as the engine makes them.
+
+    ``parent``: the hash of the block before the first of ``token_ids`` (a chain hashed in
+    pieces); none: the first block is the prompt's first."""
     n = len(token_ids) // block_size
     if max_blocks is not None:
         n = min(n, max_blocks)
     if n <= 0:
         return []
-    parent = none_hash(seed)
+    if parent is None:
+        parent = none_hash(seed)
     sha = hashlib.sha256
     # Per block, one 3-array: the parent's 32-byte string (its head is fixed), the
     # block's array head and encoded tokens, the extra keys.

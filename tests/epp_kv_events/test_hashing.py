@@ -118,6 +118,15 @@ def test_a_long_prompt_hashes_as_block_by_block_up_to_the_cap() -> None:
     assert hash_keys(hashes) == [external_hash(h) for h in hashes]
 
 
+def test_a_chain_hashed_in_pieces_is_the_chain() -> None:
+    tokens = [(i * 7919) % 150_000 for i in range(16 * 50 + 5)]
+    whole = block_hashes(tokens, 16, "0")
+    head = block_hashes(tokens[: 16 * 13], 16, "0")
+    tail = block_hashes(tokens[16 * 13 :], 16, "0", parent=head[-1])
+    assert head + tail == whole
+    assert block_hashes(tokens[16 * 13 :], 16, "0") != tail  # the parent is what chains
+
+
 def test_negative_ids_encode_as_cbor_does() -> None:
     tokens = [-1, -25, 3, 70_000] * 8
     assert block_hashes(tokens, 16) == _one_by_one(tokens, 16, 10)
