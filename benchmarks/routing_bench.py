@@ -55,6 +55,7 @@ import json
 import math
 import os
 import random
+import re
 import sys
 import tempfile
 import time
@@ -455,8 +456,14 @@ class Bench:
     """A fleet, then per configuration an EPP and an Envoy in front of it."""
 
     def __init__(self, engines: int, model: EngineModel, workdir: Path, *, pd: bool = False,
-                 scrape_interval: str = "250ms", token_ids: bool = False) -> None:  # fmt: skip
+                 scrape_interval: str = "250ms", token_ids: bool = False,
+                 epp_cpus: frozenset[int] = frozenset(),
+                 exact_decisions: bool = False) -> None:  # fmt: skip
         self.engines = engines
+        # The EPP on these CPUs (the rest of the stack off them); none: shared.
+        self.epp_cpus = epp_cpus
+        # Every decision's time from the EPP's debug log, not only its histogram.
+        self.exact_decisions = exact_decisions
         self.token_ids = token_ids
         self.model = model
         self.workdir = workdir
@@ -540,14 +547,16 @@ class Bench:
         cfg_path = self.workdir / f"epp-{config}.yaml"
         cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         grpc_port, health_port, metrics_port = free_port(), free_port(), free_port()
+        pin = ["taskset", "-c", ",".join(map(str, sorted(self.epp_cpus)))] if self.epp_cpus else []
         epp = ManagedProcess(
             f"epp-{config}-{self.engines}",
-            [sys.executable, "-m", "epp", f"--grpc-port={grpc_port}",
+            [*pin, sys.executable, "-m", "epp", f"--grpc-port={grpc_port}",
              f"--grpc-health-port={health_port}", f"--metrics-port={metrics_port}",
              "--bind-address=127.0.0.1", "--secure-serving=false",
              "--metrics-endpoint-auth=false", "--tracing=false", "--drain-timeout=0s",
              f"--refresh-metrics-interval={self.scrape_interval}",
-             "--metrics-staleness-threshold=5s", f"--config-file={cfg_path}", "--v=1"],
+             "--metrics-staleness-threshold=5s", f"--config-file={cfg_path}",
+             "--v=4" if self.exact_decisions else "--v=1"],
             self.workdir,
         )  # fmt: skip
         envoy: EnvoyProcess | None = None
@@ -568,7 +577,10 @@ class Bench:
             cpu0 = _proc_cpu_s(epp.pid)
             async with session.get(metrics_url) as resp:
                 before = await resp.text()
+            epp.mark_log()
             outcomes = await drive(url, requests, token_ids=self.token_ids)
+            if self.exact_decisions:
+                _exact_decisions(result, epp.log_since_mark())
             cpu1 = _proc_cpu_s(epp.pid)
             async with session.get(metrics_url) as resp:
                 after = await resp.text()
@@ -617,6 +629,20 @@ class Bench:
             return False
 
         await wait_until(heard, "kv events from every engine", 90, epp.check_alive)
+
+
+_ROUTED = re.compile(r"routed ([0-9.]+) ms after its stream opened")
+
+
+def _exact_decisions(result: RunResult, epp_log: str) -> None:
+    """Every decision's time, from the EPP's debug line for it (the observation its
+    request-processing histogram takes, before bucketing)."""
+    times = [float(m.group(1)) for m in _ROUTED.finditer(epp_log)]
+    if times:
+        result.extra["decision_exact_ms"] = {
+            "n": len(times), "p50": percentile(times, 0.5), "p90": percentile(times, 0.9),
+            "p99": percentile(times, 0.99), "max": max(times),
+        }  # fmt: skip
 
 
 def _decision_figures(result: RunResult, before: str, after: str) -> None:
@@ -718,7 +744,8 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
                   duration_s: float, seed: int, slo_s: float, model: EngineModel,
                   workdir: Path, *, scale: float = 1.0, arrival: str = "poisson",
                   scrape_interval: str = "250ms", rate: float | None = None,
-                  token_ids: bool = False, log: Any = print) -> list[RunResult]:  # fmt: skip
+                  token_ids: bool = False, epp_cpus: frozenset[int] = frozenset(),
+                  exact_decisions: bool = False, log: Any = print) -> list[RunResult]:  # fmt: skip
     """Every configuration at every load on one fleet (and one P/D fleet if asked)."""
     if rate is None:
         mean_prompt = mean_prompt_tokens(workload, seed=seed, scale=scale)
@@ -735,7 +762,8 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
             if not names:
                 continue
             bench = Bench(engines, model, workdir, pd=pd, scrape_interval=scrape_interval,
-                          token_ids=token_ids)  # fmt: skip
+                          token_ids=token_ids, epp_cpus=epp_cpus,
+                          exact_decisions=exact_decisions)  # fmt: skip
             try:
                 await bench.start(session)
                 for load in loads:
@@ -763,7 +791,16 @@ def _one_line(r: RunResult) -> str:
             f"SLO {r.within_slo:.1%} hit {r.hit_rate:.1%} (oracle {r.oracle_hit_rate:.1%}) "
             f"prefill {r.prefill_requests} EPP {r.epp_cpu_ms_per_request:.2f} ms CPU/req "
             f"decision {r.decision_mean_ms:.2f}/{r.decision_p99_ms:.1f} ms mean/p99 "
-            f"RSS {r.epp_peak_rss_mb:.0f} MB lag p99 {r.send_lag_p99_ms:.0f} ms")  # fmt: skip
+            f"RSS {r.epp_peak_rss_mb:.0f} MB lag p99 {r.send_lag_p99_ms:.0f} ms"
+            + _exact_line(r))  # fmt: skip
+
+
+def _exact_line(r: RunResult) -> str:
+    exact = r.extra.get("decision_exact_ms")
+    if not exact:
+        return ""
+    return (f" exact decision p50/p90/p99/max {exact['p50']:.1f}/{exact['p90']:.1f}/"
+            f"{exact['p99']:.1f}/{exact['max']:.1f} ms ({exact['n']})")  # fmt: skip
 
 
 def markdown_table(results: list[RunResult], slo_s: float) -> str:
@@ -833,12 +870,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="96 engines, 240K-token prompts, precise prefix")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a one-minute run")
     parser.add_argument("--scrape-interval", default="250ms")
+    parser.add_argument("--epp-cpus", default="",
+                        help="CPUs for the EPP alone, e.g. 0 (the rest of the stack runs on "
+                             "the others), as when it has cores of its own")  # fmt: skip
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--plot", default="", help="PNG path for the load sweep")
     args = parser.parse_args(argv)
     out = Path(args.out)
     workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))
     print(f"logs in {workdir}")
+    epp_cpus = frozenset(int(c) for c in args.epp_cpus.split(",") if c)
+    if epp_cpus:
+        others = os.sched_getaffinity(0) - epp_cpus
+        if not others or not epp_cpus <= os.sched_getaffinity(0):
+            parser.error(f"--epp-cpus {args.epp_cpus}: needs CPUs of this process's, not all")
+        os.sched_setaffinity(0, others)  # the fleet, Envoy and the load follow
+        print(f"EPP on CPUs {sorted(epp_cpus)}, the rest on {sorted(others)}")
     model = EngineModel()
     if args.smoke:
         results = asyncio.run(smoke(workdir))
@@ -846,7 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown_table(results, 1.0))
         return 0 if all(r.ok > 0 and r.errors == 0 for r in results) else 1
     if args.long_prompts:
-        results = asyncio.run(long_prompts(workdir, args.duration))
+        results = asyncio.run(long_prompts(workdir, args.duration, epp_cpus))
         _write(results, out, "long-prompts", 600.0)
         print(markdown_table(results, 600.0))
         return 0
@@ -859,7 +906,7 @@ def main(argv: list[str] | None = None) -> int:
                                        args.seed, args.slo, model, workdir,
                                        scale=args.prompt_scale, arrival=args.arrival,
                                        scrape_interval=args.scrape_interval,
-                                       rate=args.rate))  # fmt: skip
+                                       rate=args.rate, epp_cpus=epp_cpus))  # fmt: skip
     stem = f"{args.workload}-{'-'.join(map(str, sizes))}"
     _write(results, out, stem, args.slo)
     print(markdown_table(results, args.slo))
@@ -873,11 +920,13 @@ async def smoke(workdir: Path, log: Any = print) -> list[RunResult]:
     model = EngineModel(num_blocks=1024, prefill_ms_per_token=0.5, time_scale=1.0)
     return await compare(4, "chat", [0.5], ["least-requests", "precise-prefix", "pd"], 8.0,
                          seed=1, slo_s=1.0, model=model, workdir=workdir, scale=0.2,
-                         log=log)  # fmt: skip
+                         exact_decisions=True, log=log)  # fmt: skip
 
 
-async def long_prompts(workdir: Path, duration_s: float) -> list[RunResult]:
-    """llm-d-router #2390's case: 96 endpoints, 240K-token prompts, precise prefix."""
+async def long_prompts(workdir: Path, duration_s: float,
+                       epp_cpus: frozenset[int] = frozenset()) -> list[RunResult]:  # fmt: skip
+    """llm-d-router #2390's case: 96 endpoints, 240K-token prompts, precise prefix; every
+    decision timed exactly (from the EPP's debug log)."""
     model = EngineModel(num_blocks=24_000, max_model_len=400_000, prefill_ms_per_token=0.01,
                         ttft_base_ms=20, max_num_seqs=8, time_scale=1.0)  # fmt: skip
     # docqa documents are 4-8K tokens: x40 makes 160K-320K-token prompts (mean ~240K).
@@ -887,7 +936,8 @@ async def long_prompts(workdir: Path, duration_s: float) -> list[RunResult]:
     for token_ids in (False, True):
         run = await compare(96, "docqa", [1.0], ["precise-prefix"], duration_s, seed=3,
                             slo_s=600.0, model=model, workdir=workdir, scale=40.0,
-                            scrape_interval="1s", rate=1.0, token_ids=token_ids)  # fmt: skip
+                            scrape_interval="1s", rate=1.0, token_ids=token_ids,
+                            epp_cpus=epp_cpus, exact_decisions=True)  # fmt: skip
         for r in run:
             r.config += " (token ids)" if token_ids else " (text)"
         results += run

@@ -14,6 +14,7 @@ EPP to the first response body chunk (TTFT) and to the response's last chunk.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from time import perf_counter
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from epp.tracing import RequestSpan
 
 __all__ = ["FAIRNESS_HEADERS", "RequestRecord", "RequestTelemetry", "parse_usage"]
+
+log = logging.getLogger("epp.extproc")
 
 # The flow-control fairness id, current header first (llm-d's names and default).
 FAIRNESS_HEADERS = ("x-llm-d-inference-fairness-id", "x-gateway-inference-fairness-id")
@@ -211,7 +214,10 @@ class RequestRecord:
         labels = self._labels
         m.running.labels(*labels).inc()
         m.legacy_running.labels(labels[0]).inc()
-        m.request_processing.observe(perf_counter() - self._started)
+        processing = perf_counter() - self._started
+        m.request_processing.observe(processing)
+        log.debug("request %s: routed %.2f ms after its stream opened", ctx.request_id,
+                  processing * 1000)  # fmt: skip
         size = len(ctx.body)
         m.request_size.labels(*labels).observe(size)
         m.legacy_request_size.labels(*labels[:2]).observe(size)

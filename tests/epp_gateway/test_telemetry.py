@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import re
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -181,8 +182,11 @@ async def test_tracing_off_sets_no_traceparent(
 
 
 async def test_a_streamed_response_gives_llm_ds_request_metrics(
-    tmp_path: Path, pods: tuple[RecordingBackend, RecordingBackend]
+    tmp_path: Path,
+    pods: tuple[RecordingBackend, RecordingBackend],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="epp.extproc")
     endpoints = tmp_path / "endpoints.yaml"
     write_endpoints(endpoints, [(pods[0], "decode"), (pods[1], "prefill")])
     app = EppApp(_settings(endpoints, enable_grpc_stream_metrics=True))
@@ -246,8 +250,18 @@ async def test_a_streamed_response_gives_llm_ds_request_metrics(
         assert reg.get_sample_value("llm_d_epp_extproc_streams_total", {"code": "OK"}) == 1
         assert reg.get_sample_value("llm_d_epp_extproc_streams_inflight") == 0
         assert sample_sum(reg, "llm_d_epp_request_error_total") == 0
+        # At debug level each routed request says how long the EPP took (the
+        # request-processing histogram's observation, exact).
+        routed = [m for r in caplog.records if (m := _ROUTED.search(r.getMessage())) is not None]
+        assert len(routed) == 1
+        processing = reg.get_sample_value("llm_d_epp_request_processing_duration_seconds_sum")
+        assert processing is not None
+        assert float(routed[0].group(1)) == pytest.approx(processing * 1000, abs=0.01)
     finally:
         await app.stop()
+
+
+_ROUTED = re.compile(r"routed ([0-9.]+) ms after its stream opened")
 
 
 async def test_usage_is_counted_from_the_end_of_a_long_response_split_anywhere(

@@ -27,6 +27,10 @@ async def test_smoke_runs_every_configuration(tmp_path: Path) -> None:
         if r.config != "pd":  # P/D's decode engines pull KV: the oracle covers prefills only
             assert r.hit_rate <= r.oracle_hit_rate + 1e-9, r
         assert not math.isnan(r.decision_mean_ms), r
+        # Every routed request's decision timed from the EPP's debug line.
+        exact = r.extra["decision_exact_ms"]
+        assert exact["n"] == r.sent, exact
+        assert 0 < exact["p50"] <= exact["p99"] <= exact["max"], exact
         assert r.epp_cpu_ms_per_request > 0, r
         assert "epp_log_alarms" not in r.extra, r.extra
     # Precise routing reuses what the engines hold; the disaggregated run prefills.
