@@ -19,7 +19,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
-from common.json_codec import loads_checked
+from common.json_codec import loads, small_ints
 from common.multimodal import INPUT_AUDIO, MULTIMODAL_PART_TYPES
 from epp.decision import BadRequest
 
@@ -102,16 +102,14 @@ def _hex(ids: array[int] | list[int]) -> bytes:
 class _Prompt:
     """Collects prompt text pieces; joined once at the end."""
 
-    __slots__ = ("client_ids", "items", "packed", "parts", "short_ints")
+    __slots__ = ("client_ids", "items", "packed", "parts")
 
-    def __init__(self, short_ints: bool = False) -> None:
+    def __init__(self) -> None:
         self.parts: list[str] = []
         self.items: dict[str, MultimodalItem] = {}
         # A prompt of token ids: their 64-bit packing, or the ids when they are known to
         # fit it (packed when first read).
         self.packed: array[int] | list[int] | None = None
-        # The body's integers are known to fit 64 bits (no run of 19 digits).
-        self.short_ints = short_ints
         # ``body["prompt"]`` once it passed ``is_token_ids`` here.
         self.client_ids: list[int] | None = None
 
@@ -246,8 +244,8 @@ def _completions(body: Mapping[str, Any], out: _Prompt) -> int | None:
 
 
 def _token_ids(ids: list[Any], out: _Prompt, name: str) -> int:
-    if out.short_ints and is_token_ids(ids):
-        # Ints of at most 18 digits: packing them cannot fail, so it waits for a reader.
+    if ids and small_ints(ids):
+        # Ints below 2^53: packing them cannot fail, so it waits for a reader.
         out.packed = ids
         if name == "prompt":
             out.client_ids = ids
@@ -421,35 +419,35 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
 
 
 def is_token_ids(value: object) -> TypeGuard[list[int]]:
-    """A non-empty list of ints (bools excluded), checked in C when every item is an int."""
+    """A non-empty list of ints (bools excluded), checked in C when every item is an int
+    below 2^53 in magnitude."""
     if not isinstance(value, list) or not value:
         return False
-    if set(map(type, value)) == {int}:
+    if small_ints(value):
         return True
     return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _json_object(body: bytes) -> tuple[dict[str, Any], bool]:
-    """The body's object, and whether its integers are known to fit 64 bits."""
+def _json_object(body: bytes) -> dict[str, Any]:
     if not body:
         raise _bad("empty request body")
     try:
-        doc, short_ints = loads_checked(body)
+        doc = loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise _bad("request body nests too deeply") from None
     if not isinstance(doc, dict):
         raise _bad("request body must be a JSON object")
-    return doc, short_ints
+    return doc
 
 
 def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> ParsedRequest:
     """Parse a body as API ``api`` (a key of ``API_EXTRACTORS``)."""
     extract, model_required, generation = API_EXTRACTORS[api]
-    doc, short_ints = _json_object(body)
+    doc = _json_object(body)
     model = _str_field(doc, "model", required=model_required)
-    out = _Prompt(short_ints)
+    out = _Prompt()
     token_count = extract(doc, out)
     prompt: bytes | array[int] | list[int]
     if out.packed is not None and not out.parts:

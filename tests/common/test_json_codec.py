@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 
-from common.json_codec import dumps, loads, loads_checked
+from common.json_codec import dumps, loads, small_ints
 
 CASES = [
     '{"a": 1, "a": 2, "p": "%s"}',  # duplicate keys: the last wins
@@ -58,15 +57,33 @@ def test_deep_nesting_raises_recursion_error_like_json() -> None:
         loads(body)
 
 
-def test_loads_checked_says_whether_every_integer_fits_64_bits() -> None:
-    assert loads_checked(b'{"ids": [1, 2, 999999999999999999]}') == (
-        {"ids": [1, 2, 999999999999999999]},
-        True,
-    )
-    doc, short = loads_checked(b'{"ids": [1, 1234567890123456789]}')
-    assert doc == {"ids": [1, 1234567890123456789]} and not short
-    nan, short = loads_checked(b"[NaN]")  # json decides, the digits were still checked
-    assert math.isnan(nan[0]) and short
+def test_long_texts_with_wide_integers_in_long_lists_stay_exact() -> None:
+    ids = list(range(5000))
+    cases = [
+        {"prompt": [*ids, 10**25], "t": 0.5},  # beyond 64 bits, in a long list
+        {"prompt": [*ids, -(2**63) - 1], "seed": 10**30},
+        {"prompt": [*ids, 2**64 - 1, -(2**63)], "t": 1e19},  # 64 bits, and a wide float
+        {"prompt": [*ids, 1e300, -1e19], "d": "1234567890123456789"},  # no wide integer
+        {"prompt": [*ids, True, False, None], "x": [[*ids, 2.5]], "y": {"z": [10**20]}},
+    ]
+    for doc in cases:
+        text = json.dumps(doc)
+        assert len(text) > 4096
+        got = loads(text.encode())
+        assert repr(got) == repr(json.loads(text))
+
+
+def test_deep_values_are_walked() -> None:
+    for inner in (b"1e19", b"18446744073709551616", b"1"):
+        body = b'{"p": "%s", "x": %s%s%s}' % (b"x" * 8192, b"[" * 900, inner, b"]" * 900)
+        assert repr(loads(body)) == repr(json.loads(body))
+
+
+def test_small_ints_are_ints_below_2_53_and_nothing_else() -> None:
+    assert small_ints([0, 1, 150_000, 2**53 - 1, -(2**53 - 1)]) and small_ints([])
+    for other in (True, False, 2**53, -(2**53), 2**70, 1.0, float("nan"), None, "1", [1], {}):
+        assert not small_ints([1, 2, other]), other
+    assert not small_ints(["\ud800"])  # what orjson cannot write
 
 
 def test_dumps_is_compact_utf8_and_round_trips_what_orjson_refuses() -> None:

@@ -286,6 +286,11 @@ def test_token_id_checks() -> None:
     assert is_token_ids([1, 2, 3])
     assert not is_token_ids([]) and not is_token_ids([1, True]) and not is_token_ids("12")
     assert not is_token_ids([1, 2.0])
+    long = list(range(1000))
+    assert is_token_ids(long) and is_token_ids([*long, 2**53, 2**70])
+    assert not is_token_ids([*long, True]) and not is_token_ids([*long, False])
+    assert not is_token_ids([*long, None]) and not is_token_ids([*long, [1]])
+    assert not is_token_ids([*long, "1"]) and not is_token_ids([*long, 1e300])
 
 
 def test_token_id_prompt_bytes_are_made_on_first_read_and_unchanged() -> None:
@@ -320,17 +325,28 @@ def test_large_token_id_bodies_are_checked_once_and_packed_on_first_read() -> No
     from array import array
 
     ids = [i * 7 % 150_000 for i in range(64 * 1024 // 3)]
-    ids[5] = 10**18 - 1  # 18 digits: fits 64 bits
-    ids[6] = -(10**17)
+    ids[5] = 2**53 - 1  # the widest ids whose packing waits
+    ids[6] = -(2**53 - 1)
     req = parse("/v1/completions", {"model": "m", "prompt": ids, "stream": True})
     assert req.token_estimate == len(ids)
     assert req.prompt_source is req.body["prompt"]  # nothing packed yet
     assert req.client_token_ids() is req.body["prompt"]  # known from the parse
     assert req.prompt == array("q", ids).tobytes().hex().encode()
-    # 19 digits and more, or bools, take the checking path (and are refused or kept).
-    for big in (2**63, 2**64, -(2**63) - 1):
+    # Wider ids, or bools, take the checking path (and are refused, packed or kept).
+    for big in (2**63, 2**64, -(2**63) - 1, 10**30):
         with pytest.raises(BadRequest, match="token ids"):
             parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], big]})
+    for wide in (2**53, 10**18 - 1, 2**63 - 1, -(2**63)):
+        packed = parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], wide]})
+        assert packed.prompt == array("q", [*ids[:-1], wide]).tobytes().hex().encode()
+        assert packed.client_token_ids() == [*ids[:-1], wide]
+    # Exact integers beyond 64 bits elsewhere in the body, and floats, stay as sent.
+    doc = {"model": "m", "prompt": ids, "seed": 10**25, "temperature": 0.7, "x": [1e300]}
+    mixed = parse("/v1/completions", doc)
+    assert mixed.body == doc and type(mixed.body["seed"]) is int
+    assert mixed.client_token_ids() == ids and mixed.prompt == req.prompt
+    with pytest.raises(BadRequest, match="token ids"):
+        parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], 5.0]})
     with_bool = parse("/v1/completions", {"model": "m", "prompt": [*ids[:-1], True]})
     assert with_bool.client_token_ids() is None
     assert with_bool.prompt == array("q", [*ids[:-1], 1]).tobytes().hex().encode()
