@@ -106,8 +106,8 @@ async def bench_decide(requests: int, workdir: Path, *, settle: bool = True) -> 
             walls.append((time.perf_counter() - t0) * 1000)
             cpus.append((time.process_time() - c0) * 1000)
             decision.on_finished()
-            for _ in range(3):
-                await asyncio.sleep(0)  # what the decision left for later runs here
+            for _ in range(16):  # what the decision left for later runs here (a long
+                await asyncio.sleep(0)  # prompt's fallback warm-up takes a few turns)
         per_request = (time.process_time() - cpu0) / requests * 1000
     finally:
         await director.stop()

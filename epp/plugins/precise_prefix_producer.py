@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +41,7 @@ from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
 from epp.kv_events.tokenizer import LocalTokenizer, TokenizerError
 from epp.plugins.base import DataProducer, PluginParams, Release, RequestTracker
+from epp.plugins.prefix_producer import HASH_SLICE_BLOCKS as APPROX_SLICE_BLOCKS
 from epp.plugins.prefix_producer import (
     PREFIX_MATCH,
     ApproxPrefixCacheProducer,
@@ -250,6 +251,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self._speculative: dict[str, dict[int, float]] = {}
         self._speculative_ttl = parse_duration(p.speculative_ttl)
         self.served: dict[str, int] = {"precise": 0, "approximate": 0}
+        # Fallback warm-ups under way (hashing a long prompt in slices).
+        self._warming: set[asyncio.Task[None]] = set()
 
     # -- lifecycle ---------------------------------------------------------------
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -262,6 +265,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self.pool.sync(added, removed)
 
     async def aclose(self) -> None:
+        for task in self._warming:
+            task.cancel()
         await self.pool.close()
         if self._session is not None:
             await self._session.close()
@@ -363,14 +368,15 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
                 for target in result.targets(profile)[:1]:
                     self._predict(target.key, prompt.keys, cycle.now)
         # Keep the fallback warm: it must be useful the moment events stop. When the
-        # events served, hashing the prompt for it waits until the decision is out.
+        # events served, hashing the prompt for it waits until the decision is out, and
+        # a long prompt is hashed in slices, the loop serving other requests meanwhile.
         picked = [
             target.key
             for profile in (result.primary, result.prefill_profile)
             for target in result.targets(profile)[:1]
         ]
         if picked and cycle.get(_APPROX_MATCH) is None:
-            _after_decision(self._warm, cycle, picked)
+            self._warm_after_decision(cycle, picked)
         elif picked:
             self._warm(cycle, picked)
         match = cycle.get(PREFIX_MATCH)
@@ -392,6 +398,28 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         fallback index learns the endpoint that served the request."""
         self._warm(cycle, [target.key for target in served.targets(served.primary)[:1]])
         return release_decode
+
+    def _warm_after_decision(self, cycle: CycleState, picked: Sequence[str]) -> None:
+        """``_warm`` from the event loop's next turn on (now when no loop runs)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._warm(cycle, picked)
+            return
+        task = loop.create_task(self._warm_in_slices(cycle, picked))
+        self._warming.add(task)
+        task.add_done_callback(self._warming.discard)
+
+    async def _warm_in_slices(self, cycle: CycleState, picked: Sequence[str]) -> None:
+        endpoints = cycle.get(_APPROX_LATER)
+        if endpoints is None:
+            return
+        approx = await self.fallback.blocks_in_slices(cycle, endpoints)
+        if len(approx.hashes) > APPROX_SLICE_BLOCKS:
+            await asyncio.sleep(0)  # recording them is a slice of its own
+        if cycle.get(_APPROX_MATCH) is None:  # else ``reassign`` computed it meanwhile
+            cycle.put(_APPROX_MATCH, approx)
+        self._warm(cycle, picked)
 
     def _warm(self, cycle: CycleState, picked: Sequence[str]) -> None:
         """Record the prompt's blocks in the fallback's index for the picked endpoints."""
@@ -493,14 +521,3 @@ def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:
 
 def _noop() -> None:
     return None
-
-
-def _after_decision(fn: Callable[..., None], *args: Any) -> None:
-    """Run ``fn`` on the event loop's next turn (after the decision is returned), or
-    now when no loop runs."""
-    try:
-        loop = asyncio.get_running_loop()
-    except RuntimeError:
-        fn(*args)
-        return
-    loop.call_soon(fn, *args)

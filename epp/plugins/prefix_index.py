@@ -41,10 +41,17 @@ def _token_bytes(ids: Sequence[int]) -> bytes:
 
 
 def token_block_hashes(
-    ids: Sequence[int], block_tokens: int, max_blocks: int | None, seed: str = ""
+    ids: Sequence[int],
+    block_tokens: int,
+    max_blocks: int | None,
+    seed: str = "",
+    *,
+    parent: bytes | None = None,
 ) -> list[bytes]:
     """Chained hashes of ``block_tokens``-token blocks, the partial tail block included;
-    at most ``max_blocks`` (None: all). The chain starts from the hash of ``seed``."""
+    at most ``max_blocks`` (None: all). The chain starts from the hash of ``seed``, or
+    from ``parent``, the hash of the block before the first of ``ids`` (a chain hashed
+    in pieces)."""
     n = -(-len(ids) // block_tokens)
     if max_blocks is not None:
         n = min(n, max_blocks)
@@ -53,7 +60,11 @@ def token_block_hashes(
     raw = _token_bytes(ids[: n * block_tokens])
     step = len(raw) // len(ids[: n * block_tokens]) * block_tokens
     blake = hashlib.blake2b
-    prev = blake(seed.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+    prev = (
+        blake(seed.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+        if parent is None
+        else parent
+    )
     out: list[bytes] = []
     for i in range(n):
         prev = blake(prev + raw[i * step : (i + 1) * step], digest_size=16).digest()

@@ -21,6 +21,7 @@ EPP's older byte-block hashing of the prompt text (full blocks only, at most
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from epp.scheduling.cycle import CycleState, StateKey
 from epp.scheduling.result import SchedulingResult
 
 __all__ = [
+    "HASH_SLICE_BLOCKS",
     "MIN_BLOCK_SIZE_TOKENS",
     "PREFIX_MATCH",
     "ApproxPrefixCacheProducer",
@@ -55,6 +57,9 @@ log = logging.getLogger(__name__)
 MIN_BLOCK_SIZE_TOKENS = 64
 _DEFAULT_BLOCK_SIZE_TOKENS = 16
 _LEGACY_MAX_BLOCKS = 256
+# ``blocks_in_slices`` hashes this many blocks between two turns of the event loop
+# (about a millisecond).
+HASH_SLICE_BLOCKS = 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -298,6 +303,38 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
             block_bytes=size,
             prompt_bytes=len(tokens),
             prompt_tokens=req.token_estimate,
+            block_tokens=size,
+        )
+
+    async def blocks_in_slices(
+        self, cycle: CycleState, endpoints: Sequence[Endpoint]
+    ) -> PrefixMatch:
+        """``compute(cycle, endpoints, match=False)``, a long prompt hashed
+        ``HASH_SLICE_BLOCKS`` blocks at a time with the event loop turning between two
+        slices (the same hashes; a prompt of one slice is hashed without yielding)."""
+        p = self.params
+        if p.byte_blocks:
+            return self.compute(cycle, endpoints, match=False)
+        tokens = tokenized_prompt(cycle).token_ids
+        size = self.block_tokens(endpoints)
+        n = -(-len(tokens) // size)
+        cap = max_blocks(p, size)
+        if cap is not None:
+            n = min(n, cap)
+        hashes: list[bytes] = []
+        for start in range(0, n, HASH_SLICE_BLOCKS):
+            if start:
+                await asyncio.sleep(0)
+            stop = min(start + HASH_SLICE_BLOCKS, n)
+            piece = tokens[start * size : stop * size]
+            parent = hashes[-1] if hashes else None
+            hashes += token_block_hashes(piece, size, None, cycle.request.model, parent=parent)
+        return PrefixMatch(
+            hashes=hashes,
+            matched={},
+            block_bytes=size,
+            prompt_bytes=len(tokens),
+            prompt_tokens=cycle.request.token_estimate,
             block_tokens=size,
         )
 

@@ -61,6 +61,9 @@ def test_token_block_hashes_include_the_tail_and_chain_on_the_model() -> None:
     assert token_block_hashes(ids, 64, None, "other")[0] != hashes[0]
     assert len(token_block_hashes(ids, 64, 1, "m")) == 1
     assert token_block_hashes([], 64, None, "m") == []
+    # Hashed in pieces, each starting from the hash of the block before it: the same.
+    head = token_block_hashes(ids[:128], 64, None, "m")
+    assert head + token_block_hashes(ids[128:], 64, None, "m", parent=head[-1]) == hashes
 
 
 def test_defaults_are_llm_ds() -> None:

@@ -118,3 +118,42 @@ async def test_with_events_serving_the_fallback_hashes_the_prompt_after_the_deci
         }  # recorded at once: the blocks were there
     finally:
         await producer.aclose()
+
+
+async def test_a_long_prompt_warms_the_fallback_in_slices_with_the_same_hashes() -> None:
+    from epp.plugins.prefix_producer import HASH_SLICE_BLOCKS as APPROX_SLICE_BLOCKS
+    from epp.scheduling.result import ProfileResult, SchedulingResult
+
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        ep = Endpoint("e", "127.0.0.1", 1)
+        tokens = [i % 31_000 for i in range(64 * 2048 + 5)]  # the fallback's 2048-block cap
+        cycle = await _prefetch(producer, tokens)
+        expected = producer.fallback.compute(cycle, [ep], match=False)
+        assert len(expected.hashes) == 2048 > APPROX_SLICE_BLOCKS
+        producer.prepare(cycle, [ep])
+        ticks = 0
+
+        async def tick() -> None:
+            nonlocal ticks
+            while not producer.fallback.index.match(expected.hashes):
+                ticks += 1
+                await asyncio.sleep(0)
+
+        ticker = asyncio.create_task(tick())
+        await asyncio.sleep(0)
+        start = ticks
+        producer.track(cycle, SchedulingResult({"d": ProfileResult([ep])}, "d"))
+        await asyncio.wait_for(ticker, 10)
+        assert producer.fallback.index.match(expected.hashes) == {ep.key: 2048}
+        # The loop turned between every two slices of the 2048 blocks.
+        assert ticks - start >= 2048 // APPROX_SLICE_BLOCKS - 1
+        # A prompt that ends in a partial block, under the cap, is hashed the same way.
+        short = await _prefetch(producer, tokens[: 64 * 700 + 9])
+        producer.prepare(short, [ep])
+        whole = producer.fallback.compute(short, [ep], match=False)
+        assert len(whole.hashes) == 701
+        sliced = await producer.fallback.blocks_in_slices(short, [ep])
+        assert sliced == whole
+    finally:
+        await producer.aclose()
