@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from common.json_codec import dumps, loads, small_ints
 
@@ -91,3 +93,25 @@ def test_dumps_is_compact_utf8_and_round_trips_what_orjson_refuses() -> None:
     refused = {"seed": 2**70, "s": "\ud800"}
     assert dumps(refused) == b'{"seed":1180591620717411303424,"s":"\\ud800"}'
     assert loads(dumps(refused)) == refused
+
+
+_NUMBERS = st.one_of(
+    st.integers(),  # any width: orjson turns the widest into floats, json keeps them
+    st.integers(min_value=2**62, max_value=2**66).map(lambda n: n * (1 if n % 2 else -1)),
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.booleans(),
+    st.none(),
+)
+_VALUES = st.recursive(
+    _NUMBERS | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=40) | st.dictionaries(st.text(max_size=3), inner),
+    max_leaves=60,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(value=_VALUES, long=st.booleans())
+def test_loads_agrees_with_json_on_any_value(value: object, long: bool) -> None:
+    """Short texts (the digit scan) and long ones (orjson first, then the walk)."""
+    text = json.dumps({"v": value, "pad": "x" * (8192 if long else 0)})
+    assert repr(loads(text.encode())) == repr(json.loads(text))
