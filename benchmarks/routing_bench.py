@@ -33,7 +33,9 @@ Per configuration: TTFT p50/p90/p99, inter-token latency, the share of requests 
 under the SLO, the pool's prefix-cache hit rate against the oracle's (the best any
 engine held for each prompt, computed in the simulator), requests sent to prefill, EPP CPU
 per request, decision latency (the EPP's request-processing histogram: receipt to the
-routing decision) and EPP peak memory.
+routing decision; ``--long-prompts`` and the smoke also time every decision exactly, from
+the EPP's debug line for it) and EPP peak memory. ``--epp-cpus`` gives the EPP CPUs of its
+own, the rest of the stack running on the others, as when it has cores of its own.
 
 Load is relative to the pool's capacity: ``N / (ttft_base + mean prompt x per-token
 prefill time)`` requests/s, the rate at which the pool would be busy computing prompts
@@ -43,6 +45,7 @@ if nothing were ever reused.
     python benchmarks/routing_bench.py --sweep 0.4,0.6,0.8,1.0 --plot out.png
     python benchmarks/routing_bench.py --scale 8,32,128
     python benchmarks/routing_bench.py --long-prompts      # 96 engines, 240K-token prompts
+    python benchmarks/routing_bench.py --long-prompts --epp-cpus 0
     python benchmarks/routing_bench.py --smoke             # about a minute
 """
 
