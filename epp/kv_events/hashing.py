@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from array import array
+from collections import OrderedDict
 from collections.abc import Sequence
 from itertools import repeat
 from operator import itemgetter
@@ -21,6 +23,7 @@ from typing import Any, Literal
 
 __all__ = [
     "DEFAULT_HASH_SEED",
+    "BlockHashMemo",
     "block_hashes",
     "cbor_encode",
     "external_hash",
@@ -180,3 +183,42 @@ def block_hashes(
         parent = sha(lead + parent + array_head + tokens + extra).digest()
         out.append(parent)
     return out
+
+
+class BlockHashMemo:
+    """The hashes and index keys of recently hashed runs of blocks, by exactly what
+    determines them: the seed, the block size, the parent hash and the run's token ids
+    (packed as 64-bit ints). A prompt that starts like a recent one (a shared document,
+    system prompt or agent context) is then hashed only from where it departs; equal
+    keys give equal hashes, so what is found is what hashing would give. At most
+    ``max_runs`` runs are kept, the least recently used dropped first."""
+
+    def __init__(self, max_runs: int) -> None:
+        self.max_runs = max_runs
+        self._runs: OrderedDict[tuple[object, ...], tuple[list[bytes], list[int]]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    @staticmethod
+    def key(
+        token_ids: Sequence[int], block_size: int, seed: str | None, parent: bytes | None
+    ) -> tuple[object, ...] | None:
+        """The run's key; None when an id does not fit 64 bits (such runs are not kept)."""
+        try:
+            packed = array("q", token_ids).tobytes()
+        except (OverflowError, TypeError):
+            return None
+        return (seed, block_size, parent, packed)
+
+    def get(self, key: tuple[object, ...]) -> tuple[list[bytes], list[int]] | None:
+        found = self._runs.get(key)
+        if found is not None:
+            self._runs.move_to_end(key)
+        return found
+
+    def put(self, key: tuple[object, ...], hashes: list[bytes], keys: list[int]) -> None:
+        self._runs[key] = (hashes, keys)
+        self._runs.move_to_end(key)
+        while len(self._runs) > self.max_runs:
+            self._runs.popitem(last=False)

@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from common.durations import parse_duration
 from common.json_codec import loads
 from epp.datastore import Endpoint
-from epp.kv_events.hashing import block_hashes, hash_keys
+from epp.kv_events.hashing import BlockHashMemo, block_hashes, hash_keys
 from epp.kv_events.index import KvBlockIndex, medium_bit
 from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
@@ -253,6 +253,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self.served: dict[str, int] = {"precise": 0, "approximate": 0}
         # Fallback warm-ups under way (hashing a long prompt in slices).
         self._warming: set[asyncio.Task[None]] = set()
+        self._hashed = BlockHashMemo(HASH_MEMO_SLICES)
 
     # -- lifecycle ---------------------------------------------------------------
     def register_metrics(self, registry: CollectorRegistry) -> None:
@@ -295,7 +296,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         t0 = time.perf_counter()
         p = self.params
         blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
-        hashes, keys = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks)
+        hashes, keys = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks, self._hashed)
         cycle.put(PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, keys))
         # The decider compares token counts: the engine's count beats the estimate.
         req.token_estimate = len(tokens)
@@ -487,22 +488,35 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
 # the loop rather than on a worker thread: the GIL handovers made a 240K-token prompt's
 # hashing take 2.5x longer there.
 HASH_SLICE_BLOCKS = 256
+# Slices whose hashes are kept for prompts that start the same way (a slice's entry is
+# about 50 KB: 1,024 slices are 4M tokens of prefixes in about 50 MB).
+HASH_MEMO_SLICES = 1024
 
 
 async def _hash_blocks(
-    tokens: list[int], block_size: int, seed: str | None, blocks: int
+    tokens: list[int], block_size: int, seed: str | None, blocks: int, memo: BlockHashMemo
 ) -> tuple[list[bytes], list[int]]:
-    """The prompt's first ``blocks`` block hashes and their index keys."""
+    """The prompt's first ``blocks`` block hashes and their index keys; a slice hashed
+    for a recent prompt (the same ids after the same parent) is taken from ``memo``."""
     hashes: list[bytes] = []
+    keys: list[int] = []
     parent: bytes | None = None
     for start in range(0, blocks, HASH_SLICE_BLOCKS):
-        if start:
-            await asyncio.sleep(0)
         stop = min(start + HASH_SLICE_BLOCKS, blocks)
         piece = tokens[start * block_size : stop * block_size]
-        hashes += block_hashes(piece, block_size, seed, parent=parent)
+        key = memo.key(piece, block_size, seed, parent)
+        found = memo.get(key) if key is not None else None
+        if found is None:
+            if start:
+                await asyncio.sleep(0)
+            computed = block_hashes(piece, block_size, seed, parent=parent)
+            found = (computed, hash_keys(computed))
+            if key is not None:
+                memo.put(key, *found)
+        hashes += found[0]
+        keys += found[1]
         parent = hashes[-1]
-    return hashes, hash_keys(hashes)
+    return hashes, keys
 
 
 def _tokenize_body(body: Mapping[str, Any], api: str) -> dict[str, Any] | None:

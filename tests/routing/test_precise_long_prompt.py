@@ -7,7 +7,7 @@ import asyncio
 import json
 
 from epp.datastore import Endpoint
-from epp.kv_events.hashing import block_hashes
+from epp.kv_events.hashing import BlockHashMemo, block_hashes, hash_keys
 from epp.plugins.precise_prefix_producer import (
     HASH_SLICE_BLOCKS,
     PRECISE_PROMPT,
@@ -61,6 +61,57 @@ async def test_long_prompt_hashes_match_and_the_loop_keeps_running() -> None:
         assert during >= 4096 // HASH_SLICE_BLOCKS - 1
     finally:
         await producer.aclose()
+
+
+async def test_a_prompt_that_starts_like_a_recent_one_is_hashed_from_where_it_departs() -> None:
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        document = [(i * 7919) % 150_000 for i in range(16 * HASH_SLICE_BLOCKS * 3)]
+        first = document + [1, 2, 3] * 700
+        await _prefetch(producer, first)
+        kept = len(producer._hashed)
+        assert kept == 4  # three slices of the document, one of the first question
+
+        # The same document, another question: only the question's slice is hashed.
+        second = document + [4, 5, 6] * 700
+        cycle = await _prefetch(producer, second)
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None
+        whole = block_hashes(second, 16)
+        assert prompt.hashes == whole
+        assert prompt.keys == hash_keys(whole)
+        assert len(producer._hashed) == kept + 1
+
+        # A prompt departing inside the first slice shares nothing: hashed whole.
+        third = [9, *document[1:]]
+        cycle = await _prefetch(producer, third)
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None and prompt.hashes == block_hashes(third, 16)
+        assert len(producer._hashed) == kept + 1 + 3
+    finally:
+        await producer.aclose()
+
+
+def test_the_memo_is_exact_and_bounded() -> None:
+    memo = BlockHashMemo(max_runs=2)
+    ids = list(range(64))
+    a = BlockHashMemo.key(ids, 16, None, None)
+    assert a is not None
+    assert BlockHashMemo.key(ids, 16, "seed", None) != a  # the seed is part of the key
+    assert BlockHashMemo.key(ids, 16, None, b"\x01" * 32) != a  # so is the parent
+    assert BlockHashMemo.key(ids, 32, None, None) != a
+    assert BlockHashMemo.key([2**64, *ids], 16, None, None) is None  # not kept
+    hashes = block_hashes(ids, 16)
+    memo.put(a, hashes, hash_keys(hashes))
+    assert memo.get(BlockHashMemo.key(list(ids), 16, None, None) or ()) == (
+        hashes,
+        hash_keys(hashes),
+    )
+    for n in (1, 2):
+        other = BlockHashMemo.key([*ids, n], 16, None, None)
+        assert other is not None
+        memo.put(other, [], [])
+    assert len(memo) == 2 and memo.get(a) is None  # the least recently used went first
 
 
 async def test_client_token_ids_are_shared_with_the_fallback_as_is() -> None:
