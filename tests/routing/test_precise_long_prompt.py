@@ -103,10 +103,8 @@ def test_the_memo_is_exact_and_bounded() -> None:
     assert BlockHashMemo.key([2**64, *ids], 16, None, None) is None  # not kept
     hashes = block_hashes(ids, 16)
     memo.put(a, hashes, hash_keys(hashes))
-    assert memo.get(BlockHashMemo.key(list(ids), 16, None, None) or ()) == (
-        hashes,
-        hash_keys(hashes),
-    )
+    same = BlockHashMemo.key(list(ids), 16, None, None)
+    assert same == a and memo.get(same) == (hashes, hash_keys(hashes))
     for n in (1, 2):
         other = BlockHashMemo.key([*ids, n], 16, None, None)
         assert other is not None
