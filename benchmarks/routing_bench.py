@@ -879,16 +879,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results")
     parser.add_argument("--plot", default="", help="PNG path for the load sweep")
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))
-    print(f"logs in {workdir}")
-    epp_cpus = frozenset(int(c) for c in args.epp_cpus.split(",") if c)
+    try:
+        epp_cpus = frozenset(int(c) for c in args.epp_cpus.split(",") if c)
+    except ValueError:
+        parser.error(f"--epp-cpus {args.epp_cpus}: expected CPU numbers, e.g. 0 or 0,1")
     if epp_cpus:
         others = os.sched_getaffinity(0) - epp_cpus
         if not others or not epp_cpus <= os.sched_getaffinity(0):
             parser.error(f"--epp-cpus {args.epp_cpus}: needs CPUs of this process's, not all")
         os.sched_setaffinity(0, others)  # the fleet, Envoy and the load follow
         print(f"EPP on CPUs {sorted(epp_cpus)}, the rest on {sorted(others)}")
+    out = Path(args.out)
+    workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))
+    print(f"logs in {workdir}")
     model = EngineModel()
     if args.smoke:
         results = asyncio.run(smoke(workdir))
