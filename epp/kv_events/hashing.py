@@ -13,6 +13,7 @@ publishes with ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` and keeps the index small
 from __future__ import annotations
 
 import hashlib
+import sys
 import threading
 from array import array
 from collections import OrderedDict
@@ -106,6 +107,38 @@ def _token_cbor(t: int) -> bytes:
     return bytes(out)
 
 
+# The CBOR heads of unsigned ints from 24 on, by range: (first, end, head byte, width of
+# the value that follows in bytes, its array typecode).
+_UINT_HEADS = (
+    (24, 1 << 8, 0x18, 1, "B"),
+    (1 << 8, 1 << 16, 0x19, 2, "H"),
+    (1 << 16, 1 << 32, 0x1A, 4, "I" if array("I").itemsize == 4 else "L"),
+)
+
+
+def _token_cbors(start: int, stop: int) -> list[bytes]:
+    """``_token_cbor(t)`` for each ``start <= t < stop`` (``stop <= 2**32``), made a range
+    at a time by C-level packing and slicing: a 150K-id vocabulary in about 30 ms, where
+    one call per id took about 90."""
+    out = [bytes((t,)) for t in range(start, min(stop, 24))]
+    for first, end, head, width, typecode in _UINT_HEADS:
+        lo, hi = max(start, first), min(stop, end)
+        if lo >= hi:
+            continue
+        values = array(typecode, range(lo, hi))
+        if width > 1 and sys.byteorder == "little":
+            values.byteswap()  # CBOR is big-endian
+        raw = values.tobytes()
+        step = 1 + width
+        records = bytearray(step * (hi - lo))
+        records[0::step] = bytes((head,)) * (hi - lo)
+        for k in range(width):
+            records[1 + k :: step] = raw[k::width]
+        data = bytes(records)
+        out += [data[i : i + step] for i in range(0, len(data), step)]
+    return out
+
+
 def _encode_tokens(tokens: Sequence[int]) -> Sequence[bytes]:
     """The CBOR of each token id (negative ids and ids beyond 64 bits as ``cbor_encode``
     makes or refuses them)."""
@@ -120,7 +153,7 @@ def _encode_tokens(tokens: Sequence[int]) -> Sequence[bytes]:
             top = max(tokens)
             if top < _TABLE_MAX:
                 with _TABLE_LOCK:  # callers may hash on several threads
-                    table.extend([_token_cbor(t) for t in range(len(table), top + 1)])
+                    table.extend(_token_cbors(len(table), top + 1))
                 return getter(table)  # type: ignore[no-any-return]
     return [_token_cbor(t) for t in tokens]
 

@@ -149,3 +149,12 @@ def test_threads_growing_the_encoding_table_agree() -> None:
     assert got == [_one_by_one(p, 16, 10**6) for p in prompts]
     table = hashing._TOKEN_TABLE
     assert all(table[t] == cbor_encode(t) for t in range(0, len(table), 997))
+
+
+def test_encodings_made_a_range_at_a_time_are_cbors() -> None:
+    from epp.kv_events.hashing import _token_cbor, _token_cbors
+
+    for start, stop in ((0, 70_000), (20, 300), (65_530, 65_540), (200_000, 200_010), (5, 5)):
+        assert _token_cbors(start, stop) == [cbor_encode(t) for t in range(start, stop)]
+        assert _token_cbors(start, stop) == [_token_cbor(t) for t in range(start, stop)]
+    assert _token_cbors(2**32 - 2, 2**32) == [cbor_encode(2**32 - 2), cbor_encode(2**32 - 1)]
