@@ -19,17 +19,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shutil
 import sys
 import tempfile
-from asyncio.subprocess import DEVNULL, PIPE
+from asyncio.subprocess import PIPE
 from pathlib import Path
 
 import aiohttp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 from sidecar_bench import OUTPUT_TOKENS, free_port, make_prompt, wait_ready
+
+from examples.local_stack.processes import ManagedProcess
 
 HERE = Path(__file__).resolve().parent
 # Start-up under valgrind (imports included) takes tens of seconds on a busy machine.
@@ -66,15 +68,6 @@ async def control(action: str, pid: int) -> None:
         raise RuntimeError(f"callgrind_control {action} {pid}: {err.decode()}")
 
 
-async def stop(proc: asyncio.subprocess.Process) -> None:
-    proc.terminate()
-    try:
-        await asyncio.wait_for(proc.wait(), 60)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-
-
 def dumped_total(outdir: Path) -> int:
     """The instruction total of the dump made after zeroing (part 1)."""
     for line in (outdir / "callgrind.out.1").read_text().splitlines():
@@ -90,16 +83,20 @@ async def count(
     prefill_port, decode_port = engine
     port, metrics_port = free_port(), free_port()
     outdir = Path(tempfile.mkdtemp(prefix="callgrind-", dir=workdir))
-    env = os.environ | ({"PYTHONPATH": str(source)} if source else {})
     # ``-m`` puts the working directory first on sys.path: the baseline runs from its
     # own tree, this tree from a directory without a sidecar package.
-    proc = await asyncio.create_subprocess_exec(
-        "valgrind", "--tool=callgrind", f"--callgrind-out-file={outdir}/callgrind.out",
-        sys.executable, "-m", "sidecar", f"--port={port}", f"--metrics-port={metrics_port}",
-        "--listen-host=127.0.0.1", "--secure-proxy=false",
-        f"--model-server-port={decode_port}", "--log-level=warning",
-        stdout=DEVNULL, stderr=DEVNULL, env=env, cwd=str(source) if source else str(HERE),
+    proc = ManagedProcess(
+        "sidecar-base" if source else "sidecar",
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={outdir}/callgrind.out",
+         sys.executable, "-m", "sidecar", f"--port={port}", f"--metrics-port={metrics_port}",
+         "--listen-host=127.0.0.1", "--secure-proxy=false",
+         f"--model-server-port={decode_port}", "--log-level=warning"],
+        workdir,
+        env={"PYTHONPATH": str(source)} if source else None,
+        cwd=source or HERE,
     )  # fmt: skip
+    await proc.start()
+    assert proc.pid is not None
     try:
         await wait_ready(f"http://127.0.0.1:{port}/health", READY_TIMEOUT_S)
         body = json.dumps(
@@ -114,16 +111,19 @@ async def count(
         await control("-d", proc.pid)
         return dumped_total(outdir) / args.requests
     finally:
-        await stop(proc)
+        await proc.stop(grace_s=60)
 
 
 async def run(args: argparse.Namespace) -> dict[str, float]:
     prefill_port, decode_port = free_port(), free_port()
-    engine = await asyncio.create_subprocess_exec(
-        sys.executable, str(HERE / "_fake_engine.py"), f"--prefill-port={prefill_port}",
-        f"--decode-port={decode_port}", f"--output-tokens={OUTPUT_TOKENS}",
-    )  # fmt: skip
     workdir = Path(tempfile.mkdtemp(prefix="sidecar-instructions-"))
+    engine = ManagedProcess(
+        "fake-engine",
+        [sys.executable, str(HERE / "_fake_engine.py"), f"--prefill-port={prefill_port}",
+         f"--decode-port={decode_port}", f"--output-tokens={OUTPUT_TOKENS}"],
+        workdir,
+    )  # fmt: skip
+    await engine.start()
     try:
         await wait_ready(f"http://127.0.0.1:{prefill_port}/health")
         results = {"pd-sidecar": await count(None, args, (prefill_port, decode_port), workdir)}
@@ -133,7 +133,7 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
             )
         return results
     finally:
-        await stop(engine)
+        await engine.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
 

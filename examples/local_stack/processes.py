@@ -82,11 +82,19 @@ async def wait_until(
 class ManagedProcess:
     """One child process whose output goes to ``<logdir>/<name>.log``."""
 
-    def __init__(self, name: str, argv: list[str], logdir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        logdir: Path,
+        env: dict[str, str] | None = None,
+        cwd: Path | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.log_path = logdir / f"{name}.log"
         self.env = env
+        self.cwd = cwd
         self.proc: asyncio.subprocess.Process | None = None
         self._log_mark = 0
 
@@ -101,6 +109,7 @@ class ManagedProcess:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 env={**os.environ, **(self.env or {})},
+                cwd=self.cwd,
                 start_new_session=True,  # Ctrl-C reaches the stack, which stops us in order
             )
 
