@@ -5,8 +5,9 @@ The main port's ``/metrics`` belongs to vLLM and passes through untouched.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from common.loop_metrics import CounterChild, LoopCounter, LoopGauge, LoopHistogram
 from common.process_metrics import register_asyncio_tasks
 from sidecar.api_shapes import API_SHAPES
 
@@ -33,41 +34,42 @@ class Metrics:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         register_asyncio_tasks(r)
-        self.requests = Counter(
+        # The series every request updates are lock-free (``common.loop_metrics``).
+        self.requests = LoopCounter(
             "pd_sidecar_requests",
             "Requests answered, by path, mode (pd, epd, local, fallback, passthrough), status.",
             ["path", "mode", "status"],
-            registry=r,
+            r,
         )
-        self.prefill_seconds = Histogram(
+        self.prefill_seconds = LoopHistogram(
             "pd_sidecar_prefill_seconds",
             "Prefill stage duration (all attempts), successful or not.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
+            r,
         )
-        self.decode_ttft_seconds = Histogram(
+        self.decode_ttft_seconds = LoopHistogram(
             "pd_sidecar_decode_ttft_seconds",
             "From sending the decode leg to its first response byte.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
+            r,
         )
-        self.ttft_seconds = Histogram(
+        self.ttft_seconds = LoopHistogram(
             "pd_sidecar_ttft_seconds",
             "End to end: request received to first response byte sent to the client.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
+            r,
         )
-        self.total_seconds = Histogram(
+        self.total_seconds = LoopHistogram(
             "pd_sidecar_request_seconds",
             "Request received to response complete.",
-            buckets=_LATENCY_BUCKETS,
-            registry=r,
+            _LATENCY_BUCKETS,
+            r,
         )
-        self.overhead_seconds = Histogram(
+        self.overhead_seconds = LoopHistogram(
             "pd_sidecar_overhead_seconds",
             "Time to first byte not spent waiting on upstreams (the sidecar's own cost).",
-            buckets=_OVERHEAD_BUCKETS,
-            registry=r,
+            _OVERHEAD_BUCKETS,
+            r,
         )
         self.prefill_retries = Counter(
             "pd_sidecar_prefill_retries",
@@ -163,11 +165,9 @@ class Metrics:
             registry=r,
         )
         # Labelled children of the per-request counter, looked up once per label set.
-        self._request_children: dict[tuple[str, str, int], Counter] = {}
-        self.in_flight = Gauge(
-            "pd_sidecar_in_flight_requests",
-            "Requests being served right now.",
-            registry=r,
+        self._request_children: dict[tuple[str, str, int], CounterChild] = {}
+        self.in_flight = LoopGauge(
+            "pd_sidecar_in_flight_requests", "Requests being served right now.", r
         )
 
     def count_request(self, path: str, mode: str, status: int) -> None:
