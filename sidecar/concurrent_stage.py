@@ -13,6 +13,7 @@ import time
 
 from aiohttp import web
 
+from common import deadlines
 from common.json_codec import dumps
 from sidecar.connectors import Connector, LegContext, PrefillResult
 from sidecar.context import RequestContext
@@ -150,7 +151,7 @@ class ConcurrentStage:
         started = time.perf_counter()
         try:
             try:
-                async with asyncio.timeout(bound):
+                async with deadlines.timeout(bound):
                     _, result, _ = await self.prefill.once(ctx, leg.prefiller, paired=leg)
             except TimeoutError:
                 raise PrefillTimeout(

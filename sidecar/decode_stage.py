@@ -17,6 +17,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from common import deadlines
 from common.json_codec import dumps
 from sidecar import tracing
 from sidecar.chunked_decode import (
@@ -189,7 +190,7 @@ class DecodeStage:
             if 200 <= response.status < 300:
                 scan = FinishScan(decline_reason, sse=is_event_stream(response))
                 verdict = scan.feed(first) if first else scan.end()
-                async with asyncio.timeout(self.policy.stream_idle_timeout):
+                async with deadlines.timeout(self.policy.stream_idle_timeout):
                     while verdict is Verdict.PENDING:
                         chunk = await response.content.readany()
                         held.append(chunk)
@@ -293,7 +294,7 @@ class DecodeStage:
                 # Everything arrived with the first read: no timer needed.
                 rest = content.read_nowait() if first else b""
                 return first + rest if rest else first
-            async with asyncio.timeout(self.policy.stream_idle_timeout):
+            async with deadlines.timeout(self.policy.stream_idle_timeout):
                 while chunks[-1]:
                     chunks.append(await content.readany())
         except TimeoutError:

@@ -31,6 +31,7 @@ from typing import Any, Literal
 
 from multidict import CIMultiDict
 
+from common import deadlines
 from common.json_codec import dumps, loads
 from common.multimodal import MULTIMODAL_PART_TYPES
 from sidecar.errors import EncodeError, EncodeTimeout, SidecarError
@@ -186,7 +187,7 @@ class EncoderStage:
         attempts = 1 + self.policy.max_retries
         backoff = self.policy.retry_backoff
         try:
-            async with asyncio.timeout(self.policy.timeout):
+            async with deadlines.timeout(self.policy.timeout):
                 for attempt in range(attempts):
                     target = encoders[(slot + attempt) % len(encoders)]
                     try:

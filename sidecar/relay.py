@@ -19,6 +19,7 @@ import json
 import aiohttp
 from aiohttp import web
 
+from common import deadlines
 from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.sse import EventFramer
@@ -59,7 +60,7 @@ async def relay_body(
     watch = usage_watcher(sse, upstream.content_type)  # None unless traced
     content = upstream.content
     try:
-        async with asyncio.timeout(None) as deadline:
+        async with deadlines.timeout(None) as deadline:
             while chunk:
                 data = framer.feed(chunk) if framer is not None else chunk
                 if data:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 from aiohttp import web
 
+from common import deadlines
 from common.json_codec import loads
 from sidecar.errors import BodyTooLarge, InvalidBody, RequestBodyTimeout
 
@@ -27,7 +27,7 @@ async def read_body(request: web.Request, limit: int, deadline_s: float) -> byte
     chunks: list[bytes] = []
     size = 0
     try:
-        async with asyncio.timeout(deadline_s):
+        async with deadlines.timeout(deadline_s):
             async for chunk in request.content.iter_any():
                 size += len(chunk)
                 if size > limit:

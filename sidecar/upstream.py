@@ -16,7 +16,6 @@ error naming the stage and TLS, translated here.
 
 from __future__ import annotations
 
-import asyncio
 import errno
 import ssl
 from collections.abc import AsyncIterator, Callable
@@ -26,6 +25,7 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from common import deadlines
 from sidecar.errors import (
     DecodeError,
     DecodeNotReady,
@@ -259,7 +259,7 @@ class Upstream:
         timeouts and broken answers the stage's errors; any other status is returned."""
         who = f"{self.stage} at {target}"
         try:
-            async with asyncio.timeout(timeout):
+            async with deadlines.timeout(timeout):
                 response = await self.send("POST", url, headers, body)
                 try:
                     status = response.status
@@ -296,7 +296,7 @@ class Upstream:
         upstream in them); on success the caller releases the response."""
         response: Response | None = None
         try:
-            async with asyncio.timeout(first_byte_timeout):
+            async with deadlines.timeout(first_byte_timeout):
                 response = await self.send(method, url, headers, body)
                 first = await response.content.readany()
         except TimeoutError:
