@@ -4,9 +4,10 @@
 a libuv timer handle created, started, stopped and closed, and a clock read. A P/D
 request opens two or three scopes, and a relayed stream moves its idle deadline twice
 per chunk; on the sidecar's JSON path the two scopes were about 5% of its instructions
-per request. Here the deadlines falling in the same ``GRAIN_S`` slot share one loop
-timer, armed by the first of them; entering, leaving or moving a scope is a set
-insertion or removal.
+per request. Here deadlines are kept by the ``GRAIN_S`` slot they fall in, and one loop
+timer is armed for the earliest slot still holding any; entering, leaving or moving a
+scope is a set insertion or removal, and a new slot (one per ``GRAIN_S`` of deadlines)
+a heap push.
 
 The contract is ``asyncio.Timeout``'s: when the deadline passes, the task is cancelled,
 and the scope turns that cancellation (and no other) into ``TimeoutError``; ``when``,
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import heapq
 import math
 import threading
 from types import TracebackType
@@ -37,29 +39,59 @@ class _State(enum.Enum):
 
 
 class _Wheel:
-    """One event loop's deadlines, by the slot of ``GRAIN_S`` they fall in."""
+    """One event loop's deadlines, by the slot of ``GRAIN_S`` they fall in.
+
+    One loop timer at a time, armed for the earliest slot holding deadlines. A slot
+    emptied before its time is forgotten at once; its place in the heap is dropped when
+    the timer reaches it, so a loop that has gone quiet is woken at most once more."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.slots: dict[int, set[Deadline]] = {}
+        self._heap: list[int] = []  # slots, each at most once (``_queued``)
+        self._queued: set[int] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._armed = 0  # the slot the timer is armed for
 
     def add(self, deadline: Deadline, when: float) -> int:
         slot = math.ceil(when / GRAIN_S)
         waiting = self.slots.get(slot)
         if waiting is None:
             waiting = self.slots[slot] = set()
-            self.loop.call_at(slot * GRAIN_S, self._fire, slot)
+            if slot not in self._queued:
+                self._queued.add(slot)
+                heapq.heappush(self._heap, slot)
+            if self._timer is None or slot < self._armed:
+                self._arm(slot)
         waiting.add(deadline)
         return slot
 
     def remove(self, deadline: Deadline, slot: int) -> None:
         waiting = self.slots.get(slot)
         if waiting is not None:
-            waiting.discard(deadline)  # an emptied slot goes when its timer fires
+            waiting.discard(deadline)
+            if not waiting:
+                del self.slots[slot]
 
-    def _fire(self, slot: int) -> None:
-        for deadline in self.slots.pop(slot, ()):
-            deadline._expire()
+    def _arm(self, slot: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._armed = slot
+        self._timer = self.loop.call_at(slot * GRAIN_S, self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        # A loop timer may fire up to a millisecond before its time (uvloop rounds to
+        # milliseconds); the slot it was armed for is due all the same.
+        due = max(self._armed, math.floor(self.loop.time() / GRAIN_S))
+        heap = self._heap
+        while heap and (heap[0] <= due or heap[0] not in self.slots):
+            slot = heapq.heappop(heap)
+            self._queued.discard(slot)
+            for deadline in self.slots.pop(slot, ()):
+                deadline._expire()
+        if heap:
+            self._arm(heap[0])
 
 
 _current = threading.local()

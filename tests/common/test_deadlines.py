@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -52,7 +53,7 @@ def test_a_block_that_finishes_in_time_leaves_nothing_armed(loop_kind: str) -> N
             await asyncio.sleep(0)
         assert not scope.expired()
         wheel = deadlines._current.wheel
-        assert all(not waiting for waiting in wheel.slots.values())
+        assert wheel.slots == {}
         async with timeout(None) as unbounded:
             assert unbounded.when() is None
 
@@ -140,3 +141,48 @@ def test_each_loop_gets_its_own_timers() -> None:
     # One thread, loops one after the other: a scope never arms a closed loop's timer.
     for kind in ("asyncio", "uvloop", "asyncio"):
         _run(main, kind)
+
+
+@LOOPS
+def test_many_deadlines_each_fire_in_their_own_time(loop_kind: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        rng = random.Random(7)
+
+        async def bounded(delay: float, work: float) -> tuple[bool, float]:
+            started = loop.time()
+            try:
+                async with timeout(delay):
+                    await asyncio.sleep(work)
+            except TimeoutError:
+                return True, loop.time() - started
+            return False, loop.time() - started
+
+        cases = [(rng.uniform(0.01, 0.3), rng.choice([0.0, 30.0])) for _ in range(60)]
+        results = await asyncio.gather(*(bounded(delay, work) for delay, work in cases))
+        for (delay, work), (timed_out, elapsed) in zip(cases, results, strict=True):
+            assert timed_out == (work > delay)
+            if timed_out:
+                assert delay - 0.002 <= elapsed < delay + LATE_S
+
+    _run(main, loop_kind)
+
+
+@LOOPS
+def test_a_quiet_loop_is_left_without_a_timer(loop_kind: str) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for delay in (0.05, 0.02, 0.08):
+            async with timeout(delay):
+                pass
+        wheel = deadlines._current.wheel
+        assert wheel.slots == {}
+        # The timer armed for the earliest slot fires once, finds nothing, and is not
+        # armed again.
+        give_up = loop.time() + 10
+        while wheel._timer is not None:
+            assert loop.time() < give_up, "the timer was armed again"
+            await asyncio.sleep(0.01)
+        assert wheel._heap == []
+
+    _run(main, loop_kind)
