@@ -12,8 +12,9 @@ a heap push.
 The contract is ``asyncio.Timeout``'s: when the deadline passes, the task is cancelled,
 and the scope turns that cancellation (and no other) into ``TimeoutError``; ``when``,
 ``reschedule`` and ``expired`` behave the same. The one difference: a deadline fires up
-to ``GRAIN_S`` after it passes (never before), which is nothing next to the bounds of a
-second or more it serves.
+to ``GRAIN_S`` after it passes (not before, but for the millisecond to which uvloop
+rounds every timer, as it does ``asyncio.timeout``'s), which is nothing next to the
+bounds of a second or more it serves.
 """
 
 from __future__ import annotations
