@@ -297,14 +297,7 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
         tokens = tokenized_prompt(cycle).token_ids
         size = self.block_tokens(endpoints)
         hashes = token_block_hashes(tokens, size, max_blocks(p, size), req.model)
-        return PrefixMatch(
-            hashes=hashes,
-            matched=self.index.match(hashes) if match else {},
-            block_bytes=size,
-            prompt_bytes=len(tokens),
-            prompt_tokens=req.token_estimate,
-            block_tokens=size,
-        )
+        return self._token_match(cycle, tokens, size, hashes, match=match)
 
     async def blocks_in_slices(
         self, cycle: CycleState, endpoints: Sequence[Endpoint]
@@ -317,21 +310,30 @@ class ApproxPrefixCacheProducer(DataProducer, RequestTracker):
             return self.compute(cycle, endpoints, match=False)
         tokens = tokenized_prompt(cycle).token_ids
         size = self.block_tokens(endpoints)
-        n = -(-len(tokens) // size)
         cap = max_blocks(p, size)
-        if cap is not None:
-            n = min(n, cap)
+        limit = len(tokens) if cap is None else min(len(tokens), cap * size)
+        step = HASH_SLICE_BLOCKS * size
         hashes: list[bytes] = []
-        for start in range(0, n, HASH_SLICE_BLOCKS):
+        for start in range(0, limit, step):
             if start:
                 await asyncio.sleep(0)
-            stop = min(start + HASH_SLICE_BLOCKS, n)
-            piece = tokens[start * size : stop * size]
+            piece = tokens[start : min(start + step, limit)]
             parent = hashes[-1] if hashes else None
             hashes += token_block_hashes(piece, size, None, cycle.request.model, parent=parent)
+        return self._token_match(cycle, tokens, size, hashes, match=False)
+
+    def _token_match(
+        self,
+        cycle: CycleState,
+        tokens: Sequence[int],
+        size: int,
+        hashes: list[bytes],
+        *,
+        match: bool,
+    ) -> PrefixMatch:
         return PrefixMatch(
             hashes=hashes,
-            matched={},
+            matched=self.index.match(hashes) if match else {},
             block_bytes=size,
             prompt_bytes=len(tokens),
             prompt_tokens=cycle.request.token_estimate,

@@ -195,6 +195,7 @@ async def test_a_long_prompt_warms_the_fallback_in_slices_with_the_same_hashes()
         producer.track(cycle, SchedulingResult({"d": ProfileResult([ep])}, "d"))
         await asyncio.wait_for(ticker, 10)
         assert producer.fallback.index.match(expected.hashes) == {ep.key: 2048}
+        assert await producer.fallback.blocks_in_slices(cycle, [ep]) == expected  # at the cap
         # The loop turned between every two slices of the 2048 blocks.
         assert ticks - start >= 2048 // APPROX_SLICE_BLOCKS - 1
         # A prompt that ends in a partial block, under the cap, is hashed the same way.
