@@ -112,6 +112,17 @@ def test_the_memo_is_exact_and_bounded() -> None:
     assert len(memo) == 2 and memo.get(a) is None  # the least recently used went first
 
 
+def test_memo_keys_of_32_and_64_bit_packings_stay_apart() -> None:
+    # [-1] packs as eight 0xff bytes as a signed 64-bit int, as [2**32 - 1, 2**32 - 1]
+    # does as two unsigned 32-bit ones: the same bytes, different runs.
+    wide = BlockHashMemo.key([-1], 1, None, None)
+    narrow = BlockHashMemo.key([2**32 - 1, 2**32 - 1], 1, None, None)
+    assert wide is not None and narrow is not None
+    assert wide[-1] == narrow[-1] and wide != narrow
+    # [2**32] (64-bit) and [0, 1] (32-bit) pack to the same eight bytes too.
+    assert BlockHashMemo.key([2**32], 1, None, None) != BlockHashMemo.key([0, 1], 1, None, None)
+
+
 async def test_client_token_ids_are_shared_with_the_fallback_as_is() -> None:
     from epp.plugins.token_producer import TOKENIZED_PROMPT, tokenized_prompt
 
