@@ -28,6 +28,7 @@ __all__ = [
     "block_hashes",
     "cbor_encode",
     "external_hash",
+    "fill_token_table",
     "hash_keys",
     "none_hash",
 ]
@@ -137,6 +138,15 @@ def _token_cbors(start: int, stop: int) -> list[bytes]:
         data = bytes(records)
         out += [data[i : i + step] for i in range(0, len(data), step)]
     return out
+
+
+def fill_token_table() -> None:
+    """Encode every id below ``_TABLE_MAX`` now (about 55 ms and 12 MB, once per process)
+    rather than during the decision of the first long prompt, which growing the table to
+    a 150K-id vocabulary slowed from 8 to 64 ms."""
+    with _TABLE_LOCK:
+        if len(_TOKEN_TABLE) < _TABLE_MAX:
+            _TOKEN_TABLE.extend(_token_cbors(len(_TOKEN_TABLE), _TABLE_MAX))
 
 
 def _encode_tokens(tokens: Sequence[int]) -> Sequence[bytes]:

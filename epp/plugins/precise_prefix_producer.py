@@ -35,7 +35,7 @@ from pydantic import Field, model_validator
 from common.durations import parse_duration
 from common.json_codec import loads
 from epp.datastore import Endpoint
-from epp.kv_events.hashing import BlockHashMemo, block_hashes, hash_keys
+from epp.kv_events.hashing import BlockHashMemo, block_hashes, fill_token_table, hash_keys
 from epp.kv_events.index import KvBlockIndex, medium_bit
 from epp.kv_events.metrics import KvEventsMetrics
 from epp.kv_events.pool import KvEventsPool
@@ -254,6 +254,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         # Fallback warm-ups under way (hashing a long prompt in slices).
         self._warming: set[asyncio.Task[None]] = set()
         self._hashed = BlockHashMemo(HASH_MEMO_SLICES)
+        # Token ids' encodings made once at start, not in the first long prompt's decision.
+        fill_token_table()
 
     # -- lifecycle ---------------------------------------------------------------
     def register_metrics(self, registry: CollectorRegistry) -> None:

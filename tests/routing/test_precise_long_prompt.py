@@ -123,6 +123,20 @@ def test_memo_keys_of_32_and_64_bit_packings_stay_apart() -> None:
     assert BlockHashMemo.key([2**32], 1, None, None) != BlockHashMemo.key([0, 1], 1, None, None)
 
 
+async def test_the_producer_encodes_every_vocabulary_id_before_the_first_prompt() -> None:
+    from epp.kv_events import hashing
+    from epp.kv_events.hashing import cbor_encode
+
+    hashing._TOKEN_TABLE.clear()
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        table = hashing._TOKEN_TABLE
+        assert len(table) == hashing._TABLE_MAX
+        assert all(table[t] == cbor_encode(t) for t in range(0, len(table), 4099))
+    finally:
+        await producer.aclose()
+
+
 async def test_client_token_ids_are_shared_with_the_fallback_as_is() -> None:
     from epp.plugins.token_producer import TOKENIZED_PROMPT, tokenized_prompt
 
