@@ -113,6 +113,9 @@ class EngineModel:
     itl_ms: float = 15.0
     itl_ms_per_running: float = 0.5
     stream_interval_tokens: int = 8
+    # A step's token budget (vLLM's chunked prefill): decode steps taken while the engine
+    # computes a prompt also compute a chunk of it. 0: they are not slowed.
+    max_num_batched_tokens: int = 0
     # The benchmark runs the model five times slower than the figures it reports (which
     # are in model time): a shared machine keeps up with the request rate.
     time_scale: float = 0.2
@@ -128,6 +131,7 @@ class EngineModel:
             f"--itl-ms={self.itl_ms}",
             f"--itl-ms-per-running={self.itl_ms_per_running}",
             f"--stream-interval-tokens={self.stream_interval_tokens}",
+            f"--max-num-batched-tokens={self.max_num_batched_tokens}",
             f"--time-scale={self.time_scale}",
             "--serial-prefill",
             "--enable-prompt-tokens-details",
@@ -355,6 +359,7 @@ class RunResult:
     ttft_p90: float = math.nan
     ttft_p99: float = math.nan
     itl_mean: float = math.nan
+    itl_p99: float = math.nan  # of the requests' mean inter-token latencies
     within_slo: float = math.nan
     goodput_rps: float = math.nan
     hit_rate: float = math.nan
@@ -447,6 +452,7 @@ def summarise(result: RunResult, outcomes: list[Outcome | None], slo_s: float,
     result.ttft_p99 = percentile(ttfts, 0.99)
     itls = [(o.total - o.ttft) / (o.tokens - 1) for o in done if o.tokens > 1]
     result.itl_mean = sum(itls) / len(itls) if itls else math.nan
+    result.itl_p99 = percentile(itls, 0.99)
     good = sum(1 for t in ttfts if t <= slo_s)
     # Failed requests count against the SLO: they were offered and not served in time.
     result.within_slo = good / len(outcomes) if outcomes else math.nan
@@ -790,7 +796,8 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
 def _one_line(r: RunResult) -> str:
     return (f"  {r.config:15} load {r.load:.2f} ({r.rate:.1f}/s) ok {r.ok}/{r.sent} "
             f"TTFT p50/p90/p99 {r.ttft_p50 * 1000:.0f}/{r.ttft_p90 * 1000:.0f}/"
-            f"{r.ttft_p99 * 1000:.0f} ms ITL {r.itl_mean * 1000:.1f} ms "
+            f"{r.ttft_p99 * 1000:.0f} ms ITL mean/p99 {r.itl_mean * 1000:.1f}/"
+            f"{r.itl_p99 * 1000:.1f} ms "
             f"SLO {r.within_slo:.1%} hit {r.hit_rate:.1%} (oracle {r.oracle_hit_rate:.1%}) "
             f"prefill {r.prefill_requests} EPP {r.epp_cpu_ms_per_request:.2f} ms CPU/req "
             f"decision {r.decision_mean_ms:.2f}/{r.decision_p99_ms:.1f} ms mean/p99 "
@@ -807,14 +814,15 @@ def _exact_line(r: RunResult) -> str:
 
 
 def markdown_table(results: list[RunResult], slo_s: float) -> str:
-    head = (f"| config | engines | load | req/s | TTFT p50 (ms) | p90 | p99 | ITL (ms) | "
+    head = (f"| config | engines | load | req/s | TTFT p50 (ms) | p90 | p99 | ITL mean / p99 (ms) | "
             f"TTFT <= {slo_s:g} s | hit rate | oracle | to prefill | EPP CPU/req (ms) | "
             f"decision mean/p99 (ms) | errors |")  # fmt: skip
     lines = [head, "|" + "---|" * 15]
     for r in results:
         lines.append(
             f"| {r.config} | {r.engines} | {r.load:.2f} | {r.rate:.1f} | {r.ttft_p50 * 1000:.0f} "
-            f"| {r.ttft_p90 * 1000:.0f} | {r.ttft_p99 * 1000:.0f} | {r.itl_mean * 1000:.1f} "
+            f"| {r.ttft_p90 * 1000:.0f} | {r.ttft_p99 * 1000:.0f} "
+            f"| {r.itl_mean * 1000:.1f} / {r.itl_p99 * 1000:.1f} "
             f"| {r.within_slo:.1%} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
             f"| {r.prefill_requests} | {r.epp_cpu_ms_per_request:.2f} "
             f"| {r.decision_mean_ms:.2f} / {r.decision_p99_ms:.1f} | {r.errors} |"
@@ -873,6 +881,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="96 engines, 240K-token prompts, precise prefix")  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a one-minute run")
     parser.add_argument("--scrape-interval", default="250ms")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=0,
+                        help="engines' step budget: decode steps slow down while a prompt "
+                             "is computed on the same engine (0: they do not)")  # fmt: skip
     parser.add_argument("--epp-cpus", default="",
                         help="CPUs for the EPP alone, e.g. 0 (the rest of the stack runs on "
                              "the others), as when it has cores of its own")  # fmt: skip
@@ -892,7 +903,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     workdir = Path(tempfile.mkdtemp(prefix="routing-bench-"))
     print(f"logs in {workdir}")
-    model = EngineModel()
+    if args.max_num_batched_tokens < 0:
+        parser.error("--max-num-batched-tokens must be 0 or more")
+    model = EngineModel(max_num_batched_tokens=args.max_num_batched_tokens)
     if args.smoke:
         results = asyncio.run(smoke(workdir))
         _write(results, out, "smoke", 1.0)

@@ -43,6 +43,14 @@ class SimConfig(BaseModel):
         description="Inter-token latency added per request in the running batch (a decode "
         "step costs more as the batch grows).",
     )
+    max_num_batched_tokens: int = Field(
+        default=0,
+        ge=0,
+        description="Tokens one engine step computes (vLLM's chunked prefill budget): a "
+        "decode step taken while a prompt is computed also computes up to this many tokens "
+        "of it, less one per running request, and takes prefill-ms-per-token longer for "
+        "each. 0: decode steps are not slowed by prompts.",
+    )
     serial_prefill: bool = Field(
         default=False,
         description="Prompts are computed one at a time (the engine's compute is shared): a "

@@ -241,6 +241,8 @@ class SimEngine:
         self.stats = SimStats()
         self.faults = FaultTable()
         self.running = 0
+        # Uncached prompt tokens being computed now (they slow decode steps, with a budget).
+        self.prefilling_tokens = 0
         self.waiting = 0
         self.prompt_tokens_total = 0
         self.generation_tokens = 0
@@ -323,13 +325,20 @@ class SimEngine:
         )
 
     def itl_s(self) -> float:
-        """One decode step at the current batch size, in seconds."""
+        """One decode step at the current batch size, in seconds; with a step budget
+        (``max_num_batched_tokens``), a step taken while prompts are computed also computes
+        a chunk of them and takes that much longer (what disaggregation takes away)."""
         cfg = self.config
-        return cfg.delay_s(cfg.itl_ms + cfg.itl_ms_per_running * self.running)
+        ms = cfg.itl_ms + cfg.itl_ms_per_running * self.running
+        if cfg.max_num_batched_tokens and self.prefilling_tokens:
+            room = max(cfg.max_num_batched_tokens - self.running, 0)
+            ms += min(self.prefilling_tokens, room) * cfg.prefill_ms_per_token
+        return cfg.delay_s(ms)
 
-    async def _compute_prompt(self, seconds: float) -> None:
+    async def _compute_prompt(self, tokens: int, seconds: float) -> None:
+        """Compute a prompt's ``tokens`` uncached tokens, which takes ``seconds``."""
         if not self.config.serial_prefill:
-            await asyncio.sleep(seconds)
+            await self._computing(tokens, seconds)
             return
         # Not scheduled until its prompt's turn comes: vLLM counts such a request as
         # waiting (its prompt does not fit in the step's token budget), not running.
@@ -341,9 +350,16 @@ class SimEngine:
             self.waiting -= 1
             self.running += 1
         try:
-            await asyncio.sleep(seconds)
+            await self._computing(tokens, seconds)
         finally:
             self._compute.release()
+
+    async def _computing(self, tokens: int, seconds: float) -> None:
+        self.prefilling_tokens += tokens
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            self.prefilling_tokens -= tokens
 
     # -- the request path ----------------------------------------------------------
     def role_of(self, params: GenerationParams) -> str:
@@ -491,7 +507,7 @@ class SimEngine:
         self.tokens_by_source["external_kv_transfer"] += pulled
         self.tokens_by_source["local_compute"] += uncached
         await self._compute_prompt(
-            cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token)
+            uncached, cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token)
         )
         if self.storage is not None:
             await self.storage.store_blocks(hashes)

@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.conftest import eventually
 from vllm_sim import SimConfig
 from vllm_sim.__main__ import parse_command
 from vllm_sim.engine import GenerationParams, SimEngine
@@ -33,6 +34,46 @@ def test_itl_grows_with_the_running_batch() -> None:
     engine.running = 50
     assert alone == pytest.approx(0.010)
     assert engine.itl_s() == pytest.approx(0.010 + 50 * 0.002)
+
+
+def test_a_step_budget_slows_decode_steps_while_a_prompt_is_computed() -> None:
+    cfg = SimConfig(itl_ms=10, itl_ms_per_running=1, prefill_ms_per_token=0.5)
+    engine = SimEngine(cfg.model_copy(update={"max_num_batched_tokens": 256}))
+    engine.running = 6
+    assert engine.itl_s() == pytest.approx(0.016)  # no prompt in the engine
+    engine.prefilling_tokens = 1000  # a step computes 256 - 6 of them with its decodes
+    assert engine.itl_s() == pytest.approx(0.016 + 250 * 0.0005)
+    engine.prefilling_tokens = 100
+    assert engine.itl_s() == pytest.approx(0.016 + 100 * 0.0005)
+    unbudgeted = SimEngine(cfg)  # the default: decode steps do not see prompts
+    unbudgeted.running, unbudgeted.prefilling_tokens = 6, 1000
+    assert unbudgeted.itl_s() == pytest.approx(0.016)
+
+
+async def test_decodes_slow_down_while_another_prompt_is_computed() -> None:
+    long_prompt = [5000 + i for i in range(1000)]  # 1 s of compute
+    decode_s = {}
+    for budget in (0, 101):
+        engine = SimEngine(
+            SimConfig(
+                ttft_base_ms=0, prefill_ms_per_token=1.0, itl_ms=1, max_num_batched_tokens=budget
+            )
+        )
+        computing = asyncio.ensure_future(_run_one(engine, long_prompt, 1))
+
+        async def computed(engine: SimEngine = engine) -> bool:
+            return engine.prefilling_tokens == len(long_prompt)
+
+        await eventually(computed, "the long prompt's computation")
+        first, end = await _run_one(engine, list(range(16)), 6)
+        decode_s[budget] = end - first
+        computing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await computing
+        assert engine.prefilling_tokens == 0
+    # Five steps of 1 ms alone; of 1 + 99 ms (a 99-token chunk of the long prompt each)
+    # with a budget of 101 tokens and two requests running.
+    assert decode_s[0] < 0.25 < decode_s[101], decode_s
 
 
 def test_time_scale_divides_every_delay() -> None:
