@@ -140,6 +140,8 @@ class Fleet:
             e.cache.reset()
             e.cache.hits_tokens = e.cache.queries_tokens = 0
             e.prompt_tokens_total = e.computed_queries_tokens = e.oracle_hit_tokens = 0
+            e.stats.requests_total = 0
+            e.stats.requests_by_role.clear()
 
     def manifest(self) -> dict[str, Any]:
         return {

@@ -175,7 +175,8 @@ async def test_fleet_engines_answer_and_keep_their_own_state() -> None:
         assert [row["requests"] for row in stats["engines"]] == [2, 1, 0, 0]
         async with s.post(f"http://127.0.0.1:{fleet.control_port}/fleet/reset") as resp:
             assert resp.status == 200
-        assert fleet.stats()["totals"]["oracle_hit_tokens"] == 0
+        # Every counter the fleet reports starts again from zero (one run per configuration).
+        assert set(fleet.stats()["totals"].values()) == {0}
         assert fleet.best_prefix_blocks([b"x" * 32]) == 0
 
 
