@@ -11,8 +11,10 @@ smoothingTokens)``: 1 for the endpoint that would start the prompt first, half f
 with twice the work ahead of it. Unlike a min-max normalised request count it still
 separates endpoints when every one of them has a queue, and it weighs a request by its
 work rather than by one, so a cached prefix (less to compute) and a short queue trade
-off in one unit. Only the decode (primary) endpoint is charged; the prefill stage of a
-P/D request is not counted.
+off in one unit. The charge goes where the prompt is computed: to the prefill endpoint
+of a P/D request (its decode endpoint only receives the KV), otherwise to the endpoint
+serving it; so in a P/D configuration the scorer ranks the prefill profile's endpoints
+by their prefill work, and the decode profile's by the prompts they compute locally.
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ class PrefillBacklogScorer(Scorer, RequestTracker):
         return backlog_scores(loads, float(self.params.smoothing_tokens))
 
     def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
-        targets = result.targets(result.primary)
+        # The endpoint that computes the prompt: the prefill stage's when one runs.
+        targets = result.targets(result.prefill_profile) or result.targets(result.primary)
         if not targets:
             return _noop, _noop
         ep = targets[0]

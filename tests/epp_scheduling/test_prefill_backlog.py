@@ -80,6 +80,28 @@ def test_backlog_counts_uncached_prompt_until_the_first_token() -> None:
     assert scorer.backlog == {} and scorer.outstanding() == 0
 
 
+def test_a_pd_request_is_charged_where_its_prompt_is_computed() -> None:
+    scorer = PrefillBacklogScorer()
+    prefiller, decoder = endpoint("p", 1), endpoint("d", 2)
+    pd = SchedulingResult(
+        {"prefill": ProfileResult([prefiller]), "decode": ProfileResult([decoder])},
+        "decode",
+        prefill_profile="prefill",
+    )
+    # 1000 tokens, 25 blocks of them cached on the prefiller: it computes 600.
+    c = _prompt(1000, {prefiller.key: 25})
+    scorer.track(c, pd)
+    assert scorer.backlog == {prefiller.key: 600}  # the decoder only receives the KV
+    scorer.first_token(c)
+    assert scorer.backlog == {}
+    # Decided without a prefill stage, the decoder computes the prompt itself.
+    local = SchedulingResult(
+        {"prefill": None, "decode": ProfileResult([decoder])}, "decode", prefill_profile=None
+    )
+    scorer.track(_prompt(300), local)
+    assert scorer.backlog == {decoder.key: 300}
+
+
 def test_a_cached_prefix_outweighs_a_short_queue() -> None:
     scorer = PrefillBacklogScorer(PrefillBacklogScorer.Params(smoothing_tokens=0))
     warm, cold = endpoint("warm", 1), endpoint("cold", 2)
@@ -184,4 +206,53 @@ async def test_decisions_charge_and_the_first_token_releases(
     second.on_finished()
     assert scorer.backlog == {}
     first.on_finished()
+    assert scorer.outstanding() == 0
+
+
+PD_BACKLOG_PLUGINS = """
+- type: decode-filter
+- type: prefill-filter
+- type: approx-prefix-cache-producer
+- type: disagg-prefill-backlog-scorer
+- type: max-score-picker
+- type: prefix-based-pd-decider
+  parameters: {nonCachedTokens: 16}
+- type: disagg-profile-handler
+  parameters:
+    deciders: {prefill: prefix-based-pd-decider}
+"""
+
+PD_BACKLOG_PROFILES = """
+- name: decode
+  plugins:
+  - pluginRef: decode-filter
+  - pluginRef: disagg-prefill-backlog-scorer
+  - pluginRef: max-score-picker
+- name: prefill
+  plugins:
+  - pluginRef: prefill-filter
+  - pluginRef: disagg-prefill-backlog-scorer
+  - pluginRef: max-score-picker
+"""
+
+
+async def test_pd_decisions_charge_the_prefillers_and_spread_prompts_over_them(
+    make_pool: MakePool, tmp_path: Path
+) -> None:
+    config = pd_config(tmp_path / "endpoints.yaml", PD_BACKLOG_PLUGINS, PD_BACKLOG_PROFILES)
+    pool = await make_pool({"p1": "prefill", "p2": "prefill", "d1": "decode"}, config=config)
+    scorer = pool.director.config.plugins.get("disagg-prefill-backlog-scorer")
+    assert isinstance(scorer, PrefillBacklogScorer)
+    first = await pool.director.decide("/v1/chat/completions", {}, chat_body("x" * 4000), None)
+    assert first.prefill is not None
+    assert set(scorer.backlog) == {first.prefill}  # not the decoder, which gets the KV
+    # The second cold prompt is computed on the other prefiller, where nothing waits.
+    second = await pool.director.decide("/v1/chat/completions", {}, chat_body("y" * 4000), None)
+    assert second.prefill is not None and second.prefill != first.prefill
+    assert set(scorer.backlog) == {first.prefill, second.prefill}
+    first.on_first_token()
+    second.on_first_token()
+    assert scorer.backlog == {}
+    first.on_finished()
+    second.on_finished()
     assert scorer.outstanding() == 0
