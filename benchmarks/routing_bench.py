@@ -27,9 +27,12 @@ Configurations (EPP configs in llm-d's vocabulary, see ``epp_config``):
 - ``pd``: prefill/decode disaggregation (prefix-based P/D decider) as llm-d's
   pd-epp-config.yaml, with a quarter of the engines prefilling; ``pd-tuned``: queue
   weight 3 in both profiles and only prompts with 512 or more uncached tokens prefilled
-  remotely.
+  remotely; ``pd-tuned-all``: the same weights with llm-d's threshold (16 tokens), so
+  that decode engines compute (almost) no prompts; ``pd-backlog``: llm-d's threshold,
+  prefillers picked by ``disagg-prefill-backlog-scorer`` (the prefill work ahead of
+  each) and decoders by ``active-request-scorer`` (the fewest requests in flight).
 
-Per configuration: TTFT p50/p90/p99, inter-token latency, the share of requests with TTFT
+Per configuration: TTFT p50/p90/p99, inter-token latency (mean, and p99 of the requests' means), the share of requests with TTFT
 under the SLO, the pool's prefix-cache hit rate against the oracle's (the best any
 engine held for each prompt, computed in the simulator), requests sent to prefill, EPP CPU
 per request, decision latency (the EPP's request-processing histogram: receipt to the
@@ -95,6 +98,8 @@ CONFIGS = (
     "precise-backlog",
     "pd",
     "pd-tuned",
+    "pd-tuned-all",
+    "pd-backlog",
 )
 MODEL = "sim-model"
 ROLE_LABEL = "llm-d.ai/role"
@@ -151,6 +156,40 @@ def _profile(refs: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
             entry["weight"] = weight
         out.append(entry)
     return out
+
+
+def _pd_backlog_config(discovery: dict[str, Any], non_cached_tokens: int) -> dict[str, Any]:
+    """P/D with every prompt of ``non_cached_tokens`` or more uncached tokens prefilled
+    remotely, on the prefiller with the least prefill work ahead of it."""
+    return {
+        "apiVersion": "llm-d.ai/v1alpha1",
+        "kind": "EndpointPickerConfig",
+        "plugins": [
+            discovery,
+            {"type": "decode-filter"},
+            {"type": "prefill-filter"},
+            {"type": "approx-prefix-cache-producer"},
+            {"type": "disagg-prefill-backlog-scorer"},
+            {"type": "active-request-scorer"},
+            {"type": "max-score-picker"},
+            {
+                "type": "prefix-based-pd-decider",
+                "parameters": {"nonCachedTokens": non_cached_tokens},
+            },
+            {
+                "type": "disagg-profile-handler",
+                "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
+            },
+        ],
+        "schedulingProfiles": [
+            {"name": "prefill", "plugins": _profile([
+                ("prefill-filter", None), ("disagg-prefill-backlog-scorer", 1),
+                ("max-score-picker", None)])},
+            {"name": "decode", "plugins": _profile([
+                ("decode-filter", None), ("active-request-scorer", 1),
+                ("max-score-picker", None)])},
+        ],
+    }  # fmt: skip
 
 
 def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
@@ -227,7 +266,7 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
         ]
         refs += [("prefix-cache-scorer", 2), ("kv-cache-utilization-scorer", 1),
                  ("queue-scorer", 1)]  # fmt: skip
-    elif name in ("pd", "pd-tuned"):
+    elif name in ("pd", "pd-tuned", "pd-tuned-all"):
         plugins += [
             {"type": "prefill-filter"},
             {"type": "prefix-cache-scorer"},
@@ -242,7 +281,7 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
                 "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
             },
         ]
-        queue_weight = 3 if name == "pd-tuned" else 1
+        queue_weight = 1 if name == "pd" else 3
         scored = [("max-score-picker", None), ("prefix-cache-scorer", 2),
                   ("queue-scorer", queue_weight)]  # fmt: skip
         return {
@@ -254,6 +293,8 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
                 {"name": "decode", "plugins": _profile([("decode-filter", None), *scored])},
             ],
         }
+    elif name == "pd-backlog":
+        return _pd_backlog_config(discovery, non_cached_tokens)
     else:
         raise ValueError(f"unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
     plugins += [{"type": picker}, {"type": "single-profile-handler"}]
