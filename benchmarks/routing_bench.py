@@ -32,13 +32,14 @@ Configurations (EPP configs in llm-d's vocabulary, see ``epp_config``):
   prefillers picked by ``disagg-prefill-backlog-scorer`` (the prefill work ahead of
   each) and decoders by ``active-request-scorer`` (the fewest requests in flight).
 
-Per configuration: TTFT p50/p90/p99, inter-token latency (mean, and p99 of the requests' means), the share of requests with TTFT
-under the SLO, the pool's prefix-cache hit rate against the oracle's (the best any
-engine held for each prompt, computed in the simulator), requests sent to prefill, EPP CPU
-per request, decision latency (the EPP's request-processing histogram: receipt to the
-routing decision; ``--long-prompts`` and the smoke also time every decision exactly, from
-the EPP's debug line for it) and EPP peak memory. ``--epp-cpus`` gives the EPP CPUs of its
-own, the rest of the stack running on the others, as when it has cores of its own.
+Per configuration: TTFT p50/p90/p99, inter-token latency (mean, and p99 of the requests'
+means), the share of requests with TTFT under the SLO, the pool's prefix-cache hit rate
+against the oracle's (the best any engine held for each prompt, computed in the
+simulator), requests sent to prefill, EPP CPU per request, decision latency (the EPP's
+request-processing histogram: receipt to the routing decision; ``--long-prompts`` and
+the smoke also time every decision exactly, from the EPP's debug line for it) and EPP
+peak memory. ``--epp-cpus`` gives the EPP CPUs of its own, the rest of the stack
+running on the others, as when it has cores of its own.
 
 Load is relative to the pool's capacity: ``N / (ttft_base + mean prompt x per-token
 prefill time)`` requests/s, the rate at which the pool would be busy computing prompts
