@@ -159,40 +159,6 @@ def _profile(refs: list[tuple[str, float | None]]) -> list[dict[str, Any]]:
     return out
 
 
-def _pd_backlog_config(discovery: dict[str, Any], non_cached_tokens: int) -> dict[str, Any]:
-    """P/D with every prompt of ``non_cached_tokens`` or more uncached tokens prefilled
-    remotely, on the prefiller with the least prefill work ahead of it."""
-    return {
-        "apiVersion": "llm-d.ai/v1alpha1",
-        "kind": "EndpointPickerConfig",
-        "plugins": [
-            discovery,
-            {"type": "decode-filter"},
-            {"type": "prefill-filter"},
-            {"type": "approx-prefix-cache-producer"},
-            {"type": "disagg-prefill-backlog-scorer"},
-            {"type": "active-request-scorer"},
-            {"type": "max-score-picker"},
-            {
-                "type": "prefix-based-pd-decider",
-                "parameters": {"nonCachedTokens": non_cached_tokens},
-            },
-            {
-                "type": "disagg-profile-handler",
-                "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
-            },
-        ],
-        "schedulingProfiles": [
-            {"name": "prefill", "plugins": _profile([
-                ("prefill-filter", None), ("disagg-prefill-backlog-scorer", 1),
-                ("max-score-picker", None)])},
-            {"name": "decode", "plugins": _profile([
-                ("decode-filter", None), ("active-request-scorer", 1),
-                ("max-score-picker", None)])},
-        ],
-    }  # fmt: skip
-
-
 def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
                block_size: int = 16, non_cached_tokens: int = 16) -> dict[str, Any]:  # fmt: skip
     """The EndpointPickerConfig of one benchmark configuration."""
@@ -267,11 +233,23 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
         ]
         refs += [("prefix-cache-scorer", 2), ("kv-cache-utilization-scorer", 1),
                  ("queue-scorer", 1)]  # fmt: skip
-    elif name in ("pd", "pd-tuned", "pd-tuned-all"):
+    elif name in ("pd", "pd-tuned", "pd-tuned-all", "pd-backlog"):
+        if name == "pd-backlog":
+            # The prefiller with the least prefill work ahead, the decoder with the fewest
+            # requests in flight (the approximate producer feeds the decider and backlog).
+            scorers = [{"type": "approx-prefix-cache-producer"},
+                       {"type": "disagg-prefill-backlog-scorer"},
+                       {"type": "active-request-scorer"}]  # fmt: skip
+            prefill_scored = [("disagg-prefill-backlog-scorer", 1)]
+            decode_scored = [("active-request-scorer", 1)]
+        else:
+            scorers = [{"type": "prefix-cache-scorer"}, {"type": "queue-scorer"}]
+            queue_weight = 1 if name == "pd" else 3
+            prefill_scored = decode_scored = [("prefix-cache-scorer", 2),
+                                              ("queue-scorer", queue_weight)]  # fmt: skip
         plugins += [
             {"type": "prefill-filter"},
-            {"type": "prefix-cache-scorer"},
-            {"type": "queue-scorer"},
+            *scorers,
             {"type": "max-score-picker"},
             {
                 "type": "prefix-based-pd-decider",
@@ -282,20 +260,18 @@ def epp_config(name: str, endpoints_file: Path, *, kv_events_port: int = 0,
                 "parameters": {"deciders": {"prefill": "prefix-based-pd-decider"}},
             },
         ]
-        queue_weight = 1 if name == "pd" else 3
-        scored = [("max-score-picker", None), ("prefix-cache-scorer", 2),
-                  ("queue-scorer", queue_weight)]  # fmt: skip
+        picked: list[tuple[str, float | None]] = [("max-score-picker", None)]
         return {
             "apiVersion": "llm-d.ai/v1alpha1",
             "kind": "EndpointPickerConfig",
             "plugins": plugins,
             "schedulingProfiles": [
-                {"name": "prefill", "plugins": _profile([("prefill-filter", None), *scored])},
-                {"name": "decode", "plugins": _profile([("decode-filter", None), *scored])},
+                {"name": "prefill", "plugins": _profile(
+                    [("prefill-filter", None), *picked, *prefill_scored])},
+                {"name": "decode", "plugins": _profile(
+                    [("decode-filter", None), *picked, *decode_scored])},
             ],
-        }
-    elif name == "pd-backlog":
-        return _pd_backlog_config(discovery, non_cached_tokens)
+        }  # fmt: skip
     else:
         raise ValueError(f"unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
     plugins += [{"type": picker}, {"type": "single-profile-handler"}]
