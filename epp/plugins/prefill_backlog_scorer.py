@@ -75,6 +75,7 @@ class PrefillBacklogScorer(Scorer, RequestTracker):
         super().__init__(params, name)
         self._charges = Charges(self.params.request_timeout, clock)
         self._key: StateKey[int] = StateKey(f"prefill-backlog/{self.name}")
+        self._prefilled: StateKey[bool] = StateKey(f"prefill-backlog/{self.name}/prefilled")
 
     @property
     def backlog(self) -> dict[str, int]:
@@ -89,14 +90,23 @@ class PrefillBacklogScorer(Scorer, RequestTracker):
 
     def track(self, cycle: CycleState, result: SchedulingResult) -> tuple[Release, Release]:
         # The endpoint that computes the prompt: the prefill stage's when one runs.
-        targets = result.targets(result.prefill_profile) or result.targets(result.primary)
+        prefill = result.targets(result.prefill_profile)
+        targets = prefill or result.targets(result.primary)
         if not targets:
             return _noop, _noop
         ep = targets[0]
         charges = self._charges
         cid = charges.charge([ep.key], uncached_tokens(cycle, ep))
         cycle.put(self._key, cid)
+        cycle.put(self._prefilled, bool(prefill))
         return _noop, lambda: charges.release(cid)
+
+    def reassign(
+        self, cycle: CycleState, served: SchedulingResult, release_decode: Release
+    ) -> Release:
+        if cycle.get(self._prefilled):
+            return release_decode  # the prefiller computes the prompt, wherever it decodes
+        return super().reassign(cycle, served, release_decode)
 
     def first_token(self, cycle: CycleState) -> None:
         cid = cycle.get(self._key)

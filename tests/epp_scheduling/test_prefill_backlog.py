@@ -90,16 +90,27 @@ def test_a_pd_request_is_charged_where_its_prompt_is_computed() -> None:
     )
     # 1000 tokens, 25 blocks of them cached on the prefiller: it computes 600.
     c = _prompt(1000, {prefiller.key: 25})
-    scorer.track(c, pd)
+    _, release_decode = scorer.track(c, pd)
     assert scorer.backlog == {prefiller.key: 600}  # the decoder only receives the KV
+    # Another decoder serves it (the gateway's fallback): the prefiller still computes.
+    other = endpoint("d2", 3)
+    release_served = scorer.reassign(c, pd.served_by(other), release_decode)
+    assert scorer.backlog == {prefiller.key: 600}
     scorer.first_token(c)
     assert scorer.backlog == {}
+    release_served()
+    assert scorer.outstanding() == 0
     # Decided without a prefill stage, the decoder computes the prompt itself.
     local = SchedulingResult(
         {"prefill": None, "decode": ProfileResult([decoder])}, "decode", prefill_profile=None
     )
-    scorer.track(_prompt(300), local)
+    alone = _prompt(300)
+    _, release_decode = scorer.track(alone, local)
     assert scorer.backlog == {decoder.key: 300}
+    # Served by another decoder, which then computes the prompt: the charge moves there.
+    other = endpoint("d2", 3)
+    scorer.reassign(alone, local.served_by(other), release_decode)
+    assert scorer.backlog == {other.key: 300}
 
 
 def test_a_cached_prefix_outweighs_a_short_queue() -> None:
