@@ -953,9 +953,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def smoke(workdir: Path, log: Any = print) -> list[RunResult]:
-    """Four engines, short prompts, three configurations (one of them P/D): the whole path."""
-    model = EngineModel(num_blocks=1024, prefill_ms_per_token=0.5, time_scale=1.0)
-    return await compare(4, "chat", [0.5], ["least-requests", "precise-prefix", "pd"], 8.0,
+    """Four engines with a step budget, short prompts, four configurations (two of them
+    P/D): the whole path."""
+    model = EngineModel(num_blocks=1024, prefill_ms_per_token=0.5, time_scale=1.0,
+                        max_num_batched_tokens=256)  # fmt: skip
+    configs = ["least-requests", "precise-prefix", "pd", "pd-backlog"]
+    return await compare(4, "chat", [0.5], configs, 8.0,
                          seed=1, slo_s=1.0, model=model, workdir=workdir, scale=0.2,
                          exact_decisions=True, log=log)  # fmt: skip
 
