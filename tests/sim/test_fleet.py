@@ -51,7 +51,9 @@ def test_a_step_budget_slows_decode_steps_while_a_prompt_is_computed() -> None:
 
 
 async def test_decodes_slow_down_while_another_prompt_is_computed() -> None:
-    long_prompt = [5000 + i for i in range(1000)]  # 1 s of compute
+    # 5 s of compute, cancelled once measured: it outlasts the other request's 0.5 s of
+    # decode steps even on a machine that stalls for seconds.
+    long_prompt = [5000 + i for i in range(5000)]
     decode_s = {}
     for budget in (0, 101):
         engine = SimEngine(
@@ -67,6 +69,7 @@ async def test_decodes_slow_down_while_another_prompt_is_computed() -> None:
         await eventually(computed, "the long prompt's computation")
         first, end = await _run_one(engine, list(range(16)), 6)
         decode_s[budget] = end - first
+        assert engine.prefilling_tokens == len(long_prompt)  # computed all along
         computing.cancel()
         with pytest.raises(asyncio.CancelledError):
             await computing
