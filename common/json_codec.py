@@ -18,17 +18,26 @@ to ``json`` too, which accepts it or raises its own error.
 
 ``small_ints`` checks a list in C: every item an int below 2^53 in magnitude (the token
 ids of a long prompt, 240K of them in ~4 ms).
+
+``loads_packed`` reads a long request whose prompt is token ids without making an int
+object per id: such a field comes out as an ``array('q')`` (simdjson parses the text and
+packs the ids in C: about 4 ms for 240K ids, where building them as a list takes 17). It
+gives exactly what ``loads`` gives otherwise, reading with ``loads`` whatever it cannot
+prove the same.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import threading
+from array import array
+from collections.abc import Collection, Iterable
 from typing import Any
 
 import orjson
+import simdjson
 
-__all__ = ["dumps", "loads", "small_ints"]
+__all__ = ["dumps", "loads", "loads_packed", "small_ints"]
 
 _DIGITS_AS_ZERO = bytes.maketrans(b"0123456789", b"0" * 10)
 _LONG_DIGIT_RUN = b"0" * 19
@@ -44,13 +53,19 @@ _BARE_LIST = b"[]"
 
 
 def dumps(payload: object) -> bytes:
-    """Compact UTF-8 JSON."""
+    """Compact UTF-8 JSON (an ``array`` written as a list)."""
     try:
-        return orjson.dumps(payload)
+        return orjson.dumps(payload, default=_unpacked)
     except TypeError:
         # ASCII escapes: a lone surrogate a client sent as \ud800 has no UTF-8 form, and
         # goes on escaped exactly as it came.
-        return json.dumps(payload, separators=(",", ":")).encode()
+        return json.dumps(payload, separators=(",", ":"), default=_unpacked).encode()
+
+
+def _unpacked(value: object) -> list[Any]:
+    if isinstance(value, array):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
 def loads(body: bytes | bytearray | str) -> Any:
@@ -66,6 +81,73 @@ def loads(body: bytes | bytearray | str) -> Any:
     if short or not _holds_wide_float(doc) or not _long_digit_run(data):
         return doc
     return json.loads(body)
+
+
+# Below this many bytes a body is read by ``loads``: its ids are too few to matter.
+PACK_FROM_BYTES = 64 * 1024
+# More "[" than this in a body: nested lists (chat messages, parts), not flat id lists;
+# read by ``loads`` at once rather than parsed twice.
+_MAX_BRACKETS = 16
+_PARSERS = threading.local()
+
+
+def loads_packed(body: bytes, fields: Collection[str]) -> Any:
+    """``loads(body)``, except that in a JSON object of at least ``PACK_FROM_BYTES`` each
+    top-level member named in ``fields`` that is a non-empty flat list of integers of
+    64 bits is an ``array('q')`` of them rather than a list."""
+    if fields and len(body) >= PACK_FROM_BYTES and body.count(b"[") <= _MAX_BRACKETS:
+        doc = _read_packed(bytes(body), fields)
+        if doc is not None:
+            return doc
+    return loads(body)
+
+
+def _read_packed(data: bytes, fields: Collection[str]) -> dict[str, Any] | None:
+    """The object simdjson reads in ``data``; None when it refuses the text (``loads``
+    then accepts it or raises its own error) or when a list nests in a value (every "["
+    must open a top-level list: the id lists are then flat, and no text differs)."""
+    parser: simdjson.Parser | None = getattr(_PARSERS, "parser", None)
+    if parser is None:
+        parser = _PARSERS.parser = simdjson.Parser()
+    try:
+        top = parser.parse(data)
+        if not isinstance(top, simdjson.Object):
+            return None
+        keys = list(top)
+        if len(set(keys)) != len(keys):
+            return None  # a repeated name: the last one counts, simdjson finds the first
+        out: dict[str, Any] = {}
+        lists = 0
+        for key in keys:
+            value = top[key]
+            if isinstance(value, simdjson.Array):
+                lists += 1
+                ids = _packed_ids(value) if key in fields else None
+                out[key] = value.as_list() if ids is None else ids
+            elif isinstance(value, simdjson.Object):
+                out[key] = value.as_dict()
+            else:
+                out[key] = value
+        return out if data.count(b"[") == lists else None
+    except (ValueError, TypeError):
+        return None  # not JSON as simdjson reads it: NaN, lone surrogates, deep nesting...
+    except RuntimeError:
+        # The parser is still held by values of an earlier document: a fresh one.
+        _PARSERS.parser = None
+        return None
+
+
+def _packed_ids(ids: simdjson.Array) -> array[int] | None:
+    if not len(ids):
+        return None
+    try:
+        buffer = ids.as_buffer(of_type="i")
+    except (ValueError, TypeError):
+        return None  # not all integers of 64 bits
+    packed = array("q")
+    packed.frombytes(buffer)
+    # A list nested in the list would be flattened into the buffer.
+    return packed if len(packed) == len(ids) else None
 
 
 def small_ints(items: list[Any]) -> bool:

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeGuard
 
-from common.json_codec import loads, small_ints
+from common.json_codec import loads_packed, small_ints
 from common.multimodal import INPUT_AUDIO, MULTIMODAL_PART_TYPES
 from epp.decision import BadRequest
 
@@ -71,9 +71,11 @@ class ParsedRequest:
     # The model the client asked for when ``model`` is the name it was rewritten to.
     requested_model: str = ""
     # ``client_token_ids()``'s answer once asked (False: not asked yet).
-    client_ids: list[int] | Literal[False] | None = field(default=False, repr=False, compare=False)
+    client_ids: Sequence[int] | Literal[False] | None = field(
+        default=False, repr=False, compare=False
+    )
 
-    def client_token_ids(self) -> list[int] | None:
+    def client_token_ids(self) -> Sequence[int] | None:
         """``body["prompt"]`` when it is token ids (``is_token_ids``), else None; checked
         once per request (a 240K-token list takes milliseconds), whoever asks."""
         ids = self.client_ids
@@ -111,7 +113,7 @@ class _Prompt:
         # fit it (packed when first read).
         self.packed: array[int] | list[int] | None = None
         # ``body["prompt"]`` once it passed ``is_token_ids`` here.
-        self.client_ids: list[int] | None = None
+        self.client_ids: Sequence[int] | None = None
 
     def add_mm(self, kind: str, key: str) -> None:
         # Identical items are encoded once, so they count once.
@@ -238,12 +240,18 @@ def _completions(body: Mapping[str, Any], out: _Prompt) -> int | None:
     if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         out.parts.extend(prompt)
         return None
-    if isinstance(prompt, list):
+    if isinstance(prompt, list | array):
         return _token_ids(prompt, out, "prompt")
     raise _bad("field 'prompt' must be a string, a list of strings or token ids")
 
 
-def _token_ids(ids: list[Any], out: _Prompt, name: str) -> int:
+def _token_ids(ids: list[Any] | array[int], out: _Prompt, name: str) -> int:
+    if isinstance(ids, array):
+        # Read packed (``loads_packed``): a flat list of 64-bit ints.
+        out.packed = ids
+        if name == "prompt":
+            out.client_ids = ids
+        return len(ids)
     if ids and small_ints(ids):
         # Ints below 2^53: packing them cannot fail, so it waits for a reader.
         out.packed = ids
@@ -315,7 +323,7 @@ def _generate(body: Mapping[str, Any], out: _Prompt) -> int | None:
             out.parts.append(prompt)
             return None
         raise _bad("missing required field 'token_ids'")
-    if not isinstance(ids, list):
+    if not isinstance(ids, list | array):
         raise _bad("field 'token_ids' must be a list of integers")
     return _token_ids(ids, out, "token_ids")
 
@@ -330,7 +338,7 @@ def _embeddings(body: Mapping[str, Any], out: _Prompt) -> int | None:
     if isinstance(data, list) and data and all(isinstance(p, str) for p in data):
         out.parts.extend(data)
         return None
-    if isinstance(data, list) and data:
+    if isinstance(data, list | array) and data:
         return _token_ids(data, out, "input")
     raise _bad("field 'input' must be a string, a list of strings or token ids")
 
@@ -359,7 +367,7 @@ def _images(body: Mapping[str, Any], out: _Prompt) -> int | None:
 
 def _sglang_generate(body: Mapping[str, Any], out: _Prompt) -> int | None:
     ids = body.get("input_ids")
-    if not isinstance(ids, list) or not ids:
+    if not isinstance(ids, list | array) or not ids:
         raise _bad("field 'input_ids' must be a non-empty list of token ids")
     flat = [t for seq in ids for t in seq] if isinstance(ids[0], list) else ids
     if not flat or not all(isinstance(t, int) and 0 <= t < 2**32 for t in flat):
@@ -398,6 +406,17 @@ API_EXTRACTORS: dict[str, tuple[_Extractor, bool, bool]] = {
 }
 
 
+# api name -> the fields whose token ids are read packed (an ``array``, not a list of
+# ints) in a long body: what the extractor and every reader of the field accept.
+_ID_FIELDS: dict[str, tuple[str, ...]] = {
+    "completions": ("prompt",),
+    "completions-render": ("prompt",),
+    "generate": ("token_ids",),
+    "embeddings": ("input",),
+    "sglang-generate": ("input_ids",),
+}
+
+
 def supported_paths() -> tuple[str, ...]:
     """The request paths the parser understands."""
     return tuple(_EXTRACTORS)
@@ -418,9 +437,11 @@ def parse_request(path: str, headers: Mapping[str, str], body: bytes) -> ParsedR
     return parse_api(spec, route, headers, body)
 
 
-def is_token_ids(value: object) -> TypeGuard[list[int]]:
+def is_token_ids(value: object) -> TypeGuard[Sequence[int]]:
     """A non-empty list of ints (bools excluded), checked in C when every item is an int
-    (below 2^53 in magnitude: one call)."""
+    (below 2^53 in magnitude: one call); or such a list read packed (``loads_packed``)."""
+    if isinstance(value, array):
+        return value.typecode == "q" and len(value) > 0
     if not isinstance(value, list) or not value:
         return False
     if small_ints(value) or set(map(type, value)) == {int}:
@@ -428,11 +449,11 @@ def is_token_ids(value: object) -> TypeGuard[list[int]]:
     return all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _json_object(body: bytes) -> dict[str, Any]:
+def _json_object(body: bytes, id_fields: tuple[str, ...]) -> dict[str, Any]:
     if not body:
         raise _bad("empty request body")
     try:
-        doc = loads(body)
+        doc = loads_packed(body, id_fields)
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -445,7 +466,7 @@ def _json_object(body: bytes) -> dict[str, Any]:
 def parse_api(api: str, route: str, headers: Mapping[str, str], body: bytes) -> ParsedRequest:
     """Parse a body as API ``api`` (a key of ``API_EXTRACTORS``)."""
     extract, model_required, generation = API_EXTRACTORS[api]
-    doc = _json_object(body)
+    doc = _json_object(body, _ID_FIELDS.get(api, ()))
     model = _str_field(doc, "model", required=model_required)
     out = _Prompt()
     token_count = extract(doc, out)

@@ -253,7 +253,10 @@ class BlockHashMemo:
     ) -> tuple[object, ...] | None:
         """The run's key; None when an id does not fit 64 bits (such runs are not kept)."""
         # Ids below 2^32 (every vocabulary) pack about four times faster as unsigned
-        # 32-bit ints than as 64-bit ones; the typecode keeps the two packings apart.
+        # 32-bit ints than as 64-bit ones; the typecode keeps the two packings apart. Ids
+        # read packed (an array of 64-bit ints) are keyed by their own bytes.
+        if isinstance(token_ids, array) and token_ids.typecode == "q":
+            return (seed, block_size, parent, "q", token_ids.tobytes())
         for typecode in _KEY_TYPECODES:
             try:
                 packed = array(typecode, token_ids).tobytes()

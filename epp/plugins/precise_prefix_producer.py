@@ -496,7 +496,7 @@ HASH_MEMO_SLICES = 1024
 
 
 async def _hash_blocks(
-    tokens: list[int], block_size: int, seed: str | None, blocks: int, memo: BlockHashMemo
+    tokens: Sequence[int], block_size: int, seed: str | None, blocks: int, memo: BlockHashMemo
 ) -> tuple[list[bytes], list[int]]:
     """The prompt's first ``blocks`` block hashes and their index keys; a slice hashed
     for a recent prompt (the same ids after the same parent) is taken from ``memo``."""

@@ -329,7 +329,7 @@ def _chat_bytes(body: Mapping[str, Any], assets: _Assets) -> bytes:
     return bytes(out)
 
 
-def request_token_ids(request: ParsedRequest) -> list[int] | None:
+def request_token_ids(request: ParsedRequest) -> Sequence[int] | None:
     """Token ids the client sent itself (completions or generate): already real."""
     ids = request.client_token_ids()  # the prompt's, checked once per request
     if ids is None:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from array import array
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.json_codec import dumps, loads, small_ints
+from common.json_codec import PACK_FROM_BYTES, dumps, loads, loads_packed, small_ints
 
 CASES = [
     '{"a": 1, "a": 2, "p": "%s"}',  # duplicate keys: the last wins
@@ -115,3 +117,85 @@ def test_loads_agrees_with_json_on_any_value(value: object, long: bool) -> None:
     """Short texts (the digit scan) and long ones (orjson first, then the walk)."""
     text = json.dumps({"v": value, "pad": "x" * (8192 if long else 0)})
     assert repr(loads(text.encode())) == repr(json.loads(text))
+
+
+def _plain(doc: Any) -> Any:
+    """``doc`` with its packed fields as lists."""
+    if not isinstance(doc, dict):
+        return doc
+    return {k: v.tolist() if isinstance(v, array) else v for k, v in doc.items()}
+
+
+_IDS = ",".join(str(i * 7919 % 150_000) for i in range(PACK_FROM_BYTES // 5))
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_loads_packed_gives_what_json_loads_gives(case: str) -> None:
+    text = (case % "x")[:-1] + f', "ids": [{_IDS}]}}'
+    got = loads_packed(text.encode(), ("ids", "big", "edge", "f", "a"))
+    assert repr(_plain(got)) == repr(json.loads(text))
+
+
+def test_loads_packed_packs_flat_64_bit_int_lists_of_the_named_fields_only() -> None:
+    def read(ids: str, field: str = "ids", pad: int = PACK_FROM_BYTES) -> Any:
+        text = f'{{"model": "m", "{field}": {ids}, "stop": ["a", "b"], "x": {{"y": null}}, '
+        text += f'"p": "{"x" * pad}"}}'
+        got = loads_packed(text.encode(), ("ids",))
+        assert repr(_plain(got)) == repr(json.loads(text))
+        return got[field]
+
+    packed = read(f"[{_IDS}]")
+    assert isinstance(packed, array) and packed.typecode == "q"
+    assert isinstance(read(f"[-9223372036854775808, {_IDS}, 9223372036854775807]"), array)
+    for kept in (
+        "[]",
+        "[1, 9223372036854775808]",  # beyond 64 bits signed: exact ints
+        "[1, true]",
+        "[1, 2.0]",
+        "[1, null]",
+        '[1, "2"]',
+        "[[1], 2]",  # nested: flattened by simdjson, so read as a list
+        "[[1, 2], [3]]",
+    ):
+        assert isinstance(read(kept), list), kept
+    assert isinstance(read(f"[{_IDS}]", field="other"), list)
+    assert isinstance(read("[1, 2]", pad=10), list)  # short: read by loads
+    # A list nested anywhere else, or a "[" in a string, and the body is read by loads.
+    text = f'{{"ids": [{_IDS}], "m": [{{"c": [1]}}]}}'
+    assert isinstance(loads_packed(text.encode(), ("ids",))["ids"], list)
+    text = f'{{"ids": [{_IDS}], "s": "["}}'
+    assert isinstance(loads_packed(text.encode(), ("ids",))["ids"], list)
+    # The last of repeated names counts, as in json.
+    text = f'{{"ids": [1], "ids": [{_IDS}]}}'
+    assert _plain(loads_packed(text.encode(), ("ids",))) == json.loads(text)
+
+
+@pytest.mark.parametrize(
+    "body", [b"[1, 2]", b"\xef\xbb\xbf{}", b"{", b"\xff{}", b'{"a": NaN}', b'{"s": "\\ud800"}']
+)
+def test_loads_packed_reads_or_refuses_anything_else_as_loads_does(body: bytes) -> None:
+    body += b" " * PACK_FROM_BYTES
+    try:
+        want = json.loads(body)
+    except ValueError as exc:
+        with pytest.raises(type(exc)) as got:
+            loads_packed(body, ("ids",))
+        assert str(got.value) == str(exc)
+        return
+    assert repr(loads_packed(body, ("ids",))) == repr(want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_VALUES, ids=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=50))
+def test_loads_packed_agrees_with_json_on_any_value(value: object, ids: list[int]) -> None:
+    doc = {"v": value, "ids": ids, "pad": "x" * PACK_FROM_BYTES}
+    text = json.dumps(doc)
+    got = loads_packed(text.encode(), ("ids", "v"))
+    assert repr(_plain(got)) == repr(json.loads(text))
+    if isinstance(got["ids"], array):
+        assert got["ids"].tolist() == ids
+
+
+def test_dumps_writes_a_packed_list_as_a_list() -> None:
+    assert dumps({"ids": array("q", [1, -2]), "s": "\ud800"}) == b'{"ids":[1,-2],"s":"\\ud800"}'
+    assert dumps({"ids": array("q", [3])}) == b'{"ids":[3]}'

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from array import array
 
 from epp.datastore import Endpoint
 from epp.kv_events.hashing import BlockHashMemo, block_hashes, hash_keys
@@ -52,6 +53,7 @@ async def test_long_prompt_hashes_match_and_the_loop_keeps_running() -> None:
         during = ticks - start
         hashing = False
         await ticker
+        assert isinstance(cycle.request.body["prompt"], array)  # a long body: read packed
         prompt = cycle.get(PRECISE_PROMPT)
         assert prompt is not None
         assert len(prompt.hashes) == 4096 > HASH_SLICE_BLOCKS
@@ -121,6 +123,16 @@ def test_memo_keys_of_32_and_64_bit_packings_stay_apart() -> None:
     assert wide[-1] == narrow[-1] and wide != narrow
     # [2**32] (64-bit) and [0, 1] (32-bit) pack to the same eight bytes too.
     assert BlockHashMemo.key([2**32], 1, None, None) != BlockHashMemo.key([0, 1], 1, None, None)
+    # Ids read packed (64-bit) are keyed as their 64-bit packing: the same run as ids
+    # that only fit 64 bits.
+    assert BlockHashMemo.key(array("q", [-1]), 1, None, None) == wide
+    assert BlockHashMemo.key(array("q", [5, 6]), 1, "s", b"p") == (
+        "s",
+        1,
+        b"p",
+        "q",
+        array("q", [5, 6]).tobytes(),
+    )
 
 
 async def test_the_producer_encodes_every_vocabulary_id_before_the_first_prompt() -> None:
