@@ -101,6 +101,14 @@ class KvBlockIndex:
                 out[engine] = n
         return out
 
+    def holds(self, block: int, engines: Iterable[str], media: int = 1) -> bool:
+        """Whether one of ``engines`` holds ``block`` on one of ``media``."""
+        for engine in engines:
+            blocks = self._engines.get(engine)
+            if blocks and blocks.get(block, 0) & media:
+                return True
+        return False
+
     def knows(self, engine: str) -> bool:
         return engine in self._engines
 

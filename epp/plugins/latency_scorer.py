@@ -167,8 +167,8 @@ class LatencyScorer(Scorer):
         for ep, s, q in zip(endpoints, signals, queues, strict=True):
             rel_queue = (max_q - q) / max_q if max_q > 0 else 1.0
             prefix = 0.0
-            if match is not None and match.hashes:
-                prefix = match.blocks(ep) / len(match.hashes)
+            if match is not None and match.total_blocks:
+                prefix = match.blocks(ep) / match.total_blocks
             composite = wkv * (1.0 - s.kv_usage) + wq * rel_queue + wpref * prefix
             out.append(math.floor(_W_MAX * composite + 0.5) / _W_MAX)
         return out

@@ -24,8 +24,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import aiohttp
@@ -71,17 +72,22 @@ _CHAT_OPTIONS = (
 
 @dataclass(frozen=True, slots=True)
 class PrecisePrompt:
-    """The prompt as the engine sees it: token count and full block hashes."""
+    """The prompt as the engine sees it: token count and full block hashes (the leading
+    ``len(hashes)`` of its ``blocks`` up to the match cap)."""
 
     tokens: int
     hashes: list[bytes]
     keys: list[int]
+    blocks: int = 0
 
 
 PRECISE_PROMPT: StateKey[PrecisePrompt] = StateKey("precise-prompt")
 _APPROX_MATCH: StateKey[PrefixMatch] = StateKey("approx-prefix-match")
 # The candidates, when the fallback's blocks are to be computed after the decision.
 _APPROX_LATER: StateKey[Sequence[Endpoint]] = StateKey("approx-prefix-later")
+# The prompt's ids, when its blocks past the last one an endpoint may hold are to be
+# hashed after the decision (for the memo only).
+_HASH_LATER: StateKey[Sequence[int]] = StateKey("precise-hash-later")
 
 
 class TokenProcessorConfig(PluginParams):
@@ -298,8 +304,19 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         t0 = time.perf_counter()
         p = self.params
         blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
-        hashes, keys = await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks, self._hashed)
-        cycle.put(PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, keys))
+        # A match is a leading run: once no candidate holds a slice's last block, the
+        # blocks after it change no match, and are hashed after the decision (so that
+        # the next prompt starting the same way finds them in the memo). Speculative
+        # indexing predicts every block of the prompt, so it needs them all now.
+        held = None
+        if not p.speculative_indexing:
+            held = partial(self.index.holds, engines=[ep.key for ep in live], media=self._media)
+        hashes, keys = await _hash_blocks(
+            tokens, p.block_size, p.hash_seed, blocks, self._hashed, held
+        )
+        if len(hashes) < blocks:
+            cycle.put(_HASH_LATER, tokens)
+        cycle.put(PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, keys, blocks))
         # The decider compares token counts: the engine's count beats the estimate.
         req.token_estimate = len(tokens)
         if self.metrics is not None:
@@ -330,6 +347,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             prompt_tokens=prompt.tokens,
             source="precise",
             block_tokens=p.block_size,
+            blocks_total=prompt.blocks,
         )
         cycle.put(PREFIX_MATCH, match)
         cycle.put(self.key, match)
@@ -379,9 +397,12 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             for target in result.targets(profile)[:1]
         ]
         if picked and cycle.get(_APPROX_MATCH) is None:
-            self._warm_after_decision(cycle, picked)
+            self._after_decision(self._warm_in_slices(cycle, picked), cycle, picked)
         elif picked:
             self._warm(cycle, picked)
+        rest = cycle.get(_HASH_LATER)
+        if rest is not None:
+            self._after_decision(self._hash_rest(rest))
         match = cycle.get(PREFIX_MATCH)
         source = match.source if match is not None else "approximate"
         self.served[source] = self.served.get(source, 0) + 1
@@ -402,16 +423,30 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self._warm(cycle, [target.key for target in served.targets(served.primary)[:1]])
         return release_decode
 
-    def _warm_after_decision(self, cycle: CycleState, picked: Sequence[str]) -> None:
-        """``_warm`` from the event loop's next turn on (now when no loop runs)."""
+    def _after_decision(
+        self,
+        work: Coroutine[Any, Any, None],
+        cycle: CycleState | None = None,
+        picked: Sequence[str] = (),
+    ) -> None:
+        """``work`` from the event loop's next turn on; when no loop runs, it is dropped
+        (and the fallback warmed at once when ``cycle`` is given)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._warm(cycle, picked)
+            work.close()
+            if cycle is not None:
+                self._warm(cycle, picked)
             return
-        task = loop.create_task(self._warm_in_slices(cycle, picked))
+        task = loop.create_task(work)
         self._warming.add(task)
         task.add_done_callback(self._warming.discard)
+
+    async def _hash_rest(self, tokens: Sequence[int]) -> None:
+        p = self.params
+        blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
+        await asyncio.sleep(0)  # after the decision is out
+        await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks, self._hashed)
 
     async def _warm_in_slices(self, cycle: CycleState, picked: Sequence[str]) -> None:
         endpoints = cycle.get(_APPROX_LATER)
@@ -496,10 +531,17 @@ HASH_MEMO_SLICES = 1024
 
 
 async def _hash_blocks(
-    tokens: Sequence[int], block_size: int, seed: str | None, blocks: int, memo: BlockHashMemo
+    tokens: Sequence[int],
+    block_size: int,
+    seed: str | None,
+    blocks: int,
+    memo: BlockHashMemo,
+    held: Callable[[int], bool] | None = None,
 ) -> tuple[list[bytes], list[int]]:
     """The prompt's first ``blocks`` block hashes and their index keys; a slice hashed
-    for a recent prompt (the same ids after the same parent) is taken from ``memo``."""
+    for a recent prompt (the same ids after the same parent) is taken from ``memo``.
+    ``held``: whether some endpoint holds a block (by key); hashing stops after the
+    first slice whose last block none holds."""
     hashes: list[bytes] = []
     keys: list[int] = []
     parent: bytes | None = None
@@ -518,6 +560,8 @@ async def _hash_blocks(
         hashes += found[0]
         keys += found[1]
         parent = hashes[-1]
+        if held is not None and not held(keys[-1]):
+            break
     return hashes, keys
 
 

@@ -280,8 +280,8 @@ class PredictedLatencyProducer(DataProducer, RequestTracker, ResponseBodyProcess
         match = cycle.get(self._match)
         for ep in endpoints:
             score = 0.0
-            if match is not None and match.hashes:
-                score = min(1.0, match.blocks(ep) / len(match.hashes))
+            if match is not None and match.total_blocks:
+                score = min(1.0, match.blocks(ep) / match.total_blocks)
             state.prefix_scores[ep.key] = score
             state.inflight[ep.key] = self._snapshot(ep)
         cycle.put(self._state, state)

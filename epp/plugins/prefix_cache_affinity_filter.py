@@ -90,9 +90,9 @@ class PrefixCacheAffinityFilter(Filter):
 
     def _scores(self, cycle: CycleState, endpoints: Sequence[Endpoint]) -> list[float]:
         match = cycle.get(PREFIX_MATCH)
-        if match is None or not match.hashes:
+        if match is None or not match.total_blocks:
             return [0.0] * len(endpoints)
-        total = len(match.hashes)
+        total = match.total_blocks
         return [match.matched.get(ep.key, 0) / total for ep in endpoints]
 
     def _ttft_ms(self, ep: Endpoint) -> float:

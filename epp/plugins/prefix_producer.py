@@ -74,9 +74,17 @@ class PrefixMatch:
     source: str = "approximate"
     # Tokens per block (the prefix-cache scorer's match length); 0: unknown.
     block_tokens: int = 0
+    # The prompt's blocks (up to the match cap) when ``hashes`` holds only the leading
+    # ones: hashing stopped where no endpoint's run could go on. 0: all are hashed.
+    blocks_total: int = 0
 
     def blocks(self, endpoint: Endpoint) -> int:
         return self.matched.get(endpoint.key, 0)
+
+    @property
+    def total_blocks(self) -> int:
+        """The prompt's blocks, up to the match cap: what a match is a share of."""
+        return self.blocks_total or len(self.hashes)
 
     @property
     def hit(self) -> bool:
@@ -213,7 +221,7 @@ class PrefixIndexerMetrics(PerRegistry):
     def record(self, plugin: str, plugin_type: str, match: PrefixMatch, held: int) -> None:
         """One routed request: ``held`` of its blocks were on the pick."""
         unit = match.block_tokens * _BYTES_PER_TOKEN
-        total = len(match.hashes) * unit
+        total = match.total_blocks * unit
         matched = held * unit
         self.hit_bytes.labels(plugin, plugin_type).observe(matched)
         self.legacy_hit_bytes.observe(matched)

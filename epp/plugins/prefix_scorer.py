@@ -46,9 +46,9 @@ def prefix_scores(
     scale_tokens: int = 8192,
 ) -> list[float]:
     """The scores of ``endpoints`` for one match (pure)."""
-    if match is None or not match.hashes or not match.matched:
+    if match is None or not match.total_blocks or not match.matched:
         return [0.0] * len(endpoints)
-    total = len(match.hashes)
+    total = match.total_blocks
     out = []
     for ep in endpoints:
         blocks = match.matched.get(ep.key, 0)

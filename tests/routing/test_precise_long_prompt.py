@@ -19,8 +19,10 @@ from epp.scheduling.cycle import CycleState
 
 
 async def _prefetch(producer: PrecisePrefixCacheProducer, tokens: list[int]) -> CycleState:
+    """The prompt's prefetch with an endpoint holding all its blocks (so all are hashed)."""
     ep = Endpoint("e", "127.0.0.1", 1)
-    producer.index.store(ep.key, [1])  # the endpoint has published: precise is used
+    held = hash_keys(block_hashes(tokens, 16, max_blocks=4096))
+    producer.index.store(ep.key, [1, *held])  # it has published: precise is used
     body = json.dumps({"model": "m", "prompt": tokens, "max_tokens": 1}).encode()
     cycle = CycleState(parse_request("/v1/completions", {}, body), 0.0, 1.0)
     await producer.prefetch(cycle, [ep])
@@ -244,3 +246,70 @@ async def test_a_long_prompt_warms_the_fallback_in_slices_with_the_same_hashes()
         assert sliced == whole
     finally:
         await producer.aclose()
+
+
+async def test_hashing_stops_where_no_run_can_go_on_and_ends_after_the_decision() -> None:
+    from epp.plugins.prefix_producer import PREFIX_MATCH
+    from epp.plugins.prefix_scorer import prefix_scores
+    from epp.scheduling.result import ProfileResult, SchedulingResult
+
+    ep, other = Endpoint("e", "127.0.0.1", 1), Endpoint("o", "127.0.0.2", 1)
+    tokens = [(i * 7919) % 150_000 for i in range(16 * 4096 + 40)]
+    whole = block_hashes(tokens, 16, max_blocks=4096)
+    body = json.dumps({"model": "m", "prompt": tokens, "max_tokens": 1}).encode()
+
+    def cycle_for() -> CycleState:
+        return CycleState(parse_request("/v1/completions", {}, body), 0.0, 1.0)
+
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        # One endpoint holds the first 300 blocks, a run that ends in the second slice.
+        producer.index.store(ep.key, hash_keys(whole[:300]))
+        producer.index.store(other.key, [1])
+        cycle = cycle_for()
+        await producer.prefetch(cycle, [ep, other])
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None and prompt.blocks == 4096
+        assert prompt.hashes == whole[: 2 * HASH_SLICE_BLOCKS]  # two slices hashed
+        producer.prepare(cycle, [ep, other])
+        match = cycle.get(PREFIX_MATCH)
+        assert match is not None and match.source == "precise"
+        assert match.matched == {ep.key: 300}  # what hashing every block gives
+        assert match.total_blocks == 4096  # a share of the whole prompt
+        assert prefix_scores(match, [ep, other]) == [300 / 4096, 0.0]
+        assert len(producer._hashed) == 2
+
+        # The rest is hashed once the decision is out, for the memo.
+        producer.track(cycle, SchedulingResult({"d": ProfileResult([ep])}, "d"))
+        assert len(producer._hashed) == 2
+
+        async def memo_filled() -> None:
+            while len(producer._hashed) < 4096 // HASH_SLICE_BLOCKS:
+                await asyncio.sleep(0)
+
+        await asyncio.wait_for(memo_filled(), 10)
+        # Now the endpoint holds every block: all are looked up, from the memo.
+        producer.index.store(ep.key, hash_keys(whole))
+        again = cycle_for()
+        await producer.prefetch(again, [ep, other])
+        prompt = again.get(PRECISE_PROMPT)
+        assert prompt is not None and prompt.hashes == whole
+        assert len(producer._hashed) == 4096 // HASH_SLICE_BLOCKS  # nothing new hashed
+        producer.prepare(again, [ep, other])
+        match = again.get(PREFIX_MATCH)
+        assert match is not None and match.matched == {ep.key: 4096}
+    finally:
+        await producer.aclose()
+
+    # Speculative indexing predicts every block of the prompt: all are hashed at once.
+    speculative = PrecisePrefixCacheProducer(
+        PrecisePrefixCacheProducer.Params(kvEventsPort=1, speculativeIndexing=True)
+    )
+    try:
+        speculative.index.store(other.key, [1])
+        cycle = cycle_for()
+        await speculative.prefetch(cycle, [other])
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None and prompt.hashes == whole
+    finally:
+        await speculative.aclose()
