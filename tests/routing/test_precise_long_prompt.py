@@ -283,11 +283,8 @@ async def test_hashing_stops_where_no_run_can_go_on_and_ends_after_the_decision(
         producer.track(cycle, SchedulingResult({"d": ProfileResult([ep])}, "d"))
         assert len(producer._hashed) == 2
 
-        async def memo_filled() -> None:
-            while len(producer._hashed) < 4096 // HASH_SLICE_BLOCKS:
-                await asyncio.sleep(0)
-
-        await asyncio.wait_for(memo_filled(), 10)
+        await asyncio.wait_for(asyncio.gather(*producer._warming), 10)
+        assert len(producer._hashed) == 4096 // HASH_SLICE_BLOCKS
         # Now the endpoint holds every block: all are looked up, from the memo.
         producer.index.store(ep.key, hash_keys(whole))
         again = cycle_for()
