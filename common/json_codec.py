@@ -95,14 +95,16 @@ def loads_packed(body: bytes, fields: Collection[str]) -> Any:
     """``loads(body)``, except that in a JSON object of at least ``PACK_FROM_BYTES`` each
     top-level member named in ``fields`` that is a non-empty flat list of integers of
     64 bits is an ``array('q')`` of them rather than a list."""
-    if fields and len(body) >= PACK_FROM_BYTES and body.count(b"[") <= _MAX_BRACKETS:
-        doc = _read_packed(bytes(body), fields)
-        if doc is not None:
-            return doc
+    if fields and len(body) >= PACK_FROM_BYTES:
+        brackets = body.count(b"[")
+        if brackets <= _MAX_BRACKETS:
+            doc = _read_packed(bytes(body), fields, brackets)
+            if doc is not None:
+                return doc
     return loads(body)
 
 
-def _read_packed(data: bytes, fields: Collection[str]) -> dict[str, Any] | None:
+def _read_packed(data: bytes, fields: Collection[str], brackets: int) -> dict[str, Any] | None:
     """The object simdjson reads in ``data``; None when it refuses the text (``loads``
     then accepts it or raises its own error) or when a list nests in a value (every "["
     must open a top-level list: the id lists are then flat, and no text differs)."""
@@ -128,7 +130,7 @@ def _read_packed(data: bytes, fields: Collection[str]) -> dict[str, Any] | None:
                 out[key] = value.as_dict()
             else:
                 out[key] = value
-        return out if data.count(b"[") == lists else None
+        return out if brackets == lists else None
     except (ValueError, TypeError):
         return None  # not JSON as simdjson reads it: NaN, lone surrogates, deep nesting...
     except RuntimeError:
