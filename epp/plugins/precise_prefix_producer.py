@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from array import array
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -34,7 +35,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import Field, model_validator
 
 from common.durations import parse_duration
-from common.json_codec import loads
+from common.json_codec import loads_packed
 from epp.datastore import Endpoint
 from epp.kv_events.hashing import BlockHashMemo, block_hashes, fill_token_table, hash_keys
 from epp.kv_events.index import KvBlockIndex, medium_bit
@@ -491,7 +492,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
 
     async def _tokenize(
         self, ep: Endpoint, body: Mapping[str, Any], api: str, request_id: str
-    ) -> list[int] | None:
+    ) -> Sequence[int] | None:
         doc = _tokenize_body(body, api)
         if doc is None:
             return None
@@ -503,10 +504,14 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             async with self._session.post(f"{ep.url}/tokenize", json=doc) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
-                answer = await resp.json(loads=loads)
+                # A long prompt's ids come packed (64-bit ints), as a client's would.
+                answer = loads_packed(await resp.read(), ("tokens",))
             tokens = answer["tokens"]
-            if not isinstance(tokens, list) or not (
-                set(map(type, tokens)) <= {int, bool} or all(isinstance(t, int) for t in tokens)
+            if not isinstance(tokens, array) and (
+                not isinstance(tokens, list)
+                or not (
+                    set(map(type, tokens)) <= {int, bool} or all(isinstance(t, int) for t in tokens)
+                )
             ):
                 raise ValueError("'tokens' is not a list of integers")
         except (TimeoutError, aiohttp.ClientError, ValueError, KeyError, TypeError) as exc:

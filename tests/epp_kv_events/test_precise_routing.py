@@ -204,3 +204,39 @@ async def test_falls_back_to_approximate_without_events_or_tokens(start_sim: Sta
         assert cycle.request.token_estimate == 40
     finally:
         await producer.aclose()
+
+
+async def test_a_long_prompt_tokenized_by_the_engine_is_hashed_from_its_packed_ids(
+    start_sim: StartSim,
+) -> None:
+    from array import array
+
+    from epp.datastore import Endpoint
+    from epp.kv_events import block_hashes
+    from epp.plugins.precise_prefix_producer import PRECISE_PROMPT
+    from epp.request import parse_request
+    from epp.scheduling.cycle import CycleState
+    from vllm_sim.tokens import chat_prompt, tokenize
+
+    sim = await start_sim(served_model_name="m", zero_latency=True, max_model_len=100_000)
+    engine = Endpoint("e", "127.0.0.1", sim.port)
+    text = " ".join(f"w{i % 5000}" for i in range(40_000))  # an answer of over 64 KB
+    body = json.dumps(_chat(text)).encode()
+    tokens = tokenize(chat_prompt(json.loads(body)["messages"]))
+    assert len(json.dumps({"tokens": tokens})) > 64 * 1024
+    producer = PrecisePrefixCacheProducer(
+        PrecisePrefixCacheProducer.Params(kvEventsPort=1, speculativeIndexing=True)
+    )
+    try:
+        producer.index.store(engine.key, [1])  # it has published: precise is used
+        cycle = CycleState(parse_request(CHAT, {}, body), 0.0, 1.0)
+        await producer.prefetch(cycle, [engine])
+        prompt = cycle.get(PRECISE_PROMPT)
+        assert prompt is not None and prompt.tokens == len(tokens)
+        assert prompt.hashes == block_hashes(tokens, 16, max_blocks=4096)
+        assert cycle.request.token_estimate == len(tokens)
+        # The answer's ids were read packed, and the memo keys their 64-bit packing.
+        assert any(key[3] == "q" for key in producer._hashed._runs)
+        assert array("q", tokens[: 16 * 256]).tobytes() in {k[4] for k in producer._hashed._runs}
+    finally:
+        await producer.aclose()
