@@ -260,6 +260,9 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         self.served: dict[str, int] = {"precise": 0, "approximate": 0}
         # Fallback warm-ups under way (hashing a long prompt in slices).
         self._warming: set[asyncio.Task[None]] = set()
+        # Of those, the prompts being hashed past where their decision stopped (for the
+        # memo): at most ``MAX_HASHING_AFTER`` at once, the others are not.
+        self._hashing: set[asyncio.Task[None]] = set()
         self._hashed = BlockHashMemo(HASH_MEMO_SLICES)
         # Token ids' encodings made once at start, not in the first long prompt's decision.
         fill_token_table()
@@ -402,8 +405,11 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         elif picked:
             self._warm(cycle, picked)
         rest = cycle.get(_HASH_LATER)
-        if rest is not None:
-            self._after_decision(self._hash_rest(rest))
+        if rest is not None and len(self._hashing) < MAX_HASHING_AFTER:
+            task = self._after_decision(self._hash_rest(rest))
+            if task is not None:
+                self._hashing.add(task)
+                task.add_done_callback(self._hashing.discard)
         match = cycle.get(PREFIX_MATCH)
         source = match.source if match is not None else "approximate"
         self.served[source] = self.served.get(source, 0) + 1
@@ -429,7 +435,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         work: Coroutine[Any, Any, None],
         cycle: CycleState | None = None,
         picked: Sequence[str] = (),
-    ) -> None:
+    ) -> asyncio.Task[None] | None:
         """``work`` from the event loop's next turn on; when no loop runs, it is dropped
         (and the fallback warmed at once when ``cycle`` is given)."""
         try:
@@ -438,10 +444,11 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             work.close()
             if cycle is not None:
                 self._warm(cycle, picked)
-            return
+            return None
         task = loop.create_task(work)
         self._warming.add(task)
         task.add_done_callback(self._warming.discard)
+        return task
 
     async def _hash_rest(self, tokens: Sequence[int]) -> None:
         p = self.params
@@ -533,6 +540,9 @@ HASH_SLICE_BLOCKS = 256
 # Slices whose hashes are kept for prompts that start the same way (a slice's entry is
 # about 46 KB: 1,024 slices are 4M tokens of prefixes in about 47 MB).
 HASH_MEMO_SLICES = 1024
+# Prompts hashed after their decision at once, at most (about 15 ms of slices each for a
+# 64K-token prefix); beyond, a prompt's later blocks are hashed when a request needs them.
+MAX_HASHING_AFTER = 4
 
 
 async def _hash_blocks(

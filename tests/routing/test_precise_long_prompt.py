@@ -310,3 +310,31 @@ async def test_hashing_stops_where_no_run_can_go_on_and_ends_after_the_decision(
         assert prompt is not None and prompt.hashes == whole
     finally:
         await speculative.aclose()
+
+
+async def test_at_most_a_few_prompts_are_hashed_after_their_decisions_at_once() -> None:
+    from epp.plugins.precise_prefix_producer import MAX_HASHING_AFTER
+    from epp.scheduling.result import ProfileResult, SchedulingResult
+
+    ep = Endpoint("e", "127.0.0.1", 1)
+    producer = PrecisePrefixCacheProducer(PrecisePrefixCacheProducer.Params(kvEventsPort=1))
+    try:
+        producer.index.store(ep.key, [1])  # live, holding none of the prompts
+        cycles = []
+        for n in range(MAX_HASHING_AFTER + 2):
+            tokens = [(i * 7919 + n) % 150_000 for i in range(16 * 1024)]
+            body = json.dumps({"model": "m", "prompt": tokens, "max_tokens": 1}).encode()
+            cycle = CycleState(parse_request("/v1/completions", {}, body), 0.0, 1.0)
+            await producer.prefetch(cycle, [ep])
+            cycles.append(cycle)
+        slices = 1024 // HASH_SLICE_BLOCKS
+        assert len(producer._hashed) == len(cycles)  # one slice each before routing
+        for cycle in cycles:  # decided in one turn of the loop
+            producer.prepare(cycle, [ep])
+            producer.track(cycle, SchedulingResult({"d": ProfileResult([ep])}, "d"))
+        assert len(producer._hashing) == MAX_HASHING_AFTER
+        await asyncio.wait_for(asyncio.gather(*producer._warming), 10)
+        assert not producer._hashing
+        assert len(producer._hashed) == MAX_HASHING_AFTER * slices + 2
+    finally:
+        await producer.aclose()
