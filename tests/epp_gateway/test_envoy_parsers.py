@@ -5,6 +5,8 @@ refuses them with 400, and the data-parallel handler routes to the primary port.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -209,3 +211,46 @@ async def test_header_profile_handler_runs_the_named_profile(
         async with session.get(f"{envoy.url}/v1/models", headers={"EPP-Profile": "x"}) as r:
             assert r.status == 400
             assert "'x' names no scheduling profile" in await r.text()
+
+
+async def test_a_long_token_id_prompt_is_routed_by_its_ids_and_reaches_the_pod_as_sent(
+    tmp_path: Path,
+) -> None:
+    """A body long enough for its ids to be read packed: routed on them (the repeats go
+    where the first went, by their prefix) and sent on to the pod byte for byte."""
+    pods = [RecordingBackend("a"), RecordingBackend("b")]
+    for pod in pods:
+        await pod.start()
+    try:
+        endpoints = tmp_path / "endpoints.yaml"
+        write_endpoints(endpoints, [(p.name, "127.0.0.1", p.port, "decode") for p in pods])
+        config = (
+            "apiVersion: llm-d.ai/v1alpha1\nkind: EndpointPickerConfig\nplugins:\n"
+            "- type: file-discovery\n"
+            f"  parameters: {{path: '{endpoints}', watchFile: true, watchIntervalSeconds: 0.02}}\n"
+            "- type: decode-filter\n- type: prefix-cache-scorer\n- type: max-score-picker\n"
+            "schedulingProfiles:\n- name: decode\n  plugins:\n  - pluginRef: decode-filter\n"
+            "  - pluginRef: prefix-cache-scorer\n  - pluginRef: max-score-picker\n"
+        )
+        ids = [(i * 7919) % 150_000 for i in range(40_000)]
+        body = json.dumps({"model": "m", "prompt": ids, "max_tokens": 1}).encode()
+        assert len(body) > 64 * 1024
+        async with (
+            _stack(config, tmp_path) as (app, envoy),
+            aiohttp.ClientSession() as session,
+        ):
+            served = []
+            for _ in range(3):
+                async with session.post(f"{envoy.url}/v1/completions", data=body) as r:
+                    assert r.status == 200, await r.text()
+                    answer = await r.json()
+                    assert answer["size"] == len(body)
+                    assert answer["sha256"] == hashlib.sha256(body).hexdigest()
+                    served.append(answer["pod"])
+        assert served[1] == served[2] == served[0], "the prefix keeps the prompt on its pod"
+        assert [rec.body for p in pods for rec in p.requests] == [body] * 3
+        hits = sample_sum(app.metrics.registry, "llm_d_epp_prefix_indexer_hit_ratio_sum")
+        assert hits >= 2 * 0.99  # the repeats match the whole prompt
+    finally:
+        for pod in pods:
+            await pod.stop()
