@@ -538,7 +538,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
 # hashing take 2.5x longer there.
 HASH_SLICE_BLOCKS = 256
 # Slices whose hashes are kept for prompts that start the same way (a slice's entry is
-# about 46 KB: 1,024 slices are 4M tokens of prefixes in about 47 MB).
+# about 46 KB, 62 KB when its ids were read packed and key as 64-bit ints: 1,024 slices
+# are 4M tokens of prefixes in at most about 63 MB).
 HASH_MEMO_SLICES = 1024
 # Prompts hashed after their decision at once, at most (about 15 ms of slices each for a
 # 64K-token prefix); beyond, a prompt's later blocks are hashed when a request needs them.
