@@ -86,9 +86,9 @@ PRECISE_PROMPT: StateKey[PrecisePrompt] = StateKey("precise-prompt")
 _APPROX_MATCH: StateKey[PrefixMatch] = StateKey("approx-prefix-match")
 # The candidates, when the fallback's blocks are to be computed after the decision.
 _APPROX_LATER: StateKey[Sequence[Endpoint]] = StateKey("approx-prefix-later")
-# The prompt's ids, when its blocks past the last one an endpoint may hold are to be
-# hashed after the decision (for the memo only).
-_HASH_LATER: StateKey[Sequence[int]] = StateKey("precise-hash-later")
+# The prompt's ids and block count, when its blocks past the last one an endpoint may
+# hold are to be hashed after the decision (for the memo only).
+_HASH_LATER: StateKey[tuple[Sequence[int], int]] = StateKey("precise-hash-later")
 
 
 class TokenProcessorConfig(PluginParams):
@@ -319,7 +319,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             tokens, p.block_size, p.hash_seed, blocks, self._hashed, held
         )
         if len(hashes) < blocks:
-            cycle.put(_HASH_LATER, tokens)
+            cycle.put(_HASH_LATER, (tokens, blocks))
         cycle.put(PRECISE_PROMPT, PrecisePrompt(len(tokens), hashes, keys, blocks))
         # The decider compares token counts: the engine's count beats the estimate.
         req.token_estimate = len(tokens)
@@ -406,7 +406,7 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
             self._warm(cycle, picked)
         rest = cycle.get(_HASH_LATER)
         if rest is not None and len(self._hashing) < MAX_HASHING_AFTER:
-            task = self._after_decision(self._hash_rest(rest))
+            task = self._after_decision(self._hash_rest(*rest))
             if task is not None:
                 self._hashing.add(task)
                 task.add_done_callback(self._hashing.discard)
@@ -450,9 +450,8 @@ class PrecisePrefixCacheProducer(DataProducer, RequestTracker):
         task.add_done_callback(self._warming.discard)
         return task
 
-    async def _hash_rest(self, tokens: Sequence[int]) -> None:
+    async def _hash_rest(self, tokens: Sequence[int], blocks: int) -> None:
         p = self.params
-        blocks = min(len(tokens) // p.block_size, p.max_prefix_blocks_to_match)
         await asyncio.sleep(0)  # after the decision is out
         await _hash_blocks(tokens, p.block_size, p.hash_seed, blocks, self._hashed)
 
