@@ -1,9 +1,9 @@
 """Wiring, in one visible place: settings -> sessions -> connector -> orchestrator -> servers.
 
-Main port (the routing table is :func:`_add_routes`): ``GET /health`` (liveness),
-``GET /ready`` (the local vLLM answers), the API paths of ``sidecar.api_shapes`` (P/D,
-E/PD or decode-only, as :mod:`sidecar.plan` decides), and passthrough for everything
-else. Metrics port: ``GET /metrics``.
+Main port (served by :mod:`sidecar.server`; the routing table is :data:`_ROUTES`):
+``GET /health`` (liveness), ``GET /ready`` (the local vLLM answers), the API paths of
+``sidecar.api_shapes`` (P/D, E/PD or decode-only, as :mod:`sidecar.plan` decides), and
+passthrough for everything else. Metrics port: ``GET /metrics``.
 
 Two middlewares (:data:`_MIDDLEWARES`), one concern each: :func:`_record` owns the
 request's :class:`~sidecar.exchange.Exchange` and emits its metrics and access log line;
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal, TypedDict
@@ -56,6 +57,15 @@ from sidecar.routing import (
     PREFILLER_HOST_PORT,
     HostPort,
     parse_host_ports,
+)
+from sidecar.server import (
+    Handler,
+    Request,
+    RequestKey,
+    Response,
+    Server,
+    StreamResponse,
+    json_response,
 )
 from sidecar.settings import Settings
 from sidecar.ssrf import AllowlistSource, MemberSource, PoolSource, TargetGuard
@@ -97,10 +107,8 @@ class Services:
 SETTINGS = web.AppKey("settings", Settings)
 METRICS = web.AppKey("metrics", Metrics)
 SERVICES = web.AppKey("services", Services)
-EXCHANGE = web.RequestKey("exchange", Exchange)
+EXCHANGE = RequestKey("exchange", Exchange)
 TRACING = web.AppKey("tracing", SidecarTracing)
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _policy(settings: Settings) -> Policy:
@@ -309,19 +317,18 @@ def _encode_stage(
     return EncoderStage(encode, policy, metrics)
 
 
-def _error_response(error: SidecarError, ex: Exchange) -> web.Response:
+def _error_response(error: SidecarError, ex: Exchange) -> Response:
     if isinstance(error, PrefillRejected):
         headers = {REQUEST_ID: ex.reply_id}
         if error.content_type:
             headers["Content-Type"] = error.content_type
-        return web.Response(status=error.status, body=error.body, headers=headers)
-    return web.json_response(
+        return Response(status=error.status, body=error.body, headers=headers)
+    return json_response(
         error.payload(ex.reply_id), status=error.status, headers={REQUEST_ID: ex.reply_id}
     )
 
 
-@web.middleware
-async def _record(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _record(request: Request, handler: Handler) -> StreamResponse:
     """Outermost: the request's :class:`Exchange`, the in-flight gauge, and once it is
     answered, its metrics and access log line."""
     metrics = request.app[METRICS]
@@ -351,8 +358,7 @@ async def _record(request: web.Request, handler: _Handler) -> web.StreamResponse
                 access_log.log(level, ex.record())
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _errors(request: Request, handler: Handler) -> StreamResponse:
     """The one error boundary: :class:`SidecarError` becomes its JSON answer, a client
     that left is noted, anything else is a 500 (after the first byte: re-raised)."""
     ex = request[EXCHANGE]
@@ -373,12 +379,12 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
     except ConnectionResetError as exc:
         if not _client_gone(request):
             return _internal_error(exc, ex)
-        # The client left while we wrote to it, before aiohttp noticed and cancelled
+        # The client left while we wrote to it, before the server noticed and cancelled
         # the handler. An exception would be logged as a server error; an answer that
         # cannot be sent is noted quietly.
         ex.status = _CLIENT_CLOSED
         ex.error = ex.error or "client disconnected"
-        return web.Response(status=_CLIENT_CLOSED)
+        return Response(status=_CLIENT_CLOSED)
     except StreamBroken:
         # A body that is not SSE broke after its first bytes went out: a dropped
         # connection is the one signal left that it is incomplete. Expected, so a
@@ -386,13 +392,12 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
         log.warning({"event": "response_cut", **ex.log_ids(), "error": ex.error})
         if request.transport is not None:
             request.transport.close()
-        return web.Response(status=ex.status)  # never sent: the transport is closing
+        return Response(status=ex.status)  # never sent: the transport is closing
     except Exception as exc:
         return _internal_error(exc, ex)
 
 
-@web.middleware
-async def _trace(request: web.Request, handler: _Handler) -> web.StreamResponse:
+async def _trace(request: Request, handler: Handler) -> StreamResponse:
     """``--tracing`` only: a generation request is served under its span."""
     return await request.app[TRACING].serve(request, request[EXCHANGE], handler)
 
@@ -402,12 +407,12 @@ _MIDDLEWARES = (_record, _errors)
 _TRACED_MIDDLEWARES = (_record, _errors, _trace)
 
 
-def _client_gone(request: web.Request) -> bool:
+def _client_gone(request: Request) -> bool:
     transport = request.transport
     return transport is None or transport.is_closing()
 
 
-def _internal_error(exc: Exception, ex: Exchange) -> web.Response:
+def _internal_error(exc: Exception, ex: Exchange) -> Response:
     """A bug: logged with its traceback, answered 500 (re-raised once bytes went out)."""
     ex.status = ex.status or 500
     ex.error = ex.error or repr(exc)
@@ -415,7 +420,7 @@ def _internal_error(exc: Exception, ex: Exchange) -> web.Response:
         raise exc
     log.exception({"event": "internal_error", **ex.log_ids()})
     ex.first_byte()
-    return web.json_response(
+    return json_response(
         SidecarError("internal error").payload(ex.reply_id),
         status=500,
         headers={REQUEST_ID: ex.reply_id},
@@ -437,7 +442,7 @@ def _observe(metrics: Metrics, ex: Exchange) -> None:
         metrics.overhead_seconds.observe(overhead)
 
 
-def _rank(request: web.Request) -> Rank:
+def _rank(request: Request) -> Rank:
     services = request.app[SERVICES]
     if services.ranks is not None:
         return services.ranks.for_request(request)
@@ -445,33 +450,23 @@ def _rank(request: web.Request) -> Rank:
     return Rank(0, settings.model_server_url, services.orchestrator, services.readiness)
 
 
-async def _health(request: web.Request) -> web.StreamResponse:
+async def _health(request: Request) -> StreamResponse:
     request[EXCHANGE].mode = "health"
-    return web.json_response({"status": "alive"})
+    return json_response({"status": "alive"})
 
 
-async def _ready(request: web.Request) -> web.StreamResponse:
+async def _ready(request: Request) -> StreamResponse:
     request[EXCHANGE].mode = "health"
     ready = await _rank(request).readiness.ready()
-    return web.json_response(
+    return json_response(
         {"status": "ready" if ready else "not ready"}, status=200 if ready else 503
     )
 
 
-def _origin_form(request: web.Request) -> web.Request:
-    if request.raw_path.startswith("/"):
-        return request
-    # An absolute-form target (http://host/path, RFC 9112 section 3.2.2) is served as its
-    # path: appended to the engine's URL as it stands, it made a broken URL.
-    return request.clone(rel_url=request.rel_url)
-
-
-async def _generate(request: web.Request) -> web.StreamResponse:
+async def _generate(request: Request) -> StreamResponse:
     """A generation API path (``sidecar.api_shapes``): P/D, E/PD or decode-only."""
-    request = _origin_form(request)
     shape = shape_for(request.path)
-    if shape is None:  # a route registered for another spelling of the path
-        return await _passthrough(request)
+    assert shape is not None  # routed here by its path
     services = request.app[SERVICES]
     ex = request[EXCHANGE]
     rank = _rank(request)
@@ -515,7 +510,7 @@ async def _generate(request: web.Request) -> web.StreamResponse:
     )  # fmt: skip
 
 
-def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
+def _kv_source(request: Request, ex: Exchange) -> HostPort | None:
     """The peer of ``x-kv-cache-source-host-port`` to pull the cached prefix from.
 
     Ignored (never forwarded either) unless the engines have the P2P tier
@@ -545,7 +540,7 @@ def _kv_source(request: web.Request, ex: Exchange) -> HostPort | None:
     return targets[0]
 
 
-def _is_this_endpoint(request: web.Request, target: HostPort) -> bool:
+def _is_this_endpoint(request: Request, target: HostPort) -> bool:
     """Whether ``target`` is the endpoint this request arrived on (its own engine)."""
     transport = request.transport
     sockname = transport.get_extra_info("sockname") if transport is not None else None
@@ -556,7 +551,7 @@ def _is_this_endpoint(request: web.Request, target: HostPort) -> bool:
     return normalize_host(target.host) in hosts
 
 
-def _decode_rank_url(request: web.Request, rank: Rank) -> str:
+def _decode_rank_url(request: Request, rank: Rank) -> str:
     """The engine of the decode leg: the rank ``x-data-parallel-host-port`` names, else
     the rank of the port the request arrived on (see :mod:`sidecar.data_parallel`)."""
     value = request.headers.get(DATA_PARALLEL_HOST_PORT)
@@ -571,14 +566,13 @@ def _decode_rank_url(request: web.Request, rank: Rank) -> str:
 
 
 async def _passthrough(
-    request: web.Request,
+    request: Request,
     read: bytes | None = None,
     base_url: str | None = None,
     *,
     rewritten: bool = False,
-) -> web.StreamResponse:
+) -> StreamResponse:
     """Everything else: to the local engine untouched."""
-    request = _origin_form(request)
     settings = request.app[SETTINGS]
     return await passthrough(
         request,
@@ -592,18 +586,30 @@ async def _passthrough(
     )
 
 
-def _add_routes(router: web.UrlDispatcher) -> None:
-    """The routing table: health, the generation APIs, and passthrough for the rest."""
-    router.add_get("/health", _health, allow_head=False)
-    router.add_get("/ready", _ready, allow_head=False)
-    for path in API_SHAPES:
-        router.add_post(path, _generate)
-    router.add_route("*", "/{tail:.*}", _passthrough)
+# The routing table: health, the generation APIs; everything else is passthrough.
+_ROUTES: dict[tuple[str, str], Handler] = {
+    ("GET", "/health"): _health,
+    ("GET", "/ready"): _ready,
+    **{("POST", path): _generate for path in API_SHAPES},
+}
+
+
+async def _route(request: Request) -> StreamResponse:
+    return await _ROUTES.get((request.method, request.path), _passthrough)(request)
+
+
+def build_handler(settings: Settings) -> Handler:
+    """The routing table inside the middlewares (outermost first)."""
+    handler: Handler = _route
+    middlewares = _TRACED_MIDDLEWARES if settings.tracing else _MIDDLEWARES
+    for middleware in reversed(middlewares):
+        handler = functools.partial(middleware, handler=handler)
+    return handler
 
 
 def build_app(settings: Settings, metrics: Metrics) -> web.Application:
-    middlewares = _TRACED_MIDDLEWARES if settings.tracing else _MIDDLEWARES
-    app = web.Application(middlewares=middlewares, client_max_size=settings.max_body_bytes)
+    """The state handlers read (``request.app``) and the services' start and stop."""
+    app = web.Application()
     app[SETTINGS] = settings
     app[METRICS] = metrics
     if settings.tracing:
@@ -614,7 +620,6 @@ def build_app(settings: Settings, metrics: Metrics) -> web.Application:
         )
         app.on_cleanup.append(_stop_tracing)
     app.cleanup_ctx.append(_services)
-    _add_routes(app.router)
     return app
 
 
@@ -651,7 +656,7 @@ class Servers:
 
     app: web.Application
     metrics: Metrics
-    runner: web.AppRunner
+    server: Server
     metrics_runner: web.AppRunner
     port: int = 0  # as bound (settings may say 0: any free port); rank 0's
     metrics_port: int = 0
@@ -671,7 +676,8 @@ class Servers:
             if self.workers is not None
             else None
         )
-        await self.runner.cleanup()
+        await self.server.shutdown(self.app[SETTINGS].drain_timeout)
+        await self.app.cleanup()  # the services: client sessions, watchers, tracing
         if stopping is not None:
             await stopping
         await self.metrics_runner.cleanup()
@@ -690,24 +696,18 @@ async def start(
     metrics = metrics if metrics is not None else Metrics()
     reuse_port = settings.workers > 1 or None
     app = build_app(settings, metrics)
-    runner = web.AppRunner(
-        app,
-        handler_cancellation=True,  # a client that goes away cancels both upstream legs
-        access_log=None,
-        logger=http_log,
-        # Request bodies stay as the client encoded them: passthrough forwards them with
-        # their Content-Encoding, and a P/D body that is not plain JSON is a 400, where
-        # decoding here sent decoded bytes still labelled gzip, or failed as a 500.
-        auto_decompress=False,
-        shutdown_timeout=settings.drain_timeout,
-        # Bounds an idle connection, and a client trickling its request headers, to
-        # 75 s instead of aiohttp's hour; Envoy lets go of idle ones sooner (60 s).
-        keepalive_timeout=SERVER_KEEPALIVE_S,
-    )
+    app.on_startup.freeze()
+    await app.startup()  # the services (see _services)
+    app.freeze()
+    # Bounds an idle connection, and a client trickling its request headers, to 75 s;
+    # Envoy lets go of idle ones sooner (60 s). Request bodies stay as the client encoded
+    # them: passthrough forwards them with their Content-Encoding, and a P/D body that
+    # is not plain JSON is a 400.
+    handler = build_handler(settings)
+    server = Server(handler, app, keepalive_timeout=SERVER_KEEPALIVE_S, log=http_log)
     metrics_runner = web.AppRunner(build_metrics_app(metrics), access_log=None)
-    await runner.setup()
     await metrics_runner.setup()
-    servers = Servers(app, metrics, runner, metrics_runner)
+    servers = Servers(app, metrics, server, metrics_runner)
     try:
         if settings.secure_proxy:
             servers.tls = await ServingTLS.create(
@@ -725,11 +725,9 @@ async def start(
                 port = worker_ports[index]
             else:
                 port = settings.port + index if settings.port else 0
-            site = web.TCPSite(
-                runner, settings.listen_host, port, ssl_context=ssl_context, reuse_port=reuse_port
+            bound = await server.listen(
+                settings.listen_host, port, ssl=ssl_context, reuse_port=reuse_port
             )
-            await site.start()
-            bound = int(runner.addresses[-1][1])  # the site just started is the last
             ports.append(bound)
             if ranks is not None:
                 ranks.bind(index, bound)

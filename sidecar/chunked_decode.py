@@ -51,7 +51,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from common.json_codec import dumps, loads
@@ -61,6 +60,7 @@ from sidecar.errors import DecodeError, NotChunkable, SidecarError
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, response_headers
 from sidecar.relay import error_event
+from sidecar.server import Request, Response, StreamResponse
 
 __all__ = [
     "CHAT_PATH",
@@ -393,11 +393,11 @@ class ChunkAnswer:
 
 
 SendChunk = Callable[[bytes], Awaitable[ChunkAnswer]]
-AbortStream = Callable[[web.StreamResponse, Exchange], Awaitable[None]]
+AbortStream = Callable[[StreamResponse, Exchange], Awaitable[None]]
 
 
 async def run_chunked(
-    request: web.Request,
+    request: Request,
     ex: Exchange,
     shape: ApiShape,
     state: ChunkedDecode,
@@ -407,10 +407,10 @@ async def run_chunked(
     note: Mapping[str, str] | None = None,
     on_chunk: Callable[[], None] | None = None,
     on_abort: AbortStream | None = None,
-) -> web.StreamResponse:
+) -> StreamResponse:
     """:func:`_run_chunked`, under llm-d's ``chunked_decode`` span when traced."""
 
-    def run() -> Awaitable[web.StreamResponse]:
+    def run() -> Awaitable[StreamResponse]:
         return _run_chunked(
             request, ex, shape, state, send,
             cached=cached, note=note, on_chunk=on_chunk, on_abort=on_abort,
@@ -428,7 +428,7 @@ async def run_chunked(
 
 
 async def _run_chunked(
-    request: web.Request,
+    request: Request,
     ex: Exchange,
     shape: ApiShape,
     state: ChunkedDecode,
@@ -438,7 +438,7 @@ async def _run_chunked(
     note: Mapping[str, str] | None = None,
     on_chunk: Callable[[], None] | None = None,
     on_abort: AbortStream | None = None,
-) -> web.StreamResponse:
+) -> StreamResponse:
     """Send the chunks one after the other and answer the client: one JSON answer, or one
     SSE stream started after the first chunk succeeded.
 
@@ -452,7 +452,7 @@ async def _run_chunked(
     headers[REQUEST_ID] = ex.reply_id
     if note:
         headers.update(note)
-    out: web.StreamResponse | None = None
+    out: StreamResponse | None = None
     try:
         while (body := state.next_body()) is not None:
             try:
@@ -470,8 +470,8 @@ async def _run_chunked(
                     if out is None:
                         relayed = response_headers(answer.headers)
                         relayed.update(headers)
-                        return web.Response(status=answer.status, headers=relayed,
-                                            body=answer.body)  # fmt: skip
+                        return Response(status=answer.status, headers=relayed,
+                                        body=answer.body)  # fmt: skip
                     raise DecodeError(
                         f"decode chunk {state.chunks + 1} answered {answer.status}: "
                         + answer.body[:512].decode("utf-8", "replace")
@@ -495,7 +495,7 @@ async def _run_chunked(
                 if out is None:
                     headers["Content-Type"] = "text/event-stream"
                     headers["Cache-Control"] = "no-cache"
-                    out = web.StreamResponse(status=200, headers=headers)
+                    out = StreamResponse(status=200, headers=headers)
                     await out.prepare(request)
                     ex.first_byte()
                 await out.write(state.event(piece))
@@ -517,7 +517,7 @@ async def _run_chunked(
         shape.write_cached(payload, cached)
     headers["Content-Type"] = "application/json"
     ex.first_byte()
-    return web.Response(status=200, headers=headers, body=dumps(payload))
+    return Response(status=200, headers=headers, body=dumps(payload))
 
 
 def _with_cached(shape: ApiShape, event: bytes, cached: int | None) -> bytes:

@@ -11,8 +11,6 @@ import asyncio
 import random
 import time
 
-from aiohttp import web
-
 from common import deadlines
 from common.json_codec import dumps
 from sidecar.connectors import Connector, LegContext, PrefillResult
@@ -22,6 +20,7 @@ from sidecar.errors import PrefillError, PrefillTimeout
 from sidecar.metrics import Metrics
 from sidecar.policy import Policy
 from sidecar.prefill_stage import PrefillStage, leg_context
+from sidecar.server import StreamResponse
 from sidecar.upstream import Retryable
 
 __all__ = ["ConcurrentStage"]
@@ -47,7 +46,7 @@ class ConcurrentStage:
         # Prefill legs left to finish after their decode answered (see Connector).
         self._detached: set[asyncio.Future[PrefillResult]] = set()
 
-    async def run(self, ctx: RequestContext) -> web.StreamResponse:
+    async def run(self, ctx: RequestContext) -> StreamResponse:
         """Both legs at once, retried together on the next prefiller while nothing has
         reached the client; each attempt pairs the legs afresh (a new room, transfer id)."""
         ex = ctx.ex
@@ -71,7 +70,7 @@ class ConcurrentStage:
         finally:
             ex.prefill_s = time.perf_counter() - started
 
-    async def _once(self, ctx: RequestContext, leg: LegContext) -> web.StreamResponse:
+    async def _once(self, ctx: RequestContext, leg: LegContext) -> StreamResponse:
         """One paired attempt. A failed prefill ends the decode leg: with ``Retryable``
         (or the error) before the client saw a byte, with an error event after it. A
         prefill whose generation finished leaves nothing to pull: the decode is replaced
@@ -100,7 +99,7 @@ class ConcurrentStage:
                 relay.cancel()
 
         prefill.add_done_callback(stop_decode)
-        answered: web.StreamResponse | None = None
+        answered: StreamResponse | None = None
         try:
             answered = await relay
             if answered.status >= 500:

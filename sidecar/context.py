@@ -11,20 +11,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict
 
 from sidecar.api_shapes import ApiShape
 from sidecar.exchange import Exchange
 from sidecar.plan import Plan
 from sidecar.routing import HostPort
+from sidecar.server import Request
 
 __all__ = ["RequestContext"]
 
 
 @dataclass(slots=True)
 class RequestContext:
-    request: web.Request
+    request: Request
     shape: ApiShape
     plan: Plan
     ex: Exchange

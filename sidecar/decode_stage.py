@@ -14,12 +14,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from multidict import CIMultiDict
 
 from common import deadlines
 from common.json_codec import dumps
-from sidecar import tracing
+from sidecar import server, tracing
 from sidecar.chunked_decode import (
     ChunkAnswer,
     ChunkedDecode,
@@ -36,6 +35,7 @@ from sidecar.metrics import Metrics
 from sidecar.policy import MAX_PREFILL_ANSWER, Policy
 from sidecar.relay import error_event, is_event_stream, relay_body
 from sidecar.request_body import parse_json_object
+from sidecar.server import StreamResponse
 from sidecar.tracing import Stage, traced
 from sidecar.upstream import Response, Upstream, read_bounded
 from sidecar.usage import SseUsageRewriter, rewrite_json
@@ -65,7 +65,7 @@ class DecodeStage:
         headers.update(extra)
         return headers
 
-    async def generation_finished(self, ctx: RequestContext, leg: LegContext) -> web.StreamResponse:
+    async def generation_finished(self, ctx: RequestContext, leg: LegContext) -> StreamResponse:
         """The prefill's generation ended on its first token (EOS or a stop string), so it
         holds no KV to hand over. The answer a single engine gives is the decode engine's
         answer to the client's own body: a normal outcome, counted, never a 502."""
@@ -75,7 +75,7 @@ class DecodeStage:
 
     async def without_kv(
         self, ctx: RequestContext, leg: LegContext, note: Mapping[str, str] | None
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """Decode the client's body (with the encode stage's output) on the local engine."""
         return await self.run(ctx, dumps(self.connector.local_body(leg)), note=note)
 
@@ -108,7 +108,7 @@ class DecodeStage:
         headers: CIMultiDict[str] | None = None,
         note: Mapping[str, str] | None = None,
         commit: asyncio.Future[PrefillResult] | None = None,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """The decode leg, relayed to the client; ``cached`` rewrites its usage, ``note``
         adds response headers, ``headers`` replaces the rewritten-body leg headers.
         With ``commit`` (a concurrent prefill) nothing is relayed before it succeeded."""
@@ -138,7 +138,7 @@ class DecodeStage:
         note: Mapping[str, str] | None,
         headers: CIMultiDict[str] | None,
         commit: asyncio.Future[PrefillResult] | None,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """The decode leg as a run of chunks (:mod:`sidecar.chunked_decode`). Every chunk
         carries the decode leg's ``headers``; with ``commit`` (a concurrent prefill) the
         first chunk's answer is used only once the prefill succeeded."""
@@ -181,7 +181,7 @@ class DecodeStage:
     @traced(Stage.DECODE_FIRST)
     async def first(
         self, ctx: RequestContext, body: bytes, decline_reason: str
-    ) -> web.StreamResponse | None:
+    ) -> StreamResponse | None:
         """Try the decode before any prefill; None when it declined (nothing was sent)."""
         response, first = await self.open(ctx, body, None)
         held = [first]
@@ -222,7 +222,7 @@ class DecodeStage:
         first: bytes,
         cached: int | None,
         extra_headers: Mapping[str, str] | None,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         ex = ctx.ex
         shape = ctx.shape
         complete = False
@@ -233,7 +233,7 @@ class DecodeStage:
                 out_headers.update(extra_headers)
             rewrite = cached is not None and 200 <= response.status < 300
             if is_event_stream(response):
-                out = web.StreamResponse(
+                out = StreamResponse(
                     status=response.status, reason=response.reason, headers=out_headers
                 )
                 await out.prepare(ctx.request)
@@ -262,7 +262,7 @@ class DecodeStage:
                 rest = rewrite_json(shape, rest, cached)
             tracing.note_answer(rest, response.content_type)
             ex.first_byte()
-            return web.Response(
+            return server.Response(
                 status=response.status, reason=response.reason, headers=out_headers, body=rest
             )
         finally:
@@ -271,7 +271,7 @@ class DecodeStage:
             else:
                 response.close()
 
-    async def end_aborted_stream(self, out: web.StreamResponse, ex: Exchange) -> None:
+    async def end_aborted_stream(self, out: StreamResponse, ex: Exchange) -> None:
         """A concurrent leg failed mid-stream: end the stream with its error event.
 
         Re-raises when the cancellation (also) came from elsewhere, e.g. the client left.

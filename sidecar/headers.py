@@ -76,7 +76,7 @@ def request_headers(
 def response_headers(
     upstream: CIMultiDictProxy[str], *, drop: Iterable[str] = ()
 ) -> CIMultiDict[str]:
-    """Upstream response headers fit to relay (aiohttp sets framing headers itself)."""
+    """Upstream response headers fit to relay (the server sets framing headers itself)."""
     skip = _connection_tokens(upstream) | set(drop)
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():

@@ -12,40 +12,13 @@ import sys
 import time
 from typing import Any
 
-from aiohttp.http_exceptions import HttpProcessingError
-
 __all__ = ["access_log", "configure_logging", "http_log", "log"]
 
 log = logging.getLogger("pd_sidecar")
 access_log = logging.getLogger("pd_sidecar.access")
-# The HTTP server's own log (aiohttp's "server" logger for the main port).
+# The HTTP server's own log (``sidecar.server``, the main port): unparsable requests
+# (one warning each) and unhandled errors.
 http_log = logging.getLogger("pd_sidecar.http")
-
-
-class _UnparsableRequests(logging.Filter):
-    """A request aiohttp cannot parse (a CR or NUL in a header, a header line over the
-    limit, a broken chunk) is the client's fault: aiohttp answers it 400 itself but logs
-    it as a server error with a traceback. Logged here as one warning line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            remote = record.args[0] if isinstance(record.args, tuple) and record.args else None
-            record.msg = {
-                "event": "unparsable_request",
-                "remote": remote,
-                "status": exc.code,
-                "error": exc.message.strip().splitlines()[0] if exc.message else repr(exc),
-            }
-            record.args = ()
-            record.exc_info = None
-            record.exc_text = None
-            record.levelno = min(record.levelno, logging.WARNING)
-            record.levelname = logging.getLevelName(record.levelno)
-        return True
-
-
-http_log.addFilter(_UnparsableRequests())
 
 
 class _JsonFormatter(logging.Formatter):

@@ -29,8 +29,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from aiohttp import web
-
 from common.json_codec import dumps
 from sidecar import tracing
 from sidecar.api_shapes import ApiShape
@@ -49,6 +47,7 @@ from sidecar.policy import Policy
 from sidecar.prefill_stage import PrefillStage, leg_context
 from sidecar.request_body import parse_json_object, read_body
 from sidecar.routing import HostPort
+from sidecar.server import Request, StreamResponse
 from sidecar.tracing import Stage, traced
 from sidecar.upstream import Upstream
 
@@ -88,7 +87,7 @@ class Orchestrator:
             policy=policy,
         )
 
-    async def client_body(self, request: web.Request, ex: Exchange) -> tuple[bytes, dict[str, Any]]:
+    async def client_body(self, request: Request, ex: Exchange) -> tuple[bytes, dict[str, Any]]:
         """The client's body, bounded and parsed; refused if it carries a sidecar-only field."""
         raw = await read_body(request, self.policy.max_body_bytes, self.policy.request_body_timeout)
         body = parse_json_object(raw)
@@ -107,13 +106,13 @@ class Orchestrator:
 
     async def serve_local_chunked(
         self,
-        request: web.Request,
+        request: Request,
         shape: ApiShape,
         route: Plan,
         ex: Exchange,
         decode_base_url: str,
         body: tuple[bytes, dict[str, Any]],
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """A decode-only request whose decode runs in chunks (see :meth:`chunks`)."""
         raw, parsed = body
         headers = request_headers(request.headers, body_rewritten=True)
@@ -137,13 +136,13 @@ class Orchestrator:
 
     async def serve(
         self,
-        request: web.Request,
+        request: Request,
         shape: ApiShape,
         route: Plan,
         ex: Exchange,
         decode_base_url: str,
         kv_source: HostPort | None = None,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """Serve one request planned for an encode stage, a prefill, or both.
 
         ``kv_source``: a checked peer the prefill leg pulls the cached prefix from."""
@@ -194,7 +193,7 @@ class Orchestrator:
 
     async def _prefill_failed(
         self, ctx: RequestContext, exc: PrefillError, declined: bool
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         """The prefill stage failed: the error, or a local decode (``--prefill-fallback``)."""
         rejected = isinstance(exc, PrefillRejected)
         self.metrics.prefill_failures.labels(reason=exc.reason).inc()

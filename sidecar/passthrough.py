@@ -11,18 +11,17 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 
-from aiohttp import web
-
 from sidecar.exchange import Exchange
 from sidecar.headers import REQUEST_ID, request_headers, response_headers
 from sidecar.relay import is_event_stream, relay_body
+from sidecar.server import Request, StreamResponse
 from sidecar.upstream import Response, Upstream
 
 __all__ = ["passthrough"]
 
 
 async def passthrough(
-    request: web.Request,
+    request: Request,
     upstream: Upstream,
     base_url: str,
     ex: Exchange,
@@ -31,7 +30,7 @@ async def passthrough(
     idle_timeout: float,
     read: bytes | None = None,
     rewritten: bool = False,
-) -> web.StreamResponse:
+) -> StreamResponse:
     """Forward ``request``; ``read`` is its body when the caller has already read it
     (``rewritten``: a JSON body the caller changed, so its length and encoding differ)."""
     headers = request_headers(request.headers, body_rewritten=rewritten)
@@ -52,9 +51,7 @@ async def passthrough(
         ex.decode_wait_s = time.perf_counter() - started
         out_headers = response_headers(response.headers)
         out_headers[REQUEST_ID] = ex.reply_id
-        out = web.StreamResponse(
-            status=response.status, reason=response.reason, headers=out_headers
-        )
+        out = StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
         if response.content_length is not None:
             out.content_length = response.content_length
         await out.prepare(request)

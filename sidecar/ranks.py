@@ -12,11 +12,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from aiohttp import web
-
 from sidecar.errors import SidecarError
 from sidecar.health import Readiness
 from sidecar.orchestrator import Orchestrator
+from sidecar.server import Request
 
 __all__ = ["Rank", "Ranks"]
 
@@ -44,7 +43,7 @@ class Ranks:
         """Each rank's engine URL by the sidecar port it serves on (as bound)."""
         return {port: rank.base_url for port, rank in self._by_port.items()}
 
-    def for_request(self, request: web.Request) -> Rank:
+    def for_request(self, request: Request) -> Rank:
         if len(self.all) == 1:
             return self.all[0]
         transport = request.transport

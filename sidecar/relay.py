@@ -17,11 +17,11 @@ import asyncio
 import json
 
 import aiohttp
-from aiohttp import web
 
 from common import deadlines
 from sidecar.errors import DecodeError, DecodeTimeout, SidecarError
 from sidecar.exchange import Exchange
+from sidecar.server import StreamResponse
 from sidecar.sse import EventFramer
 from sidecar.tracing import usage_watcher
 from sidecar.upstream import Response
@@ -43,7 +43,7 @@ def error_event(error: SidecarError, request_id: str) -> bytes:
 
 
 async def relay_body(
-    out: web.StreamResponse,
+    out: StreamResponse,
     upstream: Response,
     first: bytes,
     *,

@@ -4,16 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from aiohttp import web
-
 from common import deadlines
 from common.json_codec import loads
 from sidecar.errors import BodyTooLarge, InvalidBody, RequestBodyTimeout
+from sidecar.server import Request
 
 __all__ = ["parse_json_object", "read_body"]
 
 
-async def read_body(request: web.Request, limit: int, deadline_s: float) -> bytes:
+async def read_body(request: Request, limit: int, deadline_s: float) -> bytes:
     """The whole request body: at most ``limit`` bytes, arriving within ``deadline_s``."""
     if request.content_length is not None and request.content_length > limit:
         raise BodyTooLarge(limit)

@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, Protocol, TypeVar
 from urllib.parse import urlsplit
 
-from aiohttp import web
 from multidict import CIMultiDict
 from opentelemetry import context as otel_context
 from opentelemetry import trace
@@ -51,6 +50,7 @@ from common.tracing import PROPAGATOR, provider_from_environment
 from sidecar.errors import SidecarError, TargetForbidden
 from sidecar.headers import CURRENT_SPAN_TRACEPARENT, TRACEPARENT, TraceContext
 from sidecar.routing import DATA_PARALLEL_HOST_PORT
+from sidecar.server import Request, Response, StreamResponse
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
@@ -290,9 +290,9 @@ def is_traced() -> bool:
 async def chunked_decode(
     chunk_size: int,
     streaming: bool,
-    run: Callable[[], Awaitable[web.StreamResponse]],
+    run: Callable[[], Awaitable[StreamResponse]],
     progress: Callable[[], tuple[int, int]],
-) -> web.StreamResponse:
+) -> StreamResponse:
     """Run a chunked decode under llm-d's ``chunked_decode`` span (a child of the decode
     span); ``progress`` gives (chunks sent, tokens generated) at the end."""
     active = _ACTIVE.get()
@@ -357,7 +357,7 @@ def _default_port(port: int | None, https: bool) -> bool:
     return port is None or port == (443 if https else 80)
 
 
-def server_request_attributes(request: web.Request) -> dict[str, Any]:
+def server_request_attributes(request: Request) -> dict[str, Any]:
     """The HTTP semantic-convention attributes of a received request, as Go's otelhttp
     handler sets them on llm-d's server span."""
     https = request.secure
@@ -393,14 +393,14 @@ def server_request_attributes(request: web.Request) -> dict[str, Any]:
 
 
 def server_response_attributes(
-    request: web.Request, response: web.StreamResponse | None, status: int
+    request: Request, response: StreamResponse | None, status: int
 ) -> dict[str, Any]:
     attributes: dict[str, Any] = {}
     if request.content_length:
         attributes["http.request.body.size"] = request.content_length
     if response is not None:
         size = response.body_length
-        if not size and isinstance(response, web.Response) and isinstance(response.body, bytes):
+        if not size and isinstance(response, Response) and isinstance(response.body, bytes):
             size = len(response.body)
         if size:
             attributes["http.response.body.size"] = size
@@ -538,10 +538,10 @@ class SidecarTracing:
 
     async def serve(
         self,
-        request: web.Request,
+        request: Request,
         ex: Exchange,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
-    ) -> web.StreamResponse:
+        handler: Callable[[Request], Awaitable[StreamResponse]],
+    ) -> StreamResponse:
         """Serve ``request`` under its server span ``llm_d.pd_proxy.<METHOD> <path>`` (every
         request, as llm-d's HTTP middleware does) and, on a generation path, under that
         span's ``forward_request`` child."""
@@ -555,7 +555,7 @@ class SidecarTracing:
         active = _Request(self, server)
         active_token = _ACTIVE.set(active)
         status = 0
-        response: web.StreamResponse | None = None
+        response: StreamResponse | None = None
         try:
             with _current(server, parent):
                 api = _API_TYPES.get(request.path)
@@ -584,12 +584,12 @@ class SidecarTracing:
 
     async def _forward(
         self,
-        request: web.Request,
+        request: Request,
         ex: Exchange,
-        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        handler: Callable[[Request], Awaitable[StreamResponse]],
         api: str,
         active: _Request,
-    ) -> web.StreamResponse:
+    ) -> StreamResponse:
         span = self.tracer.start_span(
             REQUEST_SPAN,
             kind=SpanKind.SERVER,
@@ -723,7 +723,7 @@ class SidecarTracing:
 
     @contextlib.contextmanager
     def local_decode(
-        self, request: web.Request, ex: Exchange, active: _Request, decode_url: str, streaming: bool
+        self, request: Request, ex: Exchange, active: _Request, decode_url: str, streaming: bool
     ) -> Iterator[Span]:
         """The decode span of a decode-only request (sent to the engine as it came)."""
         span = self.tracer.start_span(
@@ -751,12 +751,12 @@ class SidecarTracing:
 
 
 async def decode_only(
-    request: web.Request,
+    request: Request,
     ex: Exchange,
     decode_url: str,
     streaming: bool,
-    call: Callable[[], Awaitable[web.StreamResponse]],
-) -> web.StreamResponse:
+    call: Callable[[], Awaitable[StreamResponse]],
+) -> StreamResponse:
     """Run a decode-only request's relay under its decode span when traced."""
     active = _ACTIVE.get()
     if active is None or active.span is None:
@@ -771,7 +771,7 @@ async def decode_only(
 def _stage_result(span: Span, stage: Stage, result: object) -> None:
     if stage is Stage.PREFILL and isinstance(result, tuple) and len(result) == 3:
         _set(span, {"gen_ai.usage.cache_read.input_tokens": result[2]})
-    elif isinstance(result, web.StreamResponse) and result.status >= 500:
+    elif isinstance(result, StreamResponse) and result.status >= 500:
         span.set_status(Status(StatusCode.ERROR, f"answered {result.status}"))
 
 

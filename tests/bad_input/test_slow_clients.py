@@ -150,35 +150,33 @@ async def test_passthrough_body_a_byte_at_a_time_ends_at_a_timeout(
 async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
     pd: PD, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """aiohttp closes a connection that has not completed a request within its
-    keep-alive timeout, counted from the connection's start (the sidecar's is 75 s,
-    see the next test). Shown here with a short timeout: the slow headers never reach
-    a handler."""
+    """The sidecar's server closes a connection that has not completed a request's
+    headers within its keep-alive timeout, counted from the connection's start (the
+    sidecar's is 75 s, see the next test). Shown here with a short timeout: the slow
+    headers never reach a handler."""
     from aiohttp import web
+
+    from sidecar.log import http_log
+    from sidecar.server import Request, Response, Server, StreamResponse
 
     handled: list[str] = []
 
-    async def handler(request: web.Request) -> web.Response:
+    async def handler(request: Request) -> StreamResponse:
         handled.append(request.path)
-        return web.Response()
+        return Response()
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handler)
-    runner = web.AppRunner(app, access_log=None, keepalive_timeout=0.5)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    server = Server(handler, web.Application(), keepalive_timeout=0.5, log=http_log)
+    port = await server.listen("127.0.0.1", 0)
     try:
-        port = int(runner.addresses[0][1])
         client = SlowClient(port)
         # About 10 s of headers at the client's pace, cut at 0.5 s.
         request = _head("/x", 2, "x-padding: " + "p" * 400) + b"{}"
         line, elapsed = await client.run(request, deadline_s=15)
     finally:
-        await runner.cleanup()
+        await server.shutdown(1.0)
     assert line == b"", line  # closed, no answer and no handler
     assert handled == []
-    assert elapsed >= 0.45  # the keep-alive timer fires at 0.5 s, to the loop's resolution
+    assert elapsed >= 0.45  # not before the timeout, to the loop's resolution
     assert client.sent < len(request)
     assert server_errors(caplog.records) == []
 
@@ -186,9 +184,7 @@ async def test_headers_a_byte_at_a_time_are_cut_by_the_keepalive_timeout(
 async def test_sidecar_keepalive_bounds_headers_and_outlasts_envoys_idle_timeout(
     pd: PD,
 ) -> None:
-    server = pd.servers.runner.server
-    assert server is not None
-    assert server._kwargs["keepalive_timeout"] == SERVER_KEEPALIVE_S  # not aiohttp's hour
+    assert pd.servers.server.keepalive_timeout == SERVER_KEEPALIVE_S
     # Envoy closes an idle pooled connection before the sidecar would, so a request is
     # never sent on a connection the sidecar is closing at that moment.
     [pods] = [
