@@ -100,10 +100,12 @@ _current = threading.local()
 
 def timeout(delay: float | None) -> Deadline:
     """A scope that times out ``delay`` seconds from now (never, when None)."""
-    loop = asyncio.get_running_loop()
     wheel: _Wheel | None = getattr(_current, "wheel", None)
-    if wheel is None or wheel.loop is not loop:
-        wheel = _current.wheel = _Wheel(loop)
+    # A loop runs in one thread at a time: this thread's wheel serves the loop running
+    # here if its own loop is running (asking asyncio for the loop costs a system call).
+    if wheel is None or not wheel.loop.is_running():
+        wheel = _current.wheel = _Wheel(asyncio.get_running_loop())
+    loop = wheel.loop
     return Deadline(wheel, None if delay is None else loop.time() + delay)
 
 

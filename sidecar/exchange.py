@@ -14,10 +14,24 @@ __all__ = ["Exchange", "client_request_id", "new_request_id"]
 _MAX_CLIENT_ID = 256
 
 
+_ID_BYTES = 16
+_POOL_IDS = 256  # ids drawn from the system's random source at once
+_pool: list[bytes] = []
+
+
 def new_request_id() -> str:
     """The id every leg of one client request carries: fresh, never the client's own
-    (two clients may send the same id, and an engine keys its state by it)."""
-    return os.urandom(16).hex()
+    (two clients may send the same id, and an engine keys its state by it), and
+    unpredictable (it is echoed to clients): 128 bits from the system's random source,
+    drawn for many ids at once."""
+    if not _pool:
+        block = os.urandom(_ID_BYTES * _POOL_IDS)
+        _pool.extend(block[i : i + _ID_BYTES] for i in range(0, len(block), _ID_BYTES))
+    return _pool.pop().hex()
+
+
+# A forked process must not hand out the ids its parent still holds.
+os.register_at_fork(after_in_child=_pool.clear)
 
 
 def client_request_id(value: str | None) -> str | None:

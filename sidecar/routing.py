@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from common import routing_headers
 from common.routing_headers import (
@@ -57,14 +57,14 @@ class HostPort:
 
     host: str
     port: int
+    authority: str = field(init=False, compare=False, repr=False)  # host:port, [v6]:port
+    base_url: str = field(init=False, compare=False, repr=False)  # http://authority
 
-    @property
-    def authority(self) -> str:
-        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-
-    @property
-    def base_url(self) -> str:
-        return f"http://{self.authority}"
+    def __post_init__(self) -> None:
+        host, port = self.host, self.port
+        authority = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        object.__setattr__(self, "authority", authority)
+        object.__setattr__(self, "base_url", f"http://{authority}")
 
     def __str__(self) -> str:
         return self.authority

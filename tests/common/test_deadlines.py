@@ -186,3 +186,22 @@ def test_a_quiet_loop_is_left_without_a_timer(loop_kind: str) -> None:
         assert wheel._heap == []
 
     _run(main, loop_kind)
+
+
+def test_a_stopped_loop_left_open_does_not_keep_the_threads_timers() -> None:
+    """The thread's wheel follows the loop running now, not the last one it served,
+    even when that one was only stopped, not closed."""
+
+    async def main() -> None:
+        with pytest.raises(TimeoutError):
+            async with timeout(0.01):
+                await asyncio.sleep(30)
+
+    first, second = asyncio.new_event_loop(), uvloop.new_event_loop()
+    try:
+        first.run_until_complete(main())
+        second.run_until_complete(main())
+        first.run_until_complete(main())
+    finally:
+        first.close()
+        second.close()
