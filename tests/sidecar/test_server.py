@@ -40,6 +40,15 @@ class Running:
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         return await asyncio.open_connection("127.0.0.1", self.port)
 
+    async def ask(self, raw: bytes) -> tuple[bytes, dict[str, str], bytes]:
+        """``raw`` sent on a connection of its own: the answer."""
+        reader, writer = await self.connect()
+        try:
+            writer.write(raw)
+            return await _read_answer(reader)
+        finally:
+            writer.close()
+
 
 async def _read_answer(reader: asyncio.StreamReader) -> tuple[bytes, dict[str, str], bytes]:
     """One answer: status line, headers (lower-cased names), body (Content-Length or
@@ -150,10 +159,7 @@ async def test_pipelined_requests_are_answered_in_order(running: Running) -> Non
 async def test_http10_closes_unless_asked_and_ends_a_stream_with_the_connection(
     running: Running,
 ) -> None:
-    reader, writer = await running.connect()
-    writer.write(b"GET /stream HTTP/1.0\r\n\r\n")
-    status, headers, body = await _read_answer(reader)
-    writer.close()
+    status, headers, body = await running.ask(b"GET /stream HTTP/1.0\r\n\r\n")
     assert status == b"HTTP/1.0 200 OK"
     assert headers["connection"] == "close"
     assert "transfer-encoding" not in headers
@@ -188,19 +194,15 @@ async def test_head_gets_the_headers_only(running: Running) -> None:
 async def test_absolute_form_is_served_as_its_path_and_other_forms_are_400(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reader, writer = await running.connect()
-    writer.write(b"GET http://169.254.169.254:80/v1/models?a=b HTTP/1.1\r\nHost: t\r\n\r\n")
-    _, _, body = await _read_answer(reader)
-    writer.close()
+    _, _, body = await running.ask(
+        b"GET http://169.254.169.254:80/v1/models?a=b HTTP/1.1\r\nHost: t\r\n\r\n"
+    )
     assert body == b'{"path":"/v1/models","size":0}'
     assert running.seen[-1][2] == "/v1/models?a=b"
 
     for target in (b"*", b"example.com:443"):
-        reader, writer = await running.connect()
         method = b"CONNECT" if b":" in target else b"OPTIONS"
-        writer.write(method + b" " + target + b" HTTP/1.1\r\nHost: t\r\n\r\n")
-        status, headers, _ = await _read_answer(reader)
-        writer.close()
+        status, headers, _ = await running.ask(method + b" " + target + b" HTTP/1.1\r\n\r\n")
         assert status == b"HTTP/1.1 400 Bad Request", target
         assert headers["connection"] == "close"
     assert len(running.seen) == 1
@@ -211,10 +213,7 @@ async def test_absolute_form_is_served_as_its_path_and_other_forms_are_400(
 async def test_percent_encoded_paths_are_decoded_and_the_raw_target_kept(
     running: Running,
 ) -> None:
-    reader, writer = await running.connect()
-    writer.write(b"GET /v1/a%20b?q=%20 HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
-    await _read_answer(reader)
-    writer.close()
+    await running.ask(b"GET /v1/a%20b?q=%20 HTTP/1.1\r\nHost: t\r\n\r\n")
     assert running.seen[-1][1:3] == ("/v1/a b", "/v1/a%20b?q=%20")
 
 
@@ -234,10 +233,7 @@ async def test_percent_encoded_paths_are_decoded_and_the_raw_target_kept(
 async def test_unparsable_heads_are_400_before_any_handler(
     running: Running, caplog: pytest.LogCaptureFixture, head: bytes
 ) -> None:
-    reader, writer = await running.connect()
-    writer.write(head)
-    status, headers, body = await _read_answer(reader)
-    writer.close()
+    status, headers, body = await running.ask(head)
     assert status == b"HTTP/1.1 400 Bad Request"
     assert headers["connection"] == "close"
     assert body == b"400: Bad Request"
@@ -271,10 +267,7 @@ async def test_a_head_that_never_ends_is_refused_at_its_bound(
 async def test_an_answer_cannot_be_split_by_a_header_value(
     running: Running, caplog: pytest.LogCaptureFixture
 ) -> None:
-    reader, writer = await running.connect()
-    writer.write(b"GET /split HTTP/1.1\r\nHost: t\r\n\r\n")
-    status, headers, _ = await _read_answer(reader)
-    writer.close()
+    status, headers, _ = await running.ask(b"GET /split HTTP/1.1\r\nHost: t\r\n\r\n")
     assert status == b"HTTP/1.1 500 Internal Server Error"
     assert "injected" not in headers
     assert any(r.exc_info and "CR or LF" in str(r.exc_info[1]) for r in caplog.records)
