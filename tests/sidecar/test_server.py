@@ -4,6 +4,7 @@ sockets: framing, keep-alive, pipelining, bounds, refusals and shutdown."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from aiohttp import web
 
 from sidecar.log import http_log
 from sidecar.server import (
+    BODY_HIGH_WATER,
     LINGER_S,
     MAX_HEAD,
     MAX_HEADERS,
@@ -80,6 +82,15 @@ async def running() -> AsyncIterator[Running]:
 
     async def handler(request: Request) -> StreamResponse:
         state = holder[0]
+        if request.path == "/sink":
+            # Reads only once released, then as it comes: the first read is what was
+            # buffered meanwhile.
+            await state.release.wait()
+            first, size = b"", 0
+            async for chunk in request.content.iter_any():
+                first = first or chunk
+                size += len(chunk)
+            return json_response({"size": size, "first": len(first)})
         if request.path == "/early":
             # Answered on the declared length, the body unread.
             state.seen.append((request.method, request.path, request.raw_path, b""))
@@ -350,3 +361,27 @@ async def test_shutdown_lets_a_request_in_flight_finish_and_closes_idle_ones(
         await running.connect()  # no longer listening
     busy_writer.close()
     idle_writer.close()
+
+
+async def test_a_large_body_is_buffered_within_its_bound(running: Running) -> None:
+    """A body sent while its handler does not read: reading from the socket pauses at
+    the bound (the client's sending stalls), resumes as the handler reads, and the whole
+    body arrives."""
+    size = 64 << 20  # more than the kernel's socket buffers hold
+    reader, writer = await running.connect()
+    try:
+        writer.write(b"POST /sink HTTP/1.1\r\nHost: t\r\nContent-Length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            writer.write(b"b" * 65536)
+        sending = asyncio.ensure_future(writer.drain())
+        # A window for the body to pile up in the server if reading did not pause.
+        await asyncio.wait({sending}, timeout=1.0)
+        running.release.set()
+        await sending
+        _, _, body = await _read_answer(reader)
+    finally:
+        writer.close()
+    answer = json.loads(body)
+    assert answer["size"] == size
+    # At most the bound plus what the reads past it added, not the megabytes sent.
+    assert answer["first"] <= BODY_HIGH_WATER + (1 << 20)
