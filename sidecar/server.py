@@ -271,10 +271,6 @@ class Request:
         return path
 
     @property
-    def query_string(self) -> str:
-        return self.raw_path.partition("?")[2]
-
-    @property
     def transport(self) -> asyncio.Transport | None:
         return self._conn.transport if self._conn is not None else None
 
@@ -319,10 +315,6 @@ class StreamResponse:
         self._chunked = False
         self._empty = False  # HEAD, 204, 304: no body whatever is written
         self._eof_sent = False
-
-    @property
-    def prepared(self) -> bool:
-        return self._conn is not None
 
     async def prepare(self, request: Request) -> None:
         if self._conn is not None or request._conn is None:
@@ -415,16 +407,12 @@ class Response(StreamResponse):
         self,
         *,
         body: bytes | None = None,
-        text: str | None = None,
         status: int = 200,
         reason: str | None = None,
         headers: Mapping[str, str] | Iterable[tuple[str, str]] | None = None,
         content_type: str | None = None,
     ) -> None:
         super().__init__(status=status, reason=reason, headers=headers)
-        if text is not None:
-            body = text.encode()
-            content_type = content_type or "text/plain; charset=utf-8"
         if content_type is not None:
             self.headers["Content-Type"] = content_type
         self.body = body or b""
@@ -439,7 +427,7 @@ class Response(StreamResponse):
         self._eof_sent = True
         if body and not self._empty:
             self.body_length = len(body)
-            conn.write(head + body)
+            conn.write_all((head, body))
         else:
             conn.write(head)
         conn.head_sent = True
@@ -738,11 +726,15 @@ class _Connection(asyncio.Protocol):
             raise ConnectionResetError("cannot write to a closing connection")
         transport.write(data)
 
-    def write_chunk(self, data: bytes) -> None:
+    def write_all(self, parts: tuple[bytes, ...]) -> None:
+        """Several buffers in one go, none copied into another."""
         transport = self.transport
         if transport is None or transport.is_closing():
             raise ConnectionResetError("cannot write to a closing connection")
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        transport.writelines(parts)
+
+    def write_chunk(self, data: bytes) -> None:
+        self.write_all((b"%x\r\n" % len(data), data, b"\r\n"))
 
     async def drain(self) -> None:
         if not self.write_paused:

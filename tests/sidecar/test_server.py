@@ -111,9 +111,9 @@ async def running() -> AsyncIterator[Running]:
             except asyncio.CancelledError:
                 state.cancelled.set()
                 raise
-            return Response(text="done")
+            return Response(body=b"done")
         if request.path == "/split":
-            return Response(text="x", headers={"X-Bad": "a\r\nInjected: yes"})
+            return Response(body=b"x", headers={"X-Bad": "a\r\nInjected: yes"})
         if request.path == "/boom":
             raise RuntimeError("a bug")
         return json_response({"path": request.path, "size": len(body)})
