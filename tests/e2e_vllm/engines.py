@@ -90,7 +90,10 @@ class VllmEngine(ManagedProcess):
             "--served-model-name", SERVED_MODEL,
             "--max-model-len", "512",
             "--enforce-eager",
-            "--dtype", "bfloat16",
+            # Not bfloat16: on a CPU with AMX, vLLM 0.32 runs bfloat16 attention over a
+            # KV cache with AMX tiles, and its worker dies of SIGILL where the host does
+            # not grant AMX state (seen on a KV pull). float32 takes the vector kernels.
+            "--dtype", "float32",
             "--host", "127.0.0.1",
             "--port", str(self.port),
             "--kv-transfer-config", json.dumps(kv_transfer_config),
