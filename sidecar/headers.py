@@ -18,6 +18,8 @@ from sidecar.routing import ROUTING_HEADERS
 
 __all__ = [
     "CURRENT_SPAN_TRACEPARENT",
+    "HEADER_ENCODING",
+    "HEADER_ERRORS",
     "REQUEST_ID",
     "TRACEPARENT",
     "TraceContext",
@@ -26,6 +28,11 @@ __all__ = [
 ]
 
 REQUEST_ID = "x-request-id"
+# How header bytes become text and back, on both sides of the proxy: UTF-8, with any
+# byte that is not UTF-8 kept as a surrogate escape, so writing a field out gives the
+# very bytes that came in (a field value may carry any byte above 0x7F, RFC 9110 5.5).
+HEADER_ENCODING = "utf-8"
+HEADER_ERRORS = "surrogateescape"
 TRACEPARENT = "traceparent"
 
 _HOP_BY_HOP = frozenset(

@@ -41,6 +41,8 @@ import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar.headers import HEADER_ENCODING, HEADER_ERRORS
+
 __all__ = ["Http1Client", "Http1Response"]
 
 _MAX_TARGETS = 1024
@@ -59,7 +61,7 @@ class _Key(NamedTuple):
 
 class _Target(NamedTuple):
     key: _Key
-    head: bytes  # "<path> HTTP/1.1\r\nHost: <authority>\r\n"
+    head: str  # " <path> HTTP/1.1\r\nHost: <authority>\r\n"
     server_hostname: str | None
 
 
@@ -73,7 +75,7 @@ def _target(url: str, ssl_context: ssl.SSLContext | None) -> _Target:
     authority = f"[{host}]" if ":" in host else host
     if not parsed.is_default_port():
         authority = f"{authority}:{port}"
-    head = f" {parsed.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n".encode("latin-1")
+    head = f" {parsed.raw_path_qs} HTTP/1.1\r\nHost: {authority}\r\n"
     key = _Key(host, port, ssl_context if secure else False)
     return _Target(key, head, host if secure else None)
 
@@ -299,10 +301,13 @@ class _Connection(asyncio.Protocol):
     # -- httptools callbacks --------------------------------------------------------
 
     def on_status(self, reason: bytes) -> None:
-        self._reason = reason.decode("latin-1")
+        self._reason = reason.decode(HEADER_ENCODING, HEADER_ERRORS)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        self._headers.add(
+            name.decode(HEADER_ENCODING, HEADER_ERRORS),
+            value.decode(HEADER_ENCODING, HEADER_ERRORS),
+        )
 
     def on_headers_complete(self) -> None:
         parser = self._parser
@@ -378,12 +383,12 @@ class _Connection(asyncio.Protocol):
         self.closed = True
 
     async def send(
-        self, method: str, head: bytes, headers: Iterable[tuple[str, str]], body: Any
+        self, method: str, head: str, headers: Iterable[tuple[str, str]], body: Any
     ) -> Http1Response:
         transport = self.transport
         assert transport is not None
         self.head = method == "HEAD"
-        lines = [method.encode("latin-1"), head]
+        lines = [method, head]
         given_length: str | None = None
         for name, value in headers:
             lower = name.lower()
@@ -391,23 +396,23 @@ class _Connection(asyncio.Protocol):
                 if lower == "content-length":
                     given_length = value
                 continue
-            lines.append(f"{name}: {value}\r\n".encode("latin-1"))
+            lines.append(f"{name}: {value}\r\n")
         self._waiter = self.loop.create_future()
         if body is None or isinstance(body, bytes):
             if body or method in _BODY_METHODS:
-                lines.append(b"Content-Length: %d\r\n\r\n" % len(body or b""))
+                lines.append(f"Content-Length: {len(body or b'')}\r\n\r\n")
             else:
-                lines.append(b"\r\n")
-            if body:
-                lines.append(body)
-            transport.write(b"".join(lines))
+                lines.append("\r\n")
+            request_head = "".join(lines).encode(HEADER_ENCODING, HEADER_ERRORS)
+            # The body goes out as its own buffer: not copied behind the head.
+            transport.writelines((request_head, body)) if body else transport.write(request_head)
         else:
             chunked = given_length is None
             if chunked:
-                lines.append(b"Transfer-Encoding: chunked\r\n\r\n")
+                lines.append("Transfer-Encoding: chunked\r\n\r\n")
             else:
-                lines.append(f"Content-Length: {given_length}\r\n\r\n".encode("latin-1"))
-            transport.write(b"".join(lines))
+                lines.append(f"Content-Length: {given_length}\r\n\r\n")
+            transport.write("".join(lines).encode(HEADER_ENCODING, HEADER_ERRORS))
             async for chunk in body:
                 if self.closed:
                     break

@@ -53,6 +53,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from common.json_codec import dumps
+from sidecar.headers import HEADER_ENCODING, HEADER_ERRORS
 
 if TYPE_CHECKING:
     from aiohttp import web
@@ -397,7 +398,7 @@ class StreamResponse:
         # Exactly one CR and one LF per line: nothing in a value can start a new one.
         if text.count("\n") != len(lines) or text.count("\r") != len(lines):
             raise ValueError("a CR or LF in the answer's status reason or headers")
-        return text.encode("utf-8", "surrogateescape")
+        return text.encode(HEADER_ENCODING, HEADER_ERRORS)
 
 
 class Response(StreamResponse):
@@ -568,7 +569,12 @@ class _Connection(asyncio.Protocol):
         headers = self._headers
         if len(headers) >= MAX_HEADERS:
             raise _Refused(f"more than {MAX_HEADERS} headers")
-        headers.append((name.decode("latin-1"), value.decode("utf-8", "surrogateescape")))
+        headers.append(
+            (
+                name.decode(HEADER_ENCODING, HEADER_ERRORS),
+                value.decode(HEADER_ENCODING, HEADER_ERRORS),
+            )
+        )
 
     def on_headers_complete(self) -> None:
         self._in_head = False
