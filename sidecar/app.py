@@ -202,16 +202,16 @@ async def _open_services(
         opened.push_async_callback(created.close)
         return created
 
-    def upstream(stage: str, decompress: bool, *, http1: bool = True) -> Upstream:
-        """A stage's upstream: an aiohttp session, and for the engine legs (``http1``)
-        the lean HTTP/1.1 client they send through, TLS when the stage has a context."""
+    def upstream(stage: str, decompress: bool) -> Upstream:
+        """A stage's upstream: the lean HTTP/1.1 client its legs go through, and an
+        aiohttp session for what connectors ask of it; TLS when the stage has a context."""
         ctx = tls_contexts.get(stage)
         return Upstream(
             stage,
             session(decompress, ctx),
             count_stale,
             tls=ctx is not None,
-            client=client(decompress, ctx) if http1 else None,
+            client=client(decompress, ctx),
         )
 
     local = upstream("decode", decompress=False)
@@ -221,7 +221,7 @@ async def _open_services(
         ttl=settings.ready_cache_ttl,
         timeout=max(settings.connect_timeout, 1.0),
     )
-    encode = upstream("encode", decompress=True, http1=False) if settings.ec_connector else None
+    encode = upstream("encode", decompress=True) if settings.ec_connector else None
     orchestrator = Orchestrator(
         connector=_connector(settings, metrics),
         prefill=upstream("prefill", decompress=True),

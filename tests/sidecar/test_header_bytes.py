@@ -1,8 +1,9 @@
 """Header fields cross the sidecar byte for byte, whatever bytes above 0x7F they carry.
 
 A field value may hold any byte above 0x7F (RFC 9110 5.5): UTF-8 text, or bytes that are
-not UTF-8 at all. Both directions are checked on raw sockets, on the P/D path (both legs)
-and on passthrough: the engines see the client's bytes, the client sees the engine's.
+not UTF-8 at all. Both directions are checked on raw sockets, on the P/D path (both legs),
+on passthrough and through the encode stage: the engines see the client's bytes, the client
+sees the engine's.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 
@@ -125,5 +127,32 @@ async def test_passthrough_carries_the_clients_bytes_and_the_client_gets_the_eng
     head, _ = await _ask(sidecar.servers.port, b"GET /v1/models HTTP/1.1\r\nHost: sidecar\r\n")
     assert head.startswith(b"HTTP/1.1 200 "), head
     assert ENGINE_FIELD in head
+    assert len(decode.heads) == 1
+    assert CLIENT_FIELDS in decode.heads[0]
+
+
+async def test_the_encode_stage_takes_the_same_bytes_to_the_encoders_and_on(
+    engines: tuple[Engine, Engine], start_sim: Any, start_sidecar: StartSidecar
+) -> None:
+    _, decode = engines
+    encoder = await start_sim(zero_latency=True, role="encode", ec_connector="ec-nixl")
+    sidecar = await start_sidecar(model_server_port=decode.port, ec_connector="ec-nixl")
+    image = {"type": "image_url", "image_url": {"url": "https://example.invalid/cat.png"}}
+    message = {"role": "user", "content": [{"type": "text", "text": "what is it"}, image]}
+    body = json.dumps({"model": "sim-model", "messages": [message], "max_tokens": 2}).encode()
+    head, answer = await _ask(
+        sidecar.servers.port,
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: sidecar\r\n"
+        b"Content-Type: application/json\r\nx-encoder-hosts-ports: %s\r\n"
+        b"Content-Length: %d\r\n" % (encoder.host_port.encode(), len(body)),
+        body,
+    )
+    assert head.startswith(b"HTTP/1.1 200 "), head + answer
+    stats = await encoder.stats()
+    assert stats["encodes"] == 1
+    # The simulator reads header bytes as the sidecar does (UTF-8, surrogate escapes).
+    seen = stats["recorded"][0]["headers"]
+    assert seen["x-note"] == "café €"
+    assert seen["x-raw"].encode("utf-8", "surrogateescape") == b"\xff\x80 end"
     assert len(decode.heads) == 1
     assert CLIENT_FIELDS in decode.heads[0]
