@@ -785,18 +785,28 @@ def traced(
     stage: Stage,
 ) -> Callable[[_StageMethod[S, P, R]], _StageMethod[S, P, R]]:
     """Run an orchestrator stage method (``(self, ctx: RequestContext, ...)``) inside its
-    span when the request is traced; otherwise call it as it is."""
+    span when the request is traced; otherwise call it as it is.
+
+    Untraced, the wrapper hands back the method's own coroutine: no frame of its own
+    stays between the caller and the stage while it runs."""
 
     def decorate(method: _StageMethod[S, P, R]) -> _StageMethod[S, P, R]:
-        @functools.wraps(method)
-        async def wrapper(self: S, ctx: RequestContext, /, *args: P.args, **kwargs: P.kwargs) -> R:
-            active = _ACTIVE.get()
-            if active is None:
-                return await method(self, ctx, *args, **kwargs)
+        async def under_span(
+            active: _Request, self: S, ctx: RequestContext, /, *args: P.args, **kwargs: P.kwargs
+        ) -> R:
             with active.tracing.stage(stage, ctx, active) as span:
                 result = await method(self, ctx, *args, **kwargs)
                 _stage_result(span, stage, result)
                 return result
+
+        @functools.wraps(method)
+        def wrapper(
+            self: S, ctx: RequestContext, /, *args: P.args, **kwargs: P.kwargs
+        ) -> Awaitable[R]:
+            active = _ACTIVE.get()
+            if active is None:
+                return method(self, ctx, *args, **kwargs)
+            return under_span(active, self, ctx, *args, **kwargs)
 
         return wrapper
 
