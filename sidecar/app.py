@@ -20,7 +20,7 @@ import functools
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal, TypedDict
@@ -594,8 +594,8 @@ _ROUTES: dict[tuple[str, str], Handler] = {
 }
 
 
-async def _route(request: Request) -> StreamResponse:
-    return await _ROUTES.get((request.method, request.path), _passthrough)(request)
+def _route(request: Request) -> Awaitable[StreamResponse]:
+    return _ROUTES.get((request.method, request.path), _passthrough)(request)
 
 
 def build_handler(settings: Settings) -> Handler:

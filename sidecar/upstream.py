@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import errno
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -202,19 +202,19 @@ class Upstream:
             parsed = self._urls[url] = URL(url)
         return parsed
 
-    async def send(
+    def send(
         self,
         method: str,
         url: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> Response:
+    ) -> Awaitable[Response]:
         """Send and return once response headers arrived; the caller releases the response."""
         if self.tls and url.startswith("http://"):
             url = "https://" + url[len("http://") :]
         if client_tracing() is not None:  # --tracing: under a CLIENT span
-            return await send_traced(self._send_checked, method, url, headers, body)
-        return await self._send_checked(method, url, headers, body)
+            return send_traced(self._send_checked, method, url, headers, body)
+        return self._send_checked(method, url, headers, body)
 
     async def _send_checked(
         self,
@@ -333,16 +333,16 @@ class Upstream:
         self._on_stale(self.stage)
         return await self._request(method, url, headers, body)
 
-    async def _request(
+    def _request(
         self,
         method: str,
         url: str,
         headers: CIMultiDict[str],
         body: bytes | AsyncIterator[bytes] | None,
-    ) -> Response:
+    ) -> Awaitable[Response]:
         """The one place a request goes out; returns once the answer's headers arrived."""
         if self.client is not None:
-            return await self.client.request(method, url, headers, body)
-        return await self.session.request(
+            return self.client.request(method, url, headers, body)
+        return self.session.request(
             method, self._url(url), data=body, headers=headers, allow_redirects=False
         )
