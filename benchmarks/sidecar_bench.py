@@ -349,10 +349,18 @@ def print_scenario(scenario: Scenario, medians: dict[str, dict[str, float]]) -> 
     )
     for name, m in medians.items():
         print(
-            f"{name:<16}{m['rps']:9.1f}{m['rps'] / base['rps']:9.2f}{m['cpu_ms_per_req']:11.2f}"
+            f"{name:<16}{m['rps']:9.1f}{m['rps'] / base['rps']:9.2f}{m['cpu_ms_per_req']:11.3f}"
             f"{m['total_p50_ms']:8.2f}{m['total_p50_ms'] - base['total_p50_ms']:+9.2f}"
             f"{m['total_p99_ms']:8.2f}{m['spread_p50_ms']:9.2f}{int(m['errors']):5d}"
         )
+    router = medians.get("vllm-router")
+    if router is not None:
+        ratios = ", ".join(
+            f"{name} {m['cpu_ms_per_req'] / router['cpu_ms_per_req']:.2f}x"
+            for name, m in medians.items()
+            if name not in ("two-leg", "vllm-router")
+        )
+        print(f"CPU per request against vllm-router's: {ratios}")
 
 
 def markdown(records: list[dict[str, Any]]) -> str:
@@ -368,7 +376,7 @@ def markdown(records: list[dict[str, Any]]) -> str:
         cells = []
         for name in proxies:
             m = record[name]
-            cell = f"{m['rps'] / base['rps']:.2f} / {m['cpu_ms_per_req']:.2f}"
+            cell = f"{m['rps'] / base['rps']:.2f} / {m['cpu_ms_per_req']:.3f}"
             if record["scenario"].endswith("c=1"):
                 cell += f" ({m['total_p50_ms'] - base['total_p50_ms']:+.2f} ms p50)"
             cells.append(cell)
