@@ -404,8 +404,11 @@ class _Connection(asyncio.Protocol):
             else:
                 lines.append("\r\n")
             request_head = "".join(lines).encode(HEADER_ENCODING, HEADER_ERRORS)
-            # The body goes out as its own buffer: not copied behind the head.
-            transport.writelines((request_head, body)) if body else transport.write(request_head)
+            if body:
+                # The body goes out as its own buffer: not copied behind the head.
+                transport.writelines((request_head, body))
+            else:
+                transport.write(request_head)
         else:
             chunked = given_length is None
             if chunked:

@@ -90,9 +90,9 @@ class VllmEngine(ManagedProcess):
             "--served-model-name", SERVED_MODEL,
             "--max-model-len", "512",
             "--enforce-eager",
-            # Not bfloat16: on a CPU with AMX, vLLM 0.32 runs bfloat16 attention over a
-            # KV cache with AMX tiles, and its worker dies of SIGILL where the host does
-            # not grant AMX state (seen on a KV pull). float32 takes the vector kernels.
+            # Not bfloat16: on a host with AMX, vLLM 0.32 picks its AMX attention kernel
+            # for bfloat16, and there the decode worker died of SIGILL in the first step
+            # after a KV pull. float32 takes the vector kernels on every host.
             "--dtype", "float32",
             "--host", "127.0.0.1",
             "--port", str(self.port),
