@@ -66,9 +66,10 @@ import re
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 import yaml
@@ -104,6 +105,9 @@ CONFIGS = (
 )
 MODEL = "sim-model"
 ROLE_LABEL = "llm-d.ai/role"
+T = TypeVar("T")
+# TTFT targets (model seconds) whose shares every run reports, next to the SLO's.
+TTFT_TARGETS_S = (0.25, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -376,9 +380,12 @@ class RunResult:
     ttft_p50: float = math.nan
     ttft_p90: float = math.nan
     ttft_p99: float = math.nan
+    ideal_ttft_p99: float = math.nan  # of the same requests, on idle engines holding all
     itl_mean: float = math.nan
     itl_p99: float = math.nan  # of the requests' mean inter-token latencies
     within_slo: float = math.nan
+    # The share within each of TTFT_TARGETS_S and the SLO, by target in seconds ("0.25").
+    within: dict[str, float] = field(default_factory=dict)
     goodput_rps: float = math.nan
     hit_rate: float = math.nan
     oracle_hit_rate: float = math.nan
@@ -439,20 +446,63 @@ async def _one(session: aiohttp.ClientSession, url: str, req: Request, body: byt
 
 
 async def drive(
-    url: str, requests: list[Request], timeout_s: float = 120.0, token_ids: bool = False
+    url: str,
+    requests: list[Request],
+    timeout_s: float = 120.0,
+    token_ids: bool = False,
+    mark: tuple[float, Callable[[], Awaitable[None]]] | None = None,
 ) -> list[Outcome | None]:
-    """Send every request at its time (open loop) and wait for all of them."""
+    """Send every request at its time (open loop) and wait for all of them; ``mark``
+    (seconds, coroutine function): called that far into the run, as the run goes on."""
     bodies = [request_body(req, token_ids) for req in requests]  # before the clock starts
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     async with aiohttp.ClientSession(connector=connector) as session:
         t0 = time.monotonic() + 0.2
+
+        async def at_mark() -> None:
+            if mark is not None:
+                await asyncio.sleep(max(0.0, t0 + mark[0] - time.monotonic()))
+                await mark[1]()
+
+        marker = asyncio.create_task(at_mark())
         tasks = []
         for req, body in zip(requests, bodies, strict=True):
             delay = t0 + req.at - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             tasks.append(asyncio.create_task(_one(session, url, req, body, t0, timeout_s)))
-        return list(await asyncio.gather(*tasks))
+        outcomes = list(await asyncio.gather(*tasks))
+        await marker
+        return outcomes
+
+
+def ideal_ttfts(requests: list[Request], model: EngineModel) -> list[float]:
+    """Each request's TTFT (model seconds) on an idle engine that holds every earlier
+    prompt, without eviction: its uncached blocks at the model's prefill rate, the
+    least any router can reach for it."""
+    blocks: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, ids) -> block number
+    out: list[float] = []
+    bs = model.block_size
+    for req in requests:
+        ids = tokenize(req.prompt)
+        hit = 0
+        parent = -1
+        for end in range(bs, len(ids) + 1, bs):
+            key = (parent, tuple(ids[end - bs : end]))
+            block = blocks.get(key)
+            if block is None:
+                block = blocks[key] = len(blocks)
+            elif hit == end - bs:
+                hit = end
+            parent = block
+        ms = model.ttft_base_ms + (len(ids) - hit) * model.prefill_ms_per_token
+        out.append(ms / 1000)
+    return out
+
+
+def measured(requests: list[Request], per_request: list[T], warmup_s: float) -> list[T]:
+    """What belongs to the requests that arrived after the warm-up."""
+    return [x for req, x in zip(requests, per_request, strict=True) if req.at >= warmup_s]
 
 
 def summarise(result: RunResult, outcomes: list[Outcome | None], slo_s: float,
@@ -474,6 +524,12 @@ def summarise(result: RunResult, outcomes: list[Outcome | None], slo_s: float,
     good = sum(1 for t in ttfts if t <= slo_s)
     # Failed requests count against the SLO: they were offered and not served in time.
     result.within_slo = good / len(outcomes) if outcomes else math.nan
+    result.within = {
+        f"{target:g}": sum(1 for t in ttfts if t <= target) / len(outcomes)
+        if outcomes
+        else math.nan
+        for target in _targets(slo_s)
+    }
     result.goodput_rps = good / (duration_s * time_scale)
     result.send_lag_p99_ms = percentile([o.lag * 1000 for o in done], 0.99)
 
@@ -568,7 +624,7 @@ class Bench:
 
     async def run_config(self, session: aiohttp.ClientSession, config: str,
                          requests: list[Request], result: RunResult, slo_s: float,
-                         duration_s: float) -> None:  # fmt: skip
+                         duration_s: float, warmup_s: float = 0.0) -> None:  # fmt: skip
         cfg = epp_config(config, self.endpoints_file, kv_events_port=self.kv_events_port,
                          block_size=self.model.block_size)  # fmt: skip
         cfg_path = self.workdir / f"epp-{config}.yaml"
@@ -601,22 +657,36 @@ class Bench:
             # The EPP has scraped every engine once and Envoy connected to it.
             await asyncio.sleep(1.0)
             await self.reset(session)
-            cpu0 = _proc_cpu_s(epp.pid)
-            async with session.get(metrics_url) as resp:
-                before = await resp.text()
-            epp.mark_log()
-            outcomes = await drive(url, requests, token_ids=self.token_ids)
+            pid = epp.pid
+            start: dict[str, Any] = {}
+
+            async def snapshot() -> None:
+                # Where the measured run starts: every figure is taken from here on.
+                start["cpu"] = _proc_cpu_s(pid)
+                async with session.get(metrics_url) as resp:
+                    start["metrics"] = await resp.text()
+                start["totals"] = (await self.fleet_stats(session))["totals"]
+                epp.mark_log()
+
+            if warmup_s > 0:
+                outcomes = await drive(url, requests, token_ids=self.token_ids,
+                                       mark=(warmup_s, snapshot))  # fmt: skip
+            else:
+                await snapshot()
+                outcomes = await drive(url, requests, token_ids=self.token_ids)
             if self.exact_decisions:
                 _exact_decisions(result, epp.log_since_mark())
-            cpu1 = _proc_cpu_s(epp.pid)
+            cpu1 = _proc_cpu_s(pid)
             async with session.get(metrics_url) as resp:
                 after = await resp.text()
             stats = await self.fleet_stats(session)
+            outcomes = measured(requests, outcomes, warmup_s)
             summarise(result, outcomes, slo_s, duration_s, self.model.time_scale)
-            result.epp_cpu_ms_per_request = (cpu1 - cpu0) * 1000 / max(1, len(outcomes))
-            result.epp_peak_rss_mb = _proc_peak_rss_mb(epp.pid)
-            _decision_figures(result, before, after)
-            totals = stats["totals"]
+            cpu_s = cpu1 - start["cpu"]
+            result.epp_cpu_ms_per_request = cpu_s * 1000 / max(1, len(outcomes))
+            result.epp_peak_rss_mb = _proc_peak_rss_mb(pid)
+            _decision_figures(result, start["metrics"], after)
+            totals = {k: v - start["totals"].get(k, 0) for k, v in stats["totals"].items()}
             queried = totals["queried_tokens"]
             computed = totals["computed_prompt_tokens"]
             result.hit_rate = totals["hit_tokens"] / queried if queried else math.nan
@@ -772,8 +842,10 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
                   workdir: Path, *, scale: float = 1.0, arrival: str = "poisson",
                   scrape_interval: str = "250ms", rate: float | None = None,
                   token_ids: bool = False, epp_cpus: frozenset[int] = frozenset(),
-                  exact_decisions: bool = False, log: Any = print) -> list[RunResult]:  # fmt: skip
-    """Every configuration at every load on one fleet (and one P/D fleet if asked)."""
+                  exact_decisions: bool = False, warmup_s: float = 0.0,
+                  log: Any = print) -> list[RunResult]:  # fmt: skip
+    """Every configuration at every load on one fleet (and one P/D fleet if asked).
+    Traffic runs ``warmup_s`` before ``duration_s`` of it is measured."""
     if rate is None:
         mean_prompt = mean_prompt_tokens(workload, seed=seed, scale=scale)
         capacity = model.capacity(engines, mean_prompt)
@@ -796,14 +868,17 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
                 for load in loads:
                     rate = capacity * load
                     # Think times are model time: stretched with the model.
-                    requests = generate(workload, rate=rate, duration_s=duration_s, seed=seed,
+                    requests = generate(workload, rate=rate, duration_s=warmup_s + duration_s,
+                                        seed=seed,
                                         arrival=arrival, scale=scale,
                                         think_s=4.0 / model.time_scale,
                                         step_s=1.0 / model.time_scale)  # fmt: skip
+                    ideal = measured(requests, ideal_ttfts(requests, model), warmup_s)
                     for name in names:
                         result = RunResult(name, engines, workload, load, rate)
+                        result.ideal_ttft_p99 = percentile(ideal, 0.99)
                         await bench.run_config(session, name, requests, result, slo_s,
-                                               duration_s)  # fmt: skip
+                                               duration_s, warmup_s)  # fmt: skip
                         results.append(result)
                         log(_one_line(result))
             finally:
@@ -814,7 +889,7 @@ async def compare(engines: int, workload: str, loads: list[float], configs: list
 def _one_line(r: RunResult) -> str:
     return (f"  {r.config:15} load {r.load:.2f} ({r.rate:.1f}/s) ok {r.ok}/{r.sent} "
             f"TTFT p50/p90/p99 {r.ttft_p50 * 1000:.0f}/{r.ttft_p90 * 1000:.0f}/"
-            f"{r.ttft_p99 * 1000:.0f} ms ITL mean/p99 {r.itl_mean * 1000:.1f}/"
+            f"{r.ttft_p99 * 1000:.0f} ms (ideal {r.ideal_ttft_p99 * 1000:.0f}) ITL mean/p99 {r.itl_mean * 1000:.1f}/"
             f"{r.itl_p99 * 1000:.1f} ms "
             f"SLO {r.within_slo:.1%} hit {r.hit_rate:.1%} (oracle {r.oracle_hit_rate:.1%}) "
             f"prefill {r.prefill_requests} EPP {r.epp_cpu_ms_per_request:.2f} ms CPU/req "
@@ -831,18 +906,24 @@ def _exact_line(r: RunResult) -> str:
             f"{exact['p99']:.1f}/{exact['max']:.1f} ms ({exact['n']})")  # fmt: skip
 
 
+def _targets(slo_s: float) -> list[float]:
+    return sorted({*TTFT_TARGETS_S, slo_s})
+
+
 def markdown_table(results: list[RunResult], slo_s: float) -> str:
-    head = (f"| config | engines | load | req/s | TTFT p50 (ms) | p90 | p99 | ITL mean / p99 (ms) | "
-            f"TTFT <= {slo_s:g} s | hit rate | oracle | to prefill | EPP CPU/req (ms) | "
-            f"decision mean/p99 (ms) | errors |")  # fmt: skip
-    lines = [head, "|" + "---|" * 15]
+    targets = " / ".join(f"{t:g}" for t in _targets(slo_s))
+    head = (f"| config | engines | load | req/s | TTFT p50 (ms) | p90 | p99 | ideal p99 | "
+            f"ITL mean / p99 (ms) | TTFT <= {targets} s | hit rate | oracle | to prefill | "
+            f"EPP CPU/req (ms) | decision mean/p99 (ms) | errors |")  # fmt: skip
+    lines = [head, "|" + "---|" * 16]
     for r in results:
         lines.append(
             f"| {r.config} | {r.engines} | {r.load:.2f} | {r.rate:.1f} | {r.ttft_p50 * 1000:.0f} "
             f"| {r.ttft_p90 * 1000:.0f} | {r.ttft_p99 * 1000:.0f} "
+            f"| {r.ideal_ttft_p99 * 1000:.0f} "
             f"| {r.itl_mean * 1000:.1f} / {r.itl_p99 * 1000:.1f} "
-            f"| {r.within_slo:.1%} | {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} "
-            f"| {r.prefill_requests} | {r.epp_cpu_ms_per_request:.2f} "
+            f"| {' / '.join(f'{share:.1%}' for share in r.within.values())} "
+            f"| {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} | {r.prefill_requests} | {r.epp_cpu_ms_per_request:.2f} "
             f"| {r.decision_mean_ms:.2f} / {r.decision_p99_ms:.1f} | {r.errors} |"
         )
     return "\n".join(lines) + "\n"
@@ -890,7 +971,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests/s at load 1.0 instead of the pool's capacity")  # fmt: skip
     parser.add_argument("--sweep", default="", help="comma-separated loads (fractions)")
     parser.add_argument("--configs", default=",".join(CONFIGS))
-    parser.add_argument("--duration", type=float, default=60.0)
+    parser.add_argument("--duration", type=float, default=60.0,
+                        help="seconds of traffic measured per configuration and load")  # fmt: skip
+    parser.add_argument("--warmup", type=float, default=120.0,
+                        help="seconds of the same traffic before the measured run, which "
+                             "no figure counts: conversations reach their steady mix of "
+                             "turns and the caches fill")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--slo", type=float, default=1.0, help="TTFT target in seconds")
     parser.add_argument("--scale", default="", help="engine counts, e.g. 8,32,128")
@@ -943,7 +1029,8 @@ def main(argv: list[str] | None = None) -> int:
                                        args.seed, args.slo, model, workdir,
                                        scale=args.prompt_scale, arrival=args.arrival,
                                        scrape_interval=args.scrape_interval,
-                                       rate=args.rate, epp_cpus=epp_cpus))  # fmt: skip
+                                       rate=args.rate, epp_cpus=epp_cpus,
+                                       warmup_s=args.warmup))  # fmt: skip
     stem = f"{args.workload}-{'-'.join(map(str, sizes))}"
     _write(results, out, stem, args.slo)
     print(markdown_table(results, args.slo))
