@@ -4,11 +4,13 @@ warm-up leaves out, and the ideal TTFT no router can beat."""
 from __future__ import annotations
 
 import pytest
+from aiohttp import web
 
 from benchmarks.routing_bench import (
     EngineModel,
     Outcome,
     RunResult,
+    drive,
     ideal_ttfts,
     measured,
     summarise,
@@ -66,3 +68,35 @@ def test_shares_within_every_target_count_failures_against_them() -> None:
     # Measured at a fifth of model time: 0.1 s is 0.02 s of model time.
     summarise(result, done, slo_s=1.0, duration_s=10.0, time_scale=0.2)
     assert result.within == pytest.approx({"0.25": 0.75, "0.5": 1.0, "1": 1.0})
+
+
+async def test_the_mark_falls_between_the_requests_around_it() -> None:
+    events: list[str] = []
+
+    async def completions(request: web.Request) -> web.StreamResponse:
+        events.append(request.headers["x-session-id"])
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"choices": []}\n\n')
+        await resp.write(b'data: {"usage": {"completion_tokens": 2}}\n\ndata: [DONE]\n\n')
+        return resp
+
+    async def mark() -> None:
+        events.append("mark")
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", completions)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/completions"
+    requests = [
+        Request(0.0, "chat", "before", 0, "a b", 2, 2),
+        Request(3.0, "chat", "after", 0, "a b", 2, 2),
+    ]
+    try:
+        outcomes = await drive(url, requests, mark=(1.0, mark))
+    finally:
+        await runner.cleanup()
+    assert events == ["before", "mark", "after"]
+    assert [o.tokens if o else None for o in outcomes] == [2, 2]
