@@ -32,8 +32,14 @@ Configurations (EPP configs in llm-d's vocabulary, see ``epp_config``):
   prefillers picked by ``disagg-prefill-backlog-scorer`` (the prefill work ahead of
   each) and decoders by ``active-request-scorer`` (the fewest requests in flight).
 
-Per configuration: TTFT p50/p90/p99, inter-token latency (mean, and p99 of the requests'
-means), the share of requests with TTFT under the SLO, the pool's prefix-cache hit rate
+Each run sends ``--warmup`` seconds of the traffic before the ``--duration`` seconds
+that are measured (conversations reach their steady mix of turns, caches fill); every
+figure counts only the requests that arrive after the warm-up.
+
+Per configuration: TTFT p50/p90/p99, the ideal p99 (the same requests on idle engines
+holding every earlier prompt), inter-token latency (mean, and p99 of the requests'
+means), the shares of requests with TTFT within 0.25, 0.5 and 1 s and the SLO, the
+pool's prefix-cache hit rate
 against the oracle's (the best any engine held for each prompt, computed in the
 simulator), requests sent to prefill, EPP CPU per request, decision latency (the EPP's
 request-processing histogram: receipt to the routing decision; ``--long-prompts`` and
