@@ -39,9 +39,8 @@ figure counts only the requests that arrive after the warm-up.
 Per configuration: TTFT p50/p90/p99, the ideal p99 (the same requests on idle engines
 holding every earlier prompt), inter-token latency (mean, and p99 of the requests'
 means), the shares of requests with TTFT within 0.25, 0.5 and 1 s and the SLO, the
-pool's prefix-cache hit rate
-against the oracle's (the best any engine held for each prompt, computed in the
-simulator), requests sent to prefill, EPP CPU per request, decision latency (the EPP's
+pool's prefix-cache hit rate against the oracle's (the best any engine held for each
+prompt, computed in the simulator), requests sent to prefill, EPP CPU per request, decision latency (the EPP's
 request-processing histogram: receipt to the routing decision; ``--long-prompts`` and
 the smoke also time every decision exactly, from the EPP's debug line for it) and EPP
 peak memory. ``--epp-cpus`` gives the EPP CPUs of its own, the rest of the stack
@@ -471,14 +470,17 @@ async def drive(
                 await mark[1]()
 
         marker = asyncio.create_task(at_mark())
-        tasks = []
-        for req, body in zip(requests, bodies, strict=True):
-            delay = t0 + req.at - time.monotonic()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(session, url, req, body, t0, timeout_s)))
-        outcomes = list(await asyncio.gather(*tasks))
-        await marker
+        try:
+            tasks = []
+            for req, body in zip(requests, bodies, strict=True):
+                delay = t0 + req.at - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(_one(session, url, req, body, t0, timeout_s)))
+            outcomes = list(await asyncio.gather(*tasks))
+            await marker
+        finally:
+            marker.cancel()
         return outcomes
 
 
