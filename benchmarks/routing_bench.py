@@ -89,6 +89,7 @@ from examples.local_stack.processes import (
     free_port,
     wait_until,
 )
+from vllm_sim.block_hash import chain_hashes
 from vllm_sim.tokens import tokenize
 
 CONFIGS = (
@@ -488,22 +489,16 @@ def ideal_ttfts(requests: list[Request], model: EngineModel) -> list[float]:
     """Each request's TTFT (model seconds) on an idle engine that holds every earlier
     prompt, without eviction: its uncached blocks at the model's prefill rate, the
     least any router can reach for it."""
-    blocks: dict[tuple[int, tuple[int, ...]], int] = {}  # (parent, ids) -> block number
+    seen: set[bytes] = set()
     out: list[float] = []
-    bs = model.block_size
     for req in requests:
         ids = tokenize(req.prompt)
-        hit = 0
-        parent = -1
-        for end in range(bs, len(ids) + 1, bs):
-            key = (parent, tuple(ids[end - bs : end]))
-            block = blocks.get(key)
-            if block is None:
-                block = blocks[key] = len(blocks)
-            elif hit == end - bs:
-                hit = end
-            parent = block
-        ms = model.ttft_base_ms + (len(ids) - hit) * model.prefill_ms_per_token
+        # The engines' own block hashes: each names its block and every block before it.
+        hashes = chain_hashes(ids, model.block_size, None)
+        held = next((i for i, h in enumerate(hashes) if h not in seen), len(hashes))
+        seen.update(hashes)
+        uncached = len(ids) - held * model.block_size
+        ms = model.ttft_base_ms + uncached * model.prefill_ms_per_token
         out.append(ms / 1000)
     return out
 
@@ -543,6 +538,15 @@ def summarise(result: RunResult, outcomes: list[Outcome | None], slo_s: float,
 
 
 # -- the stack -----------------------------------------------------------------------
+@dataclass
+class _Start:
+    """Where a run's measured part starts: the figures taken as the warm-up ends."""
+
+    cpu_s: float = 0.0
+    metrics: str = ""
+    totals: dict[str, int] = field(default_factory=dict)
+
+
 class Bench:
     """A fleet, then per configuration an EPP and an Envoy in front of it."""
 
@@ -666,16 +670,17 @@ class Bench:
             await asyncio.sleep(1.0)
             await self.reset(session)
             pid = epp.pid
-            start: dict[str, Any] = {}
+            start = _Start()
 
             async def snapshot() -> None:
                 # Where the measured run starts: every figure is taken from here on.
-                start["cpu"] = _proc_cpu_s(pid)
+                start.cpu_s = _proc_cpu_s(pid)
                 async with session.get(metrics_url) as resp:
-                    start["metrics"] = await resp.text()
-                start["totals"] = (await self.fleet_stats(session))["totals"]
+                    start.metrics = await resp.text()
+                start.totals = (await self.fleet_stats(session))["totals"]
                 epp.mark_log()
 
+            # Without a warm-up the snapshot comes before the first request leaves.
             if warmup_s > 0:
                 outcomes = await drive(url, requests, token_ids=self.token_ids,
                                        mark=(warmup_s, snapshot))  # fmt: skip
@@ -690,11 +695,11 @@ class Bench:
             stats = await self.fleet_stats(session)
             outcomes = measured(requests, outcomes, warmup_s)
             summarise(result, outcomes, slo_s, duration_s, self.model.time_scale)
-            cpu_s = cpu1 - start["cpu"]
+            cpu_s = cpu1 - start.cpu_s
             result.epp_cpu_ms_per_request = cpu_s * 1000 / max(1, len(outcomes))
             result.epp_peak_rss_mb = _proc_peak_rss_mb(pid)
-            _decision_figures(result, start["metrics"], after)
-            totals = {k: v - start["totals"].get(k, 0) for k, v in stats["totals"].items()}
+            _decision_figures(result, start.metrics, after)
+            totals = {k: v - start.totals.get(k, 0) for k, v in stats["totals"].items()}
             queried = totals["queried_tokens"]
             computed = totals["computed_prompt_tokens"]
             result.hit_rate = totals["hit_tokens"] / queried if queried else math.nan
