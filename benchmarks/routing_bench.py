@@ -395,6 +395,9 @@ class RunResult:
     goodput_rps: float = math.nan
     hit_rate: float = math.nan
     oracle_hit_rate: float = math.nan
+    # The share of the pool's time its engines spent computing prompts in the measured
+    # part (the engines compute one prompt at a time: 100% is the pool's capacity).
+    busy: float = math.nan
     prefill_requests: int = 0
     epp_cpu_ms_per_request: float = math.nan
     decision_mean_ms: float = math.nan
@@ -508,6 +511,12 @@ def measured(requests: list[Request], per_request: list[T], warmup_s: float) -> 
     return [x for req, x in zip(requests, per_request, strict=True) if req.at >= warmup_s]
 
 
+def pool_busy(compute_ms: float, engines: int, duration_s: float, time_scale: float) -> float:
+    """The share of ``engines`` x ``duration_s`` (wall seconds, run ``time_scale`` times
+    as fast as the model) that ``compute_ms`` of model time spent computing prompts fills."""
+    return compute_ms / (engines * duration_s * time_scale * 1000.0)
+
+
 def summarise(result: RunResult, outcomes: list[Outcome | None], slo_s: float,
               duration_s: float, time_scale: float = 1.0) -> None:  # fmt: skip
     """Latencies in model time (measured x ``time_scale``); the SLO is in model time too."""
@@ -544,7 +553,7 @@ class _Start:
 
     cpu_s: float = 0.0
     metrics: str = ""
-    totals: dict[str, int] = field(default_factory=dict)
+    totals: dict[str, float] = field(default_factory=dict)
 
 
 class Bench:
@@ -707,6 +716,8 @@ class Bench:
                 totals["oracle_hit_tokens"] / computed if computed else math.nan
             )
             result.prefill_requests = int(totals.get("prefill_requests", 0))
+            result.busy = pool_busy(totals["prompt_compute_ms"], self.engines, duration_s,
+                                    self.model.time_scale)  # fmt: skip
             alarms = epp.log_alarms()
             if alarms:
                 result.extra["epp_log_alarms"] = alarms[:5]
@@ -905,6 +916,7 @@ def _one_line(r: RunResult) -> str:
             f"{r.ttft_p99 * 1000:.0f} ms (ideal {r.ideal_ttft_p99 * 1000:.0f}) ITL mean/p99 {r.itl_mean * 1000:.1f}/"
             f"{r.itl_p99 * 1000:.1f} ms "
             f"SLO {r.within_slo:.1%} hit {r.hit_rate:.1%} (oracle {r.oracle_hit_rate:.1%}) "
+            f"busy {r.busy:.1%} "
             f"prefill {r.prefill_requests} EPP {r.epp_cpu_ms_per_request:.2f} ms CPU/req "
             f"decision {r.decision_mean_ms:.2f}/{r.decision_p99_ms:.1f} ms mean/p99 "
             f"RSS {r.epp_peak_rss_mb:.0f} MB lag p99 {r.send_lag_p99_ms:.0f} ms"
@@ -926,9 +938,9 @@ def _targets(slo_s: float) -> list[float]:
 def markdown_table(results: list[RunResult], slo_s: float) -> str:
     targets = " / ".join(f"{t:g}" for t in _targets(slo_s))
     head = (f"| config | engines | load | req/s | TTFT p50 (ms) | p90 | p99 | ideal p99 | "
-            f"ITL mean / p99 (ms) | TTFT <= {targets} s | hit rate | oracle | to prefill | "
-            f"EPP CPU/req (ms) | decision mean/p99 (ms) | errors |")  # fmt: skip
-    lines = [head, "|" + "---|" * 16]
+            f"ITL mean / p99 (ms) | TTFT <= {targets} s | hit rate | oracle | pool busy | "
+            f"to prefill | EPP CPU/req (ms) | decision mean/p99 (ms) | errors |")  # fmt: skip
+    lines = [head, "|" + "---|" * 17]
     for r in results:
         lines.append(
             f"| {r.config} | {r.engines} | {r.load:.2f} | {r.rate:.1f} | {r.ttft_p50 * 1000:.0f} "
@@ -936,7 +948,8 @@ def markdown_table(results: list[RunResult], slo_s: float) -> str:
             f"| {r.ideal_ttft_p99 * 1000:.0f} "
             f"| {r.itl_mean * 1000:.1f} / {r.itl_p99 * 1000:.1f} "
             f"| {' / '.join(f'{share:.1%}' for share in r.within.values())} "
-            f"| {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} | {r.prefill_requests} | {r.epp_cpu_ms_per_request:.2f} "
+            f"| {r.hit_rate:.1%} | {r.oracle_hit_rate:.1%} | {r.busy:.1%} | {r.prefill_requests} "
+            f"| {r.epp_cpu_ms_per_request:.2f} "
             f"| {r.decision_mean_ms:.2f} / {r.decision_p99_ms:.1f} | {r.errors} |"
         )
     return "\n".join(lines) + "\n"
@@ -991,7 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
                              "no figure counts: conversations reach their steady mix of "
                              "turns and the caches fill")  # fmt: skip
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--slo", type=float, default=1.0, help="TTFT target in seconds")
+    parser.add_argument("--slo", type=float, default=0.5,
+                        help="TTFT target in seconds (model time)")  # fmt: skip
     parser.add_argument("--scale", default="", help="engine counts, e.g. 8,32,128")
     parser.add_argument("--prompt-scale", type=float, default=1.0)
     parser.add_argument("--long-prompts", action="store_true",

@@ -261,6 +261,8 @@ class SimEngine:
         self.oracle: Callable[[Sequence[bytes]], int] | None = None
         self.oracle_hit_tokens = 0
         self.computed_queries_tokens = 0
+        # Model milliseconds spent computing prompts (the fleet's busy share comes from it).
+        self.prompt_compute_ms = 0.0
         self._session: aiohttp.ClientSession | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -506,9 +508,9 @@ class SimEngine:
         self.tokens_by_source["local_cache_hit"] += run.cached_tokens
         self.tokens_by_source["external_kv_transfer"] += pulled
         self.tokens_by_source["local_compute"] += uncached
-        await self._compute_prompt(
-            uncached, cfg.delay_s(cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token)
-        )
+        compute_ms = cfg.ttft_base_ms + uncached * cfg.prefill_ms_per_token
+        await self._compute_prompt(uncached, cfg.delay_s(compute_ms))
+        self.prompt_compute_ms += compute_ms
         if self.storage is not None:
             await self.storage.store_blocks(hashes)
         await self._publish(run)

@@ -101,7 +101,7 @@ class Fleet:
     # -- figures -----------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         engines = []
-        totals = {
+        totals: dict[str, float] = {
             "prompt_tokens": 0,
             "computed_prompt_tokens": 0,
             "hit_tokens": 0,
@@ -109,6 +109,7 @@ class Fleet:
             "queried_tokens": 0,
             "requests": 0,
             "prefill_requests": 0,
+            "prompt_compute_ms": 0.0,
         }
         for server in self.servers:
             e = server.engine
@@ -122,6 +123,7 @@ class Fleet:
                 "hit_tokens": e.cache.hits_tokens,
                 "queried_tokens": e.cache.queries_tokens,
                 "oracle_hit_tokens": e.oracle_hit_tokens,
+                "prompt_compute_ms": e.prompt_compute_ms,
                 "running": e.running,
                 "waiting": e.waiting,
                 "kv_usage": e.cache.usage,
@@ -129,7 +131,7 @@ class Fleet:
             engines.append(row)
             for key in totals:
                 value = row[key]
-                assert isinstance(value, int)
+                assert isinstance(value, int | float)
                 totals[key] += value
         return {"totals": totals, "engines": engines}
 
@@ -140,6 +142,7 @@ class Fleet:
             e.cache.reset()
             e.cache.hits_tokens = e.cache.queries_tokens = 0
             e.prompt_tokens_total = e.computed_queries_tokens = e.oracle_hit_tokens = 0
+            e.prompt_compute_ms = 0.0
             e.stats.requests_total = 0
             e.stats.requests_by_role.clear()
 

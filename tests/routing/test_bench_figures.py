@@ -13,6 +13,7 @@ from benchmarks.routing_bench import (
     drive,
     ideal_ttfts,
     measured,
+    pool_busy,
     summarise,
 )
 from benchmarks.routing_workloads import Request, generate
@@ -28,6 +29,14 @@ def test_the_warm_up_is_left_out() -> None:
     assert measured(requests, [1, 2, 3, 4], 0.0) == [1, 2, 3, 4]
     with pytest.raises(ValueError):
         measured(requests, [1, 2], 0.0)
+
+
+def test_pool_busy_is_model_time_over_the_pools_time() -> None:
+    # Four engines for 10 s of wall clock at a time scale of 0.2: 8 s of model time in all.
+    assert pool_busy(4000.0, 4, 10.0, 0.2) == pytest.approx(0.5)
+    assert pool_busy(8000.0, 4, 10.0, 0.2) == pytest.approx(1.0)
+    assert pool_busy(8000.0, 4, 10.0, 1.0) == pytest.approx(0.2)
+    assert pool_busy(0.0, 32, 60.0, 0.2) == 0.0
 
 
 def test_ideal_ttft_counts_only_the_blocks_no_earlier_prompt_holds() -> None:

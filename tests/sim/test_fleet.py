@@ -175,6 +175,11 @@ async def test_fleet_engines_answer_and_keep_their_own_state() -> None:
         assert totals["requests"] == 3
         assert totals["hit_tokens"] == 400
         assert totals["oracle_hit_tokens"] == 800
+        # Model time computing prompts: three fixed costs and the 800 tokens computed
+        # (engine 0's second request found its whole prompt cached).
+        cfg = fleet.servers[0].config
+        busy = 3 * cfg.ttft_base_ms + 800 * cfg.prefill_ms_per_token
+        assert totals["prompt_compute_ms"] == pytest.approx(busy)
         assert [row["requests"] for row in stats["engines"]] == [2, 1, 0, 0]
         async with s.post(f"http://127.0.0.1:{fleet.control_port}/fleet/reset") as resp:
             assert resp.status == 200
