@@ -38,9 +38,10 @@ figure counts only the requests that arrive after the warm-up.
 
 Per configuration: TTFT p50/p90/p99, the ideal p99 (the same requests on idle engines
 holding every earlier prompt), inter-token latency (mean, and p99 of the requests'
-means), the shares of requests with TTFT within 0.25, 0.5 and 1 s and the SLO, the
-pool's prefix-cache hit rate against the oracle's (the best any engine held for each
-prompt, computed in the simulator), requests sent to prefill, EPP CPU per request, decision latency (the EPP's
+means), the shares of requests with TTFT within 0.25, 0.5 and 1 s and the SLO (``--slo``,
+0.5 s by default), the pool's prefix-cache hit rate against the oracle's (the best any
+engine held for each prompt, computed in the simulator), the pool's busy share (below),
+requests sent to prefill, EPP CPU per request, decision latency (the EPP's
 request-processing histogram: receipt to the routing decision; ``--long-prompts`` and
 the smoke also time every decision exactly, from the EPP's debug line for it) and EPP
 peak memory. ``--epp-cpus`` gives the EPP CPUs of its own, the rest of the stack
@@ -48,7 +49,9 @@ running on the others, as when it has cores of its own.
 
 Load is relative to the pool's capacity: ``N / (ttft_base + mean prompt x per-token
 prefill time)`` requests/s, the rate at which the pool would be busy computing prompts
-if nothing were ever reused.
+if nothing were ever reused. What a load means for a configuration is its ``pool busy``
+share: the model time the engines spent computing prompts over the pool's time (each
+engine computes one prompt at a time, so 100% is the pool's capacity with that router).
 
     python benchmarks/routing_bench.py --engines 32 --workload chat --load 0.8
     python benchmarks/routing_bench.py --sweep 0.4,0.6,0.8,1.0 --plot out.png
