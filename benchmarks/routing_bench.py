@@ -398,8 +398,10 @@ class RunResult:
     goodput_rps: float = math.nan
     hit_rate: float = math.nan
     oracle_hit_rate: float = math.nan
-    # The share of the pool's time its engines spent computing prompts in the measured
-    # part (the engines compute one prompt at a time: 100% is the pool's capacity).
+    # The share of the pool's time its engines spent computing prompts (the engines
+    # compute one prompt at a time: 100% is the pool's capacity): the prompt work done
+    # from the warm-up's end until the last request is answered, over the measured
+    # window, so the queue drained after the window counts too.
     busy: float = math.nan
     prefill_requests: int = 0
     epp_cpu_ms_per_request: float = math.nan
